@@ -1,0 +1,21 @@
+"""ferrolm: language models on ordinary CPUs, with the hot paths in Rust.
+
+The public API: :class:`Tokenizer` (byte-level BPE), the embedded default corpus
+(:mod:`ferrolm.corpus`) and the exceptions in :mod:`ferrolm.errors`.
+"""
+
+from . import corpus
+from ._core import __version__
+from .errors import FormatError, UnknownTokenError
+from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, PATTERNS, Tokenizer
+
+__all__ = [
+    "Tokenizer",
+    "FormatError",
+    "UnknownTokenError",
+    "GPT2_PATTERN",
+    "CL100K_PATTERN",
+    "PATTERNS",
+    "corpus",
+    "__version__",
+]

@@ -1,0 +1,643 @@
+"""Byte-level BPE tokenizer with a Rust engine.
+
+``ferrolm.Tokenizer`` trains, encodes and decodes byte-level BPE, reads and writes HF
+``tokenizer.json`` and tiktoken rank files, and gives the same ids as HF tokenizers and
+tiktoken on the same vocabulary. Its tiktoken-compatible surface (``encode``,
+``encode_ordinary``, ``encode_batch``, ``decode_bytes``, ``n_vocab`` ...) makes switching a
+one-line change. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import (
+    AbstractSet,
+    Collection,
+    Dict,
+    Iterable,
+    List,
+    Literal,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+import numpy as np
+
+from . import _core
+from ._io import PathLike, atomic_write
+from .errors import UnknownTokenError
+
+__all__ = ["Tokenizer", "GPT2_PATTERN", "CL100K_PATTERN", "PATTERNS"]
+
+#: tiktoken's GPT-2 (``r50k_base``) pre-tokenizer pattern: the default.
+GPT2_PATTERN: str = _core.GPT2_PATTERN
+#: tiktoken's ``cl100k_base`` pre-tokenizer pattern.
+CL100K_PATTERN: str = _core.CL100K_PATTERN
+#: Named patterns accepted wherever a ``pattern`` argument is.
+PATTERNS: Dict[str, str] = {
+    "gpt2": GPT2_PATTERN,
+    "r50k_base": GPT2_PATTERN,
+    "p50k_base": GPT2_PATTERN,
+    "cl100k_base": CL100K_PATTERN,
+    "cl100k": CL100K_PATTERN,
+}
+
+_EMPTY: AbstractSet[str] = frozenset()
+SpecialSet = Union[Literal["all"], AbstractSet[str]]
+
+
+def _resolve_pattern(pattern: Optional[str]) -> str:
+    if pattern is None:
+        return GPT2_PATTERN
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a str (a regex or one of {sorted(PATTERNS)}), got {type(pattern).__name__}")
+    return PATTERNS.get(pattern, pattern)
+
+
+def _bytelevel_tables() -> Tuple[List[str], Dict[str, int]]:
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    table = [""] * 256
+    n = 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    return table, {c: b for b, c in enumerate(table)}
+
+
+_BYTE_TO_CHAR, _CHAR_TO_BYTE = _bytelevel_tables()
+
+
+def _fix_surrogates(text: str) -> str:
+    # A str holding lone surrogates cannot be UTF-8; encode them as U+FFFD, as tiktoken does.
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _check_str(text: object, what: str = "text") -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}; decode bytes first (bytes.decode('utf-8'))")
+
+
+def _as_id_list(ids: object) -> List[int]:
+    if isinstance(ids, list):
+        return ids
+    if hasattr(ids, "tolist"):  # numpy arrays, torch tensors
+        out = ids.tolist()  # type: ignore[union-attr]
+        if isinstance(out, int):
+            return [out]
+        return out
+    try:
+        return list(ids)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"ids must be a sequence of ints, got {type(ids).__name__}") from None
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer.
+
+    Build one with :meth:`train`, :meth:`from_hf_json`, :meth:`from_tiktoken` or
+    :meth:`from_ranks`; users never construct it from the native object directly.
+
+    Example:
+        >>> from ferrolm import Tokenizer
+        >>> tok = Tokenizer.train(["hello world, hello tokenizer"] * 10, vocab_size=300)
+        >>> ids = tok.encode("hello world")
+        >>> tok.decode(ids)
+        'hello world'
+    """
+
+    def __init__(self, core: "_core.CoreTokenizer") -> None:
+        if not isinstance(core, _core.CoreTokenizer):
+            raise TypeError("Tokenizer() takes a native tokenizer; use Tokenizer.train, from_hf_json, from_tiktoken or from_ranks")
+        self._core = core
+        self._special_list: List[Tuple[str, int]] = list(core.specials)
+        self._special_tokens: Dict[str, int] = dict(self._special_list)
+        self._id_to_special: Dict[int, str] = {i: s for s, i in self._special_list}
+        n = len(self._special_list)
+        self._policy_cache: Dict[Tuple[object, object], bytes] = {}
+        self._default_policy = bytes([2] * n)
+        self._ordinary_policy = bytes(n)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def train(
+        cls,
+        data: Union[Iterable[str], Iterable[PathLike]],
+        vocab_size: int,
+        min_frequency: int = 2,
+        special_tokens: Sequence[str] = (),
+        pattern: Optional[str] = None,
+        *,
+        num_threads: Optional[int] = None,
+        show_progress: Optional[bool] = None,
+    ) -> "Tokenizer":
+        """Returns a tokenizer trained with byte-level BPE on ``data``.
+
+        Words are counted on all cores; merges update pair counts incrementally. The same data
+        and arguments always give the same vocabulary (ties go to the smaller pair of ids).
+        Ids: bytes 0..255 are ids 0..255, merges follow in order, special tokens come last.
+
+        Args:
+            data: texts (``str``) and/or files (``pathlib.Path`` or other ``os.PathLike``,
+                read as UTF-8), as a list or any iterable. A plain ``str`` is always text, never
+                a path.
+            vocab_size: the size of the vocabulary, special tokens included (>= 256 + their
+                number).
+            min_frequency: stop merging once the most frequent pair occurs fewer times.
+            special_tokens: special tokens to append to the vocabulary.
+            pattern: the pre-tokenizer regex, or a name in :data:`PATTERNS` (default GPT-2's).
+            num_threads: threads for counting (default: all cores).
+            show_progress: show progress bars (default: when stderr is a terminal).
+
+        Returns:
+            The trained tokenizer.
+
+        Raises:
+            TypeError: ``data`` is a single ``str``/``bytes`` or holds items that are neither
+                text nor paths.
+            ValueError: ``vocab_size`` is too small or the pattern does not compile.
+            FileNotFoundError: a path does not exist.
+
+        Example:
+            >>> tok = Tokenizer.train(["the cat sat on the mat"] * 5, vocab_size=270)
+            >>> tok.vocab_size
+            270
+        """
+        from tqdm.auto import tqdm
+
+        if isinstance(data, (str, bytes)):
+            raise TypeError(
+                "data must be a list or iterable of texts or paths, not a single "
+                f"{type(data).__name__}; wrap it: Tokenizer.train([text], ...) or Tokenizer.train([Path(file)], ...)"
+            )
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+            raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+        if not isinstance(min_frequency, int) or min_frequency < 0:
+            raise ValueError(f"min_frequency must be a non-negative int, got {min_frequency!r}")
+        specials = list(special_tokens)
+        for s in specials:
+            _check_str(s, "each special token")
+        counter = _core.WordCounter(_resolve_pattern(pattern))
+        disable = None if show_progress is None else not show_progress
+        batch: List[str] = []
+        batch_bytes = 0
+        with tqdm(desc="counting words", unit="B", unit_scale=True, disable=disable, leave=False) as bar:
+            for item in data:
+                if isinstance(item, str):
+                    batch.append(item)
+                    batch_bytes += len(item)
+                    if batch_bytes >= 16 << 20:
+                        counter.add_texts(batch, num_threads)
+                        bar.update(batch_bytes)
+                        batch, batch_bytes = [], 0
+                elif isinstance(item, os.PathLike):
+                    path = Path(item)
+                    if not path.is_file():
+                        raise FileNotFoundError(f"training file {str(path)!r} does not exist or is not a file")
+                    counter.add_files([str(path)], num_threads)
+                    bar.update(path.stat().st_size)
+                else:
+                    raise TypeError(f"training data items must be str (text) or os.PathLike (file), got {type(item).__name__}")
+            if batch:
+                counter.add_texts(batch, num_threads)
+                bar.update(batch_bytes)
+        trainer = counter.into_trainer(vocab_size, min_frequency, specials)
+        with tqdm(total=trainer.target_merges, desc="merging", unit="merge", disable=disable, leave=False) as bar:
+            chunk = max(1, trainer.target_merges // 100)
+            while True:
+                k = trainer.step(chunk)
+                if k == 0:
+                    break
+                bar.update(k)
+        return cls(trainer.finish())
+
+    @classmethod
+    def from_hf_json(cls, path: PathLike) -> "Tokenizer":
+        """Returns the tokenizer stored in an HF tokenizers ``tokenizer.json``.
+
+        The file must hold a BPE model behind a ByteLevel pre-tokenizer (GPT-2 style), or a
+        ``Split`` regex followed by ``ByteLevel(use_regex=False)`` (cl100k/Llama-3 style).
+        Added tokens become special tokens. Ids equal HF's ``encode(text,
+        add_special_tokens=False)`` with special tokens allowed.
+
+        Raises:
+            FileNotFoundError: no such file.
+            FormatError: the file is not valid JSON or not a supported byte-level BPE.
+        """
+        text = Path(path).read_bytes()
+        try:
+            decoded = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            from .errors import FormatError
+
+            raise FormatError(f"{path}: tokenizer.json is not UTF-8 ({e})") from None
+        return cls(_core.CoreTokenizer.from_hf_json_str(decoded))
+
+    def save_hf_json(self, path: PathLike) -> None:
+        """Writes this tokenizer as an HF ``tokenizer.json`` (atomically).
+
+        ``tokenizers.Tokenizer.from_file(path)`` then gives the same ids.
+        """
+        atomic_write(path, self._core.to_hf_json().encode("utf-8"))
+
+    def to_hf_json(self) -> str:
+        """Returns the HF ``tokenizer.json`` text of this tokenizer."""
+        return self._core.to_hf_json()
+
+    @classmethod
+    def from_tiktoken(
+        cls,
+        path: PathLike,
+        pattern: Optional[str] = None,
+        special_tokens: Optional[Dict[str, int]] = None,
+    ) -> "Tokenizer":
+        """Returns a tokenizer from a tiktoken rank file (``base64(token) rank`` per line).
+
+        Args:
+            path: the ``.tiktoken`` file (read locally; nothing is downloaded).
+            pattern: the pre-tokenizer regex or a name in :data:`PATTERNS` (default ``"gpt2"``;
+                use ``"cl100k_base"`` for cl100k).
+            special_tokens: special token text to id, e.g. ``{"<|endoftext|>": 50256}``.
+
+        Raises:
+            FileNotFoundError: no such file.
+            FormatError: a malformed line, duplicate rank, or missing byte token.
+
+        Example:
+            >>> tok = Tokenizer.from_tiktoken("gpt2.tiktoken", "gpt2", {"<|endoftext|>": 50256})  # doctest: +SKIP
+            >>> tok.encode("hello world")  # doctest: +SKIP
+            [31373, 995]
+        """
+        data = Path(path).read_bytes()
+        specials = _special_items(special_tokens)
+        return cls(_core.CoreTokenizer.from_tiktoken_bytes(data, _resolve_pattern(pattern), specials))
+
+    def save_tiktoken(self, path: PathLike) -> None:
+        """Writes the mergeable tokens as a tiktoken rank file (atomically). Special tokens are
+        not part of that format: pass :attr:`special_tokens` to ``tiktoken.Encoding``."""
+        atomic_write(path, self._core.to_tiktoken().encode("ascii"))
+
+    @classmethod
+    def from_ranks(
+        cls,
+        mergeable_ranks: Dict[bytes, int],
+        pattern: Optional[str] = None,
+        special_tokens: Optional[Dict[str, int]] = None,
+    ) -> "Tokenizer":
+        """Returns a tokenizer from the arguments a ``tiktoken.Encoding`` takes.
+
+        Example:
+            >>> import tiktoken  # doctest: +SKIP
+            >>> enc = tiktoken.get_encoding("gpt2")  # doctest: +SKIP
+            >>> tok = Tokenizer.from_ranks(enc._mergeable_ranks, enc._pat_str, enc._special_tokens)  # doctest: +SKIP
+        """
+        if not isinstance(mergeable_ranks, dict):
+            raise TypeError(f"mergeable_ranks must be a dict of bytes to int, got {type(mergeable_ranks).__name__}")
+        ranks = list(mergeable_ranks.items())
+        return cls(_core.CoreTokenizer.from_ranks(ranks, _resolve_pattern(pattern), _special_items(special_tokens)))
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of tokens, special tokens included."""
+        return self._core.vocab_size
+
+    @property
+    def n_vocab(self) -> int:
+        """One past the largest token id (tiktoken's ``n_vocab``)."""
+        return self._core.n_vocab
+
+    @property
+    def max_token_value(self) -> int:
+        """The largest token id."""
+        return self._core.n_vocab - 1
+
+    @property
+    def special_tokens(self) -> Dict[str, int]:
+        """Special token text to id."""
+        return dict(self._special_tokens)
+
+    @property
+    def special_tokens_set(self) -> AbstractSet[str]:
+        """The special tokens' texts."""
+        return frozenset(self._special_tokens)
+
+    @property
+    def eot_token(self) -> int:
+        """The id of ``<|endoftext|>``."""
+        try:
+            return self._special_tokens["<|endoftext|>"]
+        except KeyError:
+            raise UnknownTokenError("this tokenizer has no <|endoftext|> special token") from None
+
+    @property
+    def pattern(self) -> str:
+        """The pre-tokenizer regex."""
+        return self._core.pattern
+
+    @property
+    def merge_rule(self) -> str:
+        """``"ranks"`` (tiktoken: any adjacent pair forming a token merges, lowest id first) or
+        ``"merges"`` (HF: only listed merges, in list order)."""
+        return self._core.merge_rule
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"<ferrolm.Tokenizer vocab_size={self.vocab_size} specials={len(self._special_list)} rule={self.merge_rule}>"
+
+    def __reduce__(self):
+        # Picklable (DataLoader workers under spawn): the HF format keeps merges, the tiktoken
+        # format keeps ranks; each restores the same merge rule.
+        if self.merge_rule == "merges":
+            return (_from_hf_json_text, (self._core.to_hf_json(),))
+        return (_from_tiktoken_text, (self._core.to_tiktoken(), self.pattern, dict(self._special_list)))
+
+    # ------------------------------------------------------------------ encoding
+
+    def _policy(self, allowed_special: SpecialSet, disallowed_special: Union[Literal["all"], Collection[str]]) -> bytes:
+        if allowed_special is _EMPTY and disallowed_special == "all":
+            return self._default_policy
+        key = (
+            allowed_special if allowed_special == "all" else frozenset(allowed_special),
+            disallowed_special if disallowed_special == "all" else frozenset(disallowed_special),
+        )
+        cached = self._policy_cache.get(key)
+        if cached is not None:
+            return cached
+        names = self._special_tokens
+        allowed = set(names) if allowed_special == "all" else set(allowed_special)
+        disallowed = set(names) - allowed if disallowed_special == "all" else set(disallowed_special)
+        for what, group in (("allowed_special", allowed), ("disallowed_special", disallowed)):
+            unknown = sorted(s for s in group if s not in names)
+            if unknown:
+                raise ValueError(f"{what} names {unknown}, which are not special tokens of this tokenizer (it has {sorted(names)})")
+        policy = bytes(1 if s in allowed else 2 if s in disallowed else 0 for s, _ in self._special_list)
+        if len(self._policy_cache) < 64:
+            self._policy_cache[key] = policy
+        return policy
+
+    def encode(
+        self,
+        text: str,
+        *,
+        allowed_special: SpecialSet = _EMPTY,
+        disallowed_special: Union[Literal["all"], Collection[str]] = "all",
+    ) -> List[int]:
+        """Returns the token ids of ``text``.
+
+        Special tokens follow tiktoken's rules: text matching a special token in
+        ``allowed_special`` becomes that token; one in ``disallowed_special`` (by default every
+        special token not allowed) raises ``ValueError``; any other is encoded as plain text.
+
+        Args:
+            text: the text to encode (lone surrogates are replaced by U+FFFD).
+            allowed_special: ``"all"`` or a set of special token texts.
+            disallowed_special: ``"all"`` or a collection of special token texts.
+
+        Returns:
+            ids: list of ints in [0, n_vocab).
+
+        Raises:
+            TypeError: ``text`` is not a str.
+            ValueError: a disallowed special token appears in ``text``.
+
+        Example:
+            >>> tok = Tokenizer.train(["hello world"] * 4, 260, special_tokens=["<|endoftext|>"])
+            >>> tok.encode("hello<|endoftext|>", allowed_special="all")[-1] == tok.eot_token
+            True
+        """
+        policy = self._policy(allowed_special, disallowed_special)
+        try:
+            return self._core.encode(text, policy)
+        except UnicodeEncodeError:
+            return self._core.encode(_fix_surrogates(text), policy)
+        except TypeError:
+            _check_str(text)
+            raise
+
+    def encode_ordinary(self, text: str) -> List[int]:
+        """Returns the token ids of ``text``, treating special tokens as plain text."""
+        try:
+            return self._core.encode_ordinary(text)
+        except UnicodeEncodeError:
+            return self._core.encode_ordinary(_fix_surrogates(text))
+        except TypeError:
+            _check_str(text)
+            raise
+
+    def encode_to_numpy(
+        self,
+        text: str,
+        *,
+        allowed_special: SpecialSet = _EMPTY,
+        disallowed_special: Union[Literal["all"], Collection[str]] = "all",
+    ) -> np.ndarray:
+        """Returns the ids of ``text`` as a (N,) uint32 numpy array (no Python ints made)."""
+        policy = self._policy(allowed_special, disallowed_special)
+        try:
+            return self._core.encode_to_numpy(text, policy)
+        except UnicodeEncodeError:
+            return self._core.encode_to_numpy(_fix_surrogates(text), policy)
+        except TypeError:
+            _check_str(text)
+            raise
+
+    def _texts(self, texts: Sequence[str]) -> List[str]:
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of str, not a single str; use encode() for one text")
+        texts = texts if isinstance(texts, list) else list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        return texts
+
+    def _batch_call(self, fn, texts: List[str], *args):
+        try:
+            return fn(texts, *args)
+        except UnicodeEncodeError:
+            return fn([_fix_surrogates(t) for t in texts], *args)
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        num_threads: Optional[int] = None,
+        allowed_special: SpecialSet = _EMPTY,
+        disallowed_special: Union[Literal["all"], Collection[str]] = "all",
+    ) -> List[List[int]]:
+        """Returns the ids of each text, encoded in parallel in Rust with the GIL released.
+
+        Args:
+            texts: list of str.
+            num_threads: threads to use (default: all cores; 1 in a forked child).
+            allowed_special, disallowed_special: as in :meth:`encode`.
+        """
+        texts = self._texts(texts)
+        policy = self._policy(allowed_special, disallowed_special)
+        return self._batch_call(self._core.encode_batch, texts, policy, num_threads)
+
+    def encode_ordinary_batch(self, texts: Sequence[str], *, num_threads: Optional[int] = None) -> List[List[int]]:
+        """Returns the ids of each text, special tokens treated as plain text (parallel)."""
+        texts = self._texts(texts)
+        return self._batch_call(self._core.encode_batch, texts, self._ordinary_policy, num_threads)
+
+    def encode_batch_to_numpy(
+        self,
+        texts: Sequence[str],
+        *,
+        pad_id: int = 0,
+        max_length: Optional[int] = None,
+        padding_side: Literal["right", "left"] = "right",
+        num_threads: Optional[int] = None,
+        allowed_special: SpecialSet = _EMPTY,
+        disallowed_special: Union[Literal["all"], Collection[str]] = "all",
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """Returns a padded batch: ``(ids, lengths)``.
+
+        Returns:
+            ids: (B, T) int64, T = the longest encoding (or ``max_length``, truncating longer
+                rows from the end), padded with ``pad_id`` on ``padding_side``.
+            lengths: (B,) int64, the number of real tokens in each row.
+        """
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 0):
+            raise ValueError(f"max_length must be a non-negative int or None, got {max_length!r}")
+        texts = self._texts(texts)
+        policy = self._policy(allowed_special, disallowed_special)
+        return self._batch_call(
+            self._core.encode_batch_padded, texts, policy, int(pad_id), max_length, padding_side == "left", num_threads
+        )
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """Returns the bytes of ``ids`` concatenated.
+
+        Raises:
+            UnknownTokenError: an id that is negative or not in the vocabulary.
+        """
+        ids = _as_id_list(ids)
+        try:
+            return self._core.decode_bytes(ids)
+        except (TypeError, OverflowError):
+            bad = next((x for x in ids if not isinstance(x, int) or isinstance(x, bool)), None)
+            if bad is not None:
+                raise TypeError(f"ids must be ints, got {type(bad).__name__} ({bad!r})") from None
+            raise UnknownTokenError(f"token ids out of range: {[x for x in ids if not 0 <= x < 2**63][:5]}") from None
+
+    def decode(self, ids: Sequence[int], errors: str = "replace") -> str:
+        """Returns the text of ``ids``.
+
+        Args:
+            ids: token ids (list, numpy array or torch tensor).
+            errors: how bytes that are not valid UTF-8 decode (``"replace"``: U+FFFD;
+                ``"strict"``: raise ``UnicodeDecodeError``; any Python codec error handler).
+        """
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def decode_batch(self, batch: Sequence[Sequence[int]], errors: str = "replace", *, num_threads: Optional[int] = None) -> List[str]:
+        """Returns the text of each id sequence (decoded in parallel)."""
+        rows = [_as_id_list(ids) for ids in batch]
+        try:
+            out = self._core.decode_bytes_batch(rows, num_threads)
+        except (TypeError, OverflowError):
+            for ids in rows:
+                self.decode_bytes(ids)  # raises the precise error
+            raise
+        return [b.decode("utf-8", errors=errors) for b in out]
+
+    def decode_bytes_batch(self, batch: Sequence[Sequence[int]], *, num_threads: Optional[int] = None) -> List[bytes]:
+        """Returns the bytes of each id sequence."""
+        return self._core.decode_bytes_batch([_as_id_list(ids) for ids in batch], num_threads)
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        """Returns the bytes of one token."""
+        b = self._core.token_bytes(int(token))
+        if b is None:
+            raise UnknownTokenError(f"token id {token} is not in the vocabulary (ids 0..{self.n_vocab - 1})")
+        return b
+
+    def decode_tokens_bytes(self, tokens: Sequence[int]) -> List[bytes]:
+        """Returns the bytes of each token."""
+        return [self.decode_single_token_bytes(t) for t in _as_id_list(tokens)]
+
+    # ------------------------------------------------------------------ vocabulary
+
+    def id_to_token(self, id: int) -> str:
+        """Returns the token's text as HF shows it: special tokens as written, others in
+        ByteLevel form (``" hello"`` is ``"Ġhello"``)."""
+        if id in self._id_to_special:
+            return self._id_to_special[id]
+        b = self.decode_single_token_bytes(id)
+        return "".join(_BYTE_TO_CHAR[x] for x in b)
+
+    def token_to_id(self, token: Union[str, bytes]) -> int:
+        """Returns the id of a token given as HF ByteLevel text (``"Ġhello"``), a special
+        token's text, or raw ``bytes``.
+
+        Raises:
+            UnknownTokenError: no such token.
+        """
+        if isinstance(token, str):
+            if token in self._special_tokens:
+                return self._special_tokens[token]
+            try:
+                raw = bytes(_CHAR_TO_BYTE[c] for c in token)
+            except KeyError:
+                raise UnknownTokenError(f"token {token!r} is not in the vocabulary (tokens are ByteLevel text like 'Ġhello', or bytes)") from None
+        elif isinstance(token, (bytes, bytearray)):
+            raw = bytes(token)
+        else:
+            raise TypeError(f"token must be str or bytes, got {type(token).__name__}")
+        i = self._core.token_id(raw)
+        if i is None:
+            raise UnknownTokenError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    def get_vocab(self) -> Dict[str, int]:
+        """Returns HF-style ``{ByteLevel text: id}`` for every token, special ones included."""
+        table = self._core.token_table()
+        vocab = {"".join(_BYTE_TO_CHAR[x] for x in b): i for i, b in enumerate(table) if b is not None and i not in self._id_to_special}
+        vocab.update(self._special_tokens)
+        return vocab
+
+    def merges(self) -> List[Tuple[int, int]]:
+        """Returns the merge list as ``(left id, right id)`` pairs in rank order."""
+        return self._core.merges()
+
+    def pre_tokenize(self, text: str) -> List[str]:
+        """Returns the pieces the pre-tokenizer cuts ``text`` into."""
+        _check_str(text)
+        return self._core.pre_tokenize(text)
+
+
+def _special_items(special_tokens: Optional[Dict[str, int]]) -> List[Tuple[str, int]]:
+    if special_tokens is None:
+        return []
+    if not isinstance(special_tokens, dict):
+        raise TypeError(f"special_tokens must be a dict of str to int, got {type(special_tokens).__name__}")
+    items = []
+    for s, i in special_tokens.items():
+        _check_str(s, "special token")
+        if not isinstance(i, int) or i < 0 or i >= 2**32:
+            raise ValueError(f"special token {s!r} needs an id in [0, 2**32), got {i!r}")
+        items.append((s, i))
+    return items
+
+
+def _from_hf_json_text(text: str) -> Tokenizer:
+    return Tokenizer(_core.CoreTokenizer.from_hf_json_str(text))
+
+
+def _from_tiktoken_text(text: str, pattern: str, specials: Dict[str, int]) -> Tokenizer:
+    return Tokenizer(_core.CoreTokenizer.from_tiktoken_bytes(text.encode("ascii"), pattern, list(specials.items())))

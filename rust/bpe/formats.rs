@@ -1,0 +1,390 @@
+//! Reading and writing the files people already have: tiktoken rank files and HF tokenizers'
+//! `tokenizer.json` (a BPE model behind a ByteLevel pre-tokenizer).
+//!
+//! Untrusted input: every field is checked before use and reported as `Error::Format` naming
+//! the line or JSON path; nothing here panics on a malformed file.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde_json::{json, Map, Value};
+
+use super::model::Bpe;
+use super::pretokenize::{GPT2_PATTERN, GPT2_PATTERN_ORIGINAL};
+use super::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+/// GPT-2's byte → printable char table (`bytes_to_unicode`), used by HF's ByteLevel.
+pub fn byte_to_char() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..256u32 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        table[b as usize] = if printable {
+            char::from_u32(b).expect("latin-1 is valid")
+        } else {
+            n += 1;
+            char::from_u32(255 + n).expect("below the surrogates")
+        };
+    }
+    table
+}
+
+fn char_to_byte(c: char) -> Option<u8> {
+    let cp = c as u32;
+    match cp {
+        33..=126 | 161..=172 | 174..=255 => Some(cp as u8),
+        256..=323 => {
+            // The non-printable bytes in increasing order, mapped to 256, 257, ...
+            let k = cp - 256;
+            (0u32..256)
+                .filter(|b| !((33..=126).contains(b) || (161..=172).contains(b) || (174..=255).contains(b)))
+                .nth(k as usize)
+                .map(|b| b as u8)
+        }
+        _ => None,
+    }
+}
+
+/// Token bytes as HF ByteLevel text ("Ġhello").
+pub fn bytes_to_bytelevel(b: &[u8], table: &[char; 256]) -> String {
+    b.iter().map(|&x| table[x as usize]).collect()
+}
+
+/// HF ByteLevel text back to bytes, or `None` if a char is outside the ByteLevel alphabet.
+pub fn bytelevel_to_bytes(s: &str) -> Option<Vec<u8>> {
+    s.chars().map(char_to_byte).collect()
+}
+
+/// Parses a tiktoken rank file: one `base64(token) rank` per line.
+pub fn parse_tiktoken(data: &[u8]) -> Result<Vec<(Vec<u8>, u32)>> {
+    let text = std::str::from_utf8(data)
+        .map_err(|e| Error::format(format!("tiktoken file is not UTF-8 text: {e}")))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.is_empty() {
+            continue;
+        }
+        let lineno = i + 1;
+        let mut parts = line.split(' ');
+        let (Some(tok), Some(rank), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(Error::format(format!(
+                "tiktoken file line {lineno}: expected 'BASE64 RANK', got {:?}",
+                truncate(line)
+            )));
+        };
+        let bytes = B64.decode(tok).map_err(|e| {
+            Error::format(format!("tiktoken file line {lineno}: token {:?} is not base64: {e}", truncate(tok)))
+        })?;
+        let rank: u32 = rank.parse().map_err(|_| {
+            Error::format(format!(
+                "tiktoken file line {lineno}: rank {:?} is not an integer in 0..2^32",
+                truncate(rank)
+            ))
+        })?;
+        if bytes.is_empty() {
+            return Err(Error::format(format!("tiktoken file line {lineno}: empty token")));
+        }
+        out.push((bytes, rank));
+    }
+    if out.is_empty() {
+        return Err(Error::format("tiktoken file has no ranks"));
+    }
+    let max = out.iter().map(|(_, r)| *r as u64).max().unwrap_or(0);
+    if max >= (out.len() as u64) * 4 + 1024 {
+        return Err(Error::format(format!(
+            "tiktoken file: rank {max} is far beyond the {} ranks given; the file is corrupt",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(60).collect()
+}
+
+/// Writes the mergeable tokens of `tok` as a tiktoken rank file (rank = id).
+pub fn dump_tiktoken(tok: &Tokenizer) -> String {
+    let mut s = String::with_capacity(tok.bpe.len() * 16);
+    for (id, t) in tok.bpe.tokens.iter().enumerate() {
+        if let Some(t) = t {
+            if tok.specials.iter().any(|(_, sid)| *sid as usize == id) {
+                continue;
+            }
+            s.push_str(&B64.encode(t));
+            s.push(' ');
+            s.push_str(&id.to_string());
+            s.push('\n');
+        }
+    }
+    s
+}
+
+fn field<'a>(v: &'a Value, path: &str, key: &str) -> Result<&'a Value> {
+    v.get(key).ok_or_else(|| Error::format(format!("tokenizer.json: {path} has no field {key:?}")))
+}
+
+fn null_or_empty(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => true,
+        Some(Value::String(s)) => s.is_empty(),
+        Some(Value::Bool(b)) => !*b,
+        _ => false,
+    }
+}
+
+/// The pre-tokenizer pattern of an HF `pre_tokenizer` object.
+fn hf_pattern(pre: &Value) -> Result<String> {
+    let kind = pre.get("type").and_then(Value::as_str).unwrap_or("");
+    let check_bytelevel = |bl: &Value, must_regex: Option<bool>| -> Result<bool> {
+        if bl.get("add_prefix_space").and_then(Value::as_bool).unwrap_or(false) {
+            return Err(Error::format(
+                "tokenizer.json: ByteLevel add_prefix_space=true is not supported; re-save the \
+                 tokenizer with add_prefix_space=false",
+            ));
+        }
+        let use_regex = bl.get("use_regex").and_then(Value::as_bool).unwrap_or(true);
+        if let Some(m) = must_regex {
+            if m != use_regex {
+                return Err(Error::format(format!(
+                    "tokenizer.json: ByteLevel use_regex={use_regex} is not supported here"
+                )));
+            }
+        }
+        Ok(use_regex)
+    };
+    match kind {
+        "ByteLevel" => {
+            check_bytelevel(pre, Some(true))?;
+            Ok(GPT2_PATTERN.to_string())
+        }
+        "Sequence" => {
+            let items = field(pre, "pre_tokenizer", "pretokenizers")?
+                .as_array()
+                .ok_or_else(|| Error::format("tokenizer.json: pre_tokenizer.pretokenizers is not a list"))?;
+            match &items[..] {
+                [split, bl]
+                    if split.get("type").and_then(Value::as_str) == Some("Split")
+                        && bl.get("type").and_then(Value::as_str) == Some("ByteLevel") =>
+                {
+                    check_bytelevel(bl, Some(false))?;
+                    let pat = split
+                        .get("pattern")
+                        .and_then(|p| p.get("Regex"))
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| {
+                            Error::format("tokenizer.json: Split pre-tokenizer needs a {\"Regex\": ...} pattern")
+                        })?;
+                    let behavior = split.get("behavior").and_then(Value::as_str).unwrap_or("");
+                    let invert = split.get("invert").and_then(Value::as_bool).unwrap_or(false);
+                    if behavior != "Isolated" || invert {
+                        return Err(Error::format(format!(
+                            "tokenizer.json: Split behavior {behavior:?} (invert={invert}) is not \
+                             supported; expected \"Isolated\" with invert=false"
+                        )));
+                    }
+                    Ok(pat.to_string())
+                }
+                [bl] if bl.get("type").and_then(Value::as_str) == Some("ByteLevel") => {
+                    check_bytelevel(bl, Some(true))?;
+                    Ok(GPT2_PATTERN.to_string())
+                }
+                _ => Err(Error::format(
+                    "tokenizer.json: unsupported pre_tokenizer Sequence; expected [Split(Regex, \
+                     Isolated), ByteLevel(use_regex=false)]",
+                )),
+            }
+        }
+        other => Err(Error::format(format!(
+            "tokenizer.json: pre_tokenizer type {other:?} is not supported; ferrolm reads \
+             byte-level BPE files (ByteLevel, or Split + ByteLevel)"
+        ))),
+    }
+}
+
+/// Reads an HF `tokenizer.json` holding a byte-level BPE model.
+pub fn parse_hf_json(text: &str) -> Result<Tokenizer> {
+    let root: Value = serde_json::from_str(text)
+        .map_err(|e| Error::format(format!("tokenizer.json is not valid JSON: {e}")))?;
+    let model = field(&root, "root", "model")?;
+    let mtype = model.get("type").and_then(Value::as_str);
+    if mtype.is_some() && mtype != Some("BPE") {
+        return Err(Error::format(format!(
+            "tokenizer.json: model type {:?} is not supported; expected \"BPE\"",
+            mtype.unwrap_or("")
+        )));
+    }
+    for key in ["continuing_subword_prefix", "end_of_word_suffix", "dropout"] {
+        if !null_or_empty(model.get(key)) {
+            return Err(Error::format(format!("tokenizer.json: model.{key} is set; ferrolm does not support it")));
+        }
+    }
+    if model.get("byte_fallback").and_then(Value::as_bool).unwrap_or(false) {
+        return Err(Error::format("tokenizer.json: model.byte_fallback=true is not supported"));
+    }
+    if !null_or_empty(root.get("normalizer")) {
+        return Err(Error::format("tokenizer.json: a normalizer is set; ferrolm supports none"));
+    }
+    let pattern = match root.get("pre_tokenizer") {
+        Some(p) if !p.is_null() => hf_pattern(p)?,
+        _ => return Err(Error::format("tokenizer.json: no pre_tokenizer; expected ByteLevel")),
+    };
+    // Added tokens become special tokens.
+    let mut specials: Vec<(String, u32)> = Vec::new();
+    if let Some(added) = root.get("added_tokens") {
+        let added = added.as_array().ok_or_else(|| Error::format("tokenizer.json: added_tokens is not a list"))?;
+        for (i, a) in added.iter().enumerate() {
+            let content = a.get("content").and_then(Value::as_str);
+            let id = a.get("id").and_then(Value::as_u64).filter(|&x| x <= u32::MAX as u64);
+            let (Some(content), Some(id)) = (content, id) else {
+                return Err(Error::format(format!("tokenizer.json: added_tokens[{i}] needs a string content and an id")));
+            };
+            specials.push((content.to_string(), id as u32));
+        }
+    }
+    let vocab = field(model, "model", "vocab")?
+        .as_object()
+        .ok_or_else(|| Error::format("tokenizer.json: model.vocab is not an object"))?;
+    let mut tokens: Vec<Option<Box<[u8]>>> = Vec::new();
+    for (s, id) in vocab {
+        let id = id.as_u64().filter(|&x| x < (1 << 31)).ok_or_else(|| {
+            Error::format(format!("tokenizer.json: vocab id of {s:?} is not a non-negative integer"))
+        })? as usize;
+        if id > vocab.len() * 4 + 1024 {
+            return Err(Error::format(format!("tokenizer.json: vocab id {id} of {s:?} is far beyond the vocabulary size")));
+        }
+        let bytes = match bytelevel_to_bytes(s) {
+            Some(b) if !b.is_empty() => b,
+            _ if specials.iter().any(|(t, _)| t == s) => continue,
+            _ => {
+                return Err(Error::format(format!(
+                    "tokenizer.json: vocab entry {s:?} is not ByteLevel-encoded text"
+                )))
+            }
+        };
+        if tokens.len() <= id {
+            tokens.resize(id + 1, None);
+        }
+        if tokens[id].is_some() {
+            return Err(Error::format(format!("tokenizer.json: vocab id {id} is used twice")));
+        }
+        tokens[id] = Some(bytes.into_boxed_slice());
+    }
+    let lookup = |s: &str, i: usize| -> Result<u32> {
+        vocab
+            .get(s)
+            .and_then(Value::as_u64)
+            .map(|x| x as u32)
+            .ok_or_else(|| Error::format(format!("tokenizer.json: merges[{i}] uses {s:?}, which is not in the vocab")))
+    };
+    let merges_v = field(model, "model", "merges")?
+        .as_array()
+        .ok_or_else(|| Error::format("tokenizer.json: model.merges is not a list"))?;
+    let mut merges = Vec::with_capacity(merges_v.len());
+    for (i, m) in merges_v.iter().enumerate() {
+        let (a, b) = match m {
+            Value::String(s) => match s.split_once(' ') {
+                Some((a, b)) if !b.contains(' ') => (a, b),
+                _ => return Err(Error::format(format!("tokenizer.json: merges[{i}] = {s:?} is not 'A B'"))),
+            },
+            Value::Array(v) => match &v[..] {
+                [Value::String(a), Value::String(b)] => (a.as_str(), b.as_str()),
+                _ => return Err(Error::format(format!("tokenizer.json: merges[{i}] is not a pair of strings"))),
+            },
+            _ => return Err(Error::format(format!("tokenizer.json: merges[{i}] is neither 'A B' nor [A, B]"))),
+        };
+        merges.push((lookup(a, i)?, lookup(b, i)?));
+    }
+    let ignore_merges = model.get("ignore_merges").and_then(Value::as_bool).unwrap_or(false);
+    let bpe = if ignore_merges {
+        // Whole-word lookup first, then merges: tiktoken's rule when the merges are complete.
+        let ranks = tokens.iter().enumerate().filter_map(|(i, t)| t.as_ref().map(|t| (t.to_vec(), i as u32))).collect();
+        Bpe::from_ranks(ranks)?
+    } else {
+        Bpe::from_merges(tokens, merges)?
+    };
+    Tokenizer::new(bpe, &pattern, specials).map_err(|e| match e {
+        Error::Value(m) => Error::Format(format!("tokenizer.json: {m}")),
+        e => e,
+    })
+}
+
+/// Writes `tok` as an HF `tokenizer.json` (BPE model, ByteLevel pre-tokenizer and decoder).
+pub fn dump_hf_json(tok: &Tokenizer) -> Result<String> {
+    let table = byte_to_char();
+    let mut vocab = Map::new();
+    for (id, t) in tok.bpe.tokens.iter().enumerate() {
+        if let Some(t) = t {
+            vocab.insert(bytes_to_bytelevel(t, &table), json!(id));
+        }
+    }
+    let name = |id: u32| bytes_to_bytelevel(tok.bpe.token_bytes(id).unwrap_or_default(), &table);
+    let merges: Vec<Value> =
+        tok.bpe.merge_list().iter().map(|&(a, b)| Value::String(format!("{} {}", name(a), name(b)))).collect();
+    let added: Vec<Value> = tok
+        .specials
+        .iter()
+        .map(|(s, id)| {
+            json!({"id": id, "content": s, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": true})
+        })
+        .collect();
+    let pre = if tok.pattern == GPT2_PATTERN || tok.pattern == GPT2_PATTERN_ORIGINAL {
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+    } else {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+        ]})
+    };
+    let root = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+            "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
+        }
+    });
+    serde_json::to_string(&root).map_err(|e| Error::format(format!("cannot serialise tokenizer.json: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytelevel_round_trips_every_byte() {
+        let t = byte_to_char();
+        for b in 0..=255u8 {
+            assert_eq!(char_to_byte(t[b as usize]), Some(b));
+        }
+        assert_eq!(t[b' ' as usize], 'Ġ');
+        assert_eq!(bytelevel_to_bytes("Ġhello").unwrap(), b" hello");
+    }
+
+    #[test]
+    fn tiktoken_errors_name_the_line() {
+        assert!(parse_tiktoken(b"").unwrap_err().to_string().contains("no ranks"));
+        let e = parse_tiktoken(b"YQ== 0\n!!! 1\n").unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+        let e = parse_tiktoken(b"YQ== x\n").unwrap_err().to_string();
+        assert!(e.contains("not an integer"), "{e}");
+    }
+
+    #[test]
+    fn hf_json_errors_are_format_errors() {
+        assert!(matches!(parse_hf_json("{"), Err(Error::Format(_))));
+        assert!(matches!(parse_hf_json("{}"), Err(Error::Format(_))));
+        let bad = r#"{"model": {"type": "WordPiece", "vocab": {}}, "pre_tokenizer": null}"#;
+        assert!(parse_hf_json(bad).unwrap_err().to_string().contains("WordPiece"));
+    }
+}

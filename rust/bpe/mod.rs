@@ -1,0 +1,12 @@
+//! Byte-level BPE: character classes, pre-tokenization, the encoder, training and file formats.
+
+pub mod chars;
+pub mod formats;
+pub mod model;
+pub mod pretokenize;
+pub mod tokenizer;
+pub mod train;
+
+pub use model::{Bpe, MergeRule};
+pub use pretokenize::{Splitter, CL100K_PATTERN, GPT2_PATTERN};
+pub use tokenizer::{SpecialPolicy, Tokenizer};

@@ -1,0 +1,333 @@
+//! Pre-tokenization: splitting text into the pieces that BPE encodes one by one.
+//!
+//! Performance note (see `../shared/notes/tokenizer-speed.md`): tiktoken spends about a third of
+//! its encode time in fancy-regex's backtracking search. The GPT-2 (`r50k`) and `cl100k`
+//! patterns are implemented here as hand-written scanners that reproduce the regex's
+//! leftmost-first, backtracking result exactly (the tests compare them with fancy-regex on
+//! random strings built from every character class, and the Python tests compare the ids with
+//! tiktoken). Any other pattern runs on fancy-regex.
+
+use fancy_regex::Regex;
+
+use super::chars::{class_of, folds_to, LETTER, NUMBER, OTHER, SPACE};
+use crate::{Error, Result};
+
+/// tiktoken's pattern for GPT-2 (`r50k_base`, `p50k_base`), the default.
+pub const GPT2_PATTERN: &str =
+    r"'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s";
+/// The pattern of the original GPT-2 release and of HF's ByteLevel pre-tokenizer (same pieces).
+pub const GPT2_PATTERN_ORIGINAL: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+/// tiktoken's `cl100k_base` pattern.
+pub const CL100K_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
+
+/// A pre-tokenizer: one of the hand-written scanners or a compiled regex.
+#[derive(Debug, Clone)]
+pub enum Splitter {
+    /// GPT-2's pattern (either spelling above).
+    Gpt2,
+    /// cl100k's pattern.
+    Cl100k,
+    /// Any other pattern. Text the pattern does not match is skipped, as in tiktoken.
+    Regex(Box<Regex>),
+}
+
+impl Splitter {
+    /// The splitter for `pattern`: a hand-written scanner when the pattern is one of the known
+    /// ones, else fancy-regex.
+    pub fn new(pattern: &str) -> Result<Self> {
+        super::chars::init();
+        if pattern == GPT2_PATTERN || pattern == GPT2_PATTERN_ORIGINAL {
+            return Ok(Splitter::Gpt2);
+        }
+        if pattern == CL100K_PATTERN {
+            return Ok(Splitter::Cl100k);
+        }
+        Self::regex(pattern)
+    }
+
+    /// Always the regex engine, even for the known patterns (for differential tests).
+    pub fn regex(pattern: &str) -> Result<Self> {
+        let re = Regex::new(pattern).map_err(|e| {
+            Error::value(format!("pre-tokenizer pattern {pattern:?} does not compile: {e}"))
+        })?;
+        Ok(Splitter::Regex(Box::new(re)))
+    }
+
+    /// Calls `f` on each piece of `text`, in order.
+    #[inline]
+    pub fn split<'t>(&self, text: &'t str, mut f: impl FnMut(&'t str)) -> Result<()> {
+        match self {
+            Splitter::Gpt2 => scan(text, gpt2_next, f),
+            Splitter::Cl100k => scan(text, cl100k_next, f),
+            Splitter::Regex(re) => {
+                for m in re.find_iter(text) {
+                    let m = m.map_err(|e| {
+                        Error::value(format!("pre-tokenizer regex failed on the input: {e}"))
+                    })?;
+                    if !m.as_str().is_empty() {
+                        f(m.as_str());
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The pieces of `text` as a vector (convenience for tests and callers that need them).
+    pub fn pieces<'t>(&self, text: &'t str) -> Result<Vec<&'t str>> {
+        let mut v = Vec::new();
+        self.split(text, |p| v.push(p))?;
+        Ok(v)
+    }
+}
+
+#[inline(always)]
+fn scan<'t>(text: &'t str, next: fn(&[u8], usize) -> usize, mut f: impl FnMut(&'t str)) -> Result<()> {
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let j = next(b, i);
+        debug_assert!(j > i && text.is_char_boundary(j));
+        // `next` only ever stops on char boundaries (it advances by whole UTF-8 sequences).
+        f(&text[i..j]);
+        i = j;
+    }
+    Ok(())
+}
+
+/// Decodes the char starting at byte `i` of valid UTF-8 `b`: (char, its length in bytes).
+#[inline(always)]
+fn decode(b: &[u8], i: usize) -> (char, usize) {
+    let x = b[i];
+    if x < 0x80 {
+        return (x as char, 1);
+    }
+    let len = if x >= 0xF0 {
+        4
+    } else if x >= 0xE0 {
+        3
+    } else {
+        2
+    };
+    let mut cp = (x as u32) & (0x7F >> len);
+    for k in 1..len {
+        cp = (cp << 6) | (b[i + k] as u32 & 0x3F);
+    }
+    // The bytes come from a `&str`, so this is a scalar value; fall back to U+FFFD rather
+    // than trust it blindly.
+    (char::from_u32(cp).unwrap_or('\u{FFFD}'), len)
+}
+
+/// End of the run of chars of `class` starting at `j`.
+#[inline(always)]
+fn run(b: &[u8], mut j: usize, class: u8) -> usize {
+    while j < b.len() {
+        let (c, l) = decode(b, j);
+        if class_of(c) != class {
+            break;
+        }
+        j += l;
+    }
+    j
+}
+
+/// `\s++$|\s+(?!\S)|\s` (GPT-2), with `cl100k` adding `\s*[\r\n]` after the `$` branch.
+#[inline(always)]
+fn whitespace(b: &[u8], i: usize, newline_branch: bool) -> usize {
+    let mut j = i;
+    let mut last = i;
+    let mut last_nl = usize::MAX;
+    while j < b.len() {
+        let (c, l) = decode(b, j);
+        if class_of(c) != SPACE {
+            break;
+        }
+        if c == '\n' || c == '\r' {
+            last_nl = j;
+        }
+        last = j;
+        j += l;
+    }
+    if j == b.len() {
+        return j; // \s++$
+    }
+    if newline_branch && last_nl != usize::MAX {
+        return last_nl + 1; // \s*[\r\n]: up to the last newline of the run
+    }
+    if last > i {
+        last // \s+(?!\S): all but the last char of the run
+    } else {
+        j // \s: one char
+    }
+}
+
+/// One GPT-2 piece starting at `i`: `'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++|
+/// ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s`.
+fn gpt2_next(b: &[u8], i: usize) -> usize {
+    let n = b.len();
+    let (c, cl) = decode(b, i);
+    if c == '\'' && i + 1 < n {
+        if matches!(b[i + 1], b's' | b'd' | b'm' | b't') {
+            return i + 2;
+        }
+        if i + 2 < n && matches!((b[i + 1], b[i + 2]), (b'l', b'l') | (b'v', b'e') | (b'r', b'e')) {
+            return i + 3;
+        }
+    }
+    let class = class_of(c);
+    if class != SPACE {
+        return run(b, i + cl, class);
+    }
+    if c == ' ' && i + 1 < n {
+        let (c2, l2) = decode(b, i + 1);
+        let k2 = class_of(c2);
+        if k2 != SPACE {
+            return run(b, i + 1 + l2, k2);
+        }
+    }
+    whitespace(b, i, false)
+}
+
+/// The end of `(?i:[sdmt]|ll|ve|re)` at `p`, if it matches.
+#[inline]
+fn contraction_ci(b: &[u8], p: usize) -> Option<usize> {
+    if p >= b.len() {
+        return None;
+    }
+    let (c1, l1) = decode(b, p);
+    if (0..4).any(|k| folds_to(c1, k)) {
+        return Some(p + l1);
+    }
+    if p + l1 >= b.len() {
+        return None;
+    }
+    let (c2, l2) = decode(b, p + l1);
+    // "sdmtlvre": l = 4, v = 5, r = 6, e = 7.
+    let two = (folds_to(c1, 4) && folds_to(c2, 4))
+        || (folds_to(c1, 5) && folds_to(c2, 7))
+        || (folds_to(c1, 6) && folds_to(c2, 7));
+    two.then_some(p + l1 + l2)
+}
+
+/// `[\r\n]*` from `j`.
+#[inline(always)]
+fn newlines(b: &[u8], mut j: usize) -> usize {
+    while j < b.len() && (b[j] == b'\r' || b[j] == b'\n') {
+        j += 1;
+    }
+    j
+}
+
+/// One cl100k piece starting at `i`: `'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|
+/// \p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s`.
+fn cl100k_next(b: &[u8], i: usize) -> usize {
+    let n = b.len();
+    let (c, cl) = decode(b, i);
+    if c == '\'' {
+        if let Some(e) = contraction_ci(b, i + 1) {
+            return e;
+        }
+    }
+    let class = class_of(c);
+    if class == LETTER {
+        return run(b, i + cl, LETTER);
+    }
+    if class == NUMBER {
+        let mut j = i + cl;
+        for _ in 0..2 {
+            if j >= n {
+                break;
+            }
+            let (c2, l2) = decode(b, j);
+            if class_of(c2) != NUMBER {
+                break;
+            }
+            j += l2;
+        }
+        return j;
+    }
+    // c is OTHER or SPACE: one optional char that is not \r, \n, a letter or a number, then
+    // letters.
+    if c != '\r' && c != '\n' && i + cl < n {
+        let (c2, l2) = decode(b, i + cl);
+        if class_of(c2) == LETTER {
+            return run(b, i + cl + l2, LETTER);
+        }
+    }
+    if class == OTHER {
+        return newlines(b, run(b, i + cl, OTHER));
+    }
+    if c == ' ' && i + 1 < n {
+        let (c2, l2) = decode(b, i + 1);
+        if class_of(c2) == OTHER {
+            return newlines(b, run(b, i + 1 + l2, OTHER));
+        }
+    }
+    whitespace(b, i, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One or more characters of each class the patterns distinguish, and the traps the notes
+    /// name (case folding, U+3000, U+0085, `\r`).
+    const ALPHABET: &[char] = &[
+        'a', 'Z', 's', 'S', 't', 'l', 'L', 'v', 'e', 'E', 'r', 'd', 'm', 'x', '\u{17F}', 'é',
+        '中', 'ß', '\u{1D400}', '0', '9', '½', '\u{0663}', ' ', ' ', ' ', '\t', '\n', '\n', '\r',
+        '\u{0B}', '\u{0C}', '\u{85}', '\u{A0}', '\u{3000}', '\u{2028}', '\'', '\'', '!', '.', ',',
+        '-', '$', '👍', '\u{0301}', '\u{200D}', '\u{1F}', '\u{0}', '_', '/',
+    ];
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            self.0 >> 33
+        }
+    }
+
+    fn differential(fast: &Splitter, pattern: &str) {
+        let slow = Splitter::regex(pattern).unwrap();
+        let mut rng = Lcg(0x5eed);
+        for case in 0..40_000 {
+            let len = 1 + (rng.next() % 12) as usize;
+            let s: String =
+                (0..len).map(|_| ALPHABET[(rng.next() as usize) % ALPHABET.len()]).collect();
+            let a = fast.pieces(&s).unwrap();
+            let b = slow.pieces(&s).unwrap();
+            assert_eq!(a, b, "case {case}: {s:?}");
+        }
+    }
+
+    #[test]
+    fn gpt2_scanner_matches_regex() {
+        let fast = Splitter::new(GPT2_PATTERN).unwrap();
+        assert!(matches!(fast, Splitter::Gpt2));
+        differential(&fast, GPT2_PATTERN);
+        differential(&fast, GPT2_PATTERN_ORIGINAL);
+    }
+
+    #[test]
+    fn cl100k_scanner_matches_regex() {
+        let fast = Splitter::new(CL100K_PATTERN).unwrap();
+        assert!(matches!(fast, Splitter::Cl100k));
+        differential(&fast, CL100K_PATTERN);
+    }
+
+    #[test]
+    fn known_pieces() {
+        let g = Splitter::Gpt2;
+        assert_eq!(g.pieces("Hello world's  end\n").unwrap(), ["Hello", " world", "'s", " ", " end", "\n"]);
+        assert_eq!(g.pieces(" 'store").unwrap(), [" '", "store"]);
+        let c = Splitter::Cl100k;
+        assert_eq!(c.pieces("x  \n  ").unwrap(), ["x", "  \n  "]);
+        assert_eq!(c.pieces("12345 ab\tcd").unwrap(), ["123", "45", " ab", "\tcd"]);
+    }
+
+    #[test]
+    fn bad_pattern_is_an_error() {
+        assert!(Splitter::new("(unclosed").is_err());
+    }
+}

@@ -1,0 +1,26 @@
+//! Python bindings: the private `ferrolm._core` module. Each binding extracts its arguments into
+//! owned Rust values, runs the core with the GIL released, and returns Python objects; errors
+//! map to exceptions in one place (`errors.rs`). The public API is `python/ferrolm/`.
+
+mod errors;
+mod tokenizer;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("GPT2_PATTERN", crate::bpe::GPT2_PATTERN)?;
+    m.add("CL100K_PATTERN", crate::bpe::CL100K_PATTERN)?;
+    m.add_class::<tokenizer::CoreTokenizer>()?;
+    m.add_class::<tokenizer::WordCounter>()?;
+    m.add_class::<tokenizer::Trainer>()?;
+    m.add_function(wrap_pyfunction!(available_threads, m)?)?;
+    Ok(())
+}
+
+/// The number of hardware threads.
+#[pyfunction]
+fn available_threads() -> usize {
+    crate::parallel::available_threads()
+}
