@@ -9,7 +9,7 @@ use base64::Engine;
 use serde_json::{json, Map, Value};
 
 use super::model::Bpe;
-use super::pretokenize::{GPT2_PATTERN, GPT2_PATTERN_ORIGINAL};
+use super::pretokenize::{CL100K_PATTERN, CL100K_PATTERN_HF, GPT2_PATTERN, GPT2_PATTERN_ORIGINAL};
 use super::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -134,6 +134,16 @@ fn null_or_empty(v: Option<&Value>) -> bool {
     }
 }
 
+/// HF's regex engine (Oniguruma, Ruby syntax) reads `X{n,m}+` as `(?:X{n,m})+`, where
+/// fancy-regex reads a possessive `X{n,m}`. Patterns read from HF files are rewritten so ferrolm
+/// cuts the pieces HF cuts; cl100k's HF spelling maps back to tiktoken's pattern.
+fn onig_to_fancy(pat: &str) -> String {
+    if pat == CL100K_PATTERN_HF {
+        return CL100K_PATTERN.to_string();
+    }
+    pat.replace(r"\p{N}{1,3}+", r"(?:\p{N}{1,3})+")
+}
+
 /// The pre-tokenizer pattern of an HF `pre_tokenizer` object.
 fn hf_pattern(pre: &Value) -> Result<String> {
     let kind = pre.get("type").and_then(Value::as_str).unwrap_or("");
@@ -184,7 +194,7 @@ fn hf_pattern(pre: &Value) -> Result<String> {
                              supported; expected \"Isolated\" with invert=false"
                         )));
                     }
-                    Ok(pat.to_string())
+                    Ok(onig_to_fancy(pat))
                 }
                 [bl] if bl.get("type").and_then(Value::as_str) == Some("ByteLevel") => {
                     check_bytelevel(bl, Some(true))?;
@@ -254,9 +264,11 @@ pub fn parse_hf_json(text: &str) -> Result<Tokenizer> {
         if id > vocab.len() * 4 + 1024 {
             return Err(Error::format(format!("tokenizer.json: vocab id {id} of {s:?} is far beyond the vocabulary size")));
         }
+        if specials.iter().any(|(t, _)| t == s) {
+            continue; // a special token listed in the vocab too (as GPT-2's files do)
+        }
         let bytes = match bytelevel_to_bytes(s) {
             Some(b) if !b.is_empty() => b,
-            _ if specials.iter().any(|(t, _)| t == s) => continue,
             _ => {
                 return Err(Error::format(format!(
                     "tokenizer.json: vocab entry {s:?} is not ByteLevel-encoded text"
@@ -319,6 +331,11 @@ pub fn dump_hf_json(tok: &Tokenizer) -> Result<String> {
             vocab.insert(bytes_to_bytelevel(t, &table), json!(id));
         }
     }
+    // Special tokens go in the model vocab too: HF otherwise renumbers added tokens that the
+    // model does not know to the first free ids, which breaks vocabularies with gaps (cl100k).
+    for (s, id) in &tok.specials {
+        vocab.insert(s.clone(), json!(id));
+    }
     let name = |id: u32| bytes_to_bytelevel(tok.bpe.token_bytes(id).unwrap_or_default(), &table);
     let merges: Vec<Value> =
         tok.bpe.merge_list().iter().map(|&(a, b)| Value::String(format!("{} {}", name(a), name(b)))).collect();
@@ -333,8 +350,10 @@ pub fn dump_hf_json(tok: &Tokenizer) -> Result<String> {
     let pre = if tok.pattern == GPT2_PATTERN || tok.pattern == GPT2_PATTERN_ORIGINAL {
         json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
     } else {
+        // HF's regex engine misreads cl100k's possessive `{1,3}+`; write the spelling both read alike.
+        let pattern = if tok.pattern == CL100K_PATTERN { CL100K_PATTERN_HF } else { tok.pattern.as_str() };
         json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": false},
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
         ]})
     };

@@ -21,6 +21,11 @@ pub const GPT2_PATTERN_ORIGINAL: &str =
 /// tiktoken's `cl100k_base` pattern.
 pub const CL100K_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
 
+/// cl100k's pattern as HF tokenizers must be given it: its regex engine (Oniguruma) reads
+/// `{1,3}+` as "one or more times up to three", not as a possessive `{1,3}`. Both engines read
+/// this spelling the same way, and it cuts the same pieces as [`CL100K_PATTERN`].
+pub const CL100K_PATTERN_HF: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
+
 /// A pre-tokenizer: one of the hand-written scanners or a compiled regex.
 #[derive(Debug, Clone)]
 pub enum Splitter {
@@ -40,7 +45,7 @@ impl Splitter {
         if pattern == GPT2_PATTERN || pattern == GPT2_PATTERN_ORIGINAL {
             return Ok(Splitter::Gpt2);
         }
-        if pattern == CL100K_PATTERN {
+        if pattern == CL100K_PATTERN || pattern == CL100K_PATTERN_HF {
             return Ok(Splitter::Cl100k);
         }
         Self::regex(pattern)
@@ -314,6 +319,7 @@ mod tests {
         let fast = Splitter::new(CL100K_PATTERN).unwrap();
         assert!(matches!(fast, Splitter::Cl100k));
         differential(&fast, CL100K_PATTERN);
+        differential(&fast, CL100K_PATTERN_HF);
     }
 
     #[test]
