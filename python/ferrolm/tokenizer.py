@@ -73,11 +73,6 @@ def _bytelevel_tables() -> Tuple[List[str], Dict[str, int]]:
 _BYTE_TO_CHAR, _CHAR_TO_BYTE = _bytelevel_tables()
 
 
-def _fix_surrogates(text: str) -> str:
-    # A str holding lone surrogates cannot be UTF-8; encode them as U+FFFD, as tiktoken does.
-    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
 def _check_str(text: object, what: str = "text") -> None:
     if not isinstance(text, str):
         raise TypeError(f"{what} must be a str, got {type(text).__name__}; decode bytes first (bytes.decode('utf-8'))")
@@ -415,24 +410,11 @@ class Tokenizer:
             >>> tok.encode("hello<|endoftext|>", allowed_special="all")[-1] == tok.eot_token
             True
         """
-        policy = self._policy(allowed_special, disallowed_special)
-        try:
-            return self._core.encode(text, policy)
-        except UnicodeEncodeError:
-            return self._core.encode(_fix_surrogates(text), policy)
-        except TypeError:
-            _check_str(text)
-            raise
+        return self._core.encode(text, self._policy(allowed_special, disallowed_special))
 
     def encode_ordinary(self, text: str) -> List[int]:
         """Returns the token ids of ``text``, treating special tokens as plain text."""
-        try:
-            return self._core.encode_ordinary(text)
-        except UnicodeEncodeError:
-            return self._core.encode_ordinary(_fix_surrogates(text))
-        except TypeError:
-            _check_str(text)
-            raise
+        return self._core.encode_ordinary(text)
 
     def encode_to_numpy(
         self,
@@ -442,29 +424,7 @@ class Tokenizer:
         disallowed_special: Union[Literal["all"], Collection[str]] = "all",
     ) -> np.ndarray:
         """Returns the ids of ``text`` as a (N,) uint32 numpy array (no Python ints made)."""
-        policy = self._policy(allowed_special, disallowed_special)
-        try:
-            return self._core.encode_to_numpy(text, policy)
-        except UnicodeEncodeError:
-            return self._core.encode_to_numpy(_fix_surrogates(text), policy)
-        except TypeError:
-            _check_str(text)
-            raise
-
-    def _texts(self, texts: Sequence[str]) -> List[str]:
-        if isinstance(texts, str):
-            raise TypeError("texts must be a list of str, not a single str; use encode() for one text")
-        texts = texts if isinstance(texts, list) else list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
-        return texts
-
-    def _batch_call(self, fn, texts: List[str], *args):
-        try:
-            return fn(texts, *args)
-        except UnicodeEncodeError:
-            return fn([_fix_surrogates(t) for t in texts], *args)
+        return self._core.encode_to_numpy(text, self._policy(allowed_special, disallowed_special))
 
     def encode_batch(
         self,
@@ -481,14 +441,11 @@ class Tokenizer:
             num_threads: threads to use (default: all cores; 1 in a forked child).
             allowed_special, disallowed_special: as in :meth:`encode`.
         """
-        texts = self._texts(texts)
-        policy = self._policy(allowed_special, disallowed_special)
-        return self._batch_call(self._core.encode_batch, texts, policy, num_threads)
+        return self._core.encode_batch(texts, self._policy(allowed_special, disallowed_special), num_threads)
 
     def encode_ordinary_batch(self, texts: Sequence[str], *, num_threads: Optional[int] = None) -> List[List[int]]:
         """Returns the ids of each text, special tokens treated as plain text (parallel)."""
-        texts = self._texts(texts)
-        return self._batch_call(self._core.encode_batch, texts, self._ordinary_policy, num_threads)
+        return self._core.encode_batch(texts, self._ordinary_policy, num_threads)
 
     def encode_batch_to_numpy(
         self,
@@ -512,11 +469,8 @@ class Tokenizer:
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
         if max_length is not None and (not isinstance(max_length, int) or max_length < 0):
             raise ValueError(f"max_length must be a non-negative int or None, got {max_length!r}")
-        texts = self._texts(texts)
         policy = self._policy(allowed_special, disallowed_special)
-        return self._batch_call(
-            self._core.encode_batch_padded, texts, policy, int(pad_id), max_length, padding_side == "left", num_threads
-        )
+        return self._core.encode_batch_padded(texts, policy, int(pad_id), max_length, padding_side == "left", num_threads)
 
     # ------------------------------------------------------------------ decoding
 
@@ -617,7 +571,6 @@ class Tokenizer:
 
     def pre_tokenize(self, text: str) -> List[str]:
         """Returns the pieces the pre-tokenizer cuts ``text`` into."""
-        _check_str(text)
         return self._core.pre_tokenize(text)
 
 

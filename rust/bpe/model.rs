@@ -8,12 +8,17 @@
 //! - Merging works on token ids: the merge table maps a packed `(left, right)` id pair to
 //!   `(rank, new id)`, so each candidate pair costs one integer hash instead of hashing a byte
 //!   slice as tiktoken does.
+//! - Pieces that are not whole tokens (indentation runs, rare words) go through a per-thread,
+//!   direct-mapped cache of their ids (no lock, no growth, safe across fork); a profile of
+//!   one-line code documents showed ~20% of the time in the merge loop before it.
 //! - Pieces up to `HEAP_THRESHOLD` bytes use a flat vector rescanned for the minimum (fast for
 //!   short pieces); longer ones use a heap with lazy invalidation over a linked list, so the
 //!   worst case (a megabyte with no split point) is O(n log n), not quadratic.
 
+use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustc_hash::FxHashMap;
 
@@ -59,7 +64,11 @@ impl PieceMap {
     }
     #[inline(always)]
     pub(crate) fn get(&self, b: &[u8]) -> Option<u32> {
-        match short_key(b) {
+        self.get_keyed(b, short_key(b))
+    }
+    #[inline(always)]
+    fn get_keyed(&self, b: &[u8], key: Option<u128>) -> Option<u32> {
+        match key {
             Some(k) => self.short.get(&k).copied(),
             None => self.long.get(b).copied(),
         }
@@ -84,6 +93,20 @@ pub struct Bpe {
     /// The merge list in rank order (for `MergeRule::Merges`; derived for `Ranks` on export).
     pub(crate) merges: Vec<(u32, u32)>,
     pub(crate) rule: MergeRule,
+    /// Identifies this model in the per-thread piece caches.
+    uid: u64,
+}
+
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
+
+const CACHE_SLOTS: usize = 4096;
+const CACHE_IDS: usize = 7;
+
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    key: u128,
+    n: u8,
+    ids: [u32; CACHE_IDS],
 }
 
 #[inline(always)]
@@ -91,12 +114,26 @@ fn pack(a: u32, b: u32) -> u64 {
     ((a as u64) << 32) | b as u64
 }
 
-/// Reusable buffers for encoding, one per thread.
+/// Reusable buffers for encoding, and the piece cache; one per thread (see [`with_scratch`]).
 #[derive(Default)]
 pub struct Scratch {
     parts: Vec<(u32, u64)>,
     nodes: Vec<(u32, u32, u32)>,
     heap: BinaryHeap<Reverse<(u64, u32)>>,
+    cache_owner: u64,
+    cache: Vec<Slot>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch buffers (a fresh set if they are already in use).
+pub fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Scratch::default()),
+    })
 }
 
 impl Bpe {
@@ -132,6 +169,7 @@ impl Bpe {
             pairs: FxHashMap::default(),
             merges: Vec::new(),
             rule,
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -240,11 +278,35 @@ impl Bpe {
     /// Appends the ids of one pre-tokenized piece to `out`.
     #[inline]
     pub fn encode_piece(&self, piece: &[u8], scratch: &mut Scratch, out: &mut Vec<u32>) {
-        if let Some(id) = self.whole.get(piece) {
+        let key = short_key(piece);
+        if let Some(id) = self.whole.get_keyed(piece, key) {
             out.push(id);
             return;
         }
+        let Some(key) = key else {
+            self.merge_piece(piece, u64::MAX, scratch, out);
+            return;
+        };
+        if scratch.cache_owner != self.uid {
+            scratch.cache.clear();
+            scratch.cache.resize(CACHE_SLOTS, Slot::default());
+            scratch.cache_owner = self.uid;
+        }
+        let h = ((key as u64) ^ ((key >> 64) as u64).rotate_left(29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let slot = (h >> 52) as usize & (CACHE_SLOTS - 1);
+        let e = scratch.cache[slot];
+        if e.key == key {
+            out.extend_from_slice(&e.ids[..e.n as usize]);
+            return;
+        }
+        let start = out.len();
         self.merge_piece(piece, u64::MAX, scratch, out);
+        let ids = &out[start..];
+        if ids.len() <= CACHE_IDS {
+            let mut e = Slot { key, n: ids.len() as u8, ids: [0; CACHE_IDS] };
+            e.ids[..ids.len()].copy_from_slice(ids);
+            scratch.cache[slot] = e;
+        }
     }
 
     /// Runs the merge loop on `piece`, using only merges of rank below `max_rank`.

@@ -3,7 +3,7 @@
 use aho_corasick::{AhoCorasick, MatchKind};
 use rayon::prelude::*;
 
-use super::model::{Bpe, Scratch};
+use super::model::{with_scratch, Bpe, Scratch};
 use super::pretokenize::Splitter;
 use crate::{Error, Result};
 
@@ -104,7 +104,7 @@ impl Tokenizer {
     /// Encodes text, ignoring special tokens (they are ordinary text).
     pub fn encode_ordinary(&self, text: &str) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(text.len() / 3 + 1);
-        self.encode_ordinary_into(text, &mut Scratch::default(), &mut out)?;
+        with_scratch(|s| self.encode_ordinary_into(text, s, &mut out))?;
         Ok(out)
     }
 
@@ -151,7 +151,7 @@ impl Tokenizer {
     /// Encodes text with the given special-token policy.
     pub fn encode(&self, text: &str, policy: &[SpecialPolicy]) -> Result<Vec<u32>> {
         let mut out = Vec::with_capacity(text.len() / 3 + 1);
-        self.encode_into(text, policy, &mut Scratch::default(), &mut out)?;
+        with_scratch(|s| self.encode_into(text, policy, s, &mut out))?;
         Ok(out)
     }
 
@@ -165,16 +165,17 @@ impl Tokenizer {
         texts
             .par_chunks(16)
             .map(|chunk| {
-                let mut scratch = Scratch::default();
-                chunk
-                    .iter()
-                    .map(|t| {
-                        let t = t.as_ref();
-                        let mut out = Vec::with_capacity(t.len() / 3 + 1);
-                        self.encode_into(t, policy, &mut scratch, &mut out)?;
-                        Ok(out)
-                    })
-                    .collect::<Result<Vec<_>>>()
+                with_scratch(|scratch| {
+                    chunk
+                        .iter()
+                        .map(|t| {
+                            let t = t.as_ref();
+                            let mut out = Vec::with_capacity(t.len() / 3 + 1);
+                            self.encode_into(t, policy, scratch, &mut out)?;
+                            Ok(out)
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })
             })
             .collect::<Result<Vec<_>>>()
             .map(|v| v.into_iter().flatten().collect())

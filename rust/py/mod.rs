@@ -2,6 +2,7 @@
 //! owned Rust values, runs the core with the GIL released, and returns Python objects; errors
 //! map to exceptions in one place (`errors.rs`). The public API is `python/ferrolm/`.
 
+mod convert;
 mod errors;
 mod tokenizer;
 

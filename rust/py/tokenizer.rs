@@ -8,9 +8,9 @@ use numpy::{PyArray1, PyArray2, PyArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::pybacked::PyBackedStr;
 use pyo3::types::{PyBytes, PyList};
 
+use super::convert::{self, run};
 use crate::bpe::{self, SpecialPolicy};
 use crate::parallel;
 
@@ -176,20 +176,23 @@ impl CoreTokenizer {
         py.detach(move || t.bpe().merge_list())
     }
 
-    fn encode_ordinary<'py>(&self, py: Python<'py>, text: PyBackedStr) -> PyResult<Bound<'py, PyList>> {
-        let ids = py.detach(|| self.inner.encode_ordinary(&text))?;
+    fn encode_ordinary<'py>(&self, py: Python<'py>, text: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
+        let text = convert::text(text, "text")?;
+        let ids = run(py, text.len(), || self.inner.encode_ordinary(&text))?;
         ids_to_list(py, &ids, &self.ints)
     }
 
-    fn encode<'py>(&self, py: Python<'py>, text: PyBackedStr, policy: &[u8]) -> PyResult<Bound<'py, PyList>> {
+    fn encode<'py>(&self, py: Python<'py>, text: &Bound<'py, PyAny>, policy: &[u8]) -> PyResult<Bound<'py, PyList>> {
         let policy = policy_from(policy, self.inner.specials().len())?;
-        let ids = py.detach(|| self.inner.encode(&text, &policy))?;
+        let text = convert::text(text, "text")?;
+        let ids = run(py, text.len(), || self.inner.encode(&text, &policy))?;
         ids_to_list(py, &ids, &self.ints)
     }
 
-    fn encode_to_numpy<'py>(&self, py: Python<'py>, text: PyBackedStr, policy: &[u8]) -> PyResult<Bound<'py, PyArray1<u32>>> {
+    fn encode_to_numpy<'py>(&self, py: Python<'py>, text: &Bound<'py, PyAny>, policy: &[u8]) -> PyResult<Bound<'py, PyArray1<u32>>> {
         let policy = policy_from(policy, self.inner.specials().len())?;
-        let ids = py.detach(|| self.inner.encode(&text, &policy))?;
+        let text = convert::text(text, "text")?;
+        let ids = run(py, text.len(), || self.inner.encode(&text, &policy))?;
         Ok(PyArray1::from_vec(py, ids))
     }
 
@@ -197,18 +200,28 @@ impl CoreTokenizer {
     fn encode_batch<'py>(
         &self,
         py: Python<'py>,
-        texts: Vec<PyBackedStr>,
+        texts: &Bound<'py, PyAny>,
         policy: &[u8],
         num_threads: Option<usize>,
     ) -> PyResult<Bound<'py, PyList>> {
         let policy = policy_from(policy, self.inner.specials().len())?;
+        let items = convert::str_items(texts)?;
+        let texts = convert::texts(&items)?;
         let n = parallel::resolve_threads(num_threads);
         let all = py.detach(|| parallel::install(n, || self.inner.encode_batch(&texts, &policy)))?;
-        let out = PyList::empty(py);
-        for ids in &all {
-            out.append(ids_to_list(py, ids, &self.ints)?)?;
+        // SAFETY: as in ids_to_list; each slot gets one owned reference.
+        unsafe {
+            let out = ffi::PyList_New(all.len() as ffi::Py_ssize_t);
+            if out.is_null() {
+                return Err(PyErr::fetch(py));
+            }
+            let out: Bound<'py, PyList> = Bound::from_owned_ptr(py, out).cast_into_unchecked();
+            for (i, ids) in all.iter().enumerate() {
+                let row = ids_to_list(py, ids, &self.ints)?;
+                ffi::PyList_SetItem(out.as_ptr(), i as ffi::Py_ssize_t, row.into_ptr());
+            }
+            Ok(out)
         }
-        Ok(out)
     }
 
     /// Encodes a batch into a (B, T) int64 array padded with `pad_id` (T = longest row, or
@@ -218,7 +231,7 @@ impl CoreTokenizer {
     fn encode_batch_padded<'py>(
         &self,
         py: Python<'py>,
-        texts: Vec<PyBackedStr>,
+        texts: &Bound<'py, PyAny>,
         policy: &[u8],
         pad_id: i64,
         max_length: Option<usize>,
@@ -226,6 +239,8 @@ impl CoreTokenizer {
         num_threads: Option<usize>,
     ) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray1<i64>>)> {
         let policy = policy_from(policy, self.inner.specials().len())?;
+        let items = convert::str_items(texts)?;
+        let texts = convert::texts(&items)?;
         let n = parallel::resolve_threads(num_threads);
         let (flat, rows, cols, lens) = py.detach(|| -> crate::Result<_> {
             let all = parallel::install(n, || self.inner.encode_batch(&texts, &policy))?;
@@ -293,7 +308,8 @@ impl CoreTokenizer {
     }
 
     /// Pieces of `text` under this tokenizer's pattern (for inspection and tests).
-    fn pre_tokenize(&self, py: Python<'_>, text: PyBackedStr) -> PyResult<Vec<String>> {
+    fn pre_tokenize(&self, py: Python<'_>, text: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+        let text = convert::text(text, "text")?;
         let pieces = py.detach(|| -> crate::Result<Vec<String>> {
             let s = bpe::Splitter::new(self.inner.pattern())?;
             Ok(s.pieces(&text)?.into_iter().map(str::to_string).collect())
@@ -322,7 +338,9 @@ impl WordCounter {
     }
 
     #[pyo3(signature = (texts, num_threads=None))]
-    fn add_texts(&mut self, py: Python<'_>, texts: Vec<PyBackedStr>, num_threads: Option<usize>) -> PyResult<()> {
+    fn add_texts(&mut self, py: Python<'_>, texts: &Bound<'_, PyAny>, num_threads: Option<usize>) -> PyResult<()> {
+        let items = convert::str_items(texts)?;
+        let texts = convert::texts(&items)?;
         let n = parallel::resolve_threads(num_threads);
         let c = self.get()?;
         py.detach(|| parallel::install(n, || c.add_texts(&texts)))?;

@@ -1,0 +1,291 @@
+"""The benchmark suite behind ``ferrolm bench``: ferrolm against the tools people use today,
+same data, same vocabulary, same run, reported as ratios of medians.
+
+The workloads live here so the command (quick table) and ``benchmarks/`` (pytest-benchmark)
+measure the same things. Peers that are not installed are skipped with a note.
+
+Vocabularies: GPT-2 (``r50k_base``) and ``cl100k_base`` rank files are looked for in
+``$FERROLM_DATA_DIR`` and ``../shared/data``; without them a 32k vocabulary is trained on the
+embedded corpus and given to every library, so the comparison is still like for like.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .corpus import chinese_text, stdlib_texts
+from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, Tokenizer
+
+__all__ = ["run_benchmarks", "tokenizer_peers", "corpus_for_bench", "time_median", "compare", "Result"]
+
+
+@dataclass
+class Result:
+    """One benchmark row: median seconds per contender, and ferrolm's speed-up over each."""
+
+    area: str
+    workload: str
+    size: str
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+    def ratios(self) -> Dict[str, float]:
+        ours = self.seconds.get("ferrolm")
+        if not ours:
+            return {}
+        return {k: v / ours for k, v in self.seconds.items() if k != "ferrolm"}
+
+
+def time_median(fn: Callable[[], object], repeats: int = 5, min_time: float = 0.0) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up run."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start) < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def compare(contenders: Dict[str, Callable[[], object]], repeats: int = 5, warm: bool = True) -> Dict[str, float]:
+    """Median wall time of each contender, the runs interleaved (A B C A B C ...) so that
+    drift on a noisy machine hits all of them alike; one warm-up run each first. A pause
+    before each run lets the previous contender's idle worker threads (rayon, OpenMP) stop
+    spinning: on 2 cores they otherwise steal time from whoever runs next. With ``warm``, an
+    untimed run comes right before each timed one, so each contender starts with its own
+    tables in cache (a short workload otherwise measures the previous contender's cache
+    evictions: seen as 2x on 5,000 one-line documents). As in ``timeit``,
+    the cyclic garbage collector is off while a run is timed (and run between runs), so a
+    collection over the benchmark's own data is not charged to whoever happens to trigger it."""
+    for fn in contenders.values():
+        fn()
+    times: Dict[str, List[float]] = {k: [] for k in contenders}
+    enabled = gc.isenabled()
+    try:
+        for _ in range(repeats):
+            for k, fn in contenders.items():
+                time.sleep(0.05)
+                if warm:
+                    fn()
+                gc.collect()
+                gc.disable()
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+                if enabled:
+                    gc.enable()
+    finally:
+        if enabled:
+            gc.enable()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def find_data_dir() -> Optional[Path]:
+    """The folder holding ``gpt2.tiktoken`` / ``cl100k_base.tiktoken``, if any."""
+    candidates = [os.environ.get("FERROLM_DATA_DIR"), Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
+    candidates.append(Path(__file__).resolve().parents[3] / "shared" / "data")
+    for c in candidates:
+        if c and (Path(c) / "gpt2.tiktoken").is_file():
+            return Path(c)
+    return None
+
+
+CL100K_SPECIALS = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259, "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
+
+
+def corpus_for_bench(max_bytes: Optional[int] = None) -> List[str]:
+    """The embedded corpus: Chinese prose, then standard-library sources."""
+    return [chinese_text()] + stdlib_texts(max_bytes)
+
+
+def tokenizer_peers(vocab: str, tmpdir: Path) -> Tuple[Tokenizer, object, object]:
+    """(ferrolm, tiktoken or None, HF tokenizers or None) on the same vocabulary.
+
+    Args:
+        vocab: "gpt2", "cl100k_base" or "trained32k".
+    """
+    data_dir = find_data_dir()
+    if vocab == "trained32k" or data_dir is None:
+        tok = Tokenizer.train(corpus_for_bench(20_000_000), 32_000, special_tokens=["<|endoftext|>"], show_progress=False)
+        pattern = tok.pattern
+    elif vocab == "gpt2":
+        tok = Tokenizer.from_tiktoken(data_dir / "gpt2.tiktoken", GPT2_PATTERN, {"<|endoftext|>": 50256})
+        pattern = GPT2_PATTERN
+    else:
+        tok = Tokenizer.from_tiktoken(data_dir / "cl100k_base.tiktoken", CL100K_PATTERN, CL100K_SPECIALS)
+        pattern = CL100K_PATTERN
+    tt = hf = None
+    try:
+        import tiktoken
+
+        ranks = {tok.decode_single_token_bytes(i): i for i in range(tok.n_vocab) if i not in tok._id_to_special and _has(tok, i)}
+        tt = tiktoken.Encoding(vocab, pat_str=pattern, mergeable_ranks=ranks, special_tokens=tok.special_tokens)
+    except ImportError:
+        pass
+    try:
+        import tokenizers
+
+        path = tmpdir / f"{vocab}.json"
+        tok.save_hf_json(path)
+        hf = tokenizers.Tokenizer.from_file(str(path))
+    except ImportError:
+        pass
+    return tok, tt, hf
+
+
+def _has(tok: Tokenizer, i: int) -> bool:
+    return tok._core.token_bytes(i) is not None
+
+
+def _encode_results(vocab: str, docs_long: List[str], docs_short: List[str], tiny: List[str], tmpdir: Path, repeats: int) -> List[Result]:
+    tok, tt, hf = tokenizer_peers(vocab, tmpdir)
+    out = []
+    n_long = sum(len(d.encode()) for d in docs_long)
+    n_short = sum(len(d.encode()) for d in docs_short)
+
+    def loop(fn):
+        return lambda docs: (lambda: [fn(d) for d in docs])
+
+    contenders_1t = {"ferrolm": tok.encode_ordinary}
+    if tt is not None:
+        contenders_1t["tiktoken"] = tt.encode_ordinary
+    if hf is not None:
+        contenders_1t["hf_tokenizers"] = lambda d: hf.encode(d, add_special_tokens=False)
+    for name, docs, nbytes in [("encode long docs (>=4 KB), 1 thread", docs_long, n_long), ("encode short docs (one line), 1 thread", docs_short, n_short)]:
+        r = Result("tokenizer", f"{vocab}: {name}", f"{len(docs)} docs, {nbytes / 1e6:.1f} MB")
+        r.seconds = compare({k: loop(fn)(docs) for k, fn in contenders_1t.items()}, repeats)
+        out.append(r)
+    batch = {"ferrolm": lambda docs: tok.encode_ordinary_batch(docs, num_threads=2)}
+    if tt is not None:
+        batch["tiktoken"] = lambda docs: tt.encode_ordinary_batch(docs, num_threads=2)
+    if hf is not None:
+        batch["hf_tokenizers"] = lambda docs: hf.encode_batch(docs, add_special_tokens=False)
+    for name, docs, size in [("encode_batch long docs, 2 threads", docs_long, f"{n_long / 1e6:.1f} MB"), ("encode_batch 10,000 tiny strings, 2 threads", tiny, f"{len(tiny)} strings")]:
+        r = Result("tokenizer", f"{vocab}: {name}", size)
+        r.seconds = compare({k: (lambda fn=fn, docs=docs: fn(docs)) for k, fn in batch.items()}, repeats)
+        out.append(r)
+    worst = "x" * 1_000_000
+    r = Result("tokenizer", f"{vocab}: worst case, 1 MB with no split point", "1 MB")
+    worst_contenders = {"ferrolm": lambda: tok.encode_ordinary(worst)}
+    if tt is not None:
+        worst_contenders["tiktoken"] = lambda: tt.encode_ordinary(worst)
+    r.seconds = compare(worst_contenders, 3, warm=False)
+    out.append(r)
+    return out
+
+
+def _training_result(mbytes: int, vocab_size: int, repeats: int) -> Tuple[Result, Dict[str, float]]:
+    """Training on ``mbytes`` MB of the corpus (repeated if needed), and bytes per token on
+    held-out files for each trainer."""
+    docs = stdlib_texts()
+    held, train_docs = docs[-50:], [chinese_text()] + docs[:-50]
+    data, total = [], 0
+    while total < mbytes * 1_000_000:
+        for d in train_docs:
+            data.append(d)
+            total += len(d.encode())
+            if total >= mbytes * 1_000_000:
+                break
+    r = Result("tokenizer", f"train {vocab_size} vocab", f"{total / 1e6:.0f} MB")
+    nbytes = sum(len(d.encode()) for d in held)
+    bpt = {}
+    trained = {}
+
+    def ours():
+        trained["ferrolm"] = Tokenizer.train(data, vocab_size, show_progress=False)
+
+    r.seconds["ferrolm"] = time_median(ours, repeats)
+    bpt["ferrolm"] = nbytes / sum(map(len, trained["ferrolm"].encode_ordinary_batch(held)))
+    try:
+        from tokenizers import Tokenizer as HfTokenizer
+        from tokenizers import models, pre_tokenizers, trainers
+
+        def hf():
+            t = HfTokenizer(models.BPE())
+            t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+            t.train_from_iterator(data, trainer)
+            trained["hf"] = t
+
+        r.seconds["hf_tokenizers"] = time_median(hf, max(1, repeats - 2))
+        bpt["hf_tokenizers"] = nbytes / sum(len(e.ids) for e in trained["hf"].encode_batch(held))
+    except ImportError:
+        pass
+    try:
+        import rustbpe
+
+        def rb():
+            t = rustbpe.Tokenizer()
+            t.train_from_iterator(iter(data), vocab_size)
+
+        r.seconds["rustbpe"] = time_median(rb, max(1, repeats - 2))
+    except ImportError:
+        pass
+    return r, bpt
+
+
+def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: Tuple[str, ...] = ("tokenizer",)) -> List[Result]:
+    """Runs the suite, prints a table, and returns the rows.
+
+    Args:
+        full: the whole grid (both real vocabularies, 100 MB training) instead of the quick set.
+        json_path: also write the rows (with ratios) to this JSON file.
+    """
+    import tempfile
+
+    results: List[Result] = []
+    extra: Dict[str, object] = {}
+    docs = stdlib_texts(None if full else 6_000_000)
+    docs_long = [d for d in docs if len(d.encode()) >= 4096][: (None if full else 300)]
+    lines = [ln for d in docs[:400] for ln in d.splitlines() if 40 <= len(ln) <= 200]
+    docs_short = (lines + chinese_text().splitlines())[:20_000 if full else 5_000]
+    words = [w for ln in lines for w in ln.split()]
+    tiny = (words * (10_000 // max(1, len(words)) + 1))[:10_000]
+    repeats = 7 if full else 3
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        if "tokenizer" in areas:
+            vocabs = ["gpt2", "cl100k_base"] if find_data_dir() else ["trained32k"]
+            if not full:
+                vocabs = vocabs[:1]
+            for v in vocabs:
+                results += _encode_results(v, docs_long, docs_short, tiny, tmpdir, repeats)
+            r, bpt = _training_result(100 if full else 10, 32_000 if full else 8_000, 3 if full else 2)
+            results.append(r)
+            extra["bytes_per_token_held_out"] = bpt
+    _print_table(results, extra)
+    if json_path:
+        payload = {"results": [dict(asdict(r), ratios=r.ratios()) for r in results], "extra": extra}
+        Path(json_path).write_text(json.dumps(payload, indent=2))
+    return results
+
+
+def _print_table(results: List[Result], extra: Dict[str, object]) -> None:
+    peers = sorted({k for r in results for k in r.seconds if k != "ferrolm"})
+    head = ["area", "workload", "size", "ferrolm ms"] + [f"{p} ms" for p in peers] + [f"x vs {p}" for p in peers]
+    rows = []
+    for r in results:
+        ratios = r.ratios()
+        rows.append(
+            [r.area, r.workload, r.size, f"{r.seconds['ferrolm'] * 1e3:.1f}"]
+            + [f"{r.seconds[p] * 1e3:.1f}" if p in r.seconds else "-" for p in peers]
+            + [f"{ratios[p]:.2f}x" if p in ratios else "-" for p in peers]
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    print(fmt.format(*head))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(fmt.format(*row))
+    for k, v in extra.items():
+        print(f"{k}: " + ", ".join(f"{a}={b:.4f}" for a, b in v.items()))  # type: ignore[union-attr]
+    print("x vs peer = peer time / ferrolm time (higher is better for ferrolm); medians of repeated runs.")
