@@ -74,32 +74,29 @@ def _shared(name: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def gpt2_pair():
-    """(ferrolm, tiktoken) tokenizers on GPT-2's real r50k_base ranks."""
+def _real_pair(file: str, name: str, specials):
+    """(ferrolm, tiktoken) tokenizers on one of the real rank files."""
     tiktoken = pytest.importorskip("tiktoken")
     from tiktoken.load import load_tiktoken_bpe
 
-    path = _shared("gpt2.tiktoken")
-    from ferrolm import GPT2_PATTERN
+    from ferrolm import PATTERNS
 
-    enc = tiktoken.Encoding("r50k_base", pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(path)), special_tokens=R50K_SPECIALS)
-    tok = Tokenizer.from_tiktoken(path, "gpt2", R50K_SPECIALS)
-    return tok, enc
+    path = _shared(file)
+    pattern = PATTERNS[name]
+    enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=load_tiktoken_bpe(str(path)), special_tokens=specials)
+    return Tokenizer.from_tiktoken(path, name, specials), enc
+
+
+@pytest.fixture(scope="session")
+def gpt2_pair():
+    """(ferrolm, tiktoken) tokenizers on GPT-2's real r50k_base ranks."""
+    return _real_pair("gpt2.tiktoken", "r50k_base", R50K_SPECIALS)
 
 
 @pytest.fixture(scope="session")
 def cl100k_pair():
     """(ferrolm, tiktoken) tokenizers on the real cl100k_base ranks."""
-    tiktoken = pytest.importorskip("tiktoken")
-    from tiktoken.load import load_tiktoken_bpe
-
-    path = _shared("cl100k_base.tiktoken")
-    from ferrolm import CL100K_PATTERN
-
-    enc = tiktoken.Encoding("cl100k_base", pat_str=CL100K_PATTERN, mergeable_ranks=load_tiktoken_bpe(str(path)), special_tokens=CL100K_SPECIALS)
-    tok = Tokenizer.from_tiktoken(path, "cl100k_base", CL100K_SPECIALS)
-    return tok, enc
+    return _real_pair("cl100k_base.tiktoken", "cl100k_base", CL100K_SPECIALS)
 
 
 @pytest.fixture(scope="session")

@@ -27,19 +27,11 @@ def test_trained_round_trip(trained, text):
     assert all(0 <= i < trained.n_vocab for i in ids)
 
 
+@pytest.mark.parametrize("which", ["gpt2_pair", "cl100k_pair"])
 @PROPERTY
-@given(st.one_of(TEXT, WHITESPACE_HEAVY))
-def test_gpt2_round_trip_and_parity(gpt2_pair, text):
-    tok, enc = gpt2_pair
-    ids = tok.encode_ordinary(text)
-    assert ids == enc.encode_ordinary(text)
-    assert tok.decode(ids) == text
-
-
-@PROPERTY
-@given(st.one_of(TEXT, WHITESPACE_HEAVY))
-def test_cl100k_round_trip_and_parity(cl100k_pair, text):
-    tok, enc = cl100k_pair
+@given(text=st.one_of(TEXT, WHITESPACE_HEAVY))
+def test_real_vocab_round_trip_and_parity(request, which, text):
+    tok, enc = request.getfixturevalue(which)
     ids = tok.encode_ordinary(text)
     assert ids == enc.encode_ordinary(text)
     assert tok.decode(ids) == text
