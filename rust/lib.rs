@@ -5,6 +5,7 @@
 //! `cargo test` needs no libpython.
 
 pub mod bpe;
+pub mod data;
 pub mod error;
 pub mod parallel;
 

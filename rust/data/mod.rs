@@ -1,0 +1,121 @@
+//! Batching: padding, length bucketing, packing, language-model windows and token shards.
+//!
+//! Every function takes token rows as [`Rows`] (borrowed slices of any integer type the
+//! callers hold: numpy arrays, shards, Python lists) and returns owned flat buffers that the
+//! bindings hand to numpy without a copy.
+
+pub mod bucket;
+pub mod pack;
+pub mod pad;
+pub mod shard;
+
+use crate::Error;
+
+/// One row of token ids, borrowed in its source integer type.
+#[derive(Debug, Clone, Copy)]
+pub enum Row<'a> {
+    I64(&'a [i64]),
+    I32(&'a [i32]),
+    U32(&'a [u32]),
+    U16(&'a [u16]),
+    U8(&'a [u8]),
+}
+
+impl Row<'_> {
+    /// Number of ids.
+    #[inline]
+    pub fn len(&self) -> usize {
+        match self {
+            Row::I64(s) => s.len(),
+            Row::I32(s) => s.len(),
+            Row::U32(s) => s.len(),
+            Row::U16(s) => s.len(),
+            Row::U8(s) => s.len(),
+        }
+    }
+
+    /// Whether the row is empty.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies ids `src[start..start + dst.len()]` into `dst`, checking each is in `[0, max]`.
+    /// On a bad id returns its position in the row and its value.
+    #[inline]
+    pub fn copy_checked<T: OutInt>(&self, start: usize, dst: &mut [T], max: i64) -> std::result::Result<(), (usize, i64)> {
+        macro_rules! go {
+            ($s:expr) => {{
+                let src = &$s[start..start + dst.len()];
+                for (i, (d, &v)) in dst.iter_mut().zip(src).enumerate() {
+                    let v = v as i64;
+                    if v < 0 || v > max {
+                        return Err((start + i, v));
+                    }
+                    *d = T::from_i64(v);
+                }
+                Ok(())
+            }};
+        }
+        match self {
+            Row::I64(s) => go!(s),
+            Row::I32(s) => go!(s),
+            Row::U32(s) => go!(s),
+            Row::U16(s) => go!(s),
+            Row::U8(s) => go!(s),
+        }
+    }
+}
+
+/// The integer types ferrolm writes ids as.
+pub trait OutInt: Copy + Send + Sync + 'static {
+    /// The largest id this type holds.
+    const MAX: i64;
+    /// Its name, for messages.
+    const NAME: &'static str;
+    /// Converts a value already checked to be in range.
+    fn from_i64(v: i64) -> Self;
+}
+
+impl OutInt for i64 {
+    const MAX: i64 = i64::MAX;
+    const NAME: &'static str = "int64";
+    #[inline(always)]
+    fn from_i64(v: i64) -> Self {
+        v
+    }
+}
+
+impl OutInt for i32 {
+    const MAX: i64 = i32::MAX as i64;
+    const NAME: &'static str = "int32";
+    #[inline(always)]
+    fn from_i64(v: i64) -> Self {
+        v as i32
+    }
+}
+
+impl OutInt for u16 {
+    const MAX: i64 = u16::MAX as i64;
+    const NAME: &'static str = "uint16";
+    #[inline(always)]
+    fn from_i64(v: i64) -> Self {
+        v as u16
+    }
+}
+
+impl OutInt for u32 {
+    const MAX: i64 = u32::MAX as i64;
+    const NAME: &'static str = "uint32";
+    #[inline(always)]
+    fn from_i64(v: i64) -> Self {
+        v as u32
+    }
+}
+
+/// The error for an id outside `[0, max]`.
+pub(crate) fn bad_id(row: usize, pos: usize, value: i64, max: i64, dtype: &str) -> Error {
+    Error::value(format!(
+        "sequence {row} has id {value} at position {pos}; ids must be in [0, {max}] for {dtype}"
+    ))
+}

@@ -1,0 +1,145 @@
+//! Padding a batch of sequences into a rectangle with an attention mask.
+
+use super::{bad_id, OutInt, Row};
+use crate::{Error, Result};
+
+/// Which end padding (or truncation) applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Left,
+    Right,
+}
+
+/// What to do with a sequence longer than `max_length`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Truncation {
+    /// Raise an error naming the sequence.
+    Error,
+    /// Keep the first `max_length` ids.
+    Right,
+    /// Keep the last `max_length` ids.
+    Left,
+}
+
+/// How to pad.
+#[derive(Debug, Clone, Copy)]
+pub struct PadSpec {
+    pub pad_id: i64,
+    pub max_length: Option<usize>,
+    pub side: Side,
+    pub truncation: Truncation,
+    pub pad_to_multiple_of: Option<usize>,
+}
+
+/// A padded batch: `ids` and `mask` are row-major `(rows, cols)`; `lengths` are the real
+/// (kept) lengths.
+#[derive(Debug)]
+pub struct Padded<T> {
+    pub ids: Vec<T>,
+    pub mask: Vec<T>,
+    pub lengths: Vec<i64>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// Pads `rows` into a `(B, T)` array of `T`-typed ids and a mask (1 real, 0 padding).
+///
+/// T is `max_length` when given (shorter rows padded, longer ones truncated or rejected), else
+/// the longest row; then rounded up to `pad_to_multiple_of`.
+pub fn pad<T: OutInt>(rows: &[Row<'_>], spec: &PadSpec) -> Result<Padded<T>> {
+    if rows.is_empty() {
+        return Err(Error::value("cannot pad an empty batch: got 0 sequences"));
+    }
+    if spec.pad_id < 0 || spec.pad_id > T::MAX {
+        return Err(Error::value(format!("pad_id={} does not fit {} (expected 0..={})", spec.pad_id, T::NAME, T::MAX)));
+    }
+    if let Some(i) = rows.iter().position(Row::is_empty) {
+        return Err(Error::value(format!("sequence {i} is empty; every sequence needs at least one id")));
+    }
+    let longest = rows.iter().map(Row::len).max().unwrap_or(0);
+    let mut cols = match spec.max_length {
+        Some(0) => return Err(Error::value("max_length must be positive, got 0")),
+        Some(m) => {
+            if spec.truncation == Truncation::Error && longest > m {
+                let i = rows.iter().position(|r| r.len() > m).unwrap_or(0);
+                return Err(Error::value(format!(
+                    "sequence {i} has {} ids, more than max_length={m}; pass truncation=True (or \
+                     'left') to cut it, or raise max_length",
+                    rows[i].len()
+                )));
+            }
+            m
+        }
+        None => longest,
+    };
+    if let Some(k) = spec.pad_to_multiple_of {
+        if k == 0 {
+            return Err(Error::value("pad_to_multiple_of must be positive, got 0"));
+        }
+        cols = cols.div_ceil(k) * k;
+    }
+    let n = rows.len();
+    let total = n.checked_mul(cols).ok_or_else(|| Error::value("padded batch is too large"))?;
+    let pad = T::from_i64(spec.pad_id);
+    let mut ids = vec![pad; total];
+    let mut mask = vec![T::from_i64(0); total];
+    let mut lengths = Vec::with_capacity(n);
+    let one = T::from_i64(1);
+    for (r, row) in rows.iter().enumerate() {
+        let len = row.len();
+        let keep = len.min(cols);
+        // Which ids survive truncation.
+        let src_start = if spec.truncation == Truncation::Left { len - keep } else { 0 };
+        let dst_start = if spec.side == Side::Left { cols - keep } else { 0 };
+        let dst = &mut ids[r * cols + dst_start..r * cols + dst_start + keep];
+        row.copy_checked(src_start, dst, T::MAX).map_err(|(pos, v)| bad_id(r, pos, v, T::MAX, T::NAME))?;
+        mask[r * cols + dst_start..r * cols + dst_start + keep].fill(one);
+        lengths.push(keep as i64);
+    }
+    Ok(Padded { ids, mask, lengths, rows: n, cols })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(max_length: Option<usize>, side: Side, truncation: Truncation) -> PadSpec {
+        PadSpec { pad_id: 0, max_length, side, truncation, pad_to_multiple_of: None }
+    }
+
+    #[test]
+    fn pads_right_and_left() {
+        let a = [5i64, 6, 7];
+        let b = [8u16];
+        let rows = [Row::I64(&a), Row::U16(&b)];
+        let p: Padded<i64> = pad(&rows, &spec(None, Side::Right, Truncation::Error)).unwrap();
+        assert_eq!((p.rows, p.cols), (2, 3));
+        assert_eq!(p.ids, vec![5, 6, 7, 8, 0, 0]);
+        assert_eq!(p.mask, vec![1, 1, 1, 1, 0, 0]);
+        let p: Padded<i32> = pad(&rows, &spec(Some(4), Side::Left, Truncation::Error)).unwrap();
+        assert_eq!(p.ids, vec![0, 5, 6, 7, 0, 0, 0, 8]);
+    }
+
+    #[test]
+    fn truncates_or_refuses() {
+        let a = [1i64, 2, 3, 4];
+        let rows = [Row::I64(&a)];
+        assert!(pad::<i64>(&rows, &spec(Some(2), Side::Right, Truncation::Error)).is_err());
+        let p: Padded<i64> = pad(&rows, &spec(Some(2), Side::Right, Truncation::Left)).unwrap();
+        assert_eq!(p.ids, vec![3, 4]);
+        let p: Padded<i64> = pad(&rows, &spec(Some(2), Side::Right, Truncation::Right)).unwrap();
+        assert_eq!(p.ids, vec![1, 2]);
+    }
+
+    #[test]
+    fn bad_ids_and_batches_are_errors() {
+        let a = [1i64, -2];
+        let e = pad::<i64>(&[Row::I64(&a)], &spec(None, Side::Right, Truncation::Error)).unwrap_err().to_string();
+        assert!(e.contains("sequence 0 has id -2 at position 1"), "{e}");
+        let big = [3_000_000_000u32];
+        assert!(pad::<i32>(&[Row::U32(&big)], &spec(None, Side::Right, Truncation::Error)).is_err());
+        assert!(pad::<i64>(&[], &spec(None, Side::Right, Truncation::Error)).is_err());
+        let empty: [i64; 0] = [];
+        assert!(pad::<i64>(&[Row::I64(&empty)], &spec(None, Side::Right, Truncation::Error)).is_err());
+    }
+}
