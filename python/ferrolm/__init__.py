@@ -4,7 +4,7 @@ The public API: :class:`Tokenizer` (byte-level BPE), the embedded default corpus
 (:mod:`ferrolm.corpus`) and the exceptions in :mod:`ferrolm.errors`.
 """
 
-from . import corpus
+from . import corpus, data
 from ._core import __version__
 from .errors import FormatError, UnknownTokenError
 from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, PATTERNS, Tokenizer
@@ -17,5 +17,6 @@ __all__ = [
     "CL100K_PATTERN",
     "PATTERNS",
     "corpus",
+    "data",
     "__version__",
 ]

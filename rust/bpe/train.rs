@@ -28,6 +28,18 @@ use crate::{Error, Result};
 /// both cores count one large document.
 const CHUNK: usize = 1 << 20;
 
+/// Reads a UTF-8 text file; invalid UTF-8 is a `ValueError` naming the byte offset.
+pub fn read_utf8(p: &std::path::Path) -> Result<String> {
+    let data = std::fs::read(p).map_err(|e| Error::io(p, e))?;
+    String::from_utf8(data).map_err(|e| {
+        Error::value(format!(
+            "{}: not valid UTF-8 at byte {}; ferrolm reads UTF-8 text files",
+            p.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
 /// Counts the pre-tokenized pieces of the training data.
 pub struct WordCounter {
     splitter: Splitter,

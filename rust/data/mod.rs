@@ -40,6 +40,42 @@ impl Row<'_> {
         self.len() == 0
     }
 
+    /// Checks every id of `src[start..end]` is in `[0, max]`; else returns the first bad
+    /// one's position and value.
+    #[inline]
+    pub fn check(&self, start: usize, end: usize, max: i64) -> std::result::Result<(), (usize, i64)> {
+        macro_rules! go {
+            ($s:expr) => {{
+                let src = &$s[start..end];
+                // A branch-free scan first (it vectorises); locate the culprit only on failure.
+                if src.iter().fold(true, |ok, &v| ok & ((v as i64) >= 0) & ((v as i64) <= max)) {
+                    return Ok(());
+                }
+                let i = src.iter().position(|&v| (v as i64) < 0 || (v as i64) > max).unwrap_or(0);
+                Err((start + i, src[i] as i64))
+            }};
+        }
+        match self {
+            Row::I64(s) => go!(s),
+            Row::I32(s) => go!(s),
+            Row::U32(s) => go!(s),
+            Row::U16(s) => go!(s),
+            Row::U8(s) => go!(s),
+        }
+    }
+
+    /// Appends ids `src[start..end]` (already checked to fit `T`) to `out`.
+    #[inline]
+    pub fn extend_into<T: OutInt>(&self, start: usize, end: usize, out: &mut Vec<T>) {
+        match self {
+            Row::I64(s) => out.extend(s[start..end].iter().map(|&v| T::from_i64(v))),
+            Row::I32(s) => out.extend(s[start..end].iter().map(|&v| T::from_i64(v as i64))),
+            Row::U32(s) => out.extend(s[start..end].iter().map(|&v| T::from_i64(v as i64))),
+            Row::U16(s) => out.extend(s[start..end].iter().map(|&v| T::from_i64(v as i64))),
+            Row::U8(s) => out.extend(s[start..end].iter().map(|&v| T::from_i64(v as i64))),
+        }
+    }
+
     /// Copies ids `src[start..start + dst.len()]` into `dst`, checking each is in `[0, max]`.
     /// On a bad id returns its position in the row and its value.
     #[inline]

@@ -3,6 +3,7 @@
 //! map to exceptions in one place (`errors.rs`). The public API is `python/ferrolm/`.
 
 mod convert;
+mod data;
 mod errors;
 mod tokenizer;
 
@@ -17,6 +18,13 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tokenizer::WordCounter>()?;
     m.add_class::<tokenizer::Trainer>()?;
     m.add_function(wrap_pyfunction!(available_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(data::pad_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(data::pack_documents, m)?)?;
+    m.add_function(wrap_pyfunction!(data::lm_windows, m)?)?;
+    m.add_function(wrap_pyfunction!(data::bucket_batches, m)?)?;
+    m.add_function(wrap_pyfunction!(data::shard_info, m)?)?;
+    m.add_class::<data::ShardReader>()?;
+    m.add_class::<data::ShardSink>()?;
     Ok(())
 }
 

@@ -75,6 +75,11 @@ pub struct CoreTokenizer {
 }
 
 impl CoreTokenizer {
+    /// The core tokenizer (for other bindings).
+    pub(crate) fn core(&self) -> &bpe::Tokenizer {
+        &self.inner
+    }
+
     fn wrap(py: Python<'_>, t: bpe::Tokenizer) -> PyResult<Self> {
         let n = t.n_vocab();
         let mut ints = Vec::with_capacity(n);
@@ -357,16 +362,7 @@ impl WordCounter {
             parallel::install(n, || -> crate::Result<()> {
                 let texts = paths
                     .par_iter()
-                    .map(|p| {
-                        let data = std::fs::read(p).map_err(|e| crate::Error::io(p, e))?;
-                        String::from_utf8(data).map_err(|e| {
-                            crate::Error::value(format!(
-                                "{}: not valid UTF-8 at byte {}; training reads UTF-8 text files",
-                                p.display(),
-                                e.utf8_error().valid_up_to()
-                            ))
-                        })
-                    })
+                    .map(|p| bpe::train::read_utf8(p))
                     .collect::<crate::Result<Vec<String>>>()?;
                 c.add_texts(&texts)
             })
