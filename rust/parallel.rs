@@ -13,14 +13,15 @@ use std::sync::{Arc, Mutex};
 use rayon::ThreadPool;
 
 static OWNER_PID: AtomicU32 = AtomicU32::new(0);
-static POOLS: Mutex<Vec<(usize, Arc<ThreadPool>)>> = Mutex::new(Vec::new());
+/// Pools by (process id, thread count): a forked child never uses its parent's entries.
+static POOLS: Mutex<Vec<(u32, usize, Arc<ThreadPool>)>> = Mutex::new(Vec::new());
 
 /// The number of hardware threads, at least 1.
 pub fn available_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
-/// True in a process forked from the one that built the first pool.
+/// True in a process forked from the one that first used a pool.
 pub fn in_forked_child() -> bool {
     let owner = OWNER_PID.load(Ordering::Acquire);
     owner != 0 && owner != std::process::id()
@@ -38,34 +39,35 @@ pub fn resolve_threads(requested: Option<usize>) -> usize {
     }
 }
 
-/// Runs `f` inside a pool of `num_threads` workers (or on the calling thread when that is 1 or
-/// when this process is a forked child), so `rayon` calls inside `f` use that many threads.
-pub fn install<R: Send>(num_threads: usize, f: impl FnOnce() -> R + Send) -> R {
-    if num_threads <= 1 || in_forked_child() {
-        return f();
-    }
-    let pool = {
-        // A poisoned lock only means another thread panicked while holding it; the Vec is
-        // still valid, so recover it.
-        let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
-        OWNER_PID.store(std::process::id(), Ordering::Release);
-        match pools.iter().find(|(n, _)| *n == num_threads) {
-            Some((_, p)) => Arc::clone(p),
-            None => match rayon::ThreadPoolBuilder::new().num_threads(num_threads).build() {
-                Ok(p) => {
-                    let p = Arc::new(p);
-                    pools.push((num_threads, Arc::clone(&p)));
-                    p
-                }
-                // The OS refused threads: run on the calling thread rather than fail.
-                Err(_) => {
-                    drop(pools);
-                    return f();
-                }
-            },
-        }
+fn build(n: usize) -> Option<Arc<ThreadPool>> {
+    rayon::ThreadPoolBuilder::new().num_threads(n).build().ok().map(Arc::new)
+}
+
+fn pool(num_threads: usize) -> Option<Arc<ThreadPool>> {
+    let pid = std::process::id();
+    let _ = OWNER_PID.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire);
+    // In a forked child the lock may have been held by a parent thread at fork time and never
+    // be released: never block on it.
+    let Ok(mut pools) = POOLS.try_lock() else {
+        return build(num_threads);
     };
-    pool.install(f)
+    if let Some((_, _, p)) = pools.iter().find(|(owner, n, _)| *owner == pid && *n == num_threads) {
+        return Some(Arc::clone(p));
+    }
+    let p = build(num_threads)?;
+    pools.push((pid, num_threads, Arc::clone(&p)));
+    Some(p)
+}
+
+/// Runs `f` inside a pool of `num_threads` workers (1 in a forked child), so every rayon call
+/// inside `f` uses that pool and never rayon's global one.
+pub fn install<R: Send>(num_threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    let n = if in_forked_child() { 1 } else { num_threads.max(1) };
+    match pool(n) {
+        Some(p) => p.install(f),
+        // The OS refused threads: run on the calling thread rather than fail.
+        None => f(),
+    }
 }
 
 #[cfg(test)]
@@ -77,6 +79,7 @@ mod tests {
     fn install_uses_requested_threads() {
         let n = install(2, rayon::current_num_threads);
         assert_eq!(n, 2);
+        assert_eq!(install(1, rayon::current_num_threads), 1);
         let s: u64 = install(2, || (0..1000u64).into_par_iter().sum());
         assert_eq!(s, 999 * 1000 / 2);
     }

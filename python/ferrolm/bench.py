@@ -18,7 +18,9 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
 
 from .corpus import chinese_text, stdlib_texts
 from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, Tokenizer
@@ -56,14 +58,15 @@ def time_median(fn: Callable[[], object], repeats: int = 5, min_time: float = 0.
     return statistics.median(times)
 
 
-def compare(contenders: Dict[str, Callable[[], object]], repeats: int = 5, warm: bool = True) -> Dict[str, float]:
+def compare(contenders: Dict[str, Callable[[], object]], repeats: int = 5, warm: bool = True, inner: int = 1) -> Dict[str, float]:
     """Median wall time of each contender, the runs interleaved (A B C A B C ...) so that
     drift on a noisy machine hits all of them alike; one warm-up run each first. A pause
     before each run lets the previous contender's idle worker threads (rayon, OpenMP) stop
     spinning: on 2 cores they otherwise steal time from whoever runs next. With ``warm``, an
     untimed run comes right before each timed one, so each contender starts with its own
     tables in cache (a short workload otherwise measures the previous contender's cache
-    evictions: seen as 2x on 5,000 one-line documents). As in ``timeit``,
+    evictions: seen as 2x on 5,000 one-line documents); ``inner`` runs per timing for
+    operations of microseconds. As in ``timeit``,
     the cyclic garbage collector is off while a run is timed (and run between runs), so a
     collection over the benchmark's own data is not charged to whoever happens to trigger it."""
     for fn in contenders.values():
@@ -79,8 +82,9 @@ def compare(contenders: Dict[str, Callable[[], object]], repeats: int = 5, warm:
                 gc.collect()
                 gc.disable()
                 t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
+                for _ in range(inner):
+                    fn()
+                times[k].append((time.perf_counter() - t0) / inner)
                 if enabled:
                     gc.enable()
     finally:
@@ -233,7 +237,97 @@ def _training_result(mbytes: int, vocab_size: int, repeats: int) -> Tuple[Result
     return r, bpt
 
 
-def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: Tuple[str, ...] = ("tokenizer",)) -> List[Result]:
+def data_workloads(smoke: bool = False, full: bool = False) -> Dict[str, Any]:
+    """The batching workloads: a collate of 64 sequences of 16-512 ids (ferrolm's pad on the
+    numpy arrays ferrolm's datasets yield; torch's ``pad_sequence`` + mask on tensors; the same
+    logic in plain Python on lists), packing (ferrolm vs a Python loop), and shard writing vs
+    encoding alone."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    from .data import pack, pad, write_shards
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 50_000, n) for n in rng.integers(16, 513, 64)]
+    tensors = [torch.from_numpy(a) for a in arrays]
+    lists = [a.tolist() for a in arrays]
+
+    def torch_collate(batch):
+        ids = pad_sequence(batch, batch_first=True, padding_value=0)
+        lengths = torch.tensor([len(x) for x in batch])
+        mask = (torch.arange(ids.size(1))[None, :] < lengths[:, None]).long()
+        return ids, mask
+
+    def python_collate(batch):
+        width = max(len(x) for x in batch)
+        ids = [list(x) + [0] * (width - len(x)) for x in batch]
+        mask = [[1] * len(x) + [0] * (width - len(x)) for x in batch]
+        return torch.tensor(ids), torch.tensor(mask)
+
+    def ferrolm_collate(batch):
+        return pad(batch, return_tensors="pt")
+
+    pack_mb = 0.5 if smoke else 100 if full else 8
+    n_tokens = int(pack_mb * 1e6 / 4)  # uint32 ids
+    lens = rng.integers(50, 5000, n_tokens // 2500 + 1)
+    lens = lens[: np.searchsorted(np.cumsum(lens), n_tokens) + 1]
+    flat = rng.integers(0, 50_000, int(lens.sum())).astype(np.uint32)
+    docs = np.split(flat, np.cumsum(lens)[:-1])
+
+    def python_pack(docs, block_size=1024, eos=50_256):
+        # The same outputs as ferrolm's pack, in straightforward Python (list and range
+        # operations per document, per token only where the logic needs it).
+        stream, owner, position = [], [], []
+        for i, d in enumerate(docs):
+            stream.extend(d.tolist())
+            stream.append(eos)
+            owner.extend([i] * (len(d) + 1))
+            position.extend(range(len(d) + 1))
+        rows = (len(stream) - 1) // block_size
+        x, y, pos, doc = [], [], [], []
+        for r in range(rows):
+            a, b = r * block_size, (r + 1) * block_size
+            x.append(stream[a:b])
+            y.append(stream[a + 1 : b + 1])
+            first = position[a]
+            pos.append([p - first if owner[a + k] == owner[a] else p for k, p in enumerate(position[a:b])])
+            doc.append(owner[a:b])
+        return np.array(x), np.array(y), np.array(pos), np.array(doc)
+
+    texts = stdlib_texts(200_000 if smoke else 10_000_000)
+    tok = Tokenizer.train(texts[:50], 4096, special_tokens=["<|endoftext|>"], show_progress=False)
+    shard_mb = sum(len(t.encode()) for t in texts) / 1e6
+    return {
+        "collate": {"ferrolm": (ferrolm_collate, arrays), "torch_pad_sequence": (torch_collate, tensors), "python": (python_collate, lists)},
+        "pack": {"ferrolm": (lambda d: pack(d, 1024, eos_id=50_256), docs), "python": (python_pack, docs)},
+        "pack_mb": pack_mb,
+        "shards": {
+            "ferrolm": lambda out: write_shards(tok, texts, out, show_progress=False),
+            "encode_only": lambda out: tok.encode_ordinary_batch(texts),
+        },
+        "shard_mb": shard_mb,
+    }
+
+
+def _data_results(full: bool, repeats: int) -> List[Result]:
+    import tempfile
+
+    w = data_workloads(full=full)
+    out = []
+    r = Result("data", "collate: batch 64, lengths 16-512", "64 seqs")
+    r.seconds = compare({k: (lambda f=f, a=a: f(a)) for k, (f, a) in w["collate"].items()}, repeats * 3, inner=200)
+    out.append(r)
+    r = Result("data", "pack into 1024-token rows", f"{w['pack_mb']:.0f} MB")
+    r.seconds = compare({k: (lambda f=f, a=a: f(a)) for k, (f, a) in w["pack"].items()}, 1 if full else repeats)
+    out.append(r)
+    r = Result("data", "write shards (peer: encode only)", f"{w['shard_mb']:.0f} MB text")
+    with tempfile.TemporaryDirectory() as tmp:
+        r.seconds = compare({"ferrolm": lambda: w["shards"]["ferrolm"](Path(tmp)), "encode_only": lambda: w["shards"]["encode_only"](None)}, repeats)
+    out.append(r)
+    return out
+
+
+def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: Tuple[str, ...] = ("tokenizer", "data")) -> List[Result]:
     """Runs the suite, prints a table, and returns the rows.
 
     Args:
@@ -262,6 +356,11 @@ def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: T
             r, bpt = _training_result(100 if full else 10, 32_000 if full else 8_000, 3 if full else 2)
             results.append(r)
             extra["bytes_per_token_held_out"] = bpt
+        if "data" in areas:
+            try:
+                results += _data_results(full, repeats)
+            except ImportError:
+                print("data benchmarks skipped: torch is not installed")
     _print_table(results, extra)
     if json_path:
         payload = {"results": [dict(asdict(r), ratios=r.ratios()) for r in results], "extra": extra}

@@ -146,6 +146,7 @@ def pack(
     pad_id: int = 0,
     mask_cross_document: bool = False,
     return_tensors: str = "np",
+    num_threads: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Returns documents packed into rows of ``block_size`` tokens for language-model training.
 
@@ -164,6 +165,7 @@ def pack(
         eos_id: the id put after each document, or None.
         drop_last: drop a final partial row (else pad it with ``pad_id``).
         mask_cross_document: ignore targets that belong to the next document.
+        num_threads: threads filling rows (default: all cores; 1 in a forked child).
 
     Example:
         >>> out = pack([[1, 2, 3], [4, 5]], block_size=3, eos_id=9)
@@ -171,7 +173,7 @@ def pack(
         ([[1, 2, 3], [9, 4, 5]], [[0, 1, 2], [0, 0, 1]])
     """
     _check_block_size(block_size)
-    x, y, pos, doc = _core.pack_documents(_to_numpy_rows(documents), block_size, eos_id, not drop_last, int(pad_id), bool(mask_cross_document))
+    x, y, pos, doc = _core.pack_documents(_to_numpy_rows(documents), block_size, eos_id, not drop_last, int(pad_id), bool(mask_cross_document), num_threads)
     return _wrap({"input_ids": x, "targets": y, "position_ids": pos, "doc_ids": doc}, return_tensors)
 
 

@@ -40,32 +40,50 @@ impl Row<'_> {
         self.len() == 0
     }
 
+    /// The id at `i` (no bounds beyond the slice's own).
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> i64 {
+        match self {
+            Row::I64(s) => s[i],
+            Row::I32(s) => s[i] as i64,
+            Row::U32(s) => s[i] as i64,
+            Row::U16(s) => s[i] as i64,
+            Row::U8(s) => s[i] as i64,
+        }
+    }
+
     /// Checks every id of `src[start..end]` is in `[0, max]`; else returns the first bad
     /// one's position and value.
-    #[inline]
+    #[inline(always)]
     pub fn check(&self, start: usize, end: usize, max: i64) -> std::result::Result<(), (usize, i64)> {
+        // One unsigned compare covers both ends (a negative id wraps to a huge value), and a
+        // branch-free OR-reduction vectorises; the culprit is located only on failure. Types
+        // whose every value fits skip the scan.
         macro_rules! go {
-            ($s:expr) => {{
+            ($s:expr, $ty:ty) => {{
                 let src = &$s[start..end];
-                // A branch-free scan first (it vectorises); locate the culprit only on failure.
-                if src.iter().fold(true, |ok, &v| ok & ((v as i64) >= 0) & ((v as i64) <= max)) {
+                if (<$ty>::MIN as i64) >= 0 && (<$ty>::MAX as i64) <= max {
                     return Ok(());
                 }
-                let i = src.iter().position(|&v| (v as i64) < 0 || (v as i64) > max).unwrap_or(0);
+                let m = max as u64;
+                if !src.iter().fold(false, |bad, &v| bad | ((v as i64 as u64) > m)) {
+                    return Ok(());
+                }
+                let i = src.iter().position(|&v| (v as i64 as u64) > m).unwrap_or(0);
                 Err((start + i, src[i] as i64))
             }};
         }
         match self {
-            Row::I64(s) => go!(s),
-            Row::I32(s) => go!(s),
-            Row::U32(s) => go!(s),
-            Row::U16(s) => go!(s),
-            Row::U8(s) => go!(s),
+            Row::I64(s) => go!(s, i64),
+            Row::I32(s) => go!(s, i32),
+            Row::U32(s) => go!(s, u32),
+            Row::U16(s) => go!(s, u16),
+            Row::U8(s) => go!(s, u8),
         }
     }
 
     /// Appends ids `src[start..end]` (already checked to fit `T`) to `out`.
-    #[inline]
+    #[inline(always)]
     pub fn extend_into<T: OutInt>(&self, start: usize, end: usize, out: &mut Vec<T>) {
         match self {
             Row::I64(s) => out.extend(s[start..end].iter().map(|&v| T::from_i64(v))),

@@ -1,5 +1,7 @@
 //! Packing documents into fixed-length rows, and language-model windows over one stream.
 
+use rayon::prelude::*;
+
 use super::{bad_id, Row};
 use crate::{Error, Result};
 
@@ -44,28 +46,30 @@ pub fn pack(
             return Err(Error::value(format!("eos_id must be non-negative, got {e}")));
         }
     }
-    // The stream, as (token, document) pairs.
-    let extra = usize::from(eos.is_some());
-    let total: usize = docs.iter().map(|d| d.len() + extra).sum();
-    let mut stream = vec![0i64; total];
-    let mut owner = vec![0i64; total];
-    let mut at = 0;
     for (i, d) in docs.iter().enumerate() {
-        let n = d.len();
-        d.copy_checked(0, &mut stream[at..at + n], i64::MAX).map_err(|(p, v)| bad_id(i, p, v, i64::MAX, "int64"))?;
-        owner[at..at + n + extra].fill(i as i64);
-        at += n;
-        if let Some(e) = eos {
-            stream[at] = e;
-            at += 1;
-        }
+        d.check(0, d.len(), i64::MAX).map_err(|(p, v)| bad_id(i, p, v, i64::MAX, "int64"))?;
     }
+    let extra = usize::from(eos.is_some());
+    // Document i occupies stream positions [start[i], start[i+1]) (its eos included).
+    let mut start = Vec::with_capacity(docs.len() + 1);
+    start.push(0usize);
+    for d in docs {
+        start.push(start.last().copied().unwrap_or(0) + d.len() + extra);
+    }
+    let total = *start.last().unwrap_or(&0);
     if total < 2 {
         return Err(Error::value("the documents hold fewer than 2 tokens; nothing to predict"));
     }
     let full = (total - 1) / block_size;
     let rows = if keep_last && full * block_size < total - 1 { full + 1 } else { full };
     let t = block_size;
+    let token = |doc: usize, k: usize| -> i64 {
+        if k < docs[doc].len() {
+            docs[doc].get(k)
+        } else {
+            eos.unwrap_or(0)
+        }
+    };
     let mut p = Packed {
         input_ids: vec![pad_id; rows * t],
         targets: vec![IGNORE; rows * t],
@@ -73,25 +77,47 @@ pub fn pack(
         doc_ids: vec![-1; rows * t],
         rows,
     };
-    for r in 0..rows {
-        let start = r * t;
-        let n = t.min(total - 1 - start);
-        let o = r * t;
-        p.input_ids[o..o + n].copy_from_slice(&stream[start..start + n]);
-        p.targets[o..o + n].copy_from_slice(&stream[start + 1..start + 1 + n]);
-        p.doc_ids[o..o + n].copy_from_slice(&owner[start..start + n]);
-        let mut pos = 0;
-        for k in 0..n {
-            if k > 0 && owner[start + k] != owner[start + k - 1] {
-                pos = 0;
+    // Rows are independent given where they start, so both cores fill them (the work is
+    // memory writes: four (N, T) int64 outputs).
+    let chunks = p
+        .input_ids
+        .par_chunks_mut(t)
+        .zip(p.targets.par_chunks_mut(t))
+        .zip(p.position_ids.par_chunks_mut(t))
+        .zip(p.doc_ids.par_chunks_mut(t))
+        .enumerate();
+    chunks.for_each(|(r, (((x, y), pos), did))| {
+        let s0 = r * t;
+        let n = t.min(total - 1 - s0);
+        // The document holding stream position s0.
+        let mut doc = start.partition_point(|&b| b <= s0) - 1;
+        let mut k = s0 - start[doc];
+        let mut p_in_doc = 0i64;
+        for j in 0..n {
+            while k >= start[doc + 1] - start[doc] {
+                doc += 1;
+                k = 0;
+                p_in_doc = 0;
             }
-            p.position_ids[o + k] = pos;
-            pos += 1;
-            if mask_cross_document && owner[start + k + 1] != owner[start + k] {
-                p.targets[o + k] = IGNORE;
-            }
+            x[j] = token(doc, k);
+            pos[j] = p_in_doc;
+            did[j] = doc as i64;
+            // The target is the next stream position.
+            let (tdoc, tk) = if k + 1 < start[doc + 1] - start[doc] {
+                (doc, k + 1)
+            } else {
+                // The next non-empty document (one exists: this is not the last position).
+                let mut d = doc + 1;
+                while start[d + 1] == start[d] {
+                    d += 1;
+                }
+                (d, 0)
+            };
+            y[j] = if mask_cross_document && tdoc != doc { IGNORE } else { token(tdoc, tk) };
+            k += 1;
+            p_in_doc += 1;
         }
-    }
+    });
     Ok(p)
 }
 

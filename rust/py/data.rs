@@ -74,8 +74,8 @@ pub fn pad_batch<'py>(
 
 /// Packs documents; returns (input_ids, targets, position_ids, doc_ids), each (N, block_size).
 #[pyfunction]
-#[pyo3(signature = (documents, block_size, eos_id, keep_last, pad_id, mask_cross_document))]
-#[allow(clippy::type_complexity)]
+#[pyo3(signature = (documents, block_size, eos_id, keep_last, pad_id, mask_cross_document, num_threads=None))]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn pack_documents<'py>(
     py: Python<'py>,
     documents: &Bound<'py, PyAny>,
@@ -84,6 +84,7 @@ pub fn pack_documents<'py>(
     keep_last: bool,
     pad_id: i64,
     mask_cross_document: bool,
+    num_threads: Option<usize>,
 ) -> PyResult<(Arr2<'py, i64>, Arr2<'py, i64>, Arr2<'py, i64>, Arr2<'py, i64>)> {
     if block_size <= 0 {
         return Err(PyValueError::new_err(format!("block_size must be positive, got {block_size}")));
@@ -91,7 +92,8 @@ pub fn pack_documents<'py>(
     let seqs = Sequences::many(documents)?;
     let rows = seqs.rows();
     let t = block_size as usize;
-    let p = run(py, bytes_of(&rows), || pack::pack(&rows, t, eos_id, keep_last, pad_id, mask_cross_document))?;
+    let n = parallel::resolve_threads(num_threads);
+    let p = run(py, bytes_of(&rows), || parallel::install(n, || pack::pack(&rows, t, eos_id, keep_last, pad_id, mask_cross_document)))?;
     Ok((to2(py, p.input_ids, p.rows, t)?, to2(py, p.targets, p.rows, t)?, to2(py, p.position_ids, p.rows, t)?, to2(py, p.doc_ids, p.rows, t)?))
 }
 
