@@ -375,8 +375,8 @@ def _print_table(results: List[Result], extra: Dict[str, object]) -> None:
     for r in results:
         ratios = r.ratios()
         rows.append(
-            [r.area, r.workload, r.size, f"{r.seconds['ferrolm'] * 1e3:.1f}"]
-            + [f"{r.seconds[p] * 1e3:.1f}" if p in r.seconds else "-" for p in peers]
+            [r.area, r.workload, r.size, f"{r.seconds['ferrolm'] * 1e3:.4g}"]
+            + [f"{r.seconds[p] * 1e3:.4g}" if p in r.seconds else "-" for p in peers]
             + [f"{ratios[p]:.2f}x" if p in ratios else "-" for p in peers]
         )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
