@@ -7,6 +7,7 @@
 pub mod bpe;
 pub mod data;
 pub mod error;
+pub mod kernels;
 pub mod parallel;
 
 #[cfg(feature = "python")]

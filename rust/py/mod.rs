@@ -5,6 +5,7 @@
 mod convert;
 mod data;
 mod errors;
+mod kernels;
 mod tokenizer;
 
 use pyo3::prelude::*;
@@ -24,6 +25,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(data::bucket_batches, m)?)?;
     m.add_function(wrap_pyfunction!(data::shard_info, m)?)?;
     m.add_class::<data::ShardReader>()?;
+    m.add_function(wrap_pyfunction!(kernels::rnn_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::rnn_backward, m)?)?;
     m.add_class::<data::ShardSink>()?;
     Ok(())
 }

@@ -1,0 +1,512 @@
+//! LSTM and GRU layers (one direction) over packed variable-length batches, forward and
+//! backward through time, with torch's parameter layout and gate order.
+//!
+//! Layout: sequences sorted by length, longest first; step t holds `batch_sizes[t]` rows (the
+//! sequences still running), stored back to back ("packed", as torch's PackedSequence), so
+//! every row computed is a real token. Row j of step t belongs to sequence j.
+//!
+//! Forward: one GEMM projects every input row through `W_ih` (biases folded in); each step
+//! adds `h_{t-1} · W_hhᵀ` for its active rows and applies the gates and the state update in
+//! one pass. Backward: the sequential part is only `dh_{t-1} = dgates_t · W_hh`; `dX`, `dW_ih`,
+//! `dW_hh` and the biases are single GEMMs / reductions over all rows after the loop.
+
+use super::{matmul, Float, Mat};
+use crate::{Error, Result};
+
+/// Sizes of one layer direction.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    pub input: usize,
+    pub hidden: usize,
+}
+
+/// Row offsets of each step, and the total row count.
+fn offsets(batch_sizes: &[usize]) -> Result<(Vec<usize>, usize)> {
+    if batch_sizes.is_empty() || batch_sizes[0] == 0 {
+        return Err(Error::value("batch_sizes must be non-empty and start with a positive count"));
+    }
+    if batch_sizes.windows(2).any(|w| w[1] > w[0]) {
+        return Err(Error::value("batch_sizes must be non-increasing (sequences sorted by length, longest first)"));
+    }
+    let mut off = Vec::with_capacity(batch_sizes.len());
+    let mut n = 0;
+    for &b in batch_sizes {
+        off.push(n);
+        n += b;
+    }
+    Ok((off, n))
+}
+
+fn check_len<T>(name: &str, s: &[T], want: usize) -> Result<()> {
+    if s.len() != want {
+        return Err(Error::value(format!("{name} has {} elements, expected {want}", s.len())));
+    }
+    Ok(())
+}
+
+/// The steps in processing order.
+fn order(t_len: usize, reverse: bool) -> Box<dyn Iterator<Item = usize>> {
+    if reverse {
+        Box::new((0..t_len).rev())
+    } else {
+        Box::new(0..t_len)
+    }
+}
+
+/// The row holding sequence j's previous step (in processing order) before step t, if any.
+#[inline]
+fn prev_row(t: usize, j: usize, reverse: bool, batch_sizes: &[usize], off: &[usize]) -> Option<usize> {
+    if reverse {
+        (t + 1 < batch_sizes.len() && j < batch_sizes[t + 1]).then(|| off[t + 1] + j)
+    } else {
+        (t > 0).then(|| off[t - 1] + j)
+    }
+}
+
+/// Weights of one layer direction in torch's layout (gates stacked along rows).
+pub struct Weights<'a, T> {
+    pub w_ih: &'a [T],
+    pub w_hh: &'a [T],
+    pub b_ih: Option<&'a [T]>,
+    pub b_hh: Option<&'a [T]>,
+}
+
+impl<T: Float> Weights<'_, T> {
+    fn check(&self, gates: usize, d: Dims) -> Result<()> {
+        check_len("weight_ih", self.w_ih, gates * d.hidden * d.input)?;
+        check_len("weight_hh", self.w_hh, gates * d.hidden * d.hidden)?;
+        if let Some(b) = self.b_ih {
+            check_len("bias_ih", b, gates * d.hidden)?;
+        }
+        if let Some(b) = self.b_hh {
+            check_len("bias_hh", b, gates * d.hidden)?;
+        }
+        Ok(())
+    }
+}
+
+/// What an LSTM forward returns, and keeps for the backward.
+pub struct LstmOut<T> {
+    /// (N, H) outputs.
+    pub y: Vec<T>,
+    /// (B, H) final states.
+    pub h_n: Vec<T>,
+    pub c_n: Vec<T>,
+    /// (N, 4H) gate activations i, f, g, o.
+    pub gates: Vec<T>,
+    /// (N, H) cell states.
+    pub cs: Vec<T>,
+}
+
+/// What the backward reads from the forward: outputs `y` (N, H), gate activations, and the
+/// per-row cell states (LSTM) or recurrent candidate parts `W_hn h + b_hn` (GRU), (N, H).
+#[derive(Clone, Copy)]
+pub struct Saved<'a, T> {
+    pub y: &'a [T],
+    pub gates: &'a [T],
+    pub cs: &'a [T],
+}
+
+/// Gradients of one layer direction.
+pub struct Grads<T> {
+    pub dx: Vec<T>,
+    pub dh0: Vec<T>,
+    /// LSTM only (empty for GRU).
+    pub dc0: Vec<T>,
+    pub dw_ih: Vec<T>,
+    pub dw_hh: Vec<T>,
+    pub db_ih: Vec<T>,
+    pub db_hh: Vec<T>,
+}
+
+fn add_bias<T: Float>(rows: &mut [T], width: usize, a: Option<&[T]>, b: Option<&[T]>) {
+    let bias: Option<Vec<T>> = match (a, b) {
+        (None, None) => None,
+        (Some(a), None) => Some(a.to_vec()),
+        (None, Some(b)) => Some(b.to_vec()),
+        (Some(a), Some(b)) => Some(a.iter().zip(b).map(|(&x, &y)| x + y).collect()),
+    };
+    if let Some(bias) = bias {
+        for r in rows.chunks_exact_mut(width) {
+            for (v, &b) in r.iter_mut().zip(&bias) {
+                *v += b;
+            }
+        }
+    }
+}
+
+fn col_sums<T: Float>(m: &[T], width: usize) -> Vec<T> {
+    let mut s = vec![T::ZERO; width];
+    for r in m.chunks_exact(width) {
+        for (a, &v) in s.iter_mut().zip(r) {
+            *a += v;
+        }
+    }
+    s
+}
+
+/// LSTM forward over packed rows `x` (N, I).
+#[allow(clippy::too_many_arguments)]
+pub fn lstm_forward<T: Float>(
+    x: &[T],
+    batch_sizes: &[usize],
+    reverse: bool,
+    d: Dims,
+    h0: &[T],
+    c0: &[T],
+    w: &Weights<'_, T>,
+    threads: usize,
+) -> Result<LstmOut<T>> {
+    let (off, n) = offsets(batch_sizes)?;
+    let (h, b) = (d.hidden, batch_sizes[0]);
+    check_len("input", x, n * d.input)?;
+    check_len("h0", h0, b * h)?;
+    check_len("c0", c0, b * h)?;
+    w.check(4, d)?;
+    let g4 = 4 * h;
+    let mut gates = vec![T::ZERO; n * g4];
+    matmul(&mut gates, g4, Mat::rm(x, n, d.input), Mat::rm(w.w_ih, g4, d.input).t(), false, threads);
+    add_bias(&mut gates, g4, w.b_ih, w.b_hh);
+    let mut hs = h0.to_vec();
+    let mut cst = c0.to_vec();
+    let mut y = vec![T::ZERO; n * h];
+    let mut cs = vec![T::ZERO; n * h];
+    let whh_t = Mat::rm(w.w_hh, g4, h).t();
+    for t in order(batch_sizes.len(), reverse) {
+        let (bs, o) = (batch_sizes[t], off[t]);
+        let g = &mut gates[o * g4..(o + bs) * g4];
+        matmul(g, g4, Mat::rm(&hs, bs, h), whh_t, true, threads);
+        for j in 0..bs {
+            let gr = &mut g[j * g4..(j + 1) * g4];
+            let (hr, cr) = (&mut hs[j * h..(j + 1) * h], &mut cst[j * h..(j + 1) * h]);
+            let (yr, csr) = (&mut y[(o + j) * h..(o + j + 1) * h], &mut cs[(o + j) * h..(o + j + 1) * h]);
+            for k in 0..h {
+                let i = gr[k].sigmoid();
+                let f = gr[h + k].sigmoid();
+                let gg = gr[2 * h + k].tanh();
+                let og = gr[3 * h + k].sigmoid();
+                let c = f * cr[k] + i * gg;
+                let hv = og * c.tanh();
+                gr[k] = i;
+                gr[h + k] = f;
+                gr[2 * h + k] = gg;
+                gr[3 * h + k] = og;
+                cr[k] = c;
+                hr[k] = hv;
+                csr[k] = c;
+                yr[k] = hv;
+            }
+        }
+    }
+    Ok(LstmOut { y, h_n: hs, c_n: cst, gates, cs })
+}
+
+/// LSTM backward: gradients of one layer direction given the forward's saved values.
+#[allow(clippy::too_many_arguments)]
+pub fn lstm_backward<T: Float>(
+    x: &[T],
+    batch_sizes: &[usize],
+    reverse: bool,
+    d: Dims,
+    h0: &[T],
+    c0: &[T],
+    w: &Weights<'_, T>,
+    saved: Saved<'_, T>,
+    dy: &[T],
+    dh_n: &[T],
+    dc_n: &[T],
+    threads: usize,
+) -> Result<Grads<T>> {
+    let fwd = saved;
+    let (off, n) = offsets(batch_sizes)?;
+    let (h, b) = (d.hidden, batch_sizes[0]);
+    check_len("grad_output", dy, n * h)?;
+    check_len("grad_h_n", dh_n, b * h)?;
+    check_len("grad_c_n", dc_n, b * h)?;
+    check_len("saved outputs", fwd.y, n * h)?;
+    check_len("saved gates", fwd.gates, n * 4 * h)?;
+    check_len("saved cell states", fwd.cs, n * h)?;
+    w.check(4, d)?;
+    check_len("input", x, n * d.input)?;
+    check_len("h0", h0, b * h)?;
+    check_len("c0", c0, b * h)?;
+    let g4 = 4 * h;
+    let mut dgates = vec![T::ZERO; n * g4];
+    let mut hprev = vec![T::ZERO; n * h];
+    let mut dh = dh_n.to_vec();
+    let mut dc = dc_n.to_vec();
+    let whh = Mat::rm(w.w_hh, g4, h);
+    let one = T::ONE;
+    for t in order(batch_sizes.len(), !reverse) {
+        let (bs, o) = (batch_sizes[t], off[t]);
+        for j in 0..bs {
+            let row = o + j;
+            let p = prev_row(t, j, reverse, batch_sizes, &off);
+            let c_prev = match p {
+                Some(r) => &fwd.cs[r * h..(r + 1) * h],
+                None => &c0[j * h..(j + 1) * h],
+            };
+            let h_prev = match p {
+                Some(r) => &fwd.y[r * h..(r + 1) * h],
+                None => &h0[j * h..(j + 1) * h],
+            };
+            hprev[row * h..(row + 1) * h].copy_from_slice(h_prev);
+            let gr = &fwd.gates[row * g4..(row + 1) * g4];
+            let c = &fwd.cs[row * h..(row + 1) * h];
+            let dyr = &dy[row * h..(row + 1) * h];
+            let dg = &mut dgates[row * g4..(row + 1) * g4];
+            for k in 0..h {
+                let (i, f, gg, og) = (gr[k], gr[h + k], gr[2 * h + k], gr[3 * h + k]);
+                let dhv = dh[j * h + k] + dyr[k];
+                let tc = c[k].tanh();
+                let d_o = dhv * tc;
+                let dcv = dc[j * h + k] + dhv * og * (one - tc * tc);
+                dg[k] = dcv * gg * i * (one - i);
+                dg[h + k] = dcv * c_prev[k] * f * (one - f);
+                dg[2 * h + k] = dcv * i * (one - gg * gg);
+                dg[3 * h + k] = d_o * og * (one - og);
+                dc[j * h + k] = dcv * f;
+            }
+        }
+        // dh_{t-1} for the active rows; inactive rows keep their pending gradient.
+        matmul(&mut dh[..bs * h], h, Mat::rm(&dgates[o * g4..(o + bs) * g4], bs, g4), whh, false, threads);
+    }
+    let mut dx = vec![T::ZERO; n * d.input];
+    matmul(&mut dx, d.input, Mat::rm(&dgates, n, g4), Mat::rm(w.w_ih, g4, d.input), false, threads);
+    let mut dw_ih = vec![T::ZERO; g4 * d.input];
+    matmul(&mut dw_ih, d.input, Mat::rm(&dgates, n, g4).t(), Mat::rm(x, n, d.input), false, threads);
+    let mut dw_hh = vec![T::ZERO; g4 * h];
+    matmul(&mut dw_hh, h, Mat::rm(&dgates, n, g4).t(), Mat::rm(&hprev, n, h), false, threads);
+    let db = col_sums(&dgates, g4);
+    Ok(Grads { dx, dh0: dh, dc0: dc, dw_ih, dw_hh, db_ih: db.clone(), db_hh: db })
+}
+
+/// What a GRU forward returns, and keeps for the backward.
+pub struct GruOut<T> {
+    /// (N, H) outputs.
+    pub y: Vec<T>,
+    /// (B, H) final state.
+    pub h_n: Vec<T>,
+    /// (N, 3H) gate activations r, z, n.
+    pub gates: Vec<T>,
+    /// (N, H) the recurrent part of the candidate, `W_hn h + b_hn`.
+    pub hn: Vec<T>,
+}
+
+/// GRU forward over packed rows (torch's formulation: the reset gate multiplies
+/// `W_hn h + b_hn`, so all three recurrent gates come from one product).
+#[allow(clippy::too_many_arguments)]
+pub fn gru_forward<T: Float>(
+    x: &[T],
+    batch_sizes: &[usize],
+    reverse: bool,
+    d: Dims,
+    h0: &[T],
+    w: &Weights<'_, T>,
+    threads: usize,
+) -> Result<GruOut<T>> {
+    let (off, n) = offsets(batch_sizes)?;
+    let (h, b) = (d.hidden, batch_sizes[0]);
+    check_len("input", x, n * d.input)?;
+    check_len("h0", h0, b * h)?;
+    w.check(3, d)?;
+    let g3 = 3 * h;
+    let mut gates = vec![T::ZERO; n * g3];
+    matmul(&mut gates, g3, Mat::rm(x, n, d.input), Mat::rm(w.w_ih, g3, d.input).t(), false, threads);
+    add_bias(&mut gates, g3, w.b_ih, None);
+    let mut hs = h0.to_vec();
+    let mut y = vec![T::ZERO; n * h];
+    let mut hn = vec![T::ZERO; n * h];
+    let mut gh = vec![T::ZERO; b * g3];
+    let whh_t = Mat::rm(w.w_hh, g3, h).t();
+    for t in order(batch_sizes.len(), reverse) {
+        let (bs, o) = (batch_sizes[t], off[t]);
+        let ghs = &mut gh[..bs * g3];
+        matmul(ghs, g3, Mat::rm(&hs, bs, h), whh_t, false, threads);
+        add_bias(ghs, g3, w.b_hh, None);
+        for j in 0..bs {
+            let gr = &mut gates[(o + j) * g3..(o + j + 1) * g3];
+            let ghr = &ghs[j * g3..(j + 1) * g3];
+            let hr = &mut hs[j * h..(j + 1) * h];
+            for k in 0..h {
+                let r = (gr[k] + ghr[k]).sigmoid();
+                let z = (gr[h + k] + ghr[h + k]).sigmoid();
+                let nn = (gr[2 * h + k] + r * ghr[2 * h + k]).tanh();
+                let hv = (T::ONE - z) * nn + z * hr[k];
+                gr[k] = r;
+                gr[h + k] = z;
+                gr[2 * h + k] = nn;
+                hn[(o + j) * h + k] = ghr[2 * h + k];
+                hr[k] = hv;
+                y[(o + j) * h + k] = hv;
+            }
+        }
+    }
+    Ok(GruOut { y, h_n: hs, gates, hn })
+}
+
+/// GRU backward.
+#[allow(clippy::too_many_arguments)]
+pub fn gru_backward<T: Float>(
+    x: &[T],
+    batch_sizes: &[usize],
+    reverse: bool,
+    d: Dims,
+    h0: &[T],
+    w: &Weights<'_, T>,
+    saved: Saved<'_, T>,
+    dy: &[T],
+    dh_n: &[T],
+    threads: usize,
+) -> Result<Grads<T>> {
+    let fwd = saved;
+    let (off, n) = offsets(batch_sizes)?;
+    let (h, b) = (d.hidden, batch_sizes[0]);
+    check_len("grad_output", dy, n * h)?;
+    check_len("grad_h_n", dh_n, b * h)?;
+    check_len("saved outputs", fwd.y, n * h)?;
+    check_len("saved gates", fwd.gates, n * 3 * h)?;
+    check_len("saved candidates", fwd.cs, n * h)?;
+    w.check(3, d)?;
+    check_len("input", x, n * d.input)?;
+    check_len("h0", h0, b * h)?;
+    let g3 = 3 * h;
+    let mut dgx = vec![T::ZERO; n * g3];
+    let mut dgh = vec![T::ZERO; n * g3];
+    let mut hprev = vec![T::ZERO; n * h];
+    let mut dh = dh_n.to_vec();
+    let whh = Mat::rm(w.w_hh, g3, h);
+    let one = T::ONE;
+    for t in order(batch_sizes.len(), !reverse) {
+        let (bs, o) = (batch_sizes[t], off[t]);
+        for j in 0..bs {
+            let row = o + j;
+            let h_prev = match prev_row(t, j, reverse, batch_sizes, &off) {
+                Some(r) => &fwd.y[r * h..(r + 1) * h],
+                None => &h0[j * h..(j + 1) * h],
+            };
+            hprev[row * h..(row + 1) * h].copy_from_slice(h_prev);
+            let gr = &fwd.gates[row * g3..(row + 1) * g3];
+            let hnr = &fwd.cs[row * h..(row + 1) * h];
+            let dyr = &dy[row * h..(row + 1) * h];
+            for k in 0..h {
+                let (r, z, nn) = (gr[k], gr[h + k], gr[2 * h + k]);
+                let dhv = dh[j * h + k] + dyr[k];
+                let dn = dhv * (one - z);
+                let dz = dhv * (h_prev[k] - nn);
+                let dan = dn * (one - nn * nn);
+                let dar = dan * hnr[k] * r * (one - r);
+                let daz = dz * z * (one - z);
+                dgx[row * g3 + k] = dar;
+                dgx[row * g3 + h + k] = daz;
+                dgx[row * g3 + 2 * h + k] = dan;
+                dgh[row * g3 + k] = dar;
+                dgh[row * g3 + h + k] = daz;
+                dgh[row * g3 + 2 * h + k] = dan * r;
+                dh[j * h + k] = dhv * z; // the direct path; the W_hh path is added below
+            }
+        }
+        matmul(&mut dh[..bs * h], h, Mat::rm(&dgh[o * g3..(o + bs) * g3], bs, g3), whh, true, threads);
+    }
+    let mut dx = vec![T::ZERO; n * d.input];
+    matmul(&mut dx, d.input, Mat::rm(&dgx, n, g3), Mat::rm(w.w_ih, g3, d.input), false, threads);
+    let mut dw_ih = vec![T::ZERO; g3 * d.input];
+    matmul(&mut dw_ih, d.input, Mat::rm(&dgx, n, g3).t(), Mat::rm(x, n, d.input), false, threads);
+    let mut dw_hh = vec![T::ZERO; g3 * h];
+    matmul(&mut dw_hh, h, Mat::rm(&dgh, n, g3).t(), Mat::rm(&hprev, n, h), false, threads);
+    Ok(Grads { dx, dh0: dh, dc0: Vec::new(), dw_ih, dw_hh, db_ih: col_sums(&dgx, g3), db_hh: col_sums(&dgh, g3) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn v(&mut self, n: usize) -> Vec<f64> {
+            (0..n)
+                .map(|_| {
+                    self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((self.0 >> 11) as f64 / (1u64 << 53) as f64) - 0.5
+                })
+                .collect()
+        }
+    }
+
+    /// Finite-difference check of every gradient of a loss sum(y * gy) + sum(h_n * gh) (+ c_n).
+    fn check(lstm: bool, reverse: bool) {
+        let d = Dims { input: 3, hidden: 4 };
+        let bs = [3usize, 3, 2, 1];
+        let n: usize = bs.iter().sum();
+        let gates = if lstm { 4 } else { 3 };
+        let mut rng = Lcg(7);
+        let x = rng.v(n * d.input);
+        let h0 = rng.v(3 * d.hidden);
+        let c0 = rng.v(3 * d.hidden);
+        let wih = rng.v(gates * d.hidden * d.input);
+        let whh = rng.v(gates * d.hidden * d.hidden);
+        let bih = rng.v(gates * d.hidden);
+        let bhh = rng.v(gates * d.hidden);
+        let gy = rng.v(n * d.hidden);
+        let gh = rng.v(3 * d.hidden);
+        let gc = rng.v(3 * d.hidden);
+        let loss = |x: &[f64], h0: &[f64], c0: &[f64], wih: &[f64], whh: &[f64], bih: &[f64], bhh: &[f64]| -> f64 {
+            let w = Weights { w_ih: wih, w_hh: whh, b_ih: Some(bih), b_hh: Some(bhh) };
+            let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
+            if lstm {
+                let o = lstm_forward(x, &bs, reverse, d, h0, c0, &w, 1).unwrap();
+                dot(&o.y, &gy) + dot(&o.h_n, &gh) + dot(&o.c_n, &gc)
+            } else {
+                let o = gru_forward(x, &bs, reverse, d, h0, &w, 1).unwrap();
+                dot(&o.y, &gy) + dot(&o.h_n, &gh)
+            }
+        };
+        let w = Weights { w_ih: &wih, w_hh: &whh, b_ih: Some(&bih), b_hh: Some(&bhh) };
+        let g = if lstm {
+            let o = lstm_forward(&x, &bs, reverse, d, &h0, &c0, &w, 1).unwrap();
+            let saved = Saved { y: &o.y, gates: &o.gates, cs: &o.cs };
+            lstm_backward(&x, &bs, reverse, d, &h0, &c0, &w, saved, &gy, &gh, &gc, 1).unwrap()
+        } else {
+            let o = gru_forward(&x, &bs, reverse, d, &h0, &w, 1).unwrap();
+            let saved = Saved { y: &o.y, gates: &o.gates, cs: &o.hn };
+            gru_backward(&x, &bs, reverse, d, &h0, &w, saved, &gy, &gh, 1).unwrap()
+        };
+        let args = [x, h0, c0, wih, whh, bih, bhh];
+        let analytic = [&g.dx, &g.dh0, &g.dc0, &g.dw_ih, &g.dw_hh, &g.db_ih, &g.db_hh];
+        for (a, grad) in analytic.iter().enumerate() {
+            if !lstm && a == 2 {
+                continue; // GRU has no cell state
+            }
+            for k in 0..args[a].len() {
+                let eps = 1e-6;
+                let mut plus = args.clone();
+                plus[a][k] += eps;
+                let mut minus = args.clone();
+                minus[a][k] -= eps;
+                let f = |v: &[Vec<f64>; 7]| loss(&v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6]);
+                let num = (f(&plus) - f(&minus)) / (2.0 * eps);
+                assert!((num - grad[k]).abs() < 1e-7 * (1.0 + num.abs()), "lstm={lstm} reverse={reverse} arg {a} [{k}]: numeric {num} vs analytic {}", grad[k]);
+            }
+        }
+    }
+
+    #[test]
+    fn lstm_gradients_match_finite_differences() {
+        check(true, false);
+        check(true, true);
+    }
+
+    #[test]
+    fn gru_gradients_match_finite_differences() {
+        check(false, false);
+        check(false, true);
+    }
+
+    #[test]
+    fn bad_batch_sizes_are_errors() {
+        let w = Weights::<f32> { w_ih: &[0.0; 8], w_hh: &[0.0; 16], b_ih: None, b_hh: None };
+        let d = Dims { input: 1, hidden: 2 };
+        assert!(lstm_forward(&[0.0; 3], &[1, 2], false, d, &[0.0; 2], &[0.0; 2], &w, 1).is_err());
+        assert!(lstm_forward(&[0.0; 3], &[], false, d, &[0.0; 2], &[0.0; 2], &w, 1).is_err());
+    }
+}

@@ -1,0 +1,226 @@
+//! Bindings for the recurrent kernels: one call per layer direction, f32 or f64 numpy arrays
+//! in (torch tensors arrive as zero-copy numpy views), numpy arrays out.
+
+use numpy::{Element, IntoPyArray, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::kernels::rnn::{self, Dims, Saved, Weights};
+use crate::kernels::Float;
+use crate::parallel;
+
+type Out<'py> = Bound<'py, PyAny>;
+
+fn arr<'py, T: Element>(name: &str, a: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    let r: PyReadonlyArrayDyn<'py, T> = a.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{name} must be a numpy array of {} (all tensors of one call share the input's dtype)",
+            std::any::type_name::<T>()
+        ))
+    })?;
+    if !r.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!("{name} must be C-contiguous")));
+    }
+    Ok(r)
+}
+
+fn opt<'py, T: Element>(name: &str, a: Option<&Bound<'py, PyAny>>) -> PyResult<Option<PyReadonlyArrayDyn<'py, T>>> {
+    a.filter(|a| !a.is_none()).map(|a| arr::<T>(name, a)).transpose()
+}
+
+fn sl<'a, T: Element>(a: &'a PyReadonlyArrayDyn<'_, T>) -> &'a [T] {
+    a.as_slice().expect("checked contiguous")
+}
+
+fn out<'py, T: Element>(py: Python<'py>, v: Vec<T>, shape: &[usize]) -> PyResult<Out<'py>> {
+    let a = numpy::ndarray::ArrayD::from_shape_vec(shape.to_vec(), v)
+        .map_err(|e| PyValueError::new_err(format!("internal shape error: {e}")))?;
+    Ok(a.into_pyarray(py).into_any())
+}
+
+struct Args<'py, T: Element> {
+    x: PyReadonlyArrayDyn<'py, T>,
+    h0: PyReadonlyArrayDyn<'py, T>,
+    c0: Option<PyReadonlyArrayDyn<'py, T>>,
+    w_ih: PyReadonlyArrayDyn<'py, T>,
+    w_hh: PyReadonlyArrayDyn<'py, T>,
+    b_ih: Option<PyReadonlyArrayDyn<'py, T>>,
+    b_hh: Option<PyReadonlyArrayDyn<'py, T>>,
+    dims: Dims,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn args<'py, T: Element>(
+    lstm: bool,
+    x: &Bound<'py, PyAny>,
+    h0: &Bound<'py, PyAny>,
+    c0: Option<&Bound<'py, PyAny>>,
+    w_ih: &Bound<'py, PyAny>,
+    w_hh: &Bound<'py, PyAny>,
+    b_ih: Option<&Bound<'py, PyAny>>,
+    b_hh: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Args<'py, T>> {
+    let x = arr::<T>("input", x)?;
+    let h0 = arr::<T>("h0", h0)?;
+    let c0 = if lstm { Some(arr::<T>("c0", c0.ok_or_else(|| PyValueError::new_err("LSTM needs c0"))?)?) } else { None };
+    let w_ih = arr::<T>("weight_ih", w_ih)?;
+    let w_hh = arr::<T>("weight_hh", w_hh)?;
+    let (xs, hs) = (x.shape(), w_hh.shape());
+    if xs.len() != 2 || hs.len() != 2 {
+        return Err(PyValueError::new_err("input must be (N, input_size) and weight_hh (gates*H, H)"));
+    }
+    let dims = Dims { input: xs[1], hidden: hs[1] };
+    Ok(Args { x, h0, c0, w_ih, w_hh, b_ih: opt("bias_ih", b_ih)?, b_hh: opt("bias_hh", b_hh)?, dims })
+}
+
+fn weights<'a, T: Element>(a: &'a Args<'_, T>) -> Weights<'a, T> {
+    Weights { w_ih: sl(&a.w_ih), w_hh: sl(&a.w_hh), b_ih: a.b_ih.as_ref().map(sl), b_hh: a.b_hh.as_ref().map(sl) }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward<'py, T: Float + Element>(
+    py: Python<'py>,
+    lstm: bool,
+    x: &Bound<'py, PyAny>,
+    batch_sizes: &[usize],
+    reverse: bool,
+    h0: &Bound<'py, PyAny>,
+    c0: Option<&Bound<'py, PyAny>>,
+    w: [&Bound<'py, PyAny>; 2],
+    b: [Option<&Bound<'py, PyAny>>; 2],
+    threads: usize,
+) -> PyResult<Vec<Out<'py>>> {
+    let a = args::<T>(lstm, x, h0, c0, w[0], w[1], b[0], b[1])?;
+    let (h, bsz, n) = (a.dims.hidden, batch_sizes.first().copied().unwrap_or(0), a.x.shape()[0]);
+    let wts = weights(&a);
+    let (xs, h0s) = (sl(&a.x), sl(&a.h0));
+    let dims = a.dims;
+    if lstm {
+        let c0s = sl(a.c0.as_ref().expect("lstm has c0"));
+        let o = py.detach(|| parallel::install(threads, || rnn::lstm_forward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, threads)))?;
+        Ok(vec![out(py, o.y, &[n, h])?, out(py, o.h_n, &[bsz, h])?, out(py, o.c_n, &[bsz, h])?, out(py, o.gates, &[n, 4 * h])?, out(py, o.cs, &[n, h])?])
+    } else {
+        let o = py.detach(|| parallel::install(threads, || rnn::gru_forward(xs, batch_sizes, reverse, dims, h0s, &wts, threads)))?;
+        Ok(vec![out(py, o.y, &[n, h])?, out(py, o.h_n, &[bsz, h])?, py.None().into_bound(py), out(py, o.gates, &[n, 3 * h])?, out(py, o.hn, &[n, h])?])
+    }
+}
+
+/// One layer direction forward: returns [y, h_n, c_n (None for GRU), gates, cell_or_candidate].
+#[pyfunction]
+#[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, threads))]
+#[allow(clippy::too_many_arguments)]
+pub fn rnn_forward<'py>(
+    py: Python<'py>,
+    mode: &str,
+    x: &Bound<'py, PyAny>,
+    batch_sizes: Vec<usize>,
+    reverse: bool,
+    h0: &Bound<'py, PyAny>,
+    c0: Option<&Bound<'py, PyAny>>,
+    w_ih: &Bound<'py, PyAny>,
+    w_hh: &Bound<'py, PyAny>,
+    b_ih: Option<&Bound<'py, PyAny>>,
+    b_hh: Option<&Bound<'py, PyAny>>,
+    threads: usize,
+) -> PyResult<Vec<Out<'py>>> {
+    let lstm = parse_mode(mode)?;
+    let threads = parallel::resolve_threads(Some(threads));
+    if x.extract::<PyReadonlyArrayDyn<'py, f64>>().is_ok() {
+        forward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, [w_ih, w_hh], [b_ih, b_hh], threads)
+    } else {
+        forward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, [w_ih, w_hh], [b_ih, b_hh], threads)
+    }
+}
+
+fn parse_mode(mode: &str) -> PyResult<bool> {
+    match mode {
+        "lstm" => Ok(true),
+        "gru" => Ok(false),
+        other => Err(PyValueError::new_err(format!("mode must be 'lstm' or 'gru', got {other:?}"))),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward<'py, T: Float + Element>(
+    py: Python<'py>,
+    lstm: bool,
+    x: &Bound<'py, PyAny>,
+    batch_sizes: &[usize],
+    reverse: bool,
+    h0: &Bound<'py, PyAny>,
+    c0: Option<&Bound<'py, PyAny>>,
+    w: [&Bound<'py, PyAny>; 2],
+    b: [Option<&Bound<'py, PyAny>>; 2],
+    saved: [&Bound<'py, PyAny>; 3],
+    grads: [Option<&Bound<'py, PyAny>>; 3],
+    threads: usize,
+) -> PyResult<Vec<Out<'py>>> {
+    let a = args::<T>(lstm, x, h0, c0, w[0], w[1], b[0], b[1])?;
+    let (y, gates, cs) = (arr::<T>("y", saved[0])?, arr::<T>("gates", saved[1])?, arr::<T>("cs", saved[2])?);
+    let (h, i, n) = (a.dims.hidden, a.dims.input, a.x.shape()[0]);
+    let bsz = batch_sizes.first().copied().unwrap_or(0);
+    let dy = arr::<T>("grad_output", grads[0].ok_or_else(|| PyValueError::new_err("grad_output missing"))?)?;
+    let dh_n = arr::<T>("grad_h_n", grads[1].ok_or_else(|| PyValueError::new_err("grad_h_n missing"))?)?;
+    let dc_n = if lstm { Some(arr::<T>("grad_c_n", grads[2].ok_or_else(|| PyValueError::new_err("grad_c_n missing"))?)?) } else { None };
+    let wts = weights(&a);
+    let s = Saved { y: sl(&y), gates: sl(&gates), cs: sl(&cs) };
+    let (xs, h0s, dys, dhs) = (sl(&a.x), sl(&a.h0), sl(&dy), sl(&dh_n));
+    let c0s: &[T] = a.c0.as_ref().map(sl).unwrap_or(&[]);
+    let dcs: &[T] = dc_n.as_ref().map(sl).unwrap_or(&[]);
+    let dims = a.dims;
+    let g = py.detach(|| {
+        parallel::install(threads, || {
+            if lstm {
+                rnn::lstm_backward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, s, dys, dhs, dcs, threads)
+            } else {
+                rnn::gru_backward(xs, batch_sizes, reverse, dims, h0s, &wts, s, dys, dhs, threads)
+            }
+        })
+    })?;
+    let gates_n = if lstm { 4 } else { 3 };
+    let dc0 = if lstm { out(py, g.dc0, &[bsz, h])? } else { py.None().into_bound(py) };
+    Ok(vec![
+        out(py, g.dx, &[n, i])?,
+        out(py, g.dh0, &[bsz, h])?,
+        dc0,
+        out(py, g.dw_ih, &[gates_n * h, i])?,
+        out(py, g.dw_hh, &[gates_n * h, h])?,
+        out(py, g.db_ih, &[gates_n * h])?,
+        out(py, g.db_hh, &[gates_n * h])?,
+    ])
+}
+
+/// One layer direction backward: returns [dx, dh0, dc0 (None for GRU), dw_ih, dw_hh, db_ih, db_hh].
+#[pyfunction]
+#[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y, gates, cs, dy, dh_n, dc_n, threads))]
+#[allow(clippy::too_many_arguments)]
+pub fn rnn_backward<'py>(
+    py: Python<'py>,
+    mode: &str,
+    x: &Bound<'py, PyAny>,
+    batch_sizes: Vec<usize>,
+    reverse: bool,
+    h0: &Bound<'py, PyAny>,
+    c0: Option<&Bound<'py, PyAny>>,
+    w_ih: &Bound<'py, PyAny>,
+    w_hh: &Bound<'py, PyAny>,
+    b_ih: Option<&Bound<'py, PyAny>>,
+    b_hh: Option<&Bound<'py, PyAny>>,
+    y: &Bound<'py, PyAny>,
+    gates: &Bound<'py, PyAny>,
+    cs: &Bound<'py, PyAny>,
+    dy: Option<&Bound<'py, PyAny>>,
+    dh_n: Option<&Bound<'py, PyAny>>,
+    dc_n: Option<&Bound<'py, PyAny>>,
+    threads: usize,
+) -> PyResult<Vec<Out<'py>>> {
+    let lstm = parse_mode(mode)?;
+    let threads = parallel::resolve_threads(Some(threads));
+    let args = ([w_ih, w_hh], [b_ih, b_hh], [y, gates, cs], [dy, dh_n, dc_n]);
+    if x.extract::<PyReadonlyArrayDyn<'py, f64>>().is_ok() {
+        backward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads)
+    } else {
+        backward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads)
+    }
+}
+
