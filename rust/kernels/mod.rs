@@ -7,6 +7,8 @@
 //! product.
 
 pub mod rnn;
+pub mod simd;
+pub mod smallmm;
 
 use gemm::Parallelism;
 
@@ -30,6 +32,53 @@ pub trait Float:
     fn exp(self) -> Self;
     fn tanh(self) -> Self;
     fn from_f64(v: f64) -> Self;
+    /// LSTM cell for one row: `g` (4H pre-activations i, f, g, o) receives the activations,
+    /// `c`/`h` (the row's state) are updated, `cs_out`/`y_out` receive the new c and h.
+    fn lstm_cell(g: &mut [Self], c: &mut [Self], h: &mut [Self], cs_out: &mut [Self], y_out: &mut [Self]) {
+        let hid = c.len();
+        for k in 0..hid {
+            let i = g[k].sigmoid();
+            let f = g[hid + k].sigmoid();
+            let gg = g[2 * hid + k].tanh();
+            let o = g[3 * hid + k].sigmoid();
+            let cv = f * c[k] + i * gg;
+            let hv = o * cv.tanh();
+            g[k] = i;
+            g[hid + k] = f;
+            g[2 * hid + k] = gg;
+            g[3 * hid + k] = o;
+            c[k] = cv;
+            h[k] = hv;
+            cs_out[k] = cv;
+            y_out[k] = hv;
+        }
+    }
+
+    /// GRU cell for one row: `gx` (input part of r, z, n) receives the activations, `gh` is
+    /// the recurrent part with its bias, `h` is updated, `hn_out` receives gh's n part.
+    fn gru_cell(gx: &mut [Self], gh: &[Self], h: &mut [Self], hn_out: &mut [Self], y_out: &mut [Self]) {
+        let hid = h.len();
+        for k in 0..hid {
+            let r = (gx[k] + gh[k]).sigmoid();
+            let z = (gx[hid + k] + gh[hid + k]).sigmoid();
+            let n = (gx[2 * hid + k] + r * gh[2 * hid + k]).tanh();
+            let hv = (Self::ONE - z) * n + z * h[k];
+            gx[k] = r;
+            gx[hid + k] = z;
+            gx[2 * hid + k] = n;
+            hn_out[k] = gh[2 * hid + k];
+            h[k] = hv;
+            y_out[k] = hv;
+        }
+    }
+
+    /// `out = tanh(x)` elementwise.
+    fn tanh_slice(x: &[Self], out: &mut [Self]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v.tanh();
+        }
+    }
+
     /// The logistic sigmoid, accurate in both tails: exp(-|x|) never overflows.
     #[inline(always)]
     fn sigmoid(self) -> Self {
@@ -45,6 +94,15 @@ pub trait Float:
 impl Float for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
+    fn lstm_cell(g: &mut [Self], c: &mut [Self], h: &mut [Self], cs_out: &mut [Self], y_out: &mut [Self]) {
+        simd::lstm_cell_f32(g, c, h, cs_out, y_out)
+    }
+    fn gru_cell(gx: &mut [Self], gh: &[Self], h: &mut [Self], hn_out: &mut [Self], y_out: &mut [Self]) {
+        simd::gru_cell_f32(gx, gh, h, hn_out, y_out)
+    }
+    fn tanh_slice(x: &[Self], out: &mut [Self]) {
+        simd::tanh_f32(x, out)
+    }
     #[inline(always)]
     fn exp(self) -> Self {
         f32::exp(self)

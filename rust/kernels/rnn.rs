@@ -10,8 +10,57 @@
 //! one pass. Backward: the sequential part is only `dh_{t-1} = dgates_t · W_hh`; `dX`, `dW_ih`,
 //! `dW_hh` and the biases are single GEMMs / reductions over all rows after the loop.
 
+use std::any::TypeId;
+
+use super::smallmm::{self, Packed};
 use super::{matmul, Float, Mat};
 use crate::{Error, Result};
+
+/// Active batches up to this size use the pre-packed small-M kernel for the recurrent product
+/// (f32); larger ones amortise a general GEMM's packing.
+const SMALL_M: usize = 32;
+
+/// The right-hand side of the per-step recurrent product: packed once per call for f32 small
+/// batches, else a plain view for the general GEMM.
+enum StepB<T> {
+    Packed(Packed),
+    Plain(Mat<T>),
+}
+
+impl<T: Float> StepB<T> {
+    fn new(b: Mat<T>, max_rows: usize) -> Self {
+        if TypeId::of::<T>() == TypeId::of::<f32>() && max_rows <= SMALL_M {
+            // T is f32 (checked), so the view's element type is f32.
+            let b32 = Mat { ptr: b.ptr as *const f32, rows: b.rows, cols: b.cols, rs: b.rs, cs: b.cs };
+            StepB::Packed(Packed::new(b32))
+        } else {
+            StepB::Plain(b)
+        }
+    }
+
+    /// `dst[rows x N] (+)= a[rows x K] · B`.
+    #[allow(clippy::too_many_arguments)]
+    fn mm(&self, dst: &mut [T], ldd: usize, a: &[T], lda: usize, rows: usize, k: usize, accumulate: bool, threads: usize) {
+        match self {
+            StepB::Packed(p) => {
+                // SAFETY: a Packed is only built when T is f32 (see `new`), so these slices
+                // are f32 slices of the same length.
+                let (d, a) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f32, dst.len()),
+                        std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len()),
+                    )
+                };
+                smallmm::mm(d, ldd, a, lda, rows, p, accumulate, (0, usize::MAX));
+            }
+            StepB::Plain(b) => {
+                let av = Mat { ptr: a.as_ptr(), rows, cols: k, rs: lda as isize, cs: 1 };
+                assert!(a.len() >= if rows == 0 { 0 } else { (rows - 1) * lda + k }, "lhs out of bounds");
+                matmul(dst, ldd, av, *b, accumulate, threads);
+            }
+        }
+    }
+}
 
 /// Sizes of one layer direction.
 #[derive(Debug, Clone, Copy)]
@@ -171,31 +220,20 @@ pub fn lstm_forward<T: Float>(
     let mut cst = c0.to_vec();
     let mut y = vec![T::ZERO; n * h];
     let mut cs = vec![T::ZERO; n * h];
-    let whh_t = Mat::rm(w.w_hh, g4, h).t();
+    let whh_t = StepB::new(Mat::rm(w.w_hh, g4, h).t(), b);
     for t in order(batch_sizes.len(), reverse) {
         let (bs, o) = (batch_sizes[t], off[t]);
         let g = &mut gates[o * g4..(o + bs) * g4];
-        matmul(g, g4, Mat::rm(&hs, bs, h), whh_t, true, threads);
+        whh_t.mm(g, g4, &hs, h, bs, h, true, threads);
         for j in 0..bs {
-            let gr = &mut g[j * g4..(j + 1) * g4];
-            let (hr, cr) = (&mut hs[j * h..(j + 1) * h], &mut cst[j * h..(j + 1) * h]);
-            let (yr, csr) = (&mut y[(o + j) * h..(o + j + 1) * h], &mut cs[(o + j) * h..(o + j + 1) * h]);
-            for k in 0..h {
-                let i = gr[k].sigmoid();
-                let f = gr[h + k].sigmoid();
-                let gg = gr[2 * h + k].tanh();
-                let og = gr[3 * h + k].sigmoid();
-                let c = f * cr[k] + i * gg;
-                let hv = og * c.tanh();
-                gr[k] = i;
-                gr[h + k] = f;
-                gr[2 * h + k] = gg;
-                gr[3 * h + k] = og;
-                cr[k] = c;
-                hr[k] = hv;
-                csr[k] = c;
-                yr[k] = hv;
-            }
+            let r = o + j;
+            T::lstm_cell(
+                &mut g[j * g4..(j + 1) * g4],
+                &mut cst[j * h..(j + 1) * h],
+                &mut hs[j * h..(j + 1) * h],
+                &mut cs[r * h..(r + 1) * h],
+                &mut y[r * h..(r + 1) * h],
+            );
         }
     }
     Ok(LstmOut { y, h_n: hs, c_n: cst, gates, cs })
@@ -235,10 +273,12 @@ pub fn lstm_backward<T: Float>(
     let mut hprev = vec![T::ZERO; n * h];
     let mut dh = dh_n.to_vec();
     let mut dc = dc_n.to_vec();
-    let whh = Mat::rm(w.w_hh, g4, h);
+    let whh = StepB::new(Mat::rm(w.w_hh, g4, h), b);
     let one = T::ONE;
+    let mut tanh_c = vec![T::ZERO; b * h];
     for t in order(batch_sizes.len(), !reverse) {
         let (bs, o) = (batch_sizes[t], off[t]);
+        T::tanh_slice(&fwd.cs[o * h..(o + bs) * h], &mut tanh_c[..bs * h]);
         for j in 0..bs {
             let row = o + j;
             let p = prev_row(t, j, reverse, batch_sizes, &off);
@@ -252,13 +292,13 @@ pub fn lstm_backward<T: Float>(
             };
             hprev[row * h..(row + 1) * h].copy_from_slice(h_prev);
             let gr = &fwd.gates[row * g4..(row + 1) * g4];
-            let c = &fwd.cs[row * h..(row + 1) * h];
+            let tcr = &tanh_c[j * h..(j + 1) * h];
             let dyr = &dy[row * h..(row + 1) * h];
             let dg = &mut dgates[row * g4..(row + 1) * g4];
             for k in 0..h {
                 let (i, f, gg, og) = (gr[k], gr[h + k], gr[2 * h + k], gr[3 * h + k]);
                 let dhv = dh[j * h + k] + dyr[k];
-                let tc = c[k].tanh();
+                let tc = tcr[k];
                 let d_o = dhv * tc;
                 let dcv = dc[j * h + k] + dhv * og * (one - tc * tc);
                 dg[k] = dcv * gg * i * (one - i);
@@ -269,7 +309,7 @@ pub fn lstm_backward<T: Float>(
             }
         }
         // dh_{t-1} for the active rows; inactive rows keep their pending gradient.
-        matmul(&mut dh[..bs * h], h, Mat::rm(&dgates[o * g4..(o + bs) * g4], bs, g4), whh, false, threads);
+        whh.mm(&mut dh[..bs * h], h, &dgates[o * g4..(o + bs) * g4], g4, bs, g4, false, threads);
     }
     let mut dx = vec![T::ZERO; n * d.input];
     matmul(&mut dx, d.input, Mat::rm(&dgates, n, g4), Mat::rm(w.w_ih, g4, d.input), false, threads);
@@ -318,28 +358,21 @@ pub fn gru_forward<T: Float>(
     let mut y = vec![T::ZERO; n * h];
     let mut hn = vec![T::ZERO; n * h];
     let mut gh = vec![T::ZERO; b * g3];
-    let whh_t = Mat::rm(w.w_hh, g3, h).t();
+    let whh_t = StepB::new(Mat::rm(w.w_hh, g3, h).t(), b);
     for t in order(batch_sizes.len(), reverse) {
         let (bs, o) = (batch_sizes[t], off[t]);
         let ghs = &mut gh[..bs * g3];
-        matmul(ghs, g3, Mat::rm(&hs, bs, h), whh_t, false, threads);
+        whh_t.mm(ghs, g3, &hs, h, bs, h, false, threads);
         add_bias(ghs, g3, w.b_hh, None);
         for j in 0..bs {
-            let gr = &mut gates[(o + j) * g3..(o + j + 1) * g3];
-            let ghr = &ghs[j * g3..(j + 1) * g3];
-            let hr = &mut hs[j * h..(j + 1) * h];
-            for k in 0..h {
-                let r = (gr[k] + ghr[k]).sigmoid();
-                let z = (gr[h + k] + ghr[h + k]).sigmoid();
-                let nn = (gr[2 * h + k] + r * ghr[2 * h + k]).tanh();
-                let hv = (T::ONE - z) * nn + z * hr[k];
-                gr[k] = r;
-                gr[h + k] = z;
-                gr[2 * h + k] = nn;
-                hn[(o + j) * h + k] = ghr[2 * h + k];
-                hr[k] = hv;
-                y[(o + j) * h + k] = hv;
-            }
+            let r = o + j;
+            T::gru_cell(
+                &mut gates[r * g3..(r + 1) * g3],
+                &ghs[j * g3..(j + 1) * g3],
+                &mut hs[j * h..(j + 1) * h],
+                &mut hn[r * h..(r + 1) * h],
+                &mut y[r * h..(r + 1) * h],
+            );
         }
     }
     Ok(GruOut { y, h_n: hs, gates, hn })
@@ -375,7 +408,7 @@ pub fn gru_backward<T: Float>(
     let mut dgh = vec![T::ZERO; n * g3];
     let mut hprev = vec![T::ZERO; n * h];
     let mut dh = dh_n.to_vec();
-    let whh = Mat::rm(w.w_hh, g3, h);
+    let whh = StepB::new(Mat::rm(w.w_hh, g3, h), b);
     let one = T::ONE;
     for t in order(batch_sizes.len(), !reverse) {
         let (bs, o) = (batch_sizes[t], off[t]);
@@ -406,7 +439,7 @@ pub fn gru_backward<T: Float>(
                 dh[j * h + k] = dhv * z; // the direct path; the W_hh path is added below
             }
         }
-        matmul(&mut dh[..bs * h], h, Mat::rm(&dgh[o * g3..(o + bs) * g3], bs, g3), whh, true, threads);
+        whh.mm(&mut dh[..bs * h], h, &dgh[o * g3..(o + bs) * g3], g3, bs, g3, true, threads);
     }
     let mut dx = vec![T::ZERO; n * d.input];
     matmul(&mut dx, d.input, Mat::rm(&dgx, n, g3), Mat::rm(w.w_ih, g3, d.input), false, threads);
