@@ -9,6 +9,7 @@
 pub mod rnn;
 pub mod simd;
 pub mod smallmm;
+pub mod team;
 
 use gemm::Parallelism;
 
@@ -32,21 +33,19 @@ pub trait Float:
     fn exp(self) -> Self;
     fn tanh(self) -> Self;
     fn from_f64(v: f64) -> Self;
-    /// LSTM cell for one row: `g` (4H pre-activations i, f, g, o) receives the activations,
-    /// `c`/`h` (the row's state) are updated, `cs_out`/`y_out` receive the new c and h.
-    fn lstm_cell(g: &mut [Self], c: &mut [Self], h: &mut [Self], cs_out: &mut [Self], y_out: &mut [Self]) {
-        let hid = c.len();
-        for k in 0..hid {
-            let i = g[k].sigmoid();
-            let f = g[hid + k].sigmoid();
-            let gg = g[2 * hid + k].tanh();
-            let o = g[3 * hid + k].sigmoid();
+    /// LSTM cell over a range of units of one row (see [`simd::LstmRow`]).
+    fn lstm_cell(row: simd::LstmRow<'_, Self>, c: &mut [Self], h: &mut [Self], cs_out: &mut [Self], y_out: &mut [Self]) {
+        for k in 0..c.len() {
+            let i = row.i[k].sigmoid();
+            let f = row.f[k].sigmoid();
+            let gg = row.g[k].tanh();
+            let o = row.o[k].sigmoid();
             let cv = f * c[k] + i * gg;
             let hv = o * cv.tanh();
-            g[k] = i;
-            g[hid + k] = f;
-            g[2 * hid + k] = gg;
-            g[3 * hid + k] = o;
+            row.i[k] = i;
+            row.f[k] = f;
+            row.g[k] = gg;
+            row.o[k] = o;
             c[k] = cv;
             h[k] = hv;
             cs_out[k] = cv;
@@ -54,19 +53,17 @@ pub trait Float:
         }
     }
 
-    /// GRU cell for one row: `gx` (input part of r, z, n) receives the activations, `gh` is
-    /// the recurrent part with its bias, `h` is updated, `hn_out` receives gh's n part.
-    fn gru_cell(gx: &mut [Self], gh: &[Self], h: &mut [Self], hn_out: &mut [Self], y_out: &mut [Self]) {
-        let hid = h.len();
-        for k in 0..hid {
-            let r = (gx[k] + gh[k]).sigmoid();
-            let z = (gx[hid + k] + gh[hid + k]).sigmoid();
-            let n = (gx[2 * hid + k] + r * gh[2 * hid + k]).tanh();
+    /// GRU cell over a range of units of one row (see [`simd::GruRow`]).
+    fn gru_cell(row: simd::GruRow<'_, Self>, h: &mut [Self], hn_out: &mut [Self], y_out: &mut [Self]) {
+        for k in 0..h.len() {
+            let r = (row.xr[k] + row.hr[k]).sigmoid();
+            let z = (row.xz[k] + row.hz[k]).sigmoid();
+            let n = (row.xn[k] + r * row.hn[k]).tanh();
             let hv = (Self::ONE - z) * n + z * h[k];
-            gx[k] = r;
-            gx[hid + k] = z;
-            gx[2 * hid + k] = n;
-            hn_out[k] = gh[2 * hid + k];
+            row.xr[k] = r;
+            row.xz[k] = z;
+            row.xn[k] = n;
+            hn_out[k] = row.hn[k];
             h[k] = hv;
             y_out[k] = hv;
         }
@@ -94,11 +91,11 @@ pub trait Float:
 impl Float for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
-    fn lstm_cell(g: &mut [Self], c: &mut [Self], h: &mut [Self], cs_out: &mut [Self], y_out: &mut [Self]) {
-        simd::lstm_cell_f32(g, c, h, cs_out, y_out)
+    fn lstm_cell(row: simd::LstmRow<'_, Self>, c: &mut [Self], h: &mut [Self], cs_out: &mut [Self], y_out: &mut [Self]) {
+        simd::lstm_cell_f32(row, c, h, cs_out, y_out)
     }
-    fn gru_cell(gx: &mut [Self], gh: &[Self], h: &mut [Self], hn_out: &mut [Self], y_out: &mut [Self]) {
-        simd::gru_cell_f32(gx, gh, h, hn_out, y_out)
+    fn gru_cell(row: simd::GruRow<'_, Self>, h: &mut [Self], hn_out: &mut [Self], y_out: &mut [Self]) {
+        simd::gru_cell_f32(row, h, hn_out, y_out)
     }
     fn tanh_slice(x: &[Self], out: &mut [Self]) {
         simd::tanh_f32(x, out)
@@ -143,6 +140,11 @@ pub struct Mat<T> {
     pub rs: isize,
     pub cs: isize,
 }
+
+// SAFETY: a Mat is a read-only view of a slice of `T: Sync` data that outlives its use
+// (callers build it from borrowed slices for the duration of a kernel call).
+unsafe impl<T: Sync> Send for Mat<T> {}
+unsafe impl<T: Sync> Sync for Mat<T> {}
 
 impl<T> Mat<T> {
     /// A row-major view of `s` as rows × cols.

@@ -13,6 +13,8 @@
 use std::any::TypeId;
 
 use super::smallmm::{self, Packed};
+use super::simd::{GruRow, LstmRow};
+use super::team::{self, Shared};
 use super::{matmul, Float, Mat};
 use crate::{Error, Result};
 
@@ -38,20 +40,20 @@ impl<T: Float> StepB<T> {
         }
     }
 
-    /// `dst[rows x N] (+)= a[rows x K] · B`.
+    /// Whether a team of threads can split the per-step product (packed path only).
+    fn splittable(&self) -> bool {
+        matches!(self, StepB::Packed(_))
+    }
+
+    /// `dst[rows x N] (+)= a[rows x K] · B`, whole.
     #[allow(clippy::too_many_arguments)]
     fn mm(&self, dst: &mut [T], ldd: usize, a: &[T], lda: usize, rows: usize, k: usize, accumulate: bool, threads: usize) {
         match self {
             StepB::Packed(p) => {
-                // SAFETY: a Packed is only built when T is f32 (see `new`), so these slices
-                // are f32 slices of the same length.
-                let (d, a) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f32, dst.len()),
-                        std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len()),
-                    )
-                };
-                smallmm::mm(d, ldd, a, lda, rows, p, accumulate, (0, usize::MAX));
+                assert!(rows == 0 || dst.len() >= (rows - 1) * ldd + p.cols(), "destination out of bounds");
+                // SAFETY: bounds checked above; `dst` is exclusively borrowed; all panels.
+                unsafe { self.mm_part(dst.as_mut_ptr(), ldd, a, lda, rows, accumulate, (0, 1)) }
+                let _ = p;
             }
             StepB::Plain(b) => {
                 let av = Mat { ptr: a.as_ptr(), rows, cols: k, rs: lda as isize, cs: 1 };
@@ -59,6 +61,55 @@ impl<T: Float> StepB<T> {
                 matmul(dst, ldd, av, *b, accumulate, threads);
             }
         }
+    }
+
+    /// The share `(tid, n)` of the packed product's 16-column panels, through a raw pointer.
+    ///
+    /// # Safety
+    /// `dst` must be valid for `(rows - 1) * ldd + N` elements and no other thread may touch
+    /// this share's columns of those rows meanwhile; only for a `Packed` right-hand side.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn mm_part(&self, dst: *mut T, ldd: usize, a: &[T], lda: usize, rows: usize, accumulate: bool, part: (usize, usize)) {
+        let StepB::Packed(p) = self else { unreachable!("mm_part needs a packed right-hand side") };
+        // T is f32 whenever a Packed exists (see `new`).
+        let a = std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len());
+        let panels = super::team::share(p.panels(), part.0, part.1, 1);
+        smallmm::mm_raw(dst as *mut f32, ldd, a, lda, rows, p, accumulate, panels);
+    }
+}
+
+/// `dst[rows x N] = a[rows x K] (row-major) · b` for the large one-off products: in f32 through
+/// the packed kernel with the rows split over a thread team (it has AVX-512 where the CPU does,
+/// unlike the `gemm` crate on stable Rust: measured 2x on the input projection at B=8, H=256),
+/// else the general GEMM.
+fn big_mm<T: Float>(dst: &mut [T], ldd: usize, a: &[T], rows: usize, k: usize, b: Mat<T>, threads: usize) {
+    if TypeId::of::<T>() != TypeId::of::<f32>() || rows == 0 {
+        matmul(dst, ldd, Mat::rm(a, rows, k), b, false, threads);
+        return;
+    }
+    let StepB::Packed(p) = StepB::new(b, 0) else { unreachable!("f32 packs") };
+    assert!(dst.len() >= (rows - 1) * ldd + p.cols() && a.len() >= rows * k, "big_mm out of bounds");
+    // T is f32 (checked above).
+    let a32 = unsafe { std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len()) };
+    let dp = Shared(dst.as_mut_ptr() as *mut f32);
+    let nt = if rows * k * p.cols() >= (1 << 20) { threads.max(1) } else { 1 };
+    team::run(nt, |tid, _| {
+        let (r0, r1) = team::share(rows, tid, nt, 8);
+        if r1 > r0 {
+            // SAFETY: each thread writes only its own rows [r0, r1) of `dst` (bounds checked
+            // above) and reads `a` and the packed weights.
+            unsafe { smallmm::mm_raw(dp.ptr().add(r0 * ldd), ldd, &a32[r0 * k..], k, r1 - r0, &p, false, (0, usize::MAX)) };
+        }
+    });
+}
+
+/// Threads for a layer's step loop: a team only when the packed product is used and the
+/// recurrent work is large enough to pay for starting a thread (~30 µs).
+fn team_size<T: Float>(b: &StepB<T>, threads: usize, steps: usize, step_macs: usize) -> usize {
+    if b.splittable() && threads > 1 && steps * step_macs >= (1 << 22) {
+        threads
+    } else {
+        1
     }
 }
 
@@ -214,28 +265,46 @@ pub fn lstm_forward<T: Float>(
     w.check(4, d)?;
     let g4 = 4 * h;
     let mut gates = vec![T::ZERO; n * g4];
-    matmul(&mut gates, g4, Mat::rm(x, n, d.input), Mat::rm(w.w_ih, g4, d.input).t(), false, threads);
+    big_mm(&mut gates, g4, x, n, d.input, Mat::rm(w.w_ih, g4, d.input).t(), threads);
     add_bias(&mut gates, g4, w.b_ih, w.b_hh);
     let mut hs = h0.to_vec();
     let mut cst = c0.to_vec();
     let mut y = vec![T::ZERO; n * h];
     let mut cs = vec![T::ZERO; n * h];
     let whh_t = StepB::new(Mat::rm(w.w_hh, g4, h).t(), b);
-    for t in order(batch_sizes.len(), reverse) {
-        let (bs, o) = (batch_sizes[t], off[t]);
-        let g = &mut gates[o * g4..(o + bs) * g4];
-        whh_t.mm(g, g4, &hs, h, bs, h, true, threads);
-        for j in 0..bs {
-            let r = o + j;
-            T::lstm_cell(
-                &mut g[j * g4..(j + 1) * g4],
-                &mut cst[j * h..(j + 1) * h],
-                &mut hs[j * h..(j + 1) * h],
-                &mut cs[r * h..(r + 1) * h],
-                &mut y[r * h..(r + 1) * h],
-            );
+    let nt = team_size(&whh_t, threads, batch_sizes.len(), b * g4 * h);
+    let (gp, hp, cp, yp, csp) = (Shared(gates.as_mut_ptr()), Shared(hs.as_mut_ptr()), Shared(cst.as_mut_ptr()), Shared(y.as_mut_ptr()), Shared(cs.as_mut_ptr()));
+    team::run(nt, |tid, bar| {
+        let (u0, u1) = team::share(h, tid, nt, 16);
+        let len = u1 - u0;
+        for t in order(batch_sizes.len(), reverse) {
+            let (bs, o) = (batch_sizes[t], off[t]);
+            // SAFETY (whole block): every thread reads `hs` only in phase 1 and writes only its
+            // own units [u0, u1) of `hs`, `cst`, `y`, `cs` and of each gate block of `gates` in
+            // phase 2; phase 1 writes only its own panels' columns of the step's gate rows.
+            // The two barriers separate the phases; all ranges lie inside the buffers.
+            unsafe {
+                let hs_read: &[T] = std::slice::from_raw_parts(hp.ptr(), bs * h);
+                if nt > 1 {
+                    whh_t.mm_part(gp.ptr().add(o * g4), g4, hs_read, h, bs, true, (tid, nt));
+                } else {
+                    whh_t.mm(gp.slice(o * g4, bs * g4), g4, hs_read, h, bs, h, true, threads);
+                }
+                bar.wait();
+                for j in 0..bs {
+                    let r = o + j;
+                    let row = LstmRow {
+                        i: gp.slice(r * g4 + u0, len),
+                        f: gp.slice(r * g4 + h + u0, len),
+                        g: gp.slice(r * g4 + 2 * h + u0, len),
+                        o: gp.slice(r * g4 + 3 * h + u0, len),
+                    };
+                    T::lstm_cell(row, cp.slice(j * h + u0, len), hp.slice(j * h + u0, len), csp.slice(r * h + u0, len), yp.slice(r * h + u0, len));
+                }
+                bar.wait();
+            }
         }
-    }
+    });
     Ok(LstmOut { y, h_n: hs, c_n: cst, gates, cs })
 }
 
@@ -274,45 +343,66 @@ pub fn lstm_backward<T: Float>(
     let mut dh = dh_n.to_vec();
     let mut dc = dc_n.to_vec();
     let whh = StepB::new(Mat::rm(w.w_hh, g4, h), b);
+    let nt = team_size(&whh, threads, batch_sizes.len(), b * g4 * h);
     let one = T::ONE;
     let mut tanh_c = vec![T::ZERO; b * h];
-    for t in order(batch_sizes.len(), !reverse) {
-        let (bs, o) = (batch_sizes[t], off[t]);
-        T::tanh_slice(&fwd.cs[o * h..(o + bs) * h], &mut tanh_c[..bs * h]);
-        for j in 0..bs {
-            let row = o + j;
-            let p = prev_row(t, j, reverse, batch_sizes, &off);
-            let c_prev = match p {
-                Some(r) => &fwd.cs[r * h..(r + 1) * h],
-                None => &c0[j * h..(j + 1) * h],
-            };
-            let h_prev = match p {
-                Some(r) => &fwd.y[r * h..(r + 1) * h],
-                None => &h0[j * h..(j + 1) * h],
-            };
-            hprev[row * h..(row + 1) * h].copy_from_slice(h_prev);
-            let gr = &fwd.gates[row * g4..(row + 1) * g4];
-            let tcr = &tanh_c[j * h..(j + 1) * h];
-            let dyr = &dy[row * h..(row + 1) * h];
-            let dg = &mut dgates[row * g4..(row + 1) * g4];
-            for k in 0..h {
-                let (i, f, gg, og) = (gr[k], gr[h + k], gr[2 * h + k], gr[3 * h + k]);
-                let dhv = dh[j * h + k] + dyr[k];
-                let tc = tcr[k];
-                let d_o = dhv * tc;
-                let dcv = dc[j * h + k] + dhv * og * (one - tc * tc);
-                dg[k] = dcv * gg * i * (one - i);
-                dg[h + k] = dcv * c_prev[k] * f * (one - f);
-                dg[2 * h + k] = dcv * i * (one - gg * gg);
-                dg[3 * h + k] = d_o * og * (one - og);
-                dc[j * h + k] = dcv * f;
+    let (dgp, hpp, dhp, dcp, tcp) = (Shared(dgates.as_mut_ptr()), Shared(hprev.as_mut_ptr()), Shared(dh.as_mut_ptr()), Shared(dc.as_mut_ptr()), Shared(tanh_c.as_mut_ptr()));
+    team::run(nt, |tid, bar| {
+        let (u0, u1) = team::share(h, tid, nt, 16);
+        let len = u1 - u0;
+        for t in order(batch_sizes.len(), !reverse) {
+            let (bs, o) = (batch_sizes[t], off[t]);
+            // SAFETY (whole block): phase 1 writes only this thread's units [u0, u1) of `dh`,
+            // `dc`, `tanh_c`, `hprev` and of each gate block of the step's `dgates` rows;
+            // phase 2 reads the step's `dgates` rows (complete after the barrier) and writes
+            // only this thread's columns [u0, u1) of `dh` (panel share == unit share: both
+            // split H in 16-wide blocks). The next phase 1 touches other `dgates` rows and
+            // only its own units, so one barrier per step suffices.
+            unsafe {
+                for j in 0..bs {
+                    let row = o + j;
+                    let tc = tcp.slice(j * h + u0, len);
+                    T::tanh_slice(&fwd.cs[row * h + u0..row * h + u1], tc);
+                    let p = prev_row(t, j, reverse, batch_sizes, &off);
+                    let c_prev = match p {
+                        Some(r) => &fwd.cs[r * h + u0..r * h + u1],
+                        None => &c0[j * h + u0..j * h + u1],
+                    };
+                    let h_prev = match p {
+                        Some(r) => &fwd.y[r * h + u0..r * h + u1],
+                        None => &h0[j * h + u0..j * h + u1],
+                    };
+                    hpp.slice(row * h + u0, len).copy_from_slice(h_prev);
+                    let gr = &fwd.gates[row * g4..(row + 1) * g4];
+                    let dyr = &dy[row * h + u0..row * h + u1];
+                    let (dhr, dcr) = (dhp.slice(j * h + u0, len), dcp.slice(j * h + u0, len));
+                    let (di, df, dgg, dgo) = (dgp.slice(row * g4 + u0, len), dgp.slice(row * g4 + h + u0, len), dgp.slice(row * g4 + 2 * h + u0, len), dgp.slice(row * g4 + 3 * h + u0, len));
+                    for q in 0..len {
+                        let k = u0 + q;
+                        let (i, f, gg, og) = (gr[k], gr[h + k], gr[2 * h + k], gr[3 * h + k]);
+                        let dhv = dhr[q] + dyr[q];
+                        let tcv = tc[q];
+                        let d_o = dhv * tcv;
+                        let dcv = dcr[q] + dhv * og * (one - tcv * tcv);
+                        di[q] = dcv * gg * i * (one - i);
+                        df[q] = dcv * c_prev[q] * f * (one - f);
+                        dgg[q] = dcv * i * (one - gg * gg);
+                        dgo[q] = d_o * og * (one - og);
+                        dcr[q] = dcv * f;
+                    }
+                }
+                bar.wait();
+                let dg_read: &[T] = std::slice::from_raw_parts(dgp.ptr().add(o * g4), bs * g4);
+                if nt > 1 {
+                    whh.mm_part(dhp.ptr(), h, dg_read, g4, bs, false, (tid, nt));
+                } else {
+                    whh.mm(dhp.slice(0, bs * h), h, dg_read, g4, bs, g4, false, threads);
+                }
             }
         }
-        // dh_{t-1} for the active rows; inactive rows keep their pending gradient.
-        whh.mm(&mut dh[..bs * h], h, &dgates[o * g4..(o + bs) * g4], g4, bs, g4, false, threads);
-    }
+    });
     let mut dx = vec![T::ZERO; n * d.input];
-    matmul(&mut dx, d.input, Mat::rm(&dgates, n, g4), Mat::rm(w.w_ih, g4, d.input), false, threads);
+    big_mm(&mut dx, d.input, &dgates, n, g4, Mat::rm(w.w_ih, g4, d.input), threads);
     let mut dw_ih = vec![T::ZERO; g4 * d.input];
     matmul(&mut dw_ih, d.input, Mat::rm(&dgates, n, g4).t(), Mat::rm(x, n, d.input), false, threads);
     let mut dw_hh = vec![T::ZERO; g4 * h];
@@ -352,29 +442,57 @@ pub fn gru_forward<T: Float>(
     w.check(3, d)?;
     let g3 = 3 * h;
     let mut gates = vec![T::ZERO; n * g3];
-    matmul(&mut gates, g3, Mat::rm(x, n, d.input), Mat::rm(w.w_ih, g3, d.input).t(), false, threads);
+    big_mm(&mut gates, g3, x, n, d.input, Mat::rm(w.w_ih, g3, d.input).t(), threads);
     add_bias(&mut gates, g3, w.b_ih, None);
     let mut hs = h0.to_vec();
     let mut y = vec![T::ZERO; n * h];
     let mut hn = vec![T::ZERO; n * h];
     let mut gh = vec![T::ZERO; b * g3];
     let whh_t = StepB::new(Mat::rm(w.w_hh, g3, h).t(), b);
-    for t in order(batch_sizes.len(), reverse) {
-        let (bs, o) = (batch_sizes[t], off[t]);
-        let ghs = &mut gh[..bs * g3];
-        whh_t.mm(ghs, g3, &hs, h, bs, h, false, threads);
-        add_bias(ghs, g3, w.b_hh, None);
-        for j in 0..bs {
-            let r = o + j;
-            T::gru_cell(
-                &mut gates[r * g3..(r + 1) * g3],
-                &ghs[j * g3..(j + 1) * g3],
-                &mut hs[j * h..(j + 1) * h],
-                &mut hn[r * h..(r + 1) * h],
-                &mut y[r * h..(r + 1) * h],
-            );
+    let nt = team_size(&whh_t, threads, batch_sizes.len(), b * g3 * h);
+    let (gp, ghp, hp, hnp, yp) = (Shared(gates.as_mut_ptr()), Shared(gh.as_mut_ptr()), Shared(hs.as_mut_ptr()), Shared(hn.as_mut_ptr()), Shared(y.as_mut_ptr()));
+    team::run(nt, |tid, bar| {
+        let (u0, u1) = team::share(h, tid, nt, 16);
+        let len = u1 - u0;
+        for t in order(batch_sizes.len(), reverse) {
+            let (bs, o) = (batch_sizes[t], off[t]);
+            // SAFETY (whole block): phase 1 reads `hs` and writes only this thread's panel
+            // columns of `gh`'s first bs rows; after the barrier, phase 2 reads `gh` and writes
+            // only this thread's units of `gates` rows, `hs`, `hn` and `y`; the second barrier
+            // keeps the next phase 1 (which reads all of `hs`) after it.
+            unsafe {
+                let hs_read: &[T] = std::slice::from_raw_parts(hp.ptr(), bs * h);
+                if nt > 1 {
+                    whh_t.mm_part(ghp.ptr(), g3, hs_read, h, bs, false, (tid, nt));
+                } else {
+                    whh_t.mm(ghp.slice(0, bs * g3), g3, hs_read, h, bs, h, false, threads);
+                }
+                bar.wait();
+                for j in 0..bs {
+                    let r = o + j;
+                    let ghr = ghp.slice(j * g3, g3);
+                    if let Some(bias) = w.b_hh {
+                        for q in u0..u1 {
+                            ghr[q] += bias[q];
+                            ghr[h + q] += bias[h + q];
+                            ghr[2 * h + q] += bias[2 * h + q];
+                        }
+                    }
+                    let ghr: &[T] = ghr;
+                    let row = GruRow {
+                        xr: gp.slice(r * g3 + u0, len),
+                        xz: gp.slice(r * g3 + h + u0, len),
+                        xn: gp.slice(r * g3 + 2 * h + u0, len),
+                        hr: &ghr[u0..u1],
+                        hz: &ghr[h + u0..h + u1],
+                        hn: &ghr[2 * h + u0..2 * h + u1],
+                    };
+                    T::gru_cell(row, hp.slice(j * h + u0, len), hnp.slice(r * h + u0, len), yp.slice(r * h + u0, len));
+                }
+                bar.wait();
+            }
         }
-    }
+    });
     Ok(GruOut { y, h_n: hs, gates, hn })
 }
 
@@ -409,40 +527,61 @@ pub fn gru_backward<T: Float>(
     let mut hprev = vec![T::ZERO; n * h];
     let mut dh = dh_n.to_vec();
     let whh = StepB::new(Mat::rm(w.w_hh, g3, h), b);
+    let nt = team_size(&whh, threads, batch_sizes.len(), b * g3 * h);
     let one = T::ONE;
-    for t in order(batch_sizes.len(), !reverse) {
-        let (bs, o) = (batch_sizes[t], off[t]);
-        for j in 0..bs {
-            let row = o + j;
-            let h_prev = match prev_row(t, j, reverse, batch_sizes, &off) {
-                Some(r) => &fwd.y[r * h..(r + 1) * h],
-                None => &h0[j * h..(j + 1) * h],
-            };
-            hprev[row * h..(row + 1) * h].copy_from_slice(h_prev);
-            let gr = &fwd.gates[row * g3..(row + 1) * g3];
-            let hnr = &fwd.cs[row * h..(row + 1) * h];
-            let dyr = &dy[row * h..(row + 1) * h];
-            for k in 0..h {
-                let (r, z, nn) = (gr[k], gr[h + k], gr[2 * h + k]);
-                let dhv = dh[j * h + k] + dyr[k];
-                let dn = dhv * (one - z);
-                let dz = dhv * (h_prev[k] - nn);
-                let dan = dn * (one - nn * nn);
-                let dar = dan * hnr[k] * r * (one - r);
-                let daz = dz * z * (one - z);
-                dgx[row * g3 + k] = dar;
-                dgx[row * g3 + h + k] = daz;
-                dgx[row * g3 + 2 * h + k] = dan;
-                dgh[row * g3 + k] = dar;
-                dgh[row * g3 + h + k] = daz;
-                dgh[row * g3 + 2 * h + k] = dan * r;
-                dh[j * h + k] = dhv * z; // the direct path; the W_hh path is added below
+    let (dgxp, dghp, hpp, dhp) = (Shared(dgx.as_mut_ptr()), Shared(dgh.as_mut_ptr()), Shared(hprev.as_mut_ptr()), Shared(dh.as_mut_ptr()));
+    team::run(nt, |tid, bar| {
+        let (u0, u1) = team::share(h, tid, nt, 16);
+        let len = u1 - u0;
+        for t in order(batch_sizes.len(), !reverse) {
+            let (bs, o) = (batch_sizes[t], off[t]);
+            // SAFETY (whole block): as in the LSTM backward: phase 1 touches only this thread's
+            // units; phase 2 reads the step's complete `dgh` rows and adds into this thread's
+            // columns of `dh` only.
+            unsafe {
+                for j in 0..bs {
+                    let row = o + j;
+                    let h_prev = match prev_row(t, j, reverse, batch_sizes, &off) {
+                        Some(r) => &fwd.y[r * h + u0..r * h + u1],
+                        None => &h0[j * h + u0..j * h + u1],
+                    };
+                    hpp.slice(row * h + u0, len).copy_from_slice(h_prev);
+                    let gr = &fwd.gates[row * g3..(row + 1) * g3];
+                    let hnr = &fwd.cs[row * h + u0..row * h + u1];
+                    let dyr = &dy[row * h + u0..row * h + u1];
+                    let dhr = dhp.slice(j * h + u0, len);
+                    let (xr, xz, xn) = (dgxp.slice(row * g3 + u0, len), dgxp.slice(row * g3 + h + u0, len), dgxp.slice(row * g3 + 2 * h + u0, len));
+                    let (hr_, hz_, hn_) = (dghp.slice(row * g3 + u0, len), dghp.slice(row * g3 + h + u0, len), dghp.slice(row * g3 + 2 * h + u0, len));
+                    for q in 0..len {
+                        let k = u0 + q;
+                        let (r, z, nn) = (gr[k], gr[h + k], gr[2 * h + k]);
+                        let dhv = dhr[q] + dyr[q];
+                        let dn = dhv * (one - z);
+                        let dz = dhv * (h_prev[q] - nn);
+                        let dan = dn * (one - nn * nn);
+                        let dar = dan * hnr[q] * r * (one - r);
+                        let daz = dz * z * (one - z);
+                        xr[q] = dar;
+                        xz[q] = daz;
+                        xn[q] = dan;
+                        hr_[q] = dar;
+                        hz_[q] = daz;
+                        hn_[q] = dan * r;
+                        dhr[q] = dhv * z; // the direct path; the W_hh path is added below
+                    }
+                }
+                bar.wait();
+                let dg_read: &[T] = std::slice::from_raw_parts(dghp.ptr().add(o * g3), bs * g3);
+                if nt > 1 {
+                    whh.mm_part(dhp.ptr(), h, dg_read, g3, bs, true, (tid, nt));
+                } else {
+                    whh.mm(dhp.slice(0, bs * h), h, dg_read, g3, bs, g3, true, threads);
+                }
             }
         }
-        whh.mm(&mut dh[..bs * h], h, &dgh[o * g3..(o + bs) * g3], g3, bs, g3, true, threads);
-    }
+    });
     let mut dx = vec![T::ZERO; n * d.input];
-    matmul(&mut dx, d.input, Mat::rm(&dgx, n, g3), Mat::rm(w.w_ih, g3, d.input), false, threads);
+    big_mm(&mut dx, d.input, &dgx, n, g3, Mat::rm(w.w_ih, g3, d.input), threads);
     let mut dw_ih = vec![T::ZERO; g3 * d.input];
     matmul(&mut dw_ih, d.input, Mat::rm(&dgx, n, g3).t(), Mat::rm(x, n, d.input), false, threads);
     let mut dw_hh = vec![T::ZERO; g3 * h];

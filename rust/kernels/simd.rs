@@ -93,30 +93,39 @@ pub mod scalar {
     }
 }
 
-/// LSTM cell for one row, f32: `g` holds the 4H pre-activations (i, f, g, o) and receives
-/// the activations; `c` / `h` are the row's state (updated); `cs_out` / `y_out` receive the
-/// new cell and hidden state.
-pub fn lstm_cell_f32(g: &mut [f32], c: &mut [f32], h: &mut [f32], cs_out: &mut [f32], y_out: &mut [f32]) {
-    let hid = c.len();
-    assert!(g.len() == 4 * hid && h.len() == hid && cs_out.len() == hid && y_out.len() == hid);
+/// The gate slices of one row for a range of hidden units: `LstmRow { i, f, g, o }` hold the
+/// pre-activations and receive the activations.
+pub struct LstmRow<'a, T> {
+    pub i: &'a mut [T],
+    pub f: &'a mut [T],
+    pub g: &'a mut [T],
+    pub o: &'a mut [T],
+}
+
+/// LSTM cell over a range of units of one row, f32; `c`/`h` are the state (updated),
+/// `cs_out`/`y_out` receive the new cell and hidden state. All slices have the same length.
+pub fn lstm_cell_f32(row: LstmRow<'_, f32>, c: &mut [f32], h: &mut [f32], cs_out: &mut [f32], y_out: &mut [f32]) {
+    let n = c.len();
+    assert!(row.i.len() == n && row.f.len() == n && row.g.len() == n && row.o.len() == n);
+    assert!(h.len() == n && cs_out.len() == n && y_out.len() == n);
     let mut k0 = 0;
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
-        // SAFETY: AVX2 and FMA are present (checked); all indices below are < hid (k + 8 <=
-        // hid), and the slices' lengths were asserted above.
-        unsafe { k0 = lstm_cell_avx(g, c, h, cs_out, y_out) };
+        // SAFETY: AVX2 and FMA are present (checked); every slice has n elements (asserted)
+        // and the vector loop only touches indices k..k+8 <= n.
+        unsafe { k0 = lstm_cell_avx(&row, c, h, cs_out, y_out) };
     }
-    for k in k0..hid {
-        let i = scalar::sigmoid(g[k]);
-        let f = scalar::sigmoid(g[hid + k]);
-        let gg = scalar::tanh(g[2 * hid + k]);
-        let o = scalar::sigmoid(g[3 * hid + k]);
+    for k in k0..n {
+        let i = scalar::sigmoid(row.i[k]);
+        let f = scalar::sigmoid(row.f[k]);
+        let gg = scalar::tanh(row.g[k]);
+        let o = scalar::sigmoid(row.o[k]);
         let cv = f * c[k] + i * gg;
         let hv = o * scalar::tanh(cv);
-        g[k] = i;
-        g[hid + k] = f;
-        g[2 * hid + k] = gg;
-        g[3 * hid + k] = o;
+        row.i[k] = i;
+        row.f[k] = f;
+        row.g[k] = gg;
+        row.o[k] = o;
         c[k] = cv;
         h[k] = hv;
         cs_out[k] = cv;
@@ -126,21 +135,21 @@ pub fn lstm_cell_f32(g: &mut [f32], c: &mut [f32], h: &mut [f32], cs_out: &mut [
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn lstm_cell_avx(g: &mut [f32], c: &mut [f32], h: &mut [f32], cs_out: &mut [f32], y_out: &mut [f32]) -> usize {
-    let hid = c.len();
-    let gp = g.as_mut_ptr();
+unsafe fn lstm_cell_avx(row: &LstmRow<'_, f32>, c: &mut [f32], h: &mut [f32], cs_out: &mut [f32], y_out: &mut [f32]) -> usize {
+    let n = c.len();
+    let (pi, pf, pg, po) = (row.i.as_ptr() as *mut f32, row.f.as_ptr() as *mut f32, row.g.as_ptr() as *mut f32, row.o.as_ptr() as *mut f32);
     let mut k = 0;
-    while k + 8 <= hid {
-        let i = avx::sigmoid(_mm256_loadu_ps(gp.add(k)));
-        let f = avx::sigmoid(_mm256_loadu_ps(gp.add(hid + k)));
-        let gg = avx::tanh(_mm256_loadu_ps(gp.add(2 * hid + k)));
-        let o = avx::sigmoid(_mm256_loadu_ps(gp.add(3 * hid + k)));
+    while k + 8 <= n {
+        let i = avx::sigmoid(_mm256_loadu_ps(pi.add(k)));
+        let f = avx::sigmoid(_mm256_loadu_ps(pf.add(k)));
+        let gg = avx::tanh(_mm256_loadu_ps(pg.add(k)));
+        let o = avx::sigmoid(_mm256_loadu_ps(po.add(k)));
         let cv = _mm256_fmadd_ps(f, _mm256_loadu_ps(c.as_ptr().add(k)), _mm256_mul_ps(i, gg));
         let hv = _mm256_mul_ps(o, avx::tanh(cv));
-        _mm256_storeu_ps(gp.add(k), i);
-        _mm256_storeu_ps(gp.add(hid + k), f);
-        _mm256_storeu_ps(gp.add(2 * hid + k), gg);
-        _mm256_storeu_ps(gp.add(3 * hid + k), o);
+        _mm256_storeu_ps(pi.add(k), i);
+        _mm256_storeu_ps(pf.add(k), f);
+        _mm256_storeu_ps(pg.add(k), gg);
+        _mm256_storeu_ps(po.add(k), o);
         _mm256_storeu_ps(c.as_mut_ptr().add(k), cv);
         _mm256_storeu_ps(h.as_mut_ptr().add(k), hv);
         _mm256_storeu_ps(cs_out.as_mut_ptr().add(k), cv);
@@ -150,27 +159,38 @@ unsafe fn lstm_cell_avx(g: &mut [f32], c: &mut [f32], h: &mut [f32], cs_out: &mu
     k
 }
 
-/// GRU cell for one row, f32: `gx` holds the input part of the 3H pre-activations (r, z, n)
-/// and receives the activations; `gh` the recurrent part (biases included); `h` the row's
-/// state (updated); `hn_out` receives `gh`'s n part, `y_out` the new state.
-pub fn gru_cell_f32(gx: &mut [f32], gh: &[f32], h: &mut [f32], hn_out: &mut [f32], y_out: &mut [f32]) {
-    let hid = h.len();
-    assert!(gx.len() == 3 * hid && gh.len() == 3 * hid && hn_out.len() == hid && y_out.len() == hid);
+/// The gate slices of one GRU row for a range of units: input parts `xr, xz, xn` (receive the
+/// activations r, z, n) and recurrent parts `hr, hz, hn` (biases included).
+pub struct GruRow<'a, T> {
+    pub xr: &'a mut [T],
+    pub xz: &'a mut [T],
+    pub xn: &'a mut [T],
+    pub hr: &'a [T],
+    pub hz: &'a [T],
+    pub hn: &'a [T],
+}
+
+/// GRU cell over a range of units of one row, f32: `h` is updated, `hn_out` receives the
+/// recurrent candidate part, `y_out` the new state.
+pub fn gru_cell_f32(row: GruRow<'_, f32>, h: &mut [f32], hn_out: &mut [f32], y_out: &mut [f32]) {
+    let n = h.len();
+    assert!(row.xr.len() == n && row.xz.len() == n && row.xn.len() == n && row.hr.len() == n && row.hz.len() == n && row.hn.len() == n);
+    assert!(hn_out.len() == n && y_out.len() == n);
     let mut k0 = 0;
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
-        // SAFETY: features checked; lengths asserted; indices stay below hid.
-        unsafe { k0 = gru_cell_avx(gx, gh, h, hn_out, y_out) };
+        // SAFETY: features checked; every slice has n elements; indices stay below n.
+        unsafe { k0 = gru_cell_avx(&row, h, hn_out, y_out) };
     }
-    for k in k0..hid {
-        let r = scalar::sigmoid(gx[k] + gh[k]);
-        let z = scalar::sigmoid(gx[hid + k] + gh[hid + k]);
-        let n = scalar::tanh(gx[2 * hid + k] + r * gh[2 * hid + k]);
-        let hv = (1.0 - z) * n + z * h[k];
-        gx[k] = r;
-        gx[hid + k] = z;
-        gx[2 * hid + k] = n;
-        hn_out[k] = gh[2 * hid + k];
+    for k in k0..n {
+        let r = scalar::sigmoid(row.xr[k] + row.hr[k]);
+        let z = scalar::sigmoid(row.xz[k] + row.hz[k]);
+        let nn = scalar::tanh(row.xn[k] + r * row.hn[k]);
+        let hv = (1.0 - z) * nn + z * h[k];
+        row.xr[k] = r;
+        row.xz[k] = z;
+        row.xn[k] = nn;
+        hn_out[k] = row.hn[k];
         h[k] = hv;
         y_out[k] = hv;
     }
@@ -178,21 +198,21 @@ pub fn gru_cell_f32(gx: &mut [f32], gh: &[f32], h: &mut [f32], hn_out: &mut [f32
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gru_cell_avx(gx: &mut [f32], gh: &[f32], h: &mut [f32], hn_out: &mut [f32], y_out: &mut [f32]) -> usize {
-    let hid = h.len();
-    let (xp, hp) = (gx.as_mut_ptr(), gh.as_ptr());
+unsafe fn gru_cell_avx(row: &GruRow<'_, f32>, h: &mut [f32], hn_out: &mut [f32], y_out: &mut [f32]) -> usize {
+    let n = h.len();
+    let (xr, xz, xn) = (row.xr.as_ptr() as *mut f32, row.xz.as_ptr() as *mut f32, row.xn.as_ptr() as *mut f32);
     let one = _mm256_set1_ps(1.0);
     let mut k = 0;
-    while k + 8 <= hid {
-        let r = avx::sigmoid(_mm256_add_ps(_mm256_loadu_ps(xp.add(k)), _mm256_loadu_ps(hp.add(k))));
-        let z = avx::sigmoid(_mm256_add_ps(_mm256_loadu_ps(xp.add(hid + k)), _mm256_loadu_ps(hp.add(hid + k))));
-        let hn = _mm256_loadu_ps(hp.add(2 * hid + k));
-        let n = avx::tanh(_mm256_fmadd_ps(r, hn, _mm256_loadu_ps(xp.add(2 * hid + k))));
+    while k + 8 <= n {
+        let r = avx::sigmoid(_mm256_add_ps(_mm256_loadu_ps(xr.add(k)), _mm256_loadu_ps(row.hr.as_ptr().add(k))));
+        let z = avx::sigmoid(_mm256_add_ps(_mm256_loadu_ps(xz.add(k)), _mm256_loadu_ps(row.hz.as_ptr().add(k))));
+        let hn = _mm256_loadu_ps(row.hn.as_ptr().add(k));
+        let nn = avx::tanh(_mm256_fmadd_ps(r, hn, _mm256_loadu_ps(xn.add(k))));
         let hprev = _mm256_loadu_ps(h.as_ptr().add(k));
-        let hv = _mm256_fmadd_ps(_mm256_sub_ps(one, z), n, _mm256_mul_ps(z, hprev));
-        _mm256_storeu_ps(xp.add(k), r);
-        _mm256_storeu_ps(xp.add(hid + k), z);
-        _mm256_storeu_ps(xp.add(2 * hid + k), n);
+        let hv = _mm256_fmadd_ps(_mm256_sub_ps(one, z), nn, _mm256_mul_ps(z, hprev));
+        _mm256_storeu_ps(xr.add(k), r);
+        _mm256_storeu_ps(xz.add(k), z);
+        _mm256_storeu_ps(xn.add(k), nn);
         _mm256_storeu_ps(hn_out.as_mut_ptr().add(k), hn);
         _mm256_storeu_ps(h.as_mut_ptr().add(k), hv);
         _mm256_storeu_ps(y_out.as_mut_ptr().add(k), hv);
@@ -264,7 +284,10 @@ mod tests {
             }
             let mut g: Vec<f32> = chunk.iter().chain(chunk).chain(chunk).chain(chunk).copied().collect();
             let (mut c, mut h, mut cs, mut y) = (vec![0.0; 8], vec![0.0; 8], vec![0.0; 8], vec![0.0; 8]);
-            lstm_cell_f32(&mut g, &mut c, &mut h, &mut cs, &mut y);
+            let (gi, rest) = g.split_at_mut(8);
+            let (gf, rest) = rest.split_at_mut(8);
+            let (gg, go) = rest.split_at_mut(8);
+            lstm_cell_f32(LstmRow { i: gi, f: gf, g: gg, o: go }, &mut c, &mut h, &mut cs, &mut y);
             for k in 0..8 {
                 let x = chunk[k] as f64;
                 let s = 1.0 / (1.0 + (-x).exp());

@@ -70,31 +70,53 @@ fn isa() -> Isa {
     Isa::Scalar
 }
 
-/// `out[m x N] (row stride ldo) (+)= a[m x K] (row stride lda) · B`, for panels
-/// `[p0, p1)` of B only (so threads can split the columns).
+/// The number of 16-column panels.
+impl Packed {
+    pub fn panels(&self) -> usize {
+        self.n.div_ceil(W)
+    }
+}
+
+/// `out[m x N] (row stride ldo) (+)= a[m x K] (row stride lda) · B`.
 #[allow(clippy::too_many_arguments)]
 pub fn mm(out: &mut [f32], ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, panels: (usize, usize)) {
+    if m == 0 {
+        return;
+    }
+    assert!(ldo >= b.n && out.len() >= (m - 1) * ldo + b.n, "out out of bounds");
+    // SAFETY: bounds checked just above; `out` is exclusively borrowed.
+    unsafe { mm_raw(out.as_mut_ptr(), ldo, a, lda, m, b, accumulate, panels) }
+}
+
+/// As [`mm`], writing through a raw pointer, so threads can fill disjoint column ranges of one
+/// buffer (each passes its own `panels`).
+///
+/// # Safety
+/// `out` must be valid for `(m - 1) * ldo + N` elements, and no other thread may touch the
+/// columns of the given panels in those rows meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn mm_raw(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, panels: (usize, usize)) {
     let (k, n) = (b.k, b.n);
     if m == 0 {
         return;
     }
     assert!(lda >= k && a.len() >= (m - 1) * lda + k, "lhs out of bounds");
-    assert!(ldo >= n && out.len() >= (m - 1) * ldo + n, "out out of bounds");
+    assert!(ldo >= n, "out row stride too small");
     let (p0, p1) = (panels.0, panels.1.min(n.div_ceil(W)));
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512F present (detected); bounds asserted above, panel and column indices
         // are clamped to N inside.
-        Isa::Avx512 => unsafe { mm_avx512(out, ldo, a, lda, m, b, accumulate, p0, p1) },
+        Isa::Avx512 => mm_avx512(out, ldo, a, lda, m, b, accumulate, p0, p1),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 and FMA present (detected); bounds as above.
-        Isa::Avx2 => unsafe { mm_avx2(out, ldo, a, lda, m, b, accumulate, p0, p1) },
+        Isa::Avx2 => mm_avx2(out, ldo, a, lda, m, b, accumulate, p0, p1),
         _ => mm_scalar(out, ldo, a, lda, m, b, accumulate, p0, p1),
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn mm_scalar(out: &mut [f32], ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize) {
+unsafe fn mm_scalar(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize) {
     let (k, n) = (b.k, b.n);
     for p in p0..p1 {
         let panel = &b.data[p * k * W..(p + 1) * k * W];
@@ -109,7 +131,7 @@ fn mm_scalar(out: &mut [f32], ldo: usize, a: &[f32], lda: usize, m: usize, b: &P
             for c in 0..W {
                 let col = p * W + c;
                 if col < n {
-                    let o = &mut out[r * ldo + col];
+                    let o = out.add(r * ldo + col);
                     *o = if accumulate { *o + acc[c] } else { acc[c] };
                 }
             }
@@ -120,7 +142,7 @@ fn mm_scalar(out: &mut [f32], ldo: usize, a: &[f32], lda: usize, m: usize, b: &P
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm_avx512(out: &mut [f32], ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize) {
+unsafe fn mm_avx512(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize) {
     let mut p = p0;
     while p < p1 {
         let two = p + 1 < p1;
@@ -152,7 +174,7 @@ unsafe fn mm_avx512(out: &mut [f32], ldo: usize, a: &[f32], lda: usize, m: usize
 #[target_feature(enable = "avx512f")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile512<const R: usize>(out: &mut [f32], ldo: usize, a: &[f32], lda: usize, r0: usize, b: &Packed, accumulate: bool, p: usize, two: bool) {
+unsafe fn tile512<const R: usize>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, r0: usize, b: &Packed, accumulate: bool, p: usize, two: bool) {
     let k = b.k;
     let pa = b.data.as_ptr().add(p * k * W);
     let pb = if two { b.data.as_ptr().add((p + 1) * k * W) } else { pa };
@@ -177,7 +199,7 @@ unsafe fn tile512<const R: usize>(out: &mut [f32], ldo: usize, a: &[f32], lda: u
         let valid = n.saturating_sub(col0).min(W);
         let mask: __mmask16 = if valid >= W { 0xFFFF } else { ((1u32 << valid) - 1) as u16 };
         for r in 0..R {
-            let dst = out.as_mut_ptr().add((r0 + r) * ldo + col0);
+            let dst = out.add((r0 + r) * ldo + col0);
             let v = if accumulate { _mm512_add_ps(acc[r], _mm512_maskz_loadu_ps(mask, dst)) } else { acc[r] };
             _mm512_mask_storeu_ps(dst, mask, v);
         }
@@ -187,7 +209,7 @@ unsafe fn tile512<const R: usize>(out: &mut [f32], ldo: usize, a: &[f32], lda: u
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm_avx2(out: &mut [f32], ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize) {
+unsafe fn mm_avx2(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize) {
     for p in p0..p1 {
         let mut r = 0;
         while r < m {
@@ -214,7 +236,7 @@ unsafe fn mm_avx2(out: &mut [f32], ldo: usize, a: &[f32], lda: usize, m: usize, 
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile256<const R: usize>(out: &mut [f32], ldo: usize, a: &[f32], lda: usize, r0: usize, b: &Packed, accumulate: bool, p: usize) {
+unsafe fn tile256<const R: usize>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, r0: usize, b: &Packed, accumulate: bool, p: usize) {
     let k = b.k;
     let pa = b.data.as_ptr().add(p * k * W);
     let ap = a.as_ptr().add(r0 * lda);
@@ -232,7 +254,7 @@ unsafe fn tile256<const R: usize>(out: &mut [f32], ldo: usize, a: &[f32], lda: u
     let col0 = p * W;
     let valid = b.n.saturating_sub(col0).min(W);
     for r in 0..R {
-        let dst = out.as_mut_ptr().add((r0 + r) * ldo + col0);
+        let dst = out.add((r0 + r) * ldo + col0);
         if valid == W {
             let (mut v0, mut v1) = (acc0[r], acc1[r]);
             if accumulate {
@@ -276,7 +298,8 @@ mod tests {
                 assert!((x - y).abs() < 1e-4, "{m}x{k}x{n}: {x} vs {y}");
             }
             let mut s = vec![0.5f32; m * n];
-            mm_scalar(&mut s, n, &a, k, m, &packed, true, 0, n.div_ceil(W));
+            // SAFETY: `s` holds m x n elements.
+            unsafe { mm_scalar(s.as_mut_ptr(), n, &a, k, m, &packed, true, 0, n.div_ceil(W)) };
             for (x, y) in s.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4);
             }
@@ -284,7 +307,7 @@ mod tests {
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                 let mut v = vec![0.5f32; m * n];
                 // SAFETY: features checked; shapes as for `mm`.
-                unsafe { mm_avx2(&mut v, n, &a, k, m, &packed, true, 0, n.div_ceil(W)) };
+                unsafe { mm_avx2(v.as_mut_ptr(), n, &a, k, m, &packed, true, 0, n.div_ceil(W)) };
                 for (x, y) in v.iter().zip(&want) {
                     assert!((x - y).abs() < 1e-4);
                 }

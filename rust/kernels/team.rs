@@ -1,0 +1,142 @@
+//! A thread team for one kernel call: the caller plus `n - 1` scoped threads that live for
+//! the whole call (all T steps of a recurrent layer), synchronised by a spin barrier.
+//!
+//! Why not rayon per step: a parallel region per time step costs microseconds of dispatch,
+//! about a whole step's work at small batch (notes/cpu-kernels.md §8). Scoped threads are
+//! created per call (tens of µs, amortised over the sequence) and so are safe under fork.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A reusable barrier for a fixed number of threads that spins, then yields.
+pub struct SpinBarrier {
+    n: usize,
+    count: AtomicUsize,
+    generation: AtomicUsize,
+}
+
+impl SpinBarrier {
+    fn new(n: usize) -> Self {
+        SpinBarrier { n, count: AtomicUsize::new(0), generation: AtomicUsize::new(0) }
+    }
+
+    /// Blocks until all `n` threads have called `wait` (for this generation).
+    #[inline]
+    pub fn wait(&self) {
+        if self.n <= 1 {
+            return;
+        }
+        let gen = self.generation.load(Ordering::Acquire);
+        if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.n {
+            self.count.store(0, Ordering::Relaxed);
+            self.generation.store(gen.wrapping_add(1), Ordering::Release);
+            return;
+        }
+        let mut spins = 0u32;
+        while self.generation.load(Ordering::Acquire) == gen {
+            if spins < 20_000 {
+                std::hint::spin_loop();
+                spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// Runs `f(thread_index, barrier)` on `n` threads (the caller is thread 0) and returns when
+/// all have finished.
+pub fn run<F: Fn(usize, &SpinBarrier) + Sync>(n: usize, f: F) {
+    let bar = SpinBarrier::new(n.max(1));
+    if n <= 1 {
+        f(0, &bar);
+        return;
+    }
+    std::thread::scope(|s| {
+        for tid in 1..n {
+            let (f, bar) = (&f, &bar);
+            s.spawn(move || f(tid, bar));
+        }
+        f(0, &bar);
+    });
+}
+
+/// The `[start, end)` share of `total` items for thread `tid` of `n`, in multiples of `align`
+/// (the last share takes the remainder).
+pub fn share(total: usize, tid: usize, n: usize, align: usize) -> (usize, usize) {
+    let units = total.div_ceil(align);
+    let per = units / n;
+    let extra = units % n;
+    let start = (tid * per + tid.min(extra)) * align;
+    let end = ((tid + 1) * per + (tid + 1).min(extra)) * align;
+    (start.min(total), end.min(total))
+}
+
+/// A raw pointer that threads of one team share to write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+pub struct Shared<T>(pub *mut T);
+
+// SAFETY: a Shared is only used inside `run`, where every thread writes a disjoint region
+// between barriers and the barrier's Acquire/Release orders the phases.
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// The pointer (a method, so closures capture the whole `Shared`, which is Sync).
+    #[inline(always)]
+    pub fn ptr(&self) -> *mut T {
+        self.0
+    }
+
+    /// A mutable view of `[start, start + len)`.
+    ///
+    /// # Safety
+    /// The range must lie inside the buffer, and no other thread may access it concurrently.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_cover_everything_once() {
+        for total in [0usize, 1, 7, 16, 100, 1024] {
+            for n in 1..4 {
+                let mut covered = 0;
+                let mut prev_end = 0;
+                for t in 0..n {
+                    let (s, e) = share(total, t, n, 8);
+                    assert_eq!(s, prev_end);
+                    assert!(s % 8 == 0 || s == total);
+                    covered += e - s;
+                    prev_end = e;
+                }
+                assert_eq!(covered, total);
+            }
+        }
+    }
+
+    #[test]
+    fn barrier_orders_phases() {
+        let data = vec![0usize; 2];
+        let p = Shared(data.as_ptr() as *mut usize);
+        let sums = std::sync::Mutex::new(Vec::new());
+        run(2, |tid, bar| {
+            for step in 0..1000 {
+                // SAFETY: each thread writes only its own element, then reads both after the
+                // barrier; a second barrier keeps the next write after the read.
+                unsafe { p.slice(tid, 1)[0] = step };
+                bar.wait();
+                let both = unsafe { p.slice(0, 2).to_vec() };
+                assert_eq!(both, vec![step, step]);
+                bar.wait();
+            }
+            sums.lock().unwrap().push(tid);
+        });
+        assert_eq!(sums.lock().unwrap().len(), 2);
+    }
+}
