@@ -309,6 +309,67 @@ def data_workloads(smoke: bool = False, full: bool = False) -> Dict[str, Any]:
     }
 
 
+def rnn_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any]]:
+    """LSTM/GRU workloads: ferrolm.nn vs torch.nn (oneDNN for LSTM, native for GRU), same
+    weights, same threads (``torch.get_num_threads()``), inference (no_grad) and training
+    (forward + backward), dense batches and a variable-length packed batch."""
+    import torch
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from . import nn as fnn
+
+    shapes = [(1, 64, 32, 32), (4, 32, 32, 32)] if smoke else [(1, 512, 256, 256), (8, 256, 256, 256), (64, 128, 256, 256)]
+    if full:
+        shapes += [(1, 512, 512, 512), (8, 256, 512, 512), (32, 128, 512, 512)]
+    out = []
+    g = torch.Generator().manual_seed(0)
+    for kind, torch_cls, ours_cls, gates in (("LSTM", torch.nn.LSTM, fnn.LSTM, 4), ("GRU", torch.nn.GRU, fnn.GRU, 3)):
+        for b, t, i, h in shapes:
+            ref = torch_cls(i, h)
+            ours = ours_cls(i, h)
+            ours.load_state_dict(ref.state_dict())
+            x = torch.randn(t, b, i, generator=g)
+            xg = x.clone().requires_grad_(True)
+            flops = 2.0 * t * b * (i + h) * gates * h
+
+            def infer(m, x=x):
+                with torch.no_grad():
+                    return m(x)
+
+            def train(m, xg=xg):
+                m(xg)[0].sum().backward()
+
+            # Defaults bind this iteration's functions and modules (closures bind late).
+            out.append({"name": f"{kind} B={b} T={t} I={i} H={h}: forward (no_grad)", "flops": flops,
+                        "fns": {"ferrolm": lambda m=ours, f=infer: f(m), "torch": lambda m=ref, f=infer: f(m)}})
+            out.append({"name": f"{kind} B={b} T={t} I={i} H={h}: forward+backward", "flops": 3 * flops,
+                        "fns": {"ferrolm": lambda m=ours, f=train: f(m), "torch": lambda m=ref, f=train: f(m)}})
+    b, t, i, h = (4, 32, 32, 32) if smoke else (16, 256, 512, 512) if full else (16, 128, 256, 256)
+    lengths = torch.randint(t // 4, t + 1, (b,), generator=g)
+    lengths[0] = t
+    x = torch.randn(t, b, i, generator=g, requires_grad=True)
+    for kind, torch_cls, ours_cls in (("LSTM", torch.nn.LSTM, fnn.LSTM), ("GRU", torch.nn.GRU, fnn.GRU)):
+        ref = torch_cls(i, h)
+        ours = ours_cls(i, h)
+        ours.load_state_dict(ref.state_dict())
+
+        def packed_train(m, x=x, lengths=lengths):
+            m(pack_padded_sequence(x, lengths, enforce_sorted=False))[0].data.sum().backward()
+
+        out.append({"name": f"{kind} PackedSequence B={b} T={t} H={h}, lengths 25-100%: forward+backward", "flops": None,
+                    "fns": {"ferrolm": lambda m=ours, f=packed_train: f(m), "torch": lambda m=ref, f=packed_train: f(m)}})
+    return out
+
+
+def _rnn_results(full: bool, repeats: int) -> List[Result]:
+    out = []
+    for w in rnn_workloads(full=full):
+        r = Result("rnn", w["name"], f"{w['flops'] / 1e9:.2f} GFLOP" if w["flops"] else "var-len")
+        r.seconds = compare(w["fns"], repeats)
+        out.append(r)
+    return out
+
+
 def _data_results(full: bool, repeats: int) -> List[Result]:
     import tempfile
 
@@ -327,7 +388,7 @@ def _data_results(full: bool, repeats: int) -> List[Result]:
     return out
 
 
-def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: Tuple[str, ...] = ("tokenizer", "data")) -> List[Result]:
+def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: Tuple[str, ...] = ("tokenizer", "data", "rnn")) -> List[Result]:
     """Runs the suite, prints a table, and returns the rows.
 
     Args:
@@ -356,6 +417,11 @@ def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: T
             r, bpt = _training_result(100 if full else 10, 32_000 if full else 8_000, 3 if full else 2)
             results.append(r)
             extra["bytes_per_token_held_out"] = bpt
+        if "rnn" in areas:
+            try:
+                results += _rnn_results(full, repeats)
+            except ImportError:
+                print("rnn benchmarks skipped: torch is not installed")
         if "data" in areas:
             try:
                 results += _data_results(full, repeats)
