@@ -96,7 +96,18 @@ pub fn mm(out: &mut [f32], ldo: usize, a: &[f32], lda: usize, m: usize, b: &Pack
 /// columns of the given panels in those rows meanwhile.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn mm_raw(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, panels: (usize, usize)) {
+    mm_raw_k(out, ldo, a, lda, m, b, accumulate, panels, (0, b.k))
+}
+
+/// As [`mm_raw`], over the inner-dimension range `ks` only (`a`'s columns and `B`'s rows
+/// `[ks.0, ks.1)`), so long products can be blocked to keep the panel slice in cache.
+///
+/// # Safety
+/// As [`mm_raw`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn mm_raw_k(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, panels: (usize, usize), ks: (usize, usize)) {
     let (k, n) = (b.k, b.n);
+    assert!(ks.0 <= ks.1 && ks.1 <= k, "k range out of bounds");
     if m == 0 {
         return;
     }
@@ -107,22 +118,22 @@ pub unsafe fn mm_raw(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize,
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512F present (detected); bounds asserted above, panel and column indices
         // are clamped to N inside.
-        Isa::Avx512 => mm_avx512(out, ldo, a, lda, m, b, accumulate, p0, p1),
+        Isa::Avx512 => mm_avx512(out, ldo, a, lda, m, b, accumulate, p0, p1, ks),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 and FMA present (detected); bounds as above.
-        Isa::Avx2 => mm_avx2(out, ldo, a, lda, m, b, accumulate, p0, p1),
-        _ => mm_scalar(out, ldo, a, lda, m, b, accumulate, p0, p1),
+        Isa::Avx2 => mm_avx2(out, ldo, a, lda, m, b, accumulate, p0, p1, ks),
+        _ => mm_scalar(out, ldo, a, lda, m, b, accumulate, p0, p1, ks),
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm_scalar(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize) {
+unsafe fn mm_scalar(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize, ks: (usize, usize)) {
     let (k, n) = (b.k, b.n);
     for p in p0..p1 {
         let panel = &b.data[p * k * W..(p + 1) * k * W];
         for r in 0..m {
             let mut acc = [0.0f32; W];
-            for kk in 0..k {
+            for kk in ks.0..ks.1 {
                 let av = a[r * lda + kk];
                 for c in 0..W {
                     acc[c] += av * panel[kk * W + c];
@@ -142,7 +153,7 @@ unsafe fn mm_scalar(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm_avx512(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize) {
+unsafe fn mm_avx512(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize, ks: (usize, usize)) {
     let mut p = p0;
     while p < p1 {
         let two = p + 1 < p1;
@@ -151,7 +162,7 @@ unsafe fn mm_avx512(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, 
             let rows = (m - r).min(8);
             macro_rules! tile {
                 ($R:literal) => {
-                    tile512::<$R>(out, ldo, a, lda, r, b, accumulate, p, two)
+                    tile512::<$R>(out, ldo, a, lda, r, b, accumulate, p, two, ks)
                 };
             }
             match rows {
@@ -174,14 +185,14 @@ unsafe fn mm_avx512(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, 
 #[target_feature(enable = "avx512f")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile512<const R: usize>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, r0: usize, b: &Packed, accumulate: bool, p: usize, two: bool) {
+unsafe fn tile512<const R: usize>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, r0: usize, b: &Packed, accumulate: bool, p: usize, two: bool, ks: (usize, usize)) {
     let k = b.k;
-    let pa = b.data.as_ptr().add(p * k * W);
-    let pb = if two { b.data.as_ptr().add((p + 1) * k * W) } else { pa };
-    let ap = a.as_ptr().add(r0 * lda);
+    let pa = b.data.as_ptr().add(p * k * W + ks.0 * W);
+    let pb = if two { b.data.as_ptr().add((p + 1) * k * W + ks.0 * W) } else { pa };
+    let ap = a.as_ptr().add(r0 * lda + ks.0);
     let mut acc0 = [_mm512_setzero_ps(); R];
     let mut acc1 = [_mm512_setzero_ps(); R];
-    for kk in 0..k {
+    for kk in 0..ks.1 - ks.0 {
         let b0 = _mm512_loadu_ps(pa.add(kk * W));
         let b1 = _mm512_loadu_ps(pb.add(kk * W));
         for r in 0..R {
@@ -209,14 +220,14 @@ unsafe fn tile512<const R: usize>(out: *mut f32, ldo: usize, a: &[f32], lda: usi
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm_avx2(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize) {
+unsafe fn mm_avx2(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize, ks: (usize, usize)) {
     for p in p0..p1 {
         let mut r = 0;
         while r < m {
             let rows = (m - r).min(6);
             macro_rules! tile {
                 ($R:literal) => {
-                    tile256::<$R>(out, ldo, a, lda, r, b, accumulate, p)
+                    tile256::<$R>(out, ldo, a, lda, r, b, accumulate, p, ks)
                 };
             }
             match rows {
@@ -236,13 +247,13 @@ unsafe fn mm_avx2(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b:
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile256<const R: usize>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, r0: usize, b: &Packed, accumulate: bool, p: usize) {
+unsafe fn tile256<const R: usize>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, r0: usize, b: &Packed, accumulate: bool, p: usize, ks: (usize, usize)) {
     let k = b.k;
-    let pa = b.data.as_ptr().add(p * k * W);
-    let ap = a.as_ptr().add(r0 * lda);
+    let pa = b.data.as_ptr().add(p * k * W + ks.0 * W);
+    let ap = a.as_ptr().add(r0 * lda + ks.0);
     let mut acc0 = [_mm256_setzero_ps(); R];
     let mut acc1 = [_mm256_setzero_ps(); R];
-    for kk in 0..k {
+    for kk in 0..ks.1 - ks.0 {
         let b0 = _mm256_loadu_ps(pa.add(kk * W));
         let b1 = _mm256_loadu_ps(pa.add(kk * W + 8));
         for r in 0..R {
@@ -299,7 +310,7 @@ mod tests {
             }
             let mut s = vec![0.5f32; m * n];
             // SAFETY: `s` holds m x n elements.
-            unsafe { mm_scalar(s.as_mut_ptr(), n, &a, k, m, &packed, true, 0, n.div_ceil(W)) };
+            unsafe { mm_scalar(s.as_mut_ptr(), n, &a, k, m, &packed, true, 0, n.div_ceil(W), (0, k)) };
             for (x, y) in s.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4);
             }
@@ -307,10 +318,20 @@ mod tests {
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                 let mut v = vec![0.5f32; m * n];
                 // SAFETY: features checked; shapes as for `mm`.
-                unsafe { mm_avx2(v.as_mut_ptr(), n, &a, k, m, &packed, true, 0, n.div_ceil(W)) };
+                unsafe { mm_avx2(v.as_mut_ptr(), n, &a, k, m, &packed, true, 0, n.div_ceil(W), (0, k)) };
                 for (x, y) in v.iter().zip(&want) {
                     assert!((x - y).abs() < 1e-4);
                 }
+            }
+            // K blocked in two halves (accumulating) equals the whole product.
+            let mut blocked = vec![0.5f32; m * n];
+            // SAFETY: `blocked` holds m x n elements.
+            unsafe {
+                mm_raw_k(blocked.as_mut_ptr(), n, &a, k, m, &packed, true, (0, usize::MAX), (0, k / 2));
+                mm_raw_k(blocked.as_mut_ptr(), n, &a, k, m, &packed, true, (0, usize::MAX), (k / 2, k));
+            }
+            for (x, y) in blocked.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-4);
             }
             let mut over = vec![9.0f32; m * n];
             mm(&mut over, n, &a, k, m, &packed, false, (0, usize::MAX));
