@@ -85,6 +85,20 @@ class _FusedRNNMixin:
         c_n_t = torch.stack(c_n) if self._lstm else None
         return x, h_n_t, c_n_t
 
+    def forward(self, input, hx=None, lengths=None):  # type: ignore[override]
+        """CPU float32/float64: the fused kernels; anything else: torch's own implementation
+        (``lengths`` then goes through ``pack_padded_sequence``)."""
+        data = input.data if isinstance(input, PackedSequence) else input
+        if not self._use_fused(data):
+            torch_forward = super().forward  # type: ignore[misc]
+            if lengths is not None:
+                packed = pack_padded_sequence(input, torch.as_tensor(lengths).cpu(), batch_first=self.batch_first, enforce_sorted=False)
+                out, state = torch_forward(packed, hx)
+                steps = input.size(1) if self.batch_first else input.size(0)
+                return pad_packed_sequence(out, batch_first=self.batch_first, total_length=steps)[0], state
+            return torch_forward(input, hx)
+        return self._fused_forward(input, hx, lengths)
+
     def _fused_forward(self, input, hx, lengths):
         cls = type(self).__name__
         dirs = 2 if self.bidirectional else 1
@@ -182,16 +196,6 @@ class LSTM(_FusedRNNMixin, torch.nn.LSTM):
         if self.proj_size > 0:
             raise NotImplementedError("ferrolm.nn.LSTM does not support proj_size > 0 yet; use torch.nn.LSTM for projections")
 
-    def forward(self, input, hx=None, lengths=None):  # type: ignore[override]
-        data = input.data if isinstance(input, PackedSequence) else input
-        if not self._use_fused(data):
-            if lengths is not None:
-                packed = pack_padded_sequence(input, torch.as_tensor(lengths).cpu(), batch_first=self.batch_first, enforce_sorted=False)
-                out, state = super().forward(packed, hx)
-                steps = input.size(1) if self.batch_first else input.size(0)
-                return pad_packed_sequence(out, batch_first=self.batch_first, total_length=steps)[0], state
-            return super().forward(input, hx)
-        return self._fused_forward(input, hx, lengths)
 
 
 class GRU(_FusedRNNMixin, torch.nn.GRU):
@@ -200,13 +204,3 @@ class GRU(_FusedRNNMixin, torch.nn.GRU):
 
     _lstm = False
 
-    def forward(self, input, hx=None, lengths=None):  # type: ignore[override]
-        data = input.data if isinstance(input, PackedSequence) else input
-        if not self._use_fused(data):
-            if lengths is not None:
-                packed = pack_padded_sequence(input, torch.as_tensor(lengths).cpu(), batch_first=self.batch_first, enforce_sorted=False)
-                out, state = super().forward(packed, hx)
-                steps = input.size(1) if self.batch_first else input.size(0)
-                return pad_packed_sequence(out, batch_first=self.batch_first, total_length=steps)[0], state
-            return super().forward(input, hx)
-        return self._fused_forward(input, hx, lengths)
