@@ -435,22 +435,26 @@ def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: T
 
 
 def _print_table(results: List[Result], extra: Dict[str, object]) -> None:
-    peers = sorted({k for r in results for k in r.seconds if k != "ferrolm"})
-    head = ["area", "workload", "size", "ferrolm ms"] + [f"{p} ms" for p in peers] + [f"x vs {p}" for p in peers]
-    rows = []
-    for r in results:
-        ratios = r.ratios()
-        rows.append(
-            [r.area, r.workload, r.size, f"{r.seconds['ferrolm'] * 1e3:.4g}"]
-            + [f"{r.seconds[p] * 1e3:.4g}" if p in r.seconds else "-" for p in peers]
-            + [f"{ratios[p]:.2f}x" if p in ratios else "-" for p in peers]
-        )
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    fmt = "  ".join("{:<%d}" % w for w in widths)
-    print(fmt.format(*head))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(fmt.format(*row))
+    areas = list(dict.fromkeys(r.area for r in results))
+    for area in areas:
+        rows_in = [r for r in results if r.area == area]
+        peers = sorted({k for r in rows_in for k in r.seconds if k != "ferrolm"})
+        head = ["workload", "size", "ferrolm ms"] + [f"{p} ms" for p in peers] + [f"x vs {p}" for p in peers]
+        rows = []
+        for r in rows_in:
+            ratios = r.ratios()
+            rows.append(
+                [r.workload, r.size, f"{r.seconds['ferrolm'] * 1e3:.4g}"]
+                + [f"{r.seconds[p] * 1e3:.4g}" if p in r.seconds else "-" for p in peers]
+                + [f"{ratios[p]:.2f}x" if p in ratios else "-" for p in peers]
+            )
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+        fmt = "  ".join("{:<%d}" % w for w in widths)
+        print(f"\n[{area}]")
+        print(fmt.format(*head))
+        print("  ".join("-" * w for w in widths))
+        for row in rows:
+            print(fmt.format(*row))
     for k, v in extra.items():
         print(f"{k}: " + ", ".join(f"{a}={b:.4f}" for a, b in v.items()))  # type: ignore[union-attr]
     print("x vs peer = peer time / ferrolm time (higher is better for ferrolm); medians of repeated runs.")
