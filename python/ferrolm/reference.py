@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["lstm_layer", "gru_layer"]
+__all__ = ["lstm_layer", "gru_layer", "attention"]
 
 
 def _steps(batch_sizes: Sequence[int], reverse: bool):
@@ -65,3 +65,27 @@ def gru_layer(x, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=Fals
         h = torch.cat([h_new, h[bs:]])
         ys[t] = h_new
     return torch.cat(ys), h
+
+
+def attention(q, k, v, causal=False, key_padding_mask=None, scale=None):
+    """Scaled-dot-product attention in plain torch ops (the math of
+    :func:`ferrolm.ops.attention`: end-aligned causal mask, True = padded key, GQA, zeros for a
+    query that sees no key)."""
+    b, hq, tq, d = q.shape
+    hk, tk = k.shape[1], k.shape[2]
+    group = hq // hk
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = (1.0 / d**0.5) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    allowed = torch.ones(b, 1, tq, tk, dtype=torch.bool, device=q.device)
+    if causal:
+        i = torch.arange(tq, device=q.device)[:, None]
+        j = torch.arange(tk, device=q.device)[None, :]
+        allowed = allowed & (j <= i + (tk - tq))
+    if key_padding_mask is not None:
+        allowed = allowed & ~key_padding_mask[:, None, None, :]
+    s = s.masked_fill(~allowed, float("-inf"))
+    any_key = allowed.any(-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(~any_key, 0.0), dim=-1).masked_fill(~allowed, 0.0)
+    return (p @ v).masked_fill(~any_key, 0.0)

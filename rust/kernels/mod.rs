@@ -6,6 +6,7 @@
 //! work that no library provides: gate nonlinearities and state updates around the recurrent
 //! product.
 
+pub mod attention;
 pub mod rnn;
 pub mod simd;
 pub mod smallmm;
@@ -33,6 +34,7 @@ pub trait Float:
     fn exp(self) -> Self;
     fn tanh(self) -> Self;
     fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
     /// LSTM cell over a range of units of one row (see [`simd::LstmRow`]).
     fn lstm_cell(row: simd::LstmRow<'_, Self>, c: &mut [Self], h: &mut [Self], cs_out: &mut [Self], y_out: &mut [Self]) {
         for k in 0..c.len() {
@@ -112,6 +114,10 @@ impl Float for f32 {
     fn from_f64(v: f64) -> Self {
         v as f32
     }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
 }
 
 impl Float for f64 {
@@ -128,6 +134,10 @@ impl Float for f64 {
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
     }
 }
 

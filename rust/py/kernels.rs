@@ -224,3 +224,76 @@ pub fn rnn_backward<'py>(
     }
 }
 
+
+fn attn_shape(q: &[usize], k: &[usize], v: &[usize]) -> PyResult<crate::kernels::attention::Shape> {
+    if q.len() != 4 || k.len() != 4 || v.len() != 4 {
+        return Err(PyValueError::new_err("q, k and v must be 4-D (batch, heads, time, head_dim)"));
+    }
+    Ok(crate::kernels::attention::Shape { b: q[0], hq: q[1], hk: k[1], tq: q[2], tk: k[2], d: q[3], dv: v[3] })
+}
+
+fn pad_mask<'py>(m: Option<&Bound<'py, PyAny>>) -> PyResult<Option<PyReadonlyArrayDyn<'py, bool>>> {
+    opt::<bool>("key_padding_mask", m)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attn_fwd<'py, T: Float + Element>(py: Python<'py>, q: &Bound<'py, PyAny>, k: &Bound<'py, PyAny>, v: &Bound<'py, PyAny>, causal: bool, mask: Option<&Bound<'py, PyAny>>, scale: f64, threads: usize) -> PyResult<Vec<Out<'py>>> {
+    let (q, k, v) = (arr::<T>("q", q)?, arr::<T>("k", k)?, arr::<T>("v", v)?);
+    let sh = attn_shape(q.shape(), k.shape(), v.shape())?;
+    let m = pad_mask(mask)?;
+    let (qs, ks, vs) = (sl(&q), sl(&k), sl(&v));
+    let ms: Option<&[bool]> = m.as_ref().map(sl);
+    let (o, lse) = py.detach(|| parallel::install(threads, || crate::kernels::attention::forward(qs, ks, vs, sh, causal, ms, T::from_f64(scale))))?;
+    Ok(vec![out(py, o, &[sh.b, sh.hq, sh.tq, sh.dv])?, out(py, lse, &[sh.b, sh.hq, sh.tq])?])
+}
+
+/// Attention forward: returns [o, lse].
+#[pyfunction]
+#[pyo3(signature = (q, k, v, causal, key_padding_mask, scale, threads))]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, k: &Bound<'py, PyAny>, v: &Bound<'py, PyAny>, causal: bool, key_padding_mask: Option<&Bound<'py, PyAny>>, scale: f64, threads: usize) -> PyResult<Vec<Out<'py>>> {
+    let threads = parallel::resolve_threads(Some(threads));
+    if q.extract::<PyReadonlyArrayDyn<'py, f64>>().is_ok() {
+        attn_fwd::<f64>(py, q, k, v, causal, key_padding_mask, scale, threads)
+    } else {
+        attn_fwd::<f32>(py, q, k, v, causal, key_padding_mask, scale, threads)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attn_bwd<'py, T: Float + Element>(py: Python<'py>, t: [&Bound<'py, PyAny>; 6], causal: bool, mask: Option<&Bound<'py, PyAny>>, scale: f64, threads: usize) -> PyResult<Vec<Out<'py>>> {
+    let names = ["q", "k", "v", "o", "lse", "grad_output"];
+    let a: Vec<PyReadonlyArrayDyn<'py, T>> = t.iter().zip(names).map(|(x, n)| arr::<T>(n, x)).collect::<PyResult<_>>()?;
+    let sh = attn_shape(a[0].shape(), a[1].shape(), a[2].shape())?;
+    let m = pad_mask(mask)?;
+    let s: Vec<&[T]> = a.iter().map(sl).collect();
+    let ms: Option<&[bool]> = m.as_ref().map(sl);
+    let (dq, dk, dv) = py.detach(|| parallel::install(threads, || crate::kernels::attention::backward(s[0], s[1], s[2], s[3], s[4], s[5], sh, causal, ms, T::from_f64(scale))))?;
+    Ok(vec![out(py, dq, a[0].shape())?, out(py, dk, a[1].shape())?, out(py, dv, a[2].shape())?])
+}
+
+/// Attention backward: returns [dq, dk, dv].
+#[pyfunction]
+#[pyo3(signature = (q, k, v, o, lse, grad_output, causal, key_padding_mask, scale, threads))]
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    o: &Bound<'py, PyAny>,
+    lse: &Bound<'py, PyAny>,
+    grad_output: &Bound<'py, PyAny>,
+    causal: bool,
+    key_padding_mask: Option<&Bound<'py, PyAny>>,
+    scale: f64,
+    threads: usize,
+) -> PyResult<Vec<Out<'py>>> {
+    let threads = parallel::resolve_threads(Some(threads));
+    let t = [q, k, v, o, lse, grad_output];
+    if q.extract::<PyReadonlyArrayDyn<'py, f64>>().is_ok() {
+        attn_bwd::<f64>(py, t, causal, key_padding_mask, scale, threads)
+    } else {
+        attn_bwd::<f32>(py, t, causal, key_padding_mask, scale, threads)
+    }
+}

@@ -1,0 +1,252 @@
+//! Scaled-dot-product attention, forward and backward, CPU (f32 / f64).
+//!
+//! This first version computes each head's scores as one matrix product (`gemm` crate), masks
+//! and softmaxes the rows in place, and multiplies by V; the backward recomputes the
+//! probabilities from the saved log-sum-exp (five products per head, FlashAttention-2's
+//! formulation). Work is parallel over (batch, head) for the forward and (batch, kv-head) for
+//! the backward, so a thread owns whole dK/dV slices (no races). Memory per task is one
+//! `Tq x Tk` score matrix. Tiled online-softmax kernels with masked-tile skipping come next.
+//!
+//! Semantics: q `(B, Hq, Tq, D)`, k `(B, Hk, Tk, D)`, v `(B, Hk, Tk, Dv)`, `Hk` divides `Hq`
+//! (grouped-query attention: q head h reads kv head `h / (Hq / Hk)`); the causal mask is
+//! aligned to the end (query i sees keys `j <= i + Tk - Tq`, the KV-cache convention); a key
+//! marked in `key_padding` (B, Tk) is ignored; a row with no visible key outputs zeros and has
+//! log-sum-exp -inf (its gradients are zero).
+
+use rayon::prelude::*;
+
+use super::{matmul, Float, Mat};
+use crate::{Error, Result};
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub b: usize,
+    pub hq: usize,
+    pub hk: usize,
+    pub tq: usize,
+    pub tk: usize,
+    pub d: usize,
+    pub dv: usize,
+}
+
+impl Shape {
+    fn check<T>(&self, q: &[T], k: &[T], v: &[T], pad: Option<&[bool]>) -> Result<()> {
+        if self.hk == 0 || self.hq % self.hk != 0 {
+            return Err(Error::value(format!("kv heads ({}) must divide query heads ({})", self.hk, self.hq)));
+        }
+        let want = [
+            ("q", q.len(), self.b * self.hq * self.tq * self.d),
+            ("k", k.len(), self.b * self.hk * self.tk * self.d),
+            ("v", v.len(), self.b * self.hk * self.tk * self.dv),
+        ];
+        for (name, got, want) in want {
+            if got != want {
+                return Err(Error::value(format!("{name} has {got} elements, expected {want}")));
+            }
+        }
+        if let Some(p) = pad {
+            if p.len() != self.b * self.tk {
+                return Err(Error::value(format!("key_padding_mask has {} elements, expected {}", p.len(), self.b * self.tk)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Masks and scales a score row in place; returns whether any key is visible.
+#[inline]
+fn mask_row<T: Float>(s: &mut [T], i: usize, sh: &Shape, causal: bool, pad: Option<&[bool]>, scale: T, neg_inf: T) -> bool {
+    let limit = if causal { (i + 1 + sh.tk).saturating_sub(sh.tq).min(sh.tk) } else { sh.tk };
+    let mut any = false;
+    for (j, x) in s.iter_mut().enumerate() {
+        if j >= limit || pad.is_some_and(|p| p[j]) {
+            *x = neg_inf;
+        } else {
+            *x = *x * scale;
+            any = true;
+        }
+    }
+    any
+}
+
+fn ln<T: Float>(x: T) -> T {
+    // Once per row, so f64 is fine.
+    T::from_f64(x.to_f64().ln())
+}
+
+/// Forward: returns `o (B, Hq, Tq, Dv)` and `lse (B, Hq, Tq)`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: Float>(q: &[T], k: &[T], v: &[T], sh: Shape, causal: bool, key_padding: Option<&[bool]>, scale: T) -> Result<(Vec<T>, Vec<T>)> {
+    sh.check(q, k, v, key_padding)?;
+    let group = sh.hq / sh.hk;
+    let neg_inf = T::from_f64(f64::NEG_INFINITY);
+    let mut o = vec![T::ZERO; sh.b * sh.hq * sh.tq * sh.dv];
+    let mut lse = vec![neg_inf; sh.b * sh.hq * sh.tq];
+    let per_o = sh.tq * sh.dv;
+    o.par_chunks_mut(per_o.max(1)).zip(lse.par_chunks_mut(sh.tq.max(1))).enumerate().for_each(|(bh, (ob, lb))| {
+        if sh.tq == 0 {
+            return;
+        }
+        let (b, h) = (bh / sh.hq, bh % sh.hq);
+        let kvh = b * sh.hk + h / group;
+        let qh = &q[bh * sh.tq * sh.d..(bh + 1) * sh.tq * sh.d];
+        let kh = &k[kvh * sh.tk * sh.d..(kvh + 1) * sh.tk * sh.d];
+        let vh = &v[kvh * sh.tk * sh.dv..(kvh + 1) * sh.tk * sh.dv];
+        let pad = key_padding.map(|p| &p[b * sh.tk..(b + 1) * sh.tk]);
+        let mut s = vec![T::ZERO; sh.tq * sh.tk];
+        matmul(&mut s, sh.tk, Mat::rm(qh, sh.tq, sh.d), Mat::rm(kh, sh.tk, sh.d).t(), false, 1);
+        for i in 0..sh.tq {
+            let row = &mut s[i * sh.tk..(i + 1) * sh.tk];
+            if !mask_row(row, i, &sh, causal, pad, scale, neg_inf) {
+                row.fill(T::ZERO);
+                continue; // lse stays -inf, output row stays 0
+            }
+            let m = row.iter().copied().fold(neg_inf, |a, b| if b > a { b } else { a });
+            let mut sum = T::ZERO;
+            for x in row.iter_mut() {
+                *x = (*x - m).exp();
+                sum += *x;
+            }
+            let inv = T::ONE / sum;
+            for x in row.iter_mut() {
+                *x = *x * inv;
+            }
+            lb[i] = m + ln(sum);
+        }
+        matmul(ob, sh.dv, Mat::rm(&s, sh.tq, sh.tk), Mat::rm(vh, sh.tk, sh.dv), false, 1);
+    });
+    Ok((o, lse))
+}
+
+/// Backward: returns `(dq, dk, dv)` given the forward's `o` and `lse` and `d_o`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Float>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    o: &[T],
+    lse: &[T],
+    d_o: &[T],
+    sh: Shape,
+    causal: bool,
+    key_padding: Option<&[bool]>,
+    scale: T,
+) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    sh.check(q, k, v, key_padding)?;
+    let n_o = sh.b * sh.hq * sh.tq * sh.dv;
+    if o.len() != n_o || d_o.len() != n_o || lse.len() != sh.b * sh.hq * sh.tq {
+        return Err(Error::value("saved output, its gradient or the log-sum-exp has the wrong size"));
+    }
+    let group = sh.hq / sh.hk;
+    let neg_inf = T::from_f64(f64::NEG_INFINITY);
+    let mut dq = vec![T::ZERO; q.len()];
+    let mut dk = vec![T::ZERO; k.len()];
+    let mut dv = vec![T::ZERO; v.len()];
+    let (qsz, ksz, vsz) = (sh.tq * sh.d, sh.tk * sh.d, sh.tk * sh.dv);
+    if qsz == 0 || ksz == 0 {
+        return Ok((dq, dk, dv));
+    }
+    // One task per (batch, kv head): it owns dk/dv of that head and dq of its query group.
+    dq.par_chunks_mut(group * qsz)
+        .zip(dk.par_chunks_mut(ksz))
+        .zip(dv.par_chunks_mut(vsz.max(1)))
+        .enumerate()
+        .for_each(|(bkv, ((dqg, dkh), dvh))| {
+            let b = bkv / sh.hk;
+            let kh = &k[bkv * ksz..(bkv + 1) * ksz];
+            let vh = &v[bkv * vsz..(bkv + 1) * vsz];
+            let pad = key_padding.map(|p| &p[b * sh.tk..(b + 1) * sh.tk]);
+            let mut p = vec![T::ZERO; sh.tq * sh.tk];
+            let mut dp = vec![T::ZERO; sh.tq * sh.tk];
+            for g in 0..group {
+                let bh = bkv * group + g;
+                let qh = &q[bh * qsz..(bh + 1) * qsz];
+                let oh = &o[bh * sh.tq * sh.dv..(bh + 1) * sh.tq * sh.dv];
+                let doh = &d_o[bh * sh.tq * sh.dv..(bh + 1) * sh.tq * sh.dv];
+                let lh = &lse[bh * sh.tq..(bh + 1) * sh.tq];
+                // P = exp(S * scale - lse), 0 on masked keys and fully masked rows.
+                matmul(&mut p, sh.tk, Mat::rm(qh, sh.tq, sh.d), Mat::rm(kh, sh.tk, sh.d).t(), false, 1);
+                for i in 0..sh.tq {
+                    let row = &mut p[i * sh.tk..(i + 1) * sh.tk];
+                    if !mask_row(row, i, &sh, causal, pad, scale, neg_inf) || !(lh[i] > neg_inf) {
+                        row.fill(T::ZERO);
+                        continue;
+                    }
+                    for x in row.iter_mut() {
+                        *x = (*x - lh[i]).exp();
+                    }
+                }
+                // dV += Pᵀ dO
+                matmul(dvh, sh.dv, Mat::rm(&p, sh.tq, sh.tk).t(), Mat::rm(doh, sh.tq, sh.dv), true, 1);
+                // dP = dO Vᵀ; dS = P ∘ (dP − rowsum(dO ∘ O)) * scale
+                matmul(&mut dp, sh.tk, Mat::rm(doh, sh.tq, sh.dv), Mat::rm(vh, sh.tk, sh.dv).t(), false, 1);
+                for i in 0..sh.tq {
+                    let mut dsum = T::ZERO;
+                    for c in 0..sh.dv {
+                        dsum += doh[i * sh.dv + c] * oh[i * sh.dv + c];
+                    }
+                    let (pr, dr) = (&p[i * sh.tk..(i + 1) * sh.tk], &mut dp[i * sh.tk..(i + 1) * sh.tk]);
+                    for (d, &pv) in dr.iter_mut().zip(pr) {
+                        *d = pv * (*d - dsum) * scale;
+                    }
+                }
+                // dQ = dS K ; dK += dSᵀ Q
+                matmul(&mut dqg[g * qsz..(g + 1) * qsz], sh.d, Mat::rm(&dp, sh.tq, sh.tk), Mat::rm(kh, sh.tk, sh.d), false, 1);
+                matmul(dkh, sh.d, Mat::rm(&dp, sh.tq, sh.tk).t(), Mat::rm(qh, sh.tq, sh.d), true, 1);
+            }
+        });
+    Ok((dq, dk, dv))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let sh = Shape { b: 2, hq: 4, hk: 2, tq: 3, tk: 5, d: 4, dv: 3 };
+        let mut seed = 11u64;
+        let mut r = |n: usize| -> Vec<f64> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((seed >> 11) as f64 / (1u64 << 53) as f64) - 0.5
+                })
+                .collect()
+        };
+        let q = r(2 * 4 * 3 * 4);
+        let k = r(2 * 2 * 5 * 4);
+        let v = r(2 * 2 * 5 * 3);
+        let g = r(2 * 4 * 3 * 3);
+        let mut pad = vec![false; 10];
+        pad[4] = true;
+        pad[5] = true;
+        pad[6] = true;
+        pad[7] = true;
+        pad[8] = true; // batch 1 sees only key 4 (causal rows 0..1 then see nothing)
+        for causal in [false, true] {
+            let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+                let (o, _) = forward(q, k, v, sh, causal, Some(&pad), 0.7).unwrap();
+                o.iter().zip(&g).map(|(a, b)| a * b).sum()
+            };
+            let (o, lse) = forward(&q, &k, &v, sh, causal, Some(&pad), 0.7).unwrap();
+            let (dq, dk, dv) = backward(&q, &k, &v, &o, &lse, &g, sh, causal, Some(&pad), 0.7).unwrap();
+            for (which, (x, grad)) in [(&q, &dq), (&k, &dk), (&v, &dv)].into_iter().enumerate() {
+                for idx in 0..x.len() {
+                    let mut xp = x.clone();
+                    xp[idx] += 1e-6;
+                    let mut xm = x.clone();
+                    xm[idx] -= 1e-6;
+                    let (fp, fm) = match which {
+                        0 => (loss(&xp, &k, &v), loss(&xm, &k, &v)),
+                        1 => (loss(&q, &xp, &v), loss(&q, &xm, &v)),
+                        _ => (loss(&q, &k, &xp), loss(&q, &k, &xm)),
+                    };
+                    let num = (fp - fm) / 2e-6;
+                    assert!((num - grad[idx]).abs() < 1e-7, "causal={causal} arg {which}[{idx}]: {num} vs {}", grad[idx]);
+                }
+            }
+        }
+    }
+}
