@@ -103,11 +103,7 @@ pub fn forward<T: Float>(q: &[T], k: &[T], v: &[T], sh: Shape, causal: bool, key
                 continue; // lse stays -inf, output row stays 0
             }
             let m = row.iter().copied().fold(neg_inf, |a, b| if b > a { b } else { a });
-            let mut sum = T::ZERO;
-            for x in row.iter_mut() {
-                *x = (*x - m).exp();
-                sum += *x;
-            }
+            let sum = T::exp_sub_sum(row, m);
             let inv = T::ONE / sum;
             for x in row.iter_mut() {
                 *x = *x * inv;
@@ -173,9 +169,7 @@ pub fn backward<T: Float>(
                         row.fill(T::ZERO);
                         continue;
                     }
-                    for x in row.iter_mut() {
-                        *x = (*x - lh[i]).exp();
-                    }
+                    T::exp_sub_sum(row, lh[i]);
                 }
                 // dV += Pᵀ dO
                 matmul(dvh, sh.dv, Mat::rm(&p, sh.tq, sh.tk).t(), Mat::rm(doh, sh.tq, sh.dv), true, 1);

@@ -71,6 +71,16 @@ pub trait Float:
         }
     }
 
+    /// `x = exp(x - m)` in place; returns the sum.
+    fn exp_sub_sum(x: &mut [Self], m: Self) -> Self {
+        let mut sum = Self::ZERO;
+        for v in x.iter_mut() {
+            *v = (*v - m).exp();
+            sum += *v;
+        }
+        sum
+    }
+
     /// `out = tanh(x)` elementwise.
     fn tanh_slice(x: &[Self], out: &mut [Self]) {
         for (o, &v) in out.iter_mut().zip(x) {
@@ -101,6 +111,9 @@ impl Float for f32 {
     }
     fn tanh_slice(x: &[Self], out: &mut [Self]) {
         simd::tanh_f32(x, out)
+    }
+    fn exp_sub_sum(x: &mut [Self], m: Self) -> Self {
+        simd::exp_sub_sum_f32(x, m)
     }
     #[inline(always)]
     fn exp(self) -> Self {

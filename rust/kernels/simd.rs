@@ -30,6 +30,14 @@ mod avx {
 
     #[inline(always)]
     pub unsafe fn exp(x: __m256) -> __m256 {
+        // Below the smallest normal result, return exactly 0 (so exp(-inf) == 0).
+        let underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654), _CMP_LT_OQ);
+        let r = exp_clamped(x);
+        _mm256_andnot_ps(underflow, r)
+    }
+
+    #[inline(always)]
+    unsafe fn exp_clamped(x: __m256) -> __m256 {
         let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654)), _mm256_set1_ps(88.72283));
         let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
@@ -219,6 +227,43 @@ unsafe fn gru_cell_avx(row: &GruRow<'_, f32>, h: &mut [f32], hn_out: &mut [f32],
         k += 8;
     }
     k
+}
+
+/// `x[k] = exp(x[k] - m)` in place; returns the sum (the softmax inner loop).
+pub fn exp_sub_sum_f32(x: &mut [f32], m: f32) -> f32 {
+    let mut k = 0;
+    let mut sum = 0.0f32;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: features checked; k + 8 <= len for every vector access.
+        unsafe {
+            let (kk, s) = exp_sub_sum_avx(x, m);
+            k = kk;
+            sum = s;
+        }
+    }
+    for v in &mut x[k..] {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_sub_sum_avx(x: &mut [f32], m: f32) -> (usize, f32) {
+    let mv = _mm256_set1_ps(m);
+    let mut acc = _mm256_setzero_ps();
+    let mut k = 0;
+    while k + 8 <= x.len() {
+        let e = avx::exp(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(k)), mv));
+        _mm256_storeu_ps(x.as_mut_ptr().add(k), e);
+        acc = _mm256_add_ps(acc, e);
+        k += 8;
+    }
+    let mut lanes = [0.0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    (k, lanes.iter().sum())
 }
 
 /// `out[k] = tanh(x[k])` for f32 slices (vectorised when possible).
