@@ -361,6 +361,63 @@ def rnn_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any
     return out
 
 
+def attention_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any]]:
+    """Attention workloads: ferrolm.ops.attention vs torch's scaled_dot_product_attention (CPU
+    flash kernel), same threads: causal and full, forward and forward+backward, 40% key
+    padding."""
+    import torch
+    import torch.nn.functional as F
+
+    from .ops import attention
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [64] if smoke else [512, 1024] + ([2048] if full else [])
+    out = []
+    for t in lengths:
+        b, h, d = 2, 8, 64
+        q, k, v = (torch.randn(b, h, t, d, generator=g) for _ in range(3))
+        qg, kg, vg = (x.clone().requires_grad_(True) for x in (q, k, v))
+        for causal in (True, False):
+            flops = 4.0 * b * h * t * t * d * (0.5 if causal else 1.0)
+            tag = "causal" if causal else "full"
+
+            def fwd_ours(causal=causal, q=q, k=k, v=v):
+                return attention(q, k, v, causal=causal)
+
+            def fwd_torch(causal=causal, q=q, k=k, v=v):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+            def bwd_ours(causal=causal, q=qg, k=kg, v=vg):
+                attention(q, k, v, causal=causal).sum().backward()
+
+            def bwd_torch(causal=causal, q=qg, k=kg, v=vg):
+                F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
+
+            out.append({"name": f"attention {tag} B={b} H={h} T={t} D={d}: forward", "flops": flops, "fns": {"ferrolm": fwd_ours, "torch_sdpa": fwd_torch}})
+            out.append({"name": f"attention {tag} B={b} H={h} T={t} D={d}: forward+backward", "flops": 3.5 * flops, "fns": {"ferrolm": bwd_ours, "torch_sdpa": bwd_torch}})
+        pad = torch.zeros(b, t, dtype=torch.bool)
+        pad[:, int(t * 0.6):] = True
+        allowed = ~pad[:, None, None, :]
+
+        def pad_ours(q=q, k=k, v=v, pad=pad):
+            return attention(q, k, v, key_padding_mask=pad)
+
+        def pad_torch(q=q, k=k, v=v, allowed=allowed):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+        out.append({"name": f"attention 40% key padding B={b} H={h} T={t} D={d}: forward", "flops": None, "fns": {"ferrolm": pad_ours, "torch_sdpa": pad_torch}})
+    return out
+
+
+def _attention_results(full: bool, repeats: int) -> List[Result]:
+    out = []
+    for w in attention_workloads(full=full):
+        r = Result("attention", w["name"], f"{w['flops'] / 1e9:.2f} GFLOP" if w["flops"] else "-")
+        r.seconds = compare(w["fns"], repeats)
+        out.append(r)
+    return out
+
+
 def _rnn_results(full: bool, repeats: int) -> List[Result]:
     out = []
     for w in rnn_workloads(full=full):
@@ -388,7 +445,7 @@ def _data_results(full: bool, repeats: int) -> List[Result]:
     return out
 
 
-def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: Tuple[str, ...] = ("tokenizer", "data", "rnn")) -> List[Result]:
+def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: Tuple[str, ...] = ("tokenizer", "data", "rnn", "attention")) -> List[Result]:
     """Runs the suite, prints a table, and returns the rows.
 
     Args:
@@ -417,6 +474,11 @@ def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: T
             r, bpt = _training_result(100 if full else 10, 32_000 if full else 8_000, 3 if full else 2)
             results.append(r)
             extra["bytes_per_token_held_out"] = bpt
+        if "attention" in areas:
+            try:
+                results += _attention_results(full, repeats)
+            except ImportError:
+                print("attention benchmarks skipped: torch is not installed")
         if "rnn" in areas:
             try:
                 results += _rnn_results(full, repeats)

@@ -11,7 +11,7 @@ from typing import List, Optional
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmarks
 
-    areas = tuple(args.only.split(",")) if args.only else ("tokenizer", "data", "rnn")
+    areas = tuple(args.only.split(",")) if args.only else ("tokenizer", "data", "rnn", "attention")
     run_benchmarks(full=args.full, json_path=args.json, areas=areas)
     return 0
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmark suite (quick by default) and print ferrolm vs the references")
     b.add_argument("--full", action="store_true", help="the whole grid (slow) instead of the quick set")
     b.add_argument("--json", default=None, help="also write the results to this JSON file")
-    b.add_argument("--only", default=None, help="comma-separated areas to run (tokenizer, data, rnn)")
+    b.add_argument("--only", default=None, help="comma-separated areas to run (tokenizer, data, rnn, attention)")
     b.set_defaults(func=_cmd_bench)
 
     t = sub.add_parser("tokenizer", help="train or use a tokenizer")
