@@ -100,3 +100,36 @@ def test_other_dtypes_use_torch_with_same_semantics():
     assert out.dtype == torch.bfloat16 and torch.equal(out, torch.zeros_like(out))
     a = ops.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True).float()
     torch.testing.assert_close(a, ops.attention(q, k, v, causal=True), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (12, 4), (8, 1)])
+def test_decode_equals_full_attention_on_the_last_position(heads):
+    hq, hk = heads
+    b, cap, d = 4, 300, 64
+    q = rand(b, hq, d, seed=11)
+    kc, vc = rand(b, hk, cap, d, seed=12), rand(b, hk, cap, d, seed=13)
+    lengths = [300, 17, 0, 256]
+    out = ops.decode_attention(q, kc, vc, lengths)
+    pad = torch.arange(cap)[None, :] >= torch.tensor(lengths)[:, None]
+    ref = reference.attention(q[:, :, None].double(), kc.double(), vc.double(), key_padding_mask=pad)[:, :, 0]
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    # The KV-cache case end to end: the last row of causal attention over a sequence equals
+    # decoding its last token against the cache of the whole sequence.
+    t = 37
+    qs, ks, vs = rand(1, hq, t, d, seed=14), rand(1, hk, t, d, seed=15), rand(1, hk, t, d, seed=16)
+    full = ops.attention(qs, ks, vs, causal=True)[:, :, -1]
+    torch.testing.assert_close(ops.decode_attention(qs[:, :, -1], ks, vs, [t]), full, rtol=1e-5, atol=1e-6)
+    assert ops.decode_attention(qs[:, :, -1:], ks, vs, [t]).shape == (1, hq, 1, d)
+
+
+def test_decode_bad_input():
+    q, kc, vc = rand(2, 4, 8), rand(2, 2, 10, 8), rand(2, 2, 10, 8)
+    with pytest.raises(ValueError, match="cache_lengths"):
+        ops.decode_attention(q, kc, vc, [11, 2])
+    with pytest.raises(ValueError, match="cache_lengths"):
+        ops.decode_attention(q, kc, vc, [1])
+    with pytest.raises(ValueError, match="must divide"):
+        ops.decode_attention(rand(2, 3, 8), kc, vc, [1, 2])
+    with pytest.raises(ValueError, match="one query"):
+        ops.decode_attention(rand(2, 4, 2, 8), kc, vc, [1, 2])

@@ -406,6 +406,21 @@ def attention_workloads(smoke: bool = False, full: bool = False) -> List[Dict[st
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
         out.append({"name": f"attention 40% key padding B={b} H={h} T={t} D={d}: forward", "flops": None, "fns": {"ferrolm": pad_ours, "torch_sdpa": pad_torch}})
+    from .ops import decode_attention
+
+    b, h, cap, d = (2, 4, 64, 16) if smoke else (8, 12, 2048, 64)
+    qd = torch.randn(b, h, 1, d, generator=g)
+    kc, vc = torch.randn(b, h, cap, d, generator=g), torch.randn(b, h, cap, d, generator=g)
+    lengths = [cap] * b
+
+    def dec_ours(qd=qd, kc=kc, vc=vc, lengths=lengths):
+        return decode_attention(qd, kc, vc, lengths)
+
+    def dec_torch(qd=qd, kc=kc, vc=vc):
+        return F.scaled_dot_product_attention(qd, kc, vc)
+
+    mb = 2 * b * h * cap * d * 4 / 1e6
+    out.append({"name": f"decode B={b} H={h} cache={cap} D={d} ({mb:.0f} MB of cache)", "flops": None, "fns": {"ferrolm": dec_ours, "torch_sdpa": dec_torch}})
     return out
 
 

@@ -7,6 +7,7 @@
 //! product.
 
 pub mod attention;
+pub mod decode;
 pub mod rnn;
 pub mod simd;
 pub mod smallmm;

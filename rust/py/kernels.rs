@@ -297,3 +297,28 @@ pub fn attention_backward<'py>(
         attn_bwd::<f32>(py, t, causal, key_padding_mask, scale, threads)
     }
 }
+
+#[allow(clippy::too_many_arguments)]
+fn decode_t<'py, T: Float + Element>(py: Python<'py>, q: &Bound<'py, PyAny>, k: &Bound<'py, PyAny>, v: &Bound<'py, PyAny>, lengths: Vec<usize>, scale: f64, threads: usize) -> PyResult<Out<'py>> {
+    let (q, k, v) = (arr::<T>("q", q)?, arr::<T>("k_cache", k)?, arr::<T>("v_cache", v)?);
+    let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
+    if qs.len() != 3 || ks.len() != 4 || vs.len() != 4 {
+        return Err(PyValueError::new_err("q must be (B, Hq, D) and the caches (B, Hk, L, D)"));
+    }
+    let sh = crate::kernels::decode::Shape { b: qs[0], hq: qs[1], hk: ks[1], l: ks[2], d: qs[2], dv: vs[3] };
+    let (qd, kd, vd) = (sl(&q), sl(&k), sl(&v));
+    let o = py.detach(|| parallel::install(threads, || crate::kernels::decode::decode(qd, kd, vd, &lengths, sh, T::from_f64(scale), threads)))?;
+    out(py, o, &[sh.b, sh.hq, sh.dv])
+}
+
+/// Single-token attention over KV caches: returns (B, Hq, Dv).
+#[pyfunction]
+#[pyo3(signature = (q, k_cache, v_cache, cache_lengths, scale, threads))]
+pub fn decode_attention<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, k_cache: &Bound<'py, PyAny>, v_cache: &Bound<'py, PyAny>, cache_lengths: Vec<usize>, scale: f64, threads: usize) -> PyResult<Out<'py>> {
+    let threads = parallel::resolve_threads(Some(threads));
+    if q.extract::<PyReadonlyArrayDyn<'py, f64>>().is_ok() {
+        decode_t::<f64>(py, q, k_cache, v_cache, cache_lengths, scale, threads)
+    } else {
+        decode_t::<f32>(py, q, k_cache, v_cache, cache_lengths, scale, threads)
+    }
+}

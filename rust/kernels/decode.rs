@@ -1,0 +1,207 @@
+//! Single-token attention against KV caches of different lengths (generation).
+//!
+//! Memory-bound: every cached key and value is read once per call. The work is split into
+//! (batch, kv head, chunk of the cache) tasks so both cores stream the cache even at batch 1;
+//! the query heads that share a kv head (GQA) are handled together so K/V are read once for
+//! the group. Each task keeps a partial (max, sum, weighted values) per query head over blocks
+//! of 32 keys (one rescale per block), and the partials are merged with their log-sum-exps.
+//! Compiled a second time with AVX2+FMA and chosen at run time.
+
+use rayon::prelude::*;
+
+use super::Float;
+use crate::{Error, Result};
+
+/// Shapes of a decode call: q `(B, Hq, D)`, caches `(B, Hk, L, D)` / `(B, Hk, L, Dv)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub b: usize,
+    pub hq: usize,
+    pub hk: usize,
+    pub l: usize,
+    pub d: usize,
+    pub dv: usize,
+}
+
+const BLOCK: usize = 32;
+
+#[inline(always)]
+fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = T::ZERO;
+    for (x, y) in ra.iter().zip(rb) {
+        s += *x * *y;
+    }
+    for v in acc {
+        s += v;
+    }
+    s
+}
+
+/// A partial result over one chunk of the cache for one query head.
+#[derive(Clone)]
+struct Partial<T> {
+    m: T,
+    l: T,
+    acc: Vec<T>,
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn chunk<T: Float>(qs: &[&[T]], k: &[T], v: &[T], j0: usize, j1: usize, d: usize, dv: usize, scale: T) -> Vec<Partial<T>> {
+    let neg_inf = T::from_f64(f64::NEG_INFINITY);
+    let mut parts: Vec<Partial<T>> = qs.iter().map(|_| Partial { m: neg_inf, l: T::ZERO, acc: vec![T::ZERO; dv] }).collect();
+    let mut s = [T::ZERO; BLOCK];
+    let mut b0 = j0;
+    while b0 < j1 {
+        let b1 = (b0 + BLOCK).min(j1);
+        for (qh, part) in qs.iter().zip(parts.iter_mut()) {
+            let mut bm = neg_inf;
+            for j in b0..b1 {
+                let x = dot(qh, &k[j * d..(j + 1) * d]) * scale;
+                s[j - b0] = x;
+                if x > bm {
+                    bm = x;
+                }
+            }
+            let m_new = if bm > part.m { bm } else { part.m };
+            if m_new > part.m && part.l > T::ZERO {
+                let c = (part.m - m_new).exp();
+                part.l = part.l * c;
+                for a in part.acc.iter_mut() {
+                    *a = *a * c;
+                }
+            }
+            part.m = m_new;
+            for j in b0..b1 {
+                let p = (s[j - b0] - m_new).exp();
+                part.l += p;
+                for (a, &x) in part.acc.iter_mut().zip(&v[j * dv..(j + 1) * dv]) {
+                    *a += p * x;
+                }
+            }
+        }
+        b0 = b1;
+    }
+    parts
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn chunk_avx2<T: Float>(qs: &[&[T]], k: &[T], v: &[T], j0: usize, j1: usize, d: usize, dv: usize, scale: T) -> Vec<Partial<T>> {
+    chunk(qs, k, v, j0, j1, d, dv, scale)
+}
+
+/// `o (B, Hq, Dv)`: query b attends to the first `lengths[b]` cached keys (0 gives zeros).
+#[allow(clippy::too_many_arguments)]
+pub fn decode<T: Float>(q: &[T], k: &[T], v: &[T], lengths: &[usize], sh: Shape, scale: T, threads: usize) -> Result<Vec<T>> {
+    if sh.hk == 0 || sh.hq % sh.hk != 0 {
+        return Err(Error::value(format!("kv heads ({}) must divide query heads ({})", sh.hk, sh.hq)));
+    }
+    if q.len() != sh.b * sh.hq * sh.d || k.len() != sh.b * sh.hk * sh.l * sh.d || v.len() != sh.b * sh.hk * sh.l * sh.dv {
+        return Err(Error::value("q, k_cache or v_cache has the wrong number of elements"));
+    }
+    if lengths.len() != sh.b {
+        return Err(Error::value(format!("cache_lengths has {} entries, expected {}", lengths.len(), sh.b)));
+    }
+    if let Some(&bad) = lengths.iter().find(|&&x| x > sh.l) {
+        return Err(Error::value(format!("cache length {bad} exceeds the cache's capacity {}", sh.l)));
+    }
+    let group = sh.hq / sh.hk;
+    // Enough chunks that both cores stream even at batch 1; at least 256 keys each.
+    let pairs = sh.b * sh.hk;
+    let chunks = if pairs >= 2 * threads { 1 } else { (2 * threads).div_ceil(pairs).max(1) };
+    let tasks: Vec<(usize, usize)> = (0..pairs).flat_map(|p| (0..chunks).map(move |c| (p, c))).collect();
+    let use_avx2 = super::simd::has_avx2_fma();
+    let partials: Vec<Vec<Partial<T>>> = tasks
+        .par_iter()
+        .map(|&(p, c)| {
+            let b = p / sh.hk;
+            let len = lengths[b];
+            let per = len.div_ceil(chunks).max(256.min(len.max(1)));
+            let (j0, j1) = ((c * per).min(len), ((c + 1) * per).min(len));
+            let qs: Vec<&[T]> = (0..group).map(|g| &q[(p * group + g) * sh.d..(p * group + g + 1) * sh.d]).collect();
+            let kh = &k[p * sh.l * sh.d..(p + 1) * sh.l * sh.d];
+            let vh = &v[p * sh.l * sh.dv..(p + 1) * sh.l * sh.dv];
+            #[cfg(target_arch = "x86_64")]
+            if use_avx2 {
+                // SAFETY: AVX2 and FMA are present (checked once above).
+                return unsafe { chunk_avx2(&qs, kh, vh, j0, j1, sh.d, sh.dv, scale) };
+            }
+            let _ = use_avx2;
+            chunk(&qs, kh, vh, j0, j1, sh.d, sh.dv, scale)
+        })
+        .collect();
+    let mut o = vec![T::ZERO; sh.b * sh.hq * sh.dv];
+    let neg_inf = T::from_f64(f64::NEG_INFINITY);
+    for p in 0..pairs {
+        for g in 0..group {
+            let parts: Vec<&Partial<T>> = (0..chunks).map(|c| &partials[p * chunks + c][g]).collect();
+            let m = parts.iter().map(|x| x.m).fold(neg_inf, |a, b| if b > a { b } else { a });
+            if !(m > neg_inf) {
+                continue; // no keys: zeros
+            }
+            let out = &mut o[(p * group + g) * sh.dv..(p * group + g + 1) * sh.dv];
+            let mut l = T::ZERO;
+            for part in parts {
+                if !(part.m > neg_inf) {
+                    continue;
+                }
+                let c = (part.m - m).exp();
+                l += part.l * c;
+                for (a, &x) in out.iter_mut().zip(&part.acc) {
+                    *a += x * c;
+                }
+            }
+            let inv = T::ONE / l;
+            for a in out.iter_mut() {
+                *a = *a * inv;
+            }
+        }
+    }
+    Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equals_full_attention_on_the_last_position() {
+        let sh = Shape { b: 3, hq: 4, hk: 2, l: 700, d: 16, dv: 8 };
+        let mut seed = 5u64;
+        let mut r = |n: usize| -> Vec<f64> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((seed >> 11) as f64 / (1u64 << 53) as f64) - 0.5
+                })
+                .collect()
+        };
+        let (q, k, v) = (r(3 * 4 * 16), r(3 * 2 * 700 * 16), r(3 * 2 * 700 * 8));
+        let lengths = [700usize, 1, 0];
+        let o = crate::parallel::install(2, || decode(&q, &k, &v, &lengths, sh, 0.25, 2)).unwrap();
+        for b in 0..3 {
+            for h in 0..4 {
+                let kvh = b * 2 + h / 2;
+                let qh = &q[(b * 4 + h) * 16..(b * 4 + h + 1) * 16];
+                let s: Vec<f64> = (0..lengths[b]).map(|j| 0.25 * (0..16).map(|c| qh[c] * k[(kvh * 700 + j) * 16 + c]).sum::<f64>()).collect();
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for c in 0..8 {
+                    let want = if lengths[b] == 0 { 0.0 } else { s.iter().enumerate().map(|(j, x)| (x - m).exp() / z * v[(kvh * 700 + j) * 8 + c]).sum::<f64>() };
+                    let got = o[(b * 4 + h) * 8 + c];
+                    assert!((got - want).abs() < 1e-12, "b{b} h{h} c{c}: {got} vs {want}");
+                }
+            }
+        }
+    }
+}
