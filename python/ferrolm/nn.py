@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .ops import gru_layer, lstm_layer
 
-__all__ = ["LSTM", "GRU"]
+__all__ = ["LSTM", "GRU", "MultiheadSelfAttention", "KVCache", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "RotaryEmbedding"]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 
@@ -204,3 +204,147 @@ class GRU(_FusedRNNMixin, torch.nn.GRU):
 
     _lstm = False
 
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class SinusoidalPositionalEncoding(torch.nn.Module):
+    """The Transformer's fixed encoding: ``pe[p, 2i] = sin(p / 10000^(2i/C))``,
+    ``pe[p, 2i+1] = cos(...)``; ``forward(x, offset=0)`` returns ``x + pe[offset:offset+T]``
+    for x (B, T, C)."""
+
+    def __init__(self, n_embd: int, max_len: int = 4096, base: float = 10000.0) -> None:
+        super().__init__()
+        if n_embd % 2:
+            raise ValueError(f"n_embd must be even for sinusoidal positions, got {n_embd}")
+        pos = torch.arange(max_len, dtype=torch.float64)[:, None]
+        inv = base ** (-torch.arange(0, n_embd, 2, dtype=torch.float64) / n_embd)
+        pe = torch.zeros(max_len, n_embd, dtype=torch.float64)
+        pe[:, 0::2] = torch.sin(pos * inv)
+        pe[:, 1::2] = torch.cos(pos * inv)
+        self.register_buffer("pe", pe.float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        t = x.size(1)
+        if offset + t > self.pe.size(0):
+            raise ValueError(f"positions up to {offset + t} exceed max_len={self.pe.size(0)}; raise max_len")
+        return x + self.pe[offset : offset + t].to(x.dtype)
+
+
+class LearnedPositionalEmbedding(torch.nn.Module):
+    """A learned position table (GPT-2's ``wpe``); ``forward(x, offset=0)`` adds it."""
+
+    def __init__(self, block_size: int, n_embd: int) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.weight = torch.nn.Parameter(torch.randn(block_size, n_embd) * 0.02)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        t = x.size(1)
+        if offset + t > self.block_size:
+            raise ValueError(f"sequence length {offset + t} exceeds block_size={self.block_size}; crop the input or raise block_size")
+        return x + self.weight[offset : offset + t].to(x.dtype)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Rotary position embedding (RoPE, Su et al.): rotates pairs ``(x[2i], x[2i+1])`` of each
+    head's vector by ``p * base^(-2i/D)``, so ``<rope(q, m), rope(k, n)>`` depends only on
+    ``m - n``. ``forward(x, offset=0)`` for x (B, H, T, D)."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+        inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        t = x.size(-2)
+        pos = torch.arange(offset, offset + t, dtype=torch.float64, device=x.device)
+        ang = pos[:, None] * self.inv_freq.to(x.device)[None, :]  # (T, D/2)
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = torch.empty_like(x)
+        out[..., 0::2] = x1 * cos - x2 * sin
+        out[..., 1::2] = x1 * sin + x2 * cos
+        return out
+
+
+class KVCache:
+    """Keys and values of past positions for generation: (B, Hk, capacity, D) each, and the
+    number of positions filled (the same for every sequence of the batch)."""
+
+    def __init__(self, batch: int, n_kv_head: int, capacity: int, head_dim: int, dtype=torch.float32, device="cpu") -> None:
+        self.k = torch.zeros(batch, n_kv_head, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.size(2)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        t = k.size(2)
+        if self.length + t > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; appending {t} to {self.length} overflows it")
+        self.k[:, :, self.length : self.length + t] = k
+        self.v[:, :, self.length : self.length + t] = v
+        self.length += t
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+
+class MultiheadSelfAttention(torch.nn.Module):
+    """Multi-head (optionally grouped-query) self-attention on ferrolm's attention kernels.
+
+    A fused qkv projection ``c_attn`` (C -> (H + 2*Hk) * D) and an output projection
+    ``c_proj``, GPT-2's names. ``forward(x, key_padding_mask=None, cache=None)``: x (B, T, C);
+    with a :class:`KVCache` the new keys/values are appended and the queries attend to the
+    whole cache (causal mask aligned to the end).
+
+    Args:
+        n_embd: C. n_head: H. n_kv_head: Hk (default H; must divide H).
+        causal: mask future positions. bias: biases in the projections.
+        dropout: dropout on the output projection (the kernel has no attention-weight dropout).
+        rope: apply rotary embeddings to q and k (``rope_base``).
+    """
+
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None, causal: bool = True, bias: bool = True,
+                 dropout: float = 0.0, rope: bool = False, rope_base: float = 10000.0) -> None:
+        super().__init__()
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if n_embd % n_head:
+            raise ValueError(f"n_embd={n_embd} must be divisible by n_head={n_head}")
+        if n_kv_head <= 0 or n_head % n_kv_head:
+            raise ValueError(f"n_kv_head={n_kv_head} must divide n_head={n_head}")
+        self.n_embd, self.n_head, self.n_kv_head = n_embd, n_head, n_kv_head
+        self.head_dim = n_embd // n_head
+        self.causal = causal
+        self.c_attn = torch.nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias)
+        self.c_proj = torch.nn.Linear(n_embd, n_embd, bias=bias)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.rotary = RotaryEmbedding(self.head_dim, rope_base) if rope else None
+
+    def new_cache(self, batch: int, capacity: int, dtype=torch.float32, device="cpu") -> KVCache:
+        """An empty :class:`KVCache` for this layer."""
+        return KVCache(batch, self.n_kv_head, capacity, self.head_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
+        from .ops import attention
+
+        if x.dim() != 3 or x.size(-1) != self.n_embd:
+            raise ValueError(f"expected x of shape (B, T, {self.n_embd}), got {tuple(x.shape)}")
+        B, T, C = x.size()
+        D, H, Hk = self.head_dim, self.n_head, self.n_kv_head
+        q, k, v = self.c_attn(x).split([H * D, Hk * D, Hk * D], dim=2)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hk, D).transpose(1, 2)  # (B, Hk, T, D)
+        v = v.view(B, T, Hk, D).transpose(1, 2)
+        offset = cache.length if cache is not None else 0
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        y = attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=self.causal, key_padding_mask=key_padding_mask)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.dropout(self.c_proj(y))
