@@ -133,3 +133,24 @@ def test_decode_bad_input():
         ops.decode_attention(rand(2, 3, 8), kc, vc, [1, 2])
     with pytest.raises(ValueError, match="one query"):
         ops.decode_attention(rand(2, 4, 2, 8), kc, vc, [1, 2])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_sequences_cross_row_blocks(causal):
+    """Tq > 64 exercises several query blocks, each with its own key limit (causal, padded
+    suffix, and a hole in the padding mask that is not a suffix)."""
+    b, hq, hk, tq, tk, d = 2, 2, 1, 150, 170, 32
+    q, k, v = rand(b, hq, tq, d, seed=21), rand(b, hk, tk, d, seed=22), rand(b, hk, tk, d, seed=23)
+    mask = torch.zeros(b, tk, dtype=torch.bool)
+    mask[0, 100:] = True
+    mask[1, 3:9] = True
+    ours_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref_in = [t.double().requires_grad_(True) for t in (q, k, v)]
+    out = ops.attention(*ours_in, causal=causal, key_padding_mask=mask)
+    ref = reference.attention(*ref_in, causal=causal, key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    g = rand(*out.shape, seed=24)
+    out.backward(g)
+    ref.backward(g.double())
+    for a, r in zip(ours_in, ref_in):
+        torch.testing.assert_close(a.grad.double(), r.grad, rtol=1e-5, atol=1e-5)

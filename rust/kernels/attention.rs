@@ -1,11 +1,12 @@
 //! Scaled-dot-product attention, forward and backward, CPU (f32 / f64).
 //!
-//! This first version computes each head's scores as one matrix product (`gemm` crate), masks
-//! and softmaxes the rows in place, and multiplies by V; the backward recomputes the
-//! probabilities from the saved log-sum-exp (five products per head, FlashAttention-2's
-//! formulation). Work is parallel over (batch, head) for the forward and (batch, kv-head) for
+//! This first version computes the scores of each block of 64 query rows as one matrix product
+//! (`gemm` crate) against only the keys that block can see (causal limit, padded suffix),
+//! masks and softmaxes the rows in place (vectorised exp), and multiplies by V; the backward
+//! recomputes the probabilities from the saved log-sum-exp (five products per block,
+//! FlashAttention-2's formulation). Work is parallel over (batch, head) for the forward and (batch, kv-head) for
 //! the backward, so a thread owns whole dK/dV slices (no races). Memory per task is one
-//! `Tq x Tk` score matrix. Tiled online-softmax kernels with masked-tile skipping come next.
+//! `64 x Tk` score block. Tiled online-softmax kernels with finer skipping come next.
 //!
 //! Semantics: q `(B, Hq, Tq, D)`, k `(B, Hk, Tk, D)`, v `(B, Hk, Tk, Dv)`, `Hk` divides `Hq`
 //! (grouped-query attention: q head h reads kv head `h / (Hq / Hk)`); the causal mask is
@@ -75,6 +76,26 @@ fn ln<T: Float>(x: T) -> T {
     T::from_f64(x.to_f64().ln())
 }
 
+/// Query rows per block. Each block multiplies only by the keys some row of it can see (the
+/// causal limit of its last row, and the last unpadded key), so causal attention does about
+/// half the work of full attention and a padded suffix costs nothing.
+const QB: usize = 64;
+
+/// One past the last key any query of `[i0, i1)` may see.
+#[inline]
+fn key_limit(i1: usize, sh: &Shape, causal: bool, pad_limit: usize) -> usize {
+    let c = if causal { (i1 + sh.tk).saturating_sub(sh.tq).min(sh.tk) } else { sh.tk };
+    c.min(pad_limit)
+}
+
+/// One past the last key that is not padding.
+fn pad_limit(pad: Option<&[bool]>, tk: usize) -> usize {
+    match pad {
+        Some(p) => p.iter().rposition(|&x| !x).map_or(0, |i| i + 1),
+        None => tk,
+    }
+}
+
 /// Forward: returns `o (B, Hq, Tq, Dv)` and `lse (B, Hq, Tq)`.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Float>(q: &[T], k: &[T], v: &[T], sh: Shape, causal: bool, key_padding: Option<&[bool]>, scale: T) -> Result<(Vec<T>, Vec<T>)> {
@@ -94,23 +115,32 @@ pub fn forward<T: Float>(q: &[T], k: &[T], v: &[T], sh: Shape, causal: bool, key
         let kh = &k[kvh * sh.tk * sh.d..(kvh + 1) * sh.tk * sh.d];
         let vh = &v[kvh * sh.tk * sh.dv..(kvh + 1) * sh.tk * sh.dv];
         let pad = key_padding.map(|p| &p[b * sh.tk..(b + 1) * sh.tk]);
-        let mut s = vec![T::ZERO; sh.tq * sh.tk];
-        matmul(&mut s, sh.tk, Mat::rm(qh, sh.tq, sh.d), Mat::rm(kh, sh.tk, sh.d).t(), false, 1);
-        for i in 0..sh.tq {
-            let row = &mut s[i * sh.tk..(i + 1) * sh.tk];
-            if !mask_row(row, i, &sh, causal, pad, scale, neg_inf) {
-                row.fill(T::ZERO);
-                continue; // lse stays -inf, output row stays 0
+        let plim = pad_limit(pad, sh.tk);
+        let mut s = vec![T::ZERO; QB.min(sh.tq) * sh.tk];
+        for i0 in (0..sh.tq).step_by(QB) {
+            let i1 = (i0 + QB).min(sh.tq);
+            let (nb, lim) = (i1 - i0, key_limit(i1, &sh, causal, plim));
+            if lim == 0 {
+                continue; // every row sees no key: zeros, lse -inf
             }
-            let m = row.iter().copied().fold(neg_inf, |a, b| if b > a { b } else { a });
-            let sum = T::exp_sub_sum(row, m);
-            let inv = T::ONE / sum;
-            for x in row.iter_mut() {
-                *x = *x * inv;
+            let sb = &mut s[..nb * lim];
+            matmul(sb, lim, Mat::rm(&qh[i0 * sh.d..i1 * sh.d], nb, sh.d), Mat::rm(&kh[..lim * sh.d], lim, sh.d).t(), false, 1);
+            for r in 0..nb {
+                let row = &mut sb[r * lim..(r + 1) * lim];
+                if !mask_row(row, i0 + r, &sh, causal, pad, scale, neg_inf) {
+                    row.fill(T::ZERO);
+                    continue; // lse stays -inf, output row stays 0
+                }
+                let m = row.iter().copied().fold(neg_inf, |a, b| if b > a { b } else { a });
+                let sum = T::exp_sub_sum(row, m);
+                let inv = T::ONE / sum;
+                for x in row.iter_mut() {
+                    *x = *x * inv;
+                }
+                lb[i0 + r] = m + ln(sum);
             }
-            lb[i] = m + ln(sum);
+            matmul(&mut ob[i0 * sh.dv..i1 * sh.dv], sh.dv, Mat::rm(sb, nb, lim), Mat::rm(&vh[..lim * sh.dv], lim, sh.dv), false, 1);
         }
-        matmul(ob, sh.dv, Mat::rm(&s, sh.tq, sh.tk), Mat::rm(vh, sh.tk, sh.dv), false, 1);
     });
     Ok((o, lse))
 }
@@ -153,41 +183,55 @@ pub fn backward<T: Float>(
             let kh = &k[bkv * ksz..(bkv + 1) * ksz];
             let vh = &v[bkv * vsz..(bkv + 1) * vsz];
             let pad = key_padding.map(|p| &p[b * sh.tk..(b + 1) * sh.tk]);
-            let mut p = vec![T::ZERO; sh.tq * sh.tk];
-            let mut dp = vec![T::ZERO; sh.tq * sh.tk];
+            let plim = pad_limit(pad, sh.tk);
+            let mut p = vec![T::ZERO; QB.min(sh.tq) * sh.tk];
+            let mut dp = vec![T::ZERO; QB.min(sh.tq) * sh.tk];
             for g in 0..group {
                 let bh = bkv * group + g;
                 let qh = &q[bh * qsz..(bh + 1) * qsz];
                 let oh = &o[bh * sh.tq * sh.dv..(bh + 1) * sh.tq * sh.dv];
                 let doh = &d_o[bh * sh.tq * sh.dv..(bh + 1) * sh.tq * sh.dv];
                 let lh = &lse[bh * sh.tq..(bh + 1) * sh.tq];
-                // P = exp(S * scale - lse), 0 on masked keys and fully masked rows.
-                matmul(&mut p, sh.tk, Mat::rm(qh, sh.tq, sh.d), Mat::rm(kh, sh.tk, sh.d).t(), false, 1);
-                for i in 0..sh.tq {
-                    let row = &mut p[i * sh.tk..(i + 1) * sh.tk];
-                    if !mask_row(row, i, &sh, causal, pad, scale, neg_inf) || !(lh[i] > neg_inf) {
-                        row.fill(T::ZERO);
-                        continue;
+                let dqh = &mut dqg[g * qsz..(g + 1) * qsz];
+                for i0 in (0..sh.tq).step_by(QB) {
+                    let i1 = (i0 + QB).min(sh.tq);
+                    let (nb, lim) = (i1 - i0, key_limit(i1, &sh, causal, plim));
+                    if lim == 0 {
+                        continue; // no key seen: all gradients of these rows are 0
                     }
-                    T::exp_sub_sum(row, lh[i]);
+                    let (qb, dob, ob) = (&qh[i0 * sh.d..i1 * sh.d], &doh[i0 * sh.dv..i1 * sh.dv], &oh[i0 * sh.dv..i1 * sh.dv]);
+                    let (kl, vl) = (&kh[..lim * sh.d], &vh[..lim * sh.dv]);
+                    // P = exp(S * scale - lse), 0 on masked keys and fully masked rows.
+                    let pb = &mut p[..nb * lim];
+                    matmul(pb, lim, Mat::rm(qb, nb, sh.d), Mat::rm(kl, lim, sh.d).t(), false, 1);
+                    for r in 0..nb {
+                        let row = &mut pb[r * lim..(r + 1) * lim];
+                        let l = lh[i0 + r];
+                        if !mask_row(row, i0 + r, &sh, causal, pad, scale, neg_inf) || !(l > neg_inf) {
+                            row.fill(T::ZERO);
+                            continue;
+                        }
+                        T::exp_sub_sum(row, l);
+                    }
+                    // dV += Pᵀ dO
+                    matmul(&mut dvh[..lim * sh.dv], sh.dv, Mat::rm(pb, nb, lim).t(), Mat::rm(dob, nb, sh.dv), true, 1);
+                    // dP = dO Vᵀ; dS = P ∘ (dP − rowsum(dO ∘ O)) * scale
+                    let dpb = &mut dp[..nb * lim];
+                    matmul(dpb, lim, Mat::rm(dob, nb, sh.dv), Mat::rm(vl, lim, sh.dv).t(), false, 1);
+                    for r in 0..nb {
+                        let mut dsum = T::ZERO;
+                        for c in 0..sh.dv {
+                            dsum += dob[r * sh.dv + c] * ob[r * sh.dv + c];
+                        }
+                        let (pr, dr) = (&pb[r * lim..(r + 1) * lim], &mut dpb[r * lim..(r + 1) * lim]);
+                        for (d, &pv) in dr.iter_mut().zip(pr) {
+                            *d = pv * (*d - dsum) * scale;
+                        }
+                    }
+                    // dQ = dS K ; dK += dSᵀ Q
+                    matmul(&mut dqh[i0 * sh.d..i1 * sh.d], sh.d, Mat::rm(dpb, nb, lim), Mat::rm(kl, lim, sh.d), false, 1);
+                    matmul(&mut dkh[..lim * sh.d], sh.d, Mat::rm(dpb, nb, lim).t(), Mat::rm(qb, nb, sh.d), true, 1);
                 }
-                // dV += Pᵀ dO
-                matmul(dvh, sh.dv, Mat::rm(&p, sh.tq, sh.tk).t(), Mat::rm(doh, sh.tq, sh.dv), true, 1);
-                // dP = dO Vᵀ; dS = P ∘ (dP − rowsum(dO ∘ O)) * scale
-                matmul(&mut dp, sh.tk, Mat::rm(doh, sh.tq, sh.dv), Mat::rm(vh, sh.tk, sh.dv).t(), false, 1);
-                for i in 0..sh.tq {
-                    let mut dsum = T::ZERO;
-                    for c in 0..sh.dv {
-                        dsum += doh[i * sh.dv + c] * oh[i * sh.dv + c];
-                    }
-                    let (pr, dr) = (&p[i * sh.tk..(i + 1) * sh.tk], &mut dp[i * sh.tk..(i + 1) * sh.tk]);
-                    for (d, &pv) in dr.iter_mut().zip(pr) {
-                        *d = pv * (*d - dsum) * scale;
-                    }
-                }
-                // dQ = dS K ; dK += dSᵀ Q
-                matmul(&mut dqg[g * qsz..(g + 1) * qsz], sh.d, Mat::rm(&dp, sh.tq, sh.tk), Mat::rm(kh, sh.tk, sh.d), false, 1);
-                matmul(dkh, sh.d, Mat::rm(&dp, sh.tq, sh.tk).t(), Mat::rm(qh, sh.tq, sh.d), true, 1);
             }
         });
     Ok((dq, dk, dv))
