@@ -14,8 +14,11 @@
 //! marked in `key_padding` (B, Tk) is ignored; a row with no visible key outputs zeros and has
 //! log-sum-exp -inf (its gradients are zero).
 
+use std::any::TypeId;
+
 use rayon::prelude::*;
 
+use super::smallmm::{self, Packed};
 use super::{matmul, Float, Mat};
 use crate::{Error, Result};
 
@@ -96,6 +99,48 @@ fn pad_limit(pad: Option<&[bool]>, tk: usize) -> usize {
     }
 }
 
+/// The right-hand side of a per-block product, `B (K x N)` from any view. In f32 it is packed
+/// once per head into 16-column panels and multiplied by the AVX-512/AVX2 packed kernel, each
+/// query block reading only the panels (columns) and rows (inner dimension) it can see:
+/// measured 1.2x (full) to 2.2x (causal) over the `gemm` crate path on the forward at T=512,
+/// which re-packs per block and has no AVX-512 path on stable Rust. Otherwise the general GEMM.
+enum Rhs<'a, T> {
+    Packed(Packed),
+    Plain(Mat<T>, std::marker::PhantomData<&'a T>),
+}
+
+impl<'a, T: Float> Rhs<'a, T> {
+    fn new(b: Mat<T>) -> Self {
+        if TypeId::of::<T>() == TypeId::of::<f32>() {
+            // T is f32 (checked): the view's elements are f32.
+            Rhs::Packed(Packed::new(Mat { ptr: b.ptr as *const f32, rows: b.rows, cols: b.cols, rs: b.rs, cs: b.cs }))
+        } else {
+            Rhs::Plain(b, std::marker::PhantomData)
+        }
+    }
+
+    /// `dst (row stride ldd) = a (row stride lda, nb rows) · B[:inner, :cols]`.
+    #[allow(clippy::too_many_arguments)]
+    fn mm(&self, dst: &mut [T], ldd: usize, a: &[T], lda: usize, nb: usize, inner: usize, cols: usize) {
+        match self {
+            Rhs::Packed(p) => {
+                assert!(nb == 0 || (dst.len() >= (nb - 1) * ldd + p.cols() && ldd >= p.cols() && a.len() >= (nb - 1) * lda + inner));
+                // SAFETY: T is f32 (a Packed exists only then); bounds checked above.
+                unsafe {
+                    let a32 = std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len());
+                    smallmm::mm_raw_k(dst.as_mut_ptr() as *mut f32, ldd, a32, lda, nb, p, false, (0, cols.div_ceil(16)), (0, inner));
+                }
+            }
+            Rhs::Plain(b, _) => {
+                assert!(nb == 0 || a.len() >= (nb - 1) * lda + inner);
+                let am = Mat { ptr: a.as_ptr(), rows: nb, cols: inner, rs: lda as isize, cs: 1 };
+                let bm = Mat { ptr: b.ptr, rows: inner, cols, rs: b.rs, cs: b.cs };
+                matmul(dst, ldd, am, bm, false, 1);
+            }
+        }
+    }
+}
+
 /// Forward: returns `o (B, Hq, Tq, Dv)` and `lse (B, Hq, Tq)`.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: Float>(q: &[T], k: &[T], v: &[T], sh: Shape, causal: bool, key_padding: Option<&[bool]>, scale: T) -> Result<(Vec<T>, Vec<T>)> {
@@ -116,17 +161,21 @@ pub fn forward<T: Float>(q: &[T], k: &[T], v: &[T], sh: Shape, causal: bool, key
         let vh = &v[kvh * sh.tk * sh.dv..(kvh + 1) * sh.tk * sh.dv];
         let pad = key_padding.map(|p| &p[b * sh.tk..(b + 1) * sh.tk]);
         let plim = pad_limit(pad, sh.tk);
-        let mut s = vec![T::ZERO; QB.min(sh.tq) * sh.tk];
+        // Packed once per head: Kᵀ (scores) and V (output).
+        let kt = Rhs::new(Mat::rm(kh, sh.tk, sh.d).t());
+        let vv = Rhs::new(Mat::rm(vh, sh.tk, sh.dv));
+        let ld = sh.tk;
+        let mut s = vec![T::ZERO; QB.min(sh.tq) * ld];
         for i0 in (0..sh.tq).step_by(QB) {
             let i1 = (i0 + QB).min(sh.tq);
             let (nb, lim) = (i1 - i0, key_limit(i1, &sh, causal, plim));
             if lim == 0 {
                 continue; // every row sees no key: zeros, lse -inf
             }
-            let sb = &mut s[..nb * lim];
-            matmul(sb, lim, Mat::rm(&qh[i0 * sh.d..i1 * sh.d], nb, sh.d), Mat::rm(&kh[..lim * sh.d], lim, sh.d).t(), false, 1);
+            let sb = &mut s[..nb * ld];
+            kt.mm(sb, ld, &qh[i0 * sh.d..i1 * sh.d], sh.d, nb, sh.d, lim);
             for r in 0..nb {
-                let row = &mut sb[r * lim..(r + 1) * lim];
+                let row = &mut sb[r * ld..r * ld + lim];
                 if !mask_row(row, i0 + r, &sh, causal, pad, scale, neg_inf) {
                     row.fill(T::ZERO);
                     continue; // lse stays -inf, output row stays 0
@@ -139,7 +188,7 @@ pub fn forward<T: Float>(q: &[T], k: &[T], v: &[T], sh: Shape, causal: bool, key
                 }
                 lb[i0 + r] = m + ln(sum);
             }
-            matmul(&mut ob[i0 * sh.dv..i1 * sh.dv], sh.dv, Mat::rm(sb, nb, lim), Mat::rm(&vh[..lim * sh.dv], lim, sh.dv), false, 1);
+            vv.mm(&mut ob[i0 * sh.dv..i1 * sh.dv], sh.dv, sb, ld, nb, lim, sh.dv);
         }
     });
     Ok((o, lse))
@@ -184,8 +233,13 @@ pub fn backward<T: Float>(
             let vh = &v[bkv * vsz..(bkv + 1) * vsz];
             let pad = key_padding.map(|p| &p[b * sh.tk..(b + 1) * sh.tk]);
             let plim = pad_limit(pad, sh.tk);
-            let mut p = vec![T::ZERO; QB.min(sh.tq) * sh.tk];
-            let mut dp = vec![T::ZERO; QB.min(sh.tq) * sh.tk];
+            let ld = sh.tk;
+            // Packed once per (batch, kv head): Kᵀ (scores), Vᵀ (dP) and K (dQ).
+            let kt = Rhs::new(Mat::rm(kh, sh.tk, sh.d).t());
+            let vt = Rhs::new(Mat::rm(vh, sh.tk, sh.dv).t());
+            let kk = Rhs::new(Mat::rm(kh, sh.tk, sh.d));
+            let mut p = vec![T::ZERO; QB.min(sh.tq) * ld];
+            let mut dp = vec![T::ZERO; QB.min(sh.tq) * ld];
             for g in 0..group {
                 let bh = bkv * group + g;
                 let qh = &q[bh * qsz..(bh + 1) * qsz];
@@ -200,12 +254,11 @@ pub fn backward<T: Float>(
                         continue; // no key seen: all gradients of these rows are 0
                     }
                     let (qb, dob, ob) = (&qh[i0 * sh.d..i1 * sh.d], &doh[i0 * sh.dv..i1 * sh.dv], &oh[i0 * sh.dv..i1 * sh.dv]);
-                    let (kl, vl) = (&kh[..lim * sh.d], &vh[..lim * sh.dv]);
                     // P = exp(S * scale - lse), 0 on masked keys and fully masked rows.
-                    let pb = &mut p[..nb * lim];
-                    matmul(pb, lim, Mat::rm(qb, nb, sh.d), Mat::rm(kl, lim, sh.d).t(), false, 1);
+                    let pb = &mut p[..nb * ld];
+                    kt.mm(pb, ld, qb, sh.d, nb, sh.d, lim);
                     for r in 0..nb {
-                        let row = &mut pb[r * lim..(r + 1) * lim];
+                        let row = &mut pb[r * ld..r * ld + lim];
                         let l = lh[i0 + r];
                         if !mask_row(row, i0 + r, &sh, causal, pad, scale, neg_inf) || !(l > neg_inf) {
                             row.fill(T::ZERO);
@@ -213,24 +266,26 @@ pub fn backward<T: Float>(
                         }
                         T::exp_sub_sum(row, l);
                     }
+                    let pm = Mat { ptr: pb.as_ptr(), rows: nb, cols: lim, rs: ld as isize, cs: 1 };
                     // dV += Pᵀ dO
-                    matmul(&mut dvh[..lim * sh.dv], sh.dv, Mat::rm(pb, nb, lim).t(), Mat::rm(dob, nb, sh.dv), true, 1);
+                    matmul(&mut dvh[..lim * sh.dv], sh.dv, pm.t(), Mat::rm(dob, nb, sh.dv), true, 1);
                     // dP = dO Vᵀ; dS = P ∘ (dP − rowsum(dO ∘ O)) * scale
-                    let dpb = &mut dp[..nb * lim];
-                    matmul(dpb, lim, Mat::rm(dob, nb, sh.dv), Mat::rm(vl, lim, sh.dv).t(), false, 1);
+                    let dpb = &mut dp[..nb * ld];
+                    vt.mm(dpb, ld, dob, sh.dv, nb, sh.dv, lim);
                     for r in 0..nb {
                         let mut dsum = T::ZERO;
                         for c in 0..sh.dv {
                             dsum += dob[r * sh.dv + c] * ob[r * sh.dv + c];
                         }
-                        let (pr, dr) = (&pb[r * lim..(r + 1) * lim], &mut dpb[r * lim..(r + 1) * lim]);
+                        let (pr, dr) = (&pb[r * ld..r * ld + lim], &mut dpb[r * ld..r * ld + lim]);
                         for (d, &pv) in dr.iter_mut().zip(pr) {
                             *d = pv * (*d - dsum) * scale;
                         }
                     }
                     // dQ = dS K ; dK += dSᵀ Q
-                    matmul(&mut dqh[i0 * sh.d..i1 * sh.d], sh.d, Mat::rm(dpb, nb, lim), Mat::rm(kl, lim, sh.d), false, 1);
-                    matmul(&mut dkh[..lim * sh.d], sh.d, Mat::rm(dpb, nb, lim).t(), Mat::rm(qb, nb, sh.d), true, 1);
+                    kk.mm(&mut dqh[i0 * sh.d..i1 * sh.d], sh.d, dpb, ld, nb, lim, sh.d);
+                    let dsm = Mat { ptr: dpb.as_ptr(), rows: nb, cols: lim, rs: ld as isize, cs: 1 };
+                    matmul(&mut dkh[..lim * sh.d], sh.d, dsm.t(), Mat::rm(qb, nb, sh.d), true, 1);
                 }
             }
         });
