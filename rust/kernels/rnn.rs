@@ -93,7 +93,7 @@ fn big_mm<T: Float>(dst: &mut [T], ldd: usize, a: &[T], rows: usize, k: usize, b
     // T is f32 (checked above).
     let a32 = unsafe { std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len()) };
     let dp = Shared(dst.as_mut_ptr() as *mut f32);
-    let nt = if rows * k * p.cols() >= (1 << 20) { threads.max(1) } else { 1 };
+    let nt = if rows * k * p.cols() >= (1 << 20) { threads.clamp(1, crate::parallel::available_threads()) } else { 1 };
     // Long inner dimensions are cut into blocks of KB so a panel pair's slice (KB x 32 floats)
     // stays in L2 while every row tile passes over it.
     const KB: usize = 512;
@@ -125,7 +125,9 @@ fn weight_grad<T: Float>(d: &[T], n: usize, g: usize, a: &[T], k: usize, threads
 
 /// Threads for a layer's step loop: a team only when the packed product is used and the
 /// recurrent work is large enough to pay for starting a thread (~30 µs).
+/// Never more threads than hardware threads: spin barriers with more threads than cores stall.
 fn team_size<T: Float>(b: &StepB<T>, threads: usize, steps: usize, step_macs: usize) -> usize {
+    let threads = threads.min(crate::parallel::available_threads());
     if b.splittable() && threads > 1 && steps * step_macs >= (1 << 22) {
         threads
     } else {
