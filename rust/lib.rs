@@ -13,4 +13,7 @@ pub mod parallel;
 #[cfg(feature = "python")]
 mod py;
 
+#[cfg(test)]
+pub(crate) mod testutil;
+
 pub use error::{Error, Result};

@@ -285,21 +285,13 @@ mod tests {
         '-', '$', '👍', '\u{0301}', '\u{200D}', '\u{1F}', '\u{0}', '_', '/',
     ];
 
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            self.0 >> 33
-        }
-    }
-
     fn differential(fast: &Splitter, pattern: &str) {
         let slow = Splitter::regex(pattern).unwrap();
-        let mut rng = Lcg(0x5eed);
+        let mut rng = crate::testutil::Lcg(0x5eed);
         for case in 0..40_000 {
-            let len = 1 + (rng.next() % 12) as usize;
+            let len = 1 + (rng.next_u31() % 12) as usize;
             let s: String =
-                (0..len).map(|_| ALPHABET[(rng.next() as usize) % ALPHABET.len()]).collect();
+                (0..len).map(|_| ALPHABET[(rng.next_u31() as usize) % ALPHABET.len()]).collect();
             let a = fast.pieces(&s).unwrap();
             let b = slow.pieces(&s).unwrap();
             assert_eq!(a, b, "case {case}: {s:?}");

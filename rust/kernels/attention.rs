@@ -299,15 +299,8 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let sh = Shape { b: 2, hq: 4, hk: 2, tq: 3, tk: 5, d: 4, dv: 3 };
-        let mut seed = 11u64;
-        let mut r = |n: usize| -> Vec<f64> {
-            (0..n)
-                .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((seed >> 11) as f64 / (1u64 << 53) as f64) - 0.5
-                })
-                .collect()
-        };
+        let mut rng = crate::testutil::Lcg(11);
+        let mut r = |n: usize| rng.uniform(n);
         let q = r(2 * 4 * 3 * 4);
         let k = r(2 * 2 * 5 * 4);
         let v = r(2 * 2 * 5 * 3);

@@ -177,15 +177,8 @@ mod tests {
     #[test]
     fn equals_full_attention_on_the_last_position() {
         let sh = Shape { b: 3, hq: 4, hk: 2, l: 700, d: 16, dv: 8 };
-        let mut seed = 5u64;
-        let mut r = |n: usize| -> Vec<f64> {
-            (0..n)
-                .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((seed >> 11) as f64 / (1u64 << 53) as f64) - 0.5
-                })
-                .collect()
-        };
+        let mut rng = crate::testutil::Lcg(5);
+        let mut r = |n: usize| rng.uniform(n);
         let (q, k, v) = (r(3 * 4 * 16), r(3 * 2 * 700 * 16), r(3 * 2 * 700 * 8));
         let lengths = [700usize, 1, 0];
         let o = crate::parallel::install(2, || decode(&q, &k, &v, &lengths, sh, 0.25, 2)).unwrap();

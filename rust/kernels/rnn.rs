@@ -620,35 +620,23 @@ pub fn gru_backward<T: Float>(
 mod tests {
     use super::*;
 
-    struct Lcg(u64);
-    impl Lcg {
-        fn v(&mut self, n: usize) -> Vec<f64> {
-            (0..n)
-                .map(|_| {
-                    self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((self.0 >> 11) as f64 / (1u64 << 53) as f64) - 0.5
-                })
-                .collect()
-        }
-    }
-
     /// Finite-difference check of every gradient of a loss sum(y * gy) + sum(h_n * gh) (+ c_n).
     fn check(lstm: bool, reverse: bool) {
         let d = Dims { input: 3, hidden: 4 };
         let bs = [3usize, 3, 2, 1];
         let n: usize = bs.iter().sum();
         let gates = if lstm { 4 } else { 3 };
-        let mut rng = Lcg(7);
-        let x = rng.v(n * d.input);
-        let h0 = rng.v(3 * d.hidden);
-        let c0 = rng.v(3 * d.hidden);
-        let wih = rng.v(gates * d.hidden * d.input);
-        let whh = rng.v(gates * d.hidden * d.hidden);
-        let bih = rng.v(gates * d.hidden);
-        let bhh = rng.v(gates * d.hidden);
-        let gy = rng.v(n * d.hidden);
-        let gh = rng.v(3 * d.hidden);
-        let gc = rng.v(3 * d.hidden);
+        let mut rng = crate::testutil::Lcg(7);
+        let x = rng.uniform(n * d.input);
+        let h0 = rng.uniform(3 * d.hidden);
+        let c0 = rng.uniform(3 * d.hidden);
+        let wih = rng.uniform(gates * d.hidden * d.input);
+        let whh = rng.uniform(gates * d.hidden * d.hidden);
+        let bih = rng.uniform(gates * d.hidden);
+        let bhh = rng.uniform(gates * d.hidden);
+        let gy = rng.uniform(n * d.hidden);
+        let gh = rng.uniform(3 * d.hidden);
+        let gc = rng.uniform(3 * d.hidden);
         let loss = |x: &[f64], h0: &[f64], c0: &[f64], wih: &[f64], whh: &[f64], bih: &[f64], bhh: &[f64]| -> f64 {
             let w = Weights { w_ih: wih, w_hh: whh, b_ih: Some(bih), b_hh: Some(bhh) };
             let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
