@@ -38,38 +38,12 @@ pub trait Float:
     fn to_f64(self) -> f64;
     /// LSTM cell over a range of units of one row (see [`simd::LstmRow`]).
     fn lstm_cell(row: simd::LstmRow<'_, Self>, c: &mut [Self], h: &mut [Self], cs_out: &mut [Self], y_out: &mut [Self]) {
-        for k in 0..c.len() {
-            let i = row.i[k].sigmoid();
-            let f = row.f[k].sigmoid();
-            let gg = row.g[k].tanh();
-            let o = row.o[k].sigmoid();
-            let cv = f * c[k] + i * gg;
-            let hv = o * cv.tanh();
-            row.i[k] = i;
-            row.f[k] = f;
-            row.g[k] = gg;
-            row.o[k] = o;
-            c[k] = cv;
-            h[k] = hv;
-            cs_out[k] = cv;
-            y_out[k] = hv;
-        }
+        lstm_cell_scalar(row, c, h, cs_out, y_out)
     }
 
     /// GRU cell over a range of units of one row (see [`simd::GruRow`]).
     fn gru_cell(row: simd::GruRow<'_, Self>, h: &mut [Self], hn_out: &mut [Self], y_out: &mut [Self]) {
-        for k in 0..h.len() {
-            let r = (row.xr[k] + row.hr[k]).sigmoid();
-            let z = (row.xz[k] + row.hz[k]).sigmoid();
-            let n = (row.xn[k] + r * row.hn[k]).tanh();
-            let hv = (Self::ONE - z) * n + z * h[k];
-            row.xr[k] = r;
-            row.xz[k] = z;
-            row.xn[k] = n;
-            hn_out[k] = row.hn[k];
-            h[k] = hv;
-            y_out[k] = hv;
-        }
+        gru_cell_scalar(row, h, hn_out, y_out)
     }
 
     /// `x = exp(x - m)` in place; returns the sum.
@@ -98,6 +72,42 @@ pub trait Float:
         } else {
             Self::ONE / (Self::ONE + (-self).exp())
         }
+    }
+}
+
+/// The LSTM cell, one unit at a time: the generic path, and the tail the f32 SIMD code leaves.
+pub fn lstm_cell_scalar<T: Float>(row: simd::LstmRow<'_, T>, c: &mut [T], h: &mut [T], cs_out: &mut [T], y_out: &mut [T]) {
+    for k in 0..c.len() {
+        let i = row.i[k].sigmoid();
+        let f = row.f[k].sigmoid();
+        let gg = row.g[k].tanh();
+        let o = row.o[k].sigmoid();
+        let cv = f * c[k] + i * gg;
+        let hv = o * cv.tanh();
+        row.i[k] = i;
+        row.f[k] = f;
+        row.g[k] = gg;
+        row.o[k] = o;
+        c[k] = cv;
+        h[k] = hv;
+        cs_out[k] = cv;
+        y_out[k] = hv;
+    }
+}
+
+/// The GRU cell, one unit at a time (generic path and f32 SIMD tail).
+pub fn gru_cell_scalar<T: Float>(row: simd::GruRow<'_, T>, h: &mut [T], hn_out: &mut [T], y_out: &mut [T]) {
+    for k in 0..h.len() {
+        let r = (row.xr[k] + row.hr[k]).sigmoid();
+        let z = (row.xz[k] + row.hz[k]).sigmoid();
+        let n = (row.xn[k] + r * row.hn[k]).tanh();
+        let hv = (T::ONE - z) * n + z * h[k];
+        row.xr[k] = r;
+        row.xz[k] = z;
+        row.xn[k] = n;
+        hn_out[k] = row.hn[k];
+        h[k] = hv;
+        y_out[k] = hv;
     }
 }
 

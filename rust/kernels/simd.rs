@@ -89,18 +89,6 @@ mod avx {
     }
 }
 
-/// Scalar twins (the fallback and the tails), with the same formulas as the vector code.
-pub mod scalar {
-    #[inline(always)]
-    pub fn sigmoid(x: f32) -> f32 {
-        1.0 / (1.0 + (-x).exp())
-    }
-    #[inline(always)]
-    pub fn tanh(x: f32) -> f32 {
-        x.tanh()
-    }
-}
-
 /// The gate slices of one row for a range of hidden units: `LstmRow { i, f, g, o }` hold the
 /// pre-activations and receive the activations.
 pub struct LstmRow<'a, T> {
@@ -123,22 +111,8 @@ pub fn lstm_cell_f32(row: LstmRow<'_, f32>, c: &mut [f32], h: &mut [f32], cs_out
         // and the vector loop only touches indices k..k+8 <= n.
         unsafe { k0 = lstm_cell_avx(&row, c, h, cs_out, y_out) };
     }
-    for k in k0..n {
-        let i = scalar::sigmoid(row.i[k]);
-        let f = scalar::sigmoid(row.f[k]);
-        let gg = scalar::tanh(row.g[k]);
-        let o = scalar::sigmoid(row.o[k]);
-        let cv = f * c[k] + i * gg;
-        let hv = o * scalar::tanh(cv);
-        row.i[k] = i;
-        row.f[k] = f;
-        row.g[k] = gg;
-        row.o[k] = o;
-        c[k] = cv;
-        h[k] = hv;
-        cs_out[k] = cv;
-        y_out[k] = hv;
-    }
+    let tail = LstmRow { i: &mut row.i[k0..], f: &mut row.f[k0..], g: &mut row.g[k0..], o: &mut row.o[k0..] };
+    super::lstm_cell_scalar(tail, &mut c[k0..], &mut h[k0..], &mut cs_out[k0..], &mut y_out[k0..]);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -190,18 +164,8 @@ pub fn gru_cell_f32(row: GruRow<'_, f32>, h: &mut [f32], hn_out: &mut [f32], y_o
         // SAFETY: features checked; every slice has n elements; indices stay below n.
         unsafe { k0 = gru_cell_avx(&row, h, hn_out, y_out) };
     }
-    for k in k0..n {
-        let r = scalar::sigmoid(row.xr[k] + row.hr[k]);
-        let z = scalar::sigmoid(row.xz[k] + row.hz[k]);
-        let nn = scalar::tanh(row.xn[k] + r * row.hn[k]);
-        let hv = (1.0 - z) * nn + z * h[k];
-        row.xr[k] = r;
-        row.xz[k] = z;
-        row.xn[k] = nn;
-        hn_out[k] = row.hn[k];
-        h[k] = hv;
-        y_out[k] = hv;
-    }
+    let tail = GruRow { xr: &mut row.xr[k0..], xz: &mut row.xz[k0..], xn: &mut row.xn[k0..], hr: &row.hr[k0..], hz: &row.hz[k0..], hn: &row.hn[k0..] };
+    super::gru_cell_scalar(tail, &mut h[k0..], &mut hn_out[k0..], &mut y_out[k0..]);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -276,7 +240,7 @@ pub fn tanh_f32(x: &[f32], out: &mut [f32]) {
         unsafe { k = tanh_avx(x, out) };
     }
     for j in k..x.len() {
-        out[j] = scalar::tanh(x[j]);
+        out[j] = x[j].tanh();
     }
 }
 
