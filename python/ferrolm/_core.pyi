@@ -74,3 +74,82 @@ class Trainer:
     @property
     def is_done(self) -> bool: ...
     def finish(self) -> CoreTokenizer: ...
+
+# ferrolm.data
+def pad_batch(
+    sequences: object, pad_id: int, max_length: Optional[int], left: bool, truncation: str, pad_to_multiple_of: Optional[int], dtype: str
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+def pack_documents(
+    documents: object, block_size: int, eos_id: Optional[int], keep_last: bool, pad_id: int, mask_cross_document: bool, num_threads: Optional[int] = None
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
+def lm_windows(tokens: object, block_size: int, stride: int, pad_id: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+def bucket_batches(
+    lengths: np.ndarray, order: np.ndarray, bucket_size: int, batch_size: Optional[int], max_tokens: Optional[int], drop_last: bool
+) -> Tuple[np.ndarray, np.ndarray]: ...
+def shard_info(path: str | PathLike[str]) -> Tuple[int, int]: ...
+
+class ShardReader:
+    def __init__(self, path: str | PathLike[str]) -> None: ...
+    def __len__(self) -> int: ...
+    @property
+    def itemsize(self) -> int: ...
+    def gather(self, starts: List[int], length: int) -> np.ndarray: ...
+
+class ShardSink:
+    def __init__(self, directory: str | PathLike[str], prefix: str, itemsize: int, max_tokens: int, eos_id: Optional[int]) -> None: ...
+    def add_texts(self, tokenizer: CoreTokenizer, texts: List[str], num_threads: Optional[int] = None) -> None: ...
+    def add_files(self, tokenizer: CoreTokenizer, paths: List[str], num_threads: Optional[int] = None) -> None: ...
+    @property
+    def tokens(self) -> int: ...
+    def abort(self) -> None: ...
+    def close(self) -> List[str]: ...
+
+# ferrolm.ops (numpy arrays of float32 or float64, C-contiguous)
+def rnn_forward(
+    mode: str,
+    x: np.ndarray,
+    batch_sizes: List[int],
+    reverse: bool,
+    h0: np.ndarray,
+    c0: Optional[np.ndarray],
+    w_ih: np.ndarray,
+    w_hh: np.ndarray,
+    b_ih: Optional[np.ndarray],
+    b_hh: Optional[np.ndarray],
+    threads: int,
+) -> List[Optional[np.ndarray]]: ...
+def rnn_backward(
+    mode: str,
+    x: np.ndarray,
+    batch_sizes: List[int],
+    reverse: bool,
+    h0: np.ndarray,
+    c0: Optional[np.ndarray],
+    w_ih: np.ndarray,
+    w_hh: np.ndarray,
+    b_ih: Optional[np.ndarray],
+    b_hh: Optional[np.ndarray],
+    y: np.ndarray,
+    gates: np.ndarray,
+    cs: np.ndarray,
+    dy: Optional[np.ndarray],
+    dh_n: Optional[np.ndarray],
+    dc_n: Optional[np.ndarray],
+    threads: int,
+) -> List[Optional[np.ndarray]]: ...
+def attention_forward(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, key_padding_mask: Optional[np.ndarray], scale: float, threads: int
+) -> List[np.ndarray]: ...
+def attention_backward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    o: np.ndarray,
+    lse: np.ndarray,
+    grad_output: np.ndarray,
+    causal: bool,
+    key_padding_mask: Optional[np.ndarray],
+    scale: float,
+    threads: int,
+) -> List[np.ndarray]: ...
+def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, cache_lengths: List[int], scale: float, threads: int) -> np.ndarray: ...
