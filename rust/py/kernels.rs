@@ -1,7 +1,7 @@
 //! Bindings for the recurrent kernels: one call per layer direction, f32 or f64 numpy arrays
 //! in (torch tensors arrive as zero-copy numpy views), numpy arrays out.
 
-use numpy::{Element, IntoPyArray, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{Element, IntoPyArray, PyArrayDescrMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -10,6 +10,12 @@ use crate::kernels::Float;
 use crate::parallel;
 
 type Out<'py> = Bound<'py, PyAny>;
+
+/// Whether the calls' arrays are float64 (the kernels then run in f64; else f32, and the
+/// per-array extraction reports a dtype mismatch).
+fn is_f64(a: &Bound<'_, PyAny>) -> bool {
+    a.cast::<numpy::PyUntypedArray>().is_ok_and(|u| u.dtype().is_equiv_to(&numpy::dtype::<f64>(a.py())))
+}
 
 fn arr<'py, T: Element>(name: &str, a: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
     let r: PyReadonlyArrayDyn<'py, T> = a.extract().map_err(|_| {
@@ -125,7 +131,7 @@ pub fn rnn_forward<'py>(
 ) -> PyResult<Vec<Out<'py>>> {
     let lstm = parse_mode(mode)?;
     let threads = parallel::resolve_threads(Some(threads));
-    if x.extract::<PyReadonlyArrayDyn<'py, f64>>().is_ok() {
+    if is_f64(x) {
         forward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, [w_ih, w_hh], [b_ih, b_hh], threads)
     } else {
         forward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, [w_ih, w_hh], [b_ih, b_hh], threads)
@@ -217,7 +223,7 @@ pub fn rnn_backward<'py>(
     let lstm = parse_mode(mode)?;
     let threads = parallel::resolve_threads(Some(threads));
     let args = ([w_ih, w_hh], [b_ih, b_hh], [y, gates, cs], [dy, dh_n, dc_n]);
-    if x.extract::<PyReadonlyArrayDyn<'py, f64>>().is_ok() {
+    if is_f64(x) {
         backward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads)
     } else {
         backward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads)
@@ -253,7 +259,7 @@ fn attn_fwd<'py, T: Float + Element>(py: Python<'py>, q: &Bound<'py, PyAny>, k: 
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, k: &Bound<'py, PyAny>, v: &Bound<'py, PyAny>, causal: bool, key_padding_mask: Option<&Bound<'py, PyAny>>, scale: f64, threads: usize) -> PyResult<Vec<Out<'py>>> {
     let threads = parallel::resolve_threads(Some(threads));
-    if q.extract::<PyReadonlyArrayDyn<'py, f64>>().is_ok() {
+    if is_f64(q) {
         attn_fwd::<f64>(py, q, k, v, causal, key_padding_mask, scale, threads)
     } else {
         attn_fwd::<f32>(py, q, k, v, causal, key_padding_mask, scale, threads)
@@ -291,7 +297,7 @@ pub fn attention_backward<'py>(
 ) -> PyResult<Vec<Out<'py>>> {
     let threads = parallel::resolve_threads(Some(threads));
     let t = [q, k, v, o, lse, grad_output];
-    if q.extract::<PyReadonlyArrayDyn<'py, f64>>().is_ok() {
+    if is_f64(q) {
         attn_bwd::<f64>(py, t, causal, key_padding_mask, scale, threads)
     } else {
         attn_bwd::<f32>(py, t, causal, key_padding_mask, scale, threads)
@@ -316,7 +322,7 @@ fn decode_t<'py, T: Float + Element>(py: Python<'py>, q: &Bound<'py, PyAny>, k: 
 #[pyo3(signature = (q, k_cache, v_cache, cache_lengths, scale, threads))]
 pub fn decode_attention<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, k_cache: &Bound<'py, PyAny>, v_cache: &Bound<'py, PyAny>, cache_lengths: Vec<usize>, scale: f64, threads: usize) -> PyResult<Out<'py>> {
     let threads = parallel::resolve_threads(Some(threads));
-    if q.extract::<PyReadonlyArrayDyn<'py, f64>>().is_ok() {
+    if is_f64(q) {
         decode_t::<f64>(py, q, k_cache, v_cache, cache_lengths, scale, threads)
     } else {
         decode_t::<f32>(py, q, k_cache, v_cache, cache_lengths, scale, threads)
