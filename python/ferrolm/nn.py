@@ -250,7 +250,9 @@ class LearnedPositionalEmbedding(torch.nn.Module):
 class RotaryEmbedding(torch.nn.Module):
     """Rotary position embedding (RoPE, Su et al.): rotates pairs ``(x[2i], x[2i+1])`` of each
     head's vector by ``p * base^(-2i/D)``, so ``<rope(q, m), rope(k, n)>`` depends only on
-    ``m - n``. ``forward(x, offset=0)`` for x (B, H, T, D)."""
+    ``m - n``. ``forward(x, offset=0, positions=None)`` for x (B, H, T, D); ``positions``
+    (B, T) int64 gives each token's position (left-padded or ragged batches), else
+    ``offset + arange(T)``."""
 
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
@@ -259,10 +261,14 @@ class RotaryEmbedding(torch.nn.Module):
         inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self.register_buffer("inv_freq", inv, persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int = 0, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         t = x.size(-2)
-        pos = torch.arange(offset, offset + t, dtype=torch.float64, device=x.device)
-        ang = pos[:, None] * self.inv_freq.to(x.device)[None, :]  # (T, D/2)
+        inv = self.inv_freq.to(x.device)
+        if positions is None:
+            pos = torch.arange(offset, offset + t, dtype=torch.float64, device=x.device)
+            ang = pos[:, None] * inv[None, :]  # (T, D/2)
+        else:
+            ang = (positions.to(x.device, torch.float64)[:, :, None] * inv)[:, None]  # (B, 1, T, D/2)
         cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
         x1, x2 = x[..., 0::2], x[..., 1::2]
         out = torch.empty_like(x)
@@ -272,35 +278,73 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 class KVCache:
-    """Keys and values of past positions for generation: (B, Hk, capacity, D) each, and the
-    number of positions filled (the same for every sequence of the batch)."""
+    """Keys and values of past positions for generation: ``k``, ``v`` (B, Hk, capacity, D), and
+    ``lengths``, the number of positions each sequence has filled.
+
+    A block of T > 1 tokens (a prompt) is appended at the same position for every row
+    (``append``; with ``lengths=`` only the first ``lengths[b]`` of them count as real for row b,
+    for right-padded prompts). A single token per row is written at each row's own length
+    (``append_step``), so sequences of different lengths decode together without padding.
+    """
 
     def __init__(self, batch: int, n_kv_head: int, capacity: int, head_dim: int, dtype=torch.float32, device="cpu") -> None:
         self.k = torch.zeros(batch, n_kv_head, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.length = 0
+        self.lengths = torch.zeros(batch, dtype=torch.int64)
 
     @property
     def capacity(self) -> int:
         return self.k.size(2)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        t = k.size(2)
-        if self.length + t > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} positions; appending {t} to {self.length} overflows it")
-        self.k[:, :, self.length : self.length + t] = k
-        self.v[:, :, self.length : self.length + t] = v
-        self.length += t
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+    @property
+    def length(self) -> int:
+        """The common length of all rows (ValueError when rows differ)."""
+        lo, hi = int(self.lengths.min()), int(self.lengths.max())
+        if lo != hi:
+            raise ValueError(f"the cache rows hold different lengths ({lo}..{hi}); append one token per row with append_step")
+        return lo
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Appends (B, Hk, T, D) at the common length; returns the filled (B, Hk, L+T, D) views."""
+        start, t = self.length, k.size(2)
+        if start + t > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; appending {t} to {start} overflows it")
+        self.k[:, :, start : start + t] = k
+        self.v[:, :, start : start + t] = v
+        if lengths is None:
+            self.lengths += t
+        else:
+            self.lengths = start + torch.as_tensor(lengths, dtype=torch.int64).cpu()
+        return self.k[:, :, : start + t], self.v[:, :, : start + t]
+
+    def append_step(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Writes one position per row, (B, Hk, 1, D), at each row's length; returns the new lengths."""
+        if int(self.lengths.max()) >= self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions and a row is full")
+        b = k.size(0)
+        if b == 1:
+            at = int(self.lengths[0])
+            self.k[:, :, at : at + 1] = k
+            self.v[:, :, at : at + 1] = v
+        else:
+            rows = torch.arange(b, device=self.k.device)
+            at = self.lengths.to(self.k.device)
+            self.k[rows, :, at] = k[:, :, 0]
+            self.v[rows, :, at] = v[:, :, 0]
+        self.lengths = self.lengths + 1
+        return self.lengths
 
 
 class MultiheadSelfAttention(torch.nn.Module):
     """Multi-head (optionally grouped-query) self-attention on ferrolm's attention kernels.
 
     A fused qkv projection ``c_attn`` (C -> (H + 2*Hk) * D) and an output projection
-    ``c_proj``, GPT-2's names. ``forward(x, key_padding_mask=None, cache=None)``: x (B, T, C);
-    with a :class:`KVCache` the new keys/values are appended and the queries attend to the
-    whole cache (causal mask aligned to the end).
+    ``c_proj``, GPT-2's names. ``forward(x, key_padding_mask=None, cache=None, positions=None,
+    lengths=None)``: x (B, T, C). With a :class:`KVCache`, a block of T > 1 tokens is appended
+    and attends to the whole cache (causal mask aligned to the end; ``lengths`` marks the real
+    tokens of right-padded rows), and a single token per row (T = 1) is written at each row's own
+    length and attends to that row's cache (the decode kernel). ``positions`` (B, T) are the
+    tokens' positions for RoPE (default: the cache length onwards).
 
     Args:
         n_embd: C. n_head: H. n_kv_head: Hk (default H; must divide H).
@@ -329,8 +373,9 @@ class MultiheadSelfAttention(torch.nn.Module):
         """An empty :class:`KVCache` for this layer."""
         return KVCache(batch, self.n_kv_head, capacity, self.head_dim, dtype, device)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
-        from .ops import attention
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                positions: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from .ops import attention, decode_attention
 
         if x.dim() != 3 or x.size(-1) != self.n_embd:
             raise ValueError(f"expected x of shape (B, T, {self.n_embd}), got {tuple(x.shape)}")
@@ -340,11 +385,21 @@ class MultiheadSelfAttention(torch.nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, Hk, D).transpose(1, 2)  # (B, Hk, T, D)
         v = v.view(B, T, Hk, D).transpose(1, 2)
-        offset = cache.length if cache is not None else 0
+        step = cache is not None and T == 1 and key_padding_mask is None
         if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
-        if cache is not None:
-            k, v = cache.append(k, v)
-        y = attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=self.causal, key_padding_mask=key_padding_mask)
+            if positions is None and cache is not None:
+                positions = cache.lengths.view(B, 1) + torch.arange(T).view(1, T) if step else None
+                offset = 0 if step else cache.length
+            else:
+                offset = 0
+            q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
+        if step:
+            assert cache is not None
+            lens = cache.append_step(k, v)
+            y = decode_attention(q, cache.k, cache.v, lens)  # (B, H, 1, D)
+        else:
+            if cache is not None:
+                k, v = cache.append(k, v, lengths)
+            y = attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=self.causal, key_padding_mask=key_padding_mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.dropout(self.c_proj(y))

@@ -1,7 +1,10 @@
 """Pure-PyTorch twins of ferrolm's fused kernels, with identical semantics and layouts.
 
 Tests compare the kernels with these (and with torch's own modules); benchmarks use torch's
-modules as the baseline.
+modules as the baseline. The models (:class:`GPT`, :class:`LSTMLanguageModel`,
+:class:`SequenceClassifier`) are ``ferrolm.models``' architectures written the plain-PyTorch
+way — ``torch.nn.LSTM`` and ``scaled_dot_product_attention`` — with identical parameter names,
+so one state dict loads into either.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["lstm_layer", "gru_layer", "attention"]
+__all__ = ["lstm_layer", "gru_layer", "attention", "GPT", "LSTMLanguageModel", "SequenceClassifier"]
 
 
 def _steps(batch_sizes: Sequence[int], reverse: bool):
@@ -89,3 +92,206 @@ def attention(q, k, v, causal=False, key_padding_mask=None, scale=None):
     any_key = allowed.any(-1, keepdim=True)
     p = torch.softmax(s.masked_fill(~any_key, 0.0), dim=-1).masked_fill(~allowed, 0.0)
     return (p @ v).masked_fill(~any_key, 0.0)
+
+
+# --------------------------------------------------------------------------- models
+
+import math  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def _rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
+    """RoPE on (B, H, T, D) at positions (B, T) or (T,), interleaved pairs."""
+    d = x.size(-1)
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d))
+    ang = pos.to(torch.float64)[..., None] * inv  # (..., T, D/2)
+    if ang.dim() == 3:
+        ang = ang[:, None]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x2 = x.reshape(*x.shape[:-1], d // 2, 2)
+    a, b = x2[..., 0], x2[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).reshape(x.shape)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.rope = config.positions == "rotary"
+        self.rope_base = config.rope_base
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, padding_mask=None, pos=None):
+        B, T, C = x.size()
+        H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, Hk * D, Hk * D], dim=2)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hk, D).transpose(1, 2)
+        v = v.view(B, T, Hk, D).transpose(1, 2)
+        if self.rope:
+            p = torch.arange(T, device=x.device) if pos is None else pos
+            q, k = _rope(q, p, self.rope_base), _rope(k, p, self.rope_base)
+        if Hk != H:
+            k = k.repeat_interleave(H // Hk, dim=1)
+            v = v.repeat_interleave(H // Hk, dim=1)
+        if padding_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            allowed = causal[None, None] & ~padding_mask[:, None, None, :]  # (B, 1, T, T)
+            seen = allowed.any(-1, keepdim=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~seen)
+            y = y.masked_fill(~seen, 0.0)  # a query that sees no key gives zeros
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.dropout(self.c_proj(y))
+
+
+class _MLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class _Block(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = _MLP(config)
+
+    def forward(self, x, padding_mask=None, pos=None):
+        x = x + self.attn(self.ln_1(x), padding_mask, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """nanoGPT-style GPT on ``scaled_dot_product_attention``; same names and math as
+    :class:`ferrolm.models.GPT` (``forward(idx, targets=None, padding_mask=None)``)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        d = {"wte": nn.Embedding(config.vocab_size, config.n_embd)}
+        if config.positions == "learned":
+            d["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        d["drop"] = nn.Dropout(config.dropout)
+        d["h"] = nn.ModuleList([_Block(config) for _ in range(config.n_layer)])
+        d["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.transformer = nn.ModuleDict(d)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def _sinusoid(self, pos: torch.Tensor) -> torch.Tensor:
+        C = self.config.n_embd
+        inv = 10000.0 ** (-torch.arange(0, C, 2, dtype=torch.float64, device=pos.device) / C)
+        ang = pos.to(torch.float64)[..., None] * inv
+        pe = torch.stack([ang.sin(), ang.cos()], dim=-1).flatten(-2)
+        return pe.float()
+
+    def hidden_states(self, idx, padding_mask=None, lengths=None):
+        B, T = idx.size()
+        if lengths is not None:
+            padding_mask = torch.arange(T)[None, :] >= torch.as_tensor(lengths)[:, None]
+        pos = None if padding_mask is None else ((~padding_mask).long().cumsum(1) - 1).clamp_min(0)
+        p = torch.arange(T, device=idx.device) if pos is None else pos
+        x = self.transformer.wte(idx)
+        if self.config.positions == "learned":
+            x = x + self.transformer.wpe(p)
+        elif self.config.positions == "sinusoidal":
+            x = x + self._sinusoid(p).to(x.dtype)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, padding_mask, pos)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, padding_mask=None, lengths=None):
+        logits = self.lm_head(self.hidden_states(idx, padding_mask, lengths))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+
+class LSTMLanguageModel(nn.Module):
+    """Embedding -> ``torch.nn.LSTM``/``GRU`` -> Linear; same names and math as
+    :class:`ferrolm.models.LSTMLanguageModel`."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        cls = nn.LSTM if config.cell == "lstm" else nn.GRU
+        self.rnn = cls(config.n_embd, config.hidden_size, num_layers=config.num_layers, batch_first=True,
+                       dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size)
+        if config.tie_weights:
+            self.head.weight = self.embed.weight
+
+    def hidden_states(self, idx, lengths=None, state=None):
+        x = self.drop(self.embed(idx))
+        if lengths is None:
+            out, _ = self.rnn(x, state)
+        else:
+            T = idx.size(1)
+            packed = nn.utils.rnn.pack_padded_sequence(x, torch.as_tensor(lengths).cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = self.rnn(packed, state)
+            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
+        return self.drop(out)
+
+    def forward(self, idx, targets=None, lengths=None, state=None):
+        logits = self.head(self.hidden_states(idx, lengths, state))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+
+class SequenceClassifier(nn.Module):
+    """A reference backbone, pooling and a linear head (``backbone``, ``head``)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        from .models import GPTConfig
+
+        self.config = config
+        bc = config.backbone
+        self.backbone = GPT(bc) if isinstance(bc, GPTConfig) else LSTMLanguageModel(bc)
+        width = bc.n_embd if isinstance(bc, GPTConfig) else bc.hidden_size
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(width, config.num_classes)
+
+    def forward(self, idx, labels=None, lengths=None):
+        B, T = idx.shape
+        h = self.backbone.hidden_states(idx, lengths=lengths)
+        lens = torch.full((B,), T) if lengths is None else torch.as_tensor(lengths)
+        real = (torch.arange(T)[None, :] < lens[:, None])[:, :, None]
+        how = self.config.pooling
+        if how == "last":
+            pooled = h[torch.arange(B), lens - 1]
+        elif how == "first":
+            pooled = h[:, 0]
+        elif how == "mean":
+            pooled = (h * real).sum(1) / lens[:, None].to(h.dtype)
+        else:
+            pooled = h.masked_fill(~real, -math.inf).amax(1)
+        logits = self.head(self.drop(pooled))
+        return logits, (F.cross_entropy(logits, torch.as_tensor(labels)) if labels is not None else None)
