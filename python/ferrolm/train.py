@@ -1,0 +1,500 @@
+"""Training loop for ferrolm's language models: AdamW, warmup + cosine schedule, gradient
+clipping and accumulation, periodic eval loss and perplexity, a tqdm bar with tokens/s,
+atomic checkpoints with exact resume, Ctrl-C that saves before exiting, and DDP (gloo) when
+launched by ``torchrun``.
+
+Exact resume: the batch order is a pure function of (seed, epoch, position) — a seeded
+permutation of the windows per epoch — so a checkpoint stores the position, not a sampler;
+torch's and Python's RNG states (dropout, sampling) are saved with the model and optimizer.
+A checkpoint folder holds ``train_state.pt`` (read back with ``torch.load(weights_only=True)``:
+tensors and plain containers only, never arbitrary pickle) and ``model.safetensors`` (the
+weights for :func:`ferrolm.models.load_model`); each file is written to a temporary name and
+renamed.
+
+Example:
+    >>> from ferrolm.models import GPT, GPTConfig
+    >>> from ferrolm.train import TrainConfig, train
+    >>> import numpy as np
+    >>> tokens = np.random.default_rng(0).integers(0, 64, 20_000)
+    >>> model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    >>> result = train(model, tokens, config=TrainConfig(max_steps=5, batch_size=4, seq_len=32, progress=False))
+    >>> len(result.history)
+    5
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._io import PathLike, atomic_write
+
+__all__ = ["TrainConfig", "TrainResult", "TokenBatches", "train", "lr_at", "evaluate", "load_train_state"]
+
+STATE_FILE = "train_state.pt"
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """Options of :func:`train`.
+
+    Args:
+        max_steps: optimizer steps. batch_size: sequences per micro-batch (per process under
+            DDP). seq_len: tokens per sequence (T). grad_accum: micro-batches per step.
+        lr, min_lr, warmup_steps: linear warmup to ``lr``, then cosine decay to ``min_lr`` at
+            ``max_steps``. weight_decay (on matrices and embeddings only), beta1, beta2, eps:
+            AdamW. grad_clip: max global gradient norm (0 = off).
+        eval_interval, eval_batches: evaluate every this many steps (and at the end) on this
+            many validation batches. checkpoint_interval: steps between checkpoints (0 = only
+            at the end and on Ctrl-C; needs ``out_dir``).
+        seed: model-independent RNG seed (batch order, dropout). progress: show a tqdm bar.
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_batches: int = 20
+    checkpoint_interval: int = 0
+    seed: int = 1337
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
+        for name in ("warmup_steps", "eval_interval", "checkpoint_interval"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"TrainConfig needs lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("TrainConfig.grad_clip and weight_decay must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: per-step ``history`` (step, loss, lr, grad_norm, tokens_per_s),
+    ``evals`` (step, val_loss, val_ppl), the last step, and whether Ctrl-C stopped it."""
+
+    history: List[Dict[str, float]] = field(default_factory=list)
+    evals: List[Dict[str, float]] = field(default_factory=list)
+    step: int = 0
+    tokens: int = 0
+    interrupted: bool = False
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warmup, cosine decay."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _as_tokens(data: Any, what: str) -> np.ndarray:
+    from .data import TokenShard
+
+    if isinstance(data, TokenShard):
+        arr = data.tokens
+    elif isinstance(data, (str, os.PathLike)):
+        arr = TokenShard(data).tokens
+    elif isinstance(data, (list, tuple)) and data and isinstance(data[0], (str, os.PathLike, TokenShard)):
+        arr = np.concatenate([_as_tokens(d, what) for d in data])
+    elif isinstance(data, torch.Tensor):
+        arr = data.detach().cpu().numpy()
+    else:
+        arr = np.asarray(data)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what} must be a 1-D integer token stream (array, tensor, shard path or TokenShard), got shape {arr.shape} dtype {arr.dtype}")
+    return arr
+
+
+class TokenBatches:
+    """Next-token batches ``(x, y)`` (batch_size, seq_len) int64 from a 1-D token stream.
+
+    The stream is cut into non-overlapping windows of ``seq_len + 1`` tokens (stride seq_len);
+    each epoch visits them in a permutation seeded by ``(seed, epoch)``. Under DDP a global
+    batch is ``world_size * batch_size`` windows and rank r takes its r-th slice, so the
+    processes together see exactly what one process with the global batch would.
+    ``state_dict()``/``load_state_dict()`` save and restore the position.
+    """
+
+    def __init__(self, tokens: Any, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True) -> None:
+        self.tokens = _as_tokens(tokens, "tokens")
+        self.batch_size, self.seq_len = int(batch_size), int(seq_len)
+        self.seed, self.rank, self.world_size, self.shuffle = int(seed), int(rank), int(world_size), shuffle
+        self.n_windows = max(0, (len(self.tokens) - 1) // self.seq_len)
+        self.per_epoch = self.n_windows // (self.batch_size * self.world_size)
+        if self.per_epoch == 0:
+            need = self.batch_size * self.world_size * self.seq_len + 1
+            raise ValueError(f"{len(self.tokens)} tokens are too few for one batch of {self.batch_size * self.world_size} x {self.seq_len} "
+                             f"(need {need}); lower batch_size or seq_len, or add data")
+        self.epoch, self.index = 0, 0
+        self._order: Optional[np.ndarray] = None
+
+    def _perm(self) -> np.ndarray:
+        if self._order is None:
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+            else:
+                self._order = np.arange(self.n_windows)
+        return self._order
+
+    def batch_at(self, epoch: int, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The batch ``index`` of ``epoch`` for this rank (does not move the position)."""
+        saved = (self.epoch, self._order)
+        if epoch != self.epoch:
+            self.epoch, self._order = epoch, None
+        g = self.batch_size * self.world_size
+        rows = self._perm()[index * g + self.rank * self.batch_size : index * g + (self.rank + 1) * self.batch_size]
+        self.epoch, self._order = saved
+        starts = rows * self.seq_len
+        both = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)[None, :]].astype(np.int64)
+        t = torch.from_numpy(both)
+        return t[:, :-1], t[:, 1:]
+
+    def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next batch; wraps into a new (reshuffled) epoch."""
+        if self.index >= self.per_epoch:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        out = self.batch_at(self.epoch, self.index)
+        self.index += 1
+        return out
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n_windows": self.n_windows}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if state.get("n_windows") != self.n_windows or state.get("seed") != self.seed:
+            raise ValueError(f"the checkpoint's data position is for another stream ({state.get('n_windows')} windows, seed {state.get('seed')}), "
+                             f"this one has {self.n_windows} windows, seed {self.seed}; resume on the same data and seq_len")
+        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _dist_setup() -> Tuple[int, int, bool]:
+    """(rank, world_size, initialised_here); initialises gloo when launched by torchrun."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    dist.init_process_group("gloo")
+    # Never oversubscribe the cores: split them between the processes.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _all_mean(value: float, world: int) -> float:
+    if world <= 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / world
+
+
+def _any(flag: bool, world: int) -> bool:
+    if world <= 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+# --------------------------------------------------------------------------- optimizer, eval
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and embeddings (dim >= 2), none on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen, decay, no_decay = set(), [], []
+    for p in params:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: TokenBatches, n_batches: int, world: int = 1) -> float:
+    """Mean next-token loss over the first ``n_batches`` batches of ``batches`` (a fixed,
+    unshuffled set, so evaluations are comparable)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(min(n_batches, batches.per_epoch)):
+        x, y = batches.batch_at(0, i)
+        _, loss = model(x, targets=y)
+        total += float(loss)
+        count += 1
+    model.train(was)
+    return _all_mean(total / max(1, count), world)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> Dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(out_dir: PathLike, model: torch.nn.Module, optimizer, step: int, cfg: TrainConfig, data_state: Dict[str, int],
+                    result: TrainResult) -> Path:
+    """Writes ``train_state.pt`` and ``model.safetensors`` into ``out_dir`` atomically."""
+    from .models import save_model
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": "ferrolm-train-1",
+        "step": step,
+        "tokens": result.tokens,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "rng": _rng_state(),
+        "data": dict(data_state),
+        "train_config": dataclasses.asdict(cfg),
+        "history": result.history,
+        "evals": result.evals,
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(out / STATE_FILE, buf.getvalue())
+    save_model(model, out / MODEL_FILE)
+    return out
+
+
+def load_train_state(out_dir: PathLike) -> Dict[str, Any]:
+    """The training state saved in ``out_dir`` (``torch.load(weights_only=True)``: no pickle)."""
+    from .errors import FormatError
+
+    path = Path(out_dir) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume: {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or unsafe files
+        raise FormatError(f"{path} is not a readable ferrolm training checkpoint: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != "ferrolm-train-1":
+        raise FormatError(f"{path} is not a ferrolm training checkpoint")
+    return state
+
+
+class _SigintFlag:
+    """Turns Ctrl-C into a flag checked between optimizer steps, so the checkpoint written on
+    exit is never of a half-updated model; a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self.hard = False
+        self._old: Any = None
+
+    def __enter__(self) -> "_SigintFlag":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.hit:
+            self.hard = True
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    model: torch.nn.Module,
+    train_data: Any,
+    val_data: Any = None,
+    config: Optional[TrainConfig] = None,
+    out_dir: Optional[PathLike] = None,
+    resume: bool = False,
+    callback: Optional[Callable[[int, Dict[str, float]], None]] = None,
+) -> TrainResult:
+    """Trains a language model (``model(x, targets=y) -> (logits, loss)``) on a token stream.
+
+    Args:
+        model: a :class:`ferrolm.models.GPT` or :class:`~ferrolm.models.LSTMLanguageModel` (or
+            any module with that forward).
+        train_data, val_data: 1-D token streams: numpy arrays, tensors, shard paths or
+            :class:`ferrolm.data.TokenShard` (lists of shards concatenate).
+        config: :class:`TrainConfig`.
+        out_dir: checkpoint folder (``train_state.pt`` + ``model.safetensors``).
+        resume: continue from ``out_dir``'s checkpoint: the model, optimizer, RNG and data
+            position are restored, so the loss curve continues exactly as without the stop.
+        callback: called after each step with (step, metrics); raising KeyboardInterrupt from
+            it stops training like Ctrl-C.
+
+    Returns:
+        :class:`TrainResult`. On Ctrl-C the checkpoint is written (when ``out_dir`` is set),
+        the result has ``interrupted=True`` and the loop returns instead of raising.
+    """
+    cfg = config or TrainConfig()
+    rank, world, owns_group = _dist_setup()
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir (the folder holding the checkpoint)")
+    batches = TokenBatches(train_data, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
+    val = TokenBatches(val_data, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, shuffle=False) if val_data is not None else None
+    block = getattr(getattr(model, "config", None), "block_size", None)
+    if block is not None and cfg.seq_len > block:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's block_size={block}")
+    optimizer = make_optimizer(model, cfg)
+    result = TrainResult()
+    start = 0
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    if resume:
+        state = load_train_state(out_dir)  # type: ignore[arg-type]
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+        start = int(state["step"])
+        result.history, result.evals = list(state["history"]), list(state["evals"])
+        result.tokens = int(state["tokens"])
+    net: torch.nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model)
+    model.train()
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+    bar = None
+    if cfg.progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def checkpoint(step: int) -> None:
+        if out_dir is not None and rank == 0:
+            save_checkpoint(out_dir, model, optimizer, step, cfg, batches.state_dict(), result)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    step = start
+    sigint = _SigintFlag()
+    try:
+        with sigint:
+            while step < cfg.max_steps:
+                t0 = time.perf_counter()
+                lr = lr_at(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for micro in range(cfg.grad_accum):
+                    x, y = batches.next()
+                    sync = micro == cfg.grad_accum - 1
+                    ctx = net.no_sync() if (world > 1 and not sync) else _null()  # type: ignore[operator]
+                    with ctx:
+                        _, loss = net(x, targets=y)
+                        (loss / cfg.grad_accum).backward()
+                    loss_sum += float(loss.detach())
+                gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if cfg.grad_clip > 0 else float("nan")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                dt = time.perf_counter() - t0
+                result.tokens += tokens_per_step
+                metrics = {"step": step, "loss": _all_mean(loss_sum / cfg.grad_accum, world), "lr": lr, "grad_norm": gnorm,
+                           "tokens_per_s": tokens_per_step / dt if dt > 0 else float("inf")}
+                result.history.append(metrics)
+                if val is not None and cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+                    vl = evaluate(model, val, cfg.eval_batches, world)
+                    result.evals.append({"step": step, "val_loss": vl, "val_ppl": math.exp(min(vl, 700.0))})
+                if bar is not None:
+                    post = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_s']:,.0f}"}
+                    if result.evals and result.evals[-1]["step"] == step:
+                        post["val_ppl"] = f"{result.evals[-1]['val_ppl']:.2f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if callback is not None:
+                    callback(step, metrics)
+                if _any(sigint.hit, world):
+                    raise KeyboardInterrupt
+                if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0 and step < cfg.max_steps:
+                    checkpoint(step)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        if sigint.hard:  # a second Ctrl-C may have landed mid-step: keep the last good checkpoint
+            raise
+    finally:
+        if bar is not None:
+            bar.close()
+    result.step = step
+    checkpoint(step)
+    if owns_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return result
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None

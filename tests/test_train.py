@@ -1,0 +1,198 @@
+"""The training loop: schedule against its formula, the batch order, loss going down on the
+embedded corpus, exact resume, Ctrl-C, checkpoints and DDP with two processes."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ferrolm import FormatError, Tokenizer  # noqa: E402
+from ferrolm.corpus import default_corpus  # noqa: E402
+from ferrolm.models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel, load_model  # noqa: E402
+from ferrolm.train import TokenBatches, TrainConfig, evaluate, load_train_state, lr_at, train  # noqa: E402
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    cfg = TrainConfig(max_steps=110, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    for s in range(10):
+        assert lr_at(s, cfg) == pytest.approx(1e-3 * (s + 1) / 10)
+    for s in range(10, 111):
+        want = 1e-4 + 0.5 * (1 + math.cos(math.pi * (s - 10) / 100)) * 9e-4
+        assert lr_at(s, cfg) == pytest.approx(want, rel=1e-12)
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+
+
+def test_token_batches_cover_each_epoch_and_split_between_ranks():
+    tokens = np.arange(1001)
+    one = TokenBatches(tokens, batch_size=4, seq_len=10, seed=3)
+    assert one.n_windows == 100 and one.per_epoch == 25
+    starts = []
+    for _ in range(25):
+        x, y = one.next()
+        assert torch.equal(y, x + 1)  # targets are the next tokens
+        assert bool((x[:, 1:] - x[:, :-1] == 1).all())
+        starts += (x[:, 0] // 10).tolist()
+        assert all(int(r[0]) % 10 == 0 for r in x)
+    assert sorted(starts) == list(range(100))
+    x_next_epoch, _ = one.next()
+    assert one.epoch == 1
+    # Two ranks of batch 2 see exactly the rows of one process with batch 4.
+    r0 = TokenBatches(tokens, 2, 10, seed=3, rank=0, world_size=2)
+    r1 = TokenBatches(tokens, 2, 10, seed=3, rank=1, world_size=2)
+    full = TokenBatches(tokens, 4, 10, seed=3)
+    for _ in range(30):
+        assert torch.equal(torch.cat([r0.next()[0], r1.next()[0]]), full.next()[0])
+    with pytest.raises(ValueError, match="too few"):
+        TokenBatches(np.arange(30), 4, 10)
+
+
+@pytest.fixture(scope="module")
+def corpus_tokens():
+    docs = default_corpus(max_bytes=400_000)
+    tok = Tokenizer.train(docs, vocab_size=512)
+    ids = np.concatenate([np.asarray(tok.encode_ordinary(d), dtype=np.int64) for d in docs])
+    cut = int(len(ids) * 0.9)
+    return ids[:cut], ids[cut:]
+
+
+@pytest.mark.parametrize("kind", ["gpt", "lstm"])
+def test_short_training_lowers_loss_on_embedded_corpus(corpus_tokens, kind):
+    train_ids, val_ids = corpus_tokens
+    torch.manual_seed(0)
+    if kind == "gpt":
+        model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64))
+    else:
+        model = LSTMLanguageModel(LSTMConfig(vocab_size=512, n_embd=64, hidden_size=64, num_layers=1, tie_weights=True))
+    cfg = TrainConfig(max_steps=60, batch_size=8, seq_len=64, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=30,
+                      eval_batches=5, progress=False)
+    before = evaluate(model, TokenBatches(val_ids, 8, 64, shuffle=False), 5)
+    assert before == pytest.approx(math.log(512), rel=0.1)  # an untrained model is near uniform
+    result = train(model, train_ids, val_ids, cfg)
+    assert [e["step"] for e in result.evals] == [30, 60]
+    after = result.evals[-1]["val_loss"]
+    assert after < before - 0.7, (before, after)
+    assert result.evals[-1]["val_ppl"] == pytest.approx(math.exp(after))
+    assert len(result.history) == 60 and result.tokens == 60 * 8 * 64
+
+
+def _resume_pair(make_model, tmp_path, tokens):
+    cfg = TrainConfig(max_steps=12, batch_size=4, seq_len=32, lr=2e-3, warmup_steps=3, eval_interval=4, eval_batches=2,
+                      checkpoint_interval=5, grad_accum=2, progress=False)
+    torch.manual_seed(1)
+    full = train(make_model(), tokens, tokens, cfg, out_dir=tmp_path / "a")
+
+    def stop_at_7(step, metrics):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    torch.manual_seed(1)
+    first = train(make_model(), tokens, tokens, cfg, out_dir=tmp_path / "b", callback=stop_at_7)
+    assert first.interrupted and first.step == 7
+    assert load_train_state(tmp_path / "b")["step"] == 7
+    torch.manual_seed(999)  # the resumed run must not depend on the caller's RNG
+    second = train(make_model(), tokens, tokens, cfg, out_dir=tmp_path / "b", resume=True)
+    assert not second.interrupted and second.step == 12
+    return full, second
+
+
+@pytest.mark.parametrize("kind", ["gpt", "lstm"])
+def test_resume_gives_the_same_loss_curve(corpus_tokens, tmp_path, kind):
+    tokens = corpus_tokens[0][:40_000]
+    if kind == "gpt":
+        make = lambda: GPT(GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1))  # noqa: E731
+    else:
+        make = lambda: LSTMLanguageModel(LSTMConfig(vocab_size=512, n_embd=32, hidden_size=32, num_layers=2, dropout=0.1))  # noqa: E731
+    full, resumed = _resume_pair(make, tmp_path, tokens)
+    a = [h["loss"] for h in full.history]
+    b = [h["loss"] for h in resumed.history]
+    assert len(a) == len(b) == 12
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose([e["val_loss"] for e in resumed.evals], [e["val_loss"] for e in full.evals], rtol=1e-6)
+    ma, mb = load_model(tmp_path / "a" / "model.safetensors"), load_model(tmp_path / "b" / "model.safetensors")
+    for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_returns(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 64, 20_000)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+
+    def press_ctrl_c(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = train(model, tokens, config=TrainConfig(max_steps=50, batch_size=2, seq_len=16, progress=False), out_dir=tmp_path,
+                   callback=press_ctrl_c)
+    assert result.interrupted and result.step == 3
+    state = load_train_state(tmp_path)
+    assert state["step"] == 3 and state["data"]["index"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_train_state(tmp_path)
+    (tmp_path / "train_state.pt").write_bytes(b"garbage")
+    with pytest.raises(FormatError):
+        load_train_state(tmp_path)
+    with pytest.raises(ValueError, match="resume=True needs out_dir"):
+        train(GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=4)), np.arange(100) % 8, resume=True)
+    with pytest.raises(ValueError, match="exceeds the model's block_size"):
+        train(GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=4)), np.arange(1000) % 8,
+              config=TrainConfig(seq_len=16, batch_size=2, progress=False))
+    with pytest.raises(ValueError, match="unknown TrainConfig keys"):
+        TrainConfig.from_dict({"steps": 3})
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np, torch
+    from ferrolm.models import GPT, GPTConfig, save_model
+    from ferrolm.train import TrainConfig, train
+    batch, out = int(sys.argv[1]), sys.argv[2]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    tokens = np.random.default_rng(0).integers(0, 64, 30_000)
+    res = train(model, tokens, tokens, TrainConfig(max_steps=6, batch_size=batch, seq_len=16, warmup_steps=2, eval_interval=3,
+                                                    eval_batches=2, progress=False))
+    import torch.distributed as dist
+    import os
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_model(model, out)
+        print("LOSSES", [round(h["loss"], 6) for h in res.history])
+    """
+)
+
+
+def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "2", str(tmp_path / "ddp.safetensors")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(script), "4", str(tmp_path / "one.safetensors")], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = load_model(tmp_path / "ddp.safetensors"), load_model(tmp_path / "one.safetensors")
+    moved = 0.0
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=k)
+    fresh = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    torch.manual_seed(0)
+    fresh = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    for va, vf in zip(a.state_dict().values(), fresh.state_dict().values()):
+        moved = max(moved, float((va - vf).abs().max()))
+    assert moved > 1e-3, "training did not change the weights"
+    la = [line for line in done.stdout.splitlines() if line.startswith("LOSSES")]
+    lb = [line for line in single.stdout.splitlines() if line.startswith("LOSSES")]
+    assert la and lb
+    np.testing.assert_allclose(eval(la[0][7:]), eval(lb[0][7:]), rtol=1e-4)
