@@ -49,6 +49,123 @@ def _cmd_tokenizer_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_tokenizer(path: Path):
+    from .tokenizer import Tokenizer
+
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist")
+    return Tokenizer.from_tiktoken(path, "r50k_base") if path.suffix == ".tiktoken" else Tokenizer.from_hf_json(path)
+
+
+def _is_shard(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(7) == b"FLMTOKS"
+
+
+def _expand(paths: List[str]) -> List[Path]:
+    out: List[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith("."))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"data path {p} does not exist")
+    if paths and not out:
+        raise ValueError(f"no files found in {paths}")
+    return out
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .corpus import default_corpus
+    from .models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel, load_model
+    from .tokenizer import Tokenizer
+    from .train import TrainConfig, train
+
+    out = Path(args.out or f"runs/{args.arch}")
+    files = _expand(args.data)
+    shards = [f for f in files if _is_shard(f)]
+    texts_or_files: List = [f for f in files if f not in shards] if files else default_corpus(args.max_bytes)
+    tok_path = Path(args.tokenizer) if args.tokenizer else out / "tokenizer.json"
+    if args.tokenizer or (args.resume and tok_path.is_file()):
+        tok = _load_tokenizer(tok_path)
+    elif shards and not texts_or_files:
+        raise ValueError("token shards need the tokenizer that wrote them: pass --tokenizer")
+    else:
+        print(f"training a {args.vocab_size}-token BPE tokenizer on the data ...", file=sys.stderr)
+        tok = Tokenizer.train(texts_or_files, vocab_size=args.vocab_size, special_tokens=["<|endoftext|>"])
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save_hf_json(out / "tokenizer.json")
+    streams = []
+    if texts_or_files:
+        docs = [Path(f).read_text(encoding="utf-8") if isinstance(f, Path) else f for f in texts_or_files]
+        eot = tok.special_tokens.get("<|endoftext|>")
+        for ids in tok.encode_ordinary_batch(docs):
+            streams.append(np.asarray(ids + ([eot] if eot is not None else []), dtype=np.int64))
+    from .data import TokenShard
+
+    streams += [np.asarray(TokenShard(s).tokens, dtype=np.int64) for s in shards]
+    tokens = np.concatenate(streams)
+    cut = int(len(tokens) * (1.0 - args.val_fraction))
+    train_ids, val_ids = tokens[:cut], tokens[cut:]
+    if args.resume:
+        model = load_model(out / "model.safetensors")
+    elif args.arch == "gpt":
+        model = GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=args.seq_len, n_layer=args.n_layer, n_head=args.n_head,
+                              n_embd=args.n_embd, dropout=args.dropout, positions=args.positions))
+    else:
+        model = LSTMLanguageModel(LSTMConfig(vocab_size=tok.n_vocab, n_embd=args.n_embd, hidden_size=args.hidden_size,
+                                             num_layers=args.num_layers, dropout=args.dropout, cell=args.cell,
+                                             tie_weights=args.n_embd == args.hidden_size))
+    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum,
+                      lr=args.lr, min_lr=args.lr / 10, warmup_steps=min(args.warmup, args.steps // 10 + 1),
+                      eval_interval=args.eval_interval, eval_batches=args.eval_batches,
+                      checkpoint_interval=args.checkpoint_interval, seed=args.seed)
+    print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+          f"{len(train_ids):,} training / {len(val_ids):,} validation tokens -> {out}", file=sys.stderr)
+    result = train(model, train_ids, val_ids if len(val_ids) > cfg.batch_size * cfg.seq_len else None, cfg, out_dir=out, resume=args.resume)
+    if not (out / "tokenizer.json").exists():
+        tok.save_hf_json(out / "tokenizer.json")
+    last = result.history[-1] if result.history else {}
+    speed = sorted(h["tokens_per_s"] for h in result.history[-50:])
+    msg = f"step {result.step}: loss {last.get('loss', float('nan')):.4f}"
+    if result.evals:
+        msg += f", val loss {result.evals[-1]['val_loss']:.4f} (perplexity {result.evals[-1]['val_ppl']:.2f})"
+    if speed:
+        msg += f", {speed[len(speed) // 2]:,.0f} tokens/s"
+    print(msg + f"; checkpoint in {out}" + (" (interrupted; continue with --resume)" if result.interrupted else ""))
+    return 130 if result.interrupted else 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+    from .models import load_model
+
+    path = Path(args.model)
+    model_file = path / "model.safetensors" if path.is_dir() else path
+    tok_file = Path(args.tokenizer) if args.tokenizer else (path if path.is_dir() else path.parent) / "tokenizer.json"
+    if not model_file.is_file():
+        raise FileNotFoundError(f"no model checkpoint at {model_file}; pass a folder written by `ferrolm train` or a .safetensors file")
+    model = load_model(model_file)
+    tok = _load_tokenizer(tok_file)
+    if tok.n_vocab > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.n_vocab} tokens but the model only {model.config.vocab_size}; pass the model's own tokenizer")
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    ids = tok.encode(prompt, allowed_special="all")
+    if not ids:
+        raise ValueError("the prompt is empty; pass --prompt TEXT")
+    eot = tok.special_tokens.get("<|endoftext|>")
+    new = generate(model, [ids] * args.num_samples, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, stop_ids=[eot] if eot is not None else None, seed=args.seed)
+    for i, row in enumerate(new):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(prompt + tok.decode([t for t in row if t != eot]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ferrolm", description="ferrolm: language models on ordinary CPUs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -76,12 +193,65 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("text", nargs="?", default=None)
     en.add_argument("--pattern", default=None, help="pattern for .tiktoken files (default gpt2)")
     en.set_defaults(func=_cmd_tokenizer_encode)
+
+    tr = sub.add_parser("train", help="train a GPT or LSTM language model (default data: the embedded corpus)",
+                        description="Trains a language model; checkpoints, the tokenizer and model.safetensors go to --out. "
+                                    "Ctrl-C saves a checkpoint; --resume continues it exactly.")
+    tr.add_argument("arch", choices=["gpt", "lstm"], help="model family")
+    tr.add_argument("data", nargs="*", help="UTF-8 text files, token shards or folders of them (default: the embedded corpus)")
+    tr.add_argument("--out", default=None, help="output folder (default runs/ARCH)")
+    tr.add_argument("--tokenizer", default=None, help="tokenizer.json / .tiktoken (default: train one on the data)")
+    tr.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the tokenizer trained when none is given")
+    tr.add_argument("--max-bytes", type=int, default=None, help="use only this much of the embedded corpus")
+    tr.add_argument("--steps", type=int, default=300)
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--seq-len", type=int, default=128)
+    tr.add_argument("--grad-accum", type=int, default=1)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--warmup", type=int, default=50)
+    tr.add_argument("--dropout", type=float, default=0.0)
+    tr.add_argument("--n-layer", type=int, default=4, help="GPT layers")
+    tr.add_argument("--n-head", type=int, default=4, help="GPT heads")
+    tr.add_argument("--n-embd", type=int, default=256, help="embedding width")
+    tr.add_argument("--positions", default="learned", choices=["learned", "sinusoidal", "rotary"], help="GPT positions")
+    tr.add_argument("--hidden-size", type=int, default=512, help="LSTM width")
+    tr.add_argument("--num-layers", type=int, default=2, help="LSTM layers")
+    tr.add_argument("--cell", default="lstm", choices=["lstm", "gru"], help="recurrent cell of the lstm family")
+    tr.add_argument("--val-fraction", type=float, default=0.05, help="the tail of the data held out for evaluation")
+    tr.add_argument("--eval-interval", type=int, default=100)
+    tr.add_argument("--eval-batches", type=int, default=10)
+    tr.add_argument("--checkpoint-interval", type=int, default=100)
+    tr.add_argument("--seed", type=int, default=1337)
+    tr.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    tr.set_defaults(func=_cmd_train)
+
+    g = sub.add_parser("generate", help="continue a prompt with a trained model")
+    g.add_argument("model", help="a folder from `ferrolm train` or a .safetensors checkpoint")
+    g.add_argument("--prompt", default=None, help="the prompt text (default: stdin)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer file (default: tokenizer.json next to the model)")
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(func=_cmd_generate)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Runs the command; a bad argument, file or value prints one line (no traceback) and
+    returns 2."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("ferrolm: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, KeyError, OSError, ImportError) as e:
+        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"ferrolm: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
