@@ -22,10 +22,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ._io import atomic_write
 from .corpus import chinese_text, stdlib_texts
 from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, Tokenizer
 
-__all__ = ["run_benchmarks", "tokenizer_peers", "corpus_for_bench", "time_median", "compare", "Result"]
+__all__ = ["run_benchmarks", "model_workloads", "markdown_report", "plot_ratios", "AREAS", "tokenizer_peers", "corpus_for_bench", "time_median", "compare", "Result"]
 
 
 @dataclass
@@ -424,6 +425,88 @@ def attention_workloads(smoke: bool = False, full: bool = False) -> List[Dict[st
     return out
 
 
+def model_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any]]:
+    """End-to-end workloads: one training step (forward, backward, AdamW) of ferrolm's GPT and
+    LSTM language model against their plain-PyTorch twins in :mod:`ferrolm.reference` (same
+    weights, same batch), and batch-1 greedy generation with a KV cache against transformers'
+    ``GPT2LMHeadModel.generate`` on the same GPT-2-shaped weights."""
+    import torch
+
+    from . import reference
+    from .generate import generate
+    from .models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel
+
+    g = torch.Generator().manual_seed(0)
+    out: List[Dict[str, Any]] = []
+    V = 512 if smoke else 8192
+
+    def step_fn(model, x, y):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def run():
+            _, loss = model(x, targets=y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return run
+
+    if smoke:
+        gcfg, (gb, gt) = GPTConfig(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=32), (2, 32)
+        lcfg, (lb, lt) = LSTMConfig(vocab_size=V, n_embd=32, hidden_size=32, num_layers=2), (4, 16)
+    else:
+        gcfg, (gb, gt) = GPTConfig(vocab_size=V, block_size=256, n_layer=6, n_head=6, n_embd=384), (8, 256)
+        lcfg, (lb, lt) = LSTMConfig(vocab_size=V, n_embd=512, hidden_size=512, num_layers=2), (16, 128)
+    for label, cfg, ours_cls, ref_cls, (b, t) in (
+        (f"GPT {gcfg.n_layer}x{gcfg.n_embd} T={gt} B={gb} V={V}", gcfg, GPT, reference.GPT, (gb, gt)),
+        (f"LSTM LM {lcfg.num_layers}x{lcfg.hidden_size} T={lt} B={lb} V={V}", lcfg, LSTMLanguageModel, reference.LSTMLanguageModel, (lb, lt)),
+    ):
+        torch.manual_seed(0)
+        ours = ours_cls(cfg)
+        ref = ref_cls(cfg)
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randint(0, V, (b, t), generator=g)
+        y = torch.randint(0, V, (b, t), generator=g)
+        out.append({"name": f"train step {label}", "tokens": b * t, "flops": None,
+                    "fns": {"ferrolm": step_fn(ours, x, y), "reference": step_fn(ref, x, y)}})
+    try:
+        import transformers
+    except ImportError:
+        return out
+    if smoke:
+        hcfg, new, plen = dict(n_layer=1, n_embd=32, n_head=2, vocab_size=V), 4, 8
+    elif full:
+        hcfg, new, plen = dict(n_layer=12, n_embd=768, n_head=12), 64, 32
+    else:
+        hcfg, new, plen = dict(n_layer=6, n_embd=384, n_head=6), 32, 32
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hcfg, bos_token_id=None, eos_token_id=None)).eval()
+    ours = GPT.from_hf_gpt2(hf).eval()
+    prompt = torch.randint(0, hf.config.vocab_size, (1, plen), generator=g)
+    mask = torch.ones_like(prompt)
+
+    def gen_ours():
+        return generate(ours, prompt, new, temperature=0)
+
+    def gen_hf():
+        with torch.no_grad():
+            return hf.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+    shape = f"{hcfg['n_layer']}x{hcfg['n_embd']} V={hf.config.vocab_size}"
+    out.append({"name": f"generate B=1 greedy, GPT-2-shaped {shape}, prompt {plen} + {new} new tokens", "tokens": new, "flops": None,
+                "fns": {"ferrolm": gen_ours, "transformers": gen_hf}})
+    return out
+
+
+def _model_results(full: bool, repeats: int) -> List[Result]:
+    out = []
+    for w in model_workloads(full=full):
+        r = Result("models", w["name"], f"{w['tokens']} tokens")
+        r.seconds = compare(w["fns"], repeats, warm=False)
+        out.append(r)
+    return out
+
+
 def _attention_results(full: bool, repeats: int) -> List[Result]:
     out = []
     for w in attention_workloads(full=full):
@@ -460,13 +543,22 @@ def _data_results(full: bool, repeats: int) -> List[Result]:
     return out
 
 
-def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: Tuple[str, ...] = ("tokenizer", "data", "rnn", "attention")) -> List[Result]:
+AREAS = ("tokenizer", "data", "rnn", "attention", "models")
+
+
+def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: Tuple[str, ...] = AREAS,
+                   report: Optional[str] = None, plot: Optional[str] = None) -> List[Result]:
     """Runs the suite, prints a table, and returns the rows.
 
     Args:
         full: the whole grid (both real vocabularies, 100 MB training) instead of the quick set.
         json_path: also write the rows (with ratios) to this JSON file.
+        areas: which of ``AREAS`` to run.
+        report: also write a Markdown report here. plot: and a bar chart of the ratios (PNG).
     """
+    unknown = sorted(set(areas) - set(AREAS))
+    if unknown:
+        raise ValueError(f"unknown benchmark areas {unknown}; choose from {list(AREAS)}")
     import tempfile
 
     results: List[Result] = []
@@ -504,11 +596,105 @@ def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: T
                 results += _data_results(full, repeats)
             except ImportError:
                 print("data benchmarks skipped: torch is not installed")
+        if "models" in areas:
+            try:
+                results += _model_results(full, 3 if full else 2)
+            except ImportError:
+                print("model benchmarks skipped: torch is not installed")
     _print_table(results, extra)
     if json_path:
         payload = {"results": [dict(asdict(r), ratios=r.ratios()) for r in results], "extra": extra}
-        Path(json_path).write_text(json.dumps(payload, indent=2))
+        atomic_write(json_path, json.dumps(payload, indent=2).encode())
+    if report:
+        atomic_write(report, markdown_report(results, extra, full).encode())
+        print(f"wrote {report}")
+    if plot:
+        if plot_ratios(results, plot):
+            print(f"wrote {plot}")
     return results
+
+
+def machine_summary() -> str:
+    """One line on the machine and library versions the numbers come from."""
+    import platform
+
+    parts = [f"{os.cpu_count()} CPUs", platform.machine(), f"Python {platform.python_version()}"]
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    except ImportError:
+        pass
+    for mod in ("tiktoken", "tokenizers", "transformers"):
+        try:
+            parts.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    parts.insert(0, line.split(":", 1)[1].strip())
+                    break
+    except OSError:
+        pass
+    return ", ".join(parts)
+
+
+def markdown_report(results: List[Result], extra: Dict[str, object], full: bool) -> str:
+    """The results as a Markdown document: one table per area, ferrolm's speed-up per peer."""
+    lines = ["# ferrolm benchmark report", "", f"Mode: {'full' if full else 'quick'}. Machine: {machine_summary()}.", "",
+             "Ratio = peer median time / ferrolm median time (above 1: ferrolm is faster). Runs interleaved, medians.", ""]
+    for area in dict.fromkeys(r.area for r in results):
+        rows = [r for r in results if r.area == area]
+        peers = sorted({k for r in rows for k in r.seconds if k != "ferrolm"})
+        lines += [f"## {area}", "", "| workload | size | ferrolm ms | " + " | ".join(f"{p} ms" for p in peers) + " | "
+                  + " | ".join(f"x vs {p}" for p in peers) + " |", "|" + "---|" * (3 + 2 * len(peers))]
+        for r in rows:
+            ratios = r.ratios()
+            cells = [r.workload, r.size, f"{r.seconds['ferrolm'] * 1e3:.4g}"]
+            cells += [f"{r.seconds[p] * 1e3:.4g}" if p in r.seconds else "-" for p in peers]
+            cells += [f"**{ratios[p]:.2f}x**" if p in ratios else "-" for p in peers]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    for k, v in extra.items():
+        lines.append(f"- {k}: " + ", ".join(f"{a}={b:.4f}" for a, b in v.items()))  # type: ignore[union-attr]
+    return "\n".join(lines) + "\n"
+
+
+def plot_ratios(results: List[Result], path: str) -> bool:
+    """A horizontal bar chart of ferrolm's speed-up per workload and peer (log scale, a line
+    at 1x); returns False (with a note) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)")
+        return False
+    bars = [(f"[{r.area}] {r.workload} vs {p}", ratio, r.area) for r in results for p, ratio in r.ratios().items()]
+    if not bars:
+        return False
+    areas = list(dict.fromkeys(a for _, _, a in bars))
+    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(areas)}
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(bars) + 1.5))
+    y = list(range(len(bars)))[::-1]
+    ax.barh(y, [b[1] for b in bars], color=[colors[b[2]] for b in bars])
+    ax.set_yticks(y)
+    ax.set_yticklabels([b[0][:110] for b in bars], fontsize=7)
+    ax.set_xscale("log")
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xlabel("speed-up of ferrolm (peer time / ferrolm time, log scale)")
+    ax.set_title("ferrolm vs references, same machine, same run")
+    for yi, (_, ratio, _a) in zip(y, bars):
+        ax.text(ratio, yi, f" {ratio:.2f}x", va="center", fontsize=7)
+    fig.subplots_adjust(left=0.5, right=0.97, top=1 - 0.6 / fig.get_figheight(), bottom=0.7 / fig.get_figheight())
+    buf = __import__("io").BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+    return True
 
 
 def _print_table(results: List[Result], extra: Dict[str, object]) -> None:

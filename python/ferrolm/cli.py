@@ -11,8 +11,12 @@ from typing import List, Optional
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmarks
 
-    areas = tuple(args.only.split(",")) if args.only else ("tokenizer", "data", "rnn", "attention")
-    run_benchmarks(full=args.full, json_path=args.json, areas=areas)
+    from .bench import AREAS
+
+    areas = tuple(a.strip() for a in args.only.split(",")) if args.only else AREAS
+    report = None if args.no_report else args.report
+    plot = None if args.no_report else args.plot
+    run_benchmarks(full=args.full, json_path=args.json, areas=areas, report=report, plot=plot)
     return 0
 
 
@@ -173,7 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmark suite (quick by default) and print ferrolm vs the references")
     b.add_argument("--full", action="store_true", help="the whole grid (slow) instead of the quick set")
     b.add_argument("--json", default=None, help="also write the results to this JSON file")
-    b.add_argument("--only", default=None, help="comma-separated areas to run (tokenizer, data, rnn, attention)")
+    b.add_argument("--only", default=None, help="comma-separated areas to run (tokenizer, data, rnn, attention, models)")
+    b.add_argument("--report", default="ferrolm-bench.md", help="Markdown report to write (default ferrolm-bench.md)")
+    b.add_argument("--plot", default="ferrolm-bench.png", help="PNG chart of the ratios to write (default ferrolm-bench.png)")
+    b.add_argument("--no-report", action="store_true", help="print the table only")
     b.set_defaults(func=_cmd_bench)
 
     t = sub.add_parser("tokenizer", help="train or use a tokenizer")
