@@ -488,6 +488,14 @@ def train(
     if owns_group:
         import torch.distributed as dist
 
+        # The DDP wrapper (its reducer holds gloo work objects) goes before the group does:
+        # destroyed later, at interpreter exit, it aborted the process ("terminate called
+        # without an active exception", 1 run in 6).
+        del net
+        import gc
+
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
     return result
 

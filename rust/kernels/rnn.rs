@@ -248,6 +248,13 @@ pub struct Grads<T> {
     pub dw_hh: Vec<T>,
     pub db_ih: Vec<T>,
     pub db_hh: Vec<T>,
+    /// Filled instead of `dx`, `dw_*`, `db_*` by the `*_steps` variants: the gradient of the
+    /// input-side pre-activations (N, G*H), of the recurrent-side ones (GRU only; the LSTM's
+    /// are the same), and the previous hidden state of every row (N, H). The caller then forms
+    /// `dx = dgx W_ih`, `dW_ih = dgxᵀ x`, `dW_hh = dghᵀ hprev` with its own GEMM.
+    pub dgx: Vec<T>,
+    pub dgh: Vec<T>,
+    pub hprev: Vec<T>,
 }
 
 fn add_bias<T: Float>(rows: &mut [T], width: usize, a: Option<&[T]>, b: Option<&[T]>) {
@@ -355,6 +362,45 @@ pub fn lstm_backward<T: Float>(
     dc_n: &[T],
     threads: usize,
 ) -> Result<Grads<T>> {
+    lstm_backward_impl(x, batch_sizes, reverse, d, h0, c0, w, saved, dy, dh_n, dc_n, threads, true)
+}
+
+/// [`lstm_backward`] through time only: returns `dgx` (= `dgh`), `hprev`, `dh0`, `dc0` and
+/// leaves the three large products to the caller.
+#[allow(clippy::too_many_arguments)]
+pub fn lstm_backward_steps<T: Float>(
+    x: &[T],
+    batch_sizes: &[usize],
+    reverse: bool,
+    d: Dims,
+    h0: &[T],
+    c0: &[T],
+    w: &Weights<'_, T>,
+    saved: Saved<'_, T>,
+    dy: &[T],
+    dh_n: &[T],
+    dc_n: &[T],
+    threads: usize,
+) -> Result<Grads<T>> {
+    lstm_backward_impl(x, batch_sizes, reverse, d, h0, c0, w, saved, dy, dh_n, dc_n, threads, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn lstm_backward_impl<T: Float>(
+    x: &[T],
+    batch_sizes: &[usize],
+    reverse: bool,
+    d: Dims,
+    h0: &[T],
+    c0: &[T],
+    w: &Weights<'_, T>,
+    saved: Saved<'_, T>,
+    dy: &[T],
+    dh_n: &[T],
+    dc_n: &[T],
+    threads: usize,
+    products: bool,
+) -> Result<Grads<T>> {
     let fwd = saved;
     let (off, n) = offsets(batch_sizes)?;
     let (h, b) = (d.hidden, batch_sizes[0]);
@@ -432,12 +478,16 @@ pub fn lstm_backward<T: Float>(
             }
         }
     });
+    if !products {
+        let e = Vec::new;
+        return Ok(Grads { dx: e(), dh0: dh, dc0: dc, dw_ih: e(), dw_hh: e(), db_ih: e(), db_hh: e(), dgx: dgates, dgh: e(), hprev });
+    }
     let mut dx = zeros(n * d.input);
     big_mm(&mut dx, d.input, &dgates, n, g4, Mat::rm(w.w_ih, g4, d.input), threads);
     let dw_ih = weight_grad(&dgates, n, g4, x, d.input, threads);
     let dw_hh = weight_grad(&dgates, n, g4, &hprev, h, threads);
     let db = col_sums(&dgates, g4);
-    Ok(Grads { dx, dh0: dh, dc0: dc, dw_ih, dw_hh, db_ih: db.clone(), db_hh: db })
+    Ok(Grads { dx, dh0: dh, dc0: dc, dw_ih, dw_hh, db_ih: db.clone(), db_hh: db, dgx: Vec::new(), dgh: Vec::new(), hprev: Vec::new() })
 }
 
 /// What a GRU forward returns, and keeps for the backward.
@@ -539,6 +589,41 @@ pub fn gru_backward<T: Float>(
     dh_n: &[T],
     threads: usize,
 ) -> Result<Grads<T>> {
+    gru_backward_impl(x, batch_sizes, reverse, d, h0, w, saved, dy, dh_n, threads, true)
+}
+
+/// [`gru_backward`] through time only: returns `dgx`, `dgh`, `hprev` and `dh0`, leaving the
+/// three large products to the caller.
+#[allow(clippy::too_many_arguments)]
+pub fn gru_backward_steps<T: Float>(
+    x: &[T],
+    batch_sizes: &[usize],
+    reverse: bool,
+    d: Dims,
+    h0: &[T],
+    w: &Weights<'_, T>,
+    saved: Saved<'_, T>,
+    dy: &[T],
+    dh_n: &[T],
+    threads: usize,
+) -> Result<Grads<T>> {
+    gru_backward_impl(x, batch_sizes, reverse, d, h0, w, saved, dy, dh_n, threads, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gru_backward_impl<T: Float>(
+    x: &[T],
+    batch_sizes: &[usize],
+    reverse: bool,
+    d: Dims,
+    h0: &[T],
+    w: &Weights<'_, T>,
+    saved: Saved<'_, T>,
+    dy: &[T],
+    dh_n: &[T],
+    threads: usize,
+    products: bool,
+) -> Result<Grads<T>> {
     let fwd = saved;
     let (off, n) = offsets(batch_sizes)?;
     let (h, b) = (d.hidden, batch_sizes[0]);
@@ -609,11 +694,15 @@ pub fn gru_backward<T: Float>(
             }
         }
     });
+    if !products {
+        let e = Vec::new;
+        return Ok(Grads { dx: e(), dh0: dh, dc0: e(), dw_ih: e(), dw_hh: e(), db_ih: e(), db_hh: e(), dgx, dgh, hprev });
+    }
     let mut dx = zeros(n * d.input);
     big_mm(&mut dx, d.input, &dgx, n, g3, Mat::rm(w.w_ih, g3, d.input), threads);
     let dw_ih = weight_grad(&dgx, n, g3, x, d.input, threads);
     let dw_hh = weight_grad(&dgh, n, g3, &hprev, h, threads);
-    Ok(Grads { dx, dh0: dh, dc0: Vec::new(), dw_ih, dw_hh, db_ih: col_sums(&dgx, g3), db_hh: col_sums(&dgh, g3) })
+    Ok(Grads { dx, dh0: dh, dc0: Vec::new(), dw_ih, dw_hh, db_ih: col_sums(&dgx, g3), db_hh: col_sums(&dgh, g3), dgx: Vec::new(), dgh: Vec::new(), hprev: Vec::new() })
 }
 
 #[cfg(test)]

@@ -79,6 +79,18 @@ fn args<'py, T: Element>(
     Ok(Args { x, h0, c0, w_ih, w_hh, b_ih: opt("bias_ih", b_ih)?, b_hh: opt("bias_hh", b_hh)?, dims })
 }
 
+/// Runs a recurrent kernel: f32 on the calling thread (its thread team is torch's OpenMP team
+/// when torch is loaded, see `kernels::team`; moving to a rayon worker first would make libgomp
+/// start a second team for that thread), f64 (whose products use the `gemm` crate on rayon)
+/// inside ferrolm's sized rayon pool.
+fn run_rnn<T: 'static, R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        f()
+    } else {
+        parallel::install(threads, f)
+    }
+}
+
 fn weights<'a, T: Element>(a: &'a Args<'_, T>) -> Weights<'a, T> {
     Weights { w_ih: sl(&a.w_ih), w_hh: sl(&a.w_hh), b_ih: a.b_ih.as_ref().map(sl), b_hh: a.b_hh.as_ref().map(sl) }
 }
@@ -103,10 +115,10 @@ fn forward<'py, T: Float + Element>(
     let dims = a.dims;
     if lstm {
         let c0s = sl(a.c0.as_ref().expect("lstm has c0"));
-        let o = py.detach(|| parallel::install(threads, || rnn::lstm_forward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, threads)))?;
+        let o = py.detach(|| run_rnn::<T, _>(threads, || rnn::lstm_forward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, threads)))?;
         Ok(vec![out(py, o.y, &[n, h])?, out(py, o.h_n, &[bsz, h])?, out(py, o.c_n, &[bsz, h])?, out(py, o.gates, &[n, 4 * h])?, out(py, o.cs, &[n, h])?])
     } else {
-        let o = py.detach(|| parallel::install(threads, || rnn::gru_forward(xs, batch_sizes, reverse, dims, h0s, &wts, threads)))?;
+        let o = py.detach(|| run_rnn::<T, _>(threads, || rnn::gru_forward(xs, batch_sizes, reverse, dims, h0s, &wts, threads)))?;
         Ok(vec![out(py, o.y, &[n, h])?, out(py, o.h_n, &[bsz, h])?, py.None().into_bound(py), out(py, o.gates, &[n, 3 * h])?, out(py, o.hn, &[n, h])?])
     }
 }
@@ -160,6 +172,7 @@ fn backward<'py, T: Float + Element>(
     saved: [&Bound<'py, PyAny>; 3],
     grads: [Option<&Bound<'py, PyAny>>; 3],
     threads: usize,
+    products: bool,
 ) -> PyResult<Vec<Out<'py>>> {
     let a = args::<T>(lstm, x, h0, c0, w[0], w[1], b[0], b[1])?;
     let (y, gates, cs) = (arr::<T>("y", saved[0])?, arr::<T>("gates", saved[1])?, arr::<T>("cs", saved[2])?);
@@ -175,16 +188,21 @@ fn backward<'py, T: Float + Element>(
     let dcs: &[T] = dc_n.as_ref().map(sl).unwrap_or(&[]);
     let dims = a.dims;
     let g = py.detach(|| {
-        parallel::install(threads, || {
-            if lstm {
-                rnn::lstm_backward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, s, dys, dhs, dcs, threads)
-            } else {
-                rnn::gru_backward(xs, batch_sizes, reverse, dims, h0s, &wts, s, dys, dhs, threads)
+        run_rnn::<T, _>(threads, || {
+            match (lstm, products) {
+                (true, true) => rnn::lstm_backward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, s, dys, dhs, dcs, threads),
+                (true, false) => rnn::lstm_backward_steps(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, s, dys, dhs, dcs, threads),
+                (false, true) => rnn::gru_backward(xs, batch_sizes, reverse, dims, h0s, &wts, s, dys, dhs, threads),
+                (false, false) => rnn::gru_backward_steps(xs, batch_sizes, reverse, dims, h0s, &wts, s, dys, dhs, threads),
             }
         })
     })?;
     let gates_n = if lstm { 4 } else { 3 };
     let dc0 = if lstm { out(py, g.dc0, &[bsz, h])? } else { py.None().into_bound(py) };
+    if !products {
+        let dgh = if lstm { py.None().into_bound(py) } else { out(py, g.dgh, &[n, gates_n * h])? };
+        return Ok(vec![out(py, g.dgx, &[n, gates_n * h])?, dgh, out(py, g.hprev, &[n, h])?, out(py, g.dh0, &[bsz, h])?, dc0]);
+    }
     Ok(vec![
         out(py, g.dx, &[n, i])?,
         out(py, g.dh0, &[bsz, h])?,
@@ -196,9 +214,11 @@ fn backward<'py, T: Float + Element>(
     ])
 }
 
-/// One layer direction backward: returns [dx, dh0, dc0 (None for GRU), dw_ih, dw_hh, db_ih, db_hh].
+/// One layer direction backward: returns [dx, dh0, dc0 (None for GRU), dw_ih, dw_hh, db_ih, db_hh];
+/// with `products=False` the backward through time only: [dgx, dgh (None for LSTM: equal to
+/// dgx), hprev, dh0, dc0], the caller forming the large products with its own GEMM.
 #[pyfunction]
-#[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y, gates, cs, dy, dh_n, dc_n, threads))]
+#[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y, gates, cs, dy, dh_n, dc_n, threads, products=true))]
 #[allow(clippy::too_many_arguments)]
 pub fn rnn_backward<'py>(
     py: Python<'py>,
@@ -219,14 +239,15 @@ pub fn rnn_backward<'py>(
     dh_n: Option<&Bound<'py, PyAny>>,
     dc_n: Option<&Bound<'py, PyAny>>,
     threads: usize,
+    products: bool,
 ) -> PyResult<Vec<Out<'py>>> {
     let lstm = parse_mode(mode)?;
     let threads = parallel::resolve_threads(Some(threads));
     let args = ([w_ih, w_hh], [b_ih, b_hh], [y, gates, cs], [dy, dh_n, dc_n]);
     if is_f64(x) {
-        backward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads)
+        backward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads, products)
     } else {
-        backward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads)
+        backward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads, products)
     }
 }
 
