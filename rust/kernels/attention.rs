@@ -16,7 +16,7 @@
 
 use std::any::TypeId;
 
-use rayon::prelude::*;
+use super::team::{self, Shared};
 
 use super::smallmm::{self, Packed};
 use super::{matmul, Float, Mat};
@@ -143,17 +143,18 @@ impl<'a, T: Float> Rhs<'a, T> {
 
 /// Forward: returns `o (B, Hq, Tq, Dv)` and `lse (B, Hq, Tq)`.
 #[allow(clippy::too_many_arguments)]
-pub fn forward<T: Float>(q: &[T], k: &[T], v: &[T], sh: Shape, causal: bool, key_padding: Option<&[bool]>, scale: T) -> Result<(Vec<T>, Vec<T>)> {
+pub fn forward<T: Float>(q: &[T], k: &[T], v: &[T], sh: Shape, causal: bool, key_padding: Option<&[bool]>, scale: T, threads: usize) -> Result<(Vec<T>, Vec<T>)> {
     sh.check(q, k, v, key_padding)?;
     let group = sh.hq / sh.hk;
     let neg_inf = T::from_f64(f64::NEG_INFINITY);
     let mut o = vec![T::ZERO; sh.b * sh.hq * sh.tq * sh.dv];
     let mut lse = vec![neg_inf; sh.b * sh.hq * sh.tq];
     let per_o = sh.tq * sh.dv;
-    o.par_chunks_mut(per_o.max(1)).zip(lse.par_chunks_mut(sh.tq.max(1))).enumerate().for_each(|(bh, (ob, lb))| {
-        if sh.tq == 0 {
-            return;
-        }
+    let (op, lp) = (Shared(o.as_mut_ptr()), Shared(lse.as_mut_ptr()));
+    team::for_each(threads, if sh.tq == 0 { 0 } else { sh.b * sh.hq }, |bh| {
+        // SAFETY: item bh alone writes rows [bh*Tq, (bh+1)*Tq) of `o` and `lse`, which the
+        // buffers hold (sizes fixed above).
+        let (ob, lb) = unsafe { (op.slice(bh * per_o, per_o), lp.slice(bh * sh.tq, sh.tq)) };
         let (b, h) = (bh / sh.hq, bh % sh.hq);
         let kvh = b * sh.hk + h / group;
         let qh = &q[bh * sh.tq * sh.d..(bh + 1) * sh.tq * sh.d];
@@ -207,6 +208,7 @@ pub fn backward<T: Float>(
     causal: bool,
     key_padding: Option<&[bool]>,
     scale: T,
+    threads: usize,
 ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
     sh.check(q, k, v, key_padding)?;
     let n_o = sh.b * sh.hq * sh.tq * sh.dv;
@@ -223,11 +225,11 @@ pub fn backward<T: Float>(
         return Ok((dq, dk, dv));
     }
     // One task per (batch, kv head): it owns dk/dv of that head and dq of its query group.
-    dq.par_chunks_mut(group * qsz)
-        .zip(dk.par_chunks_mut(ksz))
-        .zip(dv.par_chunks_mut(vsz.max(1)))
-        .enumerate()
-        .for_each(|(bkv, ((dqg, dkh), dvh))| {
+    let (dqp, dkp, dvp) = (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
+    team::for_each(threads, sh.b * sh.hk, |bkv| {
+            // SAFETY: item bkv alone writes its query group's rows of dq and its kv head's rows
+            // of dk and dv; all inside the buffers (sized from the checked shape).
+            let (dqg, dkh, dvh) = unsafe { (dqp.slice(bkv * group * qsz, group * qsz), dkp.slice(bkv * ksz, ksz), dvp.slice(bkv * vsz, vsz)) };
             let b = bkv / sh.hk;
             let kh = &k[bkv * ksz..(bkv + 1) * ksz];
             let vh = &v[bkv * vsz..(bkv + 1) * vsz];
@@ -313,11 +315,11 @@ mod tests {
         pad[8] = true; // batch 1 sees only key 4 (causal rows 0..1 then see nothing)
         for causal in [false, true] {
             let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
-                let (o, _) = forward(q, k, v, sh, causal, Some(&pad), 0.7).unwrap();
+                let (o, _) = forward(q, k, v, sh, causal, Some(&pad), 0.7, 2).unwrap();
                 o.iter().zip(&g).map(|(a, b)| a * b).sum()
             };
-            let (o, lse) = forward(&q, &k, &v, sh, causal, Some(&pad), 0.7).unwrap();
-            let (dq, dk, dv) = backward(&q, &k, &v, &o, &lse, &g, sh, causal, Some(&pad), 0.7).unwrap();
+            let (o, lse) = forward(&q, &k, &v, sh, causal, Some(&pad), 0.7, 2).unwrap();
+            let (dq, dk, dv) = backward(&q, &k, &v, &o, &lse, &g, sh, causal, Some(&pad), 0.7, 2).unwrap();
             for (which, (x, grad)) in [(&q, &dq), (&k, &dk), (&v, &dv)].into_iter().enumerate() {
                 for idx in 0..x.len() {
                     let mut xp = x.clone();

@@ -76,6 +76,22 @@ pub fn run<F: Fn(usize, &SpinBarrier) + Sync>(n: usize, f: F) {
     });
 }
 
+/// Calls `f(i)` for every `i` in `0..items` on a team of up to `threads` threads (OpenMP's
+/// when torch has loaded it, see the module notes), items handed out one at a time so uneven
+/// items (causal attention rows) balance. One thread in a forked child.
+pub fn for_each<F: Fn(usize) + Sync>(threads: usize, items: usize, f: F) {
+    let cap = if crate::parallel::in_forked_child() { 1 } else { crate::parallel::available_threads() };
+    let n = threads.min(items).min(cap).max(1);
+    let next = AtomicUsize::new(0);
+    run(n, |_, _| loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= items {
+            break;
+        }
+        f(i);
+    });
+}
+
 #[cfg(target_os = "linux")]
 mod omp {
     //! The team on an already-loaded GNU OpenMP runtime (never loads one itself).

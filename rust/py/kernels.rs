@@ -79,11 +79,11 @@ fn args<'py, T: Element>(
     Ok(Args { x, h0, c0, w_ih, w_hh, b_ih: opt("bias_ih", b_ih)?, b_hh: opt("bias_hh", b_hh)?, dims })
 }
 
-/// Runs a recurrent kernel: f32 on the calling thread (its thread team is torch's OpenMP team
+/// Runs a recurrent or attention kernel: f32 on the calling thread (its thread team is torch's OpenMP team
 /// when torch is loaded, see `kernels::team`; moving to a rayon worker first would make libgomp
 /// start a second team for that thread), f64 (whose products use the `gemm` crate on rayon)
 /// inside ferrolm's sized rayon pool.
-fn run_rnn<T: 'static, R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+fn run_kernel<T: 'static, R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
         f()
     } else {
@@ -115,10 +115,10 @@ fn forward<'py, T: Float + Element>(
     let dims = a.dims;
     if lstm {
         let c0s = sl(a.c0.as_ref().expect("lstm has c0"));
-        let o = py.detach(|| run_rnn::<T, _>(threads, || rnn::lstm_forward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, threads)))?;
+        let o = py.detach(|| run_kernel::<T, _>(threads, || rnn::lstm_forward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, threads)))?;
         Ok(vec![out(py, o.y, &[n, h])?, out(py, o.h_n, &[bsz, h])?, out(py, o.c_n, &[bsz, h])?, out(py, o.gates, &[n, 4 * h])?, out(py, o.cs, &[n, h])?])
     } else {
-        let o = py.detach(|| run_rnn::<T, _>(threads, || rnn::gru_forward(xs, batch_sizes, reverse, dims, h0s, &wts, threads)))?;
+        let o = py.detach(|| run_kernel::<T, _>(threads, || rnn::gru_forward(xs, batch_sizes, reverse, dims, h0s, &wts, threads)))?;
         Ok(vec![out(py, o.y, &[n, h])?, out(py, o.h_n, &[bsz, h])?, py.None().into_bound(py), out(py, o.gates, &[n, 3 * h])?, out(py, o.hn, &[n, h])?])
     }
 }
@@ -188,7 +188,7 @@ fn backward<'py, T: Float + Element>(
     let dcs: &[T] = dc_n.as_ref().map(sl).unwrap_or(&[]);
     let dims = a.dims;
     let g = py.detach(|| {
-        run_rnn::<T, _>(threads, || {
+        run_kernel::<T, _>(threads, || {
             match (lstm, products) {
                 (true, true) => rnn::lstm_backward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, s, dys, dhs, dcs, threads),
                 (true, false) => rnn::lstm_backward_steps(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, s, dys, dhs, dcs, threads),
@@ -270,7 +270,7 @@ fn attn_fwd<'py, T: Float + Element>(py: Python<'py>, q: &Bound<'py, PyAny>, k: 
     let m = pad_mask(mask)?;
     let (qs, ks, vs) = (sl(&q), sl(&k), sl(&v));
     let ms: Option<&[bool]> = m.as_ref().map(sl);
-    let (o, lse) = py.detach(|| parallel::install(threads, || crate::kernels::attention::forward(qs, ks, vs, sh, causal, ms, T::from_f64(scale))))?;
+    let (o, lse) = py.detach(|| run_kernel::<T, _>(threads, || crate::kernels::attention::forward(qs, ks, vs, sh, causal, ms, T::from_f64(scale), threads)))?;
     Ok(vec![out(py, o, &[sh.b, sh.hq, sh.tq, sh.dv])?, out(py, lse, &[sh.b, sh.hq, sh.tq])?])
 }
 
@@ -295,7 +295,7 @@ fn attn_bwd<'py, T: Float + Element>(py: Python<'py>, t: [&Bound<'py, PyAny>; 6]
     let m = pad_mask(mask)?;
     let s: Vec<&[T]> = a.iter().map(sl).collect();
     let ms: Option<&[bool]> = m.as_ref().map(sl);
-    let (dq, dk, dv) = py.detach(|| parallel::install(threads, || crate::kernels::attention::backward(s[0], s[1], s[2], s[3], s[4], s[5], sh, causal, ms, T::from_f64(scale))))?;
+    let (dq, dk, dv) = py.detach(|| run_kernel::<T, _>(threads, || crate::kernels::attention::backward(s[0], s[1], s[2], s[3], s[4], s[5], sh, causal, ms, T::from_f64(scale), threads)))?;
     Ok(vec![out(py, dq, a[0].shape())?, out(py, dk, a[1].shape())?, out(py, dv, a[2].shape())?])
 }
 
