@@ -7,7 +7,6 @@
 //! of 32 keys (one rescale per block), and the partials are merged with their log-sum-exps.
 //! Compiled a second time with AVX2+FMA and chosen at run time.
 
-use rayon::prelude::*;
 
 use super::Float;
 use crate::{Error, Result};
@@ -121,9 +120,8 @@ pub fn decode<T: Float>(q: &[T], k: &[T], v: &[T], lengths: &[usize], sh: Shape,
     let chunks = if pairs >= 2 * threads { 1 } else { (2 * threads).div_ceil(pairs).max(1) };
     let tasks: Vec<(usize, usize)> = (0..pairs).flat_map(|p| (0..chunks).map(move |c| (p, c))).collect();
     let use_avx2 = super::simd::has_avx2_fma();
-    let partials: Vec<Vec<Partial<T>>> = tasks
-        .par_iter()
-        .map(|&(p, c)| {
+    let slots: Vec<std::sync::Mutex<Vec<Partial<T>>>> = tasks.iter().map(|_| std::sync::Mutex::new(Vec::new())).collect();
+    let work = |&(p, c): &(usize, usize)| -> Vec<Partial<T>> {
             let b = p / sh.hk;
             let len = lengths[b];
             let per = len.div_ceil(chunks).max(256.min(len.max(1)));
@@ -138,8 +136,14 @@ pub fn decode<T: Float>(q: &[T], k: &[T], v: &[T], lengths: &[usize], sh: Shape,
             }
             let _ = use_avx2;
             chunk(&qs, kh, vh, j0, j1, sh.d, sh.dv, scale)
-        })
-        .collect();
+    };
+    // On the shared kernel team (torch's OpenMP threads when loaded: no core lost to their
+    // spinning between a model's torch ops and this call).
+    super::team::for_each(threads, tasks.len(), |i| {
+        let r = work(&tasks[i]);
+        *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = r;
+    });
+    let partials: Vec<Vec<Partial<T>>> = slots.into_iter().map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
     let mut o = vec![T::ZERO; sh.b * sh.hq * sh.dv];
     let neg_inf = T::from_f64(f64::NEG_INFINITY);
     for p in 0..pairs {

@@ -334,7 +334,7 @@ fn decode_t<'py, T: Float + Element>(py: Python<'py>, q: &Bound<'py, PyAny>, k: 
     }
     let sh = crate::kernels::decode::Shape { b: qs[0], hq: qs[1], hk: ks[1], l: ks[2], d: qs[2], dv: vs[3] };
     let (qd, kd, vd) = (sl(&q), sl(&k), sl(&v));
-    let o = py.detach(|| parallel::install(threads, || crate::kernels::decode::decode(qd, kd, vd, &lengths, sh, T::from_f64(scale), threads)))?;
+    let o = py.detach(|| run_kernel::<T, _>(threads, || crate::kernels::decode::decode(qd, kd, vd, &lengths, sh, T::from_f64(scale), threads)))?;
     out(py, o, &[sh.b, sh.hq, sh.dv])
 }
 
