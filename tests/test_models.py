@@ -300,3 +300,15 @@ def test_models_run_on_cuda():
     got = model.cuda()(idx.cuda())[0].cpu()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert generate(model, [[1, 2, 3]], 5, temperature=0) == generate(model.cpu(), [[1, 2, 3]], 5, temperature=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_runs_on_cuda():
+    import numpy as np
+
+    from ferrolm.train import TrainConfig, train
+
+    model = LSTMLanguageModel(LSTMConfig(vocab_size=64, n_embd=16, hidden_size=16)).cuda()
+    tokens = np.random.default_rng(0).integers(0, 64, 5_000)
+    result = train(model, tokens, tokens, TrainConfig(max_steps=3, batch_size=2, seq_len=16, eval_interval=3, eval_batches=1, progress=False))
+    assert result.step == 3 and next(model.parameters()).is_cuda

@@ -270,8 +270,10 @@ def evaluate(model: torch.nn.Module, batches: TokenBatches, n_batches: int, worl
     was = model.training
     model.eval()
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for i in range(min(n_batches, batches.per_epoch)):
         x, y = batches.batch_at(0, i)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         _, loss = model(x, targets=y)
         total += float(loss)
         count += 1
@@ -434,6 +436,7 @@ def train(
 
             dist.barrier()
 
+    device = next(model.parameters()).device
     step = start
     sigint = _SigintFlag()
     try:
@@ -446,6 +449,7 @@ def train(
                 loss_sum = 0.0
                 for micro in range(cfg.grad_accum):
                     x, y = batches.next()
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     sync = micro == cfg.grad_accum - 1
                     ctx = net.no_sync() if (world > 1 and not sync) else _null()  # type: ignore[operator]
                     with ctx:
