@@ -26,7 +26,7 @@ from ._io import atomic_write
 from .corpus import chinese_text, stdlib_texts
 from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, Tokenizer
 
-__all__ = ["run_benchmarks", "model_workloads", "markdown_report", "plot_ratios", "AREAS", "tokenizer_peers", "corpus_for_bench", "time_median", "compare", "Result"]
+__all__ = ["run_benchmarks", "model_workloads", "icl_workloads", "markdown_report", "plot_ratios", "AREAS", "tokenizer_peers", "corpus_for_bench", "time_median", "compare", "Result"]
 
 
 @dataclass
@@ -498,6 +498,73 @@ def model_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, A
     return out
 
 
+def icl_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any]]:
+    """Multiple-choice scoring as in k-shot evaluation: 4 choices after 8 demonstrations.
+    ferrolm's :class:`~ferrolm.icl.LM` runs each question's shared context once and scores the
+    choices from its KV cache; the peer is the same evaluation done the plain way with
+    transformers (each choice a full forward of context + choice, the 4 choices of a question
+    batched with an attention mask), on the same GPT-2-shaped weights."""
+    import torch
+
+    try:
+        import transformers
+    except ImportError:
+        return []
+    from .icl import LM
+    from .models import GPT
+
+    g = torch.Generator().manual_seed(0)
+    if smoke:
+        hcfg, questions, shot_len = dict(n_layer=1, n_embd=32, n_head=2, vocab_size=512), 2, 6
+    else:
+        hcfg, questions, shot_len = dict(n_layer=6, n_embd=384, n_head=6), (16 if full else 8), 30
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hcfg, bos_token_id=None, eos_token_id=None)).eval()
+    ours = GPT.from_hf_gpt2(hf).eval()
+    V = hf.config.vocab_size
+    demos = [torch.randint(0, V, (shot_len,), generator=g).tolist() for _ in range(8)]
+    reqs = []
+    for _ in range(questions):
+        ctx = [t for d in demos for t in d] + torch.randint(0, V, (20,), generator=g).tolist()
+        for _c in range(4):
+            reqs.append((ctx, torch.randint(0, V, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()))
+    lm = LM(ours)
+
+    def run_ours():
+        return lm.loglikelihood(reqs)
+
+    def run_hf():
+        out = []
+        with torch.no_grad():
+            for q in range(0, len(reqs), 4):
+                rows = [c + t for c, t in reqs[q : q + 4]]
+                T = max(len(r) for r in rows)
+                ids = torch.zeros(len(rows), T, dtype=torch.long)
+                mask = torch.zeros(len(rows), T, dtype=torch.long)
+                for i, r in enumerate(rows):
+                    ids[i, : len(r)] = torch.tensor(r)
+                    mask[i, : len(r)] = 1
+                logp = torch.log_softmax(hf(input_ids=ids, attention_mask=mask).logits, -1)
+                for i, (c, t) in enumerate(reqs[q : q + 4]):
+                    pos = torch.arange(len(c) - 1, len(c) - 1 + len(t))
+                    out.append(float(logp[i, pos, torch.tensor(t)].sum()))
+        return out
+
+    ctx_len = len(reqs[0][0])
+    shape = f"{hcfg['n_layer']}x{hcfg['n_embd']} V={V}"
+    return [{"name": f"4-choice 8-shot scoring, GPT-2-shaped {shape}, context {ctx_len} tokens", "questions": questions,
+             "fns": {"ferrolm": run_ours, "transformers_naive": run_hf}}]
+
+
+def _icl_results(full: bool, repeats: int) -> List[Result]:
+    out = []
+    for w in icl_workloads(full=full):
+        r = Result("icl", w["name"], f"{w['questions']} questions")
+        r.seconds = compare(w["fns"], repeats, warm=False)
+        out.append(r)
+    return out
+
+
 def _model_results(full: bool, repeats: int) -> List[Result]:
     out = []
     for w in model_workloads(full=full):
@@ -543,7 +610,7 @@ def _data_results(full: bool, repeats: int) -> List[Result]:
     return out
 
 
-AREAS = ("tokenizer", "data", "rnn", "attention", "models")
+AREAS = ("tokenizer", "data", "rnn", "attention", "models", "icl")
 
 
 def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: Tuple[str, ...] = AREAS,
@@ -601,6 +668,11 @@ def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: T
                 results += _model_results(full, 3 if full else 2)
             except ImportError:
                 print("model benchmarks skipped: torch is not installed")
+        if "icl" in areas:
+            try:
+                results += _icl_results(full, 3)
+            except ImportError:
+                print("icl benchmarks skipped: torch is not installed")
     _print_table(results, extra)
     if json_path:
         payload = {"results": [dict(asdict(r), ratios=r.ratios()) for r in results], "extra": extra}

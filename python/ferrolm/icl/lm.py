@@ -1,0 +1,291 @@
+"""One adapter for the language models that in-context learning scores with: ferrolm's
+:class:`~ferrolm.models.GPT` and :class:`~ferrolm.models.LSTMLanguageModel`, and Hugging Face
+``transformers`` causal LMs. Requests follow lm-evaluation-harness's kinds: ``loglikelihood``
+(context, continuation) and ``loglikelihood_rolling`` (a whole text).
+
+Shared-prefix reuse: requests with the same context (the k demonstrations and the question,
+scored against each choice) run the context once; its KV cache (GPT) or carried state (LSTM)
+is copied to one row per continuation, and only the continuation tokens run after it. A
+continuation of one token needs no second pass at all (its log-probability is read from the
+context's last position). Padding never enters a score: continuations are right-padded, the
+causal mask keeps real tokens from seeing the pads after them, and each row's log-probs are
+gathered at its own positions only, so scores do not depend on the batch size.
+
+Contexts longer than the model's window are cut from the left (the oldest tokens go), and
+``LogLikelihood.truncated`` says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LM", "LogLikelihood"]
+
+
+@dataclass(frozen=True)
+class LogLikelihood:
+    """The score of one continuation: ``logprob`` (sum of its tokens' natural-log
+    probabilities), ``n_tokens``, ``is_greedy`` (every token is the argmax at its position),
+    and ``truncated`` (the context was cut to fit the model's window)."""
+
+    logprob: float
+    n_tokens: int
+    is_greedy: bool
+    truncated: bool = False
+
+    @property
+    def mean_logprob(self) -> float:
+        """Length-normalised log-likelihood (per token)."""
+        return self.logprob / max(1, self.n_tokens)
+
+
+def _ids(x, what: str) -> List[int]:
+    if isinstance(x, torch.Tensor):
+        x = x.tolist()
+    try:
+        out = [int(t) for t in x]
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a sequence of int token ids, got {type(x).__name__}") from None
+    return out
+
+
+class LM:
+    """A causal language model behind the ICL requests.
+
+    Args:
+        model: a ferrolm ``GPT`` / ``LSTMLanguageModel``, or a ``transformers`` causal LM
+            (anything whose ``forward(input_ids, attention_mask)`` returns ``.logits``).
+        max_length: the window (default: the GPT's block_size, the HF config's
+            ``n_positions``/``max_position_embeddings``; unlimited for the LSTM).
+        batch_size: continuations (or rolling windows) per forward pass. Scores do not depend
+            on it.
+
+    Example:
+        >>> from ferrolm.models import GPT, GPTConfig
+        >>> lm = LM(GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=1, n_head=2, n_embd=8)))
+        >>> [r.n_tokens for r in lm.loglikelihood([([1, 2, 3], [4]), ([1, 2, 3], [5, 6])])]
+        [1, 2]
+    """
+
+    def __init__(self, model, max_length: Optional[int] = None, batch_size: int = 16) -> None:
+        from ..models import GPT, LSTMLanguageModel
+
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"LM wraps a torch.nn.Module language model, got {type(model).__name__}")
+        self.model = model
+        self.kind = "gpt" if isinstance(model, GPT) else "lstm" if isinstance(model, LSTMLanguageModel) else "hf"
+        cfg = getattr(model, "config", None)
+        if max_length is None:
+            if self.kind == "gpt":
+                max_length = cfg.block_size
+            elif self.kind == "hf":
+                max_length = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        self.max_length = max_length
+        self.vocab_size = getattr(cfg, "vocab_size", None)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.batch_size = batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check(self, ids: List[int], what: str) -> None:
+        if self.vocab_size is not None and ids:
+            lo, hi = min(ids), max(ids)
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"{what} holds token id {lo if lo < 0 else hi}, outside the vocabulary [0, {self.vocab_size})")
+
+    def _logits_full(self, rows: List[List[int]]) -> List[torch.Tensor]:
+        """Log-softmax over full (uncached) forwards of right-padded rows: one (T_i, V) each."""
+        T = max(len(r) for r in rows)
+        idx = torch.zeros(len(rows), T, dtype=torch.int64)
+        for i, r in enumerate(rows):
+            idx[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
+        lengths = torch.tensor([len(r) for r in rows])
+        idx = idx.to(self.device)
+        if self.kind == "hf":
+            mask = (torch.arange(T)[None, :] < lengths[:, None]).long().to(self.device)
+            logits = self.model(input_ids=idx, attention_mask=mask).logits
+        else:
+            logits, _ = self.model(idx, lengths=lengths)
+        logp = F.log_softmax(logits.float(), dim=-1)
+        return [logp[i, : len(r)] for i, r in enumerate(rows)]
+
+    @staticmethod
+    def _score(logp: torch.Tensor, targets: List[int]) -> Tuple[float, bool]:
+        """Sum of log-probs of ``targets`` under rows of ``logp`` (len(targets), V)."""
+        t = torch.tensor(targets, device=logp.device)
+        picked = logp.gather(1, t[:, None])[:, 0]
+        greedy = bool((logp.argmax(-1) == t).all())
+        return float(picked.double().sum()), greedy
+
+    # ------------------------------------------------------------------ requests
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: Sequence[Tuple[Sequence[int], Sequence[int]]], reuse_prefix: bool = True) -> List[LogLikelihood]:
+        """``log P(continuation | context)`` for each ``(context, continuation)`` pair of token
+        id lists, in request order.
+
+        Args:
+            reuse_prefix: run each distinct context once and score its continuations from the
+                cached prefix (ferrolm models); False runs one full forward per request (the
+                reference behaviour, used by tests and benchmarks).
+
+        Raises:
+            ValueError: an empty context or continuation, ids outside the vocabulary, a
+                continuation longer than the model's window.
+        """
+        reqs = []
+        for i, (ctx, cont) in enumerate(requests):
+            ctx, cont = _ids(ctx, f"context {i}"), _ids(cont, f"continuation {i}")
+            if not ctx:
+                raise ValueError(f"request {i}: the context is empty; give at least one token (for example a BOS / end-of-text id)")
+            if not cont:
+                raise ValueError(f"request {i}: the continuation is empty")
+            if self.max_length is not None and len(cont) > self.max_length:
+                raise ValueError(f"request {i}: a continuation of {len(cont)} tokens does not fit the window of {self.max_length}")
+            self._check(ctx, f"context {i}")
+            self._check(cont, f"continuation {i}")
+            reqs.append((ctx, cont))
+        was = self.model.training
+        self.model.eval()
+        try:
+            if reuse_prefix and self.kind in ("gpt", "lstm"):
+                return self._loglikelihood_cached(reqs)
+            return self._loglikelihood_full(reqs)
+        finally:
+            self.model.train(was)
+
+    def _fit(self, ctx: List[int], cont: List[int]) -> Tuple[List[int], bool]:
+        """The context cut from the left so that context + continuation fit the window."""
+        if self.max_length is None or len(ctx) + len(cont) <= self.max_length:
+            return ctx, False
+        keep = self.max_length - len(cont)
+        return ctx[len(ctx) - keep :] if keep > 0 else [], True
+
+    def _loglikelihood_full(self, reqs: List[Tuple[List[int], List[int]]]) -> List[LogLikelihood]:
+        out: List[Optional[LogLikelihood]] = [None] * len(reqs)
+        rows = []
+        for ctx, cont in reqs:
+            ctx, cut = self._fit(ctx, cont)
+            if not ctx:
+                raise ValueError(f"a continuation of {len(cont)} tokens leaves no room for context in the window of {self.max_length}")
+            rows.append((ctx + cont, len(ctx), cont, cut))
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths together
+        for s in range(0, len(order), self.batch_size):
+            chunk = order[s : s + self.batch_size]
+            logps = self._logits_full([rows[i][0] for i in chunk])
+            for i, lp in zip(chunk, logps):
+                seq, n_ctx, cont, cut = rows[i]
+                total, greedy = self._score(lp[n_ctx - 1 : n_ctx - 1 + len(cont)], cont)
+                out[i] = LogLikelihood(total, len(cont), greedy, cut)
+        return out  # type: ignore[return-value]
+
+    def _loglikelihood_cached(self, reqs: List[Tuple[List[int], List[int]]]) -> List[LogLikelihood]:
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        for i, (ctx, _) in enumerate(reqs):
+            groups.setdefault(tuple(ctx), []).append(i)
+        out: List[Optional[LogLikelihood]] = [None] * len(reqs)
+        for ctx_t, members in groups.items():
+            longest = max(len(reqs[i][1]) for i in members)
+            ctx, cut = self._fit(list(ctx_t), [0] * longest)
+            if not ctx:
+                raise ValueError(f"a continuation of {longest} tokens leaves no room for context in the window of {self.max_length}")
+            first, state = self._prefix(ctx, longest)
+            for s in range(0, len(members), self.batch_size):
+                chunk = members[s : s + self.batch_size]
+                conts = [reqs[i][1] for i in chunk]
+                rest = self._continue(state, conts, len(ctx))
+                for j, (i, cont) in enumerate(zip(chunk, conts)):
+                    lp = first if len(cont) == 1 else torch.cat([first, rest[j][: len(cont) - 1]])
+                    total, greedy = self._score(lp, cont)
+                    out[i] = LogLikelihood(total, len(cont), greedy, cut)
+        return out  # type: ignore[return-value]
+
+    def _prefix(self, ctx: List[int], room: int):
+        """Runs the context once: (log-probs at its last position (1, V), reusable state)."""
+        idx = torch.tensor([ctx], dtype=torch.int64, device=self.device)
+        if self.kind == "gpt":
+            cache = self.model.new_cache(1, len(ctx) + room)
+            h = self.model.hidden_states(idx, cache=cache)
+            logits = self.model.lm_head(h[:, -1])
+            return F.log_softmax(logits.float(), -1), cache
+        h, st = self.model.forward_state(idx)
+        return F.log_softmax(self.model.head(h[:, -1]).float(), -1), st
+
+    def _continue(self, state, conts: List[List[int]], n_ctx: int) -> List[torch.Tensor]:
+        """Log-probs (len-1, V) after each continuation's tokens but its last, from the prefix."""
+        n = len(conts)
+        m = max(len(c) for c in conts) - 1
+        if m == 0:
+            return [torch.empty(0)] * n
+        idx = torch.zeros(n, m, dtype=torch.int64)
+        for i, c in enumerate(conts):
+            idx[i, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.int64)
+        lengths = torch.tensor([max(1, len(c) - 1) for c in conts])
+        idx = idx.to(self.device)
+        if self.kind == "gpt":
+            from ..nn import KVCache
+
+            caches = []
+            for layer in state:
+                c = KVCache(n, layer.k.size(1), layer.capacity, layer.k.size(3), layer.k.dtype, layer.k.device)
+                c.k[:, :, :n_ctx] = layer.k[:, :, :n_ctx]
+                c.v[:, :, :n_ctx] = layer.v[:, :, :n_ctx]
+                c.lengths = torch.full((n,), n_ctx, dtype=torch.int64)
+                caches.append(c)
+            h = self.model.hidden_states(idx, lengths=lengths, cache=caches)
+            logits = self.model.lm_head(h)
+        else:
+            st = tuple(s.expand(-1, n, -1).contiguous() for s in state) if isinstance(state, tuple) else state.expand(-1, n, -1).contiguous()
+            h, _ = self.model.forward_state(idx, st, lengths=lengths)
+            logits = self.model.head(h)
+        logp = F.log_softmax(logits.float(), -1)
+        return [logp[i] for i in range(n)]
+
+    @torch.no_grad()
+    def loglikelihood_rolling(self, tokens: Sequence[int], stride: Optional[int] = None) -> LogLikelihood:
+        """The log-likelihood of a whole text, every token after the first scored exactly once,
+        in windows of the model's length (each window predicts only tokens no earlier window
+        did — at most ``stride`` of them, default ``max_length - 1`` — with the rest of the
+        window before them as context). For
+        perplexity: ``exp(-logprob / n_tokens)``."""
+        ids = _ids(tokens, "tokens")
+        if len(ids) < 2:
+            raise ValueError("loglikelihood_rolling needs at least 2 tokens (the first is only context)")
+        self._check(ids, "tokens")
+        W = self.max_length or len(ids)
+        if W < 2:
+            raise ValueError(f"a window of {W} token cannot predict anything")
+        # Each window predicts at most W - 1 tokens, so it holds at least one token of context.
+        stride = W - 1 if stride is None else int(stride)
+        if not 1 <= stride <= W - 1:
+            raise ValueError(f"stride must be in [1, {W - 1}] (the window minus one context token), got {stride}")
+        windows = []  # (token slice start, end, first scored position within slice)
+        scored = 1
+        while scored < len(ids):
+            end = min(len(ids), scored + stride)
+            start = max(0, end - W)
+            windows.append((start, end, scored - start))
+            scored = end
+        was = self.model.training
+        self.model.eval()
+        total, greedy = 0.0, True
+        try:
+            for s in range(0, len(windows), self.batch_size):
+                chunk = windows[s : s + self.batch_size]
+                logps = self._logits_full([ids[a:b] for a, b, _ in chunk])
+                for (a, b, first), lp in zip(chunk, logps):
+                    t, g = self._score(lp[first - 1 : b - a - 1], ids[a + first : b])
+                    total += t
+                    greedy = greedy and g
+        finally:
+            self.model.train(was)
+        return LogLikelihood(total, len(ids) - 1, greedy)

@@ -1,0 +1,136 @@
+"""ICL scoring requests: log-likelihoods against transformers' own log-probs, the cached
+(shared-prefix) path against full forwards, batch-size invariance, rolling windows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ferrolm.generate import generate  # noqa: E402
+from ferrolm.icl import LM  # noqa: E402
+from ferrolm.models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel  # noqa: E402
+
+
+def _requests(seed=0, vocab=90, n_ctx=4, choices=4):
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for q in range(n_ctx):
+        ctx = torch.randint(0, vocab, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+        for c in range(choices):
+            cont = torch.randint(0, vocab, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+            reqs.append((ctx, cont))
+    return reqs
+
+
+@pytest.fixture(scope="module")
+def hf_pair():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=90, n_positions=40, n_embd=32, n_layer=2, n_head=4)).eval()
+    return hf, GPT.from_hf_gpt2(hf).eval()
+
+
+def _direct(hf, ctx, cont):
+    """log P(cont | ctx) computed the plain way from transformers' logits, in float64."""
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(ids).logits.double(), -1)[0]
+    return sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+
+
+def test_loglikelihood_equals_transformers_logprobs(hf_pair):
+    hf, ours = hf_pair
+    reqs = _requests()
+    for lm in (LM(ours), LM(hf)):
+        for reuse in (True, False):
+            got = lm.loglikelihood(reqs, reuse_prefix=reuse)
+            for (ctx, cont), r in zip(reqs, got):
+                assert r.n_tokens == len(cont)
+                assert r.logprob == pytest.approx(_direct(hf, ctx, cont), rel=1e-4, abs=1e-4)
+
+
+MODELS = [
+    pytest.param(lambda: GPT(GPTConfig(vocab_size=90, block_size=40, n_layer=2, n_head=4, n_embd=32)), id="gpt"),
+    pytest.param(lambda: GPT(GPTConfig(vocab_size=90, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, positions="rotary")), id="gpt-rope-gqa"),
+    pytest.param(lambda: LSTMLanguageModel(LSTMConfig(vocab_size=90, n_embd=16, hidden_size=24, num_layers=2)), id="lstm"),
+    pytest.param(lambda: LSTMLanguageModel(LSTMConfig(vocab_size=90, n_embd=16, hidden_size=24, cell="gru")), id="gru"),
+]
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_shared_prefix_scores_equal_full_forwards_at_any_batch_size(make):
+    torch.manual_seed(4)
+    model = make().eval()
+    reqs = _requests(seed=1)
+    want = LM(model, batch_size=1).loglikelihood(reqs, reuse_prefix=False)
+    for bs in (1, 8, 32):
+        for reuse in (True, False):
+            got = LM(model, batch_size=bs).loglikelihood(reqs, reuse_prefix=reuse)
+            for a, b in zip(got, want):
+                assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-5)
+                assert a.is_greedy == b.is_greedy and a.n_tokens == b.n_tokens
+
+
+def test_context_longer_than_the_window_is_cut_from_the_left(hf_pair):
+    hf, ours = hf_pair
+    ctx, cont = list(range(1, 60)), [5, 6, 7]
+    for reuse in (True, False):
+        r = LM(ours).loglikelihood([(ctx, cont)], reuse_prefix=reuse)[0]
+        assert r.truncated
+        assert r.logprob == pytest.approx(_direct(hf, ctx[-37:], cont), rel=1e-4, abs=1e-4)
+
+
+def test_is_greedy_marks_the_models_own_continuation():
+    torch.manual_seed(5)
+    model = GPT(GPTConfig(vocab_size=90, block_size=40, n_layer=2, n_head=4, n_embd=32, tie_weights=False)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    ctx = [3, 1, 4, 1, 5]
+    cont = generate(model, ctx, 4, temperature=0)[0]
+    other = cont[:-1] + [(cont[-1] + 1) % 90]
+    got = LM(model).loglikelihood([(ctx, cont), (ctx, other)])
+    assert got[0].is_greedy and not got[1].is_greedy
+    assert got[0].logprob > got[1].logprob
+
+
+def test_rolling_loglikelihood_scores_every_token_once(hf_pair):
+    hf, ours = hf_pair
+    g = torch.Generator().manual_seed(6)
+    short = torch.randint(0, 90, (30,), generator=g).tolist()
+    r = LM(ours).loglikelihood_rolling(short)
+    assert r.n_tokens == 29
+    assert r.logprob == pytest.approx(sum(_direct(hf, short[:i], [short[i]]) for i in range(1, 30)), rel=1e-4)
+    # Longer than the window (40): windows of 39 predictions, each with its own context.
+    long = torch.randint(0, 90, (100,), generator=g).tolist()
+    for stride in (None, 10):
+        r = LM(ours).loglikelihood_rolling(long, stride=stride)
+        step = 39 if stride is None else stride
+        want, scored = 0.0, 1
+        while scored < 100:
+            end = min(100, scored + step)
+            start = max(0, end - 40)
+            want += sum(_direct(hf, long[start:i], [long[i]]) for i in range(scored, end))
+            scored = end
+        assert r.n_tokens == 99
+        assert r.logprob == pytest.approx(want, rel=1e-4)
+        assert math.exp(-r.logprob / r.n_tokens) > 1
+
+
+def test_request_errors(hf_pair):
+    _, ours = hf_pair
+    lm = LM(ours)
+    with pytest.raises(ValueError, match="context is empty"):
+        lm.loglikelihood([([], [1])])
+    with pytest.raises(ValueError, match="continuation is empty"):
+        lm.loglikelihood([([1], [])])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        lm.loglikelihood([([1], [90])])
+    with pytest.raises(ValueError, match="does not fit the window"):
+        lm.loglikelihood([([1], list(range(41)))])
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        lm.loglikelihood_rolling([1])
+    with pytest.raises(TypeError, match="int token ids"):
+        lm.loglikelihood([("abc", [1])])
