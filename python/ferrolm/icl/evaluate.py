@@ -1,0 +1,162 @@
+"""k-shot evaluation: for each query, retrieve k demonstrations from a pool, render the prompt,
+score every label word as a continuation (one shared context per query, so the choices reuse
+its cache), predict the best, and report accuracy and macro-F1; sweeps over k and seeds give a
+mean and a confidence interval per k, as a table, JSON and a plot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from .._io import PathLike, atomic_write
+from ..metrics import accuracy, macro_f1, mean_ci
+from .lm import LM
+from .prompts import Example, Template
+from .retrieve import BM25Retriever, FixedRetriever, RandomRetriever, TopKRetriever, order_demos
+
+__all__ = ["ClassificationResult", "evaluate_classification", "kshot_sweep", "SweepResult"]
+
+RETRIEVERS = ("random", "fixed", "bm25", "topk", "mmr")
+
+
+@dataclass
+class ClassificationResult:
+    """One evaluation: the metrics, each query's prediction and the demonstrations used."""
+
+    k: int
+    seed: int
+    accuracy: float
+    macro_f1: float
+    predictions: List[Any] = field(default_factory=list)
+    demonstrations: List[List[int]] = field(default_factory=list)
+    truncated: int = 0
+
+
+def _retrieve(kind: str, tokenizer, pool: Sequence[Example], queries: Sequence[Example], k: int, seed: int,
+              query_pool_index, embed: Optional[Callable]) -> List[List[int]]:
+    if kind == "random":
+        return RandomRetriever(len(pool), seed).retrieve(len(queries), k, query_pool_index)
+    if kind == "fixed":
+        return FixedRetriever(len(pool), RandomRetriever(len(pool), seed).retrieve(1, min(k, len(pool)))[0]).retrieve(len(queries), k, query_pool_index)
+    if kind == "bm25":
+        enc = tokenizer.encode_ordinary_batch
+        return BM25Retriever(enc([e.input for e in pool])).retrieve(enc([q.input for q in queries]), k, query_pool_index)
+    if kind in ("topk", "mmr"):
+        if embed is None:
+            raise ValueError(f"the {kind!r} retriever needs embed= (for example ferrolm.icl.retrieve.model_embedder(model, tokenizer))")
+        r = TopKRetriever(embed=embed, pool_items=[e.input for e in pool], mmr_lambda=0.5 if kind == "mmr" else None)
+        return r.retrieve([q.input for q in queries], k, query_pool_index)
+    raise ValueError(f"unknown retriever {kind!r}; choose from {RETRIEVERS}")
+
+
+def evaluate_classification(lm: LM, tokenizer, pool: Sequence[Example], queries: Sequence[Example], template: Template, k: int,
+                            retriever: str = "random", seed: int = 0, order: str = "most_relevant_last",
+                            query_pool_index: Optional[Sequence[int]] = None, embed: Optional[Callable] = None,
+                            normalise: bool = False) -> ClassificationResult:
+    """Accuracy and macro-F1 of k-shot classification by label-word likelihood.
+
+    Args:
+        lm: a :class:`~ferrolm.icl.LM`. tokenizer: a :class:`ferrolm.Tokenizer` (or anything
+            with ``encode_ordinary`` / ``encode_ordinary_batch``).
+        pool: demonstration candidates; queries: the examples to classify (their ``output``
+            is the gold label, a key of ``template.label_words``).
+        k: demonstrations per prompt. retriever: one of ``RETRIEVERS``. seed: retrieval seed.
+        query_pool_index: each query's index in ``pool`` when it is drawn from it (never
+            shown to itself).
+        normalise: rank choices by mean log-prob per token instead of the sum.
+    """
+    labels = template.choices()
+    demos = _retrieve(retriever, tokenizer, pool, queries, k, seed, query_pool_index, embed)
+    words = [tokenizer.encode_ordinary(template.label_words[c]) for c in labels]  # type: ignore[index]
+    if any(not w for w in words):
+        raise ValueError("every label word must encode to at least one token")
+    reqs = []
+    for q, d in zip(queries, demos):
+        prompt = template.render([pool[i] for i in order_demos(d, order)], Example(q.input, None, q.fields))
+        ctx = tokenizer.encode_ordinary(prompt)
+        reqs += [(ctx, w) for w in words]
+    scores = lm.loglikelihood(reqs)
+    preds, truncated = [], 0
+    for qi in range(len(queries)):
+        rs = scores[qi * len(labels) : (qi + 1) * len(labels)]
+        key = [(r.mean_logprob if normalise else r.logprob) for r in rs]
+        best = max(range(len(labels)), key=lambda j: (key[j], -j))  # ties: the first label
+        preds.append(labels[best])
+        truncated += rs[0].truncated
+    gold = [q.output for q in queries]
+    return ClassificationResult(k, seed, accuracy(preds, gold), macro_f1(preds, gold, labels), preds, demos, truncated)
+
+
+@dataclass
+class SweepResult:
+    """Per k: the runs (one per seed) and the mean accuracy with its 95% interval."""
+
+    runs: List[ClassificationResult]
+
+    def table(self) -> List[Dict[str, float]]:
+        rows = []
+        for k in sorted({r.k for r in self.runs}):
+            acc = [r.accuracy for r in self.runs if r.k == k]
+            f1 = [r.macro_f1 for r in self.runs if r.k == k]
+            m, lo, hi = mean_ci(acc)
+            rows.append({"k": k, "seeds": len(acc), "accuracy": m, "ci_low": lo, "ci_high": hi, "macro_f1": sum(f1) / len(f1)})
+        return rows
+
+    def markdown(self) -> str:
+        lines = ["| k | seeds | accuracy (mean) | 95% CI | macro-F1 |", "|---|---|---|---|---|"]
+        for r in self.table():
+            lines.append(f"| {r['k']} | {r['seeds']} | {r['accuracy']:.4f} | [{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['macro_f1']:.4f} |")
+        return "\n".join(lines) + "\n"
+
+    def save_json(self, path: PathLike) -> None:
+        payload = {"table": self.table(), "runs": [asdict(r) for r in self.runs]}
+        atomic_write(path, json.dumps(payload, indent=2, default=str).encode())
+
+    def plot(self, path: PathLike, title: str = "in-context learning: accuracy vs k") -> None:
+        import io
+
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        t = self.table()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ks = [r["k"] for r in t]
+        ax.plot(ks, [r["accuracy"] for r in t], marker="o")
+        ax.fill_between(ks, [r["ci_low"] for r in t], [r["ci_high"] for r in t], alpha=0.25)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(ks)
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.set_xlabel("demonstrations k")
+        ax.set_ylabel("accuracy")
+        ax.set_title(title)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        atomic_write(path, buf.getvalue())
+
+
+def kshot_sweep(lm: LM, tokenizer, pool: Sequence[Example], queries: Sequence[Example], template: Template,
+                ks: Sequence[int] = (0, 1, 2, 4, 8, 16), seeds: Sequence[int] = (0, 1, 2), progress: bool = True,
+                **kwargs) -> SweepResult:
+    """:func:`evaluate_classification` for every k and seed (k = 0 runs once: it has no
+    demonstrations to vary)."""
+    plan = [(k, s) for k in ks for s in (seeds if k > 0 else list(seeds)[:1])]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(plan), desc="k-shot", unit="run")
+    runs = []
+    for k, s in plan:
+        runs.append(evaluate_classification(lm, tokenizer, pool, queries, template, k, seed=s, **kwargs))
+        if bar is not None:
+            bar.set_postfix(k=k, acc=f"{runs[-1].accuracy:.3f}", refresh=False)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return SweepResult(runs)

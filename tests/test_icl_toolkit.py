@@ -1,0 +1,206 @@
+"""ICL toolkit: examples and templates, retrievers against brute-force Python versions, BM25
+against its formula, metrics against independent computations, k-shot evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from ferrolm import Tokenizer
+from ferrolm.icl import (
+    BM25Retriever,
+    Example,
+    FixedRetriever,
+    RandomRetriever,
+    Template,
+    TopKRetriever,
+    load_examples,
+    order_demos,
+)
+from ferrolm.metrics import accuracy, bits_per_byte, exact_match, macro_f1, mean_ci, perplexity
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_template_renders_exactly():
+    t = Template(demo="Q: {input}\nA:{label}", query="Q: {input}\nA:", separator="\n\n", instruction="Classify.\n\n",
+                 label_words={"pos": " yes", "neg": " no"})
+    got = t.render([Example("a b", "pos"), Example(" c ", "neg")], Example("d", None))
+    assert got == "Classify.\n\nQ: a b\nA: yes\n\nQ:  c \nA: no\n\nQ: d\nA:"
+    assert t.render([], Example("d")) == "Classify.\n\nQ: d\nA:"
+    assert t.choices() == ["pos", "neg"]
+    with pytest.raises(ValueError, match="refers to field 'topic'"):
+        Template(demo="{topic}: {input}").render_demo(Example("x", 1))
+    with pytest.raises(ValueError, match="no label word"):
+        t.render_demo(Example("x", "other"))
+    assert Template(demo="[{source}] {input} -> {output}").render_demo(Example("x", "y", {"source": "web"})) == "[web] x -> y"
+
+
+def test_load_examples_jsonl_csv_and_errors(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"input": "a", "label": 1, "src": "s"}\n\n{"input": "b", "output": "x"}\n')
+    ex = load_examples(p)
+    assert ex[0] == Example("a", 1, {"src": "s"}) and ex[1].output == "x"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "label": 1}\n{"input": "b", "label": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        load_examples(bad)
+    miss = tmp_path / "miss.jsonl"
+    miss.write_text('{"text": "a", "label": 1}\n')
+    with pytest.raises(ValueError, match=r"miss.jsonl:1: missing field 'input'"):
+        load_examples(miss)
+    c = tmp_path / "d.csv"
+    c.write_text("input,label\nhello,1\nworld,0\n")
+    assert [e.input for e in load_examples(c)] == ["hello", "world"]
+    with pytest.raises(FileNotFoundError):
+        load_examples(tmp_path / "none.jsonl")
+    assert load_examples([{"input": "q", "label": 0}])[0].input == "q"
+
+
+# --------------------------------------------------------------------------- retrievers
+
+
+def _bm25_brute(docs, q, k1=1.5, b=0.75):
+    n = len(docs)
+    avgdl = sum(map(len, docs)) / n
+    out = []
+    for d in docs:
+        s = 0.0
+        for t in q:
+            df = sum(t in x for x in docs)
+            tf = d.count(t)
+            idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+            s += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(d) / avgdl)) if tf else 0.0
+        out.append(s)
+    return out
+
+
+def test_bm25_matches_formula_and_brute_force_top_k():
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 30, rng.integers(1, 25)).tolist() for _ in range(60)]
+    queries = [rng.integers(0, 30, rng.integers(1, 8)).tolist() for _ in range(15)]
+    r = BM25Retriever(docs)
+    for qi, q in enumerate(queries):
+        want = _bm25_brute(docs, q)
+        np.testing.assert_allclose(r.scores(q), want, rtol=1e-12, atol=1e-12)
+    got = r.retrieve(queries, 5, query_pool_index=list(range(15)))
+    for qi, q in enumerate(queries):
+        s = _bm25_brute(docs, q)
+        order = sorted((i for i in range(60) if i != qi), key=lambda i: (-s[i], i))
+        assert got[qi] == order[:5]
+    with pytest.raises(ValueError, match="exceeds"):
+        r.retrieve(queries[:1], 60, query_pool_index=[0])
+
+
+def test_random_and_fixed_retrievers():
+    r = RandomRetriever(20, seed=3)
+    a = r.retrieve(10, 4, query_pool_index=list(range(10)))
+    assert a == RandomRetriever(20, seed=3).retrieve(10, 4, query_pool_index=list(range(10)))
+    assert a != RandomRetriever(20, seed=4).retrieve(10, 4, query_pool_index=list(range(10)))
+    for q, d in enumerate(a):
+        assert len(set(d)) == 4 and q not in d and all(0 <= i < 20 for i in d)
+    f = FixedRetriever(20, [5, 2, 9])
+    assert f.retrieve(3, 3) == [[5, 2, 9]] * 3
+    assert f.retrieve(1, 3, query_pool_index=[2]) == [[5, 9, 0]]
+    with pytest.raises(ValueError, match="outside the pool"):
+        FixedRetriever(3, [3])
+
+
+def test_topk_and_mmr_match_brute_force():
+    rng = np.random.default_rng(1)
+    pool = rng.normal(size=(40, 8))
+    queries = rng.normal(size=(6, 8))
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    sims = unit(queries) @ unit(pool).T
+    got = TopKRetriever(pool).retrieve(queries, 5, query_pool_index=[0, -1, 2, -1, 4, -1])
+    for i in range(6):
+        s = sims[i].copy()
+        if i in (0, 2, 4):
+            s[i] = -np.inf
+        assert got[i] == sorted(range(40), key=lambda j: (-s[j], j))[:5]
+    lam = 0.3
+    mmr = TopKRetriever(pool, mmr_lambda=lam).retrieve(queries, 4)
+    pair = unit(pool) @ unit(pool).T
+    for i in range(6):
+        chosen = []
+        for _ in range(4):
+            best = max((j for j in range(40) if j not in chosen),
+                       key=lambda j: (lam * sims[i, j] - (1 - lam) * (max(pair[j, c] for c in chosen) if chosen else 0.0), -j))
+            chosen.append(best)
+        assert mmr[i] == chosen
+    assert order_demos([1, 2, 3]) == [3, 2, 1] and order_demos([1, 2, 3], "most_relevant_first") == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_metrics_against_direct_computation():
+    pred, gold = ["a", "b", "a", "c", "b"], ["a", "b", "b", "c", "c"]
+    assert accuracy(pred, gold) == 3 / 5
+    # per class: a: tp1 fp1 fn0 -> 2/3; b: tp1 fp1 fn1 -> 1/2; c: tp1 fp0 fn1 -> 2/3
+    assert macro_f1(pred, gold) == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+    assert macro_f1(pred, gold, labels=["a", "b", "c", "d"]) == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 4)
+    assert exact_match(["The Cat!", "dog"], ["cat", "a dog"]) == 1.0
+    assert exact_match(["The Cat!"], ["cat"], normalise=False) == 0.0
+    assert perplexity(-10 * math.log(4), 10) == pytest.approx(4.0)
+    assert bits_per_byte(-8 * math.log(2), 4) == pytest.approx(2.0)
+    m, lo, hi = mean_ci([0.5, 0.6, 0.7])
+    assert m == pytest.approx(0.6) and hi - m == pytest.approx(4.302652729 * 0.1 / math.sqrt(3), rel=1e-6)
+    with pytest.raises(ValueError):
+        accuracy([1], [1, 2])
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@pytest.fixture(scope="module")
+def tiny_task():
+    torch = pytest.importorskip("torch")
+    from ferrolm.models import GPT, GPTConfig
+
+    texts = ["good fine great nice", "bad awful poor sad", "great good nice", "poor bad sad awful", "nice good", "sad bad"] * 3
+    labels = [1, 0, 1, 0, 1, 0] * 3
+    tok = Tokenizer.train(texts + [" positive negative"], vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=256, n_layer=1, n_head=2, n_embd=16)).eval()
+    ex = [Example(t, y) for t, y in zip(texts, labels)]
+    tpl = Template(demo="{input} ->{label}", query="{input} ->", separator="\n", label_words={0: " negative", 1: " positive"})
+    return tok, model, ex, tpl
+
+
+@pytest.mark.parametrize("retriever", ["random", "fixed", "bm25"])
+def test_evaluate_classification_predictions_are_the_best_scored_label(tiny_task, retriever):
+    from ferrolm.icl import LM, evaluate_classification
+
+    tok, model, ex, tpl = tiny_task
+    pool, queries = ex[:12], ex[12:]
+    res = evaluate_classification(LM(model, batch_size=3), tok, pool, queries, tpl, k=3, retriever=retriever, seed=1)
+    lm = LM(model, batch_size=1)
+    words = [tok.encode_ordinary(" negative"), tok.encode_ordinary(" positive")]
+    for q, d, p in zip(queries, res.demonstrations, res.predictions):
+        prompt = tpl.render([pool[i] for i in reversed(d)], Example(q.input))
+        s = [r.logprob for r in lm.loglikelihood([(tok.encode_ordinary(prompt), w) for w in words], reuse_prefix=False)]
+        assert p == (1 if s[1] > s[0] else 0)
+    assert res.accuracy == accuracy(res.predictions, [q.output for q in queries])
+    again = evaluate_classification(LM(model, batch_size=8), tok, pool, queries, tpl, k=3, retriever=retriever, seed=1)
+    assert again.predictions == res.predictions and again.demonstrations == res.demonstrations
+
+
+def test_kshot_sweep_table_json_plot(tiny_task, tmp_path):
+    from ferrolm.icl import LM, kshot_sweep
+
+    tok, model, ex, tpl = tiny_task
+    sweep = kshot_sweep(LM(model), tok, ex[:12], ex[12:], tpl, ks=(0, 1, 2), seeds=(0, 1), progress=False)
+    table = sweep.table()
+    assert [r["k"] for r in table] == [0, 1, 2] and [r["seeds"] for r in table] == [1, 2, 2]
+    for r in table:
+        accs = [x.accuracy for x in sweep.runs if x.k == r["k"]]
+        assert r["accuracy"] == pytest.approx(sum(accs) / len(accs))
+    sweep.save_json(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["table"][0]["k"] == 0
+    sweep.plot(tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 2 | 2 |" in sweep.markdown()
