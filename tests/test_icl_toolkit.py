@@ -204,3 +204,44 @@ def test_kshot_sweep_table_json_plot(tiny_task, tmp_path):
     sweep.plot(tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
     assert "| 2 | 2 |" in sweep.markdown()
+
+
+def test_embedded_task_is_deterministic_and_disjoint():
+    from ferrolm.icl.tasks import DEFAULT_PACKAGES, stdlib_package_task
+
+    pool, test, tpl = stdlib_package_task(per_class=8, test_per_class=3)
+    again, test2, _ = stdlib_package_task(per_class=8, test_per_class=3)
+    assert pool == again and test == test2
+    assert len(pool) == 8 * len(DEFAULT_PACKAGES) and len(test) == 3 * len(DEFAULT_PACKAGES)
+    assert not {e.input for e in pool} & {e.input for e in test}
+    assert sorted(tpl.choices()) == sorted(DEFAULT_PACKAGES)
+    assert all(e.output in DEFAULT_PACKAGES and len(e.input) >= 20 for e in pool + test)
+    with pytest.raises(ValueError, match="no package"):
+        stdlib_package_task(packages=("no_such_pkg_here",))
+
+
+def test_cli_icl_eval_writes_table_json_plot(tmp_path):
+    import subprocess
+    import sys
+
+    torch = pytest.importorskip("torch")
+    from ferrolm.corpus import default_corpus
+    from ferrolm.models import GPT, GPTConfig
+
+    tok = Tokenizer.train(default_corpus(200_000), vocab_size=400)
+    tok.save_hf_json(tmp_path / "tokenizer.json")
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=512, n_layer=1, n_head=2, n_embd=16)).save(tmp_path / "model.safetensors")
+    out = tmp_path / "res"
+    done = subprocess.run([sys.executable, "-m", "ferrolm.cli", "icl", "eval", "--model", str(tmp_path), "--k", "0,1", "--seeds", "2",
+                           "--retriever", "bm25", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = json.loads((out / "icl.json").read_text())["table"]
+    assert [r["k"] for r in table] == [0, 1] and table[1]["seeds"] == 2
+    assert 0.0 <= table[0]["accuracy"] <= 1.0
+    assert (out / "icl.png").read_bytes()[:4] == b"\x89PNG" and "| k |" in (out / "icl.md").read_text()
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"input": f"item {i}", "label": "yes" if i % 2 else "no"}) for i in range(20)) + "\n{broken\n")
+    bad = subprocess.run([sys.executable, "-m", "ferrolm.cli", "icl", "eval", "--model", str(tmp_path), "--data", str(data)],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "d.jsonl:21: not valid JSON" in bad.stderr and "Traceback" not in bad.stderr

@@ -170,6 +170,86 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_lm_and_tokenizer(path: Path, tokenizer: Optional[str]):
+    """A ferrolm checkpoint (folder or .safetensors) or a local Hugging Face model folder."""
+    if path.is_dir() and _is_hf_dir(path):  # ferrolm folders keep their config inside the checkpoint
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError as e:
+            raise ImportError("a Hugging Face model folder needs transformers: pip install transformers") from e
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
+        tok_file = Path(tokenizer) if tokenizer else path / "tokenizer.json"
+        return model, _load_tokenizer(tok_file)
+    from .models import load_model
+
+    model_file = path / "model.safetensors" if path.is_dir() else path
+    if not model_file.is_file():
+        raise FileNotFoundError(f"no model at {path}: expected a folder from `ferrolm train`, a .safetensors checkpoint or a Hugging Face model folder")
+    tok_file = Path(tokenizer) if tokenizer else (path if path.is_dir() else path.parent) / "tokenizer.json"
+    return load_model(model_file), _load_tokenizer(tok_file)
+
+
+def _is_hf_dir(path: Path) -> bool:
+    import json as _json
+
+    try:
+        return "model_type" in _json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _cmd_icl_eval(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from .icl import LM, Template, kshot_sweep, load_examples
+    from .icl.tasks import stdlib_package_task
+
+    model, tok = _load_lm_and_tokenizer(Path(args.model), args.tokenizer)
+    ks = [int(k) for k in args.k.split(",")]
+    seeds = list(range(args.seeds))
+    if args.data:
+        examples = load_examples(args.data, input_key=args.input_key, output_key=args.output_key)
+        if args.label_words:
+            words = _json.loads(args.label_words)
+        else:
+            labels = sorted({str(e.output) for e in examples})
+            words = {lab: " " + lab for lab in labels}
+        examples = [type(e)(e.input, str(e.output), e.fields) for e in examples]
+        def unescape(x: str) -> str:  # shells pass "\\n" literally
+            return x.replace("\\n", "\n").replace("\\t", "\t")
+
+        template = Template(demo=unescape(args.demo), query=unescape(args.query), separator=unescape(args.separator),
+                            instruction=unescape(args.instruction), label_words=words)
+        n_test = max(1, int(len(examples) * args.test_fraction))
+        pool, test = examples[:-n_test], examples[-n_test:]
+    else:
+        pool, test, template = stdlib_package_task()
+        print(f"embedded task: standard-library package of a code snippet ({len(template.choices())} classes, "
+              f"{len(pool)} pool / {len(test)} test examples)", file=sys.stderr)
+    embed = None
+    if args.retriever in ("topk", "mmr"):
+        from .icl import model_embedder
+
+        embed = model_embedder(model, tok)
+    lm = LM(model, batch_size=args.batch_size)
+    sweep = kshot_sweep(lm, tok, pool, test, template, ks=ks, seeds=seeds, retriever=args.retriever, embed=embed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = sweep.markdown()
+    (out / "icl.md").write_text(table)
+    sweep.save_json(out / "icl.json")
+    try:
+        sweep.plot(out / "icl.png")
+    except ImportError:
+        print("plot skipped: matplotlib is not installed", file=sys.stderr)
+    print(table, end="")
+    truncated = sum(r.truncated for r in sweep.runs)
+    if truncated:
+        print(f"note: {truncated} prompts were longer than the model's window and lost their oldest tokens", file=sys.stderr)
+    print(f"wrote {out / 'icl.md'}, {out / 'icl.json'}, {out / 'icl.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ferrolm", description="ferrolm: language models on ordinary CPUs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -243,6 +323,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--seed", type=int, default=None)
     g.set_defaults(func=_cmd_generate)
+
+    ic = sub.add_parser("icl", help="in-context learning evaluation")
+    isub = ic.add_subparsers(dest="icl_command", required=True)
+    ev = isub.add_parser("eval", help="k-shot classification accuracy over k and seeds (default: the embedded task)")
+    ev.add_argument("--model", required=True, help="a `ferrolm train` folder, a .safetensors checkpoint or a Hugging Face model folder")
+    ev.add_argument("--tokenizer", default=None, help="tokenizer file (default: tokenizer.json next to the model)")
+    ev.add_argument("--data", default=None, help="JSONL or CSV with input and label/output fields (default: the embedded task)")
+    ev.add_argument("--input-key", default="input")
+    ev.add_argument("--output-key", default=None)
+    ev.add_argument("--demo", default="{input}\nAnswer:{label}", help="demonstration template")
+    ev.add_argument("--query", default="{input}\nAnswer:", help="query template")
+    ev.add_argument("--separator", default="\n\n", help="between demonstrations (\\n and \\t are unescaped in all templates)")
+    ev.add_argument("--instruction", default="")
+    ev.add_argument("--label-words", default=None, help='JSON object label -> word, e.g. \'{"0": " no", "1": " yes"}\'')
+    ev.add_argument("--test-fraction", type=float, default=0.2, help="the tail of --data used as queries")
+    ev.add_argument("--retriever", default="random", choices=["random", "fixed", "bm25", "topk", "mmr"])
+    ev.add_argument("--k", default="0,1,2,4,8", help="comma-separated demonstration counts")
+    ev.add_argument("--seeds", type=int, default=3)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--out", default="icl-results", help="folder for icl.md, icl.json and icl.png")
+    ev.set_defaults(func=_cmd_icl_eval)
     return p
 
 
