@@ -1,7 +1,11 @@
-"""End-to-end benchmarks (issue 6 targets): training tokens/s of ferrolm's GPT (6 layers, 384
-wide, T=256) and LSTM LM (2x512, batch 16) >= 1.5x their plain-PyTorch twins in
-ferrolm.reference; batch-1 greedy generation with a KV cache >= 3x transformers' generate on
-the same GPT-2-shaped weights. Workloads from ferrolm.bench (shared with ``ferrolm bench``)."""
+"""End-to-end benchmarks, workloads from ferrolm.bench (shared with ``ferrolm bench``):
+
+- models (issue 6 targets): training tokens/s of ferrolm's GPT (6 layers, 384 wide, T=256) and
+  LSTM LM (2x512, batch 16) >= 1.5x their plain-PyTorch twins in ferrolm.reference; batch-1
+  greedy generation with a KV cache >= 3x transformers' generate on the same GPT-2-shaped weights.
+- icl (issue 8 target): 4-choice, 8-shot multiple-choice scoring with the shared-prefix cache
+  >= 3x the same evaluation done naively with transformers (a full forward per choice).
+"""
 
 from __future__ import annotations
 
@@ -10,27 +14,38 @@ import pytest
 from conftest import FULL
 
 torch = pytest.importorskip("torch")
-from ferrolm.bench import model_workloads  # noqa: E402
+from ferrolm.bench import icl_workloads, model_workloads  # noqa: E402
 
+_LOADERS = {"models": (model_workloads, "tokens"), "icl": (icl_workloads, "questions")}
 _WORK = {}
 
 
-def _work(smoke):
-    if smoke not in _WORK:
-        _WORK[smoke] = model_workloads(smoke=smoke, full=FULL)
-    return _WORK[smoke]
+def _work(family, smoke):
+    if (family, smoke) not in _WORK:
+        _WORK[(family, smoke)] = _LOADERS[family][0](smoke=smoke, full=FULL)
+    return _WORK[(family, smoke)]
 
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
+        family = metafunc.function.__name__.removeprefix("test_")
         smoke = bool(metafunc.config.getoption("benchmark_disable", False))
-        pairs = [(i, impl) for i, c in enumerate(_work(smoke)) for impl in c["fns"]]
-        names = [f"{_work(smoke)[i]['name']}-{impl}" for i, impl in pairs]
-        metafunc.parametrize("case,impl", pairs, ids=names)
+        cases = _work(family, smoke)
+        pairs = [(i, impl) for i, c in enumerate(cases) for impl in c["fns"]]
+        metafunc.parametrize("case,impl", pairs, ids=[f"{cases[i]['name']}-{impl}" for i, impl in pairs])
+
+
+def _run(benchmark, family, case, impl, smoke):
+    w = _work(family, smoke)[case]
+    benchmark.group = w["name"]
+    unit = _LOADERS[family][1]
+    benchmark.extra_info[unit] = w[unit]
+    benchmark.pedantic(w["fns"][impl], rounds=1 if smoke else 5, warmup_rounds=0 if smoke else 1)
 
 
 def test_models(benchmark, case, impl, smoke):
-    w = _work(smoke)[case]
-    benchmark.group = w["name"]
-    benchmark.extra_info["tokens"] = w["tokens"]
-    benchmark.pedantic(w["fns"][impl], rounds=1 if smoke else 5, warmup_rounds=0 if smoke else 1)
+    _run(benchmark, "models", case, impl, smoke)
+
+
+def test_icl(benchmark, case, impl, smoke):
+    _run(benchmark, "icl", case, impl, smoke)

@@ -556,19 +556,11 @@ def icl_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any
              "fns": {"ferrolm": run_ours, "transformers_naive": run_hf}}]
 
 
-def _icl_results(full: bool, repeats: int) -> List[Result]:
+def _unit_results(area: str, workloads: List[Dict[str, Any]], unit: str, repeats: int) -> List[Result]:
+    """Rows for workloads of whole operations (seconds each): no warm run before each timing."""
     out = []
-    for w in icl_workloads(full=full):
-        r = Result("icl", w["name"], f"{w['questions']} questions")
-        r.seconds = compare(w["fns"], repeats, warm=False)
-        out.append(r)
-    return out
-
-
-def _model_results(full: bool, repeats: int) -> List[Result]:
-    out = []
-    for w in model_workloads(full=full):
-        r = Result("models", w["name"], f"{w['tokens']} tokens")
+    for w in workloads:
+        r = Result(area, w["name"], f"{w[unit]} {unit}")
         r.seconds = compare(w["fns"], repeats, warm=False)
         out.append(r)
     return out
@@ -665,12 +657,12 @@ def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: T
                 print("data benchmarks skipped: torch is not installed")
         if "models" in areas:
             try:
-                results += _model_results(full, 3 if full else 2)
+                results += _unit_results("models", model_workloads(full=full), "tokens", 3 if full else 2)
             except ImportError:
                 print("model benchmarks skipped: torch is not installed")
         if "icl" in areas:
             try:
-                results += _icl_results(full, 3)
+                results += _unit_results("icl", icl_workloads(full=full), "questions", 3)
             except ImportError:
                 print("icl benchmarks skipped: torch is not installed")
     _print_table(results, extra)

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._config import Config as _Config
 from ._io import PathLike, atomic_write
 from .errors import FormatError
 from .nn import GRU, LSTM, KVCache, MultiheadSelfAttention, SinusoidalPositionalEncoding
@@ -50,36 +50,6 @@ FORMAT = "ferrolm-model-1"
 
 
 # --------------------------------------------------------------------------- configs
-
-
-class _Config:
-    """Shared config behaviour: ``to_dict``/``from_dict`` with unknown keys rejected."""
-
-    architecture: str = ""
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]):
-        """The config from a dict; unknown keys raise ValueError naming them and the known ones."""
-        if not isinstance(d, Mapping):
-            raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
-
-    def _positive(self, *names: str) -> None:
-        for name in names:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{type(self).__name__}.{name} must be a positive int, got {value!r}")
-
-    def _dropout(self, value: float) -> None:
-        if not 0.0 <= float(value) < 1.0:
-            raise ValueError(f"{type(self).__name__}.dropout must be in [0, 1), got {value}")
 
 
 @dataclass
@@ -126,10 +96,6 @@ class GPTConfig(_Config):
             raise ValueError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
         self._dropout(self.dropout)
 
-    def to_dict(self) -> Dict[str, Any]:
-        d = super().to_dict()
-        d.pop("architecture")
-        return d
 
 
 @dataclass
@@ -159,11 +125,6 @@ class LSTMConfig(_Config):
             raise ValueError(f"LSTMConfig.cell must be 'lstm' or 'gru', got {self.cell!r}")
         if self.tie_weights and self.n_embd != self.hidden_size:
             raise ValueError(f"tie_weights needs n_embd == hidden_size, got {self.n_embd} and {self.hidden_size}")
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = super().to_dict()
-        d.pop("architecture")
-        return d
 
 
 @dataclass

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._config import Config
 from ._io import PathLike, atomic_write
 
 __all__ = ["TrainConfig", "TrainResult", "TokenBatches", "train", "lr_at", "evaluate", "load_train_state"]
@@ -48,7 +49,7 @@ MODEL_FILE = "model.safetensors"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Options of :func:`train`.
 
     Args:
@@ -95,13 +96,6 @@ class TrainConfig:
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("TrainConfig.grad_clip and weight_decay must be >= 0")
 
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass
