@@ -134,3 +134,28 @@ def test_request_errors(hf_pair):
         lm.loglikelihood_rolling([1])
     with pytest.raises(TypeError, match="int token ids"):
         lm.loglikelihood([("abc", [1])])
+
+
+def test_generate_until_stops_at_strings_and_matches_transformers(hf_pair):
+    from ferrolm import Tokenizer
+
+    hf, ours = hf_pair
+    # Byte ids: the model's 90 ids decode to bytes 0..89; "\x02" and "\x0c" occur in its
+    # greedy continuations of the first and third prompts.
+    tok = Tokenizer.from_ranks({bytes([i]): i for i in range(256)}, special_tokens={"<|endoftext|>": 256})
+    reqs = [([5, 6, 7, 8], ["\x02", "zz"], 12), ([1, 2], [], 6), ([40] * 50, ["\x0c"], 5)]
+    got = LM(ours, batch_size=2).generate_until(reqs, tok)
+    eot = 256
+    cuts = 0
+    for (ctx, stops, n), text in zip(reqs, got):
+        ctx = ctx[-(40 - n):]
+        ids = [t for t in generate(ours, ctx, n, temperature=0, stop_ids=[eot])[0] if t != eot]
+        full = tok.decode(ids)
+        cut = min((full.find(s) for s in stops if s in full), default=-1)
+        assert text == (full[:cut] if cut >= 0 else full)
+        assert not any(s in text for s in stops)
+        cuts += cut >= 0
+    assert cuts == 2, "the stop strings must actually end two of the continuations"
+    assert LM(hf, batch_size=2).generate_until(reqs, tok) == got
+    with pytest.raises(ValueError, match="max_tokens"):
+        LM(ours).generate_until([([1], [], 0)], tok)

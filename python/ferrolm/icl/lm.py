@@ -251,6 +251,78 @@ class LM:
         return [logp[i] for i in range(n)]
 
     @torch.no_grad()
+    def generate_until(self, requests: Sequence[Tuple[Sequence[int], Sequence[str], int]], tokenizer) -> List[str]:
+        """Greedy continuations: for each ``(context ids, stop strings, max_tokens)`` the text
+        generated after the context, cut before the first stop string (or after
+        ``max_tokens`` tokens). Contexts are cut from the left to leave room for
+        ``max_tokens`` in the window.
+
+        Args:
+            tokenizer: decodes the generated ids (a :class:`ferrolm.Tokenizer` or anything with
+                ``decode``); its ``<|endoftext|>``, when it has one, also ends a continuation.
+        """
+        from ..generate import generate
+
+        eot = getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>") if hasattr(tokenizer, "special_tokens") else None
+        prepared = []
+        for i, (ctx, stops, n) in enumerate(requests):
+            ctx = _ids(ctx, f"context {i}")
+            if not ctx:
+                raise ValueError(f"request {i}: the context is empty")
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"request {i}: max_tokens must be a positive int, got {n!r}")
+            if isinstance(stops, str):
+                stops = [stops]
+            self._check(ctx, f"context {i}")
+            if self.max_length is not None:
+                if n >= self.max_length:
+                    raise ValueError(f"request {i}: max_tokens={n} leaves no room for context in the window of {self.max_length}")
+                ctx = ctx[-(self.max_length - n):]
+            prepared.append((ctx, list(stops), n))
+        out: List[str] = []
+        was = self.model.training
+        self.model.eval()
+        try:
+            # Requests with the same budget run as one ragged batch.
+            by_n: Dict[int, List[int]] = {}
+            for i, (_, _, n) in enumerate(prepared):
+                by_n.setdefault(n, []).append(i)
+            texts: Dict[int, str] = {}
+            for n, members in by_n.items():
+                for s in range(0, len(members), self.batch_size):
+                    chunk = members[s : s + self.batch_size]
+                    ctxs = [prepared[i][0] for i in chunk]
+                    if self.kind == "hf":
+                        new = self._hf_generate(ctxs, n, eot)
+                    else:
+                        new = generate(self.model, ctxs, n, temperature=0, stop_ids=[eot] if eot is not None else None)
+                    for i, ids in zip(chunk, new):
+                        ids = [t for t in ids if t != eot]
+                        text = tokenizer.decode(ids)
+                        cut = min((text.find(st) for st in prepared[i][1] if st and st in text), default=-1)
+                        texts[i] = text[:cut] if cut >= 0 else text
+            out = [texts[i] for i in range(len(prepared))]
+        finally:
+            self.model.train(was)
+        return out
+
+    def _hf_generate(self, ctxs: List[List[int]], n: int, eot: Optional[int]) -> List[List[int]]:
+        """Greedy continuations from a transformers model (left padding + attention mask)."""
+        T = max(len(c) for c in ctxs)
+        ids = torch.zeros(len(ctxs), T, dtype=torch.int64)
+        mask = torch.zeros(len(ctxs), T, dtype=torch.int64)
+        for i, c in enumerate(ctxs):
+            ids[i, T - len(c) :] = torch.tensor(c)
+            mask[i, T - len(c) :] = 1
+        res = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=n, do_sample=False,
+                                  pad_token_id=0, eos_token_id=eot)
+        out = []
+        for row in res.cpu():
+            new = row[T:].tolist()
+            out.append(new[: new.index(eot) + 1] if eot is not None and eot in new else new)
+        return out
+
+    @torch.no_grad()
     def loglikelihood_rolling(self, tokens: Sequence[int], stride: Optional[int] = None) -> LogLikelihood:
         """The log-likelihood of a whole text, every token after the first scored exactly once,
         in windows of the model's length (each window predicts only tokens no earlier window
