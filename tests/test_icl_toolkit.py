@@ -245,3 +245,28 @@ def test_cli_icl_eval_writes_table_json_plot(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ferrolm.cli", "icl", "eval", "--model", str(tmp_path), "--data", str(data)],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "d.jsonl:21: not valid JSON" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bleu_equals_sacrebleu():
+    sacrebleu = pytest.importorskip("sacrebleu")
+    from ferrolm.metrics import corpus_bleu, tokenize_13a
+
+    hyps = ["The cat sat on the mat.", "It is 3.5 km - far-away, isn't it?", "Hello &amp; goodbye", "a", "Numbers 1,000.5 and 2-3 (x)"]
+    refs = [["The cat is on the mat.", "It is 3.5 km, far away; is it not?", "Hello & good-bye", "a b c d e", "numbers 1,000.5 and 2 - 3 x"],
+            ["There is a cat on the mat", "Far, 3.5 km away.", "hello and goodbye", "a", "Numbers: 1,000.5 & 2-3"]]
+    for kw in ({}, {"lowercase": True}, {"tokenize": "none"}):
+        for r in (refs, refs[:1]):
+            assert corpus_bleu(hyps, r, **kw) == pytest.approx(sacrebleu.corpus_bleu(hyps, r, **kw).score, abs=1e-9)
+    rng = np.random.default_rng(0)
+    words = ["the", "a", "cat", "dog", "sat", "on", "mat", ",", ".", "3.5", "x-y", "(", ")", "I'm", "&amp;", "Über", "中文"]
+    for _ in range(20):
+        hyps = [" ".join(rng.choice(words, rng.integers(0, 12))) for _ in range(6)]
+        refs = [[" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(6)] for _ in range(int(rng.integers(1, 4)))]
+        assert corpus_bleu(hyps, refs) == pytest.approx(sacrebleu.corpus_bleu(hyps, refs).score, abs=1e-9)
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    t13 = Tokenizer13a()
+    for h in hyps + ["a-b 1-2 3.4, x.y &quot;q&quot; <skipped>z-\nw"]:
+        assert tokenize_13a(h) == t13(h)
+    with pytest.raises(ValueError, match="one string per hypothesis"):
+        corpus_bleu(["a"], [["a", "b"]])

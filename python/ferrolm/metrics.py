@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 import re
 import string
-from typing import Any, Dict, Hashable, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
-__all__ = ["accuracy", "macro_f1", "exact_match", "perplexity", "bits_per_byte", "mean_ci"]
+__all__ = ["accuracy", "macro_f1", "exact_match", "perplexity", "bits_per_byte", "mean_ci", "corpus_bleu", "tokenize_13a"]
 
 
 def _pair(pred: Sequence, gold: Sequence) -> None:
@@ -59,6 +59,92 @@ def exact_match(pred: Sequence[str], gold: Sequence[str], normalise: bool = True
     _pair(pred, gold)
     f = _normalise_answer if normalise else (lambda x: x)
     return sum(f(p) == f(g) for p, g in zip(pred, gold)) / len(gold)
+
+
+# WMT's mteval-v13a tokenisation: punctuation and symbols split off; periods and commas split
+# unless between digits; a dash split after a digit.
+_13A_RULES = [
+    (re.compile(r"([\{-\~\[-\` -\&\(-\+\:-\@\/])"), r" \1 "),
+    (re.compile(r"([^0-9])([\.,])"), r"\1 \2 "),
+    (re.compile(r"([\.,])([^0-9])"), r" \1 \2"),
+    (re.compile(r"([0-9])(-)"), r"\1 \2 "),
+]
+
+
+def tokenize_13a(line: str) -> str:
+    """The ``13a`` tokenisation that BLEU reports use by default (mteval-v13a)."""
+    line = line.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
+    if "&" in line:
+        line = line.replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")
+    line = f" {line} "
+    for rx, repl in _13A_RULES:
+        line = rx.sub(repl, line)
+    return " ".join(line.split())
+
+
+def _ngrams(words: Sequence[str], n_max: int) -> Dict[Tuple[str, ...], int]:
+    out: Dict[Tuple[str, ...], int] = {}
+    for n in range(1, n_max + 1):
+        for i in range(len(words) - n + 1):
+            g = tuple(words[i : i + n])
+            out[g] = out.get(g, 0) + 1
+    return out
+
+
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], tokenize: str = "13a", lowercase: bool = False,
+                max_order: int = 4) -> float:
+    """Corpus BLEU (0-100) with sacrebleu's defaults: ``13a`` tokenisation, clipped n-gram
+    precisions up to 4, the closest reference length for the brevity penalty (ties: the
+    shorter), and NIST's exponential smoothing of orders with no match.
+
+    Args:
+        hypotheses: one string per segment. references: reference *streams*, each with one
+            string per segment (``references[j][i]`` is the j-th reference of segment i), as
+            ``sacrebleu.corpus_bleu`` takes them.
+        tokenize: ``"13a"`` or ``"none"`` (split on whitespace only).
+    """
+    if isinstance(hypotheses, str) or any(isinstance(r, str) for r in references):
+        raise TypeError("hypotheses must be a list of strings and references a list of reference streams (lists of strings)")
+    if not references or any(len(r) != len(hypotheses) for r in references):
+        raise ValueError(f"every reference stream needs one string per hypothesis ({len(hypotheses)})")
+    if tokenize not in ("13a", "none"):
+        raise ValueError(f"tokenize must be '13a' or 'none', got {tokenize!r}")
+
+    def prep(x: str) -> List[str]:
+        x = x.lower() if lowercase else x
+        return (tokenize_13a(x) if tokenize == "13a" else " ".join(x.split())).split()
+
+    correct = [0] * max_order
+    total = [0] * max_order
+    sys_len = ref_len = 0
+    for i, hyp in enumerate(hypotheses):
+        h = prep(hyp)
+        refs = [prep(r[i]) for r in references]
+        sys_len += len(h)
+        ref_len += min((abs(len(r) - len(h)), len(r)) for r in refs)[1]
+        best: Dict[Tuple[str, ...], int] = {}
+        for r in refs:
+            for g, c in _ngrams(r, max_order).items():
+                if c > best.get(g, 0):
+                    best[g] = c
+        for g, c in _ngrams(h, max_order).items():
+            n = len(g) - 1
+            total[n] += c
+            correct[n] += min(c, best.get(g, 0))
+    if not any(correct):
+        return 0.0
+    bp = 1.0 if sys_len >= ref_len else (math.exp(1 - ref_len / sys_len) if sys_len > 0 else 0.0)
+    log_sum, smooth = 0.0, 1.0
+    for n in range(max_order):
+        if total[n] == 0:
+            return 0.0  # the hypotheses are shorter than this order: no credit (sacrebleu's behaviour)
+        if correct[n] == 0:
+            smooth *= 2
+            p = 100.0 / (smooth * total[n])
+        else:
+            p = 100.0 * correct[n] / total[n]
+        log_sum += math.log(p)
+    return bp * math.exp(log_sum / max_order)
 
 
 def perplexity(total_logprob: float, n_tokens: int) -> float:
