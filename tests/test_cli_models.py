@@ -53,6 +53,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_help_everywhere():
-    for args in (["--help"], ["train", "--help"], ["generate", "--help"], ["bench", "--help"], ["tokenizer", "train", "--help"]):
+    for args in (["--help"], ["train", "--help"], ["generate", "--help"], ["bench", "--help"], ["tokenizer", "train", "--help"],
+                 ["icl", "eval", "--help"]):
         done = _ferrolm(*args)
         assert done.returncode == 0 and "usage: ferrolm" in done.stdout, args

@@ -270,3 +270,24 @@ def test_bleu_equals_sacrebleu():
         assert tokenize_13a(h) == t13(h)
     with pytest.raises(ValueError, match="one string per hypothesis"):
         corpus_bleu(["a"], [["a", "b"]])
+
+
+def test_cli_icl_eval_on_a_hugging_face_folder(tmp_path):
+    import subprocess
+    import sys
+
+    transformers = pytest.importorskip("transformers")
+    from ferrolm.corpus import default_corpus
+
+    tok = Tokenizer.train(default_corpus(100_000), vocab_size=300)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=tok.n_vocab, n_positions=512, n_embd=16, n_layer=1, n_head=2))
+    hf.save_pretrained(tmp_path)
+    tok.save_hf_json(tmp_path / "tokenizer.json")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"input": f"item {i} " + "ab" * (i % 3), "label": "yes" if i % 2 else "no"}) for i in range(20)) + "\n")
+    out = tmp_path / "res"
+    done = subprocess.run([sys.executable, "-m", "ferrolm.cli", "icl", "eval", "--model", str(tmp_path), "--data", str(data), "--k", "0,2",
+                           "--seeds", "1", "--demo", "Q: {input}\\nA:{label}", "--query", "Q: {input}\\nA:", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["k"] for r in json.loads((out / "icl.json").read_text())["table"]] == [0, 2]
