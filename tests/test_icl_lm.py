@@ -159,3 +159,30 @@ def test_generate_until_stops_at_strings_and_matches_transformers(hf_pair):
     assert LM(hf, batch_size=2).generate_until(reqs, tok) == got
     with pytest.raises(ValueError, match="max_tokens"):
         LM(ours).generate_until([([1], [], 0)], tok)
+
+
+@pytest.mark.parametrize("make", MODELS)
+def test_a_prefix_shared_by_all_contexts_runs_once_and_scores_the_same(make, monkeypatch):
+    torch.manual_seed(8)
+    model = make().eval()
+    g = torch.Generator().manual_seed(9)
+    demos = torch.randint(0, 90, (24,), generator=g).tolist()
+    reqs = [(demos, [3, 4])]  # a context equal to the shared prefix itself
+    for q in range(5):
+        query = torch.randint(0, 90, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        reqs += [(demos + query, torch.randint(0, 90, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()) for _ in range(3)]
+    lm = LM(model, batch_size=4)
+    calls = []
+    original = LM._prefix
+
+    def spy(self, ctx, room, base=None):
+        calls.append((len(ctx), base[0] if base else 0))
+        return original(self, ctx, room, base)
+
+    monkeypatch.setattr(LM, "_prefix", spy)
+    got = lm.loglikelihood(reqs)
+    assert calls[0] == (24, 0)  # the shared 24 tokens, once
+    assert all(done == 24 for _, done in calls[1:]) and len(calls) == 1 + 6
+    want = lm.loglikelihood(reqs, reuse_prefix=False)
+    for a, b in zip(got, want):
+        assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-5) and a.is_greedy == b.is_greedy

@@ -5,7 +5,9 @@
 
 Shared-prefix reuse: requests with the same context (the k demonstrations and the question,
 scored against each choice) run the context once; its KV cache (GPT) or carried state (LSTM)
-is copied to one row per continuation, and only the continuation tokens run after it. A
+is copied to one row per continuation, and only the continuation tokens run after it. A prefix
+common to all contexts of a call (an instruction and fixed demonstrations) runs once too, each
+context running only its own remainder after it. A
 continuation of one token needs no second pass at all (its log-probability is read from the
 context's last position). Padding never enters a score: continuations are right-padded, the
 causal mask keeps real tokens from seeing the pads after them, and each row's log-probs are
@@ -192,13 +194,17 @@ class LM:
         groups: Dict[Tuple[int, ...], List[int]] = {}
         for i, (ctx, _) in enumerate(reqs):
             groups.setdefault(tuple(ctx), []).append(i)
-        out: List[Optional[LogLikelihood]] = [None] * len(reqs)
+        plans = []
         for ctx_t, members in groups.items():
             longest = max(len(reqs[i][1]) for i in members)
             ctx, cut = self._fit(list(ctx_t), [0] * longest)
             if not ctx:
                 raise ValueError(f"a continuation of {longest} tokens leaves no room for context in the window of {self.max_length}")
-            first, state = self._prefix(ctx, longest)
+            plans.append((ctx, cut, longest, members))
+        base = self._shared_base([p[0] for p in plans], max(len(p[0]) + p[2] for p in plans))
+        out: List[Optional[LogLikelihood]] = [None] * len(reqs)
+        for ctx, cut, longest, members in plans:
+            first, state = self._prefix(ctx, longest, base)
             for s in range(0, len(members), self.batch_size):
                 chunk = members[s : s + self.batch_size]
                 conts = [reqs[i][1] for i in chunk]
@@ -209,16 +215,57 @@ class LM:
                     out[i] = LogLikelihood(total, len(cont), greedy, cut)
         return out  # type: ignore[return-value]
 
-    def _prefix(self, ctx: List[int], room: int):
-        """Runs the context once: (log-probs at its last position (1, V), reusable state)."""
-        idx = torch.tensor([ctx], dtype=torch.int64, device=self.device)
+    #: A prefix shared by every context of a call (the instruction and fixed demonstrations) is
+    #: run once when it is at least this many tokens long.
+    MIN_SHARED_PREFIX = 16
+
+    def _shared_base(self, contexts: List[List[int]], capacity: int):
+        """``(length, log-probs at its last position, state)`` of the longest prefix common to
+        all ``contexts`` (run once), or None when there is none worth sharing."""
+        if len(contexts) < 2:
+            return None
+        n = min(len(c) for c in contexts)
+        first = contexts[0]
+        for c in contexts[1:]:
+            k = 0
+            while k < n and c[k] == first[k]:
+                k += 1
+            n = k
+        if n < self.MIN_SHARED_PREFIX:
+            return None
+        logp, state = self._prefix(first[:n], capacity - n)
+        return n, logp, state
+
+    def _prefix(self, ctx: List[int], room: int, base=None):
+        """Runs the context once: (log-probs at its last position (1, V), reusable state).
+        With ``base`` (a shared prefix already run) only the tokens after it run."""
+        done = 0
+        if base is not None:
+            done, base_logp, base_state = base
+            if done == len(ctx):
+                return base_logp, (self._copy_cache(base_state, 1, done, len(ctx) + room) if self.kind == "gpt" else base_state)
+        idx = torch.tensor([ctx[done:]], dtype=torch.int64, device=self.device)
         if self.kind == "gpt":
-            cache = self.model.new_cache(1, len(ctx) + room)
+            cache = self._copy_cache(base[2], 1, done, len(ctx) + room) if done else self.model.new_cache(1, len(ctx) + room)
             h = self.model.hidden_states(idx, cache=cache)
             logits = self.model.lm_head(h[:, -1])
             return F.log_softmax(logits.float(), -1), cache
-        h, st = self.model.forward_state(idx)
+        h, st = self.model.forward_state(idx, base[2] if done else None)
         return F.log_softmax(self.model.head(h[:, -1]).float(), -1), st
+
+    @staticmethod
+    def _copy_cache(caches, rows: int, length: int, capacity: int):
+        """New per-layer KV caches of ``rows`` rows holding row 0's first ``length`` positions."""
+        from ..nn import KVCache
+
+        out = []
+        for layer in caches:
+            c = KVCache(rows, layer.k.size(1), capacity, layer.k.size(3), layer.k.dtype, layer.k.device)
+            c.k[:, :, :length] = layer.k[:1, :, :length]
+            c.v[:, :, :length] = layer.v[:1, :, :length]
+            c.lengths = torch.full((rows,), length, dtype=torch.int64)
+            out.append(c)
+        return out
 
     def _continue(self, state, conts: List[List[int]], n_ctx: int) -> List[torch.Tensor]:
         """Log-probs (len-1, V) after each continuation's tokens but its last, from the prefix."""
@@ -232,15 +279,7 @@ class LM:
         lengths = torch.tensor([max(1, len(c) - 1) for c in conts])
         idx = idx.to(self.device)
         if self.kind == "gpt":
-            from ..nn import KVCache
-
-            caches = []
-            for layer in state:
-                c = KVCache(n, layer.k.size(1), layer.capacity, layer.k.size(3), layer.k.dtype, layer.k.device)
-                c.k[:, :, :n_ctx] = layer.k[:, :, :n_ctx]
-                c.v[:, :, :n_ctx] = layer.v[:, :, :n_ctx]
-                c.lengths = torch.full((n,), n_ctx, dtype=torch.int64)
-                caches.append(c)
+            caches = self._copy_cache(state, n, n_ctx, state[0].capacity)
             h = self.model.hidden_states(idx, lengths=lengths, cache=caches)
             logits = self.model.lm_head(h)
         else:
