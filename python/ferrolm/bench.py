@@ -499,9 +499,11 @@ def model_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, A
 
 
 def icl_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any]]:
-    """Multiple-choice scoring as in k-shot evaluation: 4 choices after 8 demonstrations.
-    ferrolm's :class:`~ferrolm.icl.LM` runs each question's shared context once and scores the
-    choices from its KV cache; the peer is the same evaluation done the plain way with
+    """Multiple-choice scoring as in k-shot evaluation: 4 choices after 8 demonstrations,
+    either retrieved per question (different contexts) or fixed (one prefix shared by all).
+    ferrolm's :class:`~ferrolm.icl.LM` runs each question's shared context once (and a prefix
+    common to all questions once) and scores the choices from its KV cache; the peer is the
+    same evaluation done the plain way with
     transformers (each choice a full forward of context + choice, the 4 choices of a question
     batched with an attention mask), on the same GPT-2-shaped weights."""
     import torch
@@ -522,18 +524,19 @@ def icl_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hcfg, bos_token_id=None, eos_token_id=None)).eval()
     ours = GPT.from_hf_gpt2(hf).eval()
     V = hf.config.vocab_size
-    demos = [torch.randint(0, V, (shot_len,), generator=g).tolist() for _ in range(8)]
-    reqs = []
-    for _ in range(questions):
-        ctx = [t for d in demos for t in d] + torch.randint(0, V, (20,), generator=g).tolist()
-        for _c in range(4):
-            reqs.append((ctx, torch.randint(0, V, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()))
+    demo_pool = [torch.randint(0, V, (shot_len,), generator=g).tolist() for _ in range(32)]
     lm = LM(ours)
 
-    def run_ours():
-        return lm.loglikelihood(reqs)
+    def requests(same_demos: bool):
+        reqs = []
+        for q in range(questions):
+            picks = range(8) if same_demos else torch.randperm(32, generator=g)[:8].tolist()
+            ctx = [t for i in picks for t in demo_pool[i]] + torch.randint(0, V, (20,), generator=g).tolist()
+            for _c in range(4):
+                reqs.append((ctx, torch.randint(0, V, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()))
+        return reqs
 
-    def run_hf():
+    def run_hf(reqs):
         out = []
         with torch.no_grad():
             for q in range(0, len(reqs), 4):
@@ -550,10 +553,14 @@ def icl_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any
                     out.append(float(logp[i, pos, torch.tensor(t)].sum()))
         return out
 
-    ctx_len = len(reqs[0][0])
     shape = f"{hcfg['n_layer']}x{hcfg['n_embd']} V={V}"
-    return [{"name": f"4-choice 8-shot scoring, GPT-2-shaped {shape}, context {ctx_len} tokens", "questions": questions,
-             "fns": {"ferrolm": run_ours, "transformers_naive": run_hf}}]
+    out = []
+    for same, label in ((False, "demonstrations retrieved per question"), (True, "the same 8 demonstrations for every question")):
+        reqs = requests(same)
+        out.append({"name": f"4-choice 8-shot scoring, {label}, GPT-2-shaped {shape}, context {len(reqs[0][0])} tokens",
+                    "questions": questions,
+                    "fns": {"ferrolm": (lambda r=reqs: lm.loglikelihood(r)), "transformers_naive": (lambda r=reqs: run_hf(r))}})
+    return out
 
 
 def _unit_results(area: str, workloads: List[Dict[str, Any]], unit: str, repeats: int) -> List[Result]:
