@@ -1,0 +1,327 @@
+"""Lightweight fine-tuning (轻量级微调): LoRA, BitFit, head-only and full fine-tuning of
+ferrolm's models through one interface, with PEFT-compatible LoRA adapters.
+
+- :func:`apply_lora` replaces the targeted ``nn.Linear`` layers by :class:`LoRALinear`
+  (``W x + b + (alpha / r) * B A dropout(x)``, ``B`` zero-initialised so a fresh adapter
+  changes nothing); ``merge_lora`` / ``unmerge_lora`` fold the update into ``W`` and back.
+- :func:`prepare` sets which parameters train for a method (``"lora"``, ``"bitfit"``,
+  ``"head"``, ``"full"``) and freezes the rest (``requires_grad=False``: no gradient and, with
+  :func:`ferrolm.train.make_optimizer`, no optimizer state).
+- :func:`save_lora` / :func:`load_lora` use PEFT's layout (``adapter_config.json`` +
+  ``adapter_model.safetensors``, keys ``base_model.model.<module>.lora_A.weight``). For a GPT
+  converted from GPT-2 the module names are GPT-2's, and GPT-2's ``Conv1D`` (``y = x W + b``,
+  ``fan_in_fan_out``) has the same LoRA factors as ``nn.Linear``, so
+  ``peft.PeftModel.from_pretrained`` loads ferrolm's adapter on the matching
+  ``GPT2LMHeadModel`` and ferrolm loads PEFT's.
+
+Example:
+    >>> from ferrolm.models import GPT, GPTConfig
+    >>> model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    >>> _ = apply_lora(model, r=4, alpha=8, target_modules=["c_attn"])
+    >>> prepare(model, "lora")
+    >>> trainable_parameters(model)[0]  # 2 layers x (A 4x16 + B 48x4)
+    512
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._io import PathLike, atomic_write
+from .errors import FormatError
+
+__all__ = [
+    "LoRALinear",
+    "apply_lora",
+    "merge_lora",
+    "unmerge_lora",
+    "merge_and_unload",
+    "prepare",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "save_lora",
+    "load_lora",
+    "METHODS",
+]
+
+METHODS = ("lora", "bitfit", "head", "full")
+
+
+class LoRALinear(nn.Module):
+    """An ``nn.Linear`` with a low-rank update: ``base(x) + (alpha / r) * lora_B(lora_A(drop(x)))``.
+
+    The base layer stays a child (``base``) with its own weight and bias; ``lora_A`` is
+    Kaiming-uniform initialised and ``lora_B`` zero, as in the LoRA paper and PEFT.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRA wraps nn.Linear layers, got {type(base).__name__}")
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+        if not alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+        self.base = base
+        self.r, self.alpha = r, float(alpha)
+        self.scaling = self.alpha / r
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=dev, dtype=dt)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=dev, dtype=dt)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    @property
+    def weight(self) -> torch.Tensor:  # so code that reads layer.weight keeps working
+        return self.base.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base.bias
+
+    def delta(self) -> torch.Tensor:
+        """The weight update ``scaling * B A`` (out, in)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            raise ValueError("this LoRA layer is already merged; unmerge it first")
+        self.base.weight += self.delta().to(self.base.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise ValueError("this LoRA layer is not merged")
+        self.base.weight -= self.delta().to(self.base.weight.dtype)
+        self.merged = False
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    """PEFT's rule: a pattern matches a module whose name is it or ends with ``.`` + it; a
+    pattern with regex characters is matched against the whole name."""
+    for p in patterns:
+        if any(ch in p for ch in "*^$[]()|?+\\"):
+            if re.fullmatch(p, name):
+                return True
+        elif name == p or name.endswith("." + p):
+            return True
+    return False
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, target_modules: Sequence[str] = ("c_attn",),
+               dropout: float = 0.0) -> List[str]:
+    """Wraps every ``nn.Linear`` whose name matches ``target_modules`` in a :class:`LoRALinear`;
+    returns the wrapped names.
+
+    Raises:
+        ValueError: a pattern matching no linear layer (the message lists the ones that exist),
+            r <= 0 or alpha <= 0, LoRA already applied.
+    """
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model already has LoRA layers")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    chosen = [n for n in linears if _matches(n, target_modules)]
+    if not chosen:
+        names = sorted({n.split(".")[-1] for n in linears})
+        raise ValueError(f"target_modules {list(target_modules)} match no nn.Linear; the model's linear layers are named {names}")
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(linears[name], r, alpha, dropout))
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(target_modules)}  # type: ignore[attr-defined]
+    return chosen
+
+
+def _lora_layers(model: nn.Module) -> List[Tuple[str, LoRALinear]]:
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ValueError("the model has no LoRA layers (apply_lora first)")
+    return layers
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Folds every LoRA update into its base weight (outputs unchanged, no extra compute)."""
+    for _, m in _lora_layers(model):
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Takes the merged updates back out of the base weights."""
+    for _, m in _lora_layers(model):
+        m.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merges every LoRA update and puts the plain ``nn.Linear`` layers back, so the model has
+    its original architecture and parameter names again (savable with ``save_model``)."""
+    for name, m in _lora_layers(model):
+        if not m.merged:
+            m.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def _head_names(model: nn.Module) -> List[str]:
+    for attr in ("head", "lm_head"):
+        if isinstance(getattr(model, attr, None), nn.Module):
+            return [attr]
+    raise ValueError(f"{type(model).__name__} has no 'head' or 'lm_head' module for head-only training")
+
+
+def prepare(model: nn.Module, method: str) -> None:
+    """Sets ``requires_grad`` for a fine-tuning method; everything else is frozen.
+
+    - ``"lora"``: the LoRA factors only (plus a classifier's head when the model has ``head``
+      and a ``backbone``, as PEFT's ``modules_to_save``).
+    - ``"bitfit"``: every bias (Ben Zaken et al.), plus a classifier's head.
+    - ``"head"``: the output head only (a linear probe).
+    - ``"full"``: every parameter.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    is_classifier = hasattr(model, "backbone") and isinstance(getattr(model, "head", None), nn.Module)
+    heads = _head_names(model) if method == "head" or is_classifier else []
+    # By identity, not name: a head tied to the embedding is listed once, under the embedding's
+    # name (training a tied head trains the shared matrix).
+    head_ids = {id(p) for h in heads for p in getattr(model, h).parameters()}
+    for name, p in model.named_parameters():
+        if method == "full":
+            on = True
+        elif method == "lora":
+            on = ".lora_A." in name or ".lora_B." in name or (is_classifier and id(p) in head_ids)
+        elif method == "bitfit":
+            on = name.endswith("bias") or (is_classifier and id(p) in head_ids)
+        else:
+            on = id(p) in head_ids
+        p.requires_grad_(on)
+    if method == "lora":
+        _lora_layers(model)  # raises when there is nothing to train
+
+
+def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
+    """``(trainable, total)`` parameter counts, tied tensors counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """PEFT's one-line summary: trainable params, all params, trainable %."""
+    t, n = trainable_parameters(model)
+    print(f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / max(1, n):.4f}")
+
+
+# --------------------------------------------------------------------------- PEFT layout
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def save_lora(model: nn.Module, out_dir: PathLike) -> Path:
+    """Writes the LoRA factors in PEFT's layout (atomically, file by file)."""
+    from safetensors.torch import save
+
+    layers = _lora_layers(model)
+    cfg = getattr(model, "lora_config", None) or {}
+    first = layers[0][1]
+    tensors = {}
+    for name, m in layers:
+        tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.weight.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.weight.detach().cpu().contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": cfg.get("lora_dropout", 0.0),
+        "target_modules": sorted({n.split(".")[-1] for n, _ in layers}),
+        "fan_in_fan_out": True,  # GPT-2's Conv1D layout on the transformers side
+        "bias": "none",
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    atomic_write(out / ADAPTER_CONFIG, json.dumps(config, indent=2).encode())
+    return out
+
+
+def load_lora(model: nn.Module, adapter_dir: PathLike) -> List[str]:
+    """Applies a LoRA adapter saved by :func:`save_lora` or by PEFT (``PeftModel.save_pretrained``
+    of a GPT-2 LoRA) to ``model``; returns the adapted module names.
+
+    Raises:
+        FileNotFoundError; FormatError (not a LoRA adapter); ValueError (modules or shapes that
+        do not fit this model).
+    """
+    from safetensors.torch import load_file
+
+    d = Path(adapter_dir)
+    if not (d / ADAPTER_CONFIG).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{d} has no {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    try:
+        cfg = json.loads((d / ADAPTER_CONFIG).read_text())
+        tensors = load_file(str(d / ADAPTER_WEIGHTS))
+    except (ValueError, OSError) as e:
+        raise FormatError(f"{d} is not a readable adapter: {e}") from None
+    if cfg.get("peft_type") != "LORA":
+        raise FormatError(f"{d} holds a {cfg.get('peft_type')!r} adapter; only LoRA adapters load")
+    if cfg.get("bias", "none") != "none" or cfg.get("use_dora") or cfg.get("use_rslora"):
+        raise ValueError("only plain LoRA adapters (bias='none', no DoRA / rsLoRA) are supported")
+    pat = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+    factors: Dict[str, Dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        m = pat.match(k)
+        if not m:
+            raise FormatError(f"unexpected key {k!r} in {d / ADAPTER_WEIGHTS}")
+        factors.setdefault(m.group(1), {})[m.group(2)] = v
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    names = sorted(factors)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [n for n in names if n not in linears]
+    if missing:
+        raise ValueError(f"the adapter targets modules this model lacks: {missing[:5]}")
+    apply_lora(model, r=r, alpha=alpha, target_modules=[f"^{re.escape(n)}$" for n in names], dropout=float(cfg.get("lora_dropout", 0.0)))
+    for n in names:
+        layer = model.get_submodule(n)
+        a, b = factors[n].get("A"), factors[n].get("B")
+        if a is None or b is None:
+            raise FormatError(f"adapter module {n} lacks lora_A or lora_B")
+        if tuple(a.shape) != tuple(layer.lora_A.weight.shape) or tuple(b.shape) != tuple(layer.lora_B.weight.shape):
+            raise ValueError(f"adapter shapes for {n} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit this model "
+                             f"(A {tuple(layer.lora_A.weight.shape)}, B {tuple(layer.lora_B.weight.shape)})")
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(a)
+            layer.lora_B.weight.copy_(b)
+    return names

@@ -1,0 +1,167 @@
+"""Lightweight fine-tuning: LoRA (fresh = unchanged, merge == unmerged, frozen weights stay
+bit-identical, gradients only where they should be), BitFit/head counts, PEFT round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ferrolm.finetune import (  # noqa: E402
+    LoRALinear,
+    apply_lora,
+    load_lora,
+    merge_and_unload,
+    merge_lora,
+    prepare,
+    save_lora,
+    trainable_parameters,
+    unmerge_lora,
+)
+from ferrolm.models import GPT, ClassifierConfig, GPTConfig, SequenceClassifier  # noqa: E402
+
+
+def _gpt(**kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=16)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def _randomise_lora(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+
+
+def test_fresh_lora_changes_nothing_and_merge_equals_unmerged():
+    model = _gpt()
+    idx = torch.randint(0, 64, (2, 10))
+    before = model(idx)[0]
+    names = apply_lora(model, r=4, alpha=8, target_modules=["c_attn", "c_proj"])
+    assert len(names) == 2 * 3  # attn.c_attn, attn.c_proj, mlp.c_proj per layer
+    torch.testing.assert_close(model(idx)[0], before, rtol=0, atol=0)
+    _randomise_lora(model)
+    adapted = model(idx)[0]
+    assert (adapted - before).abs().max() > 1e-3
+    w0 = model.transformer.h[0].attn.c_attn.base.weight.clone()
+    merge_lora(model)
+    torch.testing.assert_close(model(idx)[0], adapted, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already merged"):
+        merge_lora(model)
+    unmerge_lora(model)
+    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.base.weight, w0, rtol=1e-6, atol=1e-6)
+    merge_and_unload(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert set(model.state_dict()) == set(_gpt().state_dict())
+    torch.testing.assert_close(model(idx)[0], adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_training_moves_only_the_adapters():
+    from ferrolm.train import TrainConfig, make_optimizer, train
+
+    model = _gpt()
+    apply_lora(model, r=2, alpha=4, target_modules=["c_attn"])
+    prepare(model, "lora")
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    lora_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
+    tokens = np.random.default_rng(0).integers(0, 64, 5_000)
+    cfg = TrainConfig(max_steps=4, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=0, progress=False)
+    opt = make_optimizer(model, cfg)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == trainable_parameters(model)[0]
+    train(model, tokens, config=cfg)
+    for k, v in model.state_dict().items():
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), f"{k} changed"
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in lora_before.items())
+    _, loss = model(torch.randint(0, 64, (1, 8)), targets=torch.randint(0, 64, (1, 8)))
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == ("lora_" in n), n
+
+
+def test_parameter_counts_are_exact():
+    model = _gpt()
+    C, L, V, T = 16, 2, 64, 32
+    total = V * C + T * C + L * (2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)) + 2 * C
+    assert trainable_parameters(model) == (total, total)
+    prepare(model, "bitfit")
+    biases = L * (2 * C + 3 * C + C + 4 * C + C) + C
+    assert trainable_parameters(model)[0] == biases
+    prepare(model, "head")  # the head is tied to the embedding: V * C
+    assert trainable_parameters(model)[0] == V * C
+    clf = SequenceClassifier(ClassifierConfig(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=16), num_classes=3))
+    prepare(clf, "head")
+    assert trainable_parameters(clf)[0] == 16 * 3 + 3
+    apply_lora(clf, r=2, alpha=2, target_modules=["c_attn"])
+    prepare(clf, "lora")
+    assert trainable_parameters(clf)[0] == (2 * 16 + 48 * 2) + 16 * 3 + 3
+
+
+def test_bad_lora_input():
+    model = _gpt()
+    with pytest.raises(ValueError, match=r"match no nn.Linear; the model's linear layers are named \['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
+        apply_lora(model, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="rank"):
+        apply_lora(model, r=0, target_modules=["c_attn"])
+    with pytest.raises(ValueError, match="alpha"):
+        apply_lora(_gpt(), r=2, alpha=0, target_modules=["c_attn"])
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        prepare(_gpt(), "lora")
+    with pytest.raises(ValueError, match="method"):
+        prepare(_gpt(), "adapters")
+
+
+def _hf():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(2)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=2, n_head=4)).eval()
+
+
+def test_ferrolm_lora_loads_in_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    hf = _hf()
+    ours = GPT.from_hf_gpt2(hf).eval()
+    apply_lora(ours, r=4, alpha=8, target_modules=["c_attn", "c_fc"])
+    _randomise_lora(ours)
+    save_lora(ours, tmp_path)
+    idx = torch.randint(0, 80, (2, 12))
+    with torch.no_grad():
+        base_logits = hf(idx).logits
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    with torch.no_grad():
+        got = pm(idx).logits
+    torch.testing.assert_close(got, ours(idx)[0], rtol=1e-4, atol=1e-4)
+    assert (got - base_logits).abs().max() > 1e-3  # the adapter really changes the model
+
+
+def test_peft_lora_loads_in_ferrolm(tmp_path):
+    peft = pytest.importorskip("peft")
+    hf = _hf()
+    base = GPT.from_hf_gpt2(hf).eval()
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.save_pretrained(str(tmp_path))
+    names = load_lora(base, tmp_path)
+    assert len(names) == 2 * 3
+    idx = torch.randint(0, 80, (2, 12))
+    with torch.no_grad():
+        want = pm.eval()(idx).logits
+        torch.testing.assert_close(base(idx)[0], want, rtol=1e-4, atol=1e-4)
+    one_layer = GPT(GPTConfig(vocab_size=80, block_size=32, n_layer=1, n_head=4, n_embd=32))
+    with pytest.raises(ValueError, match="targets modules this model lacks"):
+        load_lora(one_layer, tmp_path)
