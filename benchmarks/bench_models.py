@@ -3,6 +3,8 @@
 - models (issue 6 targets): training tokens/s of ferrolm's GPT (6 layers, 384 wide, T=256) and
   LSTM LM (2x512, batch 16) >= 1.5x their plain-PyTorch twins in ferrolm.reference; batch-1
   greedy generation with a KV cache >= 3x transformers' generate on the same GPT-2-shaped weights.
+- finetune (issue 10): a LoRA training step vs a full fine-tuning step of the same GPT (time;
+  trainable parameters and gradient + optimizer state in the size column).
 - icl (issue 8 target): 4-choice, 8-shot multiple-choice scoring with the shared-prefix cache
   >= 3x the same evaluation done naively with transformers (a full forward per choice).
 """
@@ -14,9 +16,9 @@ import pytest
 from conftest import FULL
 
 torch = pytest.importorskip("torch")
-from ferrolm.bench import icl_workloads, model_workloads  # noqa: E402
+from ferrolm.bench import finetune_workloads, icl_workloads, model_workloads  # noqa: E402
 
-_LOADERS = {"models": (model_workloads, "tokens"), "icl": (icl_workloads, "questions")}
+_LOADERS = {"models": (model_workloads, "tokens"), "icl": (icl_workloads, "questions"), "finetune": (finetune_workloads, "size")}
 _WORK = {}
 
 
@@ -49,3 +51,7 @@ def test_models(benchmark, case, impl, smoke):
 
 def test_icl(benchmark, case, impl, smoke):
     _run(benchmark, "icl", case, impl, smoke)
+
+
+def test_finetune(benchmark, case, impl, smoke):
+    _run(benchmark, "finetune", case, impl, smoke)

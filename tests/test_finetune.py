@@ -165,3 +165,32 @@ def test_peft_lora_loads_in_ferrolm(tmp_path):
     one_layer = GPT(GPTConfig(vocab_size=80, block_size=32, n_layer=1, n_head=4, n_embd=32))
     with pytest.raises(ValueError, match="targets modules this model lacks"):
         load_lora(one_layer, tmp_path)
+
+
+def test_prompt_tuning_prefix_and_training():
+    from ferrolm.finetune import PromptTuning
+    from ferrolm.train import TrainConfig, train
+
+    model = _gpt()
+    init = [5, 9, 11]
+    pt = PromptTuning(model, 3, init_ids=init).eval()
+    idx = torch.randint(0, 64, (2, 7))
+    # Virtual tokens initialised from ids 5, 9, 11 == running those ids as real tokens first.
+    full, _ = model(torch.cat([torch.tensor([init, init]), idx], 1))
+    got, _ = pt(idx)
+    torch.testing.assert_close(got, full[:, 3:], rtol=1e-5, atol=1e-5)
+    lengths = torch.tensor([7, 4])
+    got_l, _ = pt(idx, lengths=lengths)
+    torch.testing.assert_close(got_l[1, :4], full[1, 3:7], rtol=1e-5, atol=1e-5)
+    prepare(pt, "prompt")
+    assert trainable_parameters(pt)[0] == 3 * 16
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    before = pt.prompt.detach().clone()
+    train(pt, np.random.default_rng(0).integers(0, 64, 5_000), config=TrainConfig(max_steps=3, batch_size=2, seq_len=16, lr=1e-2,
+                                                                                  warmup_steps=0, progress=False))
+    assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(pt.prompt.detach(), before)
+    with pytest.raises(ValueError, match="PromptTuning wrapper"):
+        prepare(model, "prompt")
+    with pytest.raises(ValueError, match="n_virtual"):
+        PromptTuning(model, 0)

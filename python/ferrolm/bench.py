@@ -26,7 +26,7 @@ from ._io import atomic_write
 from .corpus import chinese_text, stdlib_texts
 from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, Tokenizer
 
-__all__ = ["run_benchmarks", "model_workloads", "icl_workloads", "markdown_report", "plot_ratios", "AREAS", "tokenizer_peers", "corpus_for_bench", "time_median", "compare", "Result"]
+__all__ = ["run_benchmarks", "model_workloads", "icl_workloads", "finetune_workloads", "markdown_report", "plot_ratios", "AREAS", "tokenizer_peers", "corpus_for_bench", "time_median", "compare", "Result"]
 
 
 @dataclass
@@ -563,11 +563,52 @@ def icl_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any
     return out
 
 
+def finetune_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any]]:
+    """One training step (forward, backward, AdamW) of LoRA (r=8 on attention and MLP
+    projections) against full fine-tuning of the same GPT, same batch. The size column gives
+    the trainable parameters and the gradient + Adam state each method keeps (bytes of fp32)."""
+    import torch
+
+    from .finetune import apply_lora, prepare, trainable_parameters
+    from .models import GPT, GPTConfig
+
+    g = torch.Generator().manual_seed(0)
+    if smoke:
+        cfg, (b, t) = GPTConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32), (2, 32)
+    else:
+        cfg, (b, t) = GPTConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=6, n_embd=384), (8, 256)
+    torch.manual_seed(0)
+    full_model = GPT(cfg)
+    lora_model = GPT(cfg)
+    lora_model.load_state_dict(full_model.state_dict())
+    apply_lora(lora_model, r=8, alpha=16, target_modules=["c_attn", "c_proj", "c_fc"])
+    prepare(lora_model, "lora")
+    x = torch.randint(0, cfg.vocab_size, (b, t), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (b, t), generator=g)
+
+    def step_fn(model):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def run():
+            _, loss = model(x, targets=y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return run
+
+    tl, total = trainable_parameters(lora_model)
+    state_mb = lambda n: 3 * 4 * n / 1e6  # noqa: E731  (gradient + two Adam moments, fp32)
+    size = f"LoRA {tl / 1e6:.2f}M trainable ({100 * tl / total:.1f}%, {state_mb(tl):.0f} MB state) vs full {total / 1e6:.1f}M ({state_mb(total):.0f} MB)"
+    return [{"name": f"train step, LoRA r=8 vs full fine-tuning, GPT {cfg.n_layer}x{cfg.n_embd} T={t} B={b}", "size": size,
+             "fns": {"ferrolm": step_fn(lora_model), "full_finetune": step_fn(full_model)}}]
+
+
 def _unit_results(area: str, workloads: List[Dict[str, Any]], unit: str, repeats: int) -> List[Result]:
     """Rows for workloads of whole operations (seconds each): no warm run before each timing."""
     out = []
     for w in workloads:
-        r = Result(area, w["name"], f"{w[unit]} {unit}")
+        r = Result(area, w["name"], w[unit] if unit == "size" else f"{w[unit]} {unit}")
         r.seconds = compare(w["fns"], repeats, warm=False)
         out.append(r)
     return out
@@ -609,7 +650,7 @@ def _data_results(full: bool, repeats: int) -> List[Result]:
     return out
 
 
-AREAS = ("tokenizer", "data", "rnn", "attention", "models", "icl")
+AREAS = ("tokenizer", "data", "rnn", "attention", "models", "icl", "finetune")
 
 
 def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: Tuple[str, ...] = AREAS,
@@ -667,6 +708,11 @@ def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: T
                 results += _unit_results("models", model_workloads(full=full), "tokens", 3 if full else 2)
             except ImportError:
                 print("model benchmarks skipped: torch is not installed")
+        if "finetune" in areas:
+            try:
+                results += _unit_results("finetune", finetune_workloads(full=full), "size", 3)
+            except ImportError:
+                print("finetune benchmarks skipped: torch is not installed")
         if "icl" in areas:
             try:
                 results += _unit_results("icl", icl_workloads(full=full), "questions", 3)

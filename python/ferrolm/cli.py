@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmark suite (quick by default) and print ferrolm vs the references")
     b.add_argument("--full", action="store_true", help="the whole grid (slow) instead of the quick set")
     b.add_argument("--json", default=None, help="also write the results to this JSON file")
-    b.add_argument("--only", default=None, help="comma-separated areas to run (tokenizer, data, rnn, attention, models, icl)")
+    b.add_argument("--only", default=None, help="comma-separated areas to run (tokenizer, data, rnn, attention, models, icl, finetune)")
     b.add_argument("--report", default="ferrolm-bench.md", help="Markdown report to write (default ferrolm-bench.md)")
     b.add_argument("--plot", default="ferrolm-bench.png", help="PNG chart of the ratios to write (default ferrolm-bench.png)")
     b.add_argument("--no-report", action="store_true", help="print the table only")

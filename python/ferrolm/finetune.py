@@ -4,8 +4,9 @@ ferrolm's models through one interface, with PEFT-compatible LoRA adapters.
 - :func:`apply_lora` replaces the targeted ``nn.Linear`` layers by :class:`LoRALinear`
   (``W x + b + (alpha / r) * B A dropout(x)``, ``B`` zero-initialised so a fresh adapter
   changes nothing); ``merge_lora`` / ``unmerge_lora`` fold the update into ``W`` and back.
+- :class:`PromptTuning` prepends trainable virtual tokens to a GPT's inputs.
 - :func:`prepare` sets which parameters train for a method (``"lora"``, ``"bitfit"``,
-  ``"head"``, ``"full"``) and freezes the rest (``requires_grad=False``: no gradient and, with
+  ``"head"``, ``"full"``, ``"prompt"``) and freezes the rest (``requires_grad=False``: no gradient and, with
   :func:`ferrolm.train.make_optimizer`, no optimizer state).
 - :func:`save_lora` / :func:`load_lora` use PEFT's layout (``adapter_config.json`` +
   ``adapter_model.safetensors``, keys ``base_model.model.<module>.lora_A.weight``). For a GPT
@@ -40,6 +41,7 @@ from .errors import FormatError
 
 __all__ = [
     "LoRALinear",
+    "PromptTuning",
     "apply_lora",
     "merge_lora",
     "unmerge_lora",
@@ -52,7 +54,52 @@ __all__ = [
     "METHODS",
 ]
 
-METHODS = ("lora", "bitfit", "head", "full")
+METHODS = ("lora", "bitfit", "head", "full", "prompt")
+
+
+class PromptTuning(nn.Module):
+    """Prompt tuning (Lester et al. 2021): ``n_virtual`` trainable vectors placed before every
+    input of a ferrolm :class:`~ferrolm.models.GPT`; the model itself stays frozen.
+
+    ``forward(idx, targets=None, lengths=None) -> (logits (B, T, V), loss)`` over the real
+    tokens only. The vectors start as the embeddings of ``init_ids`` (default: the first
+    ``n_virtual`` ids of ``seed``'s random draw from the vocabulary), as PEFT's "from vocabulary"
+    initialisation does.
+    """
+
+    def __init__(self, model: nn.Module, n_virtual: int, init_ids: Optional[Sequence[int]] = None, seed: int = 0) -> None:
+        from .models import GPT
+
+        super().__init__()
+        if not isinstance(model, GPT):
+            raise TypeError(f"prompt tuning needs a ferrolm GPT, got {type(model).__name__}")
+        if not isinstance(n_virtual, int) or n_virtual <= 0:
+            raise ValueError(f"n_virtual must be a positive int, got {n_virtual!r}")
+        if n_virtual >= model.config.block_size:
+            raise ValueError(f"n_virtual={n_virtual} leaves no room in block_size={model.config.block_size}")
+        self.model = model
+        self.n_virtual = n_virtual
+        if init_ids is None:
+            g = torch.Generator().manual_seed(seed)
+            init_ids = torch.randint(0, model.config.vocab_size, (n_virtual,), generator=g).tolist()
+        if len(init_ids) != n_virtual:
+            raise ValueError(f"init_ids has {len(init_ids)} ids for {n_virtual} virtual tokens")
+        w = model.transformer.wte.weight
+        self.prompt = nn.Parameter(w.detach()[torch.tensor(list(init_ids), device=w.device)].clone())
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def hidden_states(self, idx: torch.Tensor, lengths=None) -> torch.Tensor:
+        """(B, T, C) hidden states of the real tokens (the virtual ones are dropped)."""
+        return self.model.hidden_states(idx, lengths=lengths, prefix_embeds=self.prompt)[:, self.n_virtual :]
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, lengths=None):
+        from .models import lm_loss
+
+        logits = self.model.lm_head(self.hidden_states(idx, lengths))
+        return logits, (lm_loss(logits, targets) if targets is not None else None)
 
 
 class LoRALinear(nn.Module):
@@ -199,9 +246,16 @@ def prepare(model: nn.Module, method: str) -> None:
     - ``"bitfit"``: every bias (Ben Zaken et al.), plus a classifier's head.
     - ``"head"``: the output head only (a linear probe).
     - ``"full"``: every parameter.
+    - ``"prompt"``: the virtual tokens of a :class:`PromptTuning` wrapper only.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "prompt":
+        if not isinstance(model, PromptTuning):
+            raise ValueError("method 'prompt' needs a PromptTuning wrapper: prepare(PromptTuning(gpt, n_virtual), 'prompt')")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name == "prompt")
+        return
     is_classifier = hasattr(model, "backbone") and isinstance(getattr(model, "head", None), nn.Module)
     heads = _head_names(model) if method == "head" or is_classifier else []
     # By identity, not name: a head tied to the embedding is listed once, under the embedding's

@@ -361,20 +361,33 @@ class GPT(_Checkpointable, nn.Module):
         return pos
 
     def hidden_states(self, idx: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, lengths=None,
-                      cache: Optional[List[KVCache]] = None) -> torch.Tensor:
-        """The final-norm hidden states (B, T, C).
+                      cache: Optional[List[KVCache]] = None, prefix_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The final-norm hidden states (B, T, C), or (B, P + T, C) with ``prefix_embeds``.
 
         Args:
             idx: (B, T) int64 in [0, V). padding_mask: (B, T) bool, True = pad.
             lengths: (B,) real lengths of right-padded rows (instead of ``padding_mask``).
             cache: one :class:`~ferrolm.nn.KVCache` per layer (see :meth:`new_cache`).
+            prefix_embeds: (P, C) or (B, P, C) vectors placed before the tokens' embeddings
+                (prompt tuning's virtual tokens); they take positions 0..P-1.
         """
         check_ids(idx, self.config.vocab_size)
         B, T = idx.size()
+        P = 0
+        if prefix_embeds is not None:
+            if cache is not None:
+                raise ValueError("prefix_embeds cannot be combined with a KV cache")
+            if prefix_embeds.dim() not in (2, 3) or prefix_embeds.size(-1) != self.config.n_embd:
+                raise ValueError(f"prefix_embeds must be (P, {self.config.n_embd}) or (B, P, {self.config.n_embd}), got {tuple(prefix_embeds.shape)}")
+            P = prefix_embeds.size(-2)
+            if padding_mask is not None:
+                padding_mask = torch.cat([torch.zeros(B, P, dtype=torch.bool, device=padding_mask.device), padding_mask], 1)
         if lengths is not None:
             if padding_mask is not None:
                 raise ValueError("pass padding_mask or lengths, not both")
-            lengths = check_lengths(lengths, B, T)
+            lengths = check_lengths(lengths, B, T) + P
+        T = T + P
+        if lengths is not None:
             if cache is None:
                 padding_mask = None if bool((lengths == T).all()) else lengths_to_padding_mask(lengths, T).to(idx.device)
         if padding_mask is not None:
@@ -386,6 +399,9 @@ class GPT(_Checkpointable, nn.Module):
             raise ValueError(f"cache has {len(cache)} layers, the model {self.config.n_layer}")
         pos = self._positions(B, T, padding_mask, cache, idx.device)
         x = self.transformer.wte(idx)  # (B, T, C)
+        if P:
+            pre = prefix_embeds if prefix_embeds.dim() == 3 else prefix_embeds[None].expand(B, P, -1)
+            x = torch.cat([pre.to(x.dtype), x], dim=1)  # (B, P + T, C)
         if self.config.positions == "learned":
             x = x + (self.transformer.wpe.weight[:T] if pos is None else self.transformer.wpe(pos))
         elif self.config.positions == "sinusoidal":

@@ -309,7 +309,10 @@ def save_checkpoint(out_dir: PathLike, model: torch.nn.Module, optimizer, step: 
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write(out / STATE_FILE, buf.getvalue())
-    save_model(model, out / MODEL_FILE)
+    from .models import GPT, LSTMLanguageModel, SequenceClassifier
+
+    if type(model) in (GPT, LSTMLanguageModel, SequenceClassifier):  # wrappers (prompt tuning) keep train_state.pt only
+        save_model(model, out / MODEL_FILE)
     return out
 
 
