@@ -4,6 +4,7 @@ ferrolm's models through one interface, with PEFT-compatible LoRA adapters.
 - :func:`apply_lora` replaces the targeted ``nn.Linear`` layers by :class:`LoRALinear`
   (``W x + b + (alpha / r) * B A dropout(x)``, ``B`` zero-initialised so a fresh adapter
   changes nothing); ``merge_lora`` / ``unmerge_lora`` fold the update into ``W`` and back.
+- :func:`apply_lora_rnn` puts the same low-rank update on LSTM/GRU weight matrices.
 - :class:`PromptTuning` prepends trainable virtual tokens to a GPT's inputs.
 - :func:`prepare` sets which parameters train for a method (``"lora"``, ``"bitfit"``,
   ``"head"``, ``"full"``, ``"prompt"``) and freezes the rest (``requires_grad=False``: no gradient and, with
@@ -46,6 +47,8 @@ __all__ = [
     "merge_lora",
     "unmerge_lora",
     "merge_and_unload",
+    "apply_lora_rnn",
+    "merge_lora_rnn",
     "prepare",
     "trainable_parameters",
     "print_trainable_parameters",
@@ -161,6 +164,61 @@ class LoRALinear(nn.Module):
         self.merged = False
 
 
+class _LowRankDelta(nn.Module):
+    """A parametrization ``W -> W + (alpha / r) * B A`` for a recurrent weight matrix
+    (``weight_ih_l0``, ``weight_hh_l0_reverse``, ...): the ferrolm LSTM/GRU kernels read the
+    parametrized weight and their weight gradient flows on to ``A`` and ``B``."""
+
+    def __init__(self, shape: Tuple[int, int], r: int, alpha: float, device, dtype) -> None:
+        super().__init__()
+        out_f, in_f = shape
+        self.r, self.alpha, self.scaling = r, float(alpha), float(alpha) / r
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + (self.lora_B @ self.lora_A) * self.scaling
+
+
+def apply_lora_rnn(rnn: nn.Module, r: int = 8, alpha: float = 16.0, weights: Sequence[str] = ("weight_ih", "weight_hh")) -> List[str]:
+    """LoRA on the weight matrices of an LSTM/GRU (ferrolm's or torch's): every parameter whose
+    name starts with one of ``weights`` gets a low-rank update through
+    ``torch.nn.utils.parametrize``; returns their names. :func:`prepare` with ``"lora"``
+    trains the factors; :func:`merge_lora_rnn` folds them in.
+
+    Raises:
+        ValueError: not a recurrent layer, nothing matched, r <= 0, alpha <= 0.
+    """
+    from torch.nn.utils import parametrize
+
+    if not isinstance(rnn, nn.RNNBase):
+        raise TypeError(f"apply_lora_rnn takes an LSTM or GRU layer, got {type(rnn).__name__}")
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+    names = [n for n, _ in rnn.named_parameters(recurse=False) if n.startswith(tuple(weights))]
+    if not names:
+        have = sorted(n for n, _ in rnn.named_parameters(recurse=False))
+        raise ValueError(f"weights {list(weights)} match no parameter; the layer has {have}")
+    for n in names:
+        w = getattr(rnn, n)
+        parametrize.register_parametrization(rnn, n, _LowRankDelta(tuple(w.shape), r, alpha, w.device, w.dtype))
+    return names
+
+
+def merge_lora_rnn(rnn: nn.Module) -> None:
+    """Folds the low-rank updates of :func:`apply_lora_rnn` into the weights and removes the
+    parametrizations (the layer is a plain LSTM/GRU again, same outputs)."""
+    from torch.nn.utils import parametrize
+
+    if not parametrize.is_parametrized(rnn):
+        raise ValueError("this recurrent layer has no LoRA parametrization (apply_lora_rnn first)")
+    for n in list(rnn.parametrizations.keys()):
+        parametrize.remove_parametrizations(rnn, n, leave_parametrized=True)
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     """PEFT's rule: a pattern matches a module whose name is it or ends with ``.`` + it; a
     pattern with regex characters is matched against the whole name."""
@@ -265,13 +323,13 @@ def prepare(model: nn.Module, method: str) -> None:
         if method == "full":
             on = True
         elif method == "lora":
-            on = ".lora_A." in name or ".lora_B." in name or (is_classifier and id(p) in head_ids)
+            on = ".lora_A." in name or ".lora_B." in name or name.endswith((".lora_A", ".lora_B")) or (is_classifier and id(p) in head_ids)
         elif method == "bitfit":
             on = name.endswith("bias") or (is_classifier and id(p) in head_ids)
         else:
             on = id(p) in head_ids
         p.requires_grad_(on)
-    if method == "lora":
+    if method == "lora" and not any(isinstance(m, _LowRankDelta) for m in model.modules()):
         _lora_layers(model)  # raises when there is nothing to train
 
 
