@@ -425,6 +425,21 @@ def attention_workloads(smoke: bool = False, full: bool = False) -> List[Dict[st
     return out
 
 
+def _train_step(model, x, y) -> Callable[[], None]:
+    """One optimizer step (forward with targets, backward, AdamW on the trainable parameters)."""
+    import torch
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def run() -> None:
+        _, loss = model(x, targets=y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return run
+
+
 def model_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any]]:
     """End-to-end workloads: one training step (forward, backward, AdamW) of ferrolm's GPT and
     LSTM language model against their plain-PyTorch twins in :mod:`ferrolm.reference` (same
@@ -439,17 +454,6 @@ def model_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, A
     g = torch.Generator().manual_seed(0)
     out: List[Dict[str, Any]] = []
     V = 512 if smoke else 8192
-
-    def step_fn(model, x, y):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def run():
-            _, loss = model(x, targets=y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return run
 
     if smoke:
         gcfg, (gb, gt) = GPTConfig(vocab_size=V, block_size=32, n_layer=1, n_head=2, n_embd=32), (2, 32)
@@ -468,7 +472,7 @@ def model_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, A
         x = torch.randint(0, V, (b, t), generator=g)
         y = torch.randint(0, V, (b, t), generator=g)
         out.append({"name": f"train step {label}", "tokens": b * t, "flops": None,
-                    "fns": {"ferrolm": step_fn(ours, x, y), "reference": step_fn(ref, x, y)}})
+                    "fns": {"ferrolm": _train_step(ours, x, y), "reference": _train_step(ref, x, y)}})
     try:
         import transformers
     except ImportError:
@@ -586,22 +590,11 @@ def finetune_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str
     x = torch.randint(0, cfg.vocab_size, (b, t), generator=g)
     y = torch.randint(0, cfg.vocab_size, (b, t), generator=g)
 
-    def step_fn(model):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-        def run():
-            _, loss = model(x, targets=y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return run
-
     tl, total = trainable_parameters(lora_model)
     state_mb = lambda n: 3 * 4 * n / 1e6  # noqa: E731  (gradient + two Adam moments, fp32)
     size = f"LoRA {tl / 1e6:.2f}M trainable ({100 * tl / total:.1f}%, {state_mb(tl):.0f} MB state) vs full {total / 1e6:.1f}M ({state_mb(total):.0f} MB)"
     return [{"name": f"train step, LoRA r=8 vs full fine-tuning, GPT {cfg.n_layer}x{cfg.n_embd} T={t} B={b}", "size": size,
-             "fns": {"ferrolm": step_fn(lora_model), "full_finetune": step_fn(full_model)}}]
+             "fns": {"ferrolm": _train_step(lora_model, x, y), "full_finetune": _train_step(full_model, x, y)}}]
 
 
 def _unit_results(area: str, workloads: List[Dict[str, Any]], unit: str, repeats: int) -> List[Result]:

@@ -105,6 +105,13 @@ class PromptTuning(nn.Module):
         return logits, (lm_loss(logits, targets) if targets is not None else None)
 
 
+def _check_rank(r: int, alpha: float) -> None:
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+
+
 class LoRALinear(nn.Module):
     """An ``nn.Linear`` with a low-rank update: ``base(x) + (alpha / r) * lora_B(lora_A(drop(x)))``.
 
@@ -116,10 +123,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRA wraps nn.Linear layers, got {type(base).__name__}")
-        if not isinstance(r, int) or r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
-        if not alpha > 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+        _check_rank(r, alpha)
         self.base = base
         self.r, self.alpha = r, float(alpha)
         self.scaling = self.alpha / r
@@ -194,10 +198,7 @@ def apply_lora_rnn(rnn: nn.Module, r: int = 8, alpha: float = 16.0, weights: Seq
 
     if not isinstance(rnn, nn.RNNBase):
         raise TypeError(f"apply_lora_rnn takes an LSTM or GRU layer, got {type(rnn).__name__}")
-    if not isinstance(r, int) or r <= 0:
-        raise ValueError(f"LoRA rank r must be a positive int, got {r!r}")
-    if not alpha > 0:
-        raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
+    _check_rank(r, alpha)
     names = [n for n, _ in rnn.named_parameters(recurse=False) if n.startswith(tuple(weights))]
     if not names:
         have = sorted(n for n, _ in rnn.named_parameters(recurse=False))
