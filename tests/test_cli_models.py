@@ -54,6 +54,6 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 
 def test_help_everywhere():
     for args in (["--help"], ["train", "--help"], ["generate", "--help"], ["bench", "--help"], ["tokenizer", "train", "--help"],
-                 ["icl", "eval", "--help"]):
+                 ["icl", "eval", "--help"], ["finetune", "--help"]):
         done = _ferrolm(*args)
         assert done.returncode == 0 and "usage: ferrolm" in done.stdout, args

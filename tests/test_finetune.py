@@ -254,3 +254,35 @@ def test_lora_on_recurrent_weights(cell):
         merge_lora_rnn(model.rnn)
     with pytest.raises(ValueError, match="match no parameter"):
         apply_lora_rnn(model.rnn, weights=["w_q"])
+
+
+def test_cli_finetune_lora_resume_and_adapter(tmp_path):
+    import subprocess
+    import sys
+
+    from ferrolm import Tokenizer
+    from ferrolm.corpus import default_corpus
+    from ferrolm.models import load_model
+    from ferrolm.train import load_train_state
+
+    tok = Tokenizer.train(default_corpus(100_000), vocab_size=300)
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    tok.save_hf_json(base_dir / "tokenizer.json")
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=16)).save(base_dir / "model.safetensors")
+    out = tmp_path / "ft"
+    cmd = [sys.executable, "-m", "ferrolm.cli", "finetune", "--method", "lora", "--model", str(base_dir), "--out", str(out),
+           "--batch-size", "2", "--seq-len", "32", "--r", "2", "--targets", "c_attn", "--checkpoint-interval", "2"]
+    first = subprocess.run(cmd + ["--steps", "3"], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "trainable params: " in first.stdout and load_train_state(out)["step"] == 3
+    more = subprocess.run(cmd + ["--steps", "5", "--resume"], capture_output=True, text=True, timeout=600)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert load_train_state(out)["step"] == 5
+    merged = load_model(out / "model.safetensors").eval()
+    base = load_model(base_dir / "model.safetensors").eval()
+    load_lora(base, out / "adapter")
+    idx = torch.randint(0, tok.n_vocab, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(idx)[0], base(idx)[0], rtol=1e-5, atol=1e-5)

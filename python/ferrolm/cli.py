@@ -250,6 +250,66 @@ def _cmd_icl_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import finetune as ft
+    from .icl import load_examples
+    from .icl.tasks import stdlib_package_task
+    from .models import GPT, LSTMLanguageModel, save_model
+    from .train import TrainConfig, train
+
+    model, tok = _load_lm_and_tokenizer(Path(args.model), args.tokenizer)
+    if not isinstance(model, (GPT, LSTMLanguageModel)):
+        raise ValueError("ferrolm finetune takes a ferrolm GPT or LSTM checkpoint (use PEFT for Hugging Face models)")
+    if args.data:
+        path = Path(args.data)
+        if path.suffix.lower() in (".jsonl", ".csv"):
+            texts = [e.input + (str(e.output) if e.output is not None else "") for e in load_examples(path, args.input_key, args.output_key)]
+        else:
+            texts = [path.read_text(encoding="utf-8")]
+    else:
+        pool, _, template = stdlib_package_task()
+        texts = [template.render_demo(e) for e in pool]
+        print(f"embedded task as text: {len(texts)} rendered examples", file=sys.stderr)
+    eot = tok.special_tokens.get("<|endoftext|>")
+    ids = [t for ids in tok.encode_ordinary_batch(texts) for t in ids + ([eot] if eot is not None else [])]
+    tokens = np.asarray(ids, dtype=np.int64)
+    target: object = model
+    if args.method == "lora":
+        if isinstance(model, GPT):
+            ft.apply_lora(model, r=args.r, alpha=args.alpha, target_modules=args.targets.split(","), dropout=args.lora_dropout)
+        else:
+            ft.apply_lora_rnn(model.rnn, r=args.r, alpha=args.alpha)
+    elif args.method == "prompt":
+        target = ft.PromptTuning(model, args.virtual_tokens)
+    ft.prepare(target, args.method)  # type: ignore[arg-type]
+    ft.print_trainable_parameters(target)  # type: ignore[arg-type]
+    block = getattr(model.config, "block_size", None)
+    seq_len = min(args.seq_len, block - (args.virtual_tokens if args.method == "prompt" else 0)) if block else args.seq_len
+    cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, seq_len=seq_len, lr=args.lr, min_lr=args.lr / 10,
+                      warmup_steps=min(20, args.steps // 10), eval_interval=0, checkpoint_interval=args.checkpoint_interval, seed=args.seed)
+    out = Path(args.out)
+    result = train(target, tokens, None, cfg, out_dir=out, resume=args.resume)  # type: ignore[arg-type]
+    if args.method == "lora" and isinstance(model, GPT):
+        ft.save_lora(model, out / "adapter")
+        ft.merge_and_unload(model)
+    elif args.method == "lora":
+        ft.merge_lora_rnn(model.rnn)
+    if args.method == "prompt":
+        from safetensors.torch import save
+
+        from ._io import atomic_write
+
+        atomic_write(out / "prompt.safetensors", save({"prompt": target.prompt.detach().cpu().contiguous()}))  # type: ignore[union-attr]
+    else:
+        save_model(model, out / "model.safetensors")
+    tok.save_hf_json(out / "tokenizer.json")
+    last = result.history[-1]["loss"] if result.history else float("nan")
+    print(f"{args.method}: step {result.step}, loss {last:.4f}; wrote {out}" + (" (interrupted; continue with --resume)" if result.interrupted else ""))
+    return 130 if result.interrupted else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ferrolm", description="ferrolm: language models on ordinary CPUs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -344,6 +404,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--out", default="icl-results", help="folder for icl.md, icl.json and icl.png")
     ev.set_defaults(func=_cmd_icl_eval)
+
+    f = sub.add_parser("finetune", help="lightweight fine-tuning of a ferrolm model (LoRA, BitFit, prompt tuning, head-only, full)",
+                       description="Fine-tunes a ferrolm checkpoint on text (default: the embedded ICL task rendered as text). "
+                                   "Writes model.safetensors (LoRA merged) and, for LoRA on a GPT, adapter/ in PEFT's layout.")
+    f.add_argument("--method", required=True, choices=["lora", "bitfit", "prompt", "head", "full"])
+    f.add_argument("--model", required=True, help="a `ferrolm train` folder or a .safetensors checkpoint")
+    f.add_argument("--tokenizer", default=None)
+    f.add_argument("--data", default=None, help="JSONL/CSV (input + output concatenated) or a text file")
+    f.add_argument("--input-key", default="input")
+    f.add_argument("--output-key", default=None)
+    f.add_argument("--out", default="runs/finetune")
+    f.add_argument("--steps", type=int, default=200)
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--seq-len", type=int, default=128)
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--r", type=int, default=8, help="LoRA rank")
+    f.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    f.add_argument("--lora-dropout", type=float, default=0.0)
+    f.add_argument("--targets", default="c_attn,c_proj,c_fc", help="LoRA target modules of a GPT (comma-separated)")
+    f.add_argument("--virtual-tokens", type=int, default=16, help="prompt tuning: virtual tokens")
+    f.add_argument("--checkpoint-interval", type=int, default=100)
+    f.add_argument("--seed", type=int, default=1337)
+    f.add_argument("--resume", action="store_true")
+    f.set_defaults(func=_cmd_finetune)
     return p
 
 
