@@ -3,6 +3,8 @@ bit-identical, gradients only where they should be), BitFit/head counts, PEFT ro
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -286,3 +288,20 @@ def test_cli_finetune_lora_resume_and_adapter(tmp_path):
     idx = torch.randint(0, tok.n_vocab, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(merged(idx)[0], base(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_experiment_quick_writes_the_table(tmp_path):
+    from ferrolm.finetune_experiment import run_experiment
+
+    res = run_experiment(tmp_path, quick=True, progress=False)
+    methods = [r["method"] for r in res["rows"]]
+    assert methods[:7] == ["full fine-tuning", "LoRA r=4", "LoRA r=8", "LoRA r=16", "BitFit", "prompt tuning (16 tokens)", "head-only"]
+    assert methods[7:] == ["in-context learning, k=0", "in-context learning, k=4", "in-context learning, k=16"]
+    full = res["rows"][0]
+    assert full["trainable"] == full["total"] and full["trainable_pct"] == 100.0
+    lora4, lora8 = res["rows"][1], res["rows"][2]
+    assert lora8["trainable"] == 2 * lora4["trainable"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in res["rows"])
+    assert (tmp_path / "finetune.md").read_text().startswith("| method | accuracy")
+    assert json.loads((tmp_path / "finetune.json").read_text())["task"]["chance"] == pytest.approx(1 / 6)
+    assert (tmp_path / "finetune.png").read_bytes()[:4] == b"\x89PNG"

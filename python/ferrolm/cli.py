@@ -253,6 +253,17 @@ def _cmd_icl_eval(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     import numpy as np
 
+    if args.action == "experiment":
+        from .finetune_experiment import run_experiment
+
+        results = run_experiment(args.results, quick=args.quick, seed=args.seed)
+        from .finetune_experiment import markdown
+
+        print(markdown(results), end="")
+        print(f"wrote {Path(args.results) / 'finetune.md'}, finetune.json, finetune.png")
+        return 0
+    if not args.method or not args.model:
+        raise ValueError("ferrolm finetune needs --method and --model (or the 'experiment' action)")
     from . import finetune as ft
     from .icl import load_examples
     from .icl.tasks import stdlib_package_task
@@ -408,8 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("finetune", help="lightweight fine-tuning of a ferrolm model (LoRA, BitFit, prompt tuning, head-only, full)",
                        description="Fine-tunes a ferrolm checkpoint on text (default: the embedded ICL task rendered as text). "
                                    "Writes model.safetensors (LoRA merged) and, for LoRA on a GPT, adapter/ in PEFT's layout.")
-    f.add_argument("--method", required=True, choices=["lora", "bitfit", "prompt", "head", "full"])
-    f.add_argument("--model", required=True, help="a `ferrolm train` folder or a .safetensors checkpoint")
+    f.add_argument("action", nargs="?", default="run", choices=["run", "experiment"],
+                   help="run: fine-tune --model with --method; experiment: the comparison of every method and ICL on the embedded task")
+    f.add_argument("--method", default=None, choices=["lora", "bitfit", "prompt", "head", "full"])
+    f.add_argument("--model", default=None, help="a `ferrolm train` folder or a .safetensors checkpoint")
+    f.add_argument("--results", default="docs/results", help="experiment: output folder for finetune.md/.json/.png")
+    f.add_argument("--quick", action="store_true", help="experiment: tiny sizes (a smoke run)")
     f.add_argument("--tokenizer", default=None)
     f.add_argument("--data", default=None, help="JSONL/CSV (input + output concatenated) or a text file")
     f.add_argument("--input-key", default="input")

@@ -74,16 +74,22 @@ class LM:
     """
 
     def __init__(self, model, max_length: Optional[int] = None, batch_size: int = 16) -> None:
+        from ..finetune import PromptTuning
         from ..models import GPT, LSTMLanguageModel
 
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"LM wraps a torch.nn.Module language model, got {type(model).__name__}")
         self.model = model
-        self.kind = "gpt" if isinstance(model, GPT) else "lstm" if isinstance(model, LSTMLanguageModel) else "hf"
+        # "wrapped": a prompt-tuned GPT, scored by full forwards (its virtual tokens precede
+        # every input, so there is no plain prefix cache to reuse).
+        self.kind = ("gpt" if isinstance(model, GPT) else "lstm" if isinstance(model, LSTMLanguageModel)
+                     else "wrapped" if isinstance(model, PromptTuning) else "hf")
         cfg = getattr(model, "config", None)
         if max_length is None:
             if self.kind == "gpt":
                 max_length = cfg.block_size
+            elif self.kind == "wrapped":
+                max_length = cfg.block_size - model.n_virtual
             elif self.kind == "hf":
                 max_length = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
         self.max_length = max_length
