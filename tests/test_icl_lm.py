@@ -186,3 +186,15 @@ def test_a_prefix_shared_by_all_contexts_runs_once_and_scores_the_same(make, mon
     want = lm.loglikelihood(reqs, reuse_prefix=False)
     for a, b in zip(got, want):
         assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-5) and a.is_greedy == b.is_greedy
+
+
+def test_transformers_models_reuse_the_context_cache_too(hf_pair):
+    hf, _ = hf_pair
+    reqs = _requests(seed=2)
+    lm = LM(hf, batch_size=3)
+    assert lm._hf_cache_ok(), "this transformers version should offer a copyable KV cache"
+    want = LM(hf, batch_size=1).loglikelihood(reqs, reuse_prefix=False)
+    for bs in (1, 3, 16):
+        got = LM(hf, batch_size=bs).loglikelihood(reqs)
+        for a, b in zip(got, want):
+            assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-5) and a.is_greedy == b.is_greedy

@@ -7,7 +7,9 @@ Shared-prefix reuse: requests with the same context (the k demonstrations and th
 scored against each choice) run the context once; its KV cache (GPT) or carried state (LSTM)
 is copied to one row per continuation, and only the continuation tokens run after it. A prefix
 common to all contexts of a call (an instruction and fixed demonstrations) runs once too, each
-context running only its own remainder after it. A
+context running only its own remainder after it. Transformers models reuse each context's
+``past_key_values`` the same way (copied per continuation with
+``DynamicCache.batch_repeat_interleave``; full forwards where a model offers no such cache). A
 continuation of one token needs no second pass at all (its log-probability is read from the
 context's last position). Padding never enters a score: continuations are right-padded, the
 causal mask keeps real tokens from seeing the pads after them, and each row's log-probs are
@@ -165,7 +167,7 @@ class LM:
         was = self.model.training
         self.model.eval()
         try:
-            if reuse_prefix and self.kind in ("gpt", "lstm"):
+            if reuse_prefix and (self.kind in ("gpt", "lstm") or (self.kind == "hf" and self._hf_cache_ok())):
                 return self._loglikelihood_cached(reqs)
             return self._loglikelihood_full(reqs)
         finally:
@@ -207,7 +209,7 @@ class LM:
             if not ctx:
                 raise ValueError(f"a continuation of {longest} tokens leaves no room for context in the window of {self.max_length}")
             plans.append((ctx, cut, longest, members))
-        base = self._shared_base([p[0] for p in plans], max(len(p[0]) + p[2] for p in plans))
+        base = self._shared_base([p[0] for p in plans], max(len(p[0]) + p[2] for p in plans)) if self.kind != "hf" else None
         out: List[Optional[LogLikelihood]] = [None] * len(reqs)
         for ctx, cut, longest, members in plans:
             first, state = self._prefix(ctx, longest, base)
@@ -251,6 +253,9 @@ class LM:
             if done == len(ctx):
                 return base_logp, (self._copy_cache(base_state, 1, done, len(ctx) + room) if self.kind == "gpt" else base_state)
         idx = torch.tensor([ctx[done:]], dtype=torch.int64, device=self.device)
+        if self.kind == "hf":
+            out = self.model(input_ids=idx, use_cache=True)
+            return F.log_softmax(out.logits[:, -1].float(), -1), out.past_key_values
         if self.kind == "gpt":
             cache = self._copy_cache(base[2], 1, done, len(ctx) + room) if done else self.model.new_cache(1, len(ctx) + room)
             h = self.model.hidden_states(idx, cache=cache)
@@ -273,6 +278,18 @@ class LM:
             out.append(c)
         return out
 
+    def _hf_cache_ok(self) -> bool:
+        """Whether the transformers model returns a KV cache that can be copied per row
+        (``DynamicCache.batch_repeat_interleave``); otherwise requests run as full forwards."""
+        if getattr(self, "_hf_cache", None) is None:
+            try:
+                with torch.no_grad():
+                    out = self.model(input_ids=torch.zeros(1, 1, dtype=torch.int64, device=self.device), use_cache=True)
+                self._hf_cache = hasattr(getattr(out, "past_key_values", None), "batch_repeat_interleave")
+            except (TypeError, ValueError, RuntimeError):
+                self._hf_cache = False
+        return bool(self._hf_cache)
+
     def _continue(self, state, conts: List[List[int]], n_ctx: int) -> List[torch.Tensor]:
         """Log-probs (len-1, V) after each continuation's tokens but its last, from the prefix."""
         n = len(conts)
@@ -284,7 +301,16 @@ class LM:
             idx[i, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.int64)
         lengths = torch.tensor([max(1, len(c) - 1) for c in conts])
         idx = idx.to(self.device)
-        if self.kind == "gpt":
+        if self.kind == "hf":
+            import copy
+
+            cache = copy.deepcopy(state)  # the forward below appends to it
+            cache.batch_repeat_interleave(n)
+            mask = torch.ones(n, n_ctx + m, dtype=torch.int64)
+            for i, c in enumerate(conts):
+                mask[i, n_ctx + len(c) - 1 :] = 0  # right padding after each continuation
+            logits = self.model(input_ids=idx, past_key_values=cache, attention_mask=mask.to(self.device)).logits
+        elif self.kind == "gpt":
             caches = self._copy_cache(state, n, n_ctx, state[0].capacity)
             h = self.model.hidden_states(idx, lengths=lengths, cache=caches)
             logits = self.model.lm_head(h)
