@@ -597,32 +597,24 @@ def finetune_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str
              "fns": {"ferrolm": _train_step(lora_model, x, y), "full_finetune": _train_step(full_model, x, y)}}]
 
 
-def _unit_results(area: str, workloads: List[Dict[str, Any]], unit: str, repeats: int) -> List[Result]:
-    """Rows for workloads of whole operations (seconds each): no warm run before each timing."""
+def _results(area: str, workloads: List[Dict[str, Any]], size: Callable[[Dict[str, Any]], str], repeats: int,
+             warm: bool = True) -> List[Result]:
+    """One row per workload: its ``size`` label and the contenders' median seconds."""
     out = []
     for w in workloads:
-        r = Result(area, w["name"], w[unit] if unit == "size" else f"{w[unit]} {unit}")
-        r.seconds = compare(w["fns"], repeats, warm=False)
+        r = Result(area, w["name"], size(w))
+        r.seconds = compare(w["fns"], repeats, warm=warm)
         out.append(r)
     return out
 
 
-def _attention_results(full: bool, repeats: int) -> List[Result]:
-    out = []
-    for w in attention_workloads(full=full):
-        r = Result("attention", w["name"], f"{w['flops'] / 1e9:.2f} GFLOP" if w["flops"] else "-")
-        r.seconds = compare(w["fns"], repeats)
-        out.append(r)
-    return out
+def _unit_results(area: str, workloads: List[Dict[str, Any]], unit: str, repeats: int) -> List[Result]:
+    """Rows for workloads of whole operations (seconds each): no warm run before each timing."""
+    return _results(area, workloads, lambda w: w[unit] if unit == "size" else f"{w[unit]} {unit}", repeats, warm=False)
 
 
-def _rnn_results(full: bool, repeats: int) -> List[Result]:
-    out = []
-    for w in rnn_workloads(full=full):
-        r = Result("rnn", w["name"], f"{w['flops'] / 1e9:.2f} GFLOP" if w["flops"] else "var-len")
-        r.seconds = compare(w["fns"], repeats)
-        out.append(r)
-    return out
+def _flop_results(area: str, workloads: List[Dict[str, Any]], repeats: int, no_flops: str) -> List[Result]:
+    return _results(area, workloads, lambda w: f"{w['flops'] / 1e9:.2f} GFLOP" if w["flops"] else no_flops, repeats)
 
 
 def _data_results(full: bool, repeats: int) -> List[Result]:
@@ -683,12 +675,12 @@ def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: T
             extra["bytes_per_token_held_out"] = bpt
         if "attention" in areas:
             try:
-                results += _attention_results(full, repeats)
+                results += _flop_results("attention", attention_workloads(full=full), repeats, "-")
             except ImportError:
                 print("attention benchmarks skipped: torch is not installed")
         if "rnn" in areas:
             try:
-                results += _rnn_results(full, repeats)
+                results += _flop_results("rnn", rnn_workloads(full=full), repeats, "var-len")
             except ImportError:
                 print("rnn benchmarks skipped: torch is not installed")
         if "data" in areas:

@@ -83,10 +83,7 @@ class TrainConfig(Config):
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
+        self._positive("max_steps", "batch_size", "seq_len", "grad_accum", "eval_batches")
         for name in ("warmup_steps", "eval_interval", "checkpoint_interval"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
