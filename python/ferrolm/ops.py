@@ -66,7 +66,6 @@ class _RNNLayer(torch.autograd.Function):
         dgx, dgh, hprev, dh0, dc0 = _core.rnn_backward(
             ctx.mode, _np(x), list(ctx.batch_sizes), ctx.reverse, _np(h0), _np(c0) if lstm else None, _np(w_ih), _np(w_hh),
             _np(b_ih_a), _np(b_hh_a), _np(y), _np(gates), _np(cs), _np(dy), _np(dh_n), _np(dc_n) if lstm else None, num_threads(),
-            False,
         )
         dgx = torch.from_numpy(dgx)
         dgh = dgx if dgh is None else torch.from_numpy(dgh)

@@ -248,7 +248,7 @@ pub struct Grads<T> {
     pub dw_hh: Vec<T>,
     pub db_ih: Vec<T>,
     pub db_hh: Vec<T>,
-    /// Filled instead of `dx`, `dw_*`, `db_*` by the `*_steps` variants: the gradient of the
+    /// Filled instead of `dx`, `dw_*`, `db_*` when `products` is false: the gradient of the
     /// input-side pre-activations (N, G*H), of the recurrent-side ones (GRU only; the LSTM's
     /// are the same), and the previous hidden state of every row (N, H). The caller then forms
     /// `dx = dgx W_ih`, `dW_ih = dgxᵀ x`, `dW_hh = dghᵀ hprev` with its own GEMM.
@@ -346,47 +346,11 @@ pub fn lstm_forward<T: Float>(
     Ok(LstmOut { y, h_n: hs, c_n: cst, gates, cs })
 }
 
-/// LSTM backward: gradients of one layer direction given the forward's saved values.
+/// LSTM backward: gradients of one layer direction given the forward's saved values. With
+/// `products` false only the backward through time runs: `dgx` (= `dgh`), `hprev`, `dh0` and
+/// `dc0` come back and the three large products are left to the caller's GEMM.
 #[allow(clippy::too_many_arguments)]
 pub fn lstm_backward<T: Float>(
-    x: &[T],
-    batch_sizes: &[usize],
-    reverse: bool,
-    d: Dims,
-    h0: &[T],
-    c0: &[T],
-    w: &Weights<'_, T>,
-    saved: Saved<'_, T>,
-    dy: &[T],
-    dh_n: &[T],
-    dc_n: &[T],
-    threads: usize,
-) -> Result<Grads<T>> {
-    lstm_backward_impl(x, batch_sizes, reverse, d, h0, c0, w, saved, dy, dh_n, dc_n, threads, true)
-}
-
-/// [`lstm_backward`] through time only: returns `dgx` (= `dgh`), `hprev`, `dh0`, `dc0` and
-/// leaves the three large products to the caller.
-#[allow(clippy::too_many_arguments)]
-pub fn lstm_backward_steps<T: Float>(
-    x: &[T],
-    batch_sizes: &[usize],
-    reverse: bool,
-    d: Dims,
-    h0: &[T],
-    c0: &[T],
-    w: &Weights<'_, T>,
-    saved: Saved<'_, T>,
-    dy: &[T],
-    dh_n: &[T],
-    dc_n: &[T],
-    threads: usize,
-) -> Result<Grads<T>> {
-    lstm_backward_impl(x, batch_sizes, reverse, d, h0, c0, w, saved, dy, dh_n, dc_n, threads, false)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn lstm_backward_impl<T: Float>(
     x: &[T],
     batch_sizes: &[usize],
     reverse: bool,
@@ -575,43 +539,9 @@ pub fn gru_forward<T: Float>(
     Ok(GruOut { y, h_n: hs, gates, hn })
 }
 
-/// GRU backward.
+/// GRU backward; with `products` false as [`lstm_backward`]: `dgx`, `dgh`, `hprev` and `dh0`.
 #[allow(clippy::too_many_arguments)]
 pub fn gru_backward<T: Float>(
-    x: &[T],
-    batch_sizes: &[usize],
-    reverse: bool,
-    d: Dims,
-    h0: &[T],
-    w: &Weights<'_, T>,
-    saved: Saved<'_, T>,
-    dy: &[T],
-    dh_n: &[T],
-    threads: usize,
-) -> Result<Grads<T>> {
-    gru_backward_impl(x, batch_sizes, reverse, d, h0, w, saved, dy, dh_n, threads, true)
-}
-
-/// [`gru_backward`] through time only: returns `dgx`, `dgh`, `hprev` and `dh0`, leaving the
-/// three large products to the caller.
-#[allow(clippy::too_many_arguments)]
-pub fn gru_backward_steps<T: Float>(
-    x: &[T],
-    batch_sizes: &[usize],
-    reverse: bool,
-    d: Dims,
-    h0: &[T],
-    w: &Weights<'_, T>,
-    saved: Saved<'_, T>,
-    dy: &[T],
-    dh_n: &[T],
-    threads: usize,
-) -> Result<Grads<T>> {
-    gru_backward_impl(x, batch_sizes, reverse, d, h0, w, saved, dy, dh_n, threads, false)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn gru_backward_impl<T: Float>(
     x: &[T],
     batch_sizes: &[usize],
     reverse: bool,
@@ -741,11 +671,11 @@ mod tests {
         let g = if lstm {
             let o = lstm_forward(&x, &bs, reverse, d, &h0, &c0, &w, 1).unwrap();
             let saved = Saved { y: &o.y, gates: &o.gates, cs: &o.cs };
-            lstm_backward(&x, &bs, reverse, d, &h0, &c0, &w, saved, &gy, &gh, &gc, 1).unwrap()
+            lstm_backward(&x, &bs, reverse, d, &h0, &c0, &w, saved, &gy, &gh, &gc, 1, true).unwrap()
         } else {
             let o = gru_forward(&x, &bs, reverse, d, &h0, &w, 1).unwrap();
             let saved = Saved { y: &o.y, gates: &o.gates, cs: &o.hn };
-            gru_backward(&x, &bs, reverse, d, &h0, &w, saved, &gy, &gh, 1).unwrap()
+            gru_backward(&x, &bs, reverse, d, &h0, &w, saved, &gy, &gh, 1, true).unwrap()
         };
         let args = [x, h0, c0, wih, whh, bih, bhh];
         let analytic = [&g.dx, &g.dh0, &g.dc0, &g.dw_ih, &g.dw_hh, &g.db_ih, &g.db_hh];

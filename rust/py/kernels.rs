@@ -172,11 +172,10 @@ fn backward<'py, T: Float + Element>(
     saved: [&Bound<'py, PyAny>; 3],
     grads: [Option<&Bound<'py, PyAny>>; 3],
     threads: usize,
-    products: bool,
 ) -> PyResult<Vec<Out<'py>>> {
     let a = args::<T>(lstm, x, h0, c0, w[0], w[1], b[0], b[1])?;
     let (y, gates, cs) = (arr::<T>("y", saved[0])?, arr::<T>("gates", saved[1])?, arr::<T>("cs", saved[2])?);
-    let (h, i, n) = (a.dims.hidden, a.dims.input, a.x.shape()[0]);
+    let (h, n) = (a.dims.hidden, a.x.shape()[0]);
     let bsz = batch_sizes.first().copied().unwrap_or(0);
     let dy = arr::<T>("grad_output", grads[0].ok_or_else(|| PyValueError::new_err("grad_output missing"))?)?;
     let dh_n = arr::<T>("grad_h_n", grads[1].ok_or_else(|| PyValueError::new_err("grad_h_n missing"))?)?;
@@ -189,36 +188,24 @@ fn backward<'py, T: Float + Element>(
     let dims = a.dims;
     let g = py.detach(|| {
         run_kernel::<T, _>(threads, || {
-            match (lstm, products) {
-                (true, true) => rnn::lstm_backward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, s, dys, dhs, dcs, threads),
-                (true, false) => rnn::lstm_backward_steps(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, s, dys, dhs, dcs, threads),
-                (false, true) => rnn::gru_backward(xs, batch_sizes, reverse, dims, h0s, &wts, s, dys, dhs, threads),
-                (false, false) => rnn::gru_backward_steps(xs, batch_sizes, reverse, dims, h0s, &wts, s, dys, dhs, threads),
+            if lstm {
+                rnn::lstm_backward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, s, dys, dhs, dcs, threads, false)
+            } else {
+                rnn::gru_backward(xs, batch_sizes, reverse, dims, h0s, &wts, s, dys, dhs, threads, false)
             }
         })
     })?;
     let gates_n = if lstm { 4 } else { 3 };
     let dc0 = if lstm { out(py, g.dc0, &[bsz, h])? } else { py.None().into_bound(py) };
-    if !products {
-        let dgh = if lstm { py.None().into_bound(py) } else { out(py, g.dgh, &[n, gates_n * h])? };
-        return Ok(vec![out(py, g.dgx, &[n, gates_n * h])?, dgh, out(py, g.hprev, &[n, h])?, out(py, g.dh0, &[bsz, h])?, dc0]);
-    }
-    Ok(vec![
-        out(py, g.dx, &[n, i])?,
-        out(py, g.dh0, &[bsz, h])?,
-        dc0,
-        out(py, g.dw_ih, &[gates_n * h, i])?,
-        out(py, g.dw_hh, &[gates_n * h, h])?,
-        out(py, g.db_ih, &[gates_n * h])?,
-        out(py, g.db_hh, &[gates_n * h])?,
-    ])
+    let dgh = if lstm { py.None().into_bound(py) } else { out(py, g.dgh, &[n, gates_n * h])? };
+    Ok(vec![out(py, g.dgx, &[n, gates_n * h])?, dgh, out(py, g.hprev, &[n, h])?, out(py, g.dh0, &[bsz, h])?, dc0])
 }
 
-/// One layer direction backward: returns [dx, dh0, dc0 (None for GRU), dw_ih, dw_hh, db_ih, db_hh];
-/// with `products=False` the backward through time only: [dgx, dgh (None for LSTM: equal to
-/// dgx), hprev, dh0, dc0], the caller forming the large products with its own GEMM.
+/// One layer direction's backward through time: returns [dgx, dgh (None for LSTM: equal to
+/// dgx), hprev, dh0, dc0 (None for GRU)]; the caller forms dx, dW_ih, dW_hh and the bias
+/// gradients from them with its own GEMM (torch's, in `ferrolm.ops`).
 #[pyfunction]
-#[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y, gates, cs, dy, dh_n, dc_n, threads, products=true))]
+#[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y, gates, cs, dy, dh_n, dc_n, threads))]
 #[allow(clippy::too_many_arguments)]
 pub fn rnn_backward<'py>(
     py: Python<'py>,
@@ -239,15 +226,14 @@ pub fn rnn_backward<'py>(
     dh_n: Option<&Bound<'py, PyAny>>,
     dc_n: Option<&Bound<'py, PyAny>>,
     threads: usize,
-    products: bool,
 ) -> PyResult<Vec<Out<'py>>> {
     let lstm = parse_mode(mode)?;
     let threads = parallel::resolve_threads(Some(threads));
     let args = ([w_ih, w_hh], [b_ih, b_hh], [y, gates, cs], [dy, dh_n, dc_n]);
     if is_f64(x) {
-        backward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads, products)
+        backward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads)
     } else {
-        backward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads, products)
+        backward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads)
     }
 }
 
