@@ -145,15 +145,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .generate import generate
-    from .models import load_model
 
-    path = Path(args.model)
-    model_file = path / "model.safetensors" if path.is_dir() else path
-    tok_file = Path(args.tokenizer) if args.tokenizer else (path if path.is_dir() else path.parent) / "tokenizer.json"
-    if not model_file.is_file():
-        raise FileNotFoundError(f"no model checkpoint at {model_file}; pass a folder written by `ferrolm train` or a .safetensors file")
-    model = load_model(model_file)
-    tok = _load_tokenizer(tok_file)
+    model, tok = _load_ferrolm(Path(args.model), args.tokenizer)
     if tok.n_vocab > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tok.n_vocab} tokens but the model only {model.config.vocab_size}; pass the model's own tokenizer")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -180,11 +173,17 @@ def _load_lm_and_tokenizer(path: Path, tokenizer: Optional[str]):
         model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
         tok_file = Path(tokenizer) if tokenizer else path / "tokenizer.json"
         return model, _load_tokenizer(tok_file)
+    return _load_ferrolm(path, tokenizer, also=", or a Hugging Face model folder")
+
+
+def _load_ferrolm(path: Path, tokenizer: Optional[str], also: str = ""):
+    """A ferrolm checkpoint (a `ferrolm train` folder or a .safetensors file) and its tokenizer
+    (``tokenizer``, else tokenizer.json beside it)."""
     from .models import load_model
 
     model_file = path / "model.safetensors" if path.is_dir() else path
     if not model_file.is_file():
-        raise FileNotFoundError(f"no model at {path}: expected a folder from `ferrolm train`, a .safetensors checkpoint or a Hugging Face model folder")
+        raise FileNotFoundError(f"no model checkpoint at {model_file}; pass a folder written by `ferrolm train` or a .safetensors file{also}")
     tok_file = Path(tokenizer) if tokenizer else (path if path.is_dir() else path.parent) / "tokenizer.json"
     return load_model(model_file), _load_tokenizer(tok_file)
 
