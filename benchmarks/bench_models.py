@@ -4,7 +4,7 @@
   LSTM LM (2x512, batch 16) >= 1.5x their plain-PyTorch twins in ferrolm.reference; batch-1
   greedy generation with a KV cache >= 3x transformers' generate on the same GPT-2-shaped weights.
 - finetune (issue 10): a LoRA training step vs a full fine-tuning step of the same GPT (time;
-  trainable parameters and gradient + optimizer state in the size column).
+  trainable parameters, gradient + optimizer state and measured peak memory in the size column).
 - icl (issue 8 target): 4-choice, 8-shot multiple-choice scoring with the shared-prefix cache
   >= 3x the same evaluation done naively with transformers (a full forward per choice).
 """

@@ -293,15 +293,39 @@ def test_cli_finetune_lora_resume_and_adapter(tmp_path):
 def test_experiment_quick_writes_the_table(tmp_path):
     from ferrolm.finetune_experiment import run_experiment
 
-    res = run_experiment(tmp_path, quick=True, progress=False)
-    methods = [r["method"] for r in res["rows"]]
-    assert methods[:7] == ["full fine-tuning", "LoRA r=4", "LoRA r=8", "LoRA r=16", "BitFit", "prompt tuning (16 tokens)", "head-only"]
-    assert methods[7:] == ["in-context learning, k=0", "in-context learning, k=4", "in-context learning, k=16"]
-    full = res["rows"][0]
-    assert full["trainable"] == full["total"] and full["trainable_pct"] == 100.0
-    lora4, lora8 = res["rows"][1], res["rows"][2]
-    assert lora8["trainable"] == 2 * lora4["trainable"]
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in res["rows"])
-    assert (tmp_path / "finetune.md").read_text().startswith("| method | accuracy")
+    res = run_experiment(tmp_path, quick=True, n_seeds=2, progress=False)
+    ft_methods = ["full fine-tuning", "LoRA r=4", "LoRA r=8", "LoRA r=16", "BitFit", "prompt tuning (16 tokens)", "head-only"]
+    icl = ["in-context learning, k=0", "in-context learning, k=4", "in-context learning, k=16"]
+    assert [r["method"] for r in res["rows"] if r["model"] == "GPT"] == ft_methods + icl
+    assert [r["method"] for r in res["rows"] if r["model"] == "LSTM"] == [m for m in ft_methods if not m.startswith("prompt")] + icl
+    for arch in ("GPT", "LSTM"):
+        rows = {r["method"]: r for r in res["rows"] if r["model"] == arch}
+        full = rows["full fine-tuning"]
+        assert full["trainable"] == full["total"] == res["pretrain"][arch]["parameters"] and full["trainable_pct"] == 100.0
+        assert rows["LoRA r=8"]["trainable"] == 2 * rows["LoRA r=4"]["trainable"]
+        assert rows["BitFit"]["trainable"] < rows["LoRA r=4"]["trainable"] < full["trainable"]
+        for r in rows.values():
+            assert 0.0 <= r["ci_low"] <= r["accuracy"] <= r["ci_high"] <= 1.0
+            assert len(r["per_seed"]) == (1 if r["method"].endswith("k=0") else 2)
+            assert r["accuracy"] == pytest.approx(sum(r["per_seed"]) / len(r["per_seed"]))
+        assert full["peak_mb"] is None or full["peak_mb"] > 0
+    assert (tmp_path / "finetune.md").read_text().startswith("| model | method | accuracy")
     assert json.loads((tmp_path / "finetune.json").read_text())["task"]["chance"] == pytest.approx(1 / 6)
     assert (tmp_path / "finetune.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_peak_memory_sees_a_block_s_largest_allocation_even_when_freed_inside():
+    import sys
+
+    from ferrolm._memory import PeakMemory
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("peak memory is read from /proc")
+    with PeakMemory() as m:
+        a = torch.ones(50_000_000)  # 200 MB, touched
+        del a
+    assert m.peak_bytes is not None and 190e6 < m.peak_bytes < 260e6
+    with PeakMemory() as small:
+        b = torch.ones(1000)
+        del b
+    assert small.peak_bytes < 20e6  # what was freed before the block does not count

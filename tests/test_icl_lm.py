@@ -173,16 +173,21 @@ def test_a_prefix_shared_by_all_contexts_runs_once_and_scores_the_same(make, mon
         reqs += [(demos + query, torch.randint(0, 90, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()) for _ in range(3)]
     lm = LM(model, batch_size=4)
     calls = []
-    original = LM._prefix
+    original = LM._prefix_batch
 
-    def spy(self, ctx, room, base=None):
-        calls.append((len(ctx), base[0] if base else 0))
-        return original(self, ctx, room, base)
+    def spy(self, ctxs, room, base=None):
+        calls.append(([len(c) for c in ctxs], base[0] if base else 0))
+        return original(self, ctxs, room, base)
 
-    monkeypatch.setattr(LM, "_prefix", spy)
+    monkeypatch.setattr(LM, "_prefix_batch", spy)
     got = lm.loglikelihood(reqs)
-    assert calls[0] == (24, 0)  # the shared 24 tokens, once
-    assert all(done == 24 for _, done in calls[1:]) and len(calls) == 1 + 6
+    # The shared prefix (23 tokens: one short of the context that equals the demonstrations,
+    # so every context keeps a token of its own) runs once; then the 6 distinct contexts run
+    # after it in batches of at most 4, each once.
+    assert calls[0] == ([23], 0)
+    assert all(done == 23 for _, done in calls[1:])
+    assert sorted(n for lens, _ in calls[1:] for n in lens) == sorted(len(c) for c in {tuple(c) for c, _ in reqs})
+    assert len(calls) == 1 + 2 and all(len(lens) <= 4 for lens, _ in calls)
     want = lm.loglikelihood(reqs, reuse_prefix=False)
     for a, b in zip(got, want):
         assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-5) and a.is_greedy == b.is_greedy
@@ -198,3 +203,21 @@ def test_transformers_models_reuse_the_context_cache_too(hf_pair):
         got = LM(hf, batch_size=bs).loglikelihood(reqs)
         for a, b in zip(got, want):
             assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-5) and a.is_greedy == b.is_greedy
+
+
+def test_multiple_choice_picks_the_choice_transformers_scores_highest(hf_pair):
+    hf, ours = hf_pair
+    g = torch.Generator().manual_seed(12)
+    questions = []
+    for _ in range(6):
+        ctx = torch.randint(0, 90, (int(torch.randint(3, 15, (1,), generator=g)),), generator=g).tolist()
+        choices = [torch.randint(0, 90, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist() for _ in range(4)]
+        questions.append((ctx, choices))
+    for normalise in (False, True):
+        got = LM(ours, batch_size=3).multiple_choice(questions, normalise=normalise)
+        for (ctx, choices), (best, scores) in zip(questions, got):
+            direct = [_direct(hf, ctx, c) / (len(c) if normalise else 1) for c in choices]
+            assert best == max(range(4), key=lambda j: direct[j])
+            assert [s.n_tokens for s in scores] == [len(c) for c in choices]
+    with pytest.raises(ValueError, match="question 1: the choice list is empty"):
+        LM(ours).multiple_choice([([1, 2], [[3]]), ([1, 2], [])])

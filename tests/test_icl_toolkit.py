@@ -37,6 +37,8 @@ def test_template_renders_exactly():
     with pytest.raises(ValueError, match="no label word"):
         t.render_demo(Example("x", "other"))
     assert Template(demo="[{source}] {input} -> {output}").render_demo(Example("x", "y", {"source": "web"})) == "[web] x -> y"
+    with pytest.raises(ValueError, match="label_words is empty"):
+        Template(label_words={})
 
 
 def test_load_examples_jsonl_csv_and_errors(tmp_path):

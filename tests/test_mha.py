@@ -78,3 +78,19 @@ def test_bad_configuration():
         MultiheadSelfAttention(32, 4, n_kv_head=3)
     with pytest.raises(ValueError, match=r"\(B, T, 32\)"):
         MultiheadSelfAttention(32, 4)(torch.randn(2, 5, 16))
+
+
+@pytest.mark.parametrize("rope,kv,causal", [(False, None, True), (True, 2, True), (False, None, False)])
+def test_attention_weights_reproduce_the_layer_output(rope, kv, causal):
+    torch.manual_seed(0)
+    m = MultiheadSelfAttention(32, 4, n_kv_head=kv, causal=causal, rope=rope)
+    x = torch.randn(2, 9, 32)
+    w = m.attention_weights(x)
+    assert w.shape == (2, 4, 9, 9)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 9))
+    if causal:
+        assert float(w.triu(1).abs().max()) == 0.0
+    hk = kv or 4
+    v = m.c_attn(x)[..., (4 + hk) * 8 :].view(2, 9, hk, 8).transpose(1, 2).repeat_interleave(4 // hk, dim=1)
+    y = (w @ v).transpose(1, 2).reshape(2, 9, 32)
+    torch.testing.assert_close(m.c_proj(y), m(x), rtol=1e-5, atol=1e-5)

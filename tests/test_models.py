@@ -53,6 +53,7 @@ def tiny_gpt(**kw) -> GPTConfig:
         {"positions": "rotary", "n_kv_head": 2},
         {"positions": "rotary", "bias": False, "tie_weights": False},
         {"n_layer": 1, "n_head": 1, "n_embd": 24},
+        {"mlp": False},  # attention-only blocks
     ],
 )
 def test_gpt_matches_reference_logits_and_gradients(kw):
@@ -69,6 +70,26 @@ def test_gpt_matches_reference_logits_and_gradients(kw):
     loss_a.backward()
     loss_b.backward()
     _assert_grads_match(model, ref)
+
+
+def test_inputs_embeds_equal_the_token_path():
+    torch.manual_seed(0)
+    gpt = GPT(tiny_gpt(positions="rotary"))
+    lstm = LSTMLanguageModel(LSTMConfig(vocab_size=97, n_embd=24, hidden_size=16, num_layers=2))
+    idx = torch.randint(0, 97, (3, 11))
+    lengths = torch.tensor([11, 7, 3])
+    torch.testing.assert_close(gpt.hidden_states(None, lengths=lengths, inputs_embeds=gpt.transformer.wte(idx)),
+                               gpt.hidden_states(idx, lengths=lengths), rtol=0, atol=0)
+    torch.testing.assert_close(lstm.hidden_states(None, lengths=lengths, inputs_embeds=lstm.embed(idx)),
+                               lstm.hidden_states(idx, lengths=lengths), rtol=0, atol=0)
+    assert len(dict(GPT(tiny_gpt(mlp=False)).named_parameters())) == len(dict(GPT(tiny_gpt()).named_parameters())) - 2 * 6
+    for model in (gpt, lstm):
+        with pytest.raises(ValueError, match="not both"):
+            model.hidden_states(idx, inputs_embeds=torch.zeros(3, 11, 24 if model is lstm else 32))
+        with pytest.raises(ValueError, match="inputs_embeds must be"):
+            model.hidden_states(None, inputs_embeds=torch.zeros(3, 11, 5))
+        with pytest.raises(ValueError, match="give idx"):
+            model.hidden_states(None)
 
 
 @pytest.mark.parametrize("positions", ["learned", "rotary"])

@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 from ferrolm import FormatError, Tokenizer  # noqa: E402
 from ferrolm.corpus import default_corpus  # noqa: E402
 from ferrolm.models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel, load_model  # noqa: E402
-from ferrolm.train import TokenBatches, TrainConfig, evaluate, load_train_state, lr_at, train  # noqa: E402
+from ferrolm.train import ExampleBatches, SyntheticBatches, TokenBatches, TrainConfig, evaluate, load_train_state, lr_at, train  # noqa: E402
 
 
 def test_lr_schedule_is_warmup_then_cosine():
@@ -64,6 +64,70 @@ def corpus_tokens():
     return ids[:cut], ids[cut:]
 
 
+def _pairs(seed, n=10, vocab=50):
+    g = np.random.default_rng(seed)
+    return [(g.integers(0, vocab, int(g.integers(1, 12))).tolist(), g.integers(0, vocab, int(g.integers(1, 4))).tolist()) for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["gpt", "lstm"])
+def test_example_batches_score_only_the_targets_and_padding_does_not_leak(kind):
+    torch.manual_seed(0)
+    model = (GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)) if kind == "gpt"
+             else LSTMLanguageModel(LSTMConfig(vocab_size=50, n_embd=12, hidden_size=16, num_layers=2))).eval()
+    pairs = _pairs(1)
+    b = ExampleBatches(pairs, batch_size=5, seq_len=15, seed=2)
+    assert b.per_epoch == 2
+    seen = []
+    for _ in range(2):
+        x, y = b.next()
+        with torch.no_grad():
+            _, loss = model(x, targets=y)
+        # Independent: each example alone, unpadded, its target tokens' log-probs.
+        rows = [pairs[i] for i in b._picked(0, len(seen) // 5)]
+        seen += rows
+        logps = []
+        for prompt, target in rows:
+            seq = torch.tensor([prompt + target])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(seq[:, :-1])[0].double(), -1)[0]
+            logps += [float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(target)]
+        assert float(loss) == pytest.approx(-sum(logps) / len(logps), rel=1e-5)
+    assert sorted(map(str, seen)) == sorted(map(str, pairs))  # one epoch = every example once
+
+
+def test_example_batches_cut_long_prompts_from_the_left_and_reject_bad_pairs():
+    b = ExampleBatches([(list(range(1, 11)), [20, 21])], batch_size=1, seq_len=6, shuffle=False)
+    x, y = b.next()
+    assert x.tolist() == [[6, 7, 8, 9, 10, 20]] and y.tolist() == [[-100, -100, -100, -100, 20, 21]]
+    with pytest.raises(ValueError, match="example 0: the target is empty"):
+        ExampleBatches([([1], [])], batch_size=1, seq_len=4)
+    with pytest.raises(ValueError, match="example 0: a target of 5 tokens does not fit seq_len=4"):
+        ExampleBatches([([1], [1, 2, 3, 4, 5])], batch_size=1, seq_len=4)
+    with pytest.raises(ValueError, match="example 1: the prompt is empty"):
+        ExampleBatches([([1], [2]), ([], [2])], batch_size=1, seq_len=4)
+    with pytest.raises(ValueError, match="too few for one batch of 4"):
+        ExampleBatches(_pairs(0, n=3), batch_size=4, seq_len=16)
+    with pytest.raises(ValueError, match="1-D sequence of int"):
+        ExampleBatches([([[1, 2]], [3])], batch_size=1, seq_len=4)
+
+
+def test_train_takes_prompt_target_pairs_and_learns_the_targets():
+    """Supervised fine-tuning through the same trainer: the first step's loss is the
+    initial model's target-only loss on the first batch, and training fits the targets."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32))
+    g = np.random.default_rng(3)
+    pairs = [(g.integers(0, 50, 6).tolist(), [7 + (i % 3)]) for i in range(24)]  # target = a function of nothing but i % 3
+    pairs = [(p[:-1] + [40 + t[0]], t) for p, t in pairs]  # ... shown by the prompt's last token
+    cfg = TrainConfig(max_steps=120, batch_size=8, seq_len=15, lr=1e-2, warmup_steps=5, eval_interval=0, progress=False)
+    with torch.no_grad():
+        x, y = ExampleBatches(pairs, 8, 15, cfg.seed).batch_at(0, 0)
+        want = float(model.eval()(x, targets=y)[1])
+    res = train(model, pairs, config=cfg)
+    assert res.history[0]["loss"] == pytest.approx(want, rel=1e-5)
+    assert res.history[0]["loss"] > 3.0 and res.history[-1]["loss"] < 0.1
+
+
 @pytest.mark.parametrize("kind", ["gpt", "lstm"])
 def test_short_training_lowers_loss_on_embedded_corpus(corpus_tokens, kind):
     train_ids, val_ids = corpus_tokens
@@ -102,6 +166,39 @@ def _resume_pair(make_model, tmp_path, tokens):
     second = train(make_model(), tokens, tokens, cfg, out_dir=tmp_path / "b", resume=True)
     assert not second.interrupted and second.step == 12
     return full, second
+
+
+def test_synthetic_batches_are_a_function_of_position_and_resume_exactly(tmp_path):
+    from ferrolm.icl.science import VectorSequenceModel
+
+    def make(rng):
+        x = torch.from_numpy(rng.standard_normal((8, 6, 3)).astype(np.float32))
+        return x, x.sum(-1)  # learn the sum of each vector
+
+    src = SyntheticBatches(make, seed=4)
+    first = [src.next()[0] for _ in range(3)]
+    for i, x in enumerate(first):
+        assert torch.equal(x, SyntheticBatches(make, seed=4).batch_at(0, i)[0])
+    assert not torch.equal(first[0], SyntheticBatches(make, seed=5).batch_at(0, 0)[0])
+
+    def model():
+        torch.manual_seed(0)
+        return VectorSequenceModel(GPT(GPTConfig(vocab_size=1, block_size=6, n_layer=1, n_head=2, n_embd=16)), 3, 1)
+
+    cfg = TrainConfig(max_steps=8, lr=3e-3, warmup_steps=2, eval_interval=0, progress=False)
+    full = train(model(), SyntheticBatches(make, seed=4), config=cfg)
+
+    def stop_at_5(step, metrics):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    part = train(model(), SyntheticBatches(make, seed=4), config=cfg, out_dir=tmp_path, callback=stop_at_5)
+    assert part.interrupted and part.step == 5
+    rest = train(model(), SyntheticBatches(make, seed=4), config=cfg, out_dir=tmp_path, resume=True)
+    np.testing.assert_allclose([h["loss"] for h in rest.history], [h["loss"] for h in full.history], rtol=1e-6)
+    assert full.history[-1]["loss"] < full.history[0]["loss"]
+    with pytest.raises(ValueError, match="another source"):
+        train(model(), SyntheticBatches(make, seed=9), config=cfg, out_dir=tmp_path, resume=True)
 
 
 @pytest.mark.parametrize("kind", ["gpt", "lstm"])

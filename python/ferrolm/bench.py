@@ -570,9 +570,11 @@ def icl_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any
 def finetune_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any]]:
     """One training step (forward, backward, AdamW) of LoRA (r=8 on attention and MLP
     projections) against full fine-tuning of the same GPT, same batch. The size column gives
-    the trainable parameters and the gradient + Adam state each method keeps (bytes of fp32)."""
+    the trainable parameters, the gradient + Adam state each method keeps (bytes of fp32) and
+    the peak resident memory its first two steps added (measured)."""
     import torch
 
+    from ._memory import PeakMemory
     from .finetune import apply_lora, prepare, trainable_parameters
     from .models import GPT, GPTConfig
 
@@ -592,9 +594,16 @@ def finetune_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str
 
     tl, total = trainable_parameters(lora_model)
     state_mb = lambda n: 3 * 4 * n / 1e6  # noqa: E731  (gradient + two Adam moments, fp32)
-    size = f"LoRA {tl / 1e6:.2f}M trainable ({100 * tl / total:.1f}%, {state_mb(tl):.0f} MB state) vs full {total / 1e6:.1f}M ({state_mb(total):.0f} MB)"
-    return [{"name": f"train step, LoRA r=8 vs full fine-tuning, GPT {cfg.n_layer}x{cfg.n_embd} T={t} B={b}", "size": size,
-             "fns": {"ferrolm": _train_step(lora_model, x, y), "full_finetune": _train_step(full_model, x, y)}}]
+    fns = {"ferrolm": _train_step(lora_model, x, y), "full_finetune": _train_step(full_model, x, y)}
+    peak = {}
+    for key, fn in fns.items():  # the first two steps: activations, gradients and the optimizer's state appear
+        with PeakMemory() as mem:
+            fn()
+            fn()
+        peak[key] = "n/a" if mem.peak_bytes is None else f"{mem.peak_bytes / 1e6:.0f} MB"
+    size = (f"LoRA {tl / 1e6:.2f}M trainable ({100 * tl / total:.1f}%, {state_mb(tl):.0f} MB state, peak +{peak['ferrolm']}) "
+            f"vs full {total / 1e6:.1f}M ({state_mb(total):.0f} MB state, peak +{peak['full_finetune']})")
+    return [{"name": f"train step, LoRA r=8 vs full fine-tuning, GPT {cfg.n_layer}x{cfg.n_embd} T={t} B={b}", "size": size, "fns": fns}]
 
 
 def _results(area: str, workloads: List[Dict[str, Any]], size: Callable[[Dict[str, Any]], str], repeats: int,

@@ -249,6 +249,16 @@ def _cmd_icl_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_icl_experiment(args: argparse.Namespace) -> int:
+    from .icl import science
+
+    for res in science.run(args.name, args.results, quick=args.quick, seed=args.seed):
+        print(f"## {res['experiment']} ({res['wall_seconds']:.0f} s)\n")
+        print(science.markdown(res))
+        print(f"wrote {Path(args.results) / ('icl_' + res['experiment'] + '.json')} and .png\n")
+    return 0
+
+
 def _cmd_finetune(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -272,19 +282,32 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     model, tok = _load_lm_and_tokenizer(Path(args.model), args.tokenizer)
     if not isinstance(model, (GPT, LSTMLanguageModel)):
         raise ValueError("ferrolm finetune takes a ferrolm GPT or LSTM checkpoint (use PEFT for Hugging Face models)")
+    # Examples with outputs train as (prompt, target) pairs, the loss on the target only;
+    # plain text trains as a token stream.
+    pairs = None
     if args.data:
         path = Path(args.data)
         if path.suffix.lower() in (".jsonl", ".csv"):
-            texts = [e.input + (str(e.output) if e.output is not None else "") for e in load_examples(path, args.input_key, args.output_key)]
+            examples = load_examples(path, args.input_key, args.output_key)
+            if all(e.output is not None for e in examples):
+                pairs = list(zip(tok.encode_ordinary_batch([e.input for e in examples]),
+                                 tok.encode_ordinary_batch([str(e.output) for e in examples])))
+            else:
+                texts = [e.input for e in examples]
         else:
             texts = [path.read_text(encoding="utf-8")]
     else:
+        from .icl import Example
+
         pool, _, template = stdlib_package_task()
-        texts = [template.render_demo(e) for e in pool]
-        print(f"embedded task as text: {len(texts)} rendered examples", file=sys.stderr)
-    eot = tok.special_tokens.get("<|endoftext|>")
-    ids = [t for ids in tok.encode_ordinary_batch(texts) for t in ids + ([eot] if eot is not None else [])]
-    tokens = np.asarray(ids, dtype=np.int64)
+        pairs = list(zip(tok.encode_ordinary_batch([template.render([], Example(e.input, None, e.fields)) for e in pool]),
+                         tok.encode_ordinary_batch([template.label_words[e.output] for e in pool])))  # type: ignore[index]
+        print(f"embedded task: {len(pairs)} (prompt, label word) pairs", file=sys.stderr)
+    if pairs is None:
+        eot = tok.special_tokens.get("<|endoftext|>")
+        data: object = np.asarray([t for ids in tok.encode_ordinary_batch(texts) for t in ids + ([eot] if eot is not None else [])], dtype=np.int64)
+    else:
+        data = pairs
     target: object = model
     if args.method == "lora":
         if isinstance(model, GPT):
@@ -300,7 +323,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     cfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, seq_len=seq_len, lr=args.lr, min_lr=args.lr / 10,
                       warmup_steps=min(20, args.steps // 10), eval_interval=0, checkpoint_interval=args.checkpoint_interval, seed=args.seed)
     out = Path(args.out)
-    result = train(target, tokens, None, cfg, out_dir=out, resume=args.resume)  # type: ignore[arg-type]
+    result = train(target, data, None, cfg, out_dir=out, resume=args.resume)  # type: ignore[arg-type]
     if args.method == "lora" and isinstance(model, GPT):
         ft.save_lora(model, out / "adapter")
         ft.merge_and_unload(model)
@@ -414,6 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--out", default="icl-results", help="folder for icl.md, icl.json and icl.png")
     ev.set_defaults(func=_cmd_icl_eval)
+    ex = isub.add_parser("experiment", help="the ICL science suite: train small models and reproduce an ICL result (GPT vs LSTM)",
+                         description="Experiments: regression (in-context linear regression, Garg et al. 2022), "
+                                     "recall (multi-query associative recall, Arora et al. 2023), induction (induction heads, Olsson et al. 2022), or all. Writes icl_NAME.json "
+                                     "and icl_NAME.png into --results and prints a table.")
+    ex.add_argument("name", help="regression, recall, induction or all")
+    ex.add_argument("--quick", action="store_true", help="reduced sizes: every experiment in a few minutes (a smoke check)")
+    ex.add_argument("--results", default="docs/results", help="output folder")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.set_defaults(func=_cmd_icl_experiment)
 
     f = sub.add_parser("finetune", help="lightweight fine-tuning of a ferrolm model (LoRA, BitFit, prompt tuning, head-only, full)",
                        description="Fine-tunes a ferrolm checkpoint on text (default: the embedded ICL task rendered as text). "
@@ -425,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--results", default="docs/results", help="experiment: output folder for finetune.md/.json/.png")
     f.add_argument("--quick", action="store_true", help="experiment: tiny sizes (a smoke run)")
     f.add_argument("--tokenizer", default=None)
-    f.add_argument("--data", default=None, help="JSONL/CSV (input + output concatenated) or a text file")
+    f.add_argument("--data", default=None, help="JSONL/CSV examples (with outputs: trained as prompt -> output, the loss on the output only; inputs alone: as text) or a text file (default: the embedded task)")
     f.add_argument("--input-key", default="input")
     f.add_argument("--output-key", default=None)
     f.add_argument("--out", default="runs/finetune")

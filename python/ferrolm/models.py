@@ -65,6 +65,8 @@ class GPTConfig(_Config):
         positions: "learned" (GPT-2's ``wpe``), "sinusoidal" or "rotary".
         tie_weights: the output layer shares the token embedding.
         layer_norm_eps, rope_base: numerical constants.
+        mlp: the feed-forward half of each block; False gives attention-only blocks (the
+            models of Olsson et al. 2022's induction-head study).
     """
 
     vocab_size: int = 50257
@@ -79,6 +81,7 @@ class GPTConfig(_Config):
     tie_weights: bool = True
     layer_norm_eps: float = 1e-5
     rope_base: float = 10000.0
+    mlp: bool = True
     architecture: str = field(default="gpt", init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -288,19 +291,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)) (attention only
+    when ``config.mlp`` is False)."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = MultiheadSelfAttention(config.n_embd, config.n_head, config.n_kv_head, causal=True, bias=config.bias,
                                            dropout=config.dropout, rope=config.positions == "rotary", rope_base=config.rope_base)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.mlp = MLP(config)
+        if config.mlp:
+            self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+            self.mlp = MLP(config)
 
     def forward(self, x, padding_mask=None, cache=None, positions=None, lengths=None):
         x = x + self.attn(self.ln_1(x), key_padding_mask=padding_mask, cache=cache, positions=positions, lengths=lengths)
-        return x + self.mlp(self.ln_2(x))
+        return x + self.mlp(self.ln_2(x)) if hasattr(self, "mlp") else x
 
 
 class GPT(_Checkpointable, nn.Module):
@@ -360,8 +365,9 @@ class GPT(_Checkpointable, nn.Module):
             raise ValueError(f"position {top} exceeds block_size={self.config.block_size}; crop the input or raise GPTConfig.block_size")
         return pos
 
-    def hidden_states(self, idx: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, lengths=None,
-                      cache: Optional[List[KVCache]] = None, prefix_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden_states(self, idx: Optional[torch.Tensor], padding_mask: Optional[torch.Tensor] = None, lengths=None,
+                      cache: Optional[List[KVCache]] = None, prefix_embeds: Optional[torch.Tensor] = None,
+                      inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The final-norm hidden states (B, T, C), or (B, P + T, C) with ``prefix_embeds``.
 
         Args:
@@ -370,9 +376,23 @@ class GPT(_Checkpointable, nn.Module):
             cache: one :class:`~ferrolm.nn.KVCache` per layer (see :meth:`new_cache`).
             prefix_embeds: (P, C) or (B, P, C) vectors placed before the tokens' embeddings
                 (prompt tuning's virtual tokens); they take positions 0..P-1.
+            inputs_embeds: (B, T, C) vectors used in place of the token embeddings, with
+                ``idx=None`` (models that read something other than tokens, such as the
+                vector sequences of in-context regression); positions are added as usual.
         """
-        check_ids(idx, self.config.vocab_size)
-        B, T = idx.size()
+        if inputs_embeds is not None:
+            if idx is not None:
+                raise ValueError("pass idx or inputs_embeds, not both")
+            if inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != self.config.n_embd:
+                raise ValueError(f"inputs_embeds must be (B, T, {self.config.n_embd}), got {tuple(inputs_embeds.shape)}")
+            B, T = inputs_embeds.shape[:2]
+            device = inputs_embeds.device
+        else:
+            if idx is None:
+                raise ValueError("give idx (token ids) or inputs_embeds")
+            check_ids(idx, self.config.vocab_size)
+            B, T = idx.size()
+            device = idx.device
         P = 0
         if prefix_embeds is not None:
             if cache is not None:
@@ -389,7 +409,7 @@ class GPT(_Checkpointable, nn.Module):
         T = T + P
         if lengths is not None:
             if cache is None:
-                padding_mask = None if bool((lengths == T).all()) else lengths_to_padding_mask(lengths, T).to(idx.device)
+                padding_mask = None if bool((lengths == T).all()) else lengths_to_padding_mask(lengths, T).to(device)
         if padding_mask is not None:
             if padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != (B, T):
                 raise ValueError(f"padding_mask must be a bool tensor of shape ({B}, {T}), got {padding_mask.dtype} {tuple(padding_mask.shape)}")
@@ -397,8 +417,8 @@ class GPT(_Checkpointable, nn.Module):
                 raise ValueError("padding_mask is not supported with a KV cache; right-pad the prompts and pass lengths=")
         if cache is not None and len(cache) != self.config.n_layer:
             raise ValueError(f"cache has {len(cache)} layers, the model {self.config.n_layer}")
-        pos = self._positions(B, T, padding_mask, cache, idx.device)
-        x = self.transformer.wte(idx)  # (B, T, C)
+        pos = self._positions(B, T, padding_mask, cache, device)
+        x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         if P:
             pre = prefix_embeds if prefix_embeds.dim() == 3 else prefix_embeds[None].expand(B, P, -1)
             x = torch.cat([pre.to(x.dtype), x], dim=1)  # (B, P + T, C)
@@ -575,23 +595,33 @@ class LSTMLanguageModel(_Checkpointable, nn.Module):
         if config.tie_weights:
             self.head.weight = self.embed.weight
 
-    def forward_state(self, idx: torch.Tensor, state=None, lengths=None):
+    def forward_state(self, idx: Optional[torch.Tensor], state=None, lengths=None, inputs_embeds: Optional[torch.Tensor] = None):
         """``(hidden (B, T, H), final state)``; the state is ``(h, c)`` for an LSTM, ``h`` for a
         GRU, each (num_layers, B, H); with ``lengths`` it is each row's state at its last real
-        token and hidden states past it are 0."""
-        check_ids(idx, self.config.vocab_size)
-        B, T = idx.shape
+        token and hidden states past it are 0. ``inputs_embeds`` (B, T, n_embd), with
+        ``idx=None``, replaces the token embeddings (models reading vectors, not tokens)."""
+        if inputs_embeds is not None:
+            if idx is not None:
+                raise ValueError("pass idx or inputs_embeds, not both")
+            if inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != self.config.n_embd:
+                raise ValueError(f"inputs_embeds must be (B, T, {self.config.n_embd}), got {tuple(inputs_embeds.shape)}")
+            B, T = inputs_embeds.shape[:2]
+        else:
+            if idx is None:
+                raise ValueError("give idx (token ids) or inputs_embeds")
+            check_ids(idx, self.config.vocab_size)
+            B, T = idx.shape
         if lengths is not None:
             lengths = check_lengths(lengths, B, T)
             if bool((lengths == T).all()):
                 lengths = None
-        x = self.drop(self.embed(idx))
+        x = self.drop(self.embed(idx) if inputs_embeds is None else inputs_embeds)
         out, state = self.rnn(x, state, lengths=lengths)
         return self.drop(out), state
 
-    def hidden_states(self, idx: torch.Tensor, lengths=None, state=None) -> torch.Tensor:
+    def hidden_states(self, idx: Optional[torch.Tensor], lengths=None, state=None, inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The top layer's outputs (B, T, H)."""
-        return self.forward_state(idx, state, lengths)[0]
+        return self.forward_state(idx, state, lengths, inputs_embeds)[0]
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, lengths=None, state=None):
         """Returns ``(logits (B, T, V), loss or None)``."""

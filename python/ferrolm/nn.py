@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -372,6 +374,25 @@ class MultiheadSelfAttention(torch.nn.Module):
     def new_cache(self, batch: int, capacity: int, dtype=torch.float32, device="cpu") -> KVCache:
         """An empty :class:`KVCache` for this layer."""
         return KVCache(batch, self.n_kv_head, capacity, self.head_dim, dtype, device)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention pattern (B, H, T, T) this layer computes for x (B, T, C): softmax of
+        the scaled query-key products under its mask, in plain torch (for analysis, such as
+        finding induction heads; the fused kernels never form this matrix)."""
+        if x.dim() != 3 or x.size(-1) != self.n_embd:
+            raise ValueError(f"expected x of shape (B, T, {self.n_embd}), got {tuple(x.shape)}")
+        B, T, _ = x.size()
+        D, H, Hk = self.head_dim, self.n_head, self.n_kv_head
+        q, k, _ = self.c_attn(x).split([H * D, Hk * D, Hk * D], dim=2)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, Hk, D).transpose(1, 2)
+        if self.rotary is not None:
+            q, k = self.rotary(q, 0, None), self.rotary(k, 0, None)
+        k = k.repeat_interleave(H // Hk, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+        if self.causal:
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        return scores.softmax(-1)
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 positions: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:

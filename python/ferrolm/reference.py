@@ -168,12 +168,14 @@ class _Block(nn.Module):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.mlp = _MLP(config)
+        self.has_mlp = config.mlp
+        if config.mlp:
+            self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+            self.mlp = _MLP(config)
 
     def forward(self, x, padding_mask=None, pos=None):
         x = x + self.attn(self.ln_1(x), padding_mask, pos)
-        return x + self.mlp(self.ln_2(x))
+        return x + self.mlp(self.ln_2(x)) if self.has_mlp else x
 
 
 class GPT(nn.Module):

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ._config import Config
 from ._io import PathLike, atomic_write
 
-__all__ = ["TrainConfig", "TrainResult", "TokenBatches", "train", "lr_at", "evaluate", "load_train_state"]
+__all__ = ["TrainConfig", "TrainResult", "TokenBatches", "ExampleBatches", "SyntheticBatches", "train", "lr_at", "evaluate", "load_train_state"]
 
 STATE_FILE = "train_state.pt"
 MODEL_FILE = "model.safetensors"
@@ -137,7 +137,50 @@ def _as_tokens(data: Any, what: str) -> np.ndarray:
     return arr
 
 
-class TokenBatches:
+class _Epochs:
+    """The visiting order shared by the batch sources: ``n_windows`` items per epoch in a
+    permutation seeded by ``(seed, epoch)``, ``per_epoch`` batches, a resumable position."""
+
+    n_windows: int
+    per_epoch: int
+
+    def _perm(self) -> np.ndarray:
+        if self._order is None:
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+            else:
+                self._order = np.arange(self.n_windows)
+        return self._order
+
+    def _picked(self, epoch: int, index: int) -> np.ndarray:
+        """This rank's items of batch ``index`` of ``epoch`` (the position does not move)."""
+        saved = (self.epoch, self._order)
+        if epoch != self.epoch:
+            self.epoch, self._order = epoch, None
+        g = self.batch_size * self.world_size
+        picked = self._perm()[index * g + self.rank * self.batch_size : index * g + (self.rank + 1) * self.batch_size]
+        self.epoch, self._order = saved
+        return picked
+
+    def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The next batch; wraps into a new (reshuffled) epoch."""
+        if self.index >= self.per_epoch:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        out = self.batch_at(self.epoch, self.index)
+        self.index += 1
+        return out
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n_windows": self.n_windows}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        if state.get("n_windows") != self.n_windows or state.get("seed") != self.seed:
+            raise ValueError(f"the checkpoint's data position is for another stream ({state.get('n_windows')} windows, seed {state.get('seed')}), "
+                             f"this one has {self.n_windows} windows, seed {self.seed}; resume on the same data and seq_len")
+        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+
+
+class TokenBatches(_Epochs):
     """Next-token batches ``(x, y)`` (batch_size, seq_len) int64 from a 1-D token stream.
 
     The stream is cut into non-overlapping windows of ``seq_len + 1`` tokens (stride seq_len);
@@ -161,43 +204,130 @@ class TokenBatches:
         self.epoch, self.index = 0, 0
         self._order: Optional[np.ndarray] = None
 
-    def _perm(self) -> np.ndarray:
-        if self._order is None:
-            if self.shuffle:
-                self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
-            else:
-                self._order = np.arange(self.n_windows)
-        return self._order
-
     def batch_at(self, epoch: int, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The batch ``index`` of ``epoch`` for this rank (does not move the position)."""
-        saved = (self.epoch, self._order)
-        if epoch != self.epoch:
-            self.epoch, self._order = epoch, None
-        g = self.batch_size * self.world_size
-        rows = self._perm()[index * g + self.rank * self.batch_size : index * g + (self.rank + 1) * self.batch_size]
-        self.epoch, self._order = saved
-        starts = rows * self.seq_len
+        starts = self._picked(epoch, index) * self.seq_len
         both = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)[None, :]].astype(np.int64)
         t = torch.from_numpy(both)
         return t[:, :-1], t[:, 1:]
 
-    def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The next batch; wraps into a new (reshuffled) epoch."""
-        if self.index >= self.per_epoch:
-            self.epoch, self.index, self._order = self.epoch + 1, 0, None
-        out = self.batch_at(self.epoch, self.index)
+
+def _is_pairs(data: Any) -> bool:
+    """Whether ``data`` is a list of (prompt ids, target ids) pairs rather than a token stream."""
+    if not isinstance(data, (list, tuple)) or not data:
+        return False
+    first = data[0]
+    return (isinstance(first, (list, tuple)) and len(first) == 2
+            and all(isinstance(part, (list, tuple, np.ndarray, torch.Tensor)) for part in first))
+
+
+class ExampleBatches(_Epochs):
+    """Supervised next-token batches ``(x, y)`` from ``(prompt ids, target ids)`` pairs, for
+    fine-tuning on a task (instruction or classification data): the loss covers the target
+    tokens only.
+
+    A row is ``prompt + target``; ``x`` is the row without its last token and ``y`` the row
+    without its first, with -100 (ignored by the loss) wherever ``y`` holds a prompt token or
+    padding. Rows are right-padded with id 0 to the longest row of their batch (causal models
+    never let a real position see the pads after it, so padding does not change a loss). A
+    row longer than ``seq_len + 1`` tokens loses prompt tokens from the left; the target is
+    never cut. Epochs visit the examples in a permutation seeded by ``(seed, epoch)``; under
+    DDP rank r takes the r-th slice of each global batch, as :class:`TokenBatches` does.
+
+    Example:
+        >>> b = ExampleBatches([([1, 2, 3], [4, 5]), ([6], [7])], batch_size=2, seq_len=8, shuffle=False)
+        >>> x, y = b.next()
+        >>> x.tolist(), y.tolist()
+        ([[1, 2, 3, 4], [6, 0, 0, 0]], [[-100, -100, 4, 5], [7, -100, -100, -100]])
+    """
+
+    def __init__(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]], batch_size: int, seq_len: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        self.batch_size, self.seq_len = int(batch_size), int(seq_len)
+        self.seed, self.rank, self.world_size, self.shuffle = int(seed), int(rank), int(world_size), shuffle
+        self.rows: List[Tuple[np.ndarray, int]] = []  # (prompt + target, index of the first target token)
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"example {i}: expected a (prompt ids, target ids) pair, got {type(pair).__name__}")
+            prompt, target = (np.asarray(p.detach().cpu() if isinstance(p, torch.Tensor) else p) for p in pair)
+            for part, what in ((prompt, "prompt"), (target, "target")):
+                if part.ndim != 1 or (part.size and not np.issubdtype(part.dtype, np.integer)):
+                    raise ValueError(f"example {i}: the {what} must be a 1-D sequence of int token ids, got shape {part.shape} dtype {part.dtype}")
+            if target.size == 0:
+                raise ValueError(f"example {i}: the target is empty (nothing to learn)")
+            if target.size > self.seq_len:
+                raise ValueError(f"example {i}: a target of {target.size} tokens does not fit seq_len={self.seq_len}")
+            if prompt.size == 0:
+                raise ValueError(f"example {i}: the prompt is empty; give at least one token (for example a BOS / end-of-text id)")
+            keep = min(prompt.size, self.seq_len + 1 - target.size)
+            self.rows.append((np.concatenate([prompt[prompt.size - keep :], target]).astype(np.int64), keep))
+        self.n_windows = len(self.rows)
+        self.per_epoch = self.n_windows // (self.batch_size * self.world_size)
+        if self.per_epoch == 0:
+            raise ValueError(f"{self.n_windows} examples are too few for one batch of {self.batch_size * self.world_size}; lower batch_size or add data")
+        self.epoch, self.index = 0, 0
+        self._order: Optional[np.ndarray] = None
+
+    def batch_at(self, epoch: int, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The batch ``index`` of ``epoch`` for this rank (does not move the position)."""
+        picked = self._picked(epoch, index)
+        width = max(self.rows[i][0].size for i in picked) - 1
+        x = np.zeros((len(picked), width), dtype=np.int64)
+        y = np.full((len(picked), width), -100, dtype=np.int64)
+        for r, i in enumerate(picked):
+            row, start = self.rows[i]
+            x[r, : row.size - 1] = row[:-1]
+            y[r, start - 1 : row.size - 1] = row[start:]
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class SyntheticBatches:
+    """Batches generated on the fly: batch ``index`` is ``make(rng)`` with ``rng`` a numpy
+    ``Generator`` seeded by ``(seed, rank, index)``, so every batch is a pure function of its
+    position (exact resume with no stored data) and DDP ranks draw different batches. For
+    tasks whose examples are sampled rather than read (in-context regression, associative
+    recall, ...); ``make`` returns ``(x, y)`` tensors in whatever form the model's
+    ``forward(x, targets=y)`` takes.
+
+    ``batch_at(0, i)`` for the first few ``i`` is a fixed set, which :func:`evaluate` uses as
+    a validation set (give the validation source another seed).
+
+    Example:
+        >>> import torch
+        >>> b = SyntheticBatches(lambda rng: (torch.from_numpy(rng.normal(size=(2, 3))), None), seed=1)
+        >>> bool((b.next()[0] == b.batch_at(0, 0)[0]).all())
+        True
+    """
+
+    def __init__(self, make: Callable[[np.random.Generator], Tuple[Any, Any]], seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if not callable(make):
+            raise TypeError(f"make must be a callable rng -> (x, y), got {type(make).__name__}")
+        self.make, self.seed, self.rank, self.world_size = make, int(seed), int(rank), int(world_size)
+        self.index = 0
+        self.per_epoch = 2**62  # endless
+
+    def batch_at(self, epoch: int, index: int) -> Tuple[Any, Any]:
+        return self.make(np.random.default_rng([self.seed, self.rank, epoch, index]))
+
+    def next(self) -> Tuple[Any, Any]:
         self.index += 1
-        return out
+        return self.batch_at(0, self.index - 1)
 
     def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "n_windows": self.n_windows}
+        return {"index": self.index, "seed": self.seed}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        if state.get("n_windows") != self.n_windows or state.get("seed") != self.seed:
-            raise ValueError(f"the checkpoint's data position is for another stream ({state.get('n_windows')} windows, seed {state.get('seed')}), "
-                             f"this one has {self.n_windows} windows, seed {self.seed}; resume on the same data and seq_len")
-        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+        if state.get("seed") != self.seed or "index" not in state:
+            raise ValueError(f"the checkpoint's data position is for another source (seed {state.get('seed')}), this one has seed {self.seed}")
+        self.index = int(state["index"])
+
+
+def _batches(data: Any, cfg: "TrainConfig", rank: int, world: int, shuffle: bool = True):
+    if isinstance(data, (_Epochs, SyntheticBatches)):
+        return data  # a batch source built by the caller (its own batch size and seed)
+    if _is_pairs(data):
+        return ExampleBatches(data, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, shuffle)
+    return TokenBatches(data, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, shuffle)
 
 
 # --------------------------------------------------------------------------- distributed
@@ -255,7 +385,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: TokenBatches, n_batches: int, world: int = 1) -> float:
+def evaluate(model: torch.nn.Module, batches: _Epochs, n_batches: int, world: int = 1) -> float:
     """Mean next-token loss over the first ``n_batches`` batches of ``batches`` (a fixed,
     unshuffled set, so evaluations are comparable)."""
     was = model.training
@@ -374,7 +504,10 @@ def train(
         model: a :class:`ferrolm.models.GPT` or :class:`~ferrolm.models.LSTMLanguageModel` (or
             any module with that forward).
         train_data, val_data: 1-D token streams: numpy arrays, tensors, shard paths or
-            :class:`ferrolm.data.TokenShard` (lists of shards concatenate).
+            :class:`ferrolm.data.TokenShard` (lists of shards concatenate); or lists of
+            ``(prompt ids, target ids)`` pairs for supervised fine-tuning, where the loss covers
+            the target tokens only (:class:`ExampleBatches`); or a batch source built by the
+            caller (:class:`TokenBatches`, :class:`ExampleBatches`, :class:`SyntheticBatches`).
         config: :class:`TrainConfig`.
         out_dir: checkpoint folder (``train_state.pt`` + ``model.safetensors``).
         resume: continue from ``out_dir``'s checkpoint: the model, optimizer, RNG and data
@@ -390,10 +523,10 @@ def train(
     rank, world, owns_group = _dist_setup()
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (the folder holding the checkpoint)")
-    batches = TokenBatches(train_data, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
-    val = TokenBatches(val_data, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, shuffle=False) if val_data is not None else None
+    batches = _batches(train_data, cfg, rank, world)
+    val = _batches(val_data, cfg, rank, world, shuffle=False) if val_data is not None else None
     block = getattr(getattr(model, "config", None), "block_size", None)
-    if block is not None and cfg.seq_len > block:
+    if block is not None and cfg.seq_len > block and not isinstance(batches, SyntheticBatches):
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's block_size={block}")
     optimizer = make_optimizer(model, cfg)
     result = TrainResult()
@@ -415,7 +548,6 @@ def train(
 
         net = DistributedDataParallel(model)
     model.train()
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
     bar = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
@@ -440,9 +572,10 @@ def train(
                 lr = lr_at(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum = 0.0
+                loss_sum, step_tokens = 0.0, 0
                 for micro in range(cfg.grad_accum):
                     x, y = batches.next()
+                    step_tokens += x.shape[0] * (x.shape[1] if x.dim() > 1 else 1)  # positions, padding included
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     sync = micro == cfg.grad_accum - 1
                     ctx = net.no_sync() if (world > 1 and not sync) else _null()  # type: ignore[operator]
@@ -455,6 +588,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 dt = time.perf_counter() - t0
+                tokens_per_step = step_tokens * world
                 result.tokens += tokens_per_step
                 metrics = {"step": step, "loss": _all_mean(loss_sum / cfg.grad_accum, world), "lr": lr, "grad_norm": gnorm,
                            "tokens_per_s": tokens_per_step / dt if dt > 0 else float("inf")}

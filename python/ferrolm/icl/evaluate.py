@@ -72,19 +72,10 @@ def evaluate_classification(lm: LM, tokenizer, pool: Sequence[Example], queries:
     words = [tokenizer.encode_ordinary(template.label_words[c]) for c in labels]  # type: ignore[index]
     if any(not w for w in words):
         raise ValueError("every label word must encode to at least one token")
-    reqs = []
-    for q, d in zip(queries, demos):
-        prompt = template.render([pool[i] for i in order_demos(d, order)], Example(q.input, None, q.fields))
-        ctx = tokenizer.encode_ordinary(prompt)
-        reqs += [(ctx, w) for w in words]
-    scores = lm.loglikelihood(reqs)
-    preds, truncated = [], 0
-    for qi in range(len(queries)):
-        rs = scores[qi * len(labels) : (qi + 1) * len(labels)]
-        key = [(r.mean_logprob if normalise else r.logprob) for r in rs]
-        best = max(range(len(labels)), key=lambda j: (key[j], -j))  # ties: the first label
-        preds.append(labels[best])
-        truncated += rs[0].truncated
+    prompts = [template.render([pool[i] for i in order_demos(d, order)], Example(q.input, None, q.fields)) for q, d in zip(queries, demos)]
+    answers = lm.multiple_choice([(ctx, words) for ctx in tokenizer.encode_ordinary_batch(prompts)], normalise=normalise)
+    preds = [labels[best] for best, _ in answers]
+    truncated = sum(rs[0].truncated for _, rs in answers)
     gold = [q.output for q in queries]
     return ClassificationResult(k, seed, accuracy(preds, gold), macro_f1(preds, gold, labels), preds, demos, truncated)
 

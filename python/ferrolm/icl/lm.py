@@ -5,7 +5,10 @@
 
 Shared-prefix reuse: requests with the same context (the k demonstrations and the question,
 scored against each choice) run the context once; its KV cache (GPT) or carried state (LSTM)
-is copied to one row per continuation, and only the continuation tokens run after it. A prefix
+is copied to one row per continuation, and only the continuation tokens run after it. The
+distinct contexts of a call run in batches, grouped by length with
+:class:`ferrolm.data.BucketBatchSampler` and right-padded with :func:`ferrolm.data.pad` (each
+row's cache keeps its own length, so the pads are never attended to). A prefix
 common to all contexts of a call (an instruction and fixed demonstrations) runs once too, each
 context running only its own remainder after it. Transformers models reuse each context's
 ``past_key_values`` the same way (copied per continuation with
@@ -173,6 +176,32 @@ class LM:
         finally:
             self.model.train(was)
 
+    def multiple_choice(self, questions: Sequence[Tuple[Sequence[int], Sequence[Sequence[int]]]],
+                        normalise: bool = False) -> List[Tuple[int, List[LogLikelihood]]]:
+        """For each ``(context, choices)``: the index of the most likely choice and every
+        choice's :class:`LogLikelihood` (one loglikelihood request per choice, all sharing the
+        context's cache). ``normalise`` ranks by mean log-prob per token instead of the sum;
+        ties go to the first choice.
+
+        Raises:
+            ValueError: a question with no choices (and whatever :meth:`loglikelihood` raises).
+        """
+        reqs: List[Tuple[Sequence[int], Sequence[int]]] = []
+        spans = []
+        for i, (ctx, choices) in enumerate(questions):
+            choices = list(choices)
+            if not choices:
+                raise ValueError(f"question {i}: the choice list is empty; give at least one continuation")
+            spans.append((len(reqs), len(choices)))
+            reqs += [(ctx, c) for c in choices]
+        scores = self.loglikelihood(reqs)
+        out = []
+        for start, n in spans:
+            rs = scores[start : start + n]
+            key = [r.mean_logprob if normalise else r.logprob for r in rs]
+            out.append((max(range(n), key=lambda j: (key[j], -j)), rs))
+        return out
+
     def _fit(self, ctx: List[int], cont: List[int]) -> Tuple[List[int], bool]:
         """The context cut from the left so that context + continuation fit the window."""
         if self.max_length is None or len(ctx) + len(cont) <= self.max_length:
@@ -209,30 +238,55 @@ class LM:
             if not ctx:
                 raise ValueError(f"a continuation of {longest} tokens leaves no room for context in the window of {self.max_length}")
             plans.append((ctx, cut, longest, members))
-        base = self._shared_base([p[0] for p in plans], max(len(p[0]) + p[2] for p in plans)) if self.kind != "hf" else None
         out: List[Optional[LogLikelihood]] = [None] * len(reqs)
-        for ctx, cut, longest, members in plans:
-            first, state = self._prefix(ctx, longest, base)
-            for s in range(0, len(members), self.batch_size):
-                chunk = members[s : s + self.batch_size]
-                conts = [reqs[i][1] for i in chunk]
-                rest = self._continue(state, conts, len(ctx))
-                for j, (i, cont) in enumerate(zip(chunk, conts)):
-                    lp = first if len(cont) == 1 else torch.cat([first, rest[j][: len(cont) - 1]])
-                    total, greedy = self._score(lp, cont)
-                    out[i] = LogLikelihood(total, len(cont), greedy, cut)
+        if self.kind == "hf":
+            for ctx, cut, longest, members in plans:
+                first, state = self._hf_prefix(ctx)
+                self._score_members(first, state, len(ctx), cut, members, reqs, out)
+            return out  # type: ignore[return-value]
+        base = self._shared_base([p[0] for p in plans], max(len(p[0]) + p[2] for p in plans))
+        done = base[0] if base is not None else 0
+        for batch in self._context_batches([len(p[0]) - done for p in plans]):
+            prefilled = self._prefix_batch([plans[i][0] for i in batch], max(plans[i][2] for i in batch), base)
+            for i, (first, state) in zip(batch, prefilled):
+                ctx, cut, _, members = plans[i]
+                self._score_members(first, state, len(ctx), cut, members, reqs, out)
         return out  # type: ignore[return-value]
+
+    #: Padded context tokens per prefill batch (with ``batch_size`` contexts at most).
+    PREFILL_TOKENS = 8192
+
+    def _context_batches(self, lengths: List[int]) -> List[List[int]]:
+        """Indices of contexts grouped for batched prefill: sorted by length inside buckets
+        (:class:`ferrolm.data.BucketBatchSampler`) so right padding wastes little."""
+        from ..data import BucketBatchSampler
+
+        sampler = BucketBatchSampler(lengths, batch_size=self.batch_size, max_tokens=self.PREFILL_TOKENS, shuffle=False)
+        return [list(b) for b in sampler]
+
+    def _score_members(self, first: torch.Tensor, state, n_ctx: int, cut: bool, members: List[int],
+                       reqs: List[Tuple[List[int], List[int]]], out: List[Optional[LogLikelihood]]) -> None:
+        """Scores the continuations of one context from its log-probs at the last position
+        (``first``, (1, V)) and its reusable state."""
+        for s in range(0, len(members), self.batch_size):
+            chunk = members[s : s + self.batch_size]
+            conts = [reqs[i][1] for i in chunk]
+            rest = self._continue(state, conts, n_ctx)
+            for j, (i, cont) in enumerate(zip(chunk, conts)):
+                lp = first if len(cont) == 1 else torch.cat([first, rest[j][: len(cont) - 1]])
+                total, greedy = self._score(lp, cont)
+                out[i] = LogLikelihood(total, len(cont), greedy, cut)
 
     #: A prefix shared by every context of a call (the instruction and fixed demonstrations) is
     #: run once when it is at least this many tokens long.
     MIN_SHARED_PREFIX = 16
 
     def _shared_base(self, contexts: List[List[int]], capacity: int):
-        """``(length, log-probs at its last position, state)`` of the longest prefix common to
-        all ``contexts`` (run once), or None when there is none worth sharing."""
+        """``(length, state)`` of the longest prefix common to all ``contexts`` and shorter than
+        each (run once), or None when there is none worth sharing."""
         if len(contexts) < 2:
             return None
-        n = min(len(c) for c in contexts)
+        n = min(len(c) for c in contexts) - 1  # every context keeps at least one token of its own
         first = contexts[0]
         for c in contexts[1:]:
             k = 0
@@ -241,39 +295,52 @@ class LM:
             n = k
         if n < self.MIN_SHARED_PREFIX:
             return None
-        logp, state = self._prefix(first[:n], capacity - n)
-        return n, logp, state
+        _, state = self._prefix_batch([first[:n]], capacity - n)[0]
+        return n, state
 
-    def _prefix(self, ctx: List[int], room: int, base=None):
-        """Runs the context once: (log-probs at its last position (1, V), reusable state).
-        With ``base`` (a shared prefix already run) only the tokens after it run."""
-        done = 0
-        if base is not None:
-            done, base_logp, base_state = base
-            if done == len(ctx):
-                return base_logp, (self._copy_cache(base_state, 1, done, len(ctx) + room) if self.kind == "gpt" else base_state)
-        idx = torch.tensor([ctx[done:]], dtype=torch.int64, device=self.device)
-        if self.kind == "hf":
-            out = self.model(input_ids=idx, use_cache=True)
-            return F.log_softmax(out.logits[:, -1].float(), -1), out.past_key_values
+    def _prefix_batch(self, ctxs: List[List[int]], room: int, base=None) -> List[Tuple[torch.Tensor, object]]:
+        """Runs the contexts as one right-padded batch (after the shared ``base`` prefix when
+        given, which every context then starts with): for each, the log-probs at its last
+        position (1, V) and its reusable state — ``(caches, row)`` for a GPT (the batch's KV
+        caches, room for ``room`` more tokens), the row's ``(h, c)`` / ``h`` for an LSTM / GRU."""
+        from ..data import pad
+
+        done = base[0] if base is not None else 0
+        rems = [c[done:] for c in ctxs]
+        idx, _ = pad(rems, return_tensors="pt")
+        idx = idx.to(self.device)
+        B, T = idx.shape
+        lengths = torch.tensor([len(r) for r in rems], dtype=torch.int64)
+        rows = torch.arange(B)
         if self.kind == "gpt":
-            cache = self._copy_cache(base[2], 1, done, len(ctx) + room) if done else self.model.new_cache(1, len(ctx) + room)
-            h = self.model.hidden_states(idx, cache=cache)
-            logits = self.model.lm_head(h[:, -1])
-            return F.log_softmax(logits.float(), -1), cache
-        h, st = self.model.forward_state(idx, base[2] if done else None)
-        return F.log_softmax(self.model.head(h[:, -1]).float(), -1), st
+            cap = done + T + room
+            caches = self._copy_cache(base[1][0], B, done, cap, base[1][1]) if base is not None else self.model.new_cache(B, cap)
+            h = self.model.hidden_states(idx, lengths=lengths, cache=caches)
+            logp = F.log_softmax(self.model.lm_head(h[rows, lengths - 1]).float(), -1)
+            return [(logp[i : i + 1], (caches, i)) for i in range(B)]
+        st = None
+        if base is not None:
+            st = tuple(s.expand(-1, B, -1).contiguous() for s in base[1]) if isinstance(base[1], tuple) else base[1].expand(-1, B, -1).contiguous()
+        h, st = self.model.forward_state(idx, st, lengths=lengths)
+        logp = F.log_softmax(self.model.head(h[rows, lengths - 1]).float(), -1)
+        pick = (lambda i: tuple(s[:, i : i + 1] for s in st)) if isinstance(st, tuple) else (lambda i: st[:, i : i + 1])
+        return [(logp[i : i + 1], pick(i)) for i in range(B)]
+
+    def _hf_prefix(self, ctx: List[int]):
+        """A transformers model's log-probs after the context (1, V) and its ``past_key_values``."""
+        out = self.model(input_ids=torch.tensor([ctx], dtype=torch.int64, device=self.device), use_cache=True)
+        return F.log_softmax(out.logits[:, -1].float(), -1), out.past_key_values
 
     @staticmethod
-    def _copy_cache(caches, rows: int, length: int, capacity: int):
-        """New per-layer KV caches of ``rows`` rows holding row 0's first ``length`` positions."""
+    def _copy_cache(caches, rows: int, length: int, capacity: int, src: int = 0):
+        """New per-layer KV caches of ``rows`` rows holding row ``src``'s first ``length`` positions."""
         from ..nn import KVCache
 
         out = []
         for layer in caches:
             c = KVCache(rows, layer.k.size(1), capacity, layer.k.size(3), layer.k.dtype, layer.k.device)
-            c.k[:, :, :length] = layer.k[:1, :, :length]
-            c.v[:, :, :length] = layer.v[:1, :, :length]
+            c.k[:, :, :length] = layer.k[src : src + 1, :, :length]
+            c.v[:, :, :length] = layer.v[src : src + 1, :, :length]
             c.lengths = torch.full((rows,), length, dtype=torch.int64)
             out.append(c)
         return out
@@ -311,7 +378,8 @@ class LM:
                 mask[i, n_ctx + len(c) - 1 :] = 0  # right padding after each continuation
             logits = self.model(input_ids=idx, past_key_values=cache, attention_mask=mask.to(self.device)).logits
         elif self.kind == "gpt":
-            caches = self._copy_cache(state, n, n_ctx, state[0].capacity)
+            caches, src = state
+            caches = self._copy_cache(caches, n, n_ctx, caches[0].capacity, src)
             h = self.model.hidden_states(idx, lengths=lengths, cache=caches)
             logits = self.model.lm_head(h)
         else:

@@ -123,6 +123,8 @@ class Template:
                 list(string.Formatter().parse(getattr(self, name)))
             except ValueError as e:
                 raise ValueError(f"Template.{name} is not a valid format string: {e}") from None
+        if self.label_words is not None and len(self.label_words) == 0:
+            raise ValueError("Template.label_words is empty: classification needs a word for each label (at least one choice)")
 
     def fields(self, which: str) -> List[str]:
         """The field names ``demo`` or ``query`` refers to."""
