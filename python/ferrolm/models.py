@@ -205,6 +205,21 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1).long(), ignore_index=-100)
 
 
+def _input_shape(idx: Optional[torch.Tensor], inputs_embeds: Optional[torch.Tensor], config) -> Tuple[int, int, torch.device]:
+    """(B, T, device) of a model input given as token ids or as ``inputs_embeds`` (B, T, n_embd),
+    exactly one of them, checked."""
+    if inputs_embeds is not None:
+        if idx is not None:
+            raise ValueError("pass idx or inputs_embeds, not both")
+        if inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != config.n_embd:
+            raise ValueError(f"inputs_embeds must be (B, T, {config.n_embd}), got {tuple(inputs_embeds.shape)}")
+        return inputs_embeds.size(0), inputs_embeds.size(1), inputs_embeds.device
+    if idx is None:
+        raise ValueError("give idx (token ids) or inputs_embeds")
+    check_ids(idx, config.vocab_size)
+    return idx.size(0), idx.size(1), idx.device
+
+
 def lengths_to_padding_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     """(B, T) bool, True past each row's length (right padding)."""
     return torch.arange(T, device=lengths.device)[None, :] >= lengths[:, None]
@@ -380,19 +395,7 @@ class GPT(_Checkpointable, nn.Module):
                 ``idx=None`` (models that read something other than tokens, such as the
                 vector sequences of in-context regression); positions are added as usual.
         """
-        if inputs_embeds is not None:
-            if idx is not None:
-                raise ValueError("pass idx or inputs_embeds, not both")
-            if inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != self.config.n_embd:
-                raise ValueError(f"inputs_embeds must be (B, T, {self.config.n_embd}), got {tuple(inputs_embeds.shape)}")
-            B, T = inputs_embeds.shape[:2]
-            device = inputs_embeds.device
-        else:
-            if idx is None:
-                raise ValueError("give idx (token ids) or inputs_embeds")
-            check_ids(idx, self.config.vocab_size)
-            B, T = idx.size()
-            device = idx.device
+        B, T, device = _input_shape(idx, inputs_embeds, self.config)
         P = 0
         if prefix_embeds is not None:
             if cache is not None:
@@ -600,17 +603,7 @@ class LSTMLanguageModel(_Checkpointable, nn.Module):
         GRU, each (num_layers, B, H); with ``lengths`` it is each row's state at its last real
         token and hidden states past it are 0. ``inputs_embeds`` (B, T, n_embd), with
         ``idx=None``, replaces the token embeddings (models reading vectors, not tokens)."""
-        if inputs_embeds is not None:
-            if idx is not None:
-                raise ValueError("pass idx or inputs_embeds, not both")
-            if inputs_embeds.dim() != 3 or inputs_embeds.size(-1) != self.config.n_embd:
-                raise ValueError(f"inputs_embeds must be (B, T, {self.config.n_embd}), got {tuple(inputs_embeds.shape)}")
-            B, T = inputs_embeds.shape[:2]
-        else:
-            if idx is None:
-                raise ValueError("give idx (token ids) or inputs_embeds")
-            check_ids(idx, self.config.vocab_size)
-            B, T = idx.shape
+        B, T, _ = _input_shape(idx, inputs_embeds, self.config)
         if lengths is not None:
             lengths = check_lengths(lengths, B, T)
             if bool((lengths == T).all()):
