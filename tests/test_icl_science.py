@@ -121,3 +121,32 @@ def test_induction_two_attention_layers_copy_the_repeat_and_one_layer_cannot():
     two = science.induction_toy(2, 600, seed=0)
     assert two["repeat_loss"] < 1.5 and one["repeat_loss"] > 3.5  # uniform guessing is ln 256 = 5.5
     assert two["best_prefix_matching"] > 0.5 and one["best_prefix_matching"] < 0.2
+
+
+def test_fewshot_sequences_carry_the_answer_only_where_the_mode_says():
+    task = science.FewShotTask(seed=0, d=8, n_classes=40, n_train=32, n_labels=6, context=8, noise=0.05)
+    rng = np.random.default_rng(5)
+
+    def nearest(v):
+        return int(np.argmin(((task.prototypes - v) ** 2).sum(-1)))
+
+    for mode in ("bursty", "heldout", "uniform"):
+        x, y = task.batch(rng, 20, mode)
+        assert x.shape == (20, 17, 8 + 6) and y.shape == (20, 17) and (y[:, :-1] == -100).all()
+        for b in range(20):
+            ex = x[b, 0:16:2, :8].double().numpy()
+            labels = x[b, 1:16:2, 8:].argmax(-1).tolist()
+            assert (x[b, 1:16:2, :8] == 0).all() and (x[b, 1:16:2, 8:].sum(-1) == 1).all()
+            classes = [nearest(v) for v in ex]  # little noise: the nearest prototype is the class
+            query = nearest(x[b, 16, :8].double().numpy())
+            target = int(y[b, -1])
+            if mode == "uniform":
+                assert all(label == c % 6 for c, label in zip(classes, labels)) and target == query % 6
+                assert len(set(classes)) == 8 and all(c < 32 for c in classes + [query])
+            else:
+                assert sorted(set(classes)) == sorted({query, *classes}) and len(set(classes)) == 2
+                assert all((c >= 32) == (mode == "heldout") for c in classes)
+                mapping = dict(zip(classes, labels))
+                assert len(mapping) == 2 and target == mapping[query]  # the context gives the answer
+    with pytest.raises(ValueError, match="mode must be"):
+        task.batch(rng, 1, "zipf")

@@ -439,9 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_icl_eval)
     ex = isub.add_parser("experiment", help="the ICL science suite: train small models and reproduce an ICL result (GPT vs LSTM)",
                          description="Experiments: regression (in-context linear regression, Garg et al. 2022), "
-                                     "recall (multi-query associative recall, Arora et al. 2023), induction (induction heads, Olsson et al. 2022), or all. Writes icl_NAME.json "
+                                     "recall (multi-query associative recall, Arora et al. 2023), induction (induction heads, Olsson et al. 2022), fewshot (arbitrary-label few-shot classification, bursty vs uniform data, in the spirit of Chan et al. 2022), or all. Writes icl_NAME.json "
                                      "and icl_NAME.png into --results and prints a table.")
-    ex.add_argument("name", help="regression, recall, induction or all")
+    ex.add_argument("name", help="regression, recall, induction, fewshot or all")
     ex.add_argument("--quick", action="store_true", help="reduced sizes: every experiment in a few minutes (a smoke check)")
     ex.add_argument("--results", default="docs/results", help="output folder")
     ex.add_argument("--seed", type=int, default=0)
