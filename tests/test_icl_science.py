@@ -150,3 +150,20 @@ def test_fewshot_sequences_carry_the_answer_only_where_the_mode_says():
                 assert len(mapping) == 2 and target == mapping[query]  # the context gives the answer
     with pytest.raises(ValueError, match="mode must be"):
         task.batch(rng, 1, "zipf")
+
+
+def test_token_losses_average_each_position_over_documents_long_enough():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    g = np.random.default_rng(0)
+    docs = [g.integers(0, 30, n).tolist() for n in (20, 5, 16, 40)]
+    got, used = science._token_losses(model, docs, 12, windows=8)
+    assert used == 3  # the 5-token document is too short
+    want = np.zeros(11)
+    for d in (docs[0], docs[2], docs[3]):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([d[:11]]))[0].double(), -1)[0]
+        want += [-float(logp[i, d[i + 1]]) for i in range(11)]
+    np.testing.assert_allclose(got, want / 3, rtol=1e-5)
+    with pytest.raises(ValueError, match="no held-out document has 64 tokens"):
+        science._token_losses(model, docs, 64, windows=8)

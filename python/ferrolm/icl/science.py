@@ -390,19 +390,23 @@ def prefix_matching_scores(model: GPT, seq: np.ndarray, hs: np.ndarray) -> List[
     return out
 
 
-def _token_losses(model: torch.nn.Module, tokens: np.ndarray, length: int, windows: int) -> np.ndarray:
-    """Mean next-token loss at each position 0..length-2 over ``windows`` consecutive windows."""
+def _token_losses(model: torch.nn.Module, docs: Sequence[Sequence[int]], length: int, windows: int) -> Tuple[np.ndarray, int]:
+    """Mean next-token loss at each position 0..length-2 over the first ``length`` tokens of up
+    to ``windows`` documents at least that long (so a late position sees the same document as
+    an early one, as the ICL score needs); returns ``(losses, documents used)``."""
+    rows = [list(d[:length]) for d in docs if len(d) >= length][:windows]
+    if not rows:
+        raise ValueError(f"no held-out document has {length} tokens")
     model.eval()
-    n = min(windows, (len(tokens) - 1) // length)
-    seq = torch.from_numpy(tokens[: n * length].reshape(n, length).astype(np.int64))
+    seq = torch.tensor(rows, dtype=torch.int64)
     total = np.zeros(length - 1)
     with torch.no_grad():
-        for i in range(0, n, 8):
+        for i in range(0, len(rows), 8):
             chunk = seq[i : i + 8]
             logits = model(chunk[:, :-1])[0]
             ce = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
             total += ce.sum(0).double().numpy()
-    return total / n
+    return total / len(rows), len(rows)
 
 
 def induction_toy(layers: int, steps: int, seed: int = 0, progress: bool = False, vocab: int = 256, length: int = 64) -> Dict[str, Any]:
@@ -440,10 +444,11 @@ def induction(quick: bool = False, seed: int = 0, progress: bool = True) -> Dict
     corpus = default_corpus(1_000_000 if quick else 6_000_000)
     tok = Tokenizer.train(corpus, vocab_size=512 if quick else 2048, special_tokens=["<|endoftext|>"])
     eot = tok.special_tokens["<|endoftext|>"]
-    ids = np.asarray([t for doc in tok.encode_ordinary_batch(corpus) for t in doc + [eot]], dtype=np.int64)
-    split = int(len(ids) * 0.95)
-    train_ids, held_out = ids[:split], ids[split:]
-    text_steps = 60 if quick else 500
+    docs = tok.encode_ordinary_batch(corpus)
+    held = set(np.random.default_rng([seed, 3]).permutation(len(docs))[: max(1, len(docs) // 20)].tolist())
+    train_ids = np.asarray([t for i, d in enumerate(docs) if i not in held for t in d + [eot]], dtype=np.int64)
+    held_out = [d for i, d in enumerate(docs) if i in held]
+    text_steps = 60 if quick else 1200
     gcfg = GPTConfig(vocab_size=tok.n_vocab, block_size=ctx, n_layer=2 if quick else 4, n_head=4, n_embd=64 if quick else 128)
     torch.manual_seed(seed)
     gpt = GPT(gcfg)
@@ -454,9 +459,10 @@ def induction(quick: bool = False, seed: int = 0, progress: bool = True) -> Dict
         res = train(model, train_ids, config=TrainConfig(max_steps=text_steps, batch_size=8, seq_len=ctx, lr=1e-3 if arch == "GPT" else 3e-3,
                                                          min_lr=1e-4, warmup_steps=max(1, text_steps // 10), eval_interval=0, seed=seed,
                                                          progress=progress))
-        per_pos = _token_losses(model, held_out, ctx, 64 if quick else 48)
+        per_pos, n_docs = _token_losses(model, held_out, ctx, 64)
         band = lambda p: float(per_pos[max(0, p - 5) : p + 5].mean())  # noqa: E731  (10 positions around p)
         natural[arch] = {"config": model.config.to_dict(), "parameters": _params(model), "seconds": time.perf_counter() - t0,
+                         "held_out_documents": n_docs,
                          "final_loss": res.history[-1]["loss"], "loss_by_position": per_pos.tolist(),
                          "loss_early": band(early), "loss_late": band(late), "icl_score": band(late) - band(early)}
     return {"experiment": "induction", "vocab": vocab, "length": length, "seed": seed, "toy": toy, "natural_text": natural}
