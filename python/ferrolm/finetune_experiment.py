@@ -120,7 +120,7 @@ def run_experiment(out_dir: PathLike = "docs/results", quick: bool = False, seed
                 target, _ = _adapt(base, method, opts, s)
                 trainable = ft.trainable_parameters(target)[0]
                 cfg = TrainConfig(max_steps=steps[arch], batch_size=16, seq_len=block - opts.get("n", 0), lr=lr, min_lr=lr / 10,
-                                  warmup_steps=steps // 10, eval_interval=0, seed=s, progress=progress)
+                                  warmup_steps=steps[arch] // 10, eval_interval=0, seed=s, progress=progress)
                 t0 = time.perf_counter()
                 with PeakMemory() as mem:
                     train(target, pairs, config=cfg)
