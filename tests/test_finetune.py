@@ -329,3 +329,37 @@ def test_peak_memory_sees_a_block_s_largest_allocation_even_when_freed_inside():
         b = torch.ones(1000)
         del b
     assert small.peak_bytes < 20e6  # what was freed before the block does not count
+
+
+def test_lora_on_a_transformers_gpt2_conv1d_equals_peft(tmp_path):
+    """LoRA straight on GPT-2's Conv1D layers (weights stored (in, out)): the same outputs as
+    PEFT's fan_in_fan_out LoRA with the same factors, merge == unmerged, and the adapter
+    loads in PEFT."""
+    import copy
+
+    peft = pytest.importorskip("peft")
+    hf = _hf()
+    ref = copy.deepcopy(hf)
+    names = apply_lora(hf, r=4, alpha=8, target_modules=["c_attn", "c_proj"])
+    assert len(names) == 2 * 3 and all(type(m.base).__name__ == "Conv1D" for m in hf.modules() if isinstance(m, LoRALinear))
+    _randomise_lora(hf)
+    pm = peft.get_peft_model(copy.deepcopy(ref), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                                                  fan_in_fan_out=True, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    ours = dict(hf.named_parameters())
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(ours[n.removeprefix("base_model.model.").replace(".default.", ".")])
+    idx = torch.randint(0, 80, (2, 12))
+    with torch.no_grad():
+        got = hf(idx).logits
+        torch.testing.assert_close(got, pm.eval()(idx).logits, rtol=1e-4, atol=1e-4)
+        assert (got - ref(idx).logits).abs().max() > 1e-3
+        merge_lora(hf)
+        torch.testing.assert_close(hf(idx).logits, got, rtol=1e-5, atol=1e-5)
+    save_lora(hf, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(ref), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx).logits, got, rtol=1e-4, atol=1e-4)
+    merge_and_unload(hf)
+    assert type(hf.transformer.h[0].attn.c_attn).__name__ == "Conv1D"

@@ -112,24 +112,36 @@ def _check_rank(r: int, alpha: float) -> None:
         raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
 
 
+def _is_conv1d(m: nn.Module) -> bool:
+    """GPT-2's ``Conv1D`` (transformers): ``y = x W + b`` with W stored (in, out)."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None and m.weight.dim() == 2
+
+
+def _is_lora_target(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or _is_conv1d(m)
+
+
 class LoRALinear(nn.Module):
-    """An ``nn.Linear`` with a low-rank update: ``base(x) + (alpha / r) * lora_B(lora_A(drop(x)))``.
+    """An ``nn.Linear`` (or GPT-2's ``Conv1D``, whose weight is stored transposed: PEFT's
+    ``fan_in_fan_out``) with a low-rank update: ``base(x) + (alpha / r) * lora_B(lora_A(drop(x)))``.
 
     The base layer stays a child (``base``) with its own weight and bias; ``lora_A`` is
     Kaiming-uniform initialised and ``lora_B`` zero, as in the LoRA paper and PEFT.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRA wraps nn.Linear layers, got {type(base).__name__}")
+        if not _is_lora_target(base):
+            raise TypeError(f"LoRA wraps nn.Linear or GPT-2 Conv1D layers, got {type(base).__name__}")
         _check_rank(r, alpha)
         self.base = base
+        self.fan_in_fan_out = _is_conv1d(base)
         self.r, self.alpha = r, float(alpha)
         self.scaling = self.alpha / r
         dev, dt = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=dev, dtype=dt)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=dev, dtype=dt)
+        n_in, n_out = base.weight.shape[::-1] if not self.fan_in_fan_out else base.weight.shape
+        self.lora_A = nn.Linear(n_in, r, bias=False, device=dev, dtype=dt)
+        self.lora_B = nn.Linear(r, n_out, bias=False, device=dev, dtype=dt)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -144,8 +156,10 @@ class LoRALinear(nn.Module):
         return self.base.bias
 
     def delta(self) -> torch.Tensor:
-        """The weight update ``scaling * B A`` (out, in)."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        """The weight update ``scaling * B A``, in the base weight's layout ((out, in), or
+        (in, out) for a Conv1D)."""
+        d = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+        return d.t() if self.fan_in_fan_out else d
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -234,7 +248,8 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, target_modules: Sequence[str] = ("c_attn",),
                dropout: float = 0.0) -> List[str]:
-    """Wraps every ``nn.Linear`` whose name matches ``target_modules`` in a :class:`LoRALinear`;
+    """Wraps every ``nn.Linear`` (or GPT-2 ``Conv1D``, as in a transformers
+    ``GPT2LMHeadModel``) whose name matches ``target_modules`` in a :class:`LoRALinear`;
     returns the wrapped names.
 
     Raises:
@@ -245,7 +260,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, target_modules
         target_modules = [target_modules]
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model already has LoRA layers")
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if _is_lora_target(m)}
     chosen = [n for n in linears if _matches(n, target_modules)]
     if not chosen:
         names = sorted({n.split(".")[-1] for n in linears})
