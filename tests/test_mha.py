@@ -85,7 +85,7 @@ def test_attention_weights_reproduce_the_layer_output(rope, kv, causal):
     torch.manual_seed(0)
     m = MultiheadSelfAttention(32, 4, n_kv_head=kv, causal=causal, rope=rope)
     x = torch.randn(2, 9, 32)
-    w = m.attention_weights(x)
+    w = m.attention_weights(x).detach()
     assert w.shape == (2, 4, 9, 9)
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 9))
     if causal:
