@@ -60,6 +60,13 @@ def _ids(x, what: str) -> List[int]:
     return out
 
 
+def _repeat_state(state, n: int):
+    """A one-row recurrent state (``(h, c)`` or ``h``, each (layers, 1, H)) repeated to n rows."""
+    if isinstance(state, tuple):
+        return tuple(s.expand(-1, n, -1).contiguous() for s in state)
+    return state.expand(-1, n, -1).contiguous()
+
+
 class LM:
     """A causal language model behind the ICL requests.
 
@@ -320,7 +327,7 @@ class LM:
             return [(logp[i : i + 1], (caches, i)) for i in range(B)]
         st = None
         if base is not None:
-            st = tuple(s.expand(-1, B, -1).contiguous() for s in base[1]) if isinstance(base[1], tuple) else base[1].expand(-1, B, -1).contiguous()
+            st = _repeat_state(base[1], B)
         h, st = self.model.forward_state(idx, st, lengths=lengths)
         logp = F.log_softmax(self.model.head(h[rows, lengths - 1]).float(), -1)
         pick = (lambda i: tuple(s[:, i : i + 1] for s in st)) if isinstance(st, tuple) else (lambda i: st[:, i : i + 1])
@@ -383,7 +390,7 @@ class LM:
             h = self.model.hidden_states(idx, lengths=lengths, cache=caches)
             logits = self.model.lm_head(h)
         else:
-            st = tuple(s.expand(-1, n, -1).contiguous() for s in state) if isinstance(state, tuple) else state.expand(-1, n, -1).contiguous()
+            st = _repeat_state(state, n)
             h, _ = self.model.forward_state(idx, st, lengths=lengths)
             logits = self.model.head(h)
         logp = F.log_softmax(logits.float(), -1)

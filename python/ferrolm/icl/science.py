@@ -350,10 +350,16 @@ def induction_batch(rng: np.random.Generator, batch: int, length: int, vocab: in
     """Next-token ``(x, y)`` (batch, length - 1) from :func:`induction_rows`, ``y`` scored only
     where the repeat is predictable (its second token onwards), -100 elsewhere."""
     seq, hs = induction_rows(rng, batch, length, vocab)
-    y = np.full((batch, length - 1), -100, dtype=np.int64)
+    return torch.from_numpy(seq[:, :-1].copy()), torch.from_numpy(_repeat_targets(seq, hs))
+
+
+def _repeat_targets(seq: np.ndarray, hs: np.ndarray) -> np.ndarray:
+    """Next-token targets (rows, length - 1) on the predictable part of each row's repeat
+    (its second token onwards), -100 elsewhere."""
+    y = np.full((seq.shape[0], seq.shape[1] - 1), -100, dtype=np.int64)
     for b, h in enumerate(hs):
-        y[b, length - h - 1 :] = seq[b, length - h :]
-    return torch.from_numpy(seq[:, :-1].copy()), torch.from_numpy(y)
+        y[b, seq.shape[1] - h - 1 :] = seq[b, seq.shape[1] - h :]
+    return y
 
 
 def _scored_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -413,9 +419,7 @@ def induction_toy(layers: int, steps: int, seed: int = 0, progress: bool = False
     """An attention-only GPT of ``layers`` layers trained on :func:`induction_batch` rows; its
     loss on the repeated segments of 256 held-out rows and every head's prefix-matching score."""
     seq, hs = induction_rows(np.random.default_rng([seed, 2**31]), 256, length, vocab)
-    y = np.full((len(seq), length - 1), -100, dtype=np.int64)
-    for b, h in enumerate(hs):
-        y[b, length - h - 1 :] = seq[b, length - h :]
+    y = _repeat_targets(seq, hs)
     cfg = GPTConfig(vocab_size=vocab, block_size=length, n_layer=layers, n_head=4, n_embd=64, positions="rotary", mlp=False,
                     tie_weights=False)
     torch.manual_seed(seed)
