@@ -15,7 +15,7 @@ import re
 import string
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
-__all__ = ["accuracy", "macro_f1", "exact_match", "perplexity", "bits_per_byte", "mean_ci", "corpus_bleu", "tokenize_13a"]
+__all__ = ["accuracy", "macro_f1", "exact_match", "perplexity", "bits_per_byte", "mean_ci", "corpus_bleu", "corpus_chrf", "tokenize_13a"]
 
 
 def _pair(pred: Sequence, gold: Sequence) -> None:
@@ -145,6 +145,99 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], 
             p = 100.0 * correct[n] / total[n]
         log_sum += math.log(p)
     return bp * math.exp(log_sum / max_order)
+
+
+_CHRF_PUNCT = set('!"#$%&\'()*+,-./:;<=>?@[\\]^_`{|}~')
+
+
+def _chrf_words(sent: str) -> List[str]:
+    """Words for chrF++'s word n-grams: one punctuation mark split off a word's end (or, failing
+    that, its start), as the reference chrF++ does."""
+    out: List[str] = []
+    for w in sent.split():
+        if len(w) > 1 and w[-1] in _CHRF_PUNCT:
+            out += [w[:-1], w[-1]]
+        elif len(w) > 1 and w[0] in _CHRF_PUNCT:
+            out += [w[0], w[1:]]
+        else:
+            out.append(w)
+    return out
+
+
+def _chrf_ngrams(sent: str, char_order: int, word_order: int, whitespace: bool) -> List[Dict[str, int]]:
+    line = sent if whitespace else "".join(sent.split())
+    grams: List[Dict[str, int]] = []
+    for n in range(1, char_order + 1):
+        c: Dict[str, int] = {}
+        for i in range(len(line) - n + 1):
+            c[line[i : i + n]] = c.get(line[i : i + n], 0) + 1
+        grams.append(c)
+    words = _chrf_words(sent) if word_order else []
+    for n in range(1, word_order + 1):
+        c = {}
+        for i in range(len(words) - n + 1):
+            g = " ".join(words[i : i + n])
+            c[g] = c.get(g, 0) + 1
+        grams.append(c)
+    return grams
+
+
+def _chrf_f(stats: Sequence[int], order: int, beta: float) -> float:
+    """chrF from [hyp, ref, match] counts per order: the precisions and recalls averaged over
+    the orders where both sides have n-grams, then F-beta (0-100)."""
+    factor = beta**2
+    avg_p = avg_r = 0.0
+    effective = 0
+    for i in range(order):
+        n_hyp, n_ref, n_match = stats[3 * i : 3 * i + 3]
+        if n_hyp > 0 and n_ref > 0:
+            avg_p += n_match / n_hyp
+            avg_r += n_match / n_ref
+            effective += 1
+    if effective == 0:
+        return 0.0
+    avg_p, avg_r = avg_p / effective, avg_r / effective
+    if avg_p + avg_r == 0:
+        return 0.0
+    return 100 * (1 + factor) * avg_p * avg_r / (factor * avg_p + avg_r)
+
+
+def corpus_chrf(hypotheses: Sequence[str], references: Sequence[Sequence[str]], char_order: int = 6, word_order: int = 0,
+                beta: float = 2, lowercase: bool = False, whitespace: bool = False) -> float:
+    """Corpus chrF (0-100) with sacrebleu's defaults (``CHRF()``): character n-grams up to 6
+    with whitespace removed, F-beta with beta = 2 over precision and recall averaged across
+    orders, statistics summed over the corpus; ``word_order=2`` gives chrF++. With several
+    references a segment counts against the one it matches best.
+
+    Args:
+        hypotheses: one string per segment. references: reference streams, as
+            :func:`corpus_bleu` takes them.
+    """
+    if isinstance(hypotheses, str) or any(isinstance(r, str) for r in references):
+        raise TypeError("hypotheses must be a list of strings and references a list of reference streams (lists of strings)")
+    if not references or any(len(r) != len(hypotheses) for r in references):
+        raise ValueError(f"every reference stream needs one string per hypothesis ({len(hypotheses)})")
+    if char_order < 0 or word_order < 0 or char_order + word_order == 0:
+        raise ValueError(f"char_order and word_order must be >= 0 with a positive sum, got {char_order}, {word_order}")
+    order = char_order + word_order
+    total = [0] * (3 * order)
+    prep = (lambda x: x.lower()) if lowercase else (lambda x: x)
+    for i, hyp in enumerate(hypotheses):
+        h = _chrf_ngrams(prep(hyp), char_order, word_order, whitespace)
+        best: Optional[List[int]] = None
+        best_f = -1.0
+        for stream in references:
+            r = _chrf_ngrams(prep(stream[i]), char_order, word_order, whitespace)
+            stats: List[int] = []
+            for hg, rg in zip(h, r):
+                match = sum(min(c, rg[g]) for g, c in hg.items() if g in rg)
+                stats += [sum(hg.values()) if rg else 0, sum(rg.values()), match]
+            f = _chrf_f(stats, order, beta)
+            if f > best_f:
+                best, best_f = stats, f
+        assert best is not None
+        total = [a + b for a, b in zip(total, best)]
+    return _chrf_f(total, order, beta)
 
 
 def perplexity(total_logprob: float, n_tokens: int) -> float:

@@ -42,7 +42,30 @@ __all__ = [
     "save_model",
     "load_model",
     "config_from_dict",
+    "Seq2SeqTransformerConfig",
+    "Seq2SeqLSTMConfig",
+    "AttentionLSTMConfig",
+    "Seq2SeqTransformer",
+    "Seq2SeqLSTM",
+    "AttentionLSTM",
 ]
+
+# The encoder-decoder and hybrid models live in ferrolm.seq2seq (which builds on this module);
+# they are importable from here too, loaded on first use.
+_SEQ2SEQ_NAMES = ("Seq2SeqTransformerConfig", "Seq2SeqLSTMConfig", "AttentionLSTMConfig", "Seq2SeqTransformer", "Seq2SeqLSTM", "AttentionLSTM")
+
+
+def __getattr__(name: str):
+    if name in _SEQ2SEQ_NAMES:
+        from . import seq2seq
+
+        return getattr(seq2seq, name)
+    raise AttributeError(f"module 'ferrolm.models' has no attribute {name!r}")
+
+
+def _with_seq2seq() -> None:
+    """Registers the seq2seq architectures (their module adds them to the tables below)."""
+    from . import seq2seq  # noqa: F401
 
 POSITIONS = ("learned", "sinusoidal", "rotary")
 POOLINGS = ("last", "mean", "max", "first")
@@ -150,8 +173,8 @@ class ClassifierConfig(_Config):
     def __post_init__(self) -> None:
         if isinstance(self.backbone, Mapping):
             self.backbone = config_from_dict(self.backbone)  # type: ignore[assignment]
-        if not isinstance(self.backbone, (GPTConfig, LSTMConfig)):
-            raise TypeError(f"ClassifierConfig.backbone must be a GPTConfig or LSTMConfig, got {type(self.backbone).__name__}")
+        if getattr(self.backbone, "architecture", None) not in _BACKBONES:
+            raise TypeError(f"ClassifierConfig.backbone must be a GPTConfig, LSTMConfig or AttentionLSTMConfig, got {type(self.backbone).__name__}")
         self._positive("num_classes")
         if self.pooling not in POOLINGS:
             raise ValueError(f"ClassifierConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
@@ -167,12 +190,24 @@ class ClassifierConfig(_Config):
 
 
 _CONFIGS: Dict[str, Type[_Config]] = {"gpt": GPTConfig, "lstm": LSTMConfig, "classifier": ClassifierConfig}
+_BACKBONES = ("gpt", "lstm", "attention_lstm")
+
+
+def backbone_width(config) -> int:
+    """The width of the hidden states a backbone with this config returns."""
+    if isinstance(config, GPTConfig):
+        return config.n_embd
+    if isinstance(config, LSTMConfig):
+        return config.hidden_size
+    return config.output_size
 
 
 def config_from_dict(d: Mapping[str, Any]) -> Union[GPTConfig, LSTMConfig, ClassifierConfig]:
-    """A config from ``{"architecture": "gpt" | "lstm" | "classifier", **fields}``."""
+    """A config from ``{"architecture": "gpt" | "lstm" | "classifier" | "seq2seq_transformer" |
+    "seq2seq_lstm" | "attention_lstm", **fields}``."""
+    _with_seq2seq()
     if not isinstance(d, Mapping) or "architecture" not in d:
-        raise ValueError("a model config needs an 'architecture' key ('gpt', 'lstm' or 'classifier')")
+        raise ValueError(f"a model config needs an 'architecture' key (one of {sorted(_CONFIGS)})")
     arch = d["architecture"]
     if arch not in _CONFIGS:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(_CONFIGS)}")
@@ -631,8 +666,9 @@ class LSTMLanguageModel(_Checkpointable, nn.Module):
 # --------------------------------------------------------------------------- classifier
 
 
-def build_backbone(config: Union[GPTConfig, LSTMConfig]) -> nn.Module:
-    return GPT(config) if isinstance(config, GPTConfig) else LSTMLanguageModel(config)
+def build_backbone(config) -> nn.Module:
+    _with_seq2seq()
+    return _MODELS[config.architecture](config)  # type: ignore[call-arg]
 
 
 class SequenceClassifier(_Checkpointable, nn.Module):
@@ -649,7 +685,7 @@ class SequenceClassifier(_Checkpointable, nn.Module):
             raise TypeError(f"SequenceClassifier needs a ClassifierConfig, got {type(config).__name__}")
         self.config = config
         self.backbone = backbone if backbone is not None else build_backbone(config.backbone)
-        width = config.backbone.n_embd if isinstance(config.backbone, GPTConfig) else config.backbone.hidden_size
+        width = backbone_width(config.backbone)
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(width, config.num_classes)
         nn.init.normal_(self.head.weight, std=0.02)
@@ -657,9 +693,10 @@ class SequenceClassifier(_Checkpointable, nn.Module):
 
     @classmethod
     def from_backbone(cls, backbone: nn.Module, num_classes: int, pooling: str = "last", dropout: float = 0.0) -> "SequenceClassifier":
-        """A classifier on a (pretrained) :class:`GPT` or :class:`LSTMLanguageModel`."""
-        if not isinstance(backbone, (GPT, LSTMLanguageModel)):
-            raise TypeError(f"backbone must be a ferrolm GPT or LSTMLanguageModel, got {type(backbone).__name__}")
+        """A classifier on a (pretrained) :class:`GPT`, :class:`LSTMLanguageModel` or
+        :class:`~ferrolm.seq2seq.AttentionLSTM`."""
+        if getattr(getattr(backbone, "config", None), "architecture", None) not in _BACKBONES or not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be a ferrolm GPT, LSTMLanguageModel or AttentionLSTM, got {type(backbone).__name__}")
         return cls(ClassifierConfig(backbone.config, num_classes, pooling, dropout), backbone=backbone)
 
     def forward(self, idx: torch.Tensor, labels: Optional[torch.Tensor] = None, lengths=None):
@@ -685,10 +722,11 @@ _MODELS: Dict[str, Type[nn.Module]] = {"gpt": GPT, "lstm": LSTMLanguageModel, "c
 
 
 def _arch_of(model: nn.Module) -> str:
+    _with_seq2seq()
     for arch, cls in _MODELS.items():
         if type(model) is cls:
             return arch
-    raise TypeError(f"save_model takes a ferrolm GPT, LSTMLanguageModel or SequenceClassifier, got {type(model).__name__}")
+    raise TypeError(f"save_model takes a ferrolm model ({', '.join(c.__name__ for c in _MODELS.values())}), got {type(model).__name__}")
 
 
 def save_model(model: nn.Module, path: PathLike) -> None:
@@ -739,6 +777,7 @@ def load_model(path: PathLike, expect: Optional[Type[nn.Module]] = None, map_loc
         FileNotFoundError, FormatError (not a ferrolm checkpoint), ValueError (wrong
         architecture, unknown config keys, missing/extra weights).
     """
+    _with_seq2seq()
     tensors, meta = _read_checkpoint(path)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise FormatError(f"{path} is a safetensors file but not a ferrolm model checkpoint (no '{FORMAT}' metadata)")

@@ -27,7 +27,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .ops import gru_layer, lstm_layer
 
-__all__ = ["LSTM", "GRU", "MultiheadSelfAttention", "KVCache", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "RotaryEmbedding"]
+__all__ = ["LSTM", "GRU", "MultiheadSelfAttention", "MultiheadAttention", "KVCache", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "RotaryEmbedding"]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 
@@ -424,3 +424,110 @@ class MultiheadSelfAttention(torch.nn.Module):
             y = attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=self.causal, key_padding_mask=key_padding_mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.dropout(self.c_proj(y))
+
+
+class MultiheadAttention(torch.nn.Module):
+    """``torch.nn.MultiheadAttention``'s parameters and batch-first layout on ferrolm's kernels:
+    self-attention (optionally causal) and cross-attention (queries from one sequence, keys
+    and values from another, such as a decoder attending to its encoder's output).
+
+    Parameters as torch's (``in_proj_weight`` (3C, C) holding W_q, W_k, W_v, ``in_proj_bias``,
+    ``out_proj``), so ``load_state_dict`` works both ways with ``torch.nn.MultiheadAttention``
+    (and inside ``torch.nn.Transformer`` layers). Self-attention projects q, k, v in one GEMM;
+    cross-attention projects the keys and values of the memory in one (:meth:`project_kv`, which
+    a decoder calls once per source and passes back as ``memory_kv`` at every step).
+
+    ``forward(x, memory=None, key_padding_mask=None, causal=False, cache=None, memory_kv=None,
+    memory_lengths=None)``: x (B, T, C). Self-attention when ``memory`` and ``memory_kv`` are
+    None: with a :class:`KVCache`, a single token per row (T = 1) is written at each row's
+    length and attends to the row's cache (the decode kernel), a block of T > 1 tokens is
+    appended and attends causally to the whole cache. Cross-attention otherwise:
+    ``key_padding_mask`` (B, S) bool marks the memory's pad positions (True = ignore), or
+    ``memory_lengths`` (B,) the real lengths of right-padded memory rows (single-token steps then
+    run on the decode kernel).
+
+    Args:
+        embed_dim: C. num_heads: H (divides C).
+        dropout: dropout on the attention weights, as torch's; while training with dropout > 0
+            the product runs on torch's ``scaled_dot_product_attention`` (the fused kernel has
+            no weight dropout); in eval mode, or with dropout 0, on ferrolm's.
+        bias: biases in the projections.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be a positive multiple of num_heads={num_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.dropout = float(dropout)
+        self.in_proj_weight = torch.nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
+        if bias:
+            self.in_proj_bias = torch.nn.Parameter(torch.zeros(3 * embed_dim))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias)
+        torch.nn.init.xavier_uniform_(self.in_proj_weight)
+        if bias:
+            torch.nn.init.zeros_(self.out_proj.bias)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def project_kv(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of ``memory`` (B, S, C), each (B, H, S, D), in one GEMM."""
+        C = self.embed_dim
+        if memory.dim() != 3 or memory.size(-1) != C:
+            raise ValueError(f"expected memory of shape (B, S, {C}), got {tuple(memory.shape)}")
+        b = None if self.in_proj_bias is None else self.in_proj_bias[C:]
+        k, v = F.linear(memory, self.in_proj_weight[C:], b).split(C, dim=2)
+        return self._split_heads(k), self._split_heads(v)
+
+    def _attend(self, q, k, v, causal: bool, key_padding_mask):
+        from .ops import attention
+
+        if self.training and self.dropout > 0:
+            from .ops import _attention_mask
+
+            mask = _attention_mask(q.size(0), q.size(2), k.size(2), causal, key_padding_mask, q.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout)
+            return y if mask is None else y.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+        return attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal, key_padding_mask=key_padding_mask)
+
+    def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
+                causal: bool = False, cache: Optional[KVCache] = None, memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                memory_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        from .ops import decode_attention
+
+        C = self.embed_dim
+        if x.dim() != 3 or x.size(-1) != C:
+            raise ValueError(f"expected x of shape (B, T, {C}), got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        if memory is None and memory_kv is None:  # self-attention
+            q, k, v = (self._split_heads(t) for t in F.linear(x, self.in_proj_weight, self.in_proj_bias).split(C, dim=2))
+            if cache is not None and T == 1 and key_padding_mask is None:
+                lens = cache.append_step(k, v)
+                y = decode_attention(q, cache.k, cache.v, lens)
+            else:
+                if cache is not None:
+                    k, v = cache.append(k, v)
+                    causal = True
+                y = self._attend(q, k, v, causal, key_padding_mask)
+        else:  # cross-attention
+            if cache is not None or causal:
+                raise ValueError("cross-attention takes no KV cache and no causal mask (the memory is fixed)")
+            b = None if self.in_proj_bias is None else self.in_proj_bias[:C]
+            q = self._split_heads(F.linear(x, self.in_proj_weight[:C], b))
+            k, v = memory_kv if memory_kv is not None else self.project_kv(memory)  # type: ignore[arg-type]
+            if k.size(0) != B:
+                raise ValueError(f"the memory holds {k.size(0)} rows, the queries {B}")
+            if memory_lengths is not None and T == 1 and not (self.training and self.dropout > 0):
+                y = decode_attention(q, k, v, memory_lengths)
+            else:
+                if memory_lengths is not None and key_padding_mask is None:
+                    key_padding_mask = torch.arange(k.size(2), device=x.device)[None, :] >= memory_lengths.to(x.device)[:, None]
+                y = self._attend(q, k, v, False, key_padding_mask)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.out_proj(y)

@@ -13,7 +13,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["lstm_layer", "gru_layer", "attention", "GPT", "LSTMLanguageModel", "SequenceClassifier"]
+__all__ = ["lstm_layer", "gru_layer", "attention", "GPT", "LSTMLanguageModel", "SequenceClassifier", "Seq2SeqTransformer", "Seq2SeqLSTM",
+           "AttentionLSTM"]
 
 
 def _steps(batch_sizes: Sequence[int], reverse: bool):
@@ -275,9 +276,11 @@ class SequenceClassifier(nn.Module):
         from .models import GPTConfig
 
         self.config = config
+        from .models import LSTMConfig, backbone_width
+
         bc = config.backbone
-        self.backbone = GPT(bc) if isinstance(bc, GPTConfig) else LSTMLanguageModel(bc)
-        width = bc.n_embd if isinstance(bc, GPTConfig) else bc.hidden_size
+        self.backbone = GPT(bc) if isinstance(bc, GPTConfig) else LSTMLanguageModel(bc) if isinstance(bc, LSTMConfig) else AttentionLSTM(bc)
+        width = backbone_width(bc)
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(width, config.num_classes)
 
@@ -297,3 +300,167 @@ class SequenceClassifier(nn.Module):
             pooled = h.masked_fill(~real, -math.inf).amax(1)
         logits = self.head(self.drop(pooled))
         return logits, (F.cross_entropy(logits, torch.as_tensor(labels)) if labels is not None else None)
+
+
+# --------------------------------------------------------------------------- seq2seq and hybrid models
+
+
+def _sinusoid_table(T: int, C: int, offset: int = 0) -> torch.Tensor:
+    pos = torch.arange(offset, offset + T, dtype=torch.float64)[:, None]
+    inv = 10000.0 ** (-torch.arange(0, C, 2, dtype=torch.float64) / C)
+    pe = torch.zeros(T, C, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(pos * inv)
+    pe[:, 1::2] = torch.cos(pos * inv)
+    return pe.float()
+
+
+class _PositionTable(nn.Module):
+    def __init__(self, n: int, C: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, C) * 0.02)
+
+
+class Seq2SeqTransformer(nn.Module):
+    """Embeddings (scaled by sqrt(C)) + positions + ``torch.nn.Transformer`` itself (batch first,
+    causal target mask, source padding masks) + a linear generator: the plain-PyTorch twin of
+    :class:`ferrolm.seq2seq.Seq2SeqTransformer`, with identical parameter names."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.src_embed = nn.Embedding(config.src_vocab_size, C)
+        self.tgt_embed = self.src_embed if config.shared_embeddings else nn.Embedding(config.tgt_vocab_size, C)
+        if config.positions == "learned":
+            self.src_pos = _PositionTable(config.max_len, C)
+            self.tgt_pos = _PositionTable(config.max_len, C)
+        self.drop = nn.Dropout(config.dropout)
+        self.transformer = nn.Transformer(d_model=C, nhead=config.n_head, num_encoder_layers=config.n_layer,
+                                          num_decoder_layers=config.decoder_layers, dim_feedforward=config.ff_size,
+                                          dropout=config.dropout, activation=config.activation, layer_norm_eps=config.layer_norm_eps,
+                                          batch_first=True, norm_first=config.norm_first, bias=config.bias)
+        self.generator = nn.Linear(C, config.tgt_vocab_size, bias=config.bias)
+        if config.tie_output:
+            self.generator.weight = self.tgt_embed.weight
+
+    def _embed(self, idx, side: str):
+        emb = self.src_embed if side == "src" else self.tgt_embed
+        x = emb(idx) * math.sqrt(self.config.n_embd)
+        T = idx.size(1)
+        if self.config.positions == "learned":
+            x = x + (self.src_pos if side == "src" else self.tgt_pos).weight[:T]
+        else:
+            x = x + _sinusoid_table(T, self.config.n_embd).to(x.device, x.dtype)
+        return self.drop(x)
+
+    def forward(self, src, tgt, targets=None):
+        pad = src == self.config.pad_id
+        T = tgt.size(1)
+        causal = nn.Transformer.generate_square_subsequent_mask(T, device=tgt.device)
+        h = self.transformer(self._embed(src, "src"), self._embed(tgt, "tgt"), tgt_mask=causal, src_key_padding_mask=pad,
+                             memory_key_padding_mask=pad, tgt_is_causal=True)
+        logits = self.generator(h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                                   label_smoothing=self.config.label_smoothing)
+        return logits, loss
+
+
+class Seq2SeqLSTM(nn.Module):
+    """``torch.nn.LSTM`` encoder (bidirectional, packed) and decoder with Luong attention in
+    explicit torch ops: the twin of :class:`ferrolm.seq2seq.Seq2SeqLSTM`, identical names."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        E, H, L = config.n_embd, config.hidden_size, config.num_layers
+        drop = config.dropout if L > 1 else 0.0
+        self.src_embed = nn.Embedding(config.src_vocab_size, E)
+        self.tgt_embed = self.src_embed if config.shared_embeddings else nn.Embedding(config.tgt_vocab_size, E)
+        self.encoder = nn.LSTM(E, H // 2, num_layers=L, batch_first=True, bidirectional=True, dropout=drop)
+        self.decoder = nn.LSTM(E, H, num_layers=L, batch_first=True, dropout=drop)
+        if config.attention == "general":
+            self.attn_proj = nn.Linear(H, H, bias=False)
+        self.combine = nn.Linear(2 * H, H, bias=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.generator = nn.Linear(H, config.tgt_vocab_size)
+        if config.tie_output:
+            self.generator.weight = self.tgt_embed.weight
+
+    def forward(self, src, tgt, targets=None):
+        B, S = src.shape
+        L = self.config.num_layers
+        lengths = (src != self.config.pad_id).sum(1)
+        packed = nn.utils.rnn.pack_padded_sequence(self.drop(self.src_embed(src)), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        enc, (h_n, c_n) = self.encoder(packed)
+        enc, _ = nn.utils.rnn.pad_packed_sequence(enc, batch_first=True, total_length=S)  # (B, S, H)
+        join = lambda s: s.view(L, 2, B, -1).transpose(1, 2).reshape(L, B, -1)  # noqa: E731
+        out, _ = self.decoder(self.drop(self.tgt_embed(tgt)), (join(h_n), join(c_n)))  # (B, T, H)
+        keys = self.attn_proj(enc) if self.config.attention == "general" else enc
+        scores = out @ keys.transpose(1, 2)  # (B, T, S)
+        scores = scores.masked_fill((src == self.config.pad_id)[:, None, :], float("-inf"))
+        ctx = torch.softmax(scores, dim=-1) @ enc  # (B, T, H)
+        logits = self.generator(self.drop(torch.tanh(self.combine(torch.cat([ctx, out], dim=-1)))))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                                   label_smoothing=self.config.label_smoothing)
+        return logits, loss
+
+
+class _SelfAttention(nn.Module):
+    """GPT-2-named (``c_attn``, ``c_proj``) multi-head self-attention on SDPA, causal or with
+    key padding."""
+
+    def __init__(self, n_embd: int, n_head: int, causal: bool, dropout: float) -> None:
+        super().__init__()
+        self.n_head, self.causal = n_head, causal
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, padding_mask=None):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
+        if self.causal:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if padding_mask is None else ~padding_mask[:, None, None, :])
+        return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class AttentionLSTM(nn.Module):
+    """Embedding -> self-attention (pre-norm, residual) -> ``torch.nn.LSTM`` -> head: the twin of
+    :class:`ferrolm.seq2seq.AttentionLSTM`, identical names."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.embed = nn.Embedding(config.vocab_size, C)
+        self.ln = nn.LayerNorm(C)
+        self.attn = _SelfAttention(C, config.n_head, config.causal, config.dropout)
+        self.rnn = nn.LSTM(C, config.hidden_size, num_layers=config.num_layers, batch_first=True, bidirectional=config.bidirectional,
+                           dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.output_size, config.vocab_size)
+
+    def hidden_states(self, idx, lengths=None):
+        B, T = idx.shape
+        pad = None if lengths is None else torch.arange(T)[None, :] >= torch.as_tensor(lengths)[:, None]
+        x = self.drop(self.embed(idx))
+        x = x + self.attn(self.ln(x), pad)
+        if lengths is None:
+            out, _ = self.rnn(x)
+        else:
+            packed = nn.utils.rnn.pack_padded_sequence(x, torch.as_tensor(lengths).cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=T)
+        return self.drop(out)
+
+    def forward(self, idx, targets=None, lengths=None):
+        logits = self.head(self.hidden_states(idx, lengths))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss

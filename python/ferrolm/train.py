@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ._config import Config
 from ._io import PathLike, atomic_write
 
-__all__ = ["TrainConfig", "TrainResult", "TokenBatches", "ExampleBatches", "SyntheticBatches", "train", "lr_at", "evaluate", "load_train_state"]
+__all__ = ["TrainConfig", "TrainResult", "TokenBatches", "ExampleBatches", "Seq2SeqBatches", "SyntheticBatches", "train", "lr_at", "evaluate", "load_train_state"]
 
 STATE_FILE = "train_state.pt"
 MODEL_FILE = "model.safetensors"
@@ -281,6 +281,69 @@ class ExampleBatches(_Epochs):
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
+class Seq2SeqBatches(_Epochs):
+    """Teacher-forcing batches for encoder-decoder models from ``(source ids, target ids)``
+    pairs: ``x = (src, tgt_in)`` and ``y`` with
+
+    - ``src`` (B, S): the sources, right-padded with ``pad_id`` to the longest of the batch;
+    - ``tgt_in`` (B, T): ``[bos_id] + target``, right-padded with ``pad_id``;
+    - ``y`` (B, T): ``target + [eos_id]``, -100 (no loss) on the padding.
+
+    Epochs visit the pairs in a permutation seeded by ``(seed, epoch)`` (DDP ranks take their
+    slice of each global batch, as :class:`TokenBatches`), so training resumes exactly. The
+    trainer builds one of these itself for a model with ``is_encoder_decoder`` and a list of
+    pairs, taking the special ids from ``model.config``.
+
+    Example:
+        >>> b = Seq2SeqBatches([([5, 6, 7], [8]), ([9], [10, 11])], batch_size=2, pad_id=0, bos_id=1, eos_id=2, shuffle=False)
+        >>> (src, tgt_in), y = b.next()
+        >>> src.tolist(), tgt_in.tolist(), y.tolist()
+        ([[5, 6, 7], [9, 0, 0]], [[1, 8, 0], [1, 10, 11]], [[8, 2, -100], [10, 11, 2]])
+    """
+
+    def __init__(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]], batch_size: int, pad_id: int, bos_id: int, eos_id: int,
+                 max_len: Optional[int] = None, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+        self.batch_size = int(batch_size)
+        self.pad_id, self.bos_id, self.eos_id = int(pad_id), int(bos_id), int(eos_id)
+        self.seed, self.rank, self.world_size, self.shuffle = int(seed), int(rank), int(world_size), shuffle
+        self.rows: List[Tuple[np.ndarray, np.ndarray]] = []
+        for i, pair in enumerate(pairs):
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"pair {i}: expected a (source ids, target ids) pair, got {type(pair).__name__}")
+            src, tgt = (np.asarray(p.detach().cpu() if isinstance(p, torch.Tensor) else p, dtype=np.int64) for p in pair)
+            if src.ndim != 1 or src.size == 0:
+                raise ValueError(f"pair {i}: the source must be a non-empty 1-D sequence of ids, got shape {src.shape}")
+            if tgt.ndim != 1:
+                raise ValueError(f"pair {i}: the target must be a 1-D sequence of ids, got shape {tgt.shape}")
+            if self.pad_id in src or self.pad_id in tgt:
+                raise ValueError(f"pair {i} holds pad_id={self.pad_id}; give the sequences unpadded")
+            if max_len is not None and (src.size > max_len or tgt.size + 1 > max_len):
+                raise ValueError(f"pair {i}: source of {src.size} / target of {tgt.size} (+1 for BOS/EOS) tokens exceeds max_len={max_len}")
+            self.rows.append((src, tgt))
+        self.n_windows = len(self.rows)
+        self.per_epoch = self.n_windows // (self.batch_size * self.world_size)
+        if self.per_epoch == 0:
+            raise ValueError(f"{self.n_windows} pairs are too few for one batch of {self.batch_size * self.world_size}; lower batch_size or add data")
+        self.epoch, self.index = 0, 0
+        self._order: Optional[np.ndarray] = None
+
+    def batch_at(self, epoch: int, index: int) -> Tuple[Tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The batch ``index`` of ``epoch`` for this rank (does not move the position)."""
+        picked = [self.rows[i] for i in self._picked(epoch, index)]
+        S = max(s.size for s, _ in picked)
+        T = max(t.size for _, t in picked) + 1
+        src = np.full((len(picked), S), self.pad_id, dtype=np.int64)
+        tgt_in = np.full((len(picked), T), self.pad_id, dtype=np.int64)
+        y = np.full((len(picked), T), -100, dtype=np.int64)
+        for r, (s, t) in enumerate(picked):
+            src[r, : s.size] = s
+            tgt_in[r, 0] = self.bos_id
+            tgt_in[r, 1 : t.size + 1] = t
+            y[r, : t.size] = t
+            y[r, t.size] = self.eos_id
+        return (torch.from_numpy(src), torch.from_numpy(tgt_in)), torch.from_numpy(y)
+
+
 class SyntheticBatches:
     """Batches generated on the fly: batch ``index`` is ``make(rng)`` with ``rng`` a numpy
     ``Generator`` seeded by ``(seed, rank, index)``, so every batch is a pure function of its
@@ -322,9 +385,14 @@ class SyntheticBatches:
         self.index = int(state["index"])
 
 
-def _batches(data: Any, cfg: "TrainConfig", rank: int, world: int, shuffle: bool = True):
+def _batches(data: Any, cfg: "TrainConfig", rank: int, world: int, shuffle: bool = True, model: Optional[torch.nn.Module] = None):
     if isinstance(data, (_Epochs, SyntheticBatches)):
         return data  # a batch source built by the caller (its own batch size and seed)
+    mc = getattr(model, "config", None)
+    if getattr(model, "is_encoder_decoder", False) and mc is not None:
+        if not _is_pairs(data):
+            raise ValueError(f"{type(model).__name__} trains on (source ids, target ids) pairs (or a Seq2SeqBatches); got {type(data).__name__}")
+        return Seq2SeqBatches(data, cfg.batch_size, mc.pad_id, mc.bos_id, mc.eos_id, mc.max_len, cfg.seed, rank, world, shuffle)
     if _is_pairs(data):
         return ExampleBatches(data, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, shuffle)
     return TokenBatches(data, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, shuffle)
@@ -394,12 +462,30 @@ def evaluate(model: torch.nn.Module, batches: _Epochs, n_batches: int, world: in
     device = next(model.parameters()).device
     for i in range(min(n_batches, batches.per_epoch)):
         x, y = batches.batch_at(0, i)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        _, loss = model(x, targets=y)
+        _, loss = _run(model, _to(x, device), _to(y, device))
         total += float(loss)
         count += 1
     model.train(was)
     return _all_mean(total / max(1, count), world)
+
+
+def _to(x: Any, device) -> Any:
+    """A batch part on ``device``: a tensor, or a tuple of them (encoder-decoder inputs)."""
+    if isinstance(x, (tuple, list)):
+        return tuple(_to(t, device) for t in x)
+    return x.to(device, non_blocking=True)
+
+
+def _run(net: torch.nn.Module, x: Any, y: Any):
+    """``net(x, targets=y)``, or ``net(*x, targets=y)`` for a tuple of inputs (src, tgt)."""
+    return net(*x, targets=y) if isinstance(x, tuple) else net(x, targets=y)
+
+
+def _positions(x: Any) -> int:
+    """Input positions of a batch, padding included (both sides for (src, tgt) inputs)."""
+    if isinstance(x, (tuple, list)):
+        return sum(_positions(t) for t in x)
+    return x.shape[0] * (x.shape[1] if x.dim() > 1 else 1)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -523,8 +609,8 @@ def train(
     rank, world, owns_group = _dist_setup()
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (the folder holding the checkpoint)")
-    batches = _batches(train_data, cfg, rank, world)
-    val = _batches(val_data, cfg, rank, world, shuffle=False) if val_data is not None else None
+    batches = _batches(train_data, cfg, rank, world, model=model)
+    val = _batches(val_data, cfg, rank, world, shuffle=False, model=model) if val_data is not None else None
     block = getattr(getattr(model, "config", None), "block_size", None)
     if block is not None and cfg.seq_len > block and not isinstance(batches, SyntheticBatches):
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's block_size={block}")
@@ -575,12 +661,12 @@ def train(
                 loss_sum, step_tokens = 0.0, 0
                 for micro in range(cfg.grad_accum):
                     x, y = batches.next()
-                    step_tokens += x.shape[0] * (x.shape[1] if x.dim() > 1 else 1)  # positions, padding included
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    step_tokens += _positions(x)  # positions, padding included
+                    x, y = _to(x, device), _to(y, device)
                     sync = micro == cfg.grad_accum - 1
                     ctx = net.no_sync() if (world > 1 and not sync) else _null()  # type: ignore[operator]
                     with ctx:
-                        _, loss = net(x, targets=y)
+                        _, loss = _run(net, x, y)
                         (loss / cfg.grad_accum).backward()
                     loss_sum += float(loss.detach())
                 gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if cfg.grad_clip > 0 else float("nan")

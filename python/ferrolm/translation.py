@@ -1,0 +1,206 @@
+"""The embedded translation task and the recipe that trains and scores seq2seq models on it.
+
+The task: whole numbers written in English words -> the same numbers in French words
+(:mod:`ferrolm.numwords`), generated on the machine, nothing downloaded. The split makes the
+model generalise rather than memorise: numbers are grouped in blocks of 1,000 by their
+thousands part, and 10% of the blocks (a seeded choice among 1..999) are held out; the test set
+comes only from held-out blocks, so no test number's thousands part ever appears *as a thousands
+part* in training (it does appear as the last three digits of other numbers, which is what makes
+the mapping learnable compositionally). Training and validation numbers come from the other
+blocks (disjoint from each other).
+
+Example:
+    >>> task = number_task(n_train=100, n_valid=10, n_test=10)
+    >>> len(task.train), len(task.test)
+    (100, 10)
+    >>> task.train[0][0].startswith(("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+    ...                              "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+    ...                              "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety", "zero"))
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .numwords import LANGUAGES, MAX_NUMBER
+
+__all__ = ["TranslationTask", "number_task", "held_out_blocks", "SPECIALS", "train_tokenizer", "encode_pairs", "translate_texts",
+           "evaluate_translation", "load_pairs"]
+
+SPECIALS = ("<pad>", "<s>", "</s>")
+BLOCK = 1000
+
+
+@dataclass
+class TranslationTask:
+    """Source/target text pairs: ``train``, ``valid`` and ``test`` lists of ``(source, target)``."""
+
+    train: List[Tuple[str, str]]
+    valid: List[Tuple[str, str]]
+    test: List[Tuple[str, str]]
+    description: str = ""
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+def held_out_blocks(seed: int = 0, fraction: float = 0.1) -> np.ndarray:
+    """The held-out thousands parts (sorted): a seeded ``fraction`` of 1..999 (block 0, the
+    numbers below 1,000, always trains)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    n_blocks = (MAX_NUMBER + 1) // BLOCK
+    rng = np.random.default_rng([seed, 1000])
+    k = max(1, int(round(fraction * (n_blocks - 1))))
+    return np.sort(rng.choice(np.arange(1, n_blocks), size=k, replace=False))
+
+
+def number_task(n_train: int = 200_000, n_valid: int = 1_000, n_test: int = 2_000, source: str = "en", target: str = "fr",
+                seed: int = 0, test_fraction: float = 0.1) -> TranslationTask:
+    """Number words from ``source`` to ``target`` language ("en" or "fr"), split by held-out
+    blocks of 1,000 (see the module docstring). Distinct numbers throughout; the same
+    arguments always give the same pairs.
+
+    Raises:
+        ValueError: unknown languages, or more numbers asked than a split holds.
+    """
+    for lang in (source, target):
+        if lang not in LANGUAGES:
+            raise ValueError(f"unknown language {lang!r}; expected one of {sorted(LANGUAGES)}")
+    if source == target:
+        raise ValueError("source and target languages must differ")
+    held = held_out_blocks(seed, test_fraction)
+    is_held = np.zeros((MAX_NUMBER + 1) // BLOCK, dtype=bool)
+    is_held[held] = True
+    numbers = np.arange(MAX_NUMBER + 1)
+    test_pool = numbers[is_held[numbers // BLOCK]]
+    train_pool = numbers[~is_held[numbers // BLOCK]]
+    if n_test > len(test_pool) or n_train + n_valid > len(train_pool):
+        raise ValueError(f"asked for {n_train}+{n_valid} training/validation and {n_test} test numbers; "
+                         f"the split holds {len(train_pool)} and {len(test_pool)}")
+    rng = np.random.default_rng([seed, 2000])
+    picked = rng.choice(train_pool, size=n_train + n_valid, replace=False)
+    test = rng.choice(test_pool, size=n_test, replace=False)
+    src, tgt = LANGUAGES[source], LANGUAGES[target]
+    pair = lambda n: (src(int(n)), tgt(int(n)))  # noqa: E731
+    return TranslationTask(
+        train=[pair(n) for n in picked[:n_train]],
+        valid=[pair(n) for n in picked[n_train:]],
+        test=[pair(n) for n in test],
+        description=f"numbers 0..{MAX_NUMBER:,} in words, {source} -> {target}; test numbers from {len(held)} held-out blocks of 1,000",
+        meta={"source": source, "target": target, "seed": seed, "held_out_blocks": held.tolist(), "n_train": n_train,
+              "n_valid": n_valid, "n_test": n_test},
+    )
+
+
+def load_pairs(path) -> List[Tuple[str, str]]:
+    """``(source, target)`` pairs from a TSV file (two tab-separated columns) or JSONL
+    (``{"source": ..., "target": ...}`` per line).
+
+    Raises:
+        FileNotFoundError; ValueError naming ``file:line`` for a malformed line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pairs file {path} does not exist")
+    out: List[Tuple[str, str]] = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    d = json.loads(line)
+                    out.append((str(d["source"]), str(d["target"])))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{path}:{i}: expected a JSON object with 'source' and 'target' ({e})") from None
+            else:
+                parts = line.rstrip("\n").split("\t")
+                if len(parts) != 2:
+                    raise ValueError(f"{path}:{i}: expected two tab-separated columns (source, target), got {len(parts)}")
+                out.append((parts[0], parts[1]))
+    if not out:
+        raise ValueError(f"{path} holds no pairs")
+    return out
+
+
+def train_tokenizer(pairs: Sequence[Tuple[str, str]], vocab_size: int = 512):
+    """A byte-level BPE tokenizer (ferrolm's) trained on both sides of ``pairs``, with the
+    special tokens ``<pad>``, ``<s>``, ``</s>`` last. One vocabulary serves both sides."""
+    from .tokenizer import Tokenizer
+
+    texts = [s for s, _ in pairs] + [t for _, t in pairs]
+    return Tokenizer.train(texts, vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False)
+
+
+def special_ids(tok) -> Dict[str, int]:
+    """``{"pad_id", "bos_id", "eos_id"}`` of a tokenizer trained by :func:`train_tokenizer`.
+
+    Raises:
+        ValueError: the tokenizer lacks one of the special tokens.
+    """
+    sp = tok.special_tokens
+    missing = [s for s in SPECIALS if s not in sp]
+    if missing:
+        raise ValueError(f"the tokenizer has no {missing} special tokens; train it with ferrolm.translation.train_tokenizer")
+    return {"pad_id": sp["<pad>"], "bos_id": sp["<s>"], "eos_id": sp["</s>"]}
+
+
+def encode_pairs(tok, pairs: Sequence[Tuple[str, str]]) -> List[Tuple[List[int], List[int]]]:
+    """Token ids of both sides (no special tokens; the batches add BOS/EOS)."""
+    src = tok.encode_ordinary_batch([s for s, _ in pairs])
+    tgt = tok.encode_ordinary_batch([t for _, t in pairs])
+    return list(zip(src, tgt))
+
+
+def translate_texts(model, tok, texts: Sequence[str], beam_size: int = 1, max_new_tokens: Optional[int] = None,
+                    batch_size: int = 64, length_penalty: float = 1.0) -> List[str]:
+    """Translations of ``texts`` by a trained encoder-decoder ``model`` with tokenizer ``tok``.
+
+    Raises:
+        ValueError: an empty text, or a vocabulary mismatch between the model and tokenizer.
+    """
+    cfg = model.config
+    if tok.n_vocab > min(cfg.src_vocab_size, cfg.tgt_vocab_size):
+        raise ValueError(f"the tokenizer has {tok.n_vocab} tokens but the model's vocabularies hold {cfg.src_vocab_size} / "
+                         f"{cfg.tgt_vocab_size}; use the tokenizer saved with the model")
+    ids = special_ids(tok)
+    if (ids["pad_id"], ids["bos_id"], ids["eos_id"]) != (cfg.pad_id, cfg.bos_id, cfg.eos_id):
+        raise ValueError(f"the tokenizer's special ids {ids} differ from the model's ({cfg.pad_id}, {cfg.bos_id}, {cfg.eos_id}); "
+                         "use the tokenizer saved with the model")
+    sources = tok.encode_ordinary_batch(list(texts))
+    for i, s in enumerate(sources):
+        if not s:
+            raise ValueError(f"text {i} is empty; nothing to translate")
+    out = model.translate(sources, max_new_tokens=max_new_tokens, beam_size=beam_size, length_penalty=length_penalty, batch_size=batch_size)
+    return [tok.decode(o) for o in out]
+
+
+def evaluate_translation(model, tok, pairs: Sequence[Tuple[str, str]], beam_size: int = 1, batch_size: int = 64,
+                         max_new_tokens: Optional[int] = None) -> Dict[str, Any]:
+    """Translates the sources of ``pairs`` and scores them against the targets: corpus BLEU
+    and chrF (equal to sacrebleu's), exact match (whole string), the wall time and a few
+    examples."""
+    from .metrics import corpus_bleu, corpus_chrf
+
+    t0 = time.perf_counter()
+    hyps = translate_texts(model, tok, [s for s, _ in pairs], beam_size=beam_size, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    dt = time.perf_counter() - t0
+    refs = [t for _, t in pairs]
+    wrong = [(s, h, r) for (s, r), h in zip(pairs, hyps) if h != r]
+    return {
+        "n": len(pairs),
+        "bleu": corpus_bleu(hyps, [refs]),
+        "chrf": corpus_chrf(hyps, [refs]),
+        "exact_match": sum(h == r for h, r in zip(hyps, refs)) / len(refs),
+        "beam_size": beam_size,
+        "seconds": dt,
+        "sentences_per_s": len(pairs) / dt if dt > 0 else math.inf,
+        "errors": [{"source": s, "output": h, "reference": r} for s, h, r in wrong[:10]],
+    }
