@@ -52,12 +52,15 @@ def _perturb(model, seed=1):
 
 
 def _compare(ours, ref, src, tgt, y, atol_out, rtol_grad, atol_grad):
+    """Logits at the real target positions (ferrolm computes no others), the loss, and the
+    gradients of both through every parameter."""
+    real = tgt != PAD
     lo, l1 = ours(src, tgt, targets=y)
     ro, r1 = ref(src, tgt, targets=y)
-    torch.testing.assert_close(lo, ro, atol=atol_out, rtol=atol_out)
+    torch.testing.assert_close(lo[real], ro[real], atol=atol_out, rtol=atol_out)
     torch.testing.assert_close(l1, r1, atol=atol_out, rtol=atol_out)
-    (lo.sum() * 0.01 + l1).backward()
-    (ro.sum() * 0.01 + r1).backward()
+    (lo[real].sum() * 0.01 + l1).backward()
+    (ro[real].sum() * 0.01 + r1).backward()
     rp = dict(ref.named_parameters())
     n = 0
     for name, p in ours.named_parameters():
@@ -107,7 +110,9 @@ def test_transformer_weights_load_both_ways_with_torch_transformer():
     back.load_state_dict(ours.transformer.state_dict())  # ferrolm -> torch (strict)
     src, tgt, _ = _batch(20, 30, [5, 2], [4, 3])
     ours.eval(), ref.eval()
-    torch.testing.assert_close(ours(src, tgt)[0], ref(src, tgt)[0], atol=1e-5, rtol=1e-5)
+    real = tgt != PAD
+    torch.testing.assert_close(ours(src, tgt)[0][real], ref(src, tgt)[0][real], atol=1e-5, rtol=1e-5)
+    assert bool((ours(src, tgt)[0][~real] == 0).all())  # pads are not computed
 
 
 def test_transformer_separate_vocabularies_and_padding_does_not_leak():
@@ -115,6 +120,8 @@ def test_transformer_separate_vocabularies_and_padding_does_not_leak():
     torch.manual_seed(0)
     m = Seq2SeqTransformer(cfg).eval()
     src, tgt, _ = _batch(50, 23, [4, 9], [5, 5])
+    with pytest.raises(ValueError, match="must be -100"):
+        m(src, torch.tensor([[BOS, 3, PAD], [BOS, 4, 5]]), targets=torch.tensor([[3, 4, 5], [4, 5, 2]]))
     full = m(src, tgt)[0]
     alone = m(src[:1, :4], tgt[:1])[0]  # the first source without its pads
     torch.testing.assert_close(full[:1], alone, atol=1e-5, rtol=1e-5)

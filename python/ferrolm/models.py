@@ -30,7 +30,7 @@ from torch import nn
 from ._config import Config as _Config
 from ._io import PathLike, atomic_write
 from .errors import FormatError
-from .nn import GRU, LSTM, KVCache, MultiheadSelfAttention, SinusoidalPositionalEncoding
+from .nn import GRU, LSTM, Dropout, KVCache, MultiheadSelfAttention, SinusoidalPositionalEncoding
 
 __all__ = [
     "GPTConfig",
@@ -334,7 +334,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
@@ -380,7 +380,7 @@ class GPT(_Checkpointable, nn.Module):
         modules: Dict[str, nn.Module] = {"wte": nn.Embedding(config.vocab_size, config.n_embd)}
         if config.positions == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        modules["drop"] = nn.Dropout(config.dropout)
+        modules["drop"] = Dropout(config.dropout)
         modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         modules["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.transformer = nn.ModuleDict(modules)
@@ -625,7 +625,7 @@ class LSTMLanguageModel(_Checkpointable, nn.Module):
         rnn_cls = LSTM if config.cell == "lstm" else GRU
         self.rnn = rnn_cls(config.n_embd, config.hidden_size, num_layers=config.num_layers, batch_first=True,
                            dropout=config.dropout if config.num_layers > 1 else 0.0)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         nn.init.uniform_(self.head.weight, -0.1, 0.1)
@@ -686,7 +686,7 @@ class SequenceClassifier(_Checkpointable, nn.Module):
         self.config = config
         self.backbone = backbone if backbone is not None else build_backbone(config.backbone)
         width = backbone_width(config.backbone)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.head = nn.Linear(width, config.num_classes)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)

@@ -339,6 +339,9 @@ class Seq2SeqTransformer(nn.Module):
                                           num_decoder_layers=config.decoder_layers, dim_feedforward=config.ff_size,
                                           dropout=config.dropout, activation=config.activation, layer_norm_eps=config.layer_norm_eps,
                                           batch_first=True, norm_first=config.norm_first, bias=config.bias)
+        for mha in self.transformer.modules():  # attention-weight dropout as the config says (torch ties it to `dropout`)
+            if isinstance(mha, nn.MultiheadAttention):
+                mha.dropout = config.attention_dropout
         self.generator = nn.Linear(C, config.tgt_vocab_size, bias=config.bias)
         if config.tie_output:
             self.generator.weight = self.tgt_embed.weight

@@ -37,7 +37,7 @@ from torch import nn
 
 from ._config import Config as _Config
 from .models import _Checkpointable, check_ids, check_lengths, lengths_to_padding_mask, lm_loss
-from .nn import GRU, LSTM, KVCache, LearnedPositionalEmbedding, MultiheadAttention, MultiheadSelfAttention, SinusoidalPositionalEncoding
+from .nn import GRU, LSTM, Dropout, KVCache, LearnedPositionalEmbedding, MultiheadAttention, MultiheadSelfAttention, Packed, SinusoidalPositionalEncoding
 
 __all__ = [
     "Seq2SeqTransformerConfig",
@@ -296,23 +296,27 @@ class TransformerEncoderLayer(nn.Module):
         C, eps, bias = config.n_embd, config.layer_norm_eps, config.bias
         self.self_attn = MultiheadAttention(C, config.n_head, config.attention_dropout, bias)
         self.linear1 = nn.Linear(C, config.ff_size, bias=bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.linear2 = nn.Linear(config.ff_size, C, bias=bias)
         self.norm1 = nn.LayerNorm(C, eps=eps, bias=bias)
         self.norm2 = nn.LayerNorm(C, eps=eps, bias=bias)
-        self.dropout1 = nn.Dropout(config.dropout)
-        self.dropout2 = nn.Dropout(config.dropout)
+        self.dropout1 = Dropout(config.dropout)
+        self.dropout2 = Dropout(config.dropout)
         self.norm_first = config.norm_first
         self.act = _activation(config.activation)
 
     def _ff(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout2(self.linear2(self.dropout(self.act(self.linear1(x)))))
 
-    def forward(self, x: torch.Tensor, pad_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pack: Packed) -> torch.Tensor:
+        """x: (N, C), the packed real tokens of the sources (see :class:`~ferrolm.nn.Packed`)."""
+        def sa(h):
+            return self.dropout1(self.self_attn.forward_packed(h, pack))
+
         if self.norm_first:
-            x = x + self.dropout1(self.self_attn(self.norm1(x), key_padding_mask=pad_mask))
+            x = x + sa(self.norm1(x))
             return x + self._ff(self.norm2(x))
-        x = self.norm1(x + self.dropout1(self.self_attn(x, key_padding_mask=pad_mask)))
+        x = self.norm1(x + sa(x))
         return self.norm2(x + self._ff(x))
 
 
@@ -326,27 +330,37 @@ class TransformerDecoderLayer(nn.Module):
         self.self_attn = MultiheadAttention(C, config.n_head, config.attention_dropout, bias)
         self.multihead_attn = MultiheadAttention(C, config.n_head, config.attention_dropout, bias)
         self.linear1 = nn.Linear(C, config.ff_size, bias=bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.linear2 = nn.Linear(config.ff_size, C, bias=bias)
         self.norm1 = nn.LayerNorm(C, eps=eps, bias=bias)
         self.norm2 = nn.LayerNorm(C, eps=eps, bias=bias)
         self.norm3 = nn.LayerNorm(C, eps=eps, bias=bias)
-        self.dropout1 = nn.Dropout(config.dropout)
-        self.dropout2 = nn.Dropout(config.dropout)
-        self.dropout3 = nn.Dropout(config.dropout)
+        self.dropout1 = Dropout(config.dropout)
+        self.dropout2 = Dropout(config.dropout)
+        self.dropout3 = Dropout(config.dropout)
         self.norm_first = config.norm_first
         self.act = _activation(config.activation)
 
     def _ff(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout3(self.linear2(self.dropout(self.act(self.linear1(x)))))
 
-    def forward(self, x: torch.Tensor, memory_kv: Tuple[torch.Tensor, torch.Tensor], mem_mask: Optional[torch.Tensor],
-                mem_lengths: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pack: Packed, memory_kv: Tuple[torch.Tensor, torch.Tensor], mem_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: (N, C), the packed real tokens of the targets (teacher forcing, causal)."""
+        return self._residuals(x, lambda h: self.self_attn.forward_packed(h, pack, causal=True),
+                               lambda h: self.multihead_attn.forward_packed(h, pack, memory_kv=memory_kv, memory_mask=mem_mask))
+
+    def step(self, x: torch.Tensor, memory_kv: Tuple[torch.Tensor, torch.Tensor], mem_mask: Optional[torch.Tensor],
+             mem_lengths: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
+        """x: (B, 1, C), one new token per row, through the self-attention's KV cache."""
+        return self._residuals(x, lambda h: self.self_attn(h, cache=cache),
+                               lambda h: self.multihead_attn(h, memory_kv=memory_kv, key_padding_mask=mem_mask, memory_lengths=mem_lengths))
+
+    def _residuals(self, x: torch.Tensor, self_attn, cross_attn) -> torch.Tensor:
         def sa(h):
-            return self.dropout1(self.self_attn(h, causal=cache is None, cache=cache))
+            return self.dropout1(self_attn(h))
 
         def ca(h):
-            return self.dropout2(self.multihead_attn(h, memory_kv=memory_kv, key_padding_mask=mem_mask, memory_lengths=mem_lengths))
+            return self.dropout2(cross_attn(h))
 
         if self.norm_first:
             x = x + sa(self.norm1(x))
@@ -375,7 +389,7 @@ class _EncoderDecoder(nn.Module):
 
 @dataclass
 class _TransformerMemory:
-    hidden: torch.Tensor  # (B, S, C) encoder output
+    batch: int  # B, the sources
     kv: List[Tuple[torch.Tensor, torch.Tensor]]  # per decoder layer, each (B, H, S, D)
     mask: Optional[torch.Tensor]  # (B, S) True = pad, or None
     lengths: Optional[torch.Tensor]  # (B,) when every row is right-padded (decode kernel)
@@ -416,7 +430,7 @@ class Seq2SeqTransformer(_EncoderDecoderMixin, _Checkpointable, nn.Module):
             self.tgt_pos = LearnedPositionalEmbedding(config.max_len, C)
         else:
             self.pos = SinusoidalPositionalEncoding(C, max_len=config.max_len)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.transformer = _EncoderDecoder(config)
         self.generator = nn.Linear(C, config.tgt_vocab_size, bias=config.bias)
         for p in self.transformer.parameters():  # torch.nn.Transformer's own initialisation
@@ -440,32 +454,56 @@ class Seq2SeqTransformer(_EncoderDecoderMixin, _Checkpointable, nn.Module):
         return self.drop(x)
 
     def encode(self, src: torch.Tensor) -> _TransformerMemory:
-        """Runs the encoder on ``src`` (B, S) (right- or left-padded with pad_id) and projects
-        every decoder layer's cross-attention keys and values once."""
+        """Runs the encoder on ``src`` (B, S) (right-padded with pad_id; only the real tokens
+        are computed) and projects every decoder layer's cross-attention keys and values once."""
         _check_src(self, src)
         mask, lengths, prefix = _pad_info(src, self.config.pad_id)
-        x = self._embed(src, "src")
+        B, S = src.shape
+        pack = Packed(mask, B, S)
+        x = pack.pack(self._embed(src, "src"))  # (N, C)
         for layer in self.transformer.encoder.layers:
-            x = layer(x, mask)
+            x = layer(x, pack)
         h = self.transformer.encoder.norm(x)
-        kv = [layer.multihead_attn.project_kv(h) for layer in self.transformer.decoder.layers]
-        return _TransformerMemory(h, kv, mask, lengths if prefix else None)
+        kv = [layer.multihead_attn.project_kv_packed(h, pack) for layer in self.transformer.decoder.layers]
+        return _TransformerMemory(B, kv, mask, lengths if prefix else None)
+
+    def _decode_packed(self, tgt: torch.Tensor, memory: _TransformerMemory) -> Tuple[torch.Tensor, Packed]:
+        self._embed_tgt_check(tgt)
+        B, T = tgt.shape
+        if B != memory.batch:
+            raise ValueError(f"tgt has {B} rows and the memory {memory.batch}; they must pair up")
+        pad = tgt == self.config.pad_id
+        pack = Packed(pad if bool(pad.any()) else None, B, T)
+        x = pack.pack(self._embed(tgt, "tgt"))  # (N, C)
+        for layer, kv in zip(self.transformer.decoder.layers, memory.kv):
+            x = layer(x, pack, kv, memory.mask)
+        return self.transformer.decoder.norm(x), pack
 
     def decode(self, tgt: torch.Tensor, memory: _TransformerMemory) -> torch.Tensor:
-        """The decoder's final-norm hidden states (B, T, C) for target inputs ``tgt`` (B, T)."""
-        self._embed_tgt_check(tgt)
-        x = self._embed(tgt, "tgt")
-        for layer, kv in zip(self.transformer.decoder.layers, memory.kv):
-            x = layer(x, kv, memory.mask)
-        return self.transformer.decoder.norm(x)
+        """The decoder's final-norm hidden states (B, T, C) for target inputs ``tgt`` (B, T),
+        right-padded with pad_id (zeros at the pads, which are not computed)."""
+        h, pack = self._decode_packed(tgt, memory)
+        return pack.unpack(h)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, targets: Optional[torch.Tensor] = None):
         """Returns ``(logits (B, T, V), loss)``; ``loss`` is the mean cross-entropy against
-        ``targets`` (B, T) (-100 ignored; ``config.label_smoothing``), or None."""
+        ``targets`` (B, T) (-100 ignored; ``config.label_smoothing``), or None.
+
+        Only real tokens are computed: logits at target pads (``tgt == pad_id``) are 0, and
+        their targets must be -100."""
         if isinstance(src, torch.Tensor) and isinstance(tgt, torch.Tensor) and src.dim() == 2 and tgt.dim() == 2 and src.size(0) != tgt.size(0):
             raise ValueError(f"src has {src.size(0)} rows and tgt {tgt.size(0)}; they must pair up")
-        logits = self.generator(self.decode(tgt, self.encode(src)))
-        return logits, (_seq2seq_loss(logits, targets, self.config.label_smoothing) if targets is not None else None)
+        h, pack = self._decode_packed(tgt, self.encode(src))
+        logits = self.generator(h)  # (N, V)
+        loss = None
+        if targets is not None:
+            if targets.shape != tgt.shape:
+                raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {tuple(tgt.shape)} (batch, target time)")
+            if pack.mask is not None and bool((targets[pack.mask] != -100).any()):
+                raise ValueError("targets at padded target positions (tgt == pad_id) must be -100")
+            loss = F.cross_entropy(logits, pack.pack(targets[..., None])[:, 0].long(), ignore_index=-100,
+                                   label_smoothing=self.config.label_smoothing)
+        return pack.unpack(logits), loss
 
     # ---- incremental decoding
 
@@ -473,7 +511,7 @@ class Seq2SeqTransformer(_EncoderDecoderMixin, _Checkpointable, nn.Module):
         """An empty decoder state for ``capacity`` target positions (at most max_len)."""
         if capacity > self.config.max_len:
             raise ValueError(f"decoding {capacity} positions exceeds max_len={self.config.max_len}")
-        B = memory.hidden.size(0)
+        B = memory.batch
         p = self.generator.weight
         caches = [KVCache(B, self.config.n_head, capacity, self.config.n_embd // self.config.n_head, p.dtype, p.device)
                   for _ in self.transformer.decoder.layers]
@@ -484,7 +522,7 @@ class Seq2SeqTransformer(_EncoderDecoderMixin, _Checkpointable, nn.Module):
         x = self._embed(tokens.view(-1, 1), "tgt", offset=state.pos)  # (B, 1, C)
         m = state.memory
         for layer, kv, cache in zip(self.transformer.decoder.layers, m.kv, state.caches):
-            x = layer(x, kv, m.mask, m.lengths, cache)
+            x = layer.step(x, kv, m.mask, m.lengths, cache)
         state.pos += 1
         return self.generator(self.transformer.decoder.norm(x))[:, 0]
 
@@ -492,7 +530,7 @@ class Seq2SeqTransformer(_EncoderDecoderMixin, _Checkpointable, nn.Module):
     def repeat_memory(memory: _TransformerMemory, n: int) -> _TransformerMemory:
         """Each source row repeated ``n`` times in place (row b -> rows b*n .. b*n+n-1), for beams."""
         rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
-        return _TransformerMemory(rep(memory.hidden), [(rep(k), rep(v)) for k, v in memory.kv], rep(memory.mask), rep(memory.lengths))
+        return _TransformerMemory(memory.batch * n, [(rep(k), rep(v)) for k, v in memory.kv], rep(memory.mask), rep(memory.lengths))
 
     @staticmethod
     def reorder(state: _TransformerState, rows: torch.Tensor) -> None:
@@ -549,7 +587,7 @@ class Seq2SeqLSTM(_EncoderDecoderMixin, _Checkpointable, nn.Module):
         if config.attention == "general":
             self.attn_proj = nn.Linear(H, H, bias=False)
         self.combine = nn.Linear(2 * H, H, bias=False)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.generator = nn.Linear(H, config.tgt_vocab_size)
         for emb in {id(self.src_embed): self.src_embed, id(self.tgt_embed): self.tgt_embed}.values():
             nn.init.uniform_(emb.weight, -0.1, 0.1)
@@ -644,7 +682,7 @@ class AttentionLSTM(_Checkpointable, nn.Module):
         self.attn = MultiheadSelfAttention(C, config.n_head, causal=config.causal, dropout=config.dropout)
         self.rnn = LSTM(C, config.hidden_size, num_layers=config.num_layers, batch_first=True, bidirectional=config.bidirectional,
                         dropout=config.dropout if config.num_layers > 1 else 0.0)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.head = nn.Linear(config.output_size, config.vocab_size)
         nn.init.normal_(self.embed.weight, std=0.1)
         nn.init.zeros_(self.head.bias)

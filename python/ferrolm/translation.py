@@ -32,7 +32,7 @@ import numpy as np
 
 from .numwords import LANGUAGES, MAX_NUMBER
 
-__all__ = ["TranslationTask", "number_task", "held_out_blocks", "SPECIALS", "train_tokenizer", "encode_pairs", "translate_texts",
+__all__ = ["TranslationTask", "number_task", "held_out_blocks", "SPECIALS", "train_tokenizer", "special_ids", "encode_pairs", "translate_texts",
            "evaluate_translation", "load_pairs"]
 
 SPECIALS = ("<pad>", "<s>", "</s>")

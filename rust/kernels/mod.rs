@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod decode;
+pub mod dropout;
 pub mod rnn;
 pub mod simd;
 pub mod smallmm;

@@ -335,3 +335,35 @@ pub fn decode_attention<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, k_cache: &B
         decode_t::<f32>(py, q, k_cache, v_cache, cache_lengths, scale, threads)
     }
 }
+
+fn dropout_t<'py, T: Float + Element>(py: Python<'py>, x: &Bound<'py, PyAny>, out: &Bound<'py, PyAny>, p: f64, seed: u64, threads: usize) -> PyResult<()> {
+    let x = arr::<T>("input", x)?;
+    let mut o: numpy::PyReadwriteArrayDyn<'py, T> = out
+        .extract()
+        .map_err(|_| PyTypeError::new_err(format!("out must be a writable numpy array of {}", std::any::type_name::<T>())))?;
+    if o.shape() != x.shape() || !o.is_c_contiguous() {
+        return Err(PyValueError::new_err("out must be C-contiguous with the input's shape"));
+    }
+    let xs = sl(&x);
+    let os = o.as_slice_mut().map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
+    if std::ptr::eq(xs.as_ptr(), os.as_ptr()) {
+        return Err(PyValueError::new_err("out must not be the input"));
+    }
+    py.detach(|| crate::kernels::dropout::apply(xs, os, p, seed, threads));
+    Ok(())
+}
+
+/// Dropout with a counter-based mask into `out` (the same call on the gradient is the backward).
+#[pyfunction]
+#[pyo3(signature = (x, out, p, seed, threads))]
+pub fn dropout<'py>(py: Python<'py>, x: &Bound<'py, PyAny>, out: &Bound<'py, PyAny>, p: f64, seed: u64, threads: usize) -> PyResult<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(PyValueError::new_err(format!("dropout probability must be in [0, 1), got {p}")));
+    }
+    let threads = parallel::resolve_threads(Some(threads));
+    if is_f64(x) {
+        dropout_t::<f64>(py, x, out, p, seed, threads)
+    } else {
+        dropout_t::<f32>(py, x, out, p, seed, threads)
+    }
+}

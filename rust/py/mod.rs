@@ -30,6 +30,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernels::attention_forward, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::attention_backward, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::decode_attention, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels::dropout, m)?)?;
     m.add_class::<data::ShardSink>()?;
     m.add_class::<data::Bm25Index>()?;
     Ok(())
