@@ -3,6 +3,9 @@
 - models (issue 6 targets): training tokens/s of ferrolm's GPT (6 layers, 384 wide, T=256) and
   LSTM LM (2x512, batch 16) >= 1.5x their plain-PyTorch twins in ferrolm.reference; batch-1
   greedy generation with a KV cache >= 3x transformers' generate on the same GPT-2-shaped weights.
+- seq2seq (issue 11 targets): training real tokens/s of the Seq2SeqTransformer >= 1.5x the same
+  model on torch.nn.Transformer (SDPA) on the embedded translation task's batches; greedy
+  translation of 32 sources with the KV cache >= 3x the reference decoding without one.
 - finetune (issue 10): a LoRA training step vs a full fine-tuning step of the same GPT (time;
   trainable parameters, gradient + optimizer state and measured peak memory in the size column).
 - icl (issue 8 target): 4-choice, 8-shot multiple-choice scoring with the shared-prefix cache
@@ -16,9 +19,10 @@ import pytest
 from conftest import FULL
 
 torch = pytest.importorskip("torch")
-from ferrolm.bench import finetune_workloads, icl_workloads, model_workloads  # noqa: E402
+from ferrolm.bench import finetune_workloads, icl_workloads, model_workloads, seq2seq_workloads  # noqa: E402
 
-_LOADERS = {"models": (model_workloads, "tokens"), "icl": (icl_workloads, "questions"), "finetune": (finetune_workloads, "size")}
+_LOADERS = {"models": (model_workloads, "tokens"), "icl": (icl_workloads, "questions"), "finetune": (finetune_workloads, "size"),
+            "seq2seq": (seq2seq_workloads, "tokens")}
 _WORK = {}
 
 
@@ -55,3 +59,7 @@ def test_icl(benchmark, case, impl, smoke):
 
 def test_finetune(benchmark, case, impl, smoke):
     _run(benchmark, "finetune", case, impl, smoke)
+
+
+def test_seq2seq(benchmark, case, impl, smoke):
+    _run(benchmark, "seq2seq", case, impl, smoke)

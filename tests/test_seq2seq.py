@@ -394,3 +394,14 @@ def test_short_training_lowers_loss():
         first = sum(h["loss"] for h in res.history[:5]) / 5
         last = sum(h["loss"] for h in res.history[-5:]) / 5
         assert last < first - 0.5, (type(m).__name__, first, last)
+
+
+def test_attention_lstm_trains_as_a_language_model():
+    from ferrolm.train import TrainConfig, train
+
+    cfg = AttentionLSTMConfig(vocab_size=16, n_embd=32, n_head=4, hidden_size=32, bidirectional=False, causal=True, block_size=32)
+    torch.manual_seed(0)
+    m = AttentionLSTM(cfg)
+    tokens = torch.arange(16).repeat(400)  # a fixed cycle: learnable in a few dozen steps
+    res = train(m, tokens.numpy(), config=TrainConfig(max_steps=40, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=2, progress=False))
+    assert res.history[-1]["loss"] < 0.5 * res.history[0]["loss"]

@@ -26,7 +26,7 @@ from ._io import atomic_write
 from .corpus import chinese_text, stdlib_texts
 from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, Tokenizer
 
-__all__ = ["run_benchmarks", "model_workloads", "icl_workloads", "finetune_workloads", "markdown_report", "plot_ratios", "AREAS", "tokenizer_peers", "corpus_for_bench", "time_median", "compare", "Result"]
+__all__ = ["run_benchmarks", "model_workloads", "seq2seq_workloads", "icl_workloads", "finetune_workloads", "markdown_report", "plot_ratios", "AREAS", "tokenizer_peers", "corpus_for_bench", "time_median", "compare", "Result"]
 
 
 @dataclass
@@ -502,6 +502,66 @@ def model_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, A
     return out
 
 
+def seq2seq_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any]]:
+    """Encoder-decoder workloads on the embedded translation task (English -> French number
+    words, ferrolm's BPE): training steps of ferrolm's Seq2SeqTransformer against the same
+    model on ``torch.nn.Transformer`` (SDPA inside; :class:`ferrolm.reference.Seq2SeqTransformer`,
+    same weights, same eight batches of 128 pairs, dropout 0.1 as torch.nn.Transformer's default;
+    the size column counts their real tokens, so the ratio is the ratio of real tokens/s), and
+    greedy translation of 32 sources at once with
+    the KV cache and cross-attention keys computed once, against the reference decoding without
+    a cache (the whole model re-run on the target prefix at every step)."""
+    import torch
+
+    from . import reference
+    from .seq2seq import Seq2SeqTransformer, Seq2SeqTransformerConfig, decode_uncached, greedy_decode
+    from .train import Seq2SeqBatches
+    from .translation import encode_pairs, number_task, special_ids, train_tokenizer
+
+    task = number_task(n_train=2_000 if smoke else 20_000, n_valid=10, n_test=64)
+    tok = train_tokenizer(task.train, 512)
+    ids = special_ids(tok)
+    B, n_batches = (16, 2) if smoke else (128, 8)
+    batches = Seq2SeqBatches(encode_pairs(tok, task.train), B, **ids, seed=0)
+    data = [batches.next() for _ in range(n_batches)]
+    real = sum(int((s != ids["pad_id"]).sum()) + int((y != -100).sum()) for (s, _), y in data)
+    if smoke:
+        sizes = dict(n_layer=1, n_head=2, n_embd=32, ff_size=64)
+    elif full:
+        sizes = dict(n_layer=6, n_head=8, n_embd=512, ff_size=2048)
+    else:
+        sizes = dict(n_layer=3, n_head=4, n_embd=256, ff_size=1024)
+    cfg = Seq2SeqTransformerConfig(src_vocab_size=tok.n_vocab, tgt_vocab_size=tok.n_vocab, max_len=64, dropout=0.1, norm_first=True,
+                                   shared_embeddings=True, tie_output=True, **ids, **sizes)
+    torch.manual_seed(0)
+    ours = Seq2SeqTransformer(cfg)
+    ref = reference.Seq2SeqTransformer(cfg)
+    ref.load_state_dict(ours.state_dict())
+
+    def steps(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def run() -> None:
+            model.train()  # dropout 0.1 on both sides, torch.nn.Transformer's default
+            for (src, tgt), y in data:
+                _, loss = model(src, tgt, targets=y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        return run
+
+    shape = f"{cfg.n_layer}+{cfg.n_layer} layers x {cfg.n_embd}"
+    out: List[Dict[str, Any]] = [{"name": f"seq2seq Transformer training, {shape}, {n_batches} steps x {B} pairs (embedded task)",
+                                  "tokens": real, "fns": {"ferrolm": steps(ours), "torch.nn.Transformer": steps(ref)}}]
+    sources = [s for s, _ in encode_pairs(tok, task.test[: 8 if smoke else 32])]
+    new = 8 if smoke else 24
+    out.append({"name": f"seq2seq greedy translation, batch {len(sources)}, {new} tokens, KV cache vs none, {shape}",
+                "tokens": len(sources), "fns": {"ferrolm": lambda: greedy_decode(ours, sources, new, batch_size=32),
+                                                "no_cache": lambda: decode_uncached(ref, sources, new)}})
+    return out
+
+
 def icl_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any]]:
     """Multiple-choice scoring as in k-shot evaluation: 4 choices after 8 demonstrations,
     either retrieved per question (different contexts) or fixed (one prefix shared by all).
@@ -644,7 +704,7 @@ def _data_results(full: bool, repeats: int) -> List[Result]:
     return out
 
 
-AREAS = ("tokenizer", "data", "rnn", "attention", "models", "icl", "finetune")
+AREAS = ("tokenizer", "data", "rnn", "attention", "models", "seq2seq", "icl", "finetune")
 
 
 def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: Tuple[str, ...] = AREAS,
@@ -702,6 +762,11 @@ def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: T
                 results += _unit_results("models", model_workloads(full=full), "tokens", 3 if full else 2)
             except ImportError:
                 print("model benchmarks skipped: torch is not installed")
+        if "seq2seq" in areas:
+            try:
+                results += _unit_results("seq2seq", seq2seq_workloads(full=full), "tokens", 3)
+            except ImportError:
+                print("seq2seq benchmarks skipped: torch is not installed")
         if "finetune" in areas:
             try:
                 results += _unit_results("finetune", finetune_workloads(full=full), "size", 3)

@@ -80,6 +80,57 @@ def _expand(paths: List[str]) -> List[Path]:
     return out
 
 
+def _cmd_train_seq2seq(args: argparse.Namespace) -> int:
+    from .translation import TranslationTask, load_pairs, number_task, train_seq2seq
+
+    if args.data:
+        if len(args.data) != 1:
+            raise ValueError("seq2seq training takes one pairs file (TSV: source<TAB>target, or JSONL with source/target)")
+        pairs = load_pairs(args.data[0])
+        test = load_pairs(args.test) if args.test else None
+        if test is None:  # hold out the last 5% (at least one pair) for testing
+            cut = max(1, len(pairs) // 20)
+            pairs, test = pairs[:-cut], pairs[-cut:]
+        n_valid = min(len(pairs) // 20, 1000)
+        task = TranslationTask(train=pairs[n_valid:], valid=pairs[:n_valid], test=test, description=f"pairs from {args.data[0]}")
+    else:
+        task = number_task(seed=args.seed)
+    out = Path(args.out or f"runs/seq2seq-{args.model}")
+    sizes = dict(dropout=args.dropout, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, ff_size=args.ff_size) \
+        if args.model == "transformer" else dict(dropout=args.dropout, n_embd=args.n_embd, hidden_size=args.hidden_size, num_layers=args.num_layers)
+    print(f"{task.description}: {len(task.train):,} training / {len(task.valid):,} validation / {len(task.test):,} test pairs -> {out}",
+          file=sys.stderr)
+    res = train_seq2seq(args.model, task, out, steps=args.steps or 1500, batch_size=args.batch_size or 128, lr=args.lr,
+                        vocab_size=args.vocab_size or 512, seed=args.seed, resume=args.resume, beam_size=args.beam,
+                        checkpoint_interval=args.checkpoint_interval, **sizes)
+    for name, r in res["test"].items():
+        print(f"{name}: BLEU {r['bleu']:.2f}, chrF {r['chrf']:.2f}, exact match {r['exact_match']:.3f} on {r['n']} held-out pairs "
+              f"({r['sentences_per_s']:.0f} sentences/s)")
+    print(f"{res['parameters']:,} parameters, {res['steps']} steps in {res['train_seconds']:.0f} s; results in {out / 'results.json'}"
+          + (" (interrupted; continue with --resume)" if res["interrupted"] else ""))
+    return 130 if res["interrupted"] else 0
+
+
+def _cmd_translate(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .translation import translate_texts
+
+    path = Path(args.model)
+    ckpt = path / "model.safetensors" if path.is_dir() else path
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"no model at {ckpt}; pass a folder from `ferrolm train seq2seq` or its model.safetensors")
+    model = load_model(ckpt)
+    if not getattr(model, "is_encoder_decoder", False):
+        raise ValueError(f"{ckpt} holds a {type(model).__name__}, not a seq2seq model (train one with `ferrolm train seq2seq`)")
+    tok = _load_tokenizer(Path(args.tokenizer) if args.tokenizer else ckpt.parent / "tokenizer.json")
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise ValueError("nothing to translate: pass the text as an argument or on stdin")
+    for out in translate_texts(model, tok, texts, beam_size=args.beam, max_new_tokens=args.max_new_tokens):
+        print(out)
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -88,6 +139,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .tokenizer import Tokenizer
     from .train import TrainConfig, train
 
+    if args.arch == "seq2seq":
+        return _cmd_train_seq2seq(args)
+    for name, lm_default in (("steps", 300), ("batch_size", 16), ("lr", 1e-3), ("vocab_size", 4096), ("dropout", 0.0), ("n_layer", 4),
+                             ("n_head", 4), ("n_embd", 256), ("hidden_size", 512), ("num_layers", 2)):
+        if getattr(args, name) is None:
+            setattr(args, name, lm_default)
     out = Path(args.out or f"runs/{args.arch}")
     files = _expand(args.data)
     shards = [f for f in files if _is_shard(f)]
@@ -374,28 +431,35 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--pattern", default=None, help="pattern for .tiktoken files (default gpt2)")
     en.set_defaults(func=_cmd_tokenizer_encode)
 
-    tr = sub.add_parser("train", help="train a GPT or LSTM language model (default data: the embedded corpus)",
-                        description="Trains a language model; checkpoints, the tokenizer and model.safetensors go to --out. "
-                                    "Ctrl-C saves a checkpoint; --resume continues it exactly.")
-    tr.add_argument("arch", choices=["gpt", "lstm"], help="model family")
-    tr.add_argument("data", nargs="*", help="UTF-8 text files, token shards or folders of them (default: the embedded corpus)")
-    tr.add_argument("--out", default=None, help="output folder (default runs/ARCH)")
+    tr = sub.add_parser("train", help="train a GPT or LSTM language model (default data: the embedded corpus) or a seq2seq model "
+                                      "(default data: the embedded translation task)",
+                        description="Trains a model; checkpoints, the tokenizer and model.safetensors go to --out. "
+                                    "Ctrl-C saves a checkpoint; --resume continues it exactly. `train seq2seq` also scores the "
+                                    "held-out pairs (BLEU, chrF, exact match) into results.json.")
+    tr.add_argument("arch", choices=["gpt", "lstm", "seq2seq"], help="model family")
+    tr.add_argument("data", nargs="*", help="UTF-8 text files, token shards or folders of them (default: the embedded corpus); "
+                                            "for seq2seq one pairs file, TSV or JSONL (default: English -> French number words)")
+    tr.add_argument("--out", default=None, help="output folder (default runs/ARCH, runs/seq2seq-MODEL)")
     tr.add_argument("--tokenizer", default=None, help="tokenizer.json / .tiktoken (default: train one on the data)")
-    tr.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the tokenizer trained when none is given")
+    tr.add_argument("--vocab-size", type=int, default=None, help="vocabulary of the tokenizer trained when none is given (LM 4096, seq2seq 512)")
     tr.add_argument("--max-bytes", type=int, default=None, help="use only this much of the embedded corpus")
-    tr.add_argument("--steps", type=int, default=300)
-    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--steps", type=int, default=None, help="optimizer steps (LM 300, seq2seq 1500)")
+    tr.add_argument("--batch-size", type=int, default=None, help="sequences or pairs per step (LM 16, seq2seq 128)")
     tr.add_argument("--seq-len", type=int, default=128)
     tr.add_argument("--grad-accum", type=int, default=1)
-    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--lr", type=float, default=None, help="peak learning rate (LM 1e-3; seq2seq transformer 1e-3, lstm 3e-3)")
+    tr.add_argument("--model", default="transformer", choices=["transformer", "lstm"], help="seq2seq: Transformer or LSTM encoder-decoder")
+    tr.add_argument("--test", default=None, help="seq2seq: held-out pairs file (default: the last 5%% of the data)")
+    tr.add_argument("--ff-size", type=int, default=None, help="seq2seq transformer feed-forward width")
+    tr.add_argument("--beam", type=int, default=4, help="seq2seq: beam size of the test decoding, besides greedy")
     tr.add_argument("--warmup", type=int, default=50)
-    tr.add_argument("--dropout", type=float, default=0.0)
-    tr.add_argument("--n-layer", type=int, default=4, help="GPT layers")
-    tr.add_argument("--n-head", type=int, default=4, help="GPT heads")
-    tr.add_argument("--n-embd", type=int, default=256, help="embedding width")
+    tr.add_argument("--dropout", type=float, default=None, help="LM 0.0, seq2seq 0.1")
+    tr.add_argument("--n-layer", type=int, default=None, help="GPT layers (4), seq2seq transformer layers per side (3)")
+    tr.add_argument("--n-head", type=int, default=None, help="GPT / seq2seq transformer heads (4)")
+    tr.add_argument("--n-embd", type=int, default=None, help="embedding width (256)")
     tr.add_argument("--positions", default="learned", choices=["learned", "sinusoidal", "rotary"], help="GPT positions")
-    tr.add_argument("--hidden-size", type=int, default=512, help="LSTM width")
-    tr.add_argument("--num-layers", type=int, default=2, help="LSTM layers")
+    tr.add_argument("--hidden-size", type=int, default=None, help="LSTM width (512)")
+    tr.add_argument("--num-layers", type=int, default=None, help="LSTM layers (2)")
     tr.add_argument("--cell", default="lstm", choices=["lstm", "gru"], help="recurrent cell of the lstm family")
     tr.add_argument("--val-fraction", type=float, default=0.05, help="the tail of the data held out for evaluation")
     tr.add_argument("--eval-interval", type=int, default=100)
@@ -404,6 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=1337)
     tr.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     tr.set_defaults(func=_cmd_train)
+
+    tl = sub.add_parser("translate", help="translate texts with a model from `ferrolm train seq2seq`")
+    tl.add_argument("text", nargs="*", help="texts to translate (default: one per line on stdin)")
+    tl.add_argument("--model", required=True, help="a folder from `ferrolm train seq2seq` or its model.safetensors")
+    tl.add_argument("--tokenizer", default=None, help="tokenizer file (default: tokenizer.json next to the model)")
+    tl.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    tl.add_argument("--max-new-tokens", type=int, default=None, help="longest output in tokens (default: the model's max_len)")
+    tl.set_defaults(func=_cmd_translate)
 
     g = sub.add_parser("generate", help="continue a prompt with a trained model")
     g.add_argument("model", help="a folder from `ferrolm train` or a .safetensors checkpoint")

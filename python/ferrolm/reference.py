@@ -323,7 +323,10 @@ class _PositionTable(nn.Module):
 class Seq2SeqTransformer(nn.Module):
     """Embeddings (scaled by sqrt(C)) + positions + ``torch.nn.Transformer`` itself (batch first,
     causal target mask, source padding masks) + a linear generator: the plain-PyTorch twin of
-    :class:`ferrolm.seq2seq.Seq2SeqTransformer`, with identical parameter names."""
+    :class:`ferrolm.seq2seq.Seq2SeqTransformer`, with identical parameter names
+    (:func:`ferrolm.seq2seq.decode_uncached` decodes with it)."""
+
+    is_encoder_decoder = True
 
     def __init__(self, config) -> None:
         super().__init__()

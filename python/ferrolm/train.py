@@ -522,9 +522,10 @@ def save_checkpoint(out_dir: PathLike, model: torch.nn.Module, optimizer, step: 
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write(out / STATE_FILE, buf.getvalue())
-    from .models import GPT, LSTMLanguageModel, SequenceClassifier
+    from .models import _MODELS, _with_seq2seq
 
-    if type(model) in (GPT, LSTMLanguageModel, SequenceClassifier):  # wrappers (prompt tuning) keep train_state.pt only
+    _with_seq2seq()
+    if type(model) in _MODELS.values():  # wrappers (prompt tuning) keep train_state.pt only
         save_model(model, out / MODEL_FILE)
     return out
 
