@@ -470,7 +470,7 @@ def induction(quick: bool = False, seed: int = 0, progress: bool = True) -> Dict
 
         unseen = stdlib_texts(None)[len(corpus) - 1 :]  # default_corpus = [Chinese text] + a prefix of stdlib_texts
         held_out += [d for d in tok.encode_ordinary_batch(unseen) if len(d) >= ctx]
-    text_steps = 60 if quick else 1200
+    text_steps = 60 if quick else 700
     gcfg = GPTConfig(vocab_size=tok.n_vocab, block_size=ctx, n_layer=2 if quick else 4, n_head=4, n_embd=64 if quick else 128)
     torch.manual_seed(seed)
     gpt = GPT(gcfg)
