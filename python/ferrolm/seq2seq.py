@@ -58,16 +58,20 @@ ATTENTIONS = ("general", "dot")
 # --------------------------------------------------------------------------- configs
 
 
+@dataclass
 class _Seq2SeqConfig(_Config):
-    """Checks shared by the encoder-decoder configs (vocabularies, special ids, max_len)."""
+    """The fields and checks the encoder-decoder configs share (vocabularies, special ids,
+    max_len, embedding sharing, label smoothing); see the subclasses for their meaning."""
 
-    src_vocab_size: int
-    tgt_vocab_size: int
-    max_len: int
-    pad_id: int
-    bos_id: int
-    eos_id: int
-    shared_embeddings: bool
+    src_vocab_size: int = 1024
+    tgt_vocab_size: int = 1024
+    max_len: int = 256
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    shared_embeddings: bool = False
+    tie_output: bool = False
+    label_smoothing: float = 0.0
 
     def _check_seq2seq(self) -> None:
         self._positive("src_vocab_size", "tgt_vocab_size", "max_len")
@@ -81,6 +85,8 @@ class _Seq2SeqConfig(_Config):
             raise ValueError(f"{type(self).__name__}.pad_id={self.pad_id} must be a source-vocabulary id too (< {self.src_vocab_size})")
         if self.shared_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError(f"shared_embeddings needs one vocabulary, got src_vocab_size={self.src_vocab_size}, tgt_vocab_size={self.tgt_vocab_size}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass
@@ -104,8 +110,6 @@ class Seq2SeqTransformerConfig(_Seq2SeqConfig):
         label_smoothing: of the training loss. layer_norm_eps, bias: as torch's.
     """
 
-    src_vocab_size: int = 1024
-    tgt_vocab_size: int = 1024
     n_layer: int = 3
     n_decoder_layer: Optional[int] = None
     n_head: int = 4
@@ -116,13 +120,6 @@ class Seq2SeqTransformerConfig(_Seq2SeqConfig):
     activation: str = "relu"
     norm_first: bool = False
     positions: str = "sinusoidal"
-    shared_embeddings: bool = False
-    tie_output: bool = False
-    max_len: int = 256
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
-    label_smoothing: float = 0.0
     layer_norm_eps: float = 1e-5
     bias: bool = True
     architecture: str = field(default="seq2seq_transformer", init=False, repr=False)
@@ -142,8 +139,6 @@ class Seq2SeqTransformerConfig(_Seq2SeqConfig):
             raise ValueError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
         self._dropout(self.dropout)
         self._dropout(self.attention_dropout)
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
     @property
     def decoder_layers(self) -> int:
@@ -166,20 +161,11 @@ class Seq2SeqLSTMConfig(_Seq2SeqConfig):
             :class:`Seq2SeqTransformerConfig` (tie_output needs n_embd == hidden_size).
     """
 
-    src_vocab_size: int = 1024
-    tgt_vocab_size: int = 1024
     n_embd: int = 256
     hidden_size: int = 512
     num_layers: int = 2
     dropout: float = 0.1
     attention: str = "general"
-    shared_embeddings: bool = False
-    tie_output: bool = False
-    max_len: int = 256
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
-    label_smoothing: float = 0.0
     architecture: str = field(default="seq2seq_lstm", init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -192,8 +178,6 @@ class Seq2SeqLSTMConfig(_Seq2SeqConfig):
         if self.tie_output and self.n_embd != self.hidden_size:
             raise ValueError(f"tie_output needs n_embd == hidden_size, got {self.n_embd} and {self.hidden_size}")
         self._dropout(self.dropout)
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass

@@ -158,21 +158,3 @@ mod tests {
         assert_ne!(bits(3, 5), bits(3, 5 + (1u64 << 32)));
     }
 }
-
-#[cfg(test)]
-mod speed {
-    #[test]
-    #[ignore]
-    fn speed() {
-        let n = 2_621_440;
-        let x = vec![1.0f32; n];
-        let mut y = vec![0.0f32; n];
-        for threads in [1, 2, 1, 2] {
-            let t0 = std::time::Instant::now();
-            for _ in 0..50 {
-                super::apply(&x, &mut y, 0.1, 42, threads);
-            }
-            eprintln!("threads {threads}: {:.3} ms", t0.elapsed().as_secs_f64() * 1e3 / 50.0);
-        }
-    }
-}
