@@ -138,3 +138,16 @@ def test_translate_and_evaluate_recipe_end_to_end():
     small = train_tokenizer(task.train[:50], vocab_size=300)
     with pytest.raises(ValueError, match="tokenizer"):
         translate_texts(m, small, ["one"])
+
+
+def test_train_seq2seq_rejects_a_tokenizer_without_its_special_tokens():
+    pytest.importorskip("torch")
+    from ferrolm import Tokenizer
+    from ferrolm.translation import train_seq2seq
+
+    task = number_task(n_train=200, n_valid=0, n_test=10)
+    plain = Tokenizer.train([s for s, _ in task.train], vocab_size=300)
+    with pytest.raises(ValueError, match="special tokens"):
+        train_seq2seq("transformer", task, tokenizer=plain, steps=1, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="unknown seq2seq model"):
+        train_seq2seq("rnn", task, steps=1)

@@ -100,9 +100,10 @@ def _cmd_train_seq2seq(args: argparse.Namespace) -> int:
         if args.model == "transformer" else dict(dropout=args.dropout, n_embd=args.n_embd, hidden_size=args.hidden_size, num_layers=args.num_layers)
     print(f"{task.description}: {len(task.train):,} training / {len(task.valid):,} validation / {len(task.test):,} test pairs -> {out}",
           file=sys.stderr)
+    tok = _load_tokenizer(Path(args.tokenizer)) if args.tokenizer else None
     res = train_seq2seq(args.model, task, out, steps=args.steps or 1500, batch_size=args.batch_size or 128, lr=args.lr,
                         vocab_size=args.vocab_size or 512, seed=args.seed, resume=args.resume, beam_size=args.beam,
-                        checkpoint_interval=args.checkpoint_interval, **sizes)
+                        checkpoint_interval=args.checkpoint_interval, tokenizer=tok, **sizes)
     for name, r in res["test"].items():
         print(f"{name}: BLEU {r['bleu']:.2f}, chrF {r['chrf']:.2f}, exact match {r['exact_match']:.3f} on {r['n']} held-out pairs "
               f"({r['sentences_per_s']:.0f} sentences/s)")

@@ -453,11 +453,6 @@ class Packed:
         self.B, self.T, self.mask = B, T, pad_mask
         self.rows = None if pad_mask is None else (~pad_mask).reshape(-1).nonzero()[:, 0]
 
-    @property
-    def n(self) -> int:
-        """The number of real tokens."""
-        return self.B * self.T if self.rows is None else int(self.rows.numel())
-
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, F) -> (N, F), the real tokens' rows in row-major order."""
         flat = x.reshape(self.B * self.T, -1)

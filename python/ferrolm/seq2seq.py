@@ -261,7 +261,7 @@ class _EncoderDecoderMixin:
             return greedy_decode(self, sources, max_new_tokens, batch_size=batch_size)
         return beam_search(self, sources, beam_size, max_new_tokens, length_penalty=length_penalty, batch_size=batch_size)
 
-    def _embed_tgt_check(self, tgt: torch.Tensor) -> None:
+    def _check_tgt(self, tgt: torch.Tensor) -> None:
         _check_src(self, tgt, "tgt")  # type: ignore[arg-type]
 
 
@@ -452,7 +452,7 @@ class Seq2SeqTransformer(_EncoderDecoderMixin, _Checkpointable, nn.Module):
         return _TransformerMemory(B, kv, mask, lengths if prefix else None)
 
     def _decode_packed(self, tgt: torch.Tensor, memory: _TransformerMemory) -> Tuple[torch.Tensor, Packed]:
-        self._embed_tgt_check(tgt)
+        self._check_tgt(tgt)
         B, T = tgt.shape
         if B != memory.batch:
             raise ValueError(f"tgt has {B} rows and the memory {memory.batch}; they must pair up")
@@ -485,8 +485,7 @@ class Seq2SeqTransformer(_EncoderDecoderMixin, _Checkpointable, nn.Module):
                 raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {tuple(tgt.shape)} (batch, target time)")
             if pack.mask is not None and bool((targets[pack.mask] != -100).any()):
                 raise ValueError("targets at padded target positions (tgt == pad_id) must be -100")
-            loss = F.cross_entropy(logits, pack.pack(targets[..., None])[:, 0].long(), ignore_index=-100,
-                                   label_smoothing=self.config.label_smoothing)
+            loss = _seq2seq_loss(logits, pack.pack(targets[..., None])[:, 0], self.config.label_smoothing)
         return pack.unpack(logits), loss
 
     # ---- incremental decoding
@@ -609,7 +608,7 @@ class Seq2SeqLSTM(_EncoderDecoderMixin, _Checkpointable, nn.Module):
 
     def decode(self, tgt: torch.Tensor, memory: _LSTMMemory, state=None):
         """``(attentional hidden states (B, T, H), final decoder state)`` for target inputs."""
-        self._embed_tgt_check(tgt)
+        self._check_tgt(tgt)
         out, state = self.decoder(self.drop(self.tgt_embed(tgt)), memory.state if state is None else state)
         return self._attend(out, memory), state
 

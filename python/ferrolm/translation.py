@@ -234,10 +234,13 @@ def build_model(kind: str, tok, max_len: int = 64, **sizes: Any):
 
 def train_seq2seq(kind: str = "transformer", task: Optional[TranslationTask] = None, out_dir=None, steps: int = 1500,
                   batch_size: int = 128, lr: Optional[float] = None, vocab_size: int = 512, seed: int = 0, resume: bool = False,
-                  beam_size: int = 4, checkpoint_interval: int = 250, progress: bool = True, **sizes: Any) -> Dict[str, Any]:
+                  beam_size: int = 4, checkpoint_interval: int = 250, progress: bool = True, tokenizer=None, **sizes: Any) -> Dict[str, Any]:
     """Trains a seq2seq model on ``task`` (default: :func:`number_task`) with ferrolm's trainer
     and scores it on the held-out test pairs (greedy and beam search): the recipe behind
     ``ferrolm train seq2seq``.
+
+    ``tokenizer``: a ferrolm Tokenizer with ``<pad>``, ``<s>`` and ``</s>`` special tokens (default:
+    one trained on the task by :func:`train_tokenizer` with ``vocab_size`` tokens).
 
     Writes to ``out_dir`` (when given) ``model.safetensors``, ``tokenizer.json``, the trainer's
     checkpoint (``resume=True`` continues it exactly) and ``results.json``; returns the results:
@@ -256,15 +259,19 @@ def train_seq2seq(kind: str = "transformer", task: Optional[TranslationTask] = N
     task = task or number_task(seed=seed)
     out = Path(out_dir) if out_dir is not None else None
     tok_path = out / "tokenizer.json" if out is not None else None
-    if resume and tok_path is not None and tok_path.is_file():
+    saved = resume and tokenizer is None and tok_path is not None and tok_path.is_file()
+    if tokenizer is not None:
+        special_ids(tokenizer)  # raises when the special tokens are missing
+        tok = tokenizer
+    elif saved:
         from .tokenizer import Tokenizer
 
         tok = Tokenizer.from_hf_json(tok_path)
     else:
         tok = train_tokenizer(task.train, vocab_size)
-        if tok_path is not None:
-            out.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-            tok.save_hf_json(tok_path)
+    if tok_path is not None and not saved:
+        out.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+        tok.save_hf_json(tok_path)
     train_ids = encode_pairs(tok, task.train)
     valid_ids = encode_pairs(tok, task.valid) if task.valid else None
     longest = max(max(len(s), len(t) + 1) for s, t in train_ids + (valid_ids or []))
