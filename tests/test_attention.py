@@ -73,6 +73,29 @@ def test_matches_sdpa_and_fully_masked_rows_are_zero():
 
 
 @pytest.mark.parametrize("causal", [False, True])
+def test_long_rows_with_interior_padding_match_reference(causal):
+    """Rows long enough for the vector loops and their tails (133 keys), padded keys scattered
+    inside the rows as well as a padded suffix."""
+    b, h, t, d = 2, 2, 133, 64
+    q, k, v = rand(b, h, t, d, seed=21), rand(b, h, t, d, seed=22), rand(b, h, t, d, seed=23)
+    mask = torch.rand(b, t, generator=torch.Generator().manual_seed(24)) < 0.3
+    mask[1, -40:] = True
+    assert_matches_reference(q, k, v, causal, mask)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_scores_propagate_like_sdpa(causal):
+    q, k, v = rand(1, 2, 70, 32, seed=25), rand(1, 2, 70, 32, seed=26), rand(1, 2, 70, 32, seed=27)
+    k[0, 1, 50] = float("nan")
+    out = ops.attention(q, k, v, causal=causal)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert out.isnan().any()
+    ok = ~ref.isnan()
+    torch.testing.assert_close(out[ok], ref[ok], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_gradcheck_float64(causal):
     q = rand(1, 4, 3, 5, dtype=torch.float64, seed=8).requires_grad_(True)
     k = rand(1, 2, 4, 5, dtype=torch.float64, seed=9).requires_grad_(True)

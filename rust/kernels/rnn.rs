@@ -146,9 +146,7 @@ pub struct Dims {
 /// lazily-zeroed pages that the first writer faults in; when two team threads fault into one
 /// fresh mapping together, a 7 ms LSTM call took 20-25 ms: measured after `gc.collect()`.)
 fn zeros<T: Float>(n: usize) -> Vec<T> {
-    let mut v = Vec::with_capacity(n);
-    v.resize(n, T::ZERO);
-    v
+    super::zeroed(n)
 }
 
 /// Row offsets of each step, and the total row count.
