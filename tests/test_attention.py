@@ -84,6 +84,23 @@ def test_long_rows_with_interior_padding_match_reference(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", [(1, 1), (2, 1)])
+def test_batch_one_split_over_query_blocks_matches_reference(causal, heads):
+    """One (batch, kv head) task: its query blocks are dealt to both threads (the backward's
+    dK/dV parts summed after), with a ragged last block and interior padding."""
+    (hq, hk), t = heads, 200
+    q, k, v = rand(1, hq, t, 64, seed=31), rand(1, hk, t, 64, seed=32), rand(1, hk, t, 64, seed=33)
+    mask = torch.zeros(1, t, dtype=torch.bool)
+    mask[0, 7] = mask[0, 90] = True
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert_matches_reference(q, k, v, causal, mask)
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_nan_scores_propagate_like_sdpa(causal):
     q, k, v = rand(1, 2, 70, 32, seed=25), rand(1, 2, 70, 32, seed=26), rand(1, 2, 70, 32, seed=27)
     k[0, 1, 50] = float("nan")

@@ -106,35 +106,71 @@ pub unsafe fn mm_raw(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize,
 /// As [`mm_raw`].
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn mm_raw_k(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, panels: (usize, usize), ks: (usize, usize)) {
-    let (k, n) = (b.k, b.n);
-    assert!(ks.0 <= ks.1 && ks.1 <= k, "k range out of bounds");
+    assert!(ks.0 <= ks.1 && ks.1 <= b.k, "k range out of bounds");
     if m == 0 {
         return;
     }
-    assert!(lda >= k && a.len() >= (m - 1) * lda + k, "lhs out of bounds");
-    assert!(ldo >= n, "out row stride too small");
-    let (p0, p1) = (panels.0, panels.1.min(n.div_ceil(W)));
-    match isa() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX-512F present (detected); bounds asserted above, panel and column indices
-        // are clamped to N inside.
-        Isa::Avx512 => mm_avx512(out, ldo, a, lda, m, b, accumulate, p0, p1, ks),
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: AVX2 and FMA present (detected); bounds as above.
-        Isa::Avx2 => mm_avx2(out, ldo, a, lda, m, b, accumulate, p0, p1, ks),
-        _ => mm_scalar(out, ldo, a, lda, m, b, accumulate, p0, p1, ks),
+    assert!(lda >= b.k && a.len() >= (m - 1) * lda + b.k, "lhs out of bounds");
+    dispatch::<false>(out, ldo, a, lda, m, b, accumulate, panels, ks)
+}
+
+/// As [`mm_raw_k`] over the whole inner dimension, with the left-hand side given transposed:
+/// `out[m x N] (+)= aᵀ · B` where `a` is `K x m` (row stride `lda`), i.e. `A(i, k) = a[k * lda + i]`.
+/// For the attention backward's `dV += Pᵀ dO` and `dK += dSᵀ Q` (no transpose copy: the
+/// broadcast loads read `a` along its rows instead of down its columns).
+///
+/// # Safety
+/// As [`mm_raw`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn mm_raw_t(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool) {
+    if m == 0 || b.k == 0 {
+        if m > 0 && !accumulate {
+            for r in 0..m {
+                std::ptr::write_bytes(out.add(r * ldo), 0, b.n);
+            }
+        }
+        return;
+    }
+    assert!(lda >= m && a.len() >= (b.k - 1) * lda + m, "lhs out of bounds");
+    dispatch::<true>(out, ldo, a, lda, m, b, accumulate, (0, usize::MAX), (0, b.k))
+}
+
+/// `A(r, kk)`'s offset in `a`: row-major, or transposed (`TA`).
+#[inline(always)]
+fn at<const TA: bool>(lda: usize, r: usize, kk: usize) -> usize {
+    if TA {
+        kk * lda + r
+    } else {
+        r * lda + kk
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm_scalar(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize, ks: (usize, usize)) {
+unsafe fn dispatch<const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, panels: (usize, usize), ks: (usize, usize)) {
+    let n = b.n;
+    assert!(ldo >= n, "out row stride too small");
+    let (p0, p1) = (panels.0, panels.1.min(n.div_ceil(W)));
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F present (detected); bounds asserted by the callers, panel and
+        // column indices are clamped to N inside.
+        Isa::Avx512 => mm_avx512::<TA>(out, ldo, a, lda, m, b, accumulate, p0, p1, ks),
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 and FMA present (detected); bounds as above.
+        Isa::Avx2 => mm_avx2::<TA>(out, ldo, a, lda, m, b, accumulate, p0, p1, ks),
+        _ => mm_scalar::<TA>(out, ldo, a, lda, m, b, accumulate, p0, p1, ks),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm_scalar<const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize, ks: (usize, usize)) {
     let (k, n) = (b.k, b.n);
     for p in p0..p1 {
         let panel = &b.data[p * k * W..(p + 1) * k * W];
         for r in 0..m {
             let mut acc = [0.0f32; W];
             for kk in ks.0..ks.1 {
-                let av = a[r * lda + kk];
+                let av = a[at::<TA>(lda, r, kk)];
                 for c in 0..W {
                     acc[c] += av * panel[kk * W + c];
                 }
@@ -153,7 +189,7 @@ unsafe fn mm_scalar(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm_avx512(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize, ks: (usize, usize)) {
+unsafe fn mm_avx512<const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize, ks: (usize, usize)) {
     let mut p = p0;
     while p < p1 {
         let two = p + 1 < p1;
@@ -162,7 +198,7 @@ unsafe fn mm_avx512(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, 
             let rows = (m - r).min(8);
             macro_rules! tile {
                 ($R:literal) => {
-                    tile512::<$R>(out, ldo, a, lda, r, b, accumulate, p, two, ks)
+                    tile512::<$R, TA>(out, ldo, a, lda, r, b, accumulate, p, two, ks)
                 };
             }
             match rows {
@@ -185,18 +221,18 @@ unsafe fn mm_avx512(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, 
 #[target_feature(enable = "avx512f")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile512<const R: usize>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, r0: usize, b: &Packed, accumulate: bool, p: usize, two: bool, ks: (usize, usize)) {
+unsafe fn tile512<const R: usize, const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, r0: usize, b: &Packed, accumulate: bool, p: usize, two: bool, ks: (usize, usize)) {
     let k = b.k;
     let pa = b.data.as_ptr().add(p * k * W + ks.0 * W);
     let pb = if two { b.data.as_ptr().add((p + 1) * k * W + ks.0 * W) } else { pa };
-    let ap = a.as_ptr().add(r0 * lda + ks.0);
+    let ap = a.as_ptr().add(at::<TA>(lda, r0, ks.0));
     let mut acc0 = [_mm512_setzero_ps(); R];
     let mut acc1 = [_mm512_setzero_ps(); R];
     for kk in 0..ks.1 - ks.0 {
         let b0 = _mm512_loadu_ps(pa.add(kk * W));
         let b1 = _mm512_loadu_ps(pb.add(kk * W));
         for r in 0..R {
-            let av = _mm512_set1_ps(*ap.add(r * lda + kk));
+            let av = _mm512_set1_ps(*ap.add(at::<TA>(lda, r, kk)));
             acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
             acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
         }
@@ -220,14 +256,14 @@ unsafe fn tile512<const R: usize>(out: *mut f32, ldo: usize, a: &[f32], lda: usi
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm_avx2(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize, ks: (usize, usize)) {
+unsafe fn mm_avx2<const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize, ks: (usize, usize)) {
     for p in p0..p1 {
         let mut r = 0;
         while r < m {
             let rows = (m - r).min(6);
             macro_rules! tile {
                 ($R:literal) => {
-                    tile256::<$R>(out, ldo, a, lda, r, b, accumulate, p, ks)
+                    tile256::<$R, TA>(out, ldo, a, lda, r, b, accumulate, p, ks)
                 };
             }
             match rows {
@@ -247,17 +283,17 @@ unsafe fn mm_avx2(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b:
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile256<const R: usize>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, r0: usize, b: &Packed, accumulate: bool, p: usize, ks: (usize, usize)) {
+unsafe fn tile256<const R: usize, const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, r0: usize, b: &Packed, accumulate: bool, p: usize, ks: (usize, usize)) {
     let k = b.k;
     let pa = b.data.as_ptr().add(p * k * W + ks.0 * W);
-    let ap = a.as_ptr().add(r0 * lda + ks.0);
+    let ap = a.as_ptr().add(at::<TA>(lda, r0, ks.0));
     let mut acc0 = [_mm256_setzero_ps(); R];
     let mut acc1 = [_mm256_setzero_ps(); R];
     for kk in 0..ks.1 - ks.0 {
         let b0 = _mm256_loadu_ps(pa.add(kk * W));
         let b1 = _mm256_loadu_ps(pa.add(kk * W + 8));
         for r in 0..R {
-            let av = _mm256_set1_ps(*ap.add(r * lda + kk));
+            let av = _mm256_set1_ps(*ap.add(at::<TA>(lda, r, kk)));
             acc0[r] = _mm256_fmadd_ps(av, b0, acc0[r]);
             acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
         }
@@ -310,7 +346,7 @@ mod tests {
             }
             let mut s = vec![0.5f32; m * n];
             // SAFETY: `s` holds m x n elements.
-            unsafe { mm_scalar(s.as_mut_ptr(), n, &a, k, m, &packed, true, 0, n.div_ceil(W), (0, k)) };
+            unsafe { mm_scalar::<false>(s.as_mut_ptr(), n, &a, k, m, &packed, true, 0, n.div_ceil(W), (0, k)) };
             for (x, y) in s.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4);
             }
@@ -318,7 +354,7 @@ mod tests {
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
                 let mut v = vec![0.5f32; m * n];
                 // SAFETY: features checked; shapes as for `mm`.
-                unsafe { mm_avx2(v.as_mut_ptr(), n, &a, k, m, &packed, true, 0, n.div_ceil(W), (0, k)) };
+                unsafe { mm_avx2::<false>(v.as_mut_ptr(), n, &a, k, m, &packed, true, 0, n.div_ceil(W), (0, k)) };
                 for (x, y) in v.iter().zip(&want) {
                     assert!((x - y).abs() < 1e-4);
                 }
@@ -331,6 +367,34 @@ mod tests {
                 mm_raw_k(blocked.as_mut_ptr(), n, &a, k, m, &packed, true, (0, usize::MAX), (k / 2, k));
             }
             for (x, y) in blocked.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-4);
+            }
+            // The transposed left-hand side: aᵀ stored K x m.
+            let mut at_: Vec<f32> = vec![0.0; k * m];
+            for r in 0..m {
+                for kk in 0..k {
+                    at_[kk * m + r] = a[r * k + kk];
+                }
+            }
+            let mut t = vec![0.5f32; m * n];
+            // SAFETY: `t` holds m x n elements.
+            unsafe { mm_raw_t(t.as_mut_ptr(), n, &at_, m, m, &packed, true) };
+            for (x, y) in t.iter().zip(&want) {
+                assert!((x - y).abs() < 1e-4);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                let mut v = vec![0.5f32; m * n];
+                // SAFETY: features checked; shapes as above.
+                unsafe { mm_avx2::<true>(v.as_mut_ptr(), n, &at_, m, m, &packed, true, 0, n.div_ceil(W), (0, k)) };
+                for (x, y) in v.iter().zip(&want) {
+                    assert!((x - y).abs() < 1e-4);
+                }
+            }
+            let mut sc = vec![0.5f32; m * n];
+            // SAFETY: `sc` holds m x n elements.
+            unsafe { mm_scalar::<true>(sc.as_mut_ptr(), n, &at_, m, m, &packed, true, 0, n.div_ceil(W), (0, k)) };
+            for (x, y) in sc.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4);
             }
             let mut over = vec![9.0f32; m * n];
