@@ -41,7 +41,8 @@ def test_train_resume_and_generate(tmp_path, arch):
 
 def test_errors_are_one_line_without_traceback(tmp_path):
     for args in (["generate", str(tmp_path / "nothing")], ["train", "gpt", str(tmp_path / "missing.txt")],
-                 ["train", "gpt", "--steps", "0", "--out", str(tmp_path / "x"), "--max-bytes", "50000", "--vocab-size", "300"]):
+                 ["train", "gpt", "--steps", "0", "--out", str(tmp_path / "x"), "--max-bytes", "50000", "--vocab-size", "300"],
+                 ["bench", "--only", "data", "--repeats", "0", "--no-report"]):
         done = _ferrolm(*args)
         assert done.returncode == 2, (args, done.stderr)
         assert "Traceback" not in done.stderr

@@ -708,7 +708,7 @@ AREAS = ("tokenizer", "data", "rnn", "attention", "models", "seq2seq", "icl", "f
 
 
 def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: Tuple[str, ...] = AREAS,
-                   report: Optional[str] = None, plot: Optional[str] = None) -> List[Result]:
+                   report: Optional[str] = None, plot: Optional[str] = None, repeats: Optional[int] = None) -> List[Result]:
     """Runs the suite, prints a table, and returns the rows.
 
     Args:
@@ -716,7 +716,11 @@ def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: T
         json_path: also write the rows (with ratios) to this JSON file.
         areas: which of ``AREAS`` to run.
         report: also write a Markdown report here. plot: and a bar chart of the ratios (PNG).
+        repeats: timed runs per contender (default 3, 7 with ``full``); more steadies the
+            medians on a noisy machine.
     """
+    if repeats is not None and repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     unknown = sorted(set(areas) - set(AREAS))
     if unknown:
         raise ValueError(f"unknown benchmark areas {unknown}; choose from {list(AREAS)}")
@@ -730,7 +734,8 @@ def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: T
     docs_short = (lines + chinese_text().splitlines())[:20_000 if full else 5_000]
     words = [w for ln in lines for w in ln.split()]
     tiny = (words * (10_000 // max(1, len(words)) + 1))[:10_000]
-    repeats = 7 if full else 3
+    if repeats is None:
+        repeats = 7 if full else 3
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         if "tokenizer" in areas:

@@ -16,7 +16,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     areas = tuple(a.strip() for a in args.only.split(",")) if args.only else AREAS
     report = None if args.no_report else args.report
     plot = None if args.no_report else args.plot
-    run_benchmarks(full=args.full, json_path=args.json, areas=areas, report=report, plot=plot)
+    run_benchmarks(full=args.full, json_path=args.json, areas=areas, report=report, plot=plot, repeats=args.repeats)
     return 0
 
 
@@ -408,10 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmark suite (quick by default) and print ferrolm vs the references")
     b.add_argument("--full", action="store_true", help="the whole grid (slow) instead of the quick set")
     b.add_argument("--json", default=None, help="also write the results to this JSON file")
-    b.add_argument("--only", default=None, help="comma-separated areas to run (tokenizer, data, rnn, attention, models, icl, finetune)")
+    b.add_argument("--only", default=None, help="comma-separated areas to run (tokenizer, data, rnn, attention, models, seq2seq, icl, finetune)")
     b.add_argument("--report", default="ferrolm-bench.md", help="Markdown report to write (default ferrolm-bench.md)")
     b.add_argument("--plot", default="ferrolm-bench.png", help="PNG chart of the ratios to write (default ferrolm-bench.png)")
     b.add_argument("--no-report", action="store_true", help="print the table only")
+    b.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 3; 7 with --full)")
     b.set_defaults(func=_cmd_bench)
 
     t = sub.add_parser("tokenizer", help="train or use a tokenizer")
