@@ -30,13 +30,28 @@ impl Packed {
         let panels = n.div_ceil(W);
         let mut data = vec![0.0f32; panels * k * W];
         for p in 0..panels {
-            for kk in 0..k {
-                for c in 0..W {
-                    let col = p * W + c;
-                    if col < n {
-                        // SAFETY: (kk, col) is inside the view (kk < rows, col < cols) and
-                        // the view was built over a slice covering its extent.
-                        data[(p * k + kk) * W + c] = unsafe { *b.ptr.offset(kk as isize * b.rs + col as isize * b.cs) };
+            let cols = (n - p * W).min(W);
+            let panel = &mut data[p * k * W..(p + 1) * k * W];
+            // SAFETY (all three loops): (kk, p * W + c) is inside the view (kk < rows,
+            // p * W + c < cols) and the view was built over a slice covering its extent.
+            if b.cs == 1 {
+                // Rows contiguous (V, a weight's transpose): 16 floats copied per row.
+                for (kk, dst) in panel.chunks_exact_mut(W).enumerate() {
+                    let src = unsafe { std::slice::from_raw_parts(b.ptr.offset(kk as isize * b.rs + (p * W) as isize), cols) };
+                    dst[..cols].copy_from_slice(src);
+                }
+            } else if b.rs == 1 {
+                // Columns contiguous (Kᵀ, a weight): read each column along its length.
+                for c in 0..cols {
+                    let src = unsafe { std::slice::from_raw_parts(b.ptr.offset((p * W + c) as isize * b.cs), k) };
+                    for (kk, &x) in src.iter().enumerate() {
+                        panel[kk * W + c] = x;
+                    }
+                }
+            } else {
+                for kk in 0..k {
+                    for c in 0..cols {
+                        panel[kk * W + c] = unsafe { *b.ptr.offset(kk as isize * b.rs + (p * W + c) as isize * b.cs) };
                     }
                 }
             }
@@ -325,6 +340,29 @@ unsafe fn tile256<const R: usize, const TA: bool>(out: *mut f32, ldo: usize, a: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packing_reads_every_layout() {
+        let (k, n) = (7usize, 37usize);
+        let rm: Vec<f32> = (0..k * n).map(|i| i as f32).collect();
+        let cm: Vec<f32> = (0..k * n).map(|i| ((i % k) * n + i / k) as f32).collect(); // column-major copy
+        let wide: Vec<f32> = (0..k * 2 * n).map(|i| if i % 2 == 0 { (i / 2) as f32 } else { -1.0 }).collect();
+        let views = [
+            Mat::rm(&rm, k, n),
+            Mat { ptr: cm.as_ptr(), rows: k, cols: n, rs: 1, cs: k as isize },
+            Mat { ptr: wide.as_ptr(), rows: k, cols: n, rs: 2 * n as isize, cs: 2 },
+        ];
+        for v in views {
+            let p = Packed::new(v);
+            for kk in 0..k {
+                for col in 0..n.div_ceil(W) * W {
+                    let got = p.data[((col / W) * k + kk) * W + col % W];
+                    let want = if col < n { (kk * n + col) as f32 } else { 0.0 };
+                    assert_eq!(got, want);
+                }
+            }
+        }
+    }
 
     #[test]
     fn matches_naive_for_every_isa_path() {
