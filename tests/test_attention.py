@@ -112,6 +112,16 @@ def test_nan_scores_propagate_like_sdpa(causal):
     torch.testing.assert_close(out[ok], ref[ok], rtol=1e-5, atol=1e-6)
 
 
+def test_non_cpu_tensors_delegate_to_sdpa():
+    """Off the CPU, attention is torch's SDPA: on the "meta" device (no data, so the Rust kernel
+    cannot have run) the result has SDPA's shape, causal, padded and grouped-query."""
+    q, kv = torch.randn(2, 4, 6, 8, device="meta"), torch.randn(2, 2, 9, 8, device="meta")
+    assert ops.attention(q, kv, kv, causal=True).shape == (2, 4, 6, 8)
+    pad = torch.zeros(2, 9, dtype=torch.bool, device="meta")
+    out = ops.attention(q, kv, kv, key_padding_mask=pad)
+    assert out.device.type == "meta" and out.shape == (2, 4, 6, 8)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradcheck_float64(causal):
     q = rand(1, 4, 3, 5, dtype=torch.float64, seed=8).requires_grad_(True)

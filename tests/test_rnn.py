@@ -223,6 +223,21 @@ def test_bad_input_messages():
         lstm(torch.ones(5, 2, 3, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("pair", PAIRS, ids=["lstm", "gru"])
+def test_non_cpu_tensors_delegate_to_torch(pair):
+    """Tensors off the CPU go to torch's own module (cuDNN on CUDA): checked here on the
+    "meta" device, which has no data, so the Rust kernel (which reads the data) cannot be what
+    ran; shapes and the state layout come out as torch's."""
+    ours, ref = make(pair, 3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    ours, ref = ours.to("meta"), ref.to("meta")
+    x = torch.randn(2, 5, 3, device="meta")
+    a, sa = ours(x)
+    b, sb = ref(x)
+    assert a.device.type == "meta" and a.shape == b.shape == (2, 5, 8)
+    for u, v in zip(sa if isinstance(sa, tuple) else (sa,), sb if isinstance(sb, tuple) else (sb,)):
+        assert u.device.type == "meta" and u.shape == v.shape
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_delegates_to_torch():
     ours, ref = make(PAIRS[0], 3, 4, num_layers=2)
