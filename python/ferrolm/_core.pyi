@@ -117,6 +117,7 @@ def rnn_forward(
     b_ih: Optional[np.ndarray],
     b_hh: Optional[np.ndarray],
     threads: int,
+    keep: bool = True,
 ) -> List[Optional[np.ndarray]]: ...
 def rnn_backward(
     mode: str,

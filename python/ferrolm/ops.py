@@ -34,12 +34,16 @@ def _t(a) -> Optional[torch.Tensor]:
 
 class _RNNLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, mode: str, batch_sizes: Tuple[int, ...], reverse: bool, x, h0, c0, w_ih, w_hh, b_ih, b_hh):  # type: ignore[override]
+    def forward(ctx, mode: str, batch_sizes: Tuple[int, ...], reverse: bool, keep: bool, x, h0, c0, w_ih, w_hh, b_ih, b_hh):  # type: ignore[override]
         threads = num_threads()
+        # keep is False for inference (grad mode off, or nothing requires a gradient): the
+        # LSTM then keeps no gate activations or cell states for a backward.
         y, h_n, c_n, gates, cs = _core.rnn_forward(
-            mode, _np(x), list(batch_sizes), reverse, _np(h0), _np(c0), _np(w_ih), _np(w_hh), _np(b_ih), _np(b_hh), threads
+            mode, _np(x), list(batch_sizes), reverse, _np(h0), _np(c0), _np(w_ih), _np(w_hh), _np(b_ih), _np(b_hh), threads, keep
         )
         y, h_n, c_n, gates, cs = (_t(a) for a in (y, h_n, c_n, gates, cs))
+        if gates is None:
+            gates = cs = torch.empty(0)
         ctx.mode, ctx.batch_sizes, ctx.reverse = mode, batch_sizes, reverse
         ctx.has_bias = (b_ih is not None, b_hh is not None)
         ctx.save_for_backward(x, h0, c0 if c0 is not None else torch.empty(0), w_ih, w_hh, b_ih if b_ih is not None else torch.empty(0),
@@ -71,12 +75,12 @@ class _RNNLayer(torch.autograd.Function):
         dgh = dgx if dgh is None else torch.from_numpy(dgh)
         hprev = torch.from_numpy(hprev)
         need = ctx.needs_input_grad
-        dx = dgx @ w_ih.detach() if need[3] else None
-        dw_ih = dgx.t() @ x.detach() if need[6] else None
-        dw_hh = dgh.t() @ hprev if need[7] else None
-        db_ih = dgx.sum(0) if ctx.has_bias[0] and need[8] else None
-        db_hh = dgh.sum(0) if ctx.has_bias[1] and need[9] else None
-        return (None, None, None, dx, _t(dh0), _t(dc0) if lstm else None, dw_ih, dw_hh, db_ih, db_hh)
+        dx = dgx @ w_ih.detach() if need[4] else None
+        dw_ih = dgx.t() @ x.detach() if need[7] else None
+        dw_hh = dgh.t() @ hprev if need[8] else None
+        db_ih = dgx.sum(0) if ctx.has_bias[0] and need[9] else None
+        db_hh = dgh.sum(0) if ctx.has_bias[1] and need[10] else None
+        return (None, None, None, None, dx, _t(dh0), _t(dc0) if lstm else None, dw_ih, dw_hh, db_ih, db_hh)
 
 
 def lstm_layer(x, batch_sizes: Sequence[int], h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, reverse: bool = False):
@@ -92,13 +96,20 @@ def lstm_layer(x, batch_sizes: Sequence[int], h0, c0, w_ih, w_hh, b_ih=None, b_h
     Returns:
         y: (N, H) packed outputs; h_n, c_n: (B, H).
     """
-    return _RNNLayer.apply("lstm", tuple(int(b) for b in batch_sizes), bool(reverse), x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    return _RNNLayer.apply("lstm", tuple(int(b) for b in batch_sizes), bool(reverse), _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh),
+                           x, h0, c0, w_ih, w_hh, b_ih, b_hh)
 
 
 def gru_layer(x, batch_sizes: Sequence[int], h0, w_ih, w_hh, b_ih=None, b_hh=None, reverse: bool = False):
     """One GRU layer direction over packed rows; returns ``(y, h_n)``. Gate order r, z, n;
     weights (3H, I) and (3H, H). See :func:`lstm_layer`."""
-    return _RNNLayer.apply("gru", tuple(int(b) for b in batch_sizes), bool(reverse), x, h0, None, w_ih, w_hh, b_ih, b_hh)
+    return _RNNLayer.apply("gru", tuple(int(b) for b in batch_sizes), bool(reverse), _needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh),
+                           x, h0, None, w_ih, w_hh, b_ih, b_hh)
+
+
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will record a call on these tensors (grad mode on and one requires it)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # --------------------------------------------------------------------------- attention

@@ -281,7 +281,9 @@ fn col_sums<T: Float>(m: &[T], width: usize) -> Vec<T> {
     s
 }
 
-/// LSTM forward over packed rows `x` (N, I).
+/// LSTM forward over packed rows `x` (N, I). With `keep` false (inference: nothing will be
+/// differentiated) the gate activations and cell states are not kept: `gates` and `cs` come
+/// back empty and the f32 path needs only a chunk's worth of gate rows.
 #[allow(clippy::too_many_arguments)]
 pub fn lstm_forward<T: Float>(
     x: &[T],
@@ -292,6 +294,7 @@ pub fn lstm_forward<T: Float>(
     c0: &[T],
     w: &Weights<'_, T>,
     threads: usize,
+    keep: bool,
 ) -> Result<LstmOut<T>> {
     let (off, n) = offsets(batch_sizes)?;
     let (h, b) = (d.hidden, batch_sizes[0]);
@@ -300,6 +303,10 @@ pub fn lstm_forward<T: Float>(
     check_len("c0", c0, b * h)?;
     w.check(4, d)?;
     let g4 = 4 * h;
+    let whh_t = StepB::new(Mat::rm(w.w_hh, g4, h).t(), b);
+    if whh_t.splittable() {
+        return Ok(lstm_forward_chunked(x, batch_sizes, &off, reverse, d, h0, c0, w, &whh_t, threads, keep));
+    }
     let mut gates = zeros(n * g4);
     big_mm(&mut gates, g4, x, n, d.input, Mat::rm(w.w_ih, g4, d.input).t(), threads);
     add_bias(&mut gates, g4, w.b_ih, w.b_hh);
@@ -307,7 +314,6 @@ pub fn lstm_forward<T: Float>(
     let mut cst = c0.to_vec();
     let mut y = zeros(n * h);
     let mut cs = zeros(n * h);
-    let whh_t = StepB::new(Mat::rm(w.w_hh, g4, h).t(), b);
     let nt = team_size(&whh_t, threads, batch_sizes.len(), b * g4 * h);
     let (gp, hp, cp, yp, csp) = (Shared(gates.as_mut_ptr()), Shared(hs.as_mut_ptr()), Shared(cst.as_mut_ptr()), Shared(y.as_mut_ptr()), Shared(cs.as_mut_ptr()));
     team::run(nt, |tid, bar| {
@@ -341,7 +347,121 @@ pub fn lstm_forward<T: Float>(
             }
         }
     });
+    if !keep {
+        return Ok(LstmOut { y, h_n: hs, c_n: cst, gates: Vec::new(), cs: Vec::new() });
+    }
     Ok(LstmOut { y, h_n: hs, c_n: cst, gates, cs })
+}
+
+/// Gate rows projected at a time on the chunked path: the chunk's rows (x · W_ihᵀ + biases)
+/// are computed by the step loop's own team right before its steps, each thread its own gate
+/// columns (the recurrent product's share), so the step product accumulates into rows still in
+/// L2 and inference needs no N x 4H buffer.
+const CHUNK_ROWS: usize = 64;
+
+/// The f32 step loop with the input projection done in chunks inside it (see [`CHUNK_ROWS`]).
+/// Why: at B=64, T=128, H=256 the separate projection wrote a 32 MiB gate buffer that the step
+/// product then read back from DRAM, after a single-threaded bias pass over it (with the
+/// buffer's page faults, 25 of 77 ms).
+#[allow(clippy::too_many_arguments)]
+fn lstm_forward_chunked<T: Float>(
+    x: &[T],
+    batch_sizes: &[usize],
+    off: &[usize],
+    reverse: bool,
+    d: Dims,
+    h0: &[T],
+    c0: &[T],
+    w: &Weights<'_, T>,
+    whh_t: &StepB<T>,
+    threads: usize,
+    keep: bool,
+) -> LstmOut<T> {
+    let (h, b, steps) = (d.hidden, batch_sizes[0], batch_sizes.len());
+    let n = off[steps - 1] + batch_sizes[steps - 1];
+    let g4 = 4 * h;
+    let wih_t = StepB::new(Mat::rm(w.w_ih, g4, d.input).t(), 0);
+    debug_assert!(wih_t.splittable());
+    let bias: Option<Vec<T>> = match (w.b_ih, w.b_hh) {
+        (None, None) => None,
+        (a, b) => Some((0..g4).map(|j| a.map_or(T::ZERO, |a| a[j]) + b.map_or(T::ZERO, |b| b[j])).collect()),
+    };
+    // Chunks: runs of consecutive steps (in processing order) with at least CHUNK_ROWS rows
+    // (or the rest); a run's rows are contiguous either way round.
+    let order: Vec<usize> = if reverse { (0..steps).rev().collect() } else { (0..steps).collect() };
+    let mut chunks: Vec<(usize, usize)> = Vec::new(); // ranges of `order`
+    let mut start = 0;
+    let mut rows = 0;
+    for (i, &t) in order.iter().enumerate() {
+        rows += batch_sizes[t];
+        if rows >= CHUNK_ROWS || i + 1 == steps {
+            chunks.push((start, i + 1));
+            start = i + 1;
+            rows = 0;
+        }
+    }
+    let chunk_rows = |c: (usize, usize)| -> (usize, usize) {
+        let (first, last) = (order[c.0], order[c.1 - 1]);
+        let (lo, hi) = if reverse { (last, first) } else { (first, last) };
+        (off[lo], off[hi] + batch_sizes[hi])
+    };
+    let max_rows = chunks.iter().map(|&c| chunk_rows(c).1 - chunk_rows(c).0).max().unwrap_or(0);
+    let mut gates: Vec<T> = zeros(if keep { n * g4 } else { max_rows * g4 });
+    let mut cs: Vec<T> = zeros(if keep { n * h } else { max_rows * h });
+    let mut hs = h0.to_vec();
+    let mut cst = c0.to_vec();
+    let mut y = zeros(n * h);
+    let nt = team_size(whh_t, threads, steps, b * g4 * (h + d.input));
+    let (gp, hp, cp, yp, csp) = (Shared(gates.as_mut_ptr()), Shared(hs.as_mut_ptr()), Shared(cst.as_mut_ptr()), Shared(y.as_mut_ptr()), Shared(cs.as_mut_ptr()));
+    team::run(nt, |tid, bar| {
+        let (u0, u1) = team::share(h, tid, nt, 16);
+        let len = u1 - u0;
+        // This thread's gate columns (its 16-column panels of the recurrent product).
+        let (pa, pb) = team::share(g4.div_ceil(16), tid, nt, 1);
+        let (c0_, c1_) = ((pa * 16).min(g4), (pb * 16).min(g4));
+        for &c in &chunks {
+            let (r0, r1) = chunk_rows(c);
+            // Row `r` of the chunk lives at `base + (r - r0)` of the gate (and cell) buffers.
+            let base = if keep { r0 } else { 0 };
+            // SAFETY (whole block): the projection writes only this thread's gate columns
+            // [c0_, c1_) of the chunk's rows; the step product only this thread's columns of
+            // the step's rows; between the barriers each thread writes only its units [u0, u1)
+            // of `hs`, `cst`, `y`, `cs` and of each gate block. The chunk's first projection
+            // comes after the previous chunk's last barrier, so no cell still reads the rows it
+            // overwrites; all ranges lie inside the buffers (sized above).
+            unsafe {
+                let gchunk = gp.ptr().add(base * g4);
+                if let Some(bias) = &bias {
+                    for r in 0..r1 - r0 {
+                        gp.slice((base + r) * g4 + c0_, c1_ - c0_).copy_from_slice(&bias[c0_..c1_]);
+                    }
+                }
+                wih_t.mm_part(gchunk, g4, &x[r0 * d.input..r1 * d.input], d.input, r1 - r0, bias.is_some(), (tid, nt));
+                for &t in &order[c.0..c.1] {
+                    let (bs, o) = (batch_sizes[t], off[t]);
+                    let lr = base + o - r0; // the step's first row in the buffers
+                    let hs_read: &[T] = std::slice::from_raw_parts(hp.ptr(), bs * h);
+                    whh_t.mm_part(gp.ptr().add(lr * g4), g4, hs_read, h, bs, true, (tid, nt));
+                    bar.wait();
+                    for j in 0..bs {
+                        let r = lr + j;
+                        let row = LstmRow {
+                            i: gp.slice(r * g4 + u0, len),
+                            f: gp.slice(r * g4 + h + u0, len),
+                            g: gp.slice(r * g4 + 2 * h + u0, len),
+                            o: gp.slice(r * g4 + 3 * h + u0, len),
+                        };
+                        T::lstm_cell(row, cp.slice(j * h + u0, len), hp.slice(j * h + u0, len), csp.slice(r * h + u0, len), yp.slice((o + j) * h + u0, len));
+                    }
+                    bar.wait();
+                }
+            }
+        }
+    });
+    if !keep {
+        return LstmOut { y, h_n: hs, c_n: cst, gates: Vec::new(), cs: Vec::new() };
+    }
+    LstmOut { y, h_n: hs, c_n: cst, gates, cs }
 }
 
 /// LSTM backward: gradients of one layer direction given the forward's saved values. With
@@ -658,7 +778,7 @@ mod tests {
             let w = Weights { w_ih: wih, w_hh: whh, b_ih: Some(bih), b_hh: Some(bhh) };
             let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
             if lstm {
-                let o = lstm_forward(x, &bs, reverse, d, h0, c0, &w, 1).unwrap();
+                let o = lstm_forward(x, &bs, reverse, d, h0, c0, &w, 1, true).unwrap();
                 dot(&o.y, &gy) + dot(&o.h_n, &gh) + dot(&o.c_n, &gc)
             } else {
                 let o = gru_forward(x, &bs, reverse, d, h0, &w, 1).unwrap();
@@ -667,7 +787,7 @@ mod tests {
         };
         let w = Weights { w_ih: &wih, w_hh: &whh, b_ih: Some(&bih), b_hh: Some(&bhh) };
         let g = if lstm {
-            let o = lstm_forward(&x, &bs, reverse, d, &h0, &c0, &w, 1).unwrap();
+            let o = lstm_forward(&x, &bs, reverse, d, &h0, &c0, &w, 1, true).unwrap();
             let saved = Saved { y: &o.y, gates: &o.gates, cs: &o.cs };
             lstm_backward(&x, &bs, reverse, d, &h0, &c0, &w, saved, &gy, &gh, &gc, 1, true).unwrap()
         } else {
@@ -710,7 +830,7 @@ mod tests {
     fn bad_batch_sizes_are_errors() {
         let w = Weights::<f32> { w_ih: &[0.0; 8], w_hh: &[0.0; 16], b_ih: None, b_hh: None };
         let d = Dims { input: 1, hidden: 2 };
-        assert!(lstm_forward(&[0.0; 3], &[1, 2], false, d, &[0.0; 2], &[0.0; 2], &w, 1).is_err());
-        assert!(lstm_forward(&[0.0; 3], &[], false, d, &[0.0; 2], &[0.0; 2], &w, 1).is_err());
+        assert!(lstm_forward(&[0.0; 3], &[1, 2], false, d, &[0.0; 2], &[0.0; 2], &w, 1, true).is_err());
+        assert!(lstm_forward(&[0.0; 3], &[], false, d, &[0.0; 2], &[0.0; 2], &w, 1, true).is_err());
     }
 }
