@@ -137,6 +137,7 @@ def rnn_backward(
     dh_n: Optional[np.ndarray],
     dc_n: Optional[np.ndarray],
     threads: int,
+    products: bool = False,
 ) -> List[Optional[np.ndarray]]: ...
 def attention_forward(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, key_padding_mask: Optional[np.ndarray], scale: float, threads: int

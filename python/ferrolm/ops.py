@@ -65,14 +65,17 @@ class _RNNLayer(torch.autograd.Function):
         b_hh_a = b_hh if ctx.has_bias[1] else None
         # Rust runs the backward through time (the sequential part: gate gradients and the
         # recurrent product per step); the three large products over all steps go to torch's
-        # GEMM (MKL/oneDNN, AVX-512 where the CPU has it). Measured at B=8, T=256, H=256:
-        # forward+backward 42 ms with them in the gemm crate (AVX2 only on stable Rust).
+        # GEMM. Measured: the gemm crate took 42 ms of a B=8, T=256, H=256 forward+backward;
+        # Rust's own packed AVX-512 kernel (`products=True`) ran them as fast as torch's MKL
+        # here (A/B in one process: within the machine's noise, either way by size).
+        gw = (4 if lstm else 3) * h0.shape[-1]
         dgx, dgh, hprev, dh0, dc0 = _core.rnn_backward(
             ctx.mode, _np(x), list(ctx.batch_sizes), ctx.reverse, _np(h0), _np(c0) if lstm else None, _np(w_ih), _np(w_hh),
             _np(b_ih_a), _np(b_hh_a), _np(y), _np(gates), _np(cs), _np(dy), _np(dh_n), _np(dc_n) if lstm else None, num_threads(),
         )
-        dgx = torch.from_numpy(dgx)
-        dgh = dgx if dgh is None else torch.from_numpy(dgh)
+        # (N, stride) arrays: the first gw columns are the gradients (rows padded off 1 KiB).
+        dgx = torch.from_numpy(dgx)[:, :gw]
+        dgh = dgx if dgh is None else torch.from_numpy(dgh)[:, :gw]
         hprev = torch.from_numpy(hprev)
         need = ctx.needs_input_grad
         dx = dgx @ w_ih.detach() if need[4] else None

@@ -138,7 +138,18 @@ pub unsafe fn mm_raw_k(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usiz
 /// As [`mm_raw`].
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn mm_raw_t(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool) {
-    if m == 0 || b.k == 0 {
+    mm_raw_t_k(out, ldo, a, lda, m, b, accumulate, (0, b.k))
+}
+
+/// As [`mm_raw_t`] over the inner-dimension range `ks` only (`a`'s rows and `B`'s rows
+/// `[ks.0, ks.1)`), so long products can be blocked to keep the panel slice in cache.
+///
+/// # Safety
+/// As [`mm_raw`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn mm_raw_t_k(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, ks: (usize, usize)) {
+    assert!(ks.0 <= ks.1 && ks.1 <= b.k, "k range out of bounds");
+    if m == 0 || ks.0 == ks.1 {
         if m > 0 && !accumulate {
             for r in 0..m {
                 std::ptr::write_bytes(out.add(r * ldo), 0, b.n);
@@ -146,8 +157,8 @@ pub unsafe fn mm_raw_t(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usiz
         }
         return;
     }
-    assert!(lda >= m && a.len() >= (b.k - 1) * lda + m, "lhs out of bounds");
-    dispatch::<true>(out, ldo, a, lda, m, b, accumulate, (0, usize::MAX), (0, b.k))
+    assert!(lda >= m && a.len() >= (ks.1 - 1) * lda + m, "lhs out of bounds");
+    dispatch::<true>(out, ldo, a, lda, m, b, accumulate, (0, usize::MAX), ks)
 }
 
 /// `A(r, kk)`'s offset in `a`: row-major, or transposed (`TA`).
@@ -443,4 +454,5 @@ mod tests {
         }
     }
 }
+
 

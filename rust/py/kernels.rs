@@ -176,6 +176,7 @@ fn backward<'py, T: Float + Element>(
     saved: [&Bound<'py, PyAny>; 3],
     grads: [Option<&Bound<'py, PyAny>>; 3],
     threads: usize,
+    products: bool,
 ) -> PyResult<Vec<Out<'py>>> {
     let a = args::<T>(lstm, x, h0, c0, w[0], w[1], b[0], b[1])?;
     let (y, gates, cs) = (arr::<T>("y", saved[0])?, arr::<T>("gates", saved[1])?, arr::<T>("cs", saved[2])?);
@@ -193,23 +194,38 @@ fn backward<'py, T: Float + Element>(
     let g = py.detach(|| {
         run_kernel::<T, _>(threads, || {
             if lstm {
-                rnn::lstm_backward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, s, dys, dhs, dcs, threads, false)
+                rnn::lstm_backward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, s, dys, dhs, dcs, threads, products)
             } else {
-                rnn::gru_backward(xs, batch_sizes, reverse, dims, h0s, &wts, s, dys, dhs, threads, false)
+                rnn::gru_backward(xs, batch_sizes, reverse, dims, h0s, &wts, s, dys, dhs, threads, products)
             }
         })
     })?;
     let gates_n = if lstm { 4 } else { 3 };
     let dc0 = if lstm { out(py, g.dc0, &[bsz, h])? } else { py.None().into_bound(py) };
-    let dgh = if lstm { py.None().into_bound(py) } else { out(py, g.dgh, &[n, gates_n * h])? };
-    Ok(vec![out(py, g.dgx, &[n, gates_n * h])?, dgh, out(py, g.hprev, &[n, h])?, out(py, g.dh0, &[bsz, h])?, dc0])
+    if products {
+        let gw = gates_n * h;
+        let input = dims.input;
+        return Ok(vec![
+            out(py, g.dx, &[n, input])?,
+            out(py, g.dw_ih, &[gw, input])?,
+            out(py, g.dw_hh, &[gw, h])?,
+            out(py, g.db_ih, &[gw])?,
+            out(py, g.db_hh, &[gw])?,
+            out(py, g.dh0, &[bsz, h])?,
+            dc0,
+        ]);
+    }
+    let dgh = if lstm { py.None().into_bound(py) } else { out(py, g.dgh, &[n, g.ldg])? };
+    Ok(vec![out(py, g.dgx, &[n, g.ldg])?, dgh, out(py, g.hprev, &[n, h])?, out(py, g.dh0, &[bsz, h])?, dc0])
 }
 
-/// One layer direction's backward through time: returns [dgx, dgh (None for LSTM: equal to
-/// dgx), hprev, dh0, dc0 (None for GRU)]; the caller forms dx, dW_ih, dW_hh and the bias
-/// gradients from them with its own GEMM (torch's, in `ferrolm.ops`).
+/// One layer direction's backward. With `products` (what `ferrolm.ops` uses): returns [dx,
+/// dW_ih, dW_hh, db_ih, db_hh, dh0, dc0 (None for GRU)]. Without: only the backward through
+/// time runs and it returns [dgx, dgh (None for LSTM: equal to dgx), hprev, dh0, dc0], the
+/// gate gradients as (N, stride) arrays whose first G*H columns are the gradients (rows padded
+/// off 1 KiB multiples), for the caller's own GEMMs.
 #[pyfunction]
-#[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y, gates, cs, dy, dh_n, dc_n, threads))]
+#[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y, gates, cs, dy, dh_n, dc_n, threads, products=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn rnn_backward<'py>(
     py: Python<'py>,
@@ -230,14 +246,15 @@ pub fn rnn_backward<'py>(
     dh_n: Option<&Bound<'py, PyAny>>,
     dc_n: Option<&Bound<'py, PyAny>>,
     threads: usize,
+    products: bool,
 ) -> PyResult<Vec<Out<'py>>> {
     let lstm = parse_mode(mode)?;
     let threads = parallel::resolve_threads(Some(threads));
     let args = ([w_ih, w_hh], [b_ih, b_hh], [y, gates, cs], [dy, dh_n, dc_n]);
     if is_f64(x) {
-        backward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads)
+        backward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads, products)
     } else {
-        backward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads)
+        backward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads, products)
     }
 }
 
