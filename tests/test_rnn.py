@@ -223,13 +223,14 @@ def test_bad_input_messages():
         lstm(torch.ones(5, 2, 3, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("pair", PAIRS, ids=["lstm", "gru"])
 @pytest.mark.parametrize("batch,steps,hidden,threads", [(1, 200, 40, 1), (8, 37, 64, 2), (3, 90, 72, 2), (70, 5, 33, 2)])
-def test_inference_path_matches_torch(batch, steps, hidden, threads):
-    """Under no_grad the LSTM keeps no activations for a backward and projects its inputs a
+def test_inference_path_matches_torch(pair, batch, steps, hidden, threads):
+    """Under no_grad the layers keep no activations for a backward and project their inputs a
     chunk of steps at a time inside the step loop: outputs and states equal torch's, with
     chunks of many steps (batch 1), ragged chunk ends, variable lengths (packed, both
     directions) and a chunk of one step (batch > 64)."""
-    ours, ref = make(PAIRS[0], 24, hidden, num_layers=2, bidirectional=True, batch_first=True)
+    ours, ref = make(pair, 24, hidden, num_layers=2, bidirectional=True, batch_first=True)
     torch.manual_seed(3)
     x = torch.randn(batch, steps, 24)
     lengths = torch.randint(1, steps + 1, (batch,))
@@ -237,16 +238,19 @@ def test_inference_path_matches_torch(batch, steps, hidden, threads):
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
+        states = lambda s: s if isinstance(s, tuple) else (s,)  # noqa: E731
         with torch.no_grad():
-            a, (ha, ca) = ours(x)
-            b, (hb, cb) = ref(x)
-            pa, (hpa, cpa) = ours(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
-            pb, (hpb, cpb) = ref(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+            a, sa = ours(x)
+            b, sb = ref(x)
+            pa, spa = ours(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+            pb, spb = ref(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
         # The same module with gradients on (the kept-activations path) agrees too.
-        g, (hg, cg) = ours(x)
+        g, sg = ours(x)
     finally:
         torch.set_num_threads(old)
-    for u, v in ((a, b), (ha, hb), (ca, cb), (pa.data, pb.data), (hpa, hpb), (cpa, cpb), (g.detach(), b), (hg.detach(), hb), (cg.detach(), cb)):
+    pairs = [(a, b), (pa.data, pb.data), (g.detach(), b)]
+    pairs += list(zip(states(sa), states(sb))) + list(zip(states(spa), states(spb))) + [(u.detach(), v) for u, v in zip(states(sg), states(sb))]
+    for u, v in pairs:
         assert_close(u, v)
 
 

@@ -429,30 +429,10 @@ fn lstm_forward_chunked<T: Float>(
     let g4 = 4 * h;
     let wih_t = StepB::new(Mat::rm(w.w_ih, g4, d.input).t(), 0);
     debug_assert!(wih_t.splittable());
-    let bias: Option<Vec<T>> = match (w.b_ih, w.b_hh) {
-        (None, None) => None,
-        (a, b) => Some((0..g4).map(|j| a.map_or(T::ZERO, |a| a[j]) + b.map_or(T::ZERO, |b| b[j])).collect()),
-    };
-    // Chunks: runs of consecutive steps (in processing order) with at least CHUNK_ROWS rows
-    // (or the rest); a run's rows are contiguous either way round.
+    let bias = sum_bias(w.b_ih, w.b_hh, g4);
     let order: Vec<usize> = if reverse { (0..steps).rev().collect() } else { (0..steps).collect() };
-    let mut chunks: Vec<(usize, usize)> = Vec::new(); // ranges of `order`
-    let mut start = 0;
-    let mut rows = 0;
-    for (i, &t) in order.iter().enumerate() {
-        rows += batch_sizes[t];
-        if rows >= CHUNK_ROWS || i + 1 == steps {
-            chunks.push((start, i + 1));
-            start = i + 1;
-            rows = 0;
-        }
-    }
-    let chunk_rows = |c: (usize, usize)| -> (usize, usize) {
-        let (first, last) = (order[c.0], order[c.1 - 1]);
-        let (lo, hi) = if reverse { (last, first) } else { (first, last) };
-        (off[lo], off[hi] + batch_sizes[hi])
-    };
-    let max_rows = chunks.iter().map(|&c| chunk_rows(c).1 - chunk_rows(c).0).max().unwrap_or(0);
+    let chunks = chunk_steps(batch_sizes, off, &order, reverse);
+    let max_rows = chunks.iter().map(|&(_, (r0, r1))| r1 - r0).max().unwrap_or(0);
     let mut gates: Vec<T> = zeros(if keep { n * g4 } else { max_rows * g4 });
     let mut cs: Vec<T> = zeros(if keep { n * h } else { max_rows * h });
     let mut hs = h0.to_vec();
@@ -466,8 +446,7 @@ fn lstm_forward_chunked<T: Float>(
         // This thread's gate columns (its 16-column panels of the recurrent product).
         let (pa, pb) = team::share(g4.div_ceil(16), tid, nt, 1);
         let (c0_, c1_) = ((pa * 16).min(g4), (pb * 16).min(g4));
-        for &c in &chunks {
-            let (r0, r1) = chunk_rows(c);
+        for &(c, (r0, r1)) in &chunks {
             // Row `r` of the chunk lives at `base + (r - r0)` of the gate (and cell) buffers.
             let base = if keep { r0 } else { 0 };
             // SAFETY (whole block): the projection writes only this thread's gate columns
@@ -633,7 +612,8 @@ pub struct GruOut<T> {
 }
 
 /// GRU forward over packed rows (torch's formulation: the reset gate multiplies
-/// `W_hn h + b_hn`, so all three recurrent gates come from one product).
+/// `W_hn h + b_hn`, so all three recurrent gates come from one product). With `keep` false
+/// (inference) `gates` and `hn` come back empty, as for [`lstm_forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn gru_forward<T: Float>(
     x: &[T],
@@ -643,6 +623,7 @@ pub fn gru_forward<T: Float>(
     h0: &[T],
     w: &Weights<'_, T>,
     threads: usize,
+    keep: bool,
 ) -> Result<GruOut<T>> {
     let (off, n) = offsets(batch_sizes)?;
     let (h, b) = (d.hidden, batch_sizes[0]);
@@ -650,6 +631,12 @@ pub fn gru_forward<T: Float>(
     check_len("h0", h0, b * h)?;
     w.check(3, d)?;
     let g3 = 3 * h;
+    {
+        let whh_t = StepB::new(Mat::rm(w.w_hh, g3, h).t(), b);
+        if whh_t.splittable() {
+            return Ok(gru_forward_chunked(x, batch_sizes, &off, reverse, d, h0, w, &whh_t, threads, keep));
+        }
+    }
     let mut gates = zeros(n * g3);
     big_mm(&mut gates, g3, x, d.input, n, d.input, Mat::rm(w.w_ih, g3, d.input).t(), threads);
     add_bias(&mut gates, g3, w.b_ih, None);
@@ -702,7 +689,122 @@ pub fn gru_forward<T: Float>(
             }
         }
     });
+    if !keep {
+        return Ok(GruOut { y, h_n: hs, gates: Vec::new(), hn: Vec::new() });
+    }
     Ok(GruOut { y, h_n: hs, gates, hn })
+}
+
+/// Chunks of consecutive steps (ranges of the processing order `order`) holding at least
+/// [`CHUNK_ROWS`] rows each (the last takes the rest), and each chunk's row range (a run of
+/// steps' rows is contiguous in either direction).
+fn chunk_steps(batch_sizes: &[usize], off: &[usize], order: &[usize], reverse: bool) -> Vec<((usize, usize), (usize, usize))> {
+    let mut chunks = Vec::new();
+    let (mut start, mut rows) = (0, 0);
+    for (i, &t) in order.iter().enumerate() {
+        rows += batch_sizes[t];
+        if rows >= CHUNK_ROWS || i + 1 == order.len() {
+            let (first, last) = (order[start], order[i]);
+            let (lo, hi) = if reverse { (last, first) } else { (first, last) };
+            chunks.push(((start, i + 1), (off[lo], off[hi] + batch_sizes[hi])));
+            start = i + 1;
+            rows = 0;
+        }
+    }
+    chunks
+}
+
+/// The summed biases, or None.
+fn sum_bias<T: Float>(a: Option<&[T]>, b: Option<&[T]>, width: usize) -> Option<Vec<T>> {
+    match (a, b) {
+        (None, None) => None,
+        (a, b) => Some((0..width).map(|j| a.map_or(T::ZERO, |a| a[j]) + b.map_or(T::ZERO, |b| b[j])).collect()),
+    }
+}
+
+/// The GRU's f32 step loop with the input projection in chunks inside it, as
+/// [`lstm_forward_chunked`]; the recurrent product starts from `b_hh` (copied into the step's
+/// rows) instead of a separate bias pass per unit.
+#[allow(clippy::too_many_arguments)]
+fn gru_forward_chunked<T: Float>(
+    x: &[T],
+    batch_sizes: &[usize],
+    off: &[usize],
+    reverse: bool,
+    d: Dims,
+    h0: &[T],
+    w: &Weights<'_, T>,
+    whh_t: &StepB<T>,
+    threads: usize,
+    keep: bool,
+) -> GruOut<T> {
+    let (h, b, steps) = (d.hidden, batch_sizes[0], batch_sizes.len());
+    let n = off[steps - 1] + batch_sizes[steps - 1];
+    let g3 = 3 * h;
+    let wih_t = StepB::new(Mat::rm(w.w_ih, g3, d.input).t(), 0);
+    let b_ih = sum_bias(w.b_ih, None, g3);
+    let b_hh = sum_bias(w.b_hh, None, g3);
+    let order: Vec<usize> = if reverse { (0..steps).rev().collect() } else { (0..steps).collect() };
+    let chunks = chunk_steps(batch_sizes, off, &order, reverse);
+    let max_rows = chunks.iter().map(|&(_, (r0, r1))| r1 - r0).max().unwrap_or(0);
+    let mut gates: Vec<T> = zeros(if keep { n * g3 } else { max_rows * g3 });
+    let mut hn: Vec<T> = zeros(if keep { n * h } else { max_rows * h });
+    let mut gh: Vec<T> = zeros(b * g3);
+    let mut hs = h0.to_vec();
+    let mut y: Vec<T> = zeros(n * h);
+    let nt = team_size(whh_t, threads, steps, b * g3 * (h + d.input));
+    let (gp, ghp, hp, hnp, yp) = (Shared(gates.as_mut_ptr()), Shared(gh.as_mut_ptr()), Shared(hs.as_mut_ptr()), Shared(hn.as_mut_ptr()), Shared(y.as_mut_ptr()));
+    team::run(nt, |tid, bar| {
+        let (u0, u1) = team::share(h, tid, nt, 16);
+        let len = u1 - u0;
+        let (pa, pb) = team::share(g3.div_ceil(16), tid, nt, 1);
+        let (c0_, c1_) = ((pa * 16).min(g3), (pb * 16).min(g3));
+        for &(c, (r0, r1)) in &chunks {
+            let base = if keep { r0 } else { 0 };
+            // SAFETY (whole block): as in `lstm_forward_chunked`: the projection and the step
+            // product write only this thread's gate columns [c0_, c1_) (of the chunk's rows of
+            // `gates`, of the step's rows of `gh`); between the barriers each thread writes only
+            // its units of `gates`, `hs`, `hn`, `y`; all ranges lie inside the buffers.
+            unsafe {
+                if let Some(bias) = &b_ih {
+                    for r in 0..r1 - r0 {
+                        gp.slice((base + r) * g3 + c0_, c1_ - c0_).copy_from_slice(&bias[c0_..c1_]);
+                    }
+                }
+                wih_t.mm_part(gp.ptr().add(base * g3), g3, &x[r0 * d.input..r1 * d.input], d.input, r1 - r0, b_ih.is_some(), (tid, nt));
+                for &t in &order[c.0..c.1] {
+                    let (bs, o) = (batch_sizes[t], off[t]);
+                    let lr = base + o - r0;
+                    if let Some(bias) = &b_hh {
+                        for j in 0..bs {
+                            ghp.slice(j * g3 + c0_, c1_ - c0_).copy_from_slice(&bias[c0_..c1_]);
+                        }
+                    }
+                    let hs_read: &[T] = std::slice::from_raw_parts(hp.ptr(), bs * h);
+                    whh_t.mm_part(ghp.ptr(), g3, hs_read, h, bs, b_hh.is_some(), (tid, nt));
+                    bar.wait();
+                    for j in 0..bs {
+                        let r = lr + j;
+                        let ghr: &[T] = ghp.slice(j * g3, g3);
+                        let row = GruRow {
+                            xr: gp.slice(r * g3 + u0, len),
+                            xz: gp.slice(r * g3 + h + u0, len),
+                            xn: gp.slice(r * g3 + 2 * h + u0, len),
+                            hr: &ghr[u0..u1],
+                            hz: &ghr[h + u0..h + u1],
+                            hn: &ghr[2 * h + u0..2 * h + u1],
+                        };
+                        T::gru_cell(row, hp.slice(j * h + u0, len), hnp.slice(r * h + u0, len), yp.slice((o + j) * h + u0, len));
+                    }
+                    bar.wait();
+                }
+            }
+        }
+    });
+    if !keep {
+        return GruOut { y, h_n: hs, gates: Vec::new(), hn: Vec::new() };
+    }
+    GruOut { y, h_n: hs, gates, hn }
 }
 
 /// GRU backward; with `products` false as [`lstm_backward`]: `dgx`, `dgh`, `hprev` and `dh0`.
@@ -831,7 +933,7 @@ mod tests {
                 let o = lstm_forward(x, &bs, reverse, d, h0, c0, &w, 1, true).unwrap();
                 dot(&o.y, &gy) + dot(&o.h_n, &gh) + dot(&o.c_n, &gc)
             } else {
-                let o = gru_forward(x, &bs, reverse, d, h0, &w, 1).unwrap();
+                let o = gru_forward(x, &bs, reverse, d, h0, &w, 1, true).unwrap();
                 dot(&o.y, &gy) + dot(&o.h_n, &gh)
             }
         };
@@ -841,7 +943,7 @@ mod tests {
             let saved = Saved { y: &o.y, gates: &o.gates, cs: &o.cs };
             lstm_backward(&x, &bs, reverse, d, &h0, &c0, &w, saved, &gy, &gh, &gc, 1, true).unwrap()
         } else {
-            let o = gru_forward(&x, &bs, reverse, d, &h0, &w, 1).unwrap();
+            let o = gru_forward(&x, &bs, reverse, d, &h0, &w, 1, true).unwrap();
             let saved = Saved { y: &o.y, gates: &o.gates, cs: &o.hn };
             gru_backward(&x, &bs, reverse, d, &h0, &w, saved, &gy, &gh, 1, true).unwrap()
         };

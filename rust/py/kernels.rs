@@ -120,13 +120,14 @@ fn forward<'py, T: Float + Element>(
         let (gates, cs) = if keep { (out(py, o.gates, &[n, 4 * h])?, out(py, o.cs, &[n, h])?) } else { (py.None().into_bound(py), py.None().into_bound(py)) };
         Ok(vec![out(py, o.y, &[n, h])?, out(py, o.h_n, &[bsz, h])?, out(py, o.c_n, &[bsz, h])?, gates, cs])
     } else {
-        let o = py.detach(|| run_kernel::<T, _>(threads, || rnn::gru_forward(xs, batch_sizes, reverse, dims, h0s, &wts, threads)))?;
-        Ok(vec![out(py, o.y, &[n, h])?, out(py, o.h_n, &[bsz, h])?, py.None().into_bound(py), out(py, o.gates, &[n, 3 * h])?, out(py, o.hn, &[n, h])?])
+        let o = py.detach(|| run_kernel::<T, _>(threads, || rnn::gru_forward(xs, batch_sizes, reverse, dims, h0s, &wts, threads, keep)))?;
+        let (gates, hn) = if keep { (out(py, o.gates, &[n, 3 * h])?, out(py, o.hn, &[n, h])?) } else { (py.None().into_bound(py), py.None().into_bound(py)) };
+        Ok(vec![out(py, o.y, &[n, h])?, out(py, o.h_n, &[bsz, h])?, py.None().into_bound(py), gates, hn])
     }
 }
 
 /// One layer direction forward: returns [y, h_n, c_n (None for GRU), gates, cell_or_candidate].
-/// With `keep` false (no backward will follow) an LSTM returns None for the last two.
+/// With `keep` false (no backward will follow) the last two are None.
 #[pyfunction]
 #[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, threads, keep=true))]
 #[allow(clippy::too_many_arguments)]
