@@ -255,6 +255,38 @@ def test_inference_path_matches_torch(pair, batch, steps, hidden, threads):
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=["lstm", "gru"])
+def test_batch_first_inference_float64_and_large_batch(pair):
+    """Batch-first inference rows on the paths without the chunked f32 loop: float64, and a
+    batch above the packed kernel's 256 rows."""
+    for dtype, batch in ((torch.float64, 3), (torch.float32, 300)):
+        ours, ref = make(pair, 5, 8, num_layers=2, bidirectional=True, batch_first=True, dtype=dtype)
+        x = torch.randn(batch, 4, 5, dtype=dtype, generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            a, sa = ours(x)
+            b, sb = ref(x)
+        assert a.is_contiguous() and a.shape == b.shape
+        assert_close(a, b)
+        for u, v in zip(sa if isinstance(sa, tuple) else (sa,), sb if isinstance(sb, tuple) else (sb,)):
+            assert_close(u, v)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=["lstm", "gru"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched_input_matches_torch(pair, batch_first):
+    """A 2-D (T, I) input is one unbatched sequence whatever batch_first says (as torch)."""
+    ours, ref = make(pair, 3, 4, num_layers=2, batch_first=batch_first)
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(5))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            a, sa = ours(x)
+            b, sb = ref(x)
+        assert a.shape == b.shape == (6, 4)
+        assert_close(a.detach(), b.detach())
+        for u, v in zip(sa if isinstance(sa, tuple) else (sa,), sb if isinstance(sb, tuple) else (sb,)):
+            assert_close(u.detach(), v.detach())
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=["lstm", "gru"])
 def test_non_cpu_tensors_delegate_to_torch(pair):
     """Tensors off the CPU go to torch's own module (cuDNN on CUDA): checked here on the
     "meta" device, which has no data, so the Rust kernel (which reads the data) cannot be what

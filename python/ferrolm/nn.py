@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .ops import dropout as _dropout
-from .ops import gru_layer, lstm_layer
+from .ops import _needs_grad, gru_layer, lstm_layer
 
 __all__ = ["LSTM", "GRU", "Dropout", "MultiheadSelfAttention", "MultiheadAttention", "Packed", "KVCache", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding", "RotaryEmbedding"]
 
@@ -75,8 +75,9 @@ class _FusedRNNMixin:
         if s.dtype != self.weight_ih_l0.dtype and s.dtype not in _FAST_DTYPES:
             raise TypeError(f"{name} has dtype {s.dtype}, expected {self.weight_ih_l0.dtype}")
 
-    def _run_packed(self, data: torch.Tensor, batch_sizes: List[int], h0: torch.Tensor, c0: Optional[torch.Tensor]):
-        """All layers and directions over packed rows; states are (L*D, B, H) in sorted order."""
+    def _run_packed(self, data: torch.Tensor, batch_sizes: List[int], h0: torch.Tensor, c0: Optional[torch.Tensor], batch_first: bool = False):
+        """All layers and directions over packed rows (or, with ``batch_first``, rows in
+        batch-first order: inference over one length); states are (L*D, B, H) in sorted order."""
         dirs = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         x = data
@@ -86,10 +87,10 @@ class _FusedRNNMixin:
                 k = layer * dirs + d
                 w_ih, w_hh, b_ih, b_hh = self._layer_params(layer, d)
                 if self._lstm:
-                    y, h, c = lstm_layer(x, batch_sizes, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, reverse=bool(d))
+                    y, h, c = lstm_layer(x, batch_sizes, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, reverse=bool(d), batch_first=batch_first)
                     c_n.append(c)
                 else:
-                    y, h = gru_layer(x, batch_sizes, h0[k], w_ih, w_hh, b_ih, b_hh, reverse=bool(d))
+                    y, h = gru_layer(x, batch_sizes, h0[k], w_ih, w_hh, b_ih, b_hh, reverse=bool(d), batch_first=batch_first)
                 h_n.append(h)
                 outs.append(y)
             x = outs[0] if dirs == 1 else torch.cat(outs, dim=1)
@@ -129,7 +130,7 @@ class _FusedRNNMixin:
                 if lengths is not None:
                     raise ValueError(f"{cls}: lengths= needs a batched (3-D) input")
                 unbatched = True
-                input = input.unsqueeze(1)
+                input = input.unsqueeze(0 if self.batch_first else 1)
                 if hx is not None:
                     hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
             self._check_input(input, batched=True)
@@ -144,7 +145,11 @@ class _FusedRNNMixin:
                 packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first, enforce_sorted=False)
                 data, batch_sizes_t, sorted_idx, unsorted_idx = packed
             else:
-                x = input.transpose(0, 1) if self.batch_first else input
+                # Inference over a batch-first tensor: the kernels read and write batch-first
+                # rows themselves (no transposed copies in and out).
+                states = () if hx is None else (hx if isinstance(hx, tuple) else (hx,))
+                rows_bf = self.batch_first and not unbatched and not _needs_grad(input, *states, *self.parameters())
+                x = input.transpose(0, 1) if self.batch_first and not rows_bf else input
                 data = x.reshape(steps * batch, self.input_size)
                 batch_sizes_t = torch.full((steps,), batch, dtype=torch.int64)
                 sorted_idx = unsorted_idx = None
@@ -170,7 +175,8 @@ class _FusedRNNMixin:
         if sorted_idx is not None:
             h0 = h0.index_select(1, sorted_idx)
             c0 = c0.index_select(1, sorted_idx) if c0 is not None else None
-        y, h_n, c_n = self._run_packed(data, [int(b) for b in batch_sizes_t], h0, c0)
+        rows_bf = not is_packed and lengths is None and rows_bf
+        y, h_n, c_n = self._run_packed(data, [int(b) for b in batch_sizes_t], h0, c0, batch_first=rows_bf)
         if unsorted_idx is not None:
             h_n = h_n.index_select(1, unsorted_idx)
             c_n = c_n.index_select(1, unsorted_idx) if c_n is not None else None
@@ -181,12 +187,14 @@ class _FusedRNNMixin:
             out, _ = pad_packed_sequence(
                 PackedSequence(y, batch_sizes_t, sorted_idx, unsorted_idx), batch_first=self.batch_first, total_length=steps
             )
+        elif rows_bf:
+            out = y.view(batch, steps, -1)
         else:
             out = y.view(steps, batch, -1)
             if self.batch_first:
                 out = out.transpose(0, 1)
         if unbatched:
-            out = out.squeeze(1)
+            out = out.squeeze(0 if self.batch_first else 1)
             state = (h_n.squeeze(1), c_n.squeeze(1)) if self._lstm else h_n.squeeze(1)
         return out, state
 

@@ -34,12 +34,13 @@ def _t(a) -> Optional[torch.Tensor]:
 
 class _RNNLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, mode: str, batch_sizes: Tuple[int, ...], reverse: bool, keep: bool, x, h0, c0, w_ih, w_hh, b_ih, b_hh):  # type: ignore[override]
+    def forward(ctx, mode: str, batch_sizes: Tuple[int, ...], reverse: bool, keep: bool, batch_first: bool, x, h0, c0, w_ih, w_hh, b_ih, b_hh):  # type: ignore[override]
         threads = num_threads()
         # keep is False for inference (grad mode off, or nothing requires a gradient): the
-        # LSTM then keeps no gate activations or cell states for a backward.
+        # layer then keeps no gate activations or cell states for a backward. batch_first
+        # (inference only): x and y rows in batch-first order.
         y, h_n, c_n, gates, cs = _core.rnn_forward(
-            mode, _np(x), list(batch_sizes), reverse, _np(h0), _np(c0), _np(w_ih), _np(w_hh), _np(b_ih), _np(b_hh), threads, keep
+            mode, _np(x), list(batch_sizes), reverse, _np(h0), _np(c0), _np(w_ih), _np(w_hh), _np(b_ih), _np(b_hh), threads, keep, batch_first
         )
         y, h_n, c_n, gates, cs = (_t(a) for a in (y, h_n, c_n, gates, cs))
         if gates is None:
@@ -78,15 +79,15 @@ class _RNNLayer(torch.autograd.Function):
         dgh = dgx if dgh is None else torch.from_numpy(dgh)[:, :gw]
         hprev = torch.from_numpy(hprev)
         need = ctx.needs_input_grad
-        dx = dgx @ w_ih.detach() if need[4] else None
-        dw_ih = dgx.t() @ x.detach() if need[7] else None
-        dw_hh = dgh.t() @ hprev if need[8] else None
-        db_ih = dgx.sum(0) if ctx.has_bias[0] and need[9] else None
-        db_hh = dgh.sum(0) if ctx.has_bias[1] and need[10] else None
-        return (None, None, None, None, dx, _t(dh0), _t(dc0) if lstm else None, dw_ih, dw_hh, db_ih, db_hh)
+        dx = dgx @ w_ih.detach() if need[5] else None
+        dw_ih = dgx.t() @ x.detach() if need[8] else None
+        dw_hh = dgh.t() @ hprev if need[9] else None
+        db_ih = dgx.sum(0) if ctx.has_bias[0] and need[10] else None
+        db_hh = dgh.sum(0) if ctx.has_bias[1] and need[11] else None
+        return (None, None, None, None, None, dx, _t(dh0), _t(dc0) if lstm else None, dw_ih, dw_hh, db_ih, db_hh)
 
 
-def lstm_layer(x, batch_sizes: Sequence[int], h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, reverse: bool = False):
+def lstm_layer(x, batch_sizes: Sequence[int], h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, reverse: bool = False, batch_first: bool = False):
     """One LSTM layer direction over packed rows; returns ``(y, h_n, c_n)``.
 
     Args:
@@ -95,19 +96,29 @@ def lstm_layer(x, batch_sizes: Sequence[int], h0, c0, w_ih, w_hh, b_ih=None, b_h
         h0, c0: (B, H) initial states, B = batch_sizes[0], in the packed (sorted) order.
         w_ih: (4H, I); w_hh: (4H, H); b_ih, b_hh: (4H,) or None. Gate order i, f, g, o.
         reverse: run the sequences backwards (the reverse direction of a bidirectional layer).
+        batch_first: for inference (nothing needs a gradient) over sequences of one length:
+            the rows of ``x`` and ``y`` are in batch-first order (``(B, T, I)`` flattened),
+            saving the transposed copies.
 
     Returns:
         y: (N, H) packed outputs; h_n, c_n: (B, H).
     """
-    return _RNNLayer.apply("lstm", tuple(int(b) for b in batch_sizes), bool(reverse), _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh),
-                           x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    keep = _needs_grad(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    _check_batch_first(batch_first, keep)
+    return _RNNLayer.apply("lstm", tuple(int(b) for b in batch_sizes), bool(reverse), keep, bool(batch_first), x, h0, c0, w_ih, w_hh, b_ih, b_hh)
 
 
-def gru_layer(x, batch_sizes: Sequence[int], h0, w_ih, w_hh, b_ih=None, b_hh=None, reverse: bool = False):
+def gru_layer(x, batch_sizes: Sequence[int], h0, w_ih, w_hh, b_ih=None, b_hh=None, reverse: bool = False, batch_first: bool = False):
     """One GRU layer direction over packed rows; returns ``(y, h_n)``. Gate order r, z, n;
     weights (3H, I) and (3H, H). See :func:`lstm_layer`."""
-    return _RNNLayer.apply("gru", tuple(int(b) for b in batch_sizes), bool(reverse), _needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh),
-                           x, h0, None, w_ih, w_hh, b_ih, b_hh)
+    keep = _needs_grad(x, h0, w_ih, w_hh, b_ih, b_hh)
+    _check_batch_first(batch_first, keep)
+    return _RNNLayer.apply("gru", tuple(int(b) for b in batch_sizes), bool(reverse), keep, bool(batch_first), x, h0, None, w_ih, w_hh, b_ih, b_hh)
+
+
+def _check_batch_first(batch_first: bool, keep: bool) -> None:
+    if batch_first and keep:
+        raise ValueError("batch_first=True is for inference: run it under torch.no_grad() (or with nothing requiring a gradient)")
 
 
 def _needs_grad(*tensors) -> bool:

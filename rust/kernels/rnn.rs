@@ -330,7 +330,9 @@ fn col_sums<T: Float>(m: &[T], stride: usize, width: usize) -> Vec<T> {
 
 /// LSTM forward over packed rows `x` (N, I). With `keep` false (inference: nothing will be
 /// differentiated) the gate activations and cell states are not kept: `gates` and `cs` come
-/// back empty and the f32 path needs only a chunk's worth of gate rows.
+/// back empty and the f32 path needs only a chunk's worth of gate rows. With `batch_first`
+/// (inference only, every sequence the same length) `x` is `(B, T, I)` and `y` comes back
+/// `(B, T, H)`, both contiguous: no transposed copies around the call.
 #[allow(clippy::too_many_arguments)]
 pub fn lstm_forward<T: Float>(
     x: &[T],
@@ -342,6 +344,7 @@ pub fn lstm_forward<T: Float>(
     w: &Weights<'_, T>,
     threads: usize,
     keep: bool,
+    batch_first: bool,
 ) -> Result<LstmOut<T>> {
     let (off, n) = offsets(batch_sizes)?;
     let (h, b) = (d.hidden, batch_sizes[0]);
@@ -349,10 +352,17 @@ pub fn lstm_forward<T: Float>(
     check_len("h0", h0, b * h)?;
     check_len("c0", c0, b * h)?;
     w.check(4, d)?;
+    check_batch_first(batch_first, keep, batch_sizes)?;
     let g4 = 4 * h;
     let whh_t = StepB::new(Mat::rm(w.w_hh, g4, h).t(), b);
     if whh_t.splittable() {
-        return Ok(lstm_forward_chunked(x, batch_sizes, &off, reverse, d, h0, c0, w, &whh_t, threads, keep));
+        return Ok(lstm_forward_chunked(x, batch_sizes, &off, reverse, d, h0, c0, w, &whh_t, threads, keep, batch_first));
+    }
+    if batch_first {
+        let xp = reorder_rows(x, d.input, b, batch_sizes.len(), false);
+        let mut o = lstm_forward(&xp, batch_sizes, reverse, d, h0, c0, w, threads, keep, false)?;
+        o.y = reorder_rows(&o.y, h, b, batch_sizes.len(), true);
+        return Ok(o);
     }
     let mut gates = zeros(n * g4);
     big_mm(&mut gates, g4, x, d.input, n, d.input, Mat::rm(w.w_ih, g4, d.input).t(), threads);
@@ -400,6 +410,34 @@ pub fn lstm_forward<T: Float>(
     Ok(LstmOut { y, h_n: hs, c_n: cst, gates, cs })
 }
 
+/// The batch-first layout is for inference over sequences of one length.
+fn check_batch_first(batch_first: bool, keep: bool, batch_sizes: &[usize]) -> Result<()> {
+    if batch_first && keep {
+        return Err(Error::value("the batch-first layout is for inference only (keep=false)"));
+    }
+    if batch_first && batch_sizes.iter().any(|&s| s != batch_sizes[0]) {
+        return Err(Error::value("the batch-first layout needs every sequence to have the same length"));
+    }
+    Ok(())
+}
+
+/// Row `r` (step-major packed order, `b` rows a step) of a batch-first `(b, steps, .)` array.
+#[inline(always)]
+fn bf_row(r: usize, b: usize, steps: usize) -> usize {
+    (r % b) * steps + r / b
+}
+
+/// Rows of width `w` from batch-first to step-major order (or back, `to_bf`).
+fn reorder_rows<T: Float>(v: &[T], w: usize, b: usize, steps: usize, to_bf: bool) -> Vec<T> {
+    let mut out: Vec<T> = zeros(v.len());
+    for r in 0..b * steps {
+        let q = bf_row(r, b, steps);
+        let (dst, src) = if to_bf { (q, r) } else { (r, q) };
+        out[dst * w..(dst + 1) * w].copy_from_slice(&v[src * w..(src + 1) * w]);
+    }
+    out
+}
+
 /// Gate rows projected at a time on the chunked path: the chunk's rows (x · W_ihᵀ + biases)
 /// are computed by the step loop's own team right before its steps, each thread its own gate
 /// columns (the recurrent product's share), so the step product accumulates into rows still in
@@ -423,6 +461,7 @@ fn lstm_forward_chunked<T: Float>(
     whh_t: &StepB<T>,
     threads: usize,
     keep: bool,
+    batch_first: bool,
 ) -> LstmOut<T> {
     let (h, b, steps) = (d.hidden, batch_sizes[0], batch_sizes.len());
     let n = off[steps - 1] + batch_sizes[steps - 1];
@@ -443,6 +482,7 @@ fn lstm_forward_chunked<T: Float>(
     team::run(nt, |tid, bar| {
         let (u0, u1) = team::share(h, tid, nt, 16);
         let len = u1 - u0;
+        let mut xs: Vec<T> = Vec::new(); // this thread's copy of a batch-first chunk
         // This thread's gate columns (its 16-column panels of the recurrent product).
         let (pa, pb) = team::share(g4.div_ceil(16), tid, nt, 1);
         let (c0_, c1_) = ((pa * 16).min(g4), (pb * 16).min(g4));
@@ -462,7 +502,8 @@ fn lstm_forward_chunked<T: Float>(
                         gp.slice((base + r) * g4 + c0_, c1_ - c0_).copy_from_slice(&bias[c0_..c1_]);
                     }
                 }
-                wih_t.mm_part(gchunk, g4, &x[r0 * d.input..r1 * d.input], d.input, r1 - r0, bias.is_some(), (tid, nt));
+                let xrows = chunk_input(x, d.input, (r0, r1), batch_first.then_some((b, steps)), &mut xs);
+                wih_t.mm_part(gchunk, g4, xrows, d.input, r1 - r0, bias.is_some(), (tid, nt));
                 for &t in &order[c.0..c.1] {
                     let (bs, o) = (batch_sizes[t], off[t]);
                     let lr = base + o - r0; // the step's first row in the buffers
@@ -477,7 +518,8 @@ fn lstm_forward_chunked<T: Float>(
                             g: gp.slice(r * g4 + 2 * h + u0, len),
                             o: gp.slice(r * g4 + 3 * h + u0, len),
                         };
-                        T::lstm_cell(row, cp.slice(j * h + u0, len), hp.slice(j * h + u0, len), csp.slice(r * h + u0, len), yp.slice((o + j) * h + u0, len));
+                        let yr = if batch_first { bf_row(o + j, b, steps) } else { o + j };
+                        T::lstm_cell(row, cp.slice(j * h + u0, len), hp.slice(j * h + u0, len), csp.slice(r * h + u0, len), yp.slice(yr * h + u0, len));
                     }
                     bar.wait();
                 }
@@ -624,18 +666,26 @@ pub fn gru_forward<T: Float>(
     w: &Weights<'_, T>,
     threads: usize,
     keep: bool,
+    batch_first: bool,
 ) -> Result<GruOut<T>> {
     let (off, n) = offsets(batch_sizes)?;
     let (h, b) = (d.hidden, batch_sizes[0]);
     check_len("input", x, n * d.input)?;
     check_len("h0", h0, b * h)?;
     w.check(3, d)?;
+    check_batch_first(batch_first, keep, batch_sizes)?;
     let g3 = 3 * h;
     {
         let whh_t = StepB::new(Mat::rm(w.w_hh, g3, h).t(), b);
         if whh_t.splittable() {
-            return Ok(gru_forward_chunked(x, batch_sizes, &off, reverse, d, h0, w, &whh_t, threads, keep));
+            return Ok(gru_forward_chunked(x, batch_sizes, &off, reverse, d, h0, w, &whh_t, threads, keep, batch_first));
         }
+    }
+    if batch_first {
+        let xp = reorder_rows(x, d.input, b, batch_sizes.len(), false);
+        let mut o = gru_forward(&xp, batch_sizes, reverse, d, h0, w, threads, keep, false)?;
+        o.y = reorder_rows(&o.y, h, b, batch_sizes.len(), true);
+        return Ok(o);
     }
     let mut gates = zeros(n * g3);
     big_mm(&mut gates, g3, x, d.input, n, d.input, Mat::rm(w.w_ih, g3, d.input).t(), threads);
@@ -695,6 +745,24 @@ pub fn gru_forward<T: Float>(
     Ok(GruOut { y, h_n: hs, gates, hn })
 }
 
+/// A chunk's input rows `[r0, r1)` (step-major order) as a contiguous slice: `x` itself, or
+/// for a batch-first `x` (`bf` = (batch, steps)) a copy into `scratch` (each thread its own:
+/// 64 rows, a few µs against the chunk's projection, and no barrier).
+fn chunk_input<'a, T: Float>(x: &'a [T], width: usize, rows: (usize, usize), bf: Option<(usize, usize)>, scratch: &'a mut Vec<T>) -> &'a [T] {
+    let (r0, r1) = rows;
+    match bf {
+        None => &x[r0 * width..r1 * width],
+        Some((b, steps)) => {
+            scratch.clear();
+            for r in r0..r1 {
+                let q = bf_row(r, b, steps);
+                scratch.extend_from_slice(&x[q * width..(q + 1) * width]);
+            }
+            scratch
+        }
+    }
+}
+
 /// Chunks of consecutive steps (ranges of the processing order `order`) holding at least
 /// [`CHUNK_ROWS`] rows each (the last takes the rest), and each chunk's row range (a run of
 /// steps' rows is contiguous in either direction).
@@ -737,6 +805,7 @@ fn gru_forward_chunked<T: Float>(
     whh_t: &StepB<T>,
     threads: usize,
     keep: bool,
+    batch_first: bool,
 ) -> GruOut<T> {
     let (h, b, steps) = (d.hidden, batch_sizes[0], batch_sizes.len());
     let n = off[steps - 1] + batch_sizes[steps - 1];
@@ -757,6 +826,7 @@ fn gru_forward_chunked<T: Float>(
     team::run(nt, |tid, bar| {
         let (u0, u1) = team::share(h, tid, nt, 16);
         let len = u1 - u0;
+        let mut xs: Vec<T> = Vec::new(); // this thread's copy of a batch-first chunk
         let (pa, pb) = team::share(g3.div_ceil(16), tid, nt, 1);
         let (c0_, c1_) = ((pa * 16).min(g3), (pb * 16).min(g3));
         for &(c, (r0, r1)) in &chunks {
@@ -771,7 +841,8 @@ fn gru_forward_chunked<T: Float>(
                         gp.slice((base + r) * g3 + c0_, c1_ - c0_).copy_from_slice(&bias[c0_..c1_]);
                     }
                 }
-                wih_t.mm_part(gp.ptr().add(base * g3), g3, &x[r0 * d.input..r1 * d.input], d.input, r1 - r0, b_ih.is_some(), (tid, nt));
+                let xrows = chunk_input(x, d.input, (r0, r1), batch_first.then_some((b, steps)), &mut xs);
+                wih_t.mm_part(gp.ptr().add(base * g3), g3, xrows, d.input, r1 - r0, b_ih.is_some(), (tid, nt));
                 for &t in &order[c.0..c.1] {
                     let (bs, o) = (batch_sizes[t], off[t]);
                     let lr = base + o - r0;
@@ -794,7 +865,8 @@ fn gru_forward_chunked<T: Float>(
                             hz: &ghr[h + u0..h + u1],
                             hn: &ghr[2 * h + u0..2 * h + u1],
                         };
-                        T::gru_cell(row, hp.slice(j * h + u0, len), hnp.slice(r * h + u0, len), yp.slice((o + j) * h + u0, len));
+                        let yr = if batch_first { bf_row(o + j, b, steps) } else { o + j };
+                        T::gru_cell(row, hp.slice(j * h + u0, len), hnp.slice(r * h + u0, len), yp.slice(yr * h + u0, len));
                     }
                     bar.wait();
                 }
@@ -930,20 +1002,20 @@ mod tests {
             let w = Weights { w_ih: wih, w_hh: whh, b_ih: Some(bih), b_hh: Some(bhh) };
             let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
             if lstm {
-                let o = lstm_forward(x, &bs, reverse, d, h0, c0, &w, 1, true).unwrap();
+                let o = lstm_forward(x, &bs, reverse, d, h0, c0, &w, 1, true, false).unwrap();
                 dot(&o.y, &gy) + dot(&o.h_n, &gh) + dot(&o.c_n, &gc)
             } else {
-                let o = gru_forward(x, &bs, reverse, d, h0, &w, 1, true).unwrap();
+                let o = gru_forward(x, &bs, reverse, d, h0, &w, 1, true, false).unwrap();
                 dot(&o.y, &gy) + dot(&o.h_n, &gh)
             }
         };
         let w = Weights { w_ih: &wih, w_hh: &whh, b_ih: Some(&bih), b_hh: Some(&bhh) };
         let g = if lstm {
-            let o = lstm_forward(&x, &bs, reverse, d, &h0, &c0, &w, 1, true).unwrap();
+            let o = lstm_forward(&x, &bs, reverse, d, &h0, &c0, &w, 1, true, false).unwrap();
             let saved = Saved { y: &o.y, gates: &o.gates, cs: &o.cs };
             lstm_backward(&x, &bs, reverse, d, &h0, &c0, &w, saved, &gy, &gh, &gc, 1, true).unwrap()
         } else {
-            let o = gru_forward(&x, &bs, reverse, d, &h0, &w, 1, true).unwrap();
+            let o = gru_forward(&x, &bs, reverse, d, &h0, &w, 1, true, false).unwrap();
             let saved = Saved { y: &o.y, gates: &o.gates, cs: &o.hn };
             gru_backward(&x, &bs, reverse, d, &h0, &w, saved, &gy, &gh, 1, true).unwrap()
         };
@@ -1014,8 +1086,8 @@ mod tests {
         let w64 = Weights { w_ih: &v[3], w_hh: &v[4], b_ih: Some(&v[5][..]), b_hh: Some(&v[6][..]) };
         let w32 = Weights { w_ih: &v32[3], w_hh: &v32[4], b_ih: Some(&v32[5][..]), b_hh: Some(&v32[6][..]) };
         for reverse in [false, true] {
-            let o64 = lstm_forward(&v[0], &bs, reverse, d, &v[1], &v[2], &w64, 1, true).unwrap();
-            let o32 = lstm_forward(&v32[0], &bs, reverse, d, &v32[1], &v32[2], &w32, 2, true).unwrap();
+            let o64 = lstm_forward(&v[0], &bs, reverse, d, &v[1], &v[2], &w64, 1, true, false).unwrap();
+            let o32 = lstm_forward(&v32[0], &bs, reverse, d, &v32[1], &v32[2], &w32, 2, true, false).unwrap();
             let s64 = Saved { y: &o64.y, gates: &o64.gates, cs: &o64.cs };
             let s32 = Saved { y: &o32.y, gates: &o32.gates, cs: &o32.cs };
             let g64 = lstm_backward(&v[0], &bs, reverse, d, &v[1], &v[2], &w64, s64, &v[7], &v[8], &v[9], 1, true).unwrap();
@@ -1047,8 +1119,8 @@ mod tests {
     fn bad_batch_sizes_are_errors() {
         let w = Weights::<f32> { w_ih: &[0.0; 8], w_hh: &[0.0; 16], b_ih: None, b_hh: None };
         let d = Dims { input: 1, hidden: 2 };
-        assert!(lstm_forward(&[0.0; 3], &[1, 2], false, d, &[0.0; 2], &[0.0; 2], &w, 1, true).is_err());
-        assert!(lstm_forward(&[0.0; 3], &[], false, d, &[0.0; 2], &[0.0; 2], &w, 1, true).is_err());
+        assert!(lstm_forward(&[0.0; 3], &[1, 2], false, d, &[0.0; 2], &[0.0; 2], &w, 1, true, false).is_err());
+        assert!(lstm_forward(&[0.0; 3], &[], false, d, &[0.0; 2], &[0.0; 2], &w, 1, true, false).is_err());
     }
 }
 

@@ -108,6 +108,7 @@ fn forward<'py, T: Float + Element>(
     b: [Option<&Bound<'py, PyAny>>; 2],
     threads: usize,
     keep: bool,
+    batch_first: bool,
 ) -> PyResult<Vec<Out<'py>>> {
     let a = args::<T>(lstm, x, h0, c0, w[0], w[1], b[0], b[1])?;
     let (h, bsz, n) = (a.dims.hidden, batch_sizes.first().copied().unwrap_or(0), a.x.shape()[0]);
@@ -116,20 +117,21 @@ fn forward<'py, T: Float + Element>(
     let dims = a.dims;
     if lstm {
         let c0s = sl(a.c0.as_ref().expect("lstm has c0"));
-        let o = py.detach(|| run_kernel::<T, _>(threads, || rnn::lstm_forward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, threads, keep)))?;
+        let o = py.detach(|| run_kernel::<T, _>(threads, || rnn::lstm_forward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, threads, keep, batch_first)))?;
         let (gates, cs) = if keep { (out(py, o.gates, &[n, 4 * h])?, out(py, o.cs, &[n, h])?) } else { (py.None().into_bound(py), py.None().into_bound(py)) };
         Ok(vec![out(py, o.y, &[n, h])?, out(py, o.h_n, &[bsz, h])?, out(py, o.c_n, &[bsz, h])?, gates, cs])
     } else {
-        let o = py.detach(|| run_kernel::<T, _>(threads, || rnn::gru_forward(xs, batch_sizes, reverse, dims, h0s, &wts, threads, keep)))?;
+        let o = py.detach(|| run_kernel::<T, _>(threads, || rnn::gru_forward(xs, batch_sizes, reverse, dims, h0s, &wts, threads, keep, batch_first)))?;
         let (gates, hn) = if keep { (out(py, o.gates, &[n, 3 * h])?, out(py, o.hn, &[n, h])?) } else { (py.None().into_bound(py), py.None().into_bound(py)) };
         Ok(vec![out(py, o.y, &[n, h])?, out(py, o.h_n, &[bsz, h])?, py.None().into_bound(py), gates, hn])
     }
 }
 
 /// One layer direction forward: returns [y, h_n, c_n (None for GRU), gates, cell_or_candidate].
-/// With `keep` false (no backward will follow) the last two are None.
+/// With `keep` false (no backward will follow) the last two are None; with `batch_first`
+/// (inference, one length) x is (B*T, I) in batch-first row order and y comes back so.
 #[pyfunction]
-#[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, threads, keep=true))]
+#[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, threads, keep=true, batch_first=false))]
 #[allow(clippy::too_many_arguments)]
 pub fn rnn_forward<'py>(
     py: Python<'py>,
@@ -145,13 +147,14 @@ pub fn rnn_forward<'py>(
     b_hh: Option<&Bound<'py, PyAny>>,
     threads: usize,
     keep: bool,
+    batch_first: bool,
 ) -> PyResult<Vec<Out<'py>>> {
     let lstm = parse_mode(mode)?;
     let threads = parallel::resolve_threads(Some(threads));
     if is_f64(x) {
-        forward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, [w_ih, w_hh], [b_ih, b_hh], threads, keep)
+        forward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, [w_ih, w_hh], [b_ih, b_hh], threads, keep, batch_first)
     } else {
-        forward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, [w_ih, w_hh], [b_ih, b_hh], threads, keep)
+        forward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, [w_ih, w_hh], [b_ih, b_hh], threads, keep, batch_first)
     }
 }
 
