@@ -319,19 +319,21 @@ def rnn_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any
 
     from . import nn as fnn
 
-    shapes = [(1, 64, 32, 32), (4, 32, 32, 32)] if smoke else [(1, 512, 256, 256), (8, 256, 256, 256), (64, 128, 256, 256)]
+    # (batch, steps, input, hidden, layers)
+    shapes = [(1, 64, 32, 32, 1), (4, 32, 32, 32, 2)] if smoke else [(1, 512, 256, 256, 1), (8, 256, 256, 256, 1), (64, 128, 256, 256, 1)]
     if full:
-        shapes += [(1, 512, 512, 512), (8, 256, 512, 512), (32, 128, 512, 512)]
+        shapes += [(1, 512, 512, 512, 1), (8, 256, 512, 512, 1), (32, 128, 512, 512, 1), (8, 256, 256, 256, 2), (32, 128, 512, 512, 2)]
     out = []
     g = torch.Generator().manual_seed(0)
     for kind, torch_cls, ours_cls, gates in (("LSTM", torch.nn.LSTM, fnn.LSTM, 4), ("GRU", torch.nn.GRU, fnn.GRU, 3)):
-        for b, t, i, h in shapes:
-            ref = torch_cls(i, h)
-            ours = ours_cls(i, h)
+        for b, t, i, h, layers in shapes:
+            ref = torch_cls(i, h, num_layers=layers)
+            ours = ours_cls(i, h, num_layers=layers)
             ours.load_state_dict(ref.state_dict())
             x = torch.randn(t, b, i, generator=g)
             xg = x.clone().requires_grad_(True)
-            flops = 2.0 * t * b * (i + h) * gates * h
+            flops = 2.0 * t * b * (i + h) * gates * h + 2.0 * t * b * 2 * h * gates * h * (layers - 1)
+            shape = f"B={b} T={t} I={i} H={h}" + (f" L={layers}" if layers > 1 else "")
 
             def infer(m, x=x):
                 with torch.no_grad():
@@ -341,9 +343,9 @@ def rnn_workloads(smoke: bool = False, full: bool = False) -> List[Dict[str, Any
                 m(xg)[0].sum().backward()
 
             # Defaults bind this iteration's functions and modules (closures bind late).
-            out.append({"name": f"{kind} B={b} T={t} I={i} H={h}: forward (no_grad)", "flops": flops,
+            out.append({"name": f"{kind} {shape}: forward (no_grad)", "flops": flops,
                         "fns": {"ferrolm": lambda m=ours, f=infer: f(m), "torch": lambda m=ref, f=infer: f(m)}})
-            out.append({"name": f"{kind} B={b} T={t} I={i} H={h}: forward+backward", "flops": 3 * flops,
+            out.append({"name": f"{kind} {shape}: forward+backward", "flops": 3 * flops,
                         "fns": {"ferrolm": lambda m=ours, f=train: f(m), "torch": lambda m=ref, f=train: f(m)}})
     b, t, i, h = (4, 32, 32, 32) if smoke else (16, 256, 512, 512) if full else (16, 128, 256, 256)
     lengths = torch.randint(t // 4, t + 1, (b,), generator=g)
