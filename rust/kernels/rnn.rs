@@ -5,10 +5,13 @@
 //! sequences still running), stored back to back ("packed", as torch's PackedSequence), so
 //! every row computed is a real token. Row j of step t belongs to sequence j.
 //!
-//! Forward: one GEMM projects every input row through `W_ih` (biases folded in); each step
+//! Forward: the input rows are projected through `W_ih` (biases as the initial value) a chunk
+//! of >= 64 rows at a time inside the step loop (f32; one GEMM up front otherwise); each step
 //! adds `h_{t-1} · W_hhᵀ` for its active rows and applies the gates and the state update in
-//! one pass. Backward: the sequential part is only `dh_{t-1} = dgates_t · W_hh`; `dX`, `dW_ih`,
-//! `dW_hh` and the biases are single GEMMs / reductions over all rows after the loop.
+//! one pass. Inference keeps only a chunk of gate rows and no cell states, and can read and
+//! write batch-first rows. Backward: the sequential part is only `dh_{t-1} = dgates_t · W_hh`;
+//! `dX`, `dW_ih`, `dW_hh` and the biases are single GEMMs / reductions over all rows after the
+//! loop (here with `products`, or by the caller).
 
 use std::any::TypeId;
 
