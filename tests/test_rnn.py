@@ -184,6 +184,21 @@ def test_ops_match_pure_torch_reference(reverse):
         assert_close(a, b)
 
 
+@pytest.mark.parametrize("pair", PAIRS, ids=["lstm", "gru"])
+def test_nan_propagates_through_the_vector_activations(pair):
+    """Hidden 48: the 16- and 8-lane activation paths (a NaN used to be clamped to a finite
+    value by the vector exp), inference and training."""
+    ours, ref = make(pair, 5, 48, num_layers=2, batch_first=True)
+    x = torch.randn(3, 6, 5, generator=torch.Generator().manual_seed(8))
+    x[1, 2, 3] = float("nan")
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            a, _ = ours(x)
+            b, _ = ref(x)
+        assert a.isnan().any() and torch.equal(a.isnan(), b.isnan())
+        assert_close(a[~a.isnan()].detach(), b[~b.isnan()].detach())
+
+
 def test_state_dict_round_trips_and_nan_propagates():
     ref = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True)
     ours = fnn.LSTM(3, 4, num_layers=2, bidirectional=True)
