@@ -486,27 +486,19 @@ fn lstm_forward_chunked<T: Float>(
         let (u0, u1) = team::share(h, tid, nt, 16);
         let len = u1 - u0;
         let mut xs: Vec<T> = Vec::new(); // this thread's copy of a batch-first chunk
-        // This thread's gate columns (its 16-column panels of the recurrent product).
-        let (pa, pb) = team::share(g4.div_ceil(16), tid, nt, 1);
-        let (c0_, c1_) = ((pa * 16).min(g4), (pb * 16).min(g4));
+        let cols = own_columns(g4, tid, nt);
         for &(c, (r0, r1)) in &chunks {
             // Row `r` of the chunk lives at `base + (r - r0)` of the gate (and cell) buffers.
             let base = if keep { r0 } else { 0 };
             // SAFETY (whole block): the projection writes only this thread's gate columns
-            // [c0_, c1_) of the chunk's rows; the step product only this thread's columns of
+            // `cols` of the chunk's rows; the step product only this thread's columns of
             // the step's rows; between the barriers each thread writes only its units [u0, u1)
             // of `hs`, `cst`, `y`, `cs` and of each gate block. The chunk's first projection
             // comes after the previous chunk's last barrier, so no cell still reads the rows it
             // overwrites; all ranges lie inside the buffers (sized above).
             unsafe {
-                let gchunk = gp.ptr().add(base * g4);
-                if let Some(bias) = &bias {
-                    for r in 0..r1 - r0 {
-                        gp.slice((base + r) * g4 + c0_, c1_ - c0_).copy_from_slice(&bias[c0_..c1_]);
-                    }
-                }
                 let xrows = chunk_input(x, d.input, (r0, r1), batch_first.then_some((b, steps)), &mut xs);
-                wih_t.mm_part(gchunk, g4, xrows, d.input, r1 - r0, bias.is_some(), (tid, nt));
+                project_chunk(gp.ptr().add(base * g4), g4, &wih_t, bias.as_deref(), cols, xrows, d.input, r1 - r0, (tid, nt));
                 for &t in &order[c.0..c.1] {
                     let (bs, o) = (batch_sizes[t], off[t]);
                     let lr = base + o - r0; // the step's first row in the buffers
@@ -748,6 +740,29 @@ pub fn gru_forward<T: Float>(
     Ok(GruOut { y, h_n: hs, gates, hn })
 }
 
+/// This thread's gate columns `[c0, c1)` of a `g`-wide gate row: its share of the 16-column
+/// panels (the same share its recurrent step product computes).
+fn own_columns(g: usize, tid: usize, nt: usize) -> (usize, usize) {
+    let (pa, pb) = team::share(g.div_ceil(16), tid, nt, 1);
+    ((pa * 16).min(g), (pb * 16).min(g))
+}
+
+/// A chunk's input projection into this thread's gate columns `cols` of `rows` rows at `dst`
+/// (row stride `g`): the biases as the initial value, then `+= xrows · W_ihᵀ`.
+///
+/// # Safety
+/// `dst` must be valid for `rows` rows of stride `g`, and no other thread may touch the columns
+/// `cols` of those rows meanwhile; `wih_t` packed (f32).
+#[allow(clippy::too_many_arguments)]
+unsafe fn project_chunk<T: Float>(dst: *mut T, g: usize, wih_t: &StepB<T>, bias: Option<&[T]>, cols: (usize, usize), xrows: &[T], input: usize, rows: usize, part: (usize, usize)) {
+    if let Some(bias) = bias {
+        for r in 0..rows {
+            std::slice::from_raw_parts_mut(dst.add(r * g + cols.0), cols.1 - cols.0).copy_from_slice(&bias[cols.0..cols.1]);
+        }
+    }
+    wih_t.mm_part(dst, g, xrows, input, rows, bias.is_some(), part);
+}
+
 /// A chunk's input rows `[r0, r1)` (step-major order) as a contiguous slice: `x` itself, or
 /// for a batch-first `x` (`bf` = (batch, steps)) a copy into `scratch` (each thread its own:
 /// 64 rows, a few µs against the chunk's projection, and no barrier).
@@ -830,8 +845,7 @@ fn gru_forward_chunked<T: Float>(
         let (u0, u1) = team::share(h, tid, nt, 16);
         let len = u1 - u0;
         let mut xs: Vec<T> = Vec::new(); // this thread's copy of a batch-first chunk
-        let (pa, pb) = team::share(g3.div_ceil(16), tid, nt, 1);
-        let (c0_, c1_) = ((pa * 16).min(g3), (pb * 16).min(g3));
+        let (c0_, c1_) = own_columns(g3, tid, nt);
         for &(c, (r0, r1)) in &chunks {
             let base = if keep { r0 } else { 0 };
             // SAFETY (whole block): as in `lstm_forward_chunked`: the projection and the step
@@ -839,13 +853,8 @@ fn gru_forward_chunked<T: Float>(
             // `gates`, of the step's rows of `gh`); between the barriers each thread writes only
             // its units of `gates`, `hs`, `hn`, `y`; all ranges lie inside the buffers.
             unsafe {
-                if let Some(bias) = &b_ih {
-                    for r in 0..r1 - r0 {
-                        gp.slice((base + r) * g3 + c0_, c1_ - c0_).copy_from_slice(&bias[c0_..c1_]);
-                    }
-                }
                 let xrows = chunk_input(x, d.input, (r0, r1), batch_first.then_some((b, steps)), &mut xs);
-                wih_t.mm_part(gp.ptr().add(base * g3), g3, xrows, d.input, r1 - r0, b_ih.is_some(), (tid, nt));
+                project_chunk(gp.ptr().add(base * g3), g3, &wih_t, b_ih.as_deref(), (c0_, c1_), xrows, d.input, r1 - r0, (tid, nt));
                 for &t in &order[c.0..c.1] {
                     let (bs, o) = (batch_sizes[t], off[t]);
                     let lr = base + o - r0;
