@@ -472,9 +472,7 @@ fn lstm_forward_chunked<T: Float>(
     let wih_t = StepB::new(Mat::rm(w.w_ih, g4, d.input).t(), 0);
     debug_assert!(wih_t.splittable());
     let bias = sum_bias(w.b_ih, w.b_hh, g4);
-    let order: Vec<usize> = if reverse { (0..steps).rev().collect() } else { (0..steps).collect() };
-    let chunks = chunk_steps(batch_sizes, off, &order, reverse);
-    let max_rows = chunks.iter().map(|&(_, (r0, r1))| r1 - r0).max().unwrap_or(0);
+    let (order, chunks, max_rows) = chunk_plan(batch_sizes, off, reverse);
     let mut gates: Vec<T> = zeros(if keep { n * g4 } else { max_rows * g4 });
     let mut cs: Vec<T> = zeros(if keep { n * h } else { max_rows * h });
     let mut hs = h0.to_vec();
@@ -781,6 +779,17 @@ fn chunk_input<'a, T: Float>(x: &'a [T], width: usize, rows: (usize, usize), bf:
     }
 }
 
+/// The steps in processing order, their chunks (see [`chunk_steps`]) and the most rows any
+/// chunk holds: what both chunked step loops start from.
+#[allow(clippy::type_complexity)]
+fn chunk_plan(batch_sizes: &[usize], off: &[usize], reverse: bool) -> (Vec<usize>, Vec<((usize, usize), (usize, usize))>, usize) {
+    let steps = batch_sizes.len();
+    let order: Vec<usize> = if reverse { (0..steps).rev().collect() } else { (0..steps).collect() };
+    let chunks = chunk_steps(batch_sizes, off, &order, reverse);
+    let max_rows = chunks.iter().map(|&(_, (r0, r1))| r1 - r0).max().unwrap_or(0);
+    (order, chunks, max_rows)
+}
+
 /// Chunks of consecutive steps (ranges of the processing order `order`) holding at least
 /// [`CHUNK_ROWS`] rows each (the last takes the rest), and each chunk's row range (a run of
 /// steps' rows is contiguous in either direction).
@@ -831,9 +840,7 @@ fn gru_forward_chunked<T: Float>(
     let wih_t = StepB::new(Mat::rm(w.w_ih, g3, d.input).t(), 0);
     let b_ih = sum_bias(w.b_ih, None, g3);
     let b_hh = sum_bias(w.b_hh, None, g3);
-    let order: Vec<usize> = if reverse { (0..steps).rev().collect() } else { (0..steps).collect() };
-    let chunks = chunk_steps(batch_sizes, off, &order, reverse);
-    let max_rows = chunks.iter().map(|&(_, (r0, r1))| r1 - r0).max().unwrap_or(0);
+    let (order, chunks, max_rows) = chunk_plan(batch_sizes, off, reverse);
     let mut gates: Vec<T> = zeros(if keep { n * g3 } else { max_rows * g3 });
     let mut hn: Vec<T> = zeros(if keep { n * h } else { max_rows * h });
     let mut gh: Vec<T> = zeros(b * g3);
