@@ -27,7 +27,7 @@ use std::any::TypeId;
 use super::team::{self, Shared};
 
 use super::smallmm::{self, Packed};
-use super::{matmul, Float, Mat};
+use super::{matmul, zeroed, Float, Mat};
 use crate::{Error, Result};
 
 /// Shapes of one attention call.
@@ -231,7 +231,7 @@ pub fn forward<T: Float>(q: &[T], k: &[T], v: &[T], sh: Shape, causal: bool, key
     sh.check(q, k, v, key_padding)?;
     let group = sh.hq / sh.hk;
     let neg_inf = T::from_f64(f64::NEG_INFINITY);
-    let mut o: Vec<T> = super::zeroed(sh.b * sh.hq * sh.tq * sh.dv);
+    let mut o: Vec<T> = zeroed(sh.b * sh.hq * sh.tq * sh.dv);
     let mut lse = vec![neg_inf; sh.b * sh.hq * sh.tq];
     let (op, lp) = (Shared(o.as_mut_ptr()), Shared(lse.as_mut_ptr()));
     let blocks = sh.tq.div_ceil(QB);
@@ -308,9 +308,9 @@ pub fn backward<T: Float>(
     }
     let group = sh.hq / sh.hk;
     let neg_inf = T::from_f64(f64::NEG_INFINITY);
-    let mut dq: Vec<T> = super::zeroed(q.len());
-    let mut dk: Vec<T> = super::zeroed(k.len());
-    let mut dv: Vec<T> = super::zeroed(v.len());
+    let mut dq: Vec<T> = zeroed(q.len());
+    let mut dk: Vec<T> = zeroed(k.len());
+    let mut dv: Vec<T> = zeroed(v.len());
     let (qsz, ksz, vsz) = (sh.tq * sh.d, sh.tk * sh.d, sh.tk * sh.dv);
     if qsz == 0 || ksz == 0 {
         return Ok((dq, dk, dv));
@@ -319,8 +319,8 @@ pub fn backward<T: Float>(
     // rows for the whole query group, and dk/dv of its kv head (part 0 in the outputs, part
     // p > 0 in scratch slice p - 1, summed in after: small batches use every thread).
     let np = parts(sh.b * sh.hk, sh.tq.div_ceil(QB), threads);
-    let mut dk_more: Vec<T> = if np > 1 { super::zeroed((np - 1) * k.len()) } else { Vec::new() };
-    let mut dv_more: Vec<T> = if np > 1 { super::zeroed((np - 1) * v.len()) } else { Vec::new() };
+    let mut dk_more: Vec<T> = if np > 1 { zeroed((np - 1) * k.len()) } else { Vec::new() };
+    let mut dv_more: Vec<T> = if np > 1 { zeroed((np - 1) * v.len()) } else { Vec::new() };
     let (dqp, dkp, dvp) = (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
     let (dkm, dvm) = (Shared(dk_more.as_mut_ptr()), Shared(dv_more.as_mut_ptr()));
     team::for_each(threads, sh.b * sh.hk * np, |item| {

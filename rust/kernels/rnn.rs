@@ -18,7 +18,7 @@ use std::any::TypeId;
 use super::smallmm::{self, Packed};
 use super::simd::{GruRow, LstmRow};
 use super::team::{self, Shared};
-use super::{matmul, Float, Mat};
+use super::{matmul, zeroed, Float, Mat};
 use crate::{Error, Result};
 
 /// Active batches up to this size use the pre-packed kernel for the recurrent product (f32):
@@ -140,7 +140,7 @@ fn grad_stride(g: usize) -> usize {
 /// G = 1024, K = 256 on two threads, about torch's `d.t() @ a` (MKL, 154-157) and well above
 /// the `gemm` crate (AVX2 only on stable Rust). Else the general GEMM on a transposed view.
 fn weight_grad<T: Float>(d: &[T], ldd: usize, n: usize, g: usize, a: &[T], k: usize, threads: usize) -> Vec<T> {
-    let mut dw: Vec<T> = zeros(g * k);
+    let mut dw: Vec<T> = zeroed(g * k);
     if n == 0 || g == 0 || k == 0 {
         return dw;
     }
@@ -187,13 +187,6 @@ fn team_size<T: Float>(b: &StepB<T>, threads: usize, steps: usize, step_macs: us
 pub struct Dims {
     pub input: usize,
     pub hidden: usize,
-}
-
-/// A zeroed buffer whose pages are touched now, by the calling thread. (`vec![0; n]` maps
-/// lazily-zeroed pages that the first writer faults in; when two team threads fault into one
-/// fresh mapping together, a 7 ms LSTM call took 20-25 ms: measured after `gc.collect()`.)
-fn zeros<T: Float>(n: usize) -> Vec<T> {
-    super::zeroed(n)
 }
 
 /// Row offsets of each step, and the total row count.
@@ -322,7 +315,7 @@ fn add_bias<T: Float>(rows: &mut [T], width: usize, a: Option<&[T]>, b: Option<&
 
 /// Column sums of the first `width` columns of rows `stride` apart.
 fn col_sums<T: Float>(m: &[T], stride: usize, width: usize) -> Vec<T> {
-    let mut s = zeros(width);
+    let mut s = zeroed(width);
     for r in m.chunks(stride) {
         for (a, &v) in s.iter_mut().zip(&r[..width]) {
             *a += v;
@@ -367,13 +360,13 @@ pub fn lstm_forward<T: Float>(
         o.y = reorder_rows(&o.y, h, b, batch_sizes.len(), true);
         return Ok(o);
     }
-    let mut gates = zeros(n * g4);
+    let mut gates = zeroed(n * g4);
     big_mm(&mut gates, g4, x, d.input, n, d.input, Mat::rm(w.w_ih, g4, d.input).t(), threads);
     add_bias(&mut gates, g4, w.b_ih, w.b_hh);
     let mut hs = h0.to_vec();
     let mut cst = c0.to_vec();
-    let mut y = zeros(n * h);
-    let mut cs = zeros(n * h);
+    let mut y = zeroed(n * h);
+    let mut cs = zeroed(n * h);
     let nt = team_size(&whh_t, threads, batch_sizes.len(), b * g4 * h);
     let (gp, hp, cp, yp, csp) = (Shared(gates.as_mut_ptr()), Shared(hs.as_mut_ptr()), Shared(cst.as_mut_ptr()), Shared(y.as_mut_ptr()), Shared(cs.as_mut_ptr()));
     team::run(nt, |tid, bar| {
@@ -432,7 +425,7 @@ fn bf_row(r: usize, b: usize, steps: usize) -> usize {
 
 /// Rows of width `w` from batch-first to step-major order (or back, `to_bf`).
 fn reorder_rows<T: Float>(v: &[T], w: usize, b: usize, steps: usize, to_bf: bool) -> Vec<T> {
-    let mut out: Vec<T> = zeros(v.len());
+    let mut out: Vec<T> = zeroed(v.len());
     for r in 0..b * steps {
         let q = bf_row(r, b, steps);
         let (dst, src) = if to_bf { (q, r) } else { (r, q) };
@@ -473,11 +466,11 @@ fn lstm_forward_chunked<T: Float>(
     debug_assert!(wih_t.splittable());
     let bias = sum_bias(w.b_ih, w.b_hh, g4);
     let (order, chunks, max_rows) = chunk_plan(batch_sizes, off, reverse);
-    let mut gates: Vec<T> = zeros(if keep { n * g4 } else { max_rows * g4 });
-    let mut cs: Vec<T> = zeros(if keep { n * h } else { max_rows * h });
+    let mut gates: Vec<T> = zeroed(if keep { n * g4 } else { max_rows * g4 });
+    let mut cs: Vec<T> = zeroed(if keep { n * h } else { max_rows * h });
     let mut hs = h0.to_vec();
     let mut cst = c0.to_vec();
-    let mut y = zeros(n * h);
+    let mut y = zeroed(n * h);
     let nt = team_size(whh_t, threads, steps, b * g4 * (h + d.input));
     let (gp, hp, cp, yp, csp) = (Shared(gates.as_mut_ptr()), Shared(hs.as_mut_ptr()), Shared(cst.as_mut_ptr()), Shared(y.as_mut_ptr()), Shared(cs.as_mut_ptr()));
     team::run(nt, |tid, bar| {
@@ -559,14 +552,14 @@ pub fn lstm_backward<T: Float>(
     check_len("c0", c0, b * h)?;
     let g4 = 4 * h;
     let ldg = grad_stride(g4);
-    let mut dgates = zeros(n * ldg);
-    let mut hprev = zeros(n * h);
+    let mut dgates = zeroed(n * ldg);
+    let mut hprev = zeroed(n * h);
     let mut dh = dh_n.to_vec();
     let mut dc = dc_n.to_vec();
     let whh = StepB::new(Mat::rm(w.w_hh, g4, h), b);
     let nt = team_size(&whh, threads, batch_sizes.len(), b * g4 * h);
     let one = T::ONE;
-    let mut tanh_c = zeros(b * h);
+    let mut tanh_c = zeroed(b * h);
     let (dgp, hpp, dhp, dcp, tcp) = (Shared(dgates.as_mut_ptr()), Shared(hprev.as_mut_ptr()), Shared(dh.as_mut_ptr()), Shared(dc.as_mut_ptr()), Shared(tanh_c.as_mut_ptr()));
     team::run(nt, |tid, bar| {
         let (u0, u1) = team::share(h, tid, nt, 16);
@@ -626,7 +619,7 @@ pub fn lstm_backward<T: Float>(
         let e = Vec::new;
         return Ok(Grads { dx: e(), dh0: dh, dc0: dc, dw_ih: e(), dw_hh: e(), db_ih: e(), db_hh: e(), dgx: dgates, dgh: e(), hprev, ldg });
     }
-    let mut dx = zeros(n * d.input);
+    let mut dx = zeroed(n * d.input);
     big_mm(&mut dx, d.input, &dgates, ldg, n, g4, Mat::rm(w.w_ih, g4, d.input), threads);
     let dw_ih = weight_grad(&dgates, ldg, n, g4, x, d.input, threads);
     let dw_hh = weight_grad(&dgates, ldg, n, g4, &hprev, h, threads);
@@ -680,13 +673,13 @@ pub fn gru_forward<T: Float>(
         o.y = reorder_rows(&o.y, h, b, batch_sizes.len(), true);
         return Ok(o);
     }
-    let mut gates = zeros(n * g3);
+    let mut gates = zeroed(n * g3);
     big_mm(&mut gates, g3, x, d.input, n, d.input, Mat::rm(w.w_ih, g3, d.input).t(), threads);
     add_bias(&mut gates, g3, w.b_ih, None);
     let mut hs = h0.to_vec();
-    let mut y = zeros(n * h);
-    let mut hn = zeros(n * h);
-    let mut gh = zeros(b * g3);
+    let mut y = zeroed(n * h);
+    let mut hn = zeroed(n * h);
+    let mut gh = zeroed(b * g3);
     let whh_t = StepB::new(Mat::rm(w.w_hh, g3, h).t(), b);
     let nt = team_size(&whh_t, threads, batch_sizes.len(), b * g3 * h);
     let (gp, ghp, hp, hnp, yp) = (Shared(gates.as_mut_ptr()), Shared(gh.as_mut_ptr()), Shared(hs.as_mut_ptr()), Shared(hn.as_mut_ptr()), Shared(y.as_mut_ptr()));
@@ -841,11 +834,11 @@ fn gru_forward_chunked<T: Float>(
     let b_ih = sum_bias(w.b_ih, None, g3);
     let b_hh = sum_bias(w.b_hh, None, g3);
     let (order, chunks, max_rows) = chunk_plan(batch_sizes, off, reverse);
-    let mut gates: Vec<T> = zeros(if keep { n * g3 } else { max_rows * g3 });
-    let mut hn: Vec<T> = zeros(if keep { n * h } else { max_rows * h });
-    let mut gh: Vec<T> = zeros(b * g3);
+    let mut gates: Vec<T> = zeroed(if keep { n * g3 } else { max_rows * g3 });
+    let mut hn: Vec<T> = zeroed(if keep { n * h } else { max_rows * h });
+    let mut gh: Vec<T> = zeroed(b * g3);
     let mut hs = h0.to_vec();
-    let mut y: Vec<T> = zeros(n * h);
+    let mut y: Vec<T> = zeroed(n * h);
     let nt = team_size(whh_t, threads, steps, b * g3 * (h + d.input));
     let (gp, ghp, hp, hnp, yp) = (Shared(gates.as_mut_ptr()), Shared(gh.as_mut_ptr()), Shared(hs.as_mut_ptr()), Shared(hn.as_mut_ptr()), Shared(y.as_mut_ptr()));
     team::run(nt, |tid, bar| {
@@ -926,9 +919,9 @@ pub fn gru_backward<T: Float>(
     check_len("h0", h0, b * h)?;
     let g3 = 3 * h;
     let ldg = grad_stride(g3);
-    let mut dgx = zeros(n * ldg);
-    let mut dgh = zeros(n * ldg);
-    let mut hprev = zeros(n * h);
+    let mut dgx = zeroed(n * ldg);
+    let mut dgh = zeroed(n * ldg);
+    let mut hprev = zeroed(n * h);
     let mut dh = dh_n.to_vec();
     let whh = StepB::new(Mat::rm(w.w_hh, g3, h), b);
     let nt = team_size(&whh, threads, batch_sizes.len(), b * g3 * h);
@@ -988,7 +981,7 @@ pub fn gru_backward<T: Float>(
         let e = Vec::new;
         return Ok(Grads { dx: e(), dh0: dh, dc0: e(), dw_ih: e(), dw_hh: e(), db_ih: e(), db_hh: e(), dgx, dgh, hprev, ldg });
     }
-    let mut dx = zeros(n * d.input);
+    let mut dx = zeroed(n * d.input);
     big_mm(&mut dx, d.input, &dgx, ldg, n, g3, Mat::rm(w.w_ih, g3, d.input), threads);
     let dw_ih = weight_grad(&dgx, ldg, n, g3, x, d.input, threads);
     let dw_hh = weight_grad(&dgh, ldg, n, g3, &hprev, h, threads);

@@ -200,7 +200,7 @@ pub fn lstm_cell_f32(row: LstmRow<'_, f32>, c: &mut [f32], h: &mut [f32], cs_out
         unsafe { k0 += lstm_cell_avx(&sub, &mut c[k0..], &mut h[k0..], &mut cs_out[k0..], &mut y_out[k0..]) };
     }
     let tail = LstmRow { i: &mut row.i[k0..], f: &mut row.f[k0..], g: &mut row.g[k0..], o: &mut row.o[k0..] };
-    super::lstm_cell_scalar(tail, &mut c[k0..], &mut h[k0..], &mut cs_out[k0..], &mut y_out[k0..]);
+    super::float::lstm_cell_scalar(tail, &mut c[k0..], &mut h[k0..], &mut cs_out[k0..], &mut y_out[k0..]);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -279,7 +279,7 @@ pub fn gru_cell_f32(row: GruRow<'_, f32>, h: &mut [f32], hn_out: &mut [f32], y_o
         unsafe { k0 = gru_cell_avx(&row, h, hn_out, y_out) };
     }
     let tail = GruRow { xr: &mut row.xr[k0..], xz: &mut row.xz[k0..], xn: &mut row.xn[k0..], hr: &row.hr[k0..], hz: &row.hz[k0..], hn: &row.hn[k0..] };
-    super::gru_cell_scalar(tail, &mut h[k0..], &mut hn_out[k0..], &mut y_out[k0..]);
+    super::float::gru_cell_scalar(tail, &mut h[k0..], &mut hn_out[k0..], &mut y_out[k0..]);
 }
 
 #[cfg(target_arch = "x86_64")]
