@@ -9,6 +9,7 @@ pub mod data;
 pub mod error;
 pub mod kernels;
 pub mod parallel;
+pub mod retrieval;
 
 #[cfg(feature = "python")]
 mod py;

@@ -4,7 +4,6 @@
 //! callers hold: numpy arrays, shards, Python lists) and returns owned flat buffers that the
 //! bindings hand to numpy without a copy.
 
-pub mod bm25;
 pub mod bucket;
 pub mod pack;
 pub mod pad;

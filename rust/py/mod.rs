@@ -6,6 +6,7 @@ mod convert;
 mod data;
 mod errors;
 mod kernels;
+mod retrieval;
 mod tokenizer;
 
 use pyo3::prelude::*;
@@ -32,7 +33,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernels::decode_attention, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::dropout, m)?)?;
     m.add_class::<data::ShardSink>()?;
-    m.add_class::<data::Bm25Index>()?;
+    m.add_class::<retrieval::Bm25Index>()?;
     Ok(())
 }
 

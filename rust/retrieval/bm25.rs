@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 
-use super::Row;
+use crate::data::Row;
 use crate::{Error, Result};
 
 /// An inverted index over documents of token ids.
