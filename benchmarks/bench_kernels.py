@@ -1,20 +1,20 @@
 """Kernel benchmarks, ferrolm vs torch on the same inputs and threads (workloads from
-ferrolm.bench, shared with ``ferrolm bench``):
+:mod:`ferrolm.bench.workloads`, shared with ``ferrolm bench``):
 
-- LSTM / GRU vs torch.nn (issue 4 targets: batch <= 8 forward >= 2x, fwd+bwd >= 1.5x; batch
-  >= 32 >= 1.0x; variable lengths fwd+bwd >= 4x torch with PackedSequence).
-- attention vs scaled_dot_product_attention (issue 5 targets: causal forward and fwd+bwd at T
-  in {512, 1024}, D=64 >= 1.8x; full forward >= 1.2x; 40% key padding >= 1.5x; decode >= 3x).
+- LSTM / GRU vs torch.nn (issue 4 targets: batch <= 8 forward >= 2x, fwd+bwd >= 1.5x; batch >= 32 >= 1.0x;
+  variable lengths fwd+bwd >= 4x torch with PackedSequence).
+- attention vs scaled_dot_product_attention (issue 5 targets: causal forward and fwd+bwd at T in {512, 1024}, D=64
+  >= 1.8x; full forward >= 1.2x; 40% key padding >= 1.5x; decode >= 3x).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from conftest import FULL
+from conftest import FULL, run_workload
 
 torch = pytest.importorskip("torch")
-from ferrolm.bench import attention_workloads, rnn_workloads  # noqa: E402
+from ferrolm.bench.workloads import attention_workloads, rnn_workloads  # noqa: E402
 
 _LOADERS = {"rnn": rnn_workloads, "attention": attention_workloads}
 _WORK = {}
@@ -32,22 +32,14 @@ def pytest_generate_tests(metafunc):
         family = metafunc.function.__name__.removeprefix("test_")
         smoke = bool(metafunc.config.getoption("benchmark_disable", False))
         cases = _work(family, smoke)
-        metafunc.parametrize("case", range(len(cases)), ids=[c["name"] for c in cases])
-
-
-def _run(benchmark, family, case, impl, smoke):
-    w = _work(family, smoke)[case]
-    benchmark.group = w["name"]
-    if w["flops"]:
-        benchmark.extra_info["gflop"] = w["flops"] / 1e9
-    benchmark(w["fns"][impl])
+        metafunc.parametrize("case", range(len(cases)), ids=[c.name for c in cases])
 
 
 @pytest.mark.parametrize("impl", ["ferrolm", "torch"])
 def test_rnn(benchmark, case, impl, smoke):
-    _run(benchmark, "rnn", case, impl, smoke)
+    run_workload(benchmark, "rnn", _work("rnn", smoke)[case], impl)
 
 
 @pytest.mark.parametrize("impl", ["ferrolm", "torch_sdpa"])
 def test_attention(benchmark, case, impl, smoke):
-    _run(benchmark, "attention", case, impl, smoke)
+    run_workload(benchmark, "attention", _work("attention", smoke)[case], impl)

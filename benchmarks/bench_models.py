@@ -1,34 +1,34 @@
-"""End-to-end benchmarks, workloads from ferrolm.bench (shared with ``ferrolm bench``):
+"""End-to-end benchmarks, workloads from :mod:`ferrolm.bench.workloads` (shared with ``ferrolm bench``):
 
-- models (issue 6 targets): training tokens/s of ferrolm's GPT (6 layers, 384 wide, T=256) and
-  LSTM LM (2x512, batch 16) >= 1.5x their plain-PyTorch twins in ferrolm.reference; batch-1
-  greedy generation with a KV cache >= 3x transformers' generate on the same GPT-2-shaped weights.
-- seq2seq (issue 11 targets): training real tokens/s of the Seq2SeqTransformer >= 1.5x the same
-  model on torch.nn.Transformer (SDPA) on the embedded translation task's batches; greedy
-  translation of 32 sources with the KV cache >= 3x the reference decoding without one.
-- finetune (issue 10): a LoRA training step vs a full fine-tuning step of the same GPT (time;
-  trainable parameters, gradient + optimizer state and measured peak memory in the size column).
-- icl (issue 8 target): 4-choice, 8-shot multiple-choice scoring with the shared-prefix cache
-  >= 3x the same evaluation done naively with transformers (a full forward per choice).
+- models (issue 6 targets): training tokens/s of ferrolm's GPT (6 layers, 384 wide, T=256) and LSTM LM (2x512,
+  batch 16) >= 1.5x their plain-PyTorch twins in ferrolm.reference; batch-1 greedy generation with a KV cache >= 3x
+  transformers' generate on the same GPT-2-shaped weights.
+- seq2seq (issue 11 targets): training real tokens/s of the Seq2SeqTransformer >= 1.5x the same model on
+  torch.nn.Transformer (SDPA) on the embedded translation task's batches; greedy translation of 32 sources with the
+  KV cache >= 3x the reference decoding without one.
+- finetune (issue 10): a LoRA training step vs a full fine-tuning step of the same GPT (time; trainable parameters,
+  gradient + optimizer state and measured peak memory in the size).
+- icl (issue 8 target): 4-choice, 8-shot multiple-choice scoring with the shared-prefix cache >= 3x the same
+  evaluation done naively with transformers (a full forward per choice).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from conftest import FULL
+from conftest import FULL, run_workload
 
 torch = pytest.importorskip("torch")
-from ferrolm.bench import finetune_workloads, icl_workloads, model_workloads, seq2seq_workloads  # noqa: E402
+from ferrolm.bench.workloads import finetune_workloads, icl_workloads, model_workloads, seq2seq_workloads  # noqa: E402
 
-_LOADERS = {"models": (model_workloads, "tokens"), "icl": (icl_workloads, "questions"), "finetune": (finetune_workloads, "size"),
-            "seq2seq": (seq2seq_workloads, "tokens")}
+_LOADERS = {"models": model_workloads, "icl": icl_workloads, "finetune": finetune_workloads,
+            "seq2seq": seq2seq_workloads}
 _WORK = {}
 
 
 def _work(family, smoke):
     if (family, smoke) not in _WORK:
-        _WORK[(family, smoke)] = _LOADERS[family][0](smoke=smoke, full=FULL)
+        _WORK[(family, smoke)] = _LOADERS[family](smoke=smoke, full=FULL)
     return _WORK[(family, smoke)]
 
 
@@ -37,16 +37,13 @@ def pytest_generate_tests(metafunc):
         family = metafunc.function.__name__.removeprefix("test_")
         smoke = bool(metafunc.config.getoption("benchmark_disable", False))
         cases = _work(family, smoke)
-        pairs = [(i, impl) for i, c in enumerate(cases) for impl in c["fns"]]
-        metafunc.parametrize("case,impl", pairs, ids=[f"{cases[i]['name']}-{impl}" for i, impl in pairs])
+        pairs = [(i, impl) for i, c in enumerate(cases) for impl in c.fns]
+        metafunc.parametrize("case,impl", pairs, ids=[f"{cases[i].name}-{impl}" for i, impl in pairs])
 
 
 def _run(benchmark, family, case, impl, smoke):
     w = _work(family, smoke)[case]
-    benchmark.group = w["name"]
-    unit = _LOADERS[family][1]
-    benchmark.extra_info[unit] = w[unit]
-    benchmark.pedantic(w["fns"][impl], rounds=1 if smoke else 5, warmup_rounds=0 if smoke else 1)
+    run_workload(benchmark, family, w, impl, rounds=1 if smoke else 5, warmup_rounds=0 if smoke else 1)
 
 
 def test_models(benchmark, case, impl, smoke):
