@@ -129,26 +129,15 @@ pub unsafe fn mm_raw_k(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usiz
     dispatch::<false>(out, ldo, a, lda, m, b, accumulate, panels, ks)
 }
 
-/// As [`mm_raw_k`] over the whole inner dimension, with the left-hand side given transposed:
+/// As [`mm_raw`], with the left-hand side given transposed:
 /// `out[m x N] (+)= aᵀ · B` where `a` is `K x m` (row stride `lda`), i.e. `A(i, k) = a[k * lda + i]`.
 /// For the attention backward's `dV += Pᵀ dO` and `dK += dSᵀ Q` (no transpose copy: the
 /// broadcast loads read `a` along its rows instead of down its columns).
 ///
 /// # Safety
 /// As [`mm_raw`].
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn mm_raw_t(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool) {
-    mm_raw_t_k(out, ldo, a, lda, m, b, accumulate, (0, b.k))
-}
-
-/// As [`mm_raw_t`] over the inner-dimension range `ks` only (`a`'s rows and `B`'s rows
-/// `[ks.0, ks.1)`), so long products can be blocked to keep the panel slice in cache.
-///
-/// # Safety
-/// As [`mm_raw`].
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn mm_raw_t_k(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, ks: (usize, usize)) {
-    assert!(ks.0 <= ks.1 && ks.1 <= b.k, "k range out of bounds");
+    let ks = (0, b.k);
     if m == 0 || ks.0 == ks.1 {
         if m > 0 && !accumulate {
             for r in 0..m {

@@ -180,7 +180,6 @@ fn backward<'py, T: Float + Element>(
     saved: [&Bound<'py, PyAny>; 3],
     grads: [Option<&Bound<'py, PyAny>>; 3],
     threads: usize,
-    products: bool,
 ) -> PyResult<Vec<Out<'py>>> {
     let a = args::<T>(lstm, x, h0, c0, w[0], w[1], b[0], b[1])?;
     let (y, gates, cs) = (arr::<T>("y", saved[0])?, arr::<T>("gates", saved[1])?, arr::<T>("cs", saved[2])?);
@@ -198,38 +197,22 @@ fn backward<'py, T: Float + Element>(
     let g = py.detach(|| {
         run_kernel::<T, _>(threads, || {
             if lstm {
-                rnn::lstm_backward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, s, dys, dhs, dcs, threads, products)
+                rnn::lstm_backward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, s, dys, dhs, dcs, threads)
             } else {
-                rnn::gru_backward(xs, batch_sizes, reverse, dims, h0s, &wts, s, dys, dhs, threads, products)
+                rnn::gru_backward(xs, batch_sizes, reverse, dims, h0s, &wts, s, dys, dhs, threads)
             }
         })
     })?;
-    let gates_n = if lstm { 4 } else { 3 };
     let dc0 = if lstm { out(py, g.dc0, &[bsz, h])? } else { py.None().into_bound(py) };
-    if products {
-        let gw = gates_n * h;
-        let input = dims.input;
-        return Ok(vec![
-            out(py, g.dx, &[n, input])?,
-            out(py, g.dw_ih, &[gw, input])?,
-            out(py, g.dw_hh, &[gw, h])?,
-            out(py, g.db_ih, &[gw])?,
-            out(py, g.db_hh, &[gw])?,
-            out(py, g.dh0, &[bsz, h])?,
-            dc0,
-        ]);
-    }
     let dgh = if lstm { py.None().into_bound(py) } else { out(py, g.dgh, &[n, g.ldg])? };
     Ok(vec![out(py, g.dgx, &[n, g.ldg])?, dgh, out(py, g.hprev, &[n, h])?, out(py, g.dh0, &[bsz, h])?, dc0])
 }
 
-/// One layer direction's backward. With `products` (what `ferrolm.ops` uses): returns [dx,
-/// dW_ih, dW_hh, db_ih, db_hh, dh0, dc0 (None for GRU)]. Without: only the backward through
-/// time runs and it returns [dgx, dgh (None for LSTM: equal to dgx), hprev, dh0, dc0], the
-/// gate gradients as (N, stride) arrays whose first G*H columns are the gradients (rows padded
-/// off 1 KiB multiples), for the caller's own GEMMs.
+/// One layer direction's backward through time: returns [dgx, dgh (None for LSTM: equal to
+/// dgx), hprev, dh0, dc0 (None for GRU)], the gate gradients as (N, stride) arrays whose first
+/// G*H columns are the gradients (rows padded off 1 KiB multiples), for the caller's GEMMs.
 #[pyfunction]
-#[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y, gates, cs, dy, dh_n, dc_n, threads, products=false))]
+#[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y, gates, cs, dy, dh_n, dc_n, threads))]
 #[allow(clippy::too_many_arguments)]
 pub fn rnn_backward<'py>(
     py: Python<'py>,
@@ -250,15 +233,14 @@ pub fn rnn_backward<'py>(
     dh_n: Option<&Bound<'py, PyAny>>,
     dc_n: Option<&Bound<'py, PyAny>>,
     threads: usize,
-    products: bool,
 ) -> PyResult<Vec<Out<'py>>> {
     let lstm = parse_mode(mode)?;
     let threads = parallel::resolve_threads(Some(threads));
     let args = ([w_ih, w_hh], [b_ih, b_hh], [y, gates, cs], [dy, dh_n, dc_n]);
     if is_f64(x) {
-        backward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads, products)
+        backward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads)
     } else {
-        backward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads, products)
+        backward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads)
     }
 }
 
