@@ -13,8 +13,8 @@ __all__ = ["attention_workloads", "run"]
 
 
 def attention_workloads(smoke: bool = False, full: bool = False) -> List[Workload]:
-    """The attention comparisons at B=2 H=8 D=64, T in {512, 1024} (and 2048 with ``full``; 64 with ``smoke``), then
-    decode at B=8 H=12 over a 2048-token cache."""
+    """The attention comparisons at B=2 H=8 D=64, T in {512, 1024} (and 2048 with ``full``), then decode at B=8
+    H=12 D=64 over a 2048-token cache; ``smoke`` runs T=64 and decodes at B=2 H=4 D=16 over a 64-token cache."""
     import torch
     import torch.nn.functional as F
 

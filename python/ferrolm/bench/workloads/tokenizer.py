@@ -1,10 +1,9 @@
 """Tokenizer workloads: ferrolm against tiktoken and HF tokenizers on the same vocabulary and text (encode on one
 thread, long and one-line documents; encode_batch on two threads; 1 MB with no split point), and BPE training
-against HF's BpeTrainer and rustbpe on the same bytes, with bytes per token on held-out files.
-
-Vocabularies: GPT-2 (``r50k_base``) and ``cl100k_base`` rank files are looked for in ``$FERROLM_DATA_DIR`` and
-``../shared/data``; without them a 32k vocabulary is trained on the embedded corpus and given to every library, so
-the comparison is still like for like.
+against HF's BpeTrainer and rustbpe on the same bytes, with bytes per token on held-out files. The GPT-2
+(``r50k_base``) and ``cl100k_base`` rank files are looked for in ``$FERROLM_DATA_DIR`` and ``../shared/data``;
+without them a 32k vocabulary is trained on the embedded corpus and given to every library, so the comparison is
+still like for like.
 """
 
 from __future__ import annotations
