@@ -18,7 +18,8 @@ pub fn byte_to_char() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
         table[b as usize] = if printable {
             char::from_u32(b).expect("latin-1 is valid")
         } else {
@@ -37,7 +38,9 @@ fn char_to_byte(c: char) -> Option<u8> {
             // The non-printable bytes in increasing order, mapped to 256, 257, ...
             let k = cp - 256;
             (0u32..256)
-                .filter(|b| !((33..=126).contains(b) || (161..=172).contains(b) || (174..=255).contains(b)))
+                .filter(|b| {
+                    !((33..=126).contains(b) || (161..=172).contains(b) || (174..=255).contains(b))
+                })
                 .nth(k as usize)
                 .map(|b| b as u8)
         }
@@ -74,7 +77,10 @@ pub fn parse_tiktoken(data: &[u8]) -> Result<Vec<(Vec<u8>, u32)>> {
             )));
         };
         let bytes = B64.decode(tok).map_err(|e| {
-            Error::format(format!("tiktoken file line {lineno}: token {:?} is not base64: {e}", truncate(tok)))
+            Error::format(format!(
+                "tiktoken file line {lineno}: token {:?} is not base64: {e}",
+                truncate(tok)
+            ))
         })?;
         let rank: u32 = rank.parse().map_err(|_| {
             Error::format(format!(
@@ -170,9 +176,10 @@ fn hf_pattern(pre: &Value) -> Result<String> {
             Ok(GPT2_PATTERN.to_string())
         }
         "Sequence" => {
-            let items = field(pre, "pre_tokenizer", "pretokenizers")?
-                .as_array()
-                .ok_or_else(|| Error::format("tokenizer.json: pre_tokenizer.pretokenizers is not a list"))?;
+            let items =
+                field(pre, "pre_tokenizer", "pretokenizers")?.as_array().ok_or_else(|| {
+                    Error::format("tokenizer.json: pre_tokenizer.pretokenizers is not a list")
+                })?;
             match &items[..] {
                 [split, bl]
                     if split.get("type").and_then(Value::as_str) == Some("Split")
@@ -184,7 +191,10 @@ fn hf_pattern(pre: &Value) -> Result<String> {
                         .and_then(|p| p.get("Regex"))
                         .and_then(Value::as_str)
                         .ok_or_else(|| {
-                            Error::format("tokenizer.json: Split pre-tokenizer needs a {\"Regex\": ...} pattern")
+                            Error::format(
+                                "tokenizer.json: Split pre-tokenizer needs a \
+                                 {\"Regex\": ...} pattern",
+                            )
                         })?;
                     let behavior = split.get("behavior").and_then(Value::as_str).unwrap_or("");
                     let invert = split.get("invert").and_then(Value::as_bool).unwrap_or(false);
@@ -227,7 +237,9 @@ pub fn parse_hf_json(text: &str) -> Result<Tokenizer> {
     }
     for key in ["continuing_subword_prefix", "end_of_word_suffix", "dropout"] {
         if !null_or_empty(model.get(key)) {
-            return Err(Error::format(format!("tokenizer.json: model.{key} is set; ferrolm does not support it")));
+            return Err(Error::format(format!(
+                "tokenizer.json: model.{key} is set; ferrolm does not support it"
+            )));
         }
     }
     if model.get("byte_fallback").and_then(Value::as_bool).unwrap_or(false) {
@@ -243,12 +255,16 @@ pub fn parse_hf_json(text: &str) -> Result<Tokenizer> {
     // Added tokens become special tokens.
     let mut specials: Vec<(String, u32)> = Vec::new();
     if let Some(added) = root.get("added_tokens") {
-        let added = added.as_array().ok_or_else(|| Error::format("tokenizer.json: added_tokens is not a list"))?;
+        let added = added
+            .as_array()
+            .ok_or_else(|| Error::format("tokenizer.json: added_tokens is not a list"))?;
         for (i, a) in added.iter().enumerate() {
             let content = a.get("content").and_then(Value::as_str);
             let id = a.get("id").and_then(Value::as_u64).filter(|&x| x <= u32::MAX as u64);
             let (Some(content), Some(id)) = (content, id) else {
-                return Err(Error::format(format!("tokenizer.json: added_tokens[{i}] needs a string content and an id")));
+                return Err(Error::format(format!(
+                    "tokenizer.json: added_tokens[{i}] needs a string content and an id"
+                )));
             };
             specials.push((content.to_string(), id as u32));
         }
@@ -259,10 +275,14 @@ pub fn parse_hf_json(text: &str) -> Result<Tokenizer> {
     let mut tokens: Vec<Option<Box<[u8]>>> = Vec::new();
     for (s, id) in vocab {
         let id = id.as_u64().filter(|&x| x < (1 << 31)).ok_or_else(|| {
-            Error::format(format!("tokenizer.json: vocab id of {s:?} is not a non-negative integer"))
+            Error::format(format!(
+                "tokenizer.json: vocab id of {s:?} is not a non-negative integer"
+            ))
         })? as usize;
         if id > vocab.len() * 4 + 1024 {
-            return Err(Error::format(format!("tokenizer.json: vocab id {id} of {s:?} is far beyond the vocabulary size")));
+            return Err(Error::format(format!(
+                "tokenizer.json: vocab id {id} of {s:?} is far beyond the vocabulary size"
+            )));
         }
         if specials.iter().any(|(t, _)| t == s) {
             continue; // a special token listed in the vocab too (as GPT-2's files do)
@@ -284,11 +304,11 @@ pub fn parse_hf_json(text: &str) -> Result<Tokenizer> {
         tokens[id] = Some(bytes.into_boxed_slice());
     }
     let lookup = |s: &str, i: usize| -> Result<u32> {
-        vocab
-            .get(s)
-            .and_then(Value::as_u64)
-            .map(|x| x as u32)
-            .ok_or_else(|| Error::format(format!("tokenizer.json: merges[{i}] uses {s:?}, which is not in the vocab")))
+        vocab.get(s).and_then(Value::as_u64).map(|x| x as u32).ok_or_else(|| {
+            Error::format(format!(
+                "tokenizer.json: merges[{i}] uses {s:?}, which is not in the vocab"
+            ))
+        })
     };
     let merges_v = field(model, "model", "merges")?
         .as_array()
@@ -298,20 +318,36 @@ pub fn parse_hf_json(text: &str) -> Result<Tokenizer> {
         let (a, b) = match m {
             Value::String(s) => match s.split_once(' ') {
                 Some((a, b)) if !b.contains(' ') => (a, b),
-                _ => return Err(Error::format(format!("tokenizer.json: merges[{i}] = {s:?} is not 'A B'"))),
+                _ => {
+                    return Err(Error::format(format!(
+                        "tokenizer.json: merges[{i}] = {s:?} is not 'A B'"
+                    )))
+                }
             },
             Value::Array(v) => match &v[..] {
                 [Value::String(a), Value::String(b)] => (a.as_str(), b.as_str()),
-                _ => return Err(Error::format(format!("tokenizer.json: merges[{i}] is not a pair of strings"))),
+                _ => {
+                    return Err(Error::format(format!(
+                        "tokenizer.json: merges[{i}] is not a pair of strings"
+                    )))
+                }
             },
-            _ => return Err(Error::format(format!("tokenizer.json: merges[{i}] is neither 'A B' nor [A, B]"))),
+            _ => {
+                return Err(Error::format(format!(
+                    "tokenizer.json: merges[{i}] is neither 'A B' nor [A, B]"
+                )))
+            }
         };
         merges.push((lookup(a, i)?, lookup(b, i)?));
     }
     let ignore_merges = model.get("ignore_merges").and_then(Value::as_bool).unwrap_or(false);
     let bpe = if ignore_merges {
         // Whole-word lookup first, then merges: tiktoken's rule when the merges are complete.
-        let ranks = tokens.iter().enumerate().filter_map(|(i, t)| t.as_ref().map(|t| (t.to_vec(), i as u32))).collect();
+        let ranks = tokens
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.as_ref().map(|t| (t.to_vec(), i as u32)))
+            .collect();
         Bpe::from_ranks(ranks)?
     } else {
         Bpe::from_merges(tokens, merges)?
@@ -337,8 +373,12 @@ pub fn dump_hf_json(tok: &Tokenizer) -> Result<String> {
         vocab.insert(s.clone(), json!(id));
     }
     let name = |id: u32| bytes_to_bytelevel(tok.bpe.token_bytes(id).unwrap_or_default(), &table);
-    let merges: Vec<Value> =
-        tok.bpe.merge_list().iter().map(|&(a, b)| Value::String(format!("{} {}", name(a), name(b)))).collect();
+    let merges: Vec<Value> = tok
+        .bpe
+        .merge_list()
+        .iter()
+        .map(|&(a, b)| Value::String(format!("{} {}", name(a), name(b))))
+        .collect();
     let added: Vec<Value> = tok
         .specials
         .iter()
@@ -348,13 +388,18 @@ pub fn dump_hf_json(tok: &Tokenizer) -> Result<String> {
         })
         .collect();
     let pre = if tok.pattern == GPT2_PATTERN || tok.pattern == GPT2_PATTERN_ORIGINAL {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+               "use_regex": true})
     } else {
-        // HF's regex engine misreads cl100k's possessive `{1,3}+`; write the spelling both read alike.
-        let pattern = if tok.pattern == CL100K_PATTERN { CL100K_PATTERN_HF } else { tok.pattern.as_str() };
+        // HF's regex engine misreads cl100k's possessive `{1,3}+`: write the spelling both
+        // engines read alike.
+        let pattern =
+            if tok.pattern == CL100K_PATTERN { CL100K_PATTERN_HF } else { tok.pattern.as_str() };
         json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+             "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+             "use_regex": false}
         ]})
     };
     let root = json!({
@@ -364,8 +409,10 @@ pub fn dump_hf_json(tok: &Tokenizer) -> Result<String> {
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": pre,
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": false,
+                           "trim_offsets": false, "use_regex": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                    "use_regex": true},
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
@@ -373,7 +420,8 @@ pub fn dump_hf_json(tok: &Tokenizer) -> Result<String> {
             "vocab": vocab, "merges": merges,
         }
     });
-    serde_json::to_string(&root).map_err(|e| Error::format(format!("cannot serialise tokenizer.json: {e}")))
+    serde_json::to_string(&root)
+        .map_err(|e| Error::format(format!("cannot serialise tokenizer.json: {e}")))
 }
 
 #[cfg(test)]

@@ -146,7 +146,8 @@ impl Bpe {
                 }
                 if let Some(prev) = by_bytes.insert(t, id as u32) {
                     return Err(Error::format(format!(
-                        "token bytes {:?} appear twice (ids {prev} and {id}); each token must be unique",
+                        "token bytes {:?} appear twice (ids {prev} and {id}); each token must \
+                         be unique",
                         String::from_utf8_lossy(t)
                     )));
                 }
@@ -292,7 +293,8 @@ impl Bpe {
             scratch.cache.resize(CACHE_SLOTS, Slot::default());
             scratch.cache_owner = self.uid;
         }
-        let h = ((key as u64) ^ ((key >> 64) as u64).rotate_left(29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let h = ((key as u64) ^ ((key >> 64) as u64).rotate_left(29))
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let slot = (h >> 52) as usize & (CACHE_SLOTS - 1);
         let e = scratch.cache[slot];
         if e.key == key {
@@ -362,7 +364,11 @@ impl Bpe {
         let n = piece.len() as u32;
         for (i, &b) in piece.iter().enumerate() {
             let i = i as u32;
-            nodes.push((self.byte_ids[b as usize], i.wrapping_sub(1), if i + 1 < n { i + 1 } else { END }));
+            nodes.push((
+                self.byte_ids[b as usize],
+                i.wrapping_sub(1),
+                if i + 1 < n { i + 1 } else { END },
+            ));
         }
         nodes[0].1 = END;
         for i in 0..nodes.len() - 1 {
@@ -461,14 +467,19 @@ mod tests {
             let piece: Vec<u8> = (0..len)
                 .map(|_| {
                     lcg = lcg.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    if (lcg >> 40) % 3 == 0 { b'y' } else { b'x' }
+                    if (lcg >> 40) % 3 == 0 {
+                        b'y'
+                    } else {
+                        b'x'
+                    }
                 })
                 .collect();
             let (mut a, mut b) = (Vec::new(), Vec::new());
             bpe.merge_small(&piece, NONE, &mut s, &mut a);
             bpe.merge_heap(&piece, NONE, &mut s, &mut b);
             assert_eq!(a, b, "len {len}");
-            let back: Vec<u8> = a.iter().flat_map(|&i| bpe.token_bytes(i).unwrap().to_vec()).collect();
+            let back: Vec<u8> =
+                a.iter().flat_map(|&i| bpe.token_bytes(i).unwrap().to_vec()).collect();
             assert_eq!(back, piece);
         }
     }

@@ -19,12 +19,18 @@ pub const GPT2_PATTERN: &str =
 pub const GPT2_PATTERN_ORIGINAL: &str =
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 /// tiktoken's `cl100k_base` pattern.
-pub const CL100K_PATTERN: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
+pub const CL100K_PATTERN: &str = concat!(
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+|",
+    r" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"
+);
 
 /// cl100k's pattern as HF tokenizers must be given it: its regex engine (Oniguruma) reads
 /// `{1,3}+` as "one or more times up to three", not as a possessive `{1,3}`. Both engines read
 /// this spelling the same way, and it cuts the same pieces as [`CL100K_PATTERN`].
-pub const CL100K_PATTERN_HF: &str = r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s";
+pub const CL100K_PATTERN_HF: &str = concat!(
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}|",
+    r" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"
+);
 
 /// A pre-tokenizer: one of the hand-written scanners or a compiled regex.
 #[derive(Debug, Clone)]
@@ -88,7 +94,11 @@ impl Splitter {
 }
 
 #[inline(always)]
-fn scan<'t>(text: &'t str, next: fn(&[u8], usize) -> usize, mut f: impl FnMut(&'t str)) -> Result<()> {
+fn scan<'t>(
+    text: &'t str,
+    next: fn(&[u8], usize) -> usize,
+    mut f: impl FnMut(&'t str),
+) -> Result<()> {
     let b = text.as_bytes();
     let mut i = 0;
     while i < b.len() {
@@ -279,10 +289,56 @@ mod tests {
     /// One or more characters of each class the patterns distinguish, and the traps the notes
     /// name (case folding, U+3000, U+0085, `\r`).
     const ALPHABET: &[char] = &[
-        'a', 'Z', 's', 'S', 't', 'l', 'L', 'v', 'e', 'E', 'r', 'd', 'm', 'x', '\u{17F}', 'é',
-        '中', 'ß', '\u{1D400}', '0', '9', '½', '\u{0663}', ' ', ' ', ' ', '\t', '\n', '\n', '\r',
-        '\u{0B}', '\u{0C}', '\u{85}', '\u{A0}', '\u{3000}', '\u{2028}', '\'', '\'', '!', '.', ',',
-        '-', '$', '👍', '\u{0301}', '\u{200D}', '\u{1F}', '\u{0}', '_', '/',
+        'a',
+        'Z',
+        's',
+        'S',
+        't',
+        'l',
+        'L',
+        'v',
+        'e',
+        'E',
+        'r',
+        'd',
+        'm',
+        'x',
+        '\u{17F}',
+        'é',
+        '中',
+        'ß',
+        '\u{1D400}',
+        '0',
+        '9',
+        '½',
+        '\u{0663}',
+        ' ',
+        ' ',
+        ' ',
+        '\t',
+        '\n',
+        '\n',
+        '\r',
+        '\u{0B}',
+        '\u{0C}',
+        '\u{85}',
+        '\u{A0}',
+        '\u{3000}',
+        '\u{2028}',
+        '\'',
+        '\'',
+        '!',
+        '.',
+        ',',
+        '-',
+        '$',
+        '👍',
+        '\u{0301}',
+        '\u{200D}',
+        '\u{1F}',
+        '\u{0}',
+        '_',
+        '/',
     ];
 
     fn differential(fast: &Splitter, pattern: &str) {
@@ -317,7 +373,10 @@ mod tests {
     #[test]
     fn known_pieces() {
         let g = Splitter::Gpt2;
-        assert_eq!(g.pieces("Hello world's  end\n").unwrap(), ["Hello", " world", "'s", " ", " end", "\n"]);
+        assert_eq!(
+            g.pieces("Hello world's  end\n").unwrap(),
+            ["Hello", " world", "'s", " ", " end", "\n"]
+        );
         assert_eq!(g.pieces(" 'store").unwrap(), [" '", "store"]);
         let c = Splitter::Cl100k;
         assert_eq!(c.pieces("x  \n  ").unwrap(), ["x", "  \n  "]);

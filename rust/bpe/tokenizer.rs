@@ -97,7 +97,12 @@ impl Tokenizer {
     }
 
     /// Encodes text with no special-token handling, appending to `out`.
-    pub fn encode_ordinary_into(&self, text: &str, scratch: &mut Scratch, out: &mut Vec<u32>) -> Result<()> {
+    pub fn encode_ordinary_into(
+        &self,
+        text: &str,
+        scratch: &mut Scratch,
+        out: &mut Vec<u32>,
+    ) -> Result<()> {
         self.splitter.split(text, |piece| self.bpe.encode_piece(piece.as_bytes(), scratch, out))
     }
 
@@ -245,7 +250,10 @@ mod tests {
         let text = "a hi<|eot|> hi";
         let allowed = t.encode(text, &[SpecialPolicy::Allowed]).unwrap();
         assert_eq!(allowed, vec![97, 257, 300, 257]);
-        assert!(matches!(t.encode(text, &[SpecialPolicy::Disallowed]), Err(Error::DisallowedSpecial(_))));
+        assert!(matches!(
+            t.encode(text, &[SpecialPolicy::Disallowed]),
+            Err(Error::DisallowedSpecial(_))
+        ));
         let plain = t.encode(text, &[SpecialPolicy::Text]).unwrap();
         assert_eq!(plain, t.encode_ordinary(text).unwrap());
         assert_eq!(t.decode_bytes(&allowed).unwrap(), text.as_bytes());

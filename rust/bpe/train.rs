@@ -63,7 +63,12 @@ fn chunks(text: &str, splittable: bool) -> Vec<&str> {
         let mut cut = None;
         let mut i = start + CHUNK;
         while i + 1 < b.len() && i < start + 4 * CHUNK {
-            if b[i] == b'\n' && b[i + 1].is_ascii_alphabetic() && i > 0 && !(b[i - 1] as char).is_ascii_whitespace() && b[i - 1] < 0x80 {
+            if b[i] == b'\n'
+                && b[i + 1].is_ascii_alphabetic()
+                && i > 0
+                && !(b[i - 1] as char).is_ascii_whitespace()
+                && b[i - 1] < 0x80
+            {
                 cut = Some(i + 1);
                 break;
             }
@@ -115,7 +120,8 @@ impl WordCounter {
                 Ok::<_, Error>(m)
             })
             .try_reduce(FxHashMap::default, |mut a, b| {
-                let (mut a, b) = if a.len() >= b.len() { (a, b) } else { (b, std::mem::take(&mut a)) };
+                let (mut a, b) =
+                    if a.len() >= b.len() { (a, b) } else { (b, std::mem::take(&mut a)) };
                 for (k, v) in b {
                     *a.entry(k).or_insert(0) += v;
                 }
@@ -134,7 +140,12 @@ impl WordCounter {
     }
 
     /// Starts the merge phase.
-    pub fn into_trainer(self, vocab_size: usize, min_frequency: u64, specials: Vec<String>) -> Result<Trainer> {
+    pub fn into_trainer(
+        self,
+        vocab_size: usize,
+        min_frequency: u64,
+        specials: Vec<String>,
+    ) -> Result<Trainer> {
         Trainer::new(self, vocab_size, min_frequency, specials)
     }
 }
@@ -165,12 +176,17 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    fn new(counter: WordCounter, vocab_size: usize, min_frequency: u64, specials: Vec<String>) -> Result<Self> {
+    fn new(
+        counter: WordCounter,
+        vocab_size: usize,
+        min_frequency: u64,
+        specials: Vec<String>,
+    ) -> Result<Self> {
         let reserved = 256 + specials.len();
         if vocab_size < reserved {
             return Err(Error::value(format!(
-                "vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens plus {} \
-                 special tokens; use vocab_size >= {reserved}",
+                "vocab_size={vocab_size} is too small: byte-level BPE needs 256 byte tokens \
+                 plus {} special tokens; use vocab_size >= {reserved}",
                 specials.len()
             )));
         }
@@ -340,7 +356,8 @@ impl Trainer {
         let n = self.tokens.len() as u32;
         let tokens = self.tokens.into_iter().map(|t| Some(t.into_boxed_slice())).collect();
         let bpe = Bpe::from_merges(tokens, self.merges)?;
-        let specials = self.specials.into_iter().enumerate().map(|(i, s)| (s, n + i as u32)).collect();
+        let specials =
+            self.specials.into_iter().enumerate().map(|(i, s)| (s, n + i as u32)).collect();
         Tokenizer::new(bpe, &self.pattern, specials)
     }
 }
@@ -352,7 +369,8 @@ mod tests {
 
     /// The textbook algorithm: recount every pair after every merge.
     fn naive(words: &[(&str, u64)], merges: usize) -> Vec<(u32, u32)> {
-        let mut ws: Vec<(Vec<u32>, u64)> = words.iter().map(|(w, c)| (w.bytes().map(|b| b as u32).collect(), *c)).collect();
+        let mut ws: Vec<(Vec<u32>, u64)> =
+            words.iter().map(|(w, c)| (w.bytes().map(|b| b as u32).collect(), *c)).collect();
         let mut out = Vec::new();
         for m in 0..merges {
             let mut counts: std::collections::BTreeMap<(u32, u32), u64> = Default::default();
@@ -361,7 +379,10 @@ mod tests {
                     *counts.entry((p[0], p[1])).or_default() += c;
                 }
             }
-            let Some((&best, _)) = counts.iter().max_by(|x, y| x.1.cmp(y.1).then(y.0.cmp(x.0))) else { break };
+            let Some((&best, _)) = counts.iter().max_by(|x, y| x.1.cmp(y.1).then(y.0.cmp(x.0)))
+            else {
+                break;
+            };
             out.push(best);
             let new = 256 + m as u32;
             for (w, _) in ws.iter_mut() {
@@ -388,7 +409,8 @@ mod tests {
                     thethe sss sssss ssss mississippi missing misses";
         let mut counter = WordCounter::new(GPT2_PATTERN).unwrap();
         counter.add_texts(&[text, text, "abab the"]).unwrap();
-        let mut words: Vec<(String, u64)> = counter.counts.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let mut words: Vec<(String, u64)> =
+            counter.counts.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         words.sort();
         let borrowed: Vec<(&str, u64)> = words.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         let trainer = counter.into_trainer(256 + 40, 1, vec![]).unwrap();

@@ -23,13 +23,22 @@ pub fn bucket_batches(
         return Err(Error::value("batch_size, max_tokens and bucket_size must be positive"));
     }
     if order.len() != lengths.len() {
-        return Err(Error::value(format!("order has {} indices for {} lengths", order.len(), lengths.len())));
+        return Err(Error::value(format!(
+            "order has {} indices for {} lengths",
+            order.len(),
+            lengths.len()
+        )));
     }
     let mut seen = vec![false; lengths.len()];
     for &i in order {
         match seen.get_mut(i as usize) {
             Some(s) if !*s => *s = true,
-            _ => return Err(Error::value(format!("order is not a permutation of 0..{} (index {i})", lengths.len()))),
+            _ => {
+                return Err(Error::value(format!(
+                    "order is not a permutation of 0..{} (index {i})",
+                    lengths.len()
+                )))
+            }
         }
     }
     let cap = batch_size.unwrap_or(usize::MAX);
@@ -80,7 +89,8 @@ mod tests {
         assert_eq!(flat, vec![1, 3, 2, 4, 0, 5]);
         assert_eq!(off, vec![0, 2, 4, 6]);
         let (flat, off) = bucket_batches(&lengths, &order, 6, None, Some(8), false).unwrap();
-        // sorted lengths 1 2 3 4 5 6: [1,2] -> 2*2=4, +3 -> 3*3=9 > 8 so cut; [3] [4]? 3,4 -> 4*2=8 ok; 5 alone; 6 alone
+        // Sorted lengths 1 2 3 4 5 6, at most 8 padded tokens a batch: [1, 2] (2*2 = 4; adding
+        // 3 gives 3*3 = 9 > 8), [3, 4] (4*2 = 8), then 5 and 6 alone.
         assert_eq!(flat, vec![1, 3, 2, 4, 0, 5]);
         assert_eq!(off, vec![0, 2, 4, 5, 6]);
     }

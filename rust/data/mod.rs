@@ -55,7 +55,12 @@ impl Row<'_> {
     /// Checks every id of `src[start..end]` is in `[0, max]`; else returns the first bad
     /// one's position and value.
     #[inline(always)]
-    pub fn check(&self, start: usize, end: usize, max: i64) -> std::result::Result<(), (usize, i64)> {
+    pub fn check(
+        &self,
+        start: usize,
+        end: usize,
+        max: i64,
+    ) -> std::result::Result<(), (usize, i64)> {
         // One unsigned compare covers both ends (a negative id wraps to a huge value), and a
         // branch-free OR-reduction vectorises; the culprit is located only on failure. Types
         // whose every value fits skip the scan.
@@ -97,7 +102,12 @@ impl Row<'_> {
     /// Copies ids `src[start..start + dst.len()]` into `dst`, checking each is in `[0, max]`.
     /// On a bad id returns its position in the row and its value.
     #[inline]
-    pub fn copy_checked<T: OutInt>(&self, start: usize, dst: &mut [T], max: i64) -> std::result::Result<(), (usize, i64)> {
+    pub fn copy_checked<T: OutInt>(
+        &self,
+        start: usize,
+        dst: &mut [T],
+        max: i64,
+    ) -> std::result::Result<(), (usize, i64)> {
         macro_rules! go {
             ($s:expr) => {{
                 let src = &$s[start..start + dst.len()];

@@ -140,14 +140,18 @@ pub fn windows(tokens: Row<'_>, block_size: usize, stride: usize, pad_id: i64) -
         return Err(Error::value("block_size must be positive, got 0"));
     }
     if stride == 0 || stride > block_size {
-        return Err(Error::value(format!("stride must be in 1..=block_size ({block_size}), got {stride}")));
+        return Err(Error::value(format!(
+            "stride must be in 1..=block_size ({block_size}), got {stride}"
+        )));
     }
     let l = tokens.len();
     if l < 2 {
         return Err(Error::value(format!("need at least 2 tokens to make a window, got {l}")));
     }
     let mut stream = vec![0i64; l];
-    tokens.copy_checked(0, &mut stream, i64::MAX).map_err(|(p, v)| bad_id(0, p, v, i64::MAX, "int64"))?;
+    tokens
+        .copy_checked(0, &mut stream, i64::MAX)
+        .map_err(|(p, v)| bad_id(0, p, v, i64::MAX, "int64"))?;
     let t = block_size;
     // Targets are stream[1..l]; window k starts at k*stride and scores targets up to
     // min(k*stride + t, l - 1) (exclusive, in input positions).

@@ -70,10 +70,17 @@ fn pad_impl<T: OutInt>(rows: &[Row<'_>], spec: &PadSpec) -> Result<Padded<T>> {
         return Err(Error::value("cannot pad an empty batch: got 0 sequences"));
     }
     if spec.pad_id < 0 || spec.pad_id > T::MAX {
-        return Err(Error::value(format!("pad_id={} does not fit {} (expected 0..={})", spec.pad_id, T::NAME, T::MAX)));
+        return Err(Error::value(format!(
+            "pad_id={} does not fit {} (expected 0..={})",
+            spec.pad_id,
+            T::NAME,
+            T::MAX
+        )));
     }
     if let Some(i) = rows.iter().position(Row::is_empty) {
-        return Err(Error::value(format!("sequence {i} is empty; every sequence needs at least one id")));
+        return Err(Error::value(format!(
+            "sequence {i} is empty; every sequence needs at least one id"
+        )));
     }
     let longest = rows.iter().map(Row::len).max().unwrap_or(0);
     let mut cols = match spec.max_length {
@@ -111,7 +118,8 @@ fn pad_impl<T: OutInt>(rows: &[Row<'_>], spec: &PadSpec) -> Result<Padded<T>> {
         let keep = len.min(cols);
         // Which ids survive truncation.
         let src_start = if spec.truncation == Truncation::Left { len - keep } else { 0 };
-        row.check(src_start, src_start + keep, T::MAX).map_err(|(pos, v)| bad_id(r, pos, v, T::MAX, T::NAME))?;
+        row.check(src_start, src_start + keep, T::MAX)
+            .map_err(|(pos, v)| bad_id(r, pos, v, T::MAX, T::NAME))?;
         let fill = cols - keep;
         if spec.side == Side::Left {
             ids.extend(std::iter::repeat_n(pad, fill));
@@ -163,12 +171,17 @@ mod tests {
     #[test]
     fn bad_ids_and_batches_are_errors() {
         let a = [1i64, -2];
-        let e = pad::<i64>(&[Row::I64(&a)], &spec(None, Side::Right, Truncation::Error)).unwrap_err().to_string();
+        let e = pad::<i64>(&[Row::I64(&a)], &spec(None, Side::Right, Truncation::Error))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sequence 0 has id -2 at position 1"), "{e}");
         let big = [3_000_000_000u32];
-        assert!(pad::<i32>(&[Row::U32(&big)], &spec(None, Side::Right, Truncation::Error)).is_err());
+        let right = spec(None, Side::Right, Truncation::Error);
+        assert!(pad::<i32>(&[Row::U32(&big)], &right).is_err());
         assert!(pad::<i64>(&[], &spec(None, Side::Right, Truncation::Error)).is_err());
         let empty: [i64; 0] = [];
-        assert!(pad::<i64>(&[Row::I64(&empty)], &spec(None, Side::Right, Truncation::Error)).is_err());
+        assert!(
+            pad::<i64>(&[Row::I64(&empty)], &spec(None, Side::Right, Truncation::Error)).is_err()
+        );
     }
 }

@@ -81,7 +81,8 @@ impl ShardWriter {
         let max = self.dtype.max();
         if let Some(&bad) = ids.iter().find(|&&x| x as u64 > max) {
             return Err(Error::value(format!(
-                "id {bad} does not fit this shard's {:?}; use a uint32 shard for vocabularies over 65,536",
+                "id {bad} does not fit this shard's {:?}; use a uint32 shard for vocabularies \
+                 over 65,536",
                 self.dtype
             )));
         }
@@ -152,16 +153,24 @@ impl Shard {
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let p = path.display();
         let h = map.get(..HEADER).ok_or_else(|| {
-            Error::format(format!("{p}: {} bytes is too short for a shard header ({HEADER} bytes); the file is truncated or not a shard", map.len()))
+            Error::format(format!(
+                "{p}: {} bytes is too short for a shard header ({HEADER} bytes); the file is \
+                 truncated or not a shard",
+                map.len()
+            ))
         })?;
         if &h[..8] != MAGIC {
-            return Err(Error::format(format!("{p}: not a ferrolm token shard (bad magic {:?})", &h[..8])));
+            return Err(Error::format(format!(
+                "{p}: not a ferrolm token shard (bad magic {:?})",
+                &h[..8]
+            )));
         }
         let word = |a: usize| u32::from_le_bytes([h[a], h[a + 1], h[a + 2], h[a + 3]]);
         let version = word(8);
         if version > VERSION {
             return Err(Error::format(format!(
-                "{p}: shard format version {version} is newer than this ferrolm reads (up to {VERSION}); upgrade ferrolm"
+                "{p}: shard format version {version} is newer than this ferrolm reads \
+                 (up to {VERSION}); upgrade ferrolm"
             )));
         }
         if version == 0 {
@@ -170,7 +179,11 @@ impl Shard {
         let dtype = match word(12) {
             2 => Dtype::U16,
             4 => Dtype::U32,
-            other => return Err(Error::format(format!("{p}: unsupported id size {other} bytes (expected 2 or 4)"))),
+            other => {
+                return Err(Error::format(format!(
+                    "{p}: unsupported id size {other} bytes (expected 2 or 4)"
+                )))
+            }
         };
         let mut c = [0u8; 8];
         c.copy_from_slice(&h[16..24]);
@@ -181,7 +194,8 @@ impl Shard {
             .ok_or_else(|| Error::format(format!("{p}: id count {count} overflows")))?;
         if expect != map.len() as u64 {
             return Err(Error::format(format!(
-                "{p}: header says {count} ids ({expect} bytes) but the file has {} bytes; the shard is truncated or corrupt",
+                "{p}: header says {count} ids ({expect} bytes) but the file has {} bytes; \
+                 the shard is truncated or corrupt",
                 map.len()
             )));
         }
@@ -215,8 +229,12 @@ impl Shard {
         // was checked against count * itemsize in `open`; any bit pattern is a valid integer.
         unsafe {
             match self.dtype {
-                Dtype::U16 => Ids::U16(std::slice::from_raw_parts(data.as_ptr() as *const u16, self.count)),
-                Dtype::U32 => Ids::U32(std::slice::from_raw_parts(data.as_ptr() as *const u32, self.count)),
+                Dtype::U16 => {
+                    Ids::U16(std::slice::from_raw_parts(data.as_ptr() as *const u16, self.count))
+                }
+                Dtype::U32 => {
+                    Ids::U32(std::slice::from_raw_parts(data.as_ptr() as *const u32, self.count))
+                }
             }
         }
     }

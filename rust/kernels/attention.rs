@@ -45,7 +45,10 @@ pub struct Shape {
 impl Shape {
     fn check<T>(&self, q: &[T], k: &[T], v: &[T], pad: Option<&[bool]>) -> Result<()> {
         if self.hk == 0 || self.hq % self.hk != 0 {
-            return Err(Error::value(format!("kv heads ({}) must divide query heads ({})", self.hk, self.hq)));
+            return Err(Error::value(format!(
+                "kv heads ({}) must divide query heads ({})",
+                self.hk, self.hq
+            )));
         }
         let want = [
             ("q", q.len(), self.b * self.hq * self.tq * self.d),
@@ -59,7 +62,11 @@ impl Shape {
         }
         if let Some(p) = pad {
             if p.len() != self.b * self.tk {
-                return Err(Error::value(format!("key_padding_mask has {} elements, expected {}", p.len(), self.b * self.tk)));
+                return Err(Error::value(format!(
+                    "key_padding_mask has {} elements, expected {}",
+                    p.len(),
+                    self.b * self.tk
+                )));
             }
         }
         Ok(())
@@ -160,7 +167,13 @@ impl<'a, T: Float> Rhs<'a, T> {
     fn new(b: Mat<T>) -> Self {
         if TypeId::of::<T>() == TypeId::of::<f32>() {
             // T is f32 (checked): the view's elements are f32.
-            Rhs::Packed(Packed::new(Mat { ptr: b.ptr as *const f32, rows: b.rows, cols: b.cols, rs: b.rs, cs: b.cs }))
+            Rhs::Packed(Packed::new(Mat {
+                ptr: b.ptr as *const f32,
+                rows: b.rows,
+                cols: b.cols,
+                rs: b.rs,
+                cs: b.cs,
+            }))
         } else {
             Rhs::Plain(b, std::marker::PhantomData)
         }
@@ -168,14 +181,38 @@ impl<'a, T: Float> Rhs<'a, T> {
 
     /// `dst (row stride ldd) = a (row stride lda, nb rows) · B[:inner, :cols]`.
     #[allow(clippy::too_many_arguments)]
-    fn mm(&self, dst: &mut [T], ldd: usize, a: &[T], lda: usize, nb: usize, inner: usize, cols: usize) {
+    fn mm(
+        &self,
+        dst: &mut [T],
+        ldd: usize,
+        a: &[T],
+        lda: usize,
+        nb: usize,
+        inner: usize,
+        cols: usize,
+    ) {
         match self {
             Rhs::Packed(p) => {
-                assert!(nb == 0 || (dst.len() >= (nb - 1) * ldd + p.cols() && ldd >= p.cols() && a.len() >= (nb - 1) * lda + inner));
+                assert!(
+                    nb == 0
+                        || (dst.len() >= (nb - 1) * ldd + p.cols()
+                            && ldd >= p.cols()
+                            && a.len() >= (nb - 1) * lda + inner)
+                );
                 // SAFETY: T is f32 (a Packed exists only then); bounds checked above.
                 unsafe {
                     let a32 = std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len());
-                    smallmm::mm_raw_k(dst.as_mut_ptr() as *mut f32, ldd, a32, lda, nb, p, false, (0, cols.div_ceil(16)), (0, inner));
+                    smallmm::mm_raw_k(
+                        dst.as_mut_ptr() as *mut f32,
+                        ldd,
+                        a32,
+                        lda,
+                        nb,
+                        p,
+                        false,
+                        (0, cols.div_ceil(16)),
+                        (0, inner),
+                    );
                 }
             }
             Rhs::Plain(b, _) => {
@@ -194,11 +231,26 @@ impl<'a, T: Float> Rhs<'a, T> {
 /// measured 2.3x the `gemm` crate per product here (9.3% of a causal T=1024 fwd+bwd's
 /// samples for these two products against 14% for the other five); else the general GEMM.
 #[allow(clippy::too_many_arguments)]
-fn mm_tn<T: Float>(dst: &mut [T], ldd: usize, a: &[T], lda: usize, kb: usize, m: usize, b: &[T], n: usize) {
+fn mm_tn<T: Float>(
+    dst: &mut [T],
+    ldd: usize,
+    a: &[T],
+    lda: usize,
+    kb: usize,
+    m: usize,
+    b: &[T],
+    n: usize,
+) {
     if m == 0 || kb == 0 {
         return;
     }
-    assert!(dst.len() >= (m - 1) * ldd + n && ldd >= n && a.len() >= (kb - 1) * lda + m && lda >= m && b.len() >= kb * n);
+    assert!(
+        dst.len() >= (m - 1) * ldd + n
+            && ldd >= n
+            && a.len() >= (kb - 1) * lda + m
+            && lda >= m
+            && b.len() >= kb * n
+    );
     if TypeId::of::<T>() == TypeId::of::<f32>() {
         // SAFETY: T is f32 (checked); bounds asserted above; `dst` is exclusively borrowed.
         unsafe {
@@ -227,7 +279,16 @@ fn parts(tasks: usize, blocks: usize, threads: usize) -> usize {
 
 /// Forward: returns `o (B, Hq, Tq, Dv)` and `lse (B, Hq, Tq)`.
 #[allow(clippy::too_many_arguments)]
-pub fn forward<T: Float>(q: &[T], k: &[T], v: &[T], sh: Shape, causal: bool, key_padding: Option<&[bool]>, scale: T, threads: usize) -> Result<(Vec<T>, Vec<T>)> {
+pub fn forward<T: Float>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    sh: Shape,
+    causal: bool,
+    key_padding: Option<&[bool]>,
+    scale: T,
+    threads: usize,
+) -> Result<(Vec<T>, Vec<T>)> {
     sh.check(q, k, v, key_padding)?;
     let group = sh.hq / sh.hk;
     let neg_inf = T::from_f64(f64::NEG_INFINITY);
@@ -261,13 +322,16 @@ pub fn forward<T: Float>(q: &[T], k: &[T], v: &[T], sh: Shape, causal: bool, key
             }
             // SAFETY: this item alone handles query block [i0, i1) of head bh: it alone writes
             // those rows of `o` and `lse`, which lie inside the buffers (sizes fixed above).
-            let (orows, lb) = unsafe { (op.slice((bh * sh.tq + i0) * sh.dv, nb * sh.dv), lp.slice(bh * sh.tq + i0, nb)) };
+            let (orows, lb) = unsafe {
+                (op.slice((bh * sh.tq + i0) * sh.dv, nb * sh.dv), lp.slice(bh * sh.tq + i0, nb))
+            };
             let sb = &mut s[..nb * ld];
             scaled_copy(&mut qs[..nb * sh.d], &qh[i0 * sh.d..i1 * sh.d], scale);
             kt.mm(sb, ld, &qs[..nb * sh.d], sh.d, nb, sh.d, lim);
             for r in 0..nb {
                 let row = &mut sb[r * ld..r * ld + lim];
-                inv[r] = match softmax_row(row, row_limit(i0 + r, &sh, causal, lim), &hole, neg_inf) {
+                inv[r] = match softmax_row(row, row_limit(i0 + r, &sh, causal, lim), &hole, neg_inf)
+                {
                     Some((m, sum)) => {
                         lb[r] = m + ln(sum);
                         T::ONE / sum
@@ -304,7 +368,9 @@ pub fn backward<T: Float>(
     sh.check(q, k, v, key_padding)?;
     let n_o = sh.b * sh.hq * sh.tq * sh.dv;
     if o.len() != n_o || d_o.len() != n_o || lse.len() != sh.b * sh.hq * sh.tq {
-        return Err(Error::value("saved output, its gradient or the log-sum-exp has the wrong size"));
+        return Err(Error::value(
+            "saved output, its gradient or the log-sum-exp has the wrong size",
+        ));
     }
     let group = sh.hq / sh.hk;
     let neg_inf = T::from_f64(f64::NEG_INFINITY);
@@ -321,88 +387,96 @@ pub fn backward<T: Float>(
     let np = parts(sh.b * sh.hk, sh.tq.div_ceil(QB), threads);
     let mut dk_more: Vec<T> = if np > 1 { zeroed((np - 1) * k.len()) } else { Vec::new() };
     let mut dv_more: Vec<T> = if np > 1 { zeroed((np - 1) * v.len()) } else { Vec::new() };
-    let (dqp, dkp, dvp) = (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
+    let (dqp, dkp, dvp) =
+        (Shared(dq.as_mut_ptr()), Shared(dk.as_mut_ptr()), Shared(dv.as_mut_ptr()));
     let (dkm, dvm) = (Shared(dk_more.as_mut_ptr()), Shared(dv_more.as_mut_ptr()));
     team::for_each(threads, sh.b * sh.hk * np, |item| {
-            let (bkv, part) = (item / np, item % np);
-            // SAFETY: item (bkv, part) alone writes its kv head's dk/dv slice of its part
-            // (the outputs for part 0, scratch slice part - 1 otherwise); all inside the buffers
-            // (sized from the checked shape and np).
-            let (dkh, dvh) = unsafe {
-                if part == 0 {
-                    (dkp.slice(bkv * ksz, ksz), dvp.slice(bkv * vsz, vsz))
-                } else {
-                    (dkm.slice((part - 1) * k.len() + bkv * ksz, ksz), dvm.slice((part - 1) * v.len() + bkv * vsz, vsz))
-                }
-            };
-            let b = bkv / sh.hk;
-            let kh = &k[bkv * ksz..(bkv + 1) * ksz];
-            let vh = &v[bkv * vsz..(bkv + 1) * vsz];
-            let pad = key_padding.map(|p| &p[b * sh.tk..(b + 1) * sh.tk]);
-            let plim = pad_limit(pad, sh.tk);
-            let ld = score_stride(sh.tk);
-            // Packed once per (batch, kv head): Kᵀ (scores), Vᵀ (dP) and K (dQ).
-            let kt = Rhs::new(Mat::rm(kh, sh.tk, sh.d).t());
-            let vt = Rhs::new(Mat::rm(vh, sh.tk, sh.dv).t());
-            let kk = Rhs::new(Mat::rm(kh, sh.tk, sh.d));
-            let mut p = vec![T::ZERO; QB.min(sh.tq) * ld];
-            let mut dp = vec![T::ZERO; QB.min(sh.tq) * ld];
-            let mut qs = vec![T::ZERO; QB.min(sh.tq) * sh.d];
-            let hole = holes(pad, plim);
-            for g in 0..group {
-                let bh = bkv * group + g;
-                let qh = &q[bh * qsz..(bh + 1) * qsz];
-                let oh = &o[bh * sh.tq * sh.dv..(bh + 1) * sh.tq * sh.dv];
-                let doh = &d_o[bh * sh.tq * sh.dv..(bh + 1) * sh.tq * sh.dv];
-                let lh = &lse[bh * sh.tq..(bh + 1) * sh.tq];
-                for i0 in (part * QB..sh.tq).step_by(np * QB) {
-                    let i1 = (i0 + QB).min(sh.tq);
-                    let (nb, lim) = (i1 - i0, key_limit(i1, &sh, causal, plim));
-                    if lim == 0 {
-                        continue; // no key seen: all gradients of these rows are 0
-                    }
-                    let (qb, dob, ob) = (&qh[i0 * sh.d..i1 * sh.d], &doh[i0 * sh.dv..i1 * sh.dv], &oh[i0 * sh.dv..i1 * sh.dv]);
-                    // P = exp(S * scale - lse), 0 on masked keys and fully masked rows.
-                    let pb = &mut p[..nb * ld];
-                    scaled_copy(&mut qs[..nb * sh.d], qb, scale);
-                    kt.mm(pb, ld, &qs[..nb * sh.d], sh.d, nb, sh.d, lim);
-                    for r in 0..nb {
-                        let row = &mut pb[r * ld..r * ld + lim];
-                        let (l, lr) = (lh[i0 + r], row_limit(i0 + r, &sh, causal, lim));
-                        if !(l > neg_inf) || lr == 0 {
-                            row.fill(T::ZERO);
-                            continue;
-                        }
-                        for &j in hole.iter().take_while(|&&j| j < lr) {
-                            row[j] = neg_inf;
-                        }
-                        T::exp_sub_sum(&mut row[..lr], l);
-                        row[lr..].fill(T::ZERO);
-                    }
-                    // dV += Pᵀ dO
-                    mm_tn(&mut dvh[..lim * sh.dv], sh.dv, pb, ld, nb, lim, dob, sh.dv);
-                    // dP = dO Vᵀ; dS = P ∘ (dP − rowsum(dO ∘ O)) * scale
-                    let dpb = &mut dp[..nb * ld];
-                    vt.mm(dpb, ld, dob, sh.dv, nb, sh.dv, lim);
-                    for r in 0..nb {
-                        let mut dsum = T::ZERO;
-                        for c in 0..sh.dv {
-                            dsum += dob[r * sh.dv + c] * ob[r * sh.dv + c];
-                        }
-                        let (pr, dr) = (&pb[r * ld..r * ld + lim], &mut dpb[r * ld..r * ld + lim]);
-                        for (d, &pv) in dr.iter_mut().zip(pr) {
-                            *d = pv * (*d - dsum) * scale;
-                        }
-                    }
-                    // dQ = dS K ; dK += dSᵀ Q
-                    // SAFETY: this item alone handles query block [i0, i1) of head bh, so it
-                    // alone writes those rows of dq (inside the buffer: the shape is checked).
-                    let dqb = unsafe { dqp.slice(bh * qsz + i0 * sh.d, nb * sh.d) };
-                    kk.mm(dqb, sh.d, dpb, ld, nb, lim, sh.d);
-                    mm_tn(&mut dkh[..lim * sh.d], sh.d, dpb, ld, nb, lim, qb, sh.d);
-                }
+        let (bkv, part) = (item / np, item % np);
+        // SAFETY: item (bkv, part) alone writes its kv head's dk/dv slice of its part
+        // (the outputs for part 0, scratch slice part - 1 otherwise); all inside the buffers
+        // (sized from the checked shape and np).
+        let (dkh, dvh) = unsafe {
+            if part == 0 {
+                (dkp.slice(bkv * ksz, ksz), dvp.slice(bkv * vsz, vsz))
+            } else {
+                (
+                    dkm.slice((part - 1) * k.len() + bkv * ksz, ksz),
+                    dvm.slice((part - 1) * v.len() + bkv * vsz, vsz),
+                )
             }
-        });
+        };
+        let b = bkv / sh.hk;
+        let kh = &k[bkv * ksz..(bkv + 1) * ksz];
+        let vh = &v[bkv * vsz..(bkv + 1) * vsz];
+        let pad = key_padding.map(|p| &p[b * sh.tk..(b + 1) * sh.tk]);
+        let plim = pad_limit(pad, sh.tk);
+        let ld = score_stride(sh.tk);
+        // Packed once per (batch, kv head): Kᵀ (scores), Vᵀ (dP) and K (dQ).
+        let kt = Rhs::new(Mat::rm(kh, sh.tk, sh.d).t());
+        let vt = Rhs::new(Mat::rm(vh, sh.tk, sh.dv).t());
+        let kk = Rhs::new(Mat::rm(kh, sh.tk, sh.d));
+        let mut p = vec![T::ZERO; QB.min(sh.tq) * ld];
+        let mut dp = vec![T::ZERO; QB.min(sh.tq) * ld];
+        let mut qs = vec![T::ZERO; QB.min(sh.tq) * sh.d];
+        let hole = holes(pad, plim);
+        for g in 0..group {
+            let bh = bkv * group + g;
+            let qh = &q[bh * qsz..(bh + 1) * qsz];
+            let oh = &o[bh * sh.tq * sh.dv..(bh + 1) * sh.tq * sh.dv];
+            let doh = &d_o[bh * sh.tq * sh.dv..(bh + 1) * sh.tq * sh.dv];
+            let lh = &lse[bh * sh.tq..(bh + 1) * sh.tq];
+            for i0 in (part * QB..sh.tq).step_by(np * QB) {
+                let i1 = (i0 + QB).min(sh.tq);
+                let (nb, lim) = (i1 - i0, key_limit(i1, &sh, causal, plim));
+                if lim == 0 {
+                    continue; // no key seen: all gradients of these rows are 0
+                }
+                let (qb, dob, ob) = (
+                    &qh[i0 * sh.d..i1 * sh.d],
+                    &doh[i0 * sh.dv..i1 * sh.dv],
+                    &oh[i0 * sh.dv..i1 * sh.dv],
+                );
+                // P = exp(S * scale - lse), 0 on masked keys and fully masked rows.
+                let pb = &mut p[..nb * ld];
+                scaled_copy(&mut qs[..nb * sh.d], qb, scale);
+                kt.mm(pb, ld, &qs[..nb * sh.d], sh.d, nb, sh.d, lim);
+                for r in 0..nb {
+                    let row = &mut pb[r * ld..r * ld + lim];
+                    let (l, lr) = (lh[i0 + r], row_limit(i0 + r, &sh, causal, lim));
+                    if !(l > neg_inf) || lr == 0 {
+                        row.fill(T::ZERO);
+                        continue;
+                    }
+                    for &j in hole.iter().take_while(|&&j| j < lr) {
+                        row[j] = neg_inf;
+                    }
+                    T::exp_sub_sum(&mut row[..lr], l);
+                    row[lr..].fill(T::ZERO);
+                }
+                // dV += Pᵀ dO
+                mm_tn(&mut dvh[..lim * sh.dv], sh.dv, pb, ld, nb, lim, dob, sh.dv);
+                // dP = dO Vᵀ; dS = P ∘ (dP − rowsum(dO ∘ O)) * scale
+                let dpb = &mut dp[..nb * ld];
+                vt.mm(dpb, ld, dob, sh.dv, nb, sh.dv, lim);
+                for r in 0..nb {
+                    let mut dsum = T::ZERO;
+                    for c in 0..sh.dv {
+                        dsum += dob[r * sh.dv + c] * ob[r * sh.dv + c];
+                    }
+                    let (pr, dr) = (&pb[r * ld..r * ld + lim], &mut dpb[r * ld..r * ld + lim]);
+                    for (d, &pv) in dr.iter_mut().zip(pr) {
+                        *d = pv * (*d - dsum) * scale;
+                    }
+                }
+                // dQ = dS K ; dK += dSᵀ Q
+                // SAFETY: this item alone handles query block [i0, i1) of head bh, so it
+                // alone writes those rows of dq (inside the buffer: the shape is checked).
+                let dqb = unsafe { dqp.slice(bh * qsz + i0 * sh.d, nb * sh.d) };
+                kk.mm(dqb, sh.d, dpb, ld, nb, lim, sh.d);
+                mm_tn(&mut dkh[..lim * sh.d], sh.d, dpb, ld, nb, lim, qb, sh.d);
+            }
+        }
+    });
     for (acc, more) in [(&mut dk, &dk_more), (&mut dv, &dv_more)] {
         for part in more.chunks_exact(acc.len().max(1)) {
             for (a, &m) in acc.iter_mut().zip(part) {
@@ -431,9 +505,14 @@ mod tests {
             let (o2, l2) = forward(&q, &k, &v, sh, causal, None, 0.3, 2).unwrap();
             let g1 = backward(&q, &k, &v, &o1, &l1, &g, sh, causal, None, 0.3, 1).unwrap();
             let g2 = backward(&q, &k, &v, &o2, &l2, &g, sh, causal, None, 0.3, 2).unwrap();
-            let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-12 * (1.0 + x.abs()));
+            let close = |a: &[f64], b: &[f64]| {
+                a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-12 * (1.0 + x.abs()))
+            };
             assert!(close(&o1, &o2) && close(&l1, &l2));
-            assert!(close(&g1.0, &g2.0) && close(&g1.1, &g2.1) && close(&g1.2, &g2.2), "causal={causal}");
+            assert!(
+                close(&g1.0, &g2.0) && close(&g1.1, &g2.1) && close(&g1.2, &g2.2),
+                "causal={causal}"
+            );
         }
     }
 
@@ -458,7 +537,8 @@ mod tests {
                 o.iter().zip(&g).map(|(a, b)| a * b).sum()
             };
             let (o, lse) = forward(&q, &k, &v, sh, causal, Some(&pad), 0.7, 2).unwrap();
-            let (dq, dk, dv) = backward(&q, &k, &v, &o, &lse, &g, sh, causal, Some(&pad), 0.7, 2).unwrap();
+            let (dq, dk, dv) =
+                backward(&q, &k, &v, &o, &lse, &g, sh, causal, Some(&pad), 0.7, 2).unwrap();
             for (which, (x, grad)) in [(&q, &dq), (&k, &dk), (&v, &dv)].into_iter().enumerate() {
                 for idx in 0..x.len() {
                     let mut xp = x.clone();
@@ -471,7 +551,11 @@ mod tests {
                         _ => (loss(&q, &k, &xp), loss(&q, &k, &xm)),
                     };
                     let num = (fp - fm) / 2e-6;
-                    assert!((num - grad[idx]).abs() < 1e-7, "causal={causal} arg {which}[{idx}]: {num} vs {}", grad[idx]);
+                    assert!(
+                        (num - grad[idx]).abs() < 1e-7,
+                        "causal={causal} arg {which}[{idx}]: {num} vs {}",
+                        grad[idx]
+                    );
                 }
             }
         }

@@ -7,7 +7,6 @@
 //! of 32 keys (one rescale per block), and the partials are merged with their log-sum-exps.
 //! Compiled a second time with AVX2+FMA and chosen at run time.
 
-
 use super::Float;
 use crate::{Error, Result};
 
@@ -54,9 +53,19 @@ struct Partial<T> {
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn chunk<T: Float>(qs: &[&[T]], k: &[T], v: &[T], j0: usize, j1: usize, d: usize, dv: usize, scale: T) -> Vec<Partial<T>> {
+fn chunk<T: Float>(
+    qs: &[&[T]],
+    k: &[T],
+    v: &[T],
+    j0: usize,
+    j1: usize,
+    d: usize,
+    dv: usize,
+    scale: T,
+) -> Vec<Partial<T>> {
     let neg_inf = T::from_f64(f64::NEG_INFINITY);
-    let mut parts: Vec<Partial<T>> = qs.iter().map(|_| Partial { m: neg_inf, l: T::ZERO, acc: vec![T::ZERO; dv] }).collect();
+    let mut parts: Vec<Partial<T>> =
+        qs.iter().map(|_| Partial { m: neg_inf, l: T::ZERO, acc: vec![T::ZERO; dv] }).collect();
     let mut s = [T::ZERO; BLOCK];
     let mut b0 = j0;
     while b0 < j1 {
@@ -97,47 +106,80 @@ fn chunk<T: Float>(qs: &[&[T]], k: &[T], v: &[T], j0: usize, j1: usize, d: usize
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn chunk_avx2<T: Float>(qs: &[&[T]], k: &[T], v: &[T], j0: usize, j1: usize, d: usize, dv: usize, scale: T) -> Vec<Partial<T>> {
+unsafe fn chunk_avx2<T: Float>(
+    qs: &[&[T]],
+    k: &[T],
+    v: &[T],
+    j0: usize,
+    j1: usize,
+    d: usize,
+    dv: usize,
+    scale: T,
+) -> Vec<Partial<T>> {
     chunk(qs, k, v, j0, j1, d, dv, scale)
 }
 
 /// `o (B, Hq, Dv)`: query b attends to the first `lengths[b]` cached keys (0 gives zeros).
 #[allow(clippy::too_many_arguments)]
-pub fn decode<T: Float>(q: &[T], k: &[T], v: &[T], lengths: &[usize], sh: Shape, scale: T, threads: usize) -> Result<Vec<T>> {
+pub fn decode<T: Float>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    lengths: &[usize],
+    sh: Shape,
+    scale: T,
+    threads: usize,
+) -> Result<Vec<T>> {
     if sh.hk == 0 || sh.hq % sh.hk != 0 {
-        return Err(Error::value(format!("kv heads ({}) must divide query heads ({})", sh.hk, sh.hq)));
+        return Err(Error::value(format!(
+            "kv heads ({}) must divide query heads ({})",
+            sh.hk, sh.hq
+        )));
     }
-    if q.len() != sh.b * sh.hq * sh.d || k.len() != sh.b * sh.hk * sh.l * sh.d || v.len() != sh.b * sh.hk * sh.l * sh.dv {
+    if q.len() != sh.b * sh.hq * sh.d
+        || k.len() != sh.b * sh.hk * sh.l * sh.d
+        || v.len() != sh.b * sh.hk * sh.l * sh.dv
+    {
         return Err(Error::value("q, k_cache or v_cache has the wrong number of elements"));
     }
     if lengths.len() != sh.b {
-        return Err(Error::value(format!("cache_lengths has {} entries, expected {}", lengths.len(), sh.b)));
+        return Err(Error::value(format!(
+            "cache_lengths has {} entries, expected {}",
+            lengths.len(),
+            sh.b
+        )));
     }
     if let Some(&bad) = lengths.iter().find(|&&x| x > sh.l) {
-        return Err(Error::value(format!("cache length {bad} exceeds the cache's capacity {}", sh.l)));
+        return Err(Error::value(format!(
+            "cache length {bad} exceeds the cache's capacity {}",
+            sh.l
+        )));
     }
     let group = sh.hq / sh.hk;
     // Enough chunks that both cores stream even at batch 1; at least 256 keys each.
     let pairs = sh.b * sh.hk;
     let chunks = if pairs >= 2 * threads { 1 } else { (2 * threads).div_ceil(pairs).max(1) };
-    let tasks: Vec<(usize, usize)> = (0..pairs).flat_map(|p| (0..chunks).map(move |c| (p, c))).collect();
+    let tasks: Vec<(usize, usize)> =
+        (0..pairs).flat_map(|p| (0..chunks).map(move |c| (p, c))).collect();
     let use_avx2 = super::simd::has_avx2_fma();
-    let slots: Vec<std::sync::Mutex<Vec<Partial<T>>>> = tasks.iter().map(|_| std::sync::Mutex::new(Vec::new())).collect();
+    let slots: Vec<std::sync::Mutex<Vec<Partial<T>>>> =
+        tasks.iter().map(|_| std::sync::Mutex::new(Vec::new())).collect();
     let work = |&(p, c): &(usize, usize)| -> Vec<Partial<T>> {
-            let b = p / sh.hk;
-            let len = lengths[b];
-            let per = len.div_ceil(chunks).max(256.min(len.max(1)));
-            let (j0, j1) = ((c * per).min(len), ((c + 1) * per).min(len));
-            let qs: Vec<&[T]> = (0..group).map(|g| &q[(p * group + g) * sh.d..(p * group + g + 1) * sh.d]).collect();
-            let kh = &k[p * sh.l * sh.d..(p + 1) * sh.l * sh.d];
-            let vh = &v[p * sh.l * sh.dv..(p + 1) * sh.l * sh.dv];
-            #[cfg(target_arch = "x86_64")]
-            if use_avx2 {
-                // SAFETY: AVX2 and FMA are present (checked once above).
-                return unsafe { chunk_avx2(&qs, kh, vh, j0, j1, sh.d, sh.dv, scale) };
-            }
-            let _ = use_avx2;
-            chunk(&qs, kh, vh, j0, j1, sh.d, sh.dv, scale)
+        let b = p / sh.hk;
+        let len = lengths[b];
+        let per = len.div_ceil(chunks).max(256.min(len.max(1)));
+        let (j0, j1) = ((c * per).min(len), ((c + 1) * per).min(len));
+        let qs: Vec<&[T]> =
+            (0..group).map(|g| &q[(p * group + g) * sh.d..(p * group + g + 1) * sh.d]).collect();
+        let kh = &k[p * sh.l * sh.d..(p + 1) * sh.l * sh.d];
+        let vh = &v[p * sh.l * sh.dv..(p + 1) * sh.l * sh.dv];
+        #[cfg(target_arch = "x86_64")]
+        if use_avx2 {
+            // SAFETY: AVX2 and FMA are present (checked once above).
+            return unsafe { chunk_avx2(&qs, kh, vh, j0, j1, sh.d, sh.dv, scale) };
+        }
+        let _ = use_avx2;
+        chunk(&qs, kh, vh, j0, j1, sh.d, sh.dv, scale)
     };
     // On the shared kernel team (torch's OpenMP threads when loaded: no core lost to their
     // spinning between a model's torch ops and this call).
@@ -145,12 +187,14 @@ pub fn decode<T: Float>(q: &[T], k: &[T], v: &[T], lengths: &[usize], sh: Shape,
         let r = work(&tasks[i]);
         *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = r;
     });
-    let partials: Vec<Vec<Partial<T>>> = slots.into_iter().map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
+    let partials: Vec<Vec<Partial<T>>> =
+        slots.into_iter().map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner())).collect();
     let mut o = vec![T::ZERO; sh.b * sh.hq * sh.dv];
     let neg_inf = T::from_f64(f64::NEG_INFINITY);
     for p in 0..pairs {
         for g in 0..group {
-            let parts: Vec<&Partial<T>> = (0..chunks).map(|c| &partials[p * chunks + c][g]).collect();
+            let parts: Vec<&Partial<T>> =
+                (0..chunks).map(|c| &partials[p * chunks + c][g]).collect();
             let m = parts.iter().map(|x| x.m).fold(neg_inf, |a, b| if b > a { b } else { a });
             if !(m > neg_inf) {
                 continue; // no keys: zeros
@@ -192,11 +236,22 @@ mod tests {
             for h in 0..4 {
                 let kvh = b * 2 + h / 2;
                 let qh = &q[(b * 4 + h) * 16..(b * 4 + h + 1) * 16];
-                let s: Vec<f64> = (0..lengths[b]).map(|j| 0.25 * (0..16).map(|c| qh[c] * k[(kvh * 700 + j) * 16 + c]).sum::<f64>()).collect();
+                let s: Vec<f64> = (0..lengths[b])
+                    .map(|j| {
+                        0.25 * (0..16).map(|c| qh[c] * k[(kvh * 700 + j) * 16 + c]).sum::<f64>()
+                    })
+                    .collect();
                 let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                 for c in 0..8 {
-                    let want = if lengths[b] == 0 { 0.0 } else { s.iter().enumerate().map(|(j, x)| (x - m).exp() / z * v[(kvh * 700 + j) * 8 + c]).sum::<f64>() };
+                    let want = if lengths[b] == 0 {
+                        0.0
+                    } else {
+                        s.iter()
+                            .enumerate()
+                            .map(|(j, x)| (x - m).exp() / z * v[(kvh * 700 + j) * 8 + c])
+                            .sum::<f64>()
+                    };
                     let got = o[(b * 4 + h) * 8 + c];
                     assert!((got - want).abs() < 1e-12, "b{b} h{h} c{c}: {got} vs {want}");
                 }

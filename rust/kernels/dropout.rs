@@ -58,7 +58,14 @@ fn apply_chunk<T: Float>(x: &[T], out: &mut [T], start: u64, seed: u64, t: u32, 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn apply_chunk_avx2<T: Float>(x: &[T], out: &mut [T], start: u64, seed: u64, t: u32, scale: T) {
+unsafe fn apply_chunk_avx2<T: Float>(
+    x: &[T],
+    out: &mut [T],
+    start: u64,
+    seed: u64,
+    t: u32,
+    scale: T,
+) {
     apply_chunk_body(x, out, start, seed, t, scale)
 }
 

@@ -26,12 +26,23 @@ pub trait Float:
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     /// LSTM cell over a range of units of one row (see [`simd::LstmRow`]).
-    fn lstm_cell(row: simd::LstmRow<'_, Self>, c: &mut [Self], h: &mut [Self], cs_out: &mut [Self], y_out: &mut [Self]) {
+    fn lstm_cell(
+        row: simd::LstmRow<'_, Self>,
+        c: &mut [Self],
+        h: &mut [Self],
+        cs_out: &mut [Self],
+        y_out: &mut [Self],
+    ) {
         lstm_cell_scalar(row, c, h, cs_out, y_out)
     }
 
     /// GRU cell over a range of units of one row (see [`simd::GruRow`]).
-    fn gru_cell(row: simd::GruRow<'_, Self>, h: &mut [Self], hn_out: &mut [Self], y_out: &mut [Self]) {
+    fn gru_cell(
+        row: simd::GruRow<'_, Self>,
+        h: &mut [Self],
+        hn_out: &mut [Self],
+        y_out: &mut [Self],
+    ) {
         gru_cell_scalar(row, h, hn_out, y_out)
     }
 
@@ -76,7 +87,13 @@ pub trait Float:
 }
 
 /// The LSTM cell, one unit at a time: the generic path, and the tail the f32 SIMD code leaves.
-pub fn lstm_cell_scalar<T: Float>(row: simd::LstmRow<'_, T>, c: &mut [T], h: &mut [T], cs_out: &mut [T], y_out: &mut [T]) {
+pub fn lstm_cell_scalar<T: Float>(
+    row: simd::LstmRow<'_, T>,
+    c: &mut [T],
+    h: &mut [T],
+    cs_out: &mut [T],
+    y_out: &mut [T],
+) {
     for k in 0..c.len() {
         let i = row.i[k].sigmoid();
         let f = row.f[k].sigmoid();
@@ -96,7 +113,12 @@ pub fn lstm_cell_scalar<T: Float>(row: simd::LstmRow<'_, T>, c: &mut [T], h: &mu
 }
 
 /// The GRU cell, one unit at a time (generic path and f32 SIMD tail).
-pub fn gru_cell_scalar<T: Float>(row: simd::GruRow<'_, T>, h: &mut [T], hn_out: &mut [T], y_out: &mut [T]) {
+pub fn gru_cell_scalar<T: Float>(
+    row: simd::GruRow<'_, T>,
+    h: &mut [T],
+    hn_out: &mut [T],
+    y_out: &mut [T],
+) {
     for k in 0..h.len() {
         let r = (row.xr[k] + row.hr[k]).sigmoid();
         let z = (row.xz[k] + row.hz[k]).sigmoid();
@@ -114,10 +136,21 @@ pub fn gru_cell_scalar<T: Float>(row: simd::GruRow<'_, T>, h: &mut [T], hn_out: 
 impl Float for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
-    fn lstm_cell(row: simd::LstmRow<'_, Self>, c: &mut [Self], h: &mut [Self], cs_out: &mut [Self], y_out: &mut [Self]) {
+    fn lstm_cell(
+        row: simd::LstmRow<'_, Self>,
+        c: &mut [Self],
+        h: &mut [Self],
+        cs_out: &mut [Self],
+        y_out: &mut [Self],
+    ) {
         simd::lstm_cell_f32(row, c, h, cs_out, y_out)
     }
-    fn gru_cell(row: simd::GruRow<'_, Self>, h: &mut [Self], hn_out: &mut [Self], y_out: &mut [Self]) {
+    fn gru_cell(
+        row: simd::GruRow<'_, Self>,
+        h: &mut [Self],
+        hn_out: &mut [Self],
+        y_out: &mut [Self],
+    ) {
         simd::gru_cell_f32(row, h, hn_out, y_out)
     }
     fn tanh_slice(x: &[Self], out: &mut [Self]) {

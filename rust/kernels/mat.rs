@@ -37,7 +37,14 @@ impl<T> Mat<T> {
 const PAR_MIN_FLOPS: usize = 1 << 20;
 
 /// `dst[m×n] (row-major, row stride ldd) = (accumulate ? dst : 0) + a[m×k] · b[k×n]`.
-pub fn matmul<T: Float>(dst: &mut [T], ldd: usize, a: Mat<T>, b: Mat<T>, accumulate: bool, threads: usize) {
+pub fn matmul<T: Float>(
+    dst: &mut [T],
+    ldd: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    accumulate: bool,
+    threads: usize,
+) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "inner dimensions differ");
     if m == 0 || n == 0 {
@@ -52,18 +59,33 @@ pub fn matmul<T: Float>(dst: &mut [T], ldd: usize, a: Mat<T>, b: Mat<T>, accumul
         }
         return;
     }
-    let par = if threads > 1 && m * n * k >= PAR_MIN_FLOPS { Parallelism::Rayon(threads) } else { Parallelism::None };
+    let par = if threads > 1 && m * n * k >= PAR_MIN_FLOPS {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
     // SAFETY: the views were built from slices at least as large as their extents (Mat::rm
     // checks), the destination bounds are checked above, and `dst` is exclusively borrowed.
     unsafe {
         gemm::gemm(
-            m, n, k,
-            dst.as_mut_ptr(), 1, ldd as isize,
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            ldd as isize,
             accumulate,
-            a.ptr, a.cs, a.rs,
-            b.ptr, b.cs, b.rs,
-            T::ONE, T::ONE,
-            false, false, false,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
             par,
         );
     }

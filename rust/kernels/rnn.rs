@@ -15,8 +15,8 @@
 
 use std::any::TypeId;
 
-use super::smallmm::{self, Packed};
 use super::simd::{GruRow, LstmRow};
+use super::smallmm::{self, Packed};
 use super::team::{self, Shared};
 use super::{matmul, zeroed, Float, Mat};
 use crate::{Error, Result};
@@ -37,7 +37,8 @@ impl<T: Float> StepB<T> {
     fn new(b: Mat<T>, max_rows: usize) -> Self {
         if TypeId::of::<T>() == TypeId::of::<f32>() && max_rows <= PACKED_MAX_M {
             // T is f32 (checked), so the view's element type is f32.
-            let b32 = Mat { ptr: b.ptr as *const f32, rows: b.rows, cols: b.cols, rs: b.rs, cs: b.cs };
+            let b32 =
+                Mat { ptr: b.ptr as *const f32, rows: b.rows, cols: b.cols, rs: b.rs, cs: b.cs };
             StepB::Packed(Packed::new(b32))
         } else {
             StepB::Plain(b)
@@ -51,17 +52,33 @@ impl<T: Float> StepB<T> {
 
     /// `dst[rows x N] (+)= a[rows x K] · B`, whole.
     #[allow(clippy::too_many_arguments)]
-    fn mm(&self, dst: &mut [T], ldd: usize, a: &[T], lda: usize, rows: usize, k: usize, accumulate: bool, threads: usize) {
+    fn mm(
+        &self,
+        dst: &mut [T],
+        ldd: usize,
+        a: &[T],
+        lda: usize,
+        rows: usize,
+        k: usize,
+        accumulate: bool,
+        threads: usize,
+    ) {
         match self {
             StepB::Packed(p) => {
-                assert!(rows == 0 || dst.len() >= (rows - 1) * ldd + p.cols(), "destination out of bounds");
+                assert!(
+                    rows == 0 || dst.len() >= (rows - 1) * ldd + p.cols(),
+                    "destination out of bounds"
+                );
                 // SAFETY: bounds checked above; `dst` is exclusively borrowed; all panels.
                 unsafe { self.mm_part(dst.as_mut_ptr(), ldd, a, lda, rows, accumulate, (0, 1)) }
                 let _ = p;
             }
             StepB::Plain(b) => {
                 let av = Mat { ptr: a.as_ptr(), rows, cols: k, rs: lda as isize, cs: 1 };
-                assert!(a.len() >= if rows == 0 { 0 } else { (rows - 1) * lda + k }, "lhs out of bounds");
+                assert!(
+                    a.len() >= if rows == 0 { 0 } else { (rows - 1) * lda + k },
+                    "lhs out of bounds"
+                );
                 matmul(dst, ldd, av, *b, accumulate, threads);
             }
         }
@@ -73,7 +90,16 @@ impl<T: Float> StepB<T> {
     /// `dst` must be valid for `(rows - 1) * ldd + N` elements and no other thread may touch
     /// this share's columns of those rows meanwhile; only for a `Packed` right-hand side.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn mm_part(&self, dst: *mut T, ldd: usize, a: &[T], lda: usize, rows: usize, accumulate: bool, part: (usize, usize)) {
+    unsafe fn mm_part(
+        &self,
+        dst: *mut T,
+        ldd: usize,
+        a: &[T],
+        lda: usize,
+        rows: usize,
+        accumulate: bool,
+        part: (usize, usize),
+    ) {
         let StepB::Packed(p) = self else { unreachable!("mm_part needs a packed right-hand side") };
         // T is f32 whenever a Packed exists (see `new`).
         let a = std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len());
@@ -86,7 +112,16 @@ impl<T: Float> StepB<T> {
 /// rows: in f32 through the packed kernel with the rows split over a thread team (it has
 /// AVX-512 where the CPU does, unlike the `gemm` crate on stable Rust), else the general GEMM.
 #[allow(clippy::too_many_arguments)]
-fn big_mm<T: Float>(dst: &mut [T], ldd: usize, a: &[T], lda: usize, rows: usize, k: usize, b: Mat<T>, threads: usize) {
+fn big_mm<T: Float>(
+    dst: &mut [T],
+    ldd: usize,
+    a: &[T],
+    lda: usize,
+    rows: usize,
+    k: usize,
+    b: Mat<T>,
+    threads: usize,
+) {
     if rows == 0 {
         return;
     }
@@ -101,7 +136,11 @@ fn big_mm<T: Float>(dst: &mut [T], ldd: usize, a: &[T], lda: usize, rows: usize,
     // T is f32 (checked above).
     let a32 = unsafe { std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len()) };
     let dp = Shared(dst.as_mut_ptr() as *mut f32);
-    let nt = if rows * k * p.cols() >= (1 << 20) { threads.clamp(1, crate::parallel::available_threads()) } else { 1 };
+    let nt = if rows * k * p.cols() >= (1 << 20) {
+        threads.clamp(1, crate::parallel::available_threads())
+    } else {
+        1
+    };
     // Long inner dimensions are cut into blocks of KB so a panel pair's slice (KB x 32 floats)
     // stays in L2 while every row tile passes over it.
     const KB: usize = 512;
@@ -112,7 +151,17 @@ fn big_mm<T: Float>(dst: &mut [T], ldd: usize, a: &[T], lda: usize, rows: usize,
                 // SAFETY: each thread writes only its own rows [r0, r1) of `dst` (bounds
                 // checked above) and reads `a` and the packed weights.
                 unsafe {
-                    smallmm::mm_raw_k(dp.ptr().add(r0 * ldd), ldd, &a32[r0 * lda..], lda, r1 - r0, &p, kb > 0, (0, usize::MAX), (kb, (kb + KB).min(k)));
+                    smallmm::mm_raw_k(
+                        dp.ptr().add(r0 * ldd),
+                        ldd,
+                        &a32[r0 * lda..],
+                        lda,
+                        r1 - r0,
+                        &p,
+                        kb > 0,
+                        (0, usize::MAX),
+                        (kb, (kb + KB).min(k)),
+                    );
                 }
             }
         }
@@ -155,7 +204,9 @@ fn offsets(batch_sizes: &[usize]) -> Result<(Vec<usize>, usize)> {
         return Err(Error::value("batch_sizes must be non-empty and start with a positive count"));
     }
     if batch_sizes.windows(2).any(|w| w[1] > w[0]) {
-        return Err(Error::value("batch_sizes must be non-increasing (sequences sorted by length, longest first)"));
+        return Err(Error::value(
+            "batch_sizes must be non-increasing (sequences sorted by length, longest first)",
+        ));
     }
     let mut off = Vec::with_capacity(batch_sizes.len());
     let mut n = 0;
@@ -184,7 +235,13 @@ fn order(t_len: usize, reverse: bool) -> Box<dyn Iterator<Item = usize>> {
 
 /// The row holding sequence j's previous step (in processing order) before step t, if any.
 #[inline]
-fn prev_row(t: usize, j: usize, reverse: bool, batch_sizes: &[usize], off: &[usize]) -> Option<usize> {
+fn prev_row(
+    t: usize,
+    j: usize,
+    reverse: bool,
+    batch_sizes: &[usize],
+    off: &[usize],
+) -> Option<usize> {
     if reverse {
         (t + 1 < batch_sizes.len() && j < batch_sizes[t + 1]).then(|| off[t + 1] + j)
     } else {
@@ -298,7 +355,20 @@ pub fn lstm_forward<T: Float>(
     let g4 = 4 * h;
     let whh_t = StepB::new(Mat::rm(w.w_hh, g4, h).t(), b);
     if whh_t.splittable() {
-        return Ok(lstm_forward_chunked(x, batch_sizes, &off, reverse, d, h0, c0, w, &whh_t, threads, keep, batch_first));
+        return Ok(lstm_forward_chunked(
+            x,
+            batch_sizes,
+            &off,
+            reverse,
+            d,
+            h0,
+            c0,
+            w,
+            &whh_t,
+            threads,
+            keep,
+            batch_first,
+        ));
     }
     if batch_first {
         let xp = reorder_rows(x, d.input, b, batch_sizes.len(), false);
@@ -314,7 +384,13 @@ pub fn lstm_forward<T: Float>(
     let mut y = zeroed(n * h);
     let mut cs = zeroed(n * h);
     let nt = team_size(&whh_t, threads, batch_sizes.len(), b * g4 * h);
-    let (gp, hp, cp, yp, csp) = (Shared(gates.as_mut_ptr()), Shared(hs.as_mut_ptr()), Shared(cst.as_mut_ptr()), Shared(y.as_mut_ptr()), Shared(cs.as_mut_ptr()));
+    let (gp, hp, cp, yp, csp) = (
+        Shared(gates.as_mut_ptr()),
+        Shared(hs.as_mut_ptr()),
+        Shared(cst.as_mut_ptr()),
+        Shared(y.as_mut_ptr()),
+        Shared(cs.as_mut_ptr()),
+    );
     team::run(nt, |tid, bar| {
         let (u0, u1) = team::share(h, tid, nt, 16);
         let len = u1 - u0;
@@ -340,7 +416,13 @@ pub fn lstm_forward<T: Float>(
                         g: gp.slice(r * g4 + 2 * h + u0, len),
                         o: gp.slice(r * g4 + 3 * h + u0, len),
                     };
-                    T::lstm_cell(row, cp.slice(j * h + u0, len), hp.slice(j * h + u0, len), csp.slice(r * h + u0, len), yp.slice(r * h + u0, len));
+                    T::lstm_cell(
+                        row,
+                        cp.slice(j * h + u0, len),
+                        hp.slice(j * h + u0, len),
+                        csp.slice(r * h + u0, len),
+                        yp.slice(r * h + u0, len),
+                    );
                 }
                 bar.wait();
             }
@@ -358,7 +440,9 @@ fn check_batch_first(batch_first: bool, keep: bool, batch_sizes: &[usize]) -> Re
         return Err(Error::value("the batch-first layout is for inference only (keep=false)"));
     }
     if batch_first && batch_sizes.iter().any(|&s| s != batch_sizes[0]) {
-        return Err(Error::value("the batch-first layout needs every sequence to have the same length"));
+        return Err(Error::value(
+            "the batch-first layout needs every sequence to have the same length",
+        ));
     }
     Ok(())
 }
@@ -418,7 +502,13 @@ fn lstm_forward_chunked<T: Float>(
     let mut cst = c0.to_vec();
     let mut y = zeroed(n * h);
     let nt = team_size(whh_t, threads, steps, b * g4 * (h + d.input));
-    let (gp, hp, cp, yp, csp) = (Shared(gates.as_mut_ptr()), Shared(hs.as_mut_ptr()), Shared(cst.as_mut_ptr()), Shared(y.as_mut_ptr()), Shared(cs.as_mut_ptr()));
+    let (gp, hp, cp, yp, csp) = (
+        Shared(gates.as_mut_ptr()),
+        Shared(hs.as_mut_ptr()),
+        Shared(cst.as_mut_ptr()),
+        Shared(y.as_mut_ptr()),
+        Shared(cs.as_mut_ptr()),
+    );
     team::run(nt, |tid, bar| {
         let (u0, u1) = team::share(h, tid, nt, 16);
         let len = u1 - u0;
@@ -434,8 +524,19 @@ fn lstm_forward_chunked<T: Float>(
             // comes after the previous chunk's last barrier, so no cell still reads the rows it
             // overwrites; all ranges lie inside the buffers (sized above).
             unsafe {
-                let xrows = chunk_input(x, d.input, (r0, r1), batch_first.then_some((b, steps)), &mut xs);
-                project_chunk(gp.ptr().add(base * g4), g4, &wih_t, bias.as_deref(), cols, xrows, d.input, r1 - r0, (tid, nt));
+                let xrows =
+                    chunk_input(x, d.input, (r0, r1), batch_first.then_some((b, steps)), &mut xs);
+                project_chunk(
+                    gp.ptr().add(base * g4),
+                    g4,
+                    &wih_t,
+                    bias.as_deref(),
+                    cols,
+                    xrows,
+                    d.input,
+                    r1 - r0,
+                    (tid, nt),
+                );
                 for &t in &order[c.0..c.1] {
                     let (bs, o) = (batch_sizes[t], off[t]);
                     let lr = base + o - r0; // the step's first row in the buffers
@@ -451,7 +552,13 @@ fn lstm_forward_chunked<T: Float>(
                             o: gp.slice(r * g4 + 3 * h + u0, len),
                         };
                         let yr = if batch_first { bf_row(o + j, b, steps) } else { o + j };
-                        T::lstm_cell(row, cp.slice(j * h + u0, len), hp.slice(j * h + u0, len), csp.slice(r * h + u0, len), yp.slice(yr * h + u0, len));
+                        T::lstm_cell(
+                            row,
+                            cp.slice(j * h + u0, len),
+                            hp.slice(j * h + u0, len),
+                            csp.slice(r * h + u0, len),
+                            yp.slice(yr * h + u0, len),
+                        );
                     }
                     bar.wait();
                 }
@@ -504,7 +611,13 @@ pub fn lstm_backward<T: Float>(
     let nt = team_size(&whh, threads, batch_sizes.len(), b * g4 * h);
     let one = T::ONE;
     let mut tanh_c = zeroed(b * h);
-    let (dgp, hpp, dhp, dcp, tcp) = (Shared(dgates.as_mut_ptr()), Shared(hprev.as_mut_ptr()), Shared(dh.as_mut_ptr()), Shared(dc.as_mut_ptr()), Shared(tanh_c.as_mut_ptr()));
+    let (dgp, hpp, dhp, dcp, tcp) = (
+        Shared(dgates.as_mut_ptr()),
+        Shared(hprev.as_mut_ptr()),
+        Shared(dh.as_mut_ptr()),
+        Shared(dc.as_mut_ptr()),
+        Shared(tanh_c.as_mut_ptr()),
+    );
     team::run(nt, |tid, bar| {
         let (u0, u1) = team::share(h, tid, nt, 16);
         let len = u1 - u0;
@@ -534,7 +647,12 @@ pub fn lstm_backward<T: Float>(
                     let gr = &fwd.gates[row * g4..(row + 1) * g4];
                     let dyr = &dy[row * h + u0..row * h + u1];
                     let (dhr, dcr) = (dhp.slice(j * h + u0, len), dcp.slice(j * h + u0, len));
-                    let (di, df, dgg, dgo) = (dgp.slice(row * ldg + u0, len), dgp.slice(row * ldg + h + u0, len), dgp.slice(row * ldg + 2 * h + u0, len), dgp.slice(row * ldg + 3 * h + u0, len));
+                    let (di, df, dgg, dgo) = (
+                        dgp.slice(row * ldg + u0, len),
+                        dgp.slice(row * ldg + h + u0, len),
+                        dgp.slice(row * ldg + 2 * h + u0, len),
+                        dgp.slice(row * ldg + 3 * h + u0, len),
+                    );
                     for q in 0..len {
                         let k = u0 + q;
                         let (i, f, gg, og) = (gr[k], gr[h + k], gr[2 * h + k], gr[3 * h + k]);
@@ -550,7 +668,8 @@ pub fn lstm_backward<T: Float>(
                     }
                 }
                 bar.wait();
-                let dg_read: &[T] = std::slice::from_raw_parts(dgp.ptr().add(o * ldg), (bs - 1) * ldg + g4);
+                let dg_read: &[T] =
+                    std::slice::from_raw_parts(dgp.ptr().add(o * ldg), (bs - 1) * ldg + g4);
                 if nt > 1 {
                     whh.mm_part(dhp.ptr(), h, dg_read, ldg, bs, false, (tid, nt));
                 } else {
@@ -599,7 +718,19 @@ pub fn gru_forward<T: Float>(
     {
         let whh_t = StepB::new(Mat::rm(w.w_hh, g3, h).t(), b);
         if whh_t.splittable() {
-            return Ok(gru_forward_chunked(x, batch_sizes, &off, reverse, d, h0, w, &whh_t, threads, keep, batch_first));
+            return Ok(gru_forward_chunked(
+                x,
+                batch_sizes,
+                &off,
+                reverse,
+                d,
+                h0,
+                w,
+                &whh_t,
+                threads,
+                keep,
+                batch_first,
+            ));
         }
     }
     if batch_first {
@@ -617,7 +748,13 @@ pub fn gru_forward<T: Float>(
     let mut gh = zeroed(b * g3);
     let whh_t = StepB::new(Mat::rm(w.w_hh, g3, h).t(), b);
     let nt = team_size(&whh_t, threads, batch_sizes.len(), b * g3 * h);
-    let (gp, ghp, hp, hnp, yp) = (Shared(gates.as_mut_ptr()), Shared(gh.as_mut_ptr()), Shared(hs.as_mut_ptr()), Shared(hn.as_mut_ptr()), Shared(y.as_mut_ptr()));
+    let (gp, ghp, hp, hnp, yp) = (
+        Shared(gates.as_mut_ptr()),
+        Shared(gh.as_mut_ptr()),
+        Shared(hs.as_mut_ptr()),
+        Shared(hn.as_mut_ptr()),
+        Shared(y.as_mut_ptr()),
+    );
     team::run(nt, |tid, bar| {
         let (u0, u1) = team::share(h, tid, nt, 16);
         let len = u1 - u0;
@@ -654,7 +791,12 @@ pub fn gru_forward<T: Float>(
                         hz: &ghr[h + u0..h + u1],
                         hn: &ghr[2 * h + u0..2 * h + u1],
                     };
-                    T::gru_cell(row, hp.slice(j * h + u0, len), hnp.slice(r * h + u0, len), yp.slice(r * h + u0, len));
+                    T::gru_cell(
+                        row,
+                        hp.slice(j * h + u0, len),
+                        hnp.slice(r * h + u0, len),
+                        yp.slice(r * h + u0, len),
+                    );
                 }
                 bar.wait();
             }
@@ -680,10 +822,21 @@ fn own_columns(g: usize, tid: usize, nt: usize) -> (usize, usize) {
 /// `dst` must be valid for `rows` rows of stride `g`, and no other thread may touch the columns
 /// `cols` of those rows meanwhile; `wih_t` packed (f32).
 #[allow(clippy::too_many_arguments)]
-unsafe fn project_chunk<T: Float>(dst: *mut T, g: usize, wih_t: &StepB<T>, bias: Option<&[T]>, cols: (usize, usize), xrows: &[T], input: usize, rows: usize, part: (usize, usize)) {
+unsafe fn project_chunk<T: Float>(
+    dst: *mut T,
+    g: usize,
+    wih_t: &StepB<T>,
+    bias: Option<&[T]>,
+    cols: (usize, usize),
+    xrows: &[T],
+    input: usize,
+    rows: usize,
+    part: (usize, usize),
+) {
     if let Some(bias) = bias {
         for r in 0..rows {
-            std::slice::from_raw_parts_mut(dst.add(r * g + cols.0), cols.1 - cols.0).copy_from_slice(&bias[cols.0..cols.1]);
+            std::slice::from_raw_parts_mut(dst.add(r * g + cols.0), cols.1 - cols.0)
+                .copy_from_slice(&bias[cols.0..cols.1]);
         }
     }
     wih_t.mm_part(dst, g, xrows, input, rows, bias.is_some(), part);
@@ -692,7 +845,13 @@ unsafe fn project_chunk<T: Float>(dst: *mut T, g: usize, wih_t: &StepB<T>, bias:
 /// A chunk's input rows `[r0, r1)` (step-major order) as a contiguous slice: `x` itself, or
 /// for a batch-first `x` (`bf` = (batch, steps)) a copy into `scratch` (each thread its own:
 /// 64 rows, a few µs against the chunk's projection, and no barrier).
-fn chunk_input<'a, T: Float>(x: &'a [T], width: usize, rows: (usize, usize), bf: Option<(usize, usize)>, scratch: &'a mut Vec<T>) -> &'a [T] {
+fn chunk_input<'a, T: Float>(
+    x: &'a [T],
+    width: usize,
+    rows: (usize, usize),
+    bf: Option<(usize, usize)>,
+    scratch: &'a mut Vec<T>,
+) -> &'a [T] {
     let (r0, r1) = rows;
     match bf {
         None => &x[r0 * width..r1 * width],
@@ -710,7 +869,11 @@ fn chunk_input<'a, T: Float>(x: &'a [T], width: usize, rows: (usize, usize), bf:
 /// The steps in processing order, their chunks (see [`chunk_steps`]) and the most rows any
 /// chunk holds: what both chunked step loops start from.
 #[allow(clippy::type_complexity)]
-fn chunk_plan(batch_sizes: &[usize], off: &[usize], reverse: bool) -> (Vec<usize>, Vec<((usize, usize), (usize, usize))>, usize) {
+fn chunk_plan(
+    batch_sizes: &[usize],
+    off: &[usize],
+    reverse: bool,
+) -> (Vec<usize>, Vec<((usize, usize), (usize, usize))>, usize) {
     let steps = batch_sizes.len();
     let order: Vec<usize> = if reverse { (0..steps).rev().collect() } else { (0..steps).collect() };
     let chunks = chunk_steps(batch_sizes, off, &order, reverse);
@@ -721,7 +884,12 @@ fn chunk_plan(batch_sizes: &[usize], off: &[usize], reverse: bool) -> (Vec<usize
 /// Chunks of consecutive steps (ranges of the processing order `order`) holding at least
 /// [`CHUNK_ROWS`] rows each (the last takes the rest), and each chunk's row range (a run of
 /// steps' rows is contiguous in either direction).
-fn chunk_steps(batch_sizes: &[usize], off: &[usize], order: &[usize], reverse: bool) -> Vec<((usize, usize), (usize, usize))> {
+fn chunk_steps(
+    batch_sizes: &[usize],
+    off: &[usize],
+    order: &[usize],
+    reverse: bool,
+) -> Vec<((usize, usize), (usize, usize))> {
     let mut chunks = Vec::new();
     let (mut start, mut rows) = (0, 0);
     for (i, &t) in order.iter().enumerate() {
@@ -741,7 +909,9 @@ fn chunk_steps(batch_sizes: &[usize], off: &[usize], order: &[usize], reverse: b
 fn sum_bias<T: Float>(a: Option<&[T]>, b: Option<&[T]>, width: usize) -> Option<Vec<T>> {
     match (a, b) {
         (None, None) => None,
-        (a, b) => Some((0..width).map(|j| a.map_or(T::ZERO, |a| a[j]) + b.map_or(T::ZERO, |b| b[j])).collect()),
+        (a, b) => Some(
+            (0..width).map(|j| a.map_or(T::ZERO, |a| a[j]) + b.map_or(T::ZERO, |b| b[j])).collect(),
+        ),
     }
 }
 
@@ -775,7 +945,13 @@ fn gru_forward_chunked<T: Float>(
     let mut hs = h0.to_vec();
     let mut y: Vec<T> = zeroed(n * h);
     let nt = team_size(whh_t, threads, steps, b * g3 * (h + d.input));
-    let (gp, ghp, hp, hnp, yp) = (Shared(gates.as_mut_ptr()), Shared(gh.as_mut_ptr()), Shared(hs.as_mut_ptr()), Shared(hn.as_mut_ptr()), Shared(y.as_mut_ptr()));
+    let (gp, ghp, hp, hnp, yp) = (
+        Shared(gates.as_mut_ptr()),
+        Shared(gh.as_mut_ptr()),
+        Shared(hs.as_mut_ptr()),
+        Shared(hn.as_mut_ptr()),
+        Shared(y.as_mut_ptr()),
+    );
     team::run(nt, |tid, bar| {
         let (u0, u1) = team::share(h, tid, nt, 16);
         let len = u1 - u0;
@@ -788,8 +964,19 @@ fn gru_forward_chunked<T: Float>(
             // `gates`, of the step's rows of `gh`); between the barriers each thread writes only
             // its units of `gates`, `hs`, `hn`, `y`; all ranges lie inside the buffers.
             unsafe {
-                let xrows = chunk_input(x, d.input, (r0, r1), batch_first.then_some((b, steps)), &mut xs);
-                project_chunk(gp.ptr().add(base * g3), g3, &wih_t, b_ih.as_deref(), (c0_, c1_), xrows, d.input, r1 - r0, (tid, nt));
+                let xrows =
+                    chunk_input(x, d.input, (r0, r1), batch_first.then_some((b, steps)), &mut xs);
+                project_chunk(
+                    gp.ptr().add(base * g3),
+                    g3,
+                    &wih_t,
+                    b_ih.as_deref(),
+                    (c0_, c1_),
+                    xrows,
+                    d.input,
+                    r1 - r0,
+                    (tid, nt),
+                );
                 for &t in &order[c.0..c.1] {
                     let (bs, o) = (batch_sizes[t], off[t]);
                     let lr = base + o - r0;
@@ -813,7 +1000,12 @@ fn gru_forward_chunked<T: Float>(
                             hn: &ghr[2 * h + u0..2 * h + u1],
                         };
                         let yr = if batch_first { bf_row(o + j, b, steps) } else { o + j };
-                        T::gru_cell(row, hp.slice(j * h + u0, len), hnp.slice(r * h + u0, len), yp.slice(yr * h + u0, len));
+                        T::gru_cell(
+                            row,
+                            hp.slice(j * h + u0, len),
+                            hnp.slice(r * h + u0, len),
+                            yp.slice(yr * h + u0, len),
+                        );
                     }
                     bar.wait();
                 }
@@ -860,7 +1052,12 @@ pub fn gru_backward<T: Float>(
     let whh = StepB::new(Mat::rm(w.w_hh, g3, h), b);
     let nt = team_size(&whh, threads, batch_sizes.len(), b * g3 * h);
     let one = T::ONE;
-    let (dgxp, dghp, hpp, dhp) = (Shared(dgx.as_mut_ptr()), Shared(dgh.as_mut_ptr()), Shared(hprev.as_mut_ptr()), Shared(dh.as_mut_ptr()));
+    let (dgxp, dghp, hpp, dhp) = (
+        Shared(dgx.as_mut_ptr()),
+        Shared(dgh.as_mut_ptr()),
+        Shared(hprev.as_mut_ptr()),
+        Shared(dh.as_mut_ptr()),
+    );
     team::run(nt, |tid, bar| {
         let (u0, u1) = team::share(h, tid, nt, 16);
         let len = u1 - u0;
@@ -881,8 +1078,16 @@ pub fn gru_backward<T: Float>(
                     let hnr = &fwd.cs[row * h + u0..row * h + u1];
                     let dyr = &dy[row * h + u0..row * h + u1];
                     let dhr = dhp.slice(j * h + u0, len);
-                    let (xr, xz, xn) = (dgxp.slice(row * ldg + u0, len), dgxp.slice(row * ldg + h + u0, len), dgxp.slice(row * ldg + 2 * h + u0, len));
-                    let (hr_, hz_, hn_) = (dghp.slice(row * ldg + u0, len), dghp.slice(row * ldg + h + u0, len), dghp.slice(row * ldg + 2 * h + u0, len));
+                    let (xr, xz, xn) = (
+                        dgxp.slice(row * ldg + u0, len),
+                        dgxp.slice(row * ldg + h + u0, len),
+                        dgxp.slice(row * ldg + 2 * h + u0, len),
+                    );
+                    let (hr_, hz_, hn_) = (
+                        dghp.slice(row * ldg + u0, len),
+                        dghp.slice(row * ldg + h + u0, len),
+                        dghp.slice(row * ldg + 2 * h + u0, len),
+                    );
                     for q in 0..len {
                         let k = u0 + q;
                         let (r, z, nn) = (gr[k], gr[h + k], gr[2 * h + k]);
@@ -902,7 +1107,8 @@ pub fn gru_backward<T: Float>(
                     }
                 }
                 bar.wait();
-                let dg_read: &[T] = std::slice::from_raw_parts(dghp.ptr().add(o * ldg), (bs - 1) * ldg + g3);
+                let dg_read: &[T] =
+                    std::slice::from_raw_parts(dghp.ptr().add(o * ldg), (bs - 1) * ldg + g3);
                 if nt > 1 {
                     whh.mm_part(dhp.ptr(), h, dg_read, ldg, bs, true, (tid, nt));
                 } else {
@@ -920,14 +1126,29 @@ mod tests {
 
     /// What the caller forms from the backward's output (see [`Grads`]), by direct sums:
     /// `[dx, dW_ih, dW_hh, db_ih, db_hh]`.
-    fn caller_products(g: &Grads<f64>, x: &[f64], w_ih: &[f64], d: Dims, n: usize, gates: usize) -> [Vec<f64>; 5] {
+    fn caller_products(
+        g: &Grads<f64>,
+        x: &[f64],
+        w_ih: &[f64],
+        d: Dims,
+        n: usize,
+        gates: usize,
+    ) -> [Vec<f64>; 5] {
         let (gw, input, hidden, ldg) = (gates * d.hidden, d.input, d.hidden, g.ldg);
         let dgh = if g.dgh.is_empty() { &g.dgx } else { &g.dgh };
-        let dx = (0..n * input).map(|e| (0..gw).map(|c| g.dgx[e / input * ldg + c] * w_ih[c * input + e % input]).sum()).collect();
+        let dx = (0..n * input)
+            .map(|e| {
+                (0..gw).map(|c| g.dgx[e / input * ldg + c] * w_ih[c * input + e % input]).sum()
+            })
+            .collect();
         let outer = |dg: &[f64], a: &[f64], k: usize| -> Vec<f64> {
-            (0..gw * k).map(|e| (0..n).map(|r| dg[r * ldg + e / k] * a[r * k + e % k]).sum()).collect()
+            (0..gw * k)
+                .map(|e| (0..n).map(|r| dg[r * ldg + e / k] * a[r * k + e % k]).sum())
+                .collect()
         };
-        let col_sums = |dg: &[f64]| -> Vec<f64> { (0..gw).map(|c| (0..n).map(|r| dg[r * ldg + c]).sum()).collect() };
+        let col_sums = |dg: &[f64]| -> Vec<f64> {
+            (0..gw).map(|c| (0..n).map(|r| dg[r * ldg + c]).sum()).collect()
+        };
         [dx, outer(&g.dgx, x, input), outer(dgh, &g.hprev, hidden), col_sums(&g.dgx), col_sums(dgh)]
     }
 
@@ -948,7 +1169,14 @@ mod tests {
         let gy = rng.uniform(n * d.hidden);
         let gh = rng.uniform(3 * d.hidden);
         let gc = rng.uniform(3 * d.hidden);
-        let loss = |x: &[f64], h0: &[f64], c0: &[f64], wih: &[f64], whh: &[f64], bih: &[f64], bhh: &[f64]| -> f64 {
+        let loss = |x: &[f64],
+                    h0: &[f64],
+                    c0: &[f64],
+                    wih: &[f64],
+                    whh: &[f64],
+                    bih: &[f64],
+                    bhh: &[f64]|
+         -> f64 {
             let w = Weights { w_ih: wih, w_hh: whh, b_ih: Some(bih), b_hh: Some(bhh) };
             let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
             if lstm {
@@ -984,7 +1212,11 @@ mod tests {
                 minus[a][k] -= eps;
                 let f = |v: &[Vec<f64>; 7]| loss(&v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6]);
                 let num = (f(&plus) - f(&minus)) / (2.0 * eps);
-                assert!((num - grad[k]).abs() < 1e-7 * (1.0 + num.abs()), "lstm={lstm} reverse={reverse} arg {a} [{k}]: numeric {num} vs analytic {}", grad[k]);
+                assert!(
+                    (num - grad[k]).abs() < 1e-7 * (1.0 + num.abs()),
+                    "lstm={lstm} reverse={reverse} arg {a} [{k}]: numeric {num} vs analytic {}",
+                    grad[k]
+                );
             }
         }
     }
@@ -1010,22 +1242,41 @@ mod tests {
         let n: usize = bs.iter().sum();
         let mut rng = crate::testutil::Lcg(9);
         let vals = [n * 24, 5 * 64, 5 * 64, 256 * 24, 256 * 64, 256, 256, n * 64, 5 * 64, 5 * 64];
-        let v: Vec<Vec<f64>> = vals.iter().map(|&m| rng.uniform(m).iter().map(|x| x * 0.5).collect()).collect();
+        let v: Vec<Vec<f64>> =
+            vals.iter().map(|&m| rng.uniform(m).iter().map(|x| x * 0.5).collect()).collect();
         let f = |x: &Vec<f64>| -> Vec<f32> { x.iter().map(|&a| a as f32).collect() };
         let v32: Vec<Vec<f32>> = v.iter().map(f).collect();
-        let w64 = Weights { w_ih: &v[3], w_hh: &v[4], b_ih: Some(&v[5][..]), b_hh: Some(&v[6][..]) };
-        let w32 = Weights { w_ih: &v32[3], w_hh: &v32[4], b_ih: Some(&v32[5][..]), b_hh: Some(&v32[6][..]) };
+        let w64 =
+            Weights { w_ih: &v[3], w_hh: &v[4], b_ih: Some(&v[5][..]), b_hh: Some(&v[6][..]) };
+        let w32 = Weights {
+            w_ih: &v32[3],
+            w_hh: &v32[4],
+            b_ih: Some(&v32[5][..]),
+            b_hh: Some(&v32[6][..]),
+        };
         for reverse in [false, true] {
-            let o64 = lstm_forward(&v[0], &bs, reverse, d, &v[1], &v[2], &w64, 1, true, false).unwrap();
-            let o32 = lstm_forward(&v32[0], &bs, reverse, d, &v32[1], &v32[2], &w32, 2, true, false).unwrap();
+            let o64 =
+                lstm_forward(&v[0], &bs, reverse, d, &v[1], &v[2], &w64, 1, true, false).unwrap();
+            let o32 =
+                lstm_forward(&v32[0], &bs, reverse, d, &v32[1], &v32[2], &w32, 2, true, false)
+                    .unwrap();
             let s64 = Saved { y: &o64.y, gates: &o64.gates, cs: &o64.cs };
             let s32 = Saved { y: &o32.y, gates: &o32.gates, cs: &o32.cs };
-            let g64 = lstm_backward(&v[0], &bs, reverse, d, &v[1], &v[2], &w64, s64, &v[7], &v[8], &v[9], 1).unwrap();
-            let g32 = lstm_backward(&v32[0], &bs, reverse, d, &v32[1], &v32[2], &w32, s32, &v32[7], &v32[8], &v32[9], 2).unwrap();
+            let g64 = lstm_backward(
+                &v[0], &bs, reverse, d, &v[1], &v[2], &w64, s64, &v[7], &v[8], &v[9], 1,
+            )
+            .unwrap();
+            let g32 = lstm_backward(
+                &v32[0], &bs, reverse, d, &v32[1], &v32[2], &w32, s32, &v32[7], &v32[8], &v32[9], 2,
+            )
+            .unwrap();
             let close = |a: &[f32], b: &[f64], what: &str| {
                 assert_eq!(a.len(), b.len(), "{what}");
                 for (x, y) in a.iter().zip(b) {
-                    assert!((*x as f64 - y).abs() <= 1e-4 * (1.0 + y.abs()), "{what} reverse={reverse}: {x} vs {y}");
+                    assert!(
+                        (*x as f64 - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                        "{what} reverse={reverse}: {x} vs {y}"
+                    );
                 }
             };
             close(&g32.dh0, &g64.dh0, "dh0");
@@ -1043,8 +1294,20 @@ mod tests {
     fn bad_batch_sizes_are_errors() {
         let w = Weights::<f32> { w_ih: &[0.0; 8], w_hh: &[0.0; 16], b_ih: None, b_hh: None };
         let d = Dims { input: 1, hidden: 2 };
-        assert!(lstm_forward(&[0.0; 3], &[1, 2], false, d, &[0.0; 2], &[0.0; 2], &w, 1, true, false).is_err());
-        assert!(lstm_forward(&[0.0; 3], &[], false, d, &[0.0; 2], &[0.0; 2], &w, 1, true, false).is_err());
+        assert!(lstm_forward(
+            &[0.0; 3],
+            &[1, 2],
+            false,
+            d,
+            &[0.0; 2],
+            &[0.0; 2],
+            &w,
+            1,
+            true,
+            false
+        )
+        .is_err());
+        assert!(lstm_forward(&[0.0; 3], &[], false, d, &[0.0; 2], &[0.0; 2], &w, 1, true, false)
+            .is_err());
     }
 }
-

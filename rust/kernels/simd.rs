@@ -40,8 +40,12 @@ mod avx {
     unsafe fn exp_clamped(x: __m256) -> __m256 {
         // Operands in this order so a NaN passes through the clamp (max/min return their second
         // operand when either is NaN): NaN in, NaN out, as libm.
-        let x = _mm256_min_ps(_mm256_set1_ps(88.72283), _mm256_max_ps(_mm256_set1_ps(-87.33654), x));
-        let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        let x =
+            _mm256_min_ps(_mm256_set1_ps(88.72283), _mm256_max_ps(_mm256_set1_ps(-87.33654), x));
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
         let mut p = _mm256_set1_ps(1.987_569_1e-4);
@@ -112,7 +116,10 @@ mod avx512 {
         let underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
         // NaN passes the clamp (operand order, as in `avx::exp_clamped`).
         let x = _mm512_min_ps(_mm512_set1_ps(88.72283), _mm512_max_ps(lo, x));
-        let n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        let n = _mm512_roundscale_ps(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
         let mut p = _mm512_set1_ps(1.987_569_1e-4);
@@ -181,7 +188,13 @@ pub struct LstmRow<'a, T> {
 
 /// LSTM cell over a range of units of one row, f32; `c`/`h` are the state (updated),
 /// `cs_out`/`y_out` receive the new cell and hidden state. All slices have the same length.
-pub fn lstm_cell_f32(row: LstmRow<'_, f32>, c: &mut [f32], h: &mut [f32], cs_out: &mut [f32], y_out: &mut [f32]) {
+pub fn lstm_cell_f32(
+    row: LstmRow<'_, f32>,
+    c: &mut [f32],
+    h: &mut [f32],
+    cs_out: &mut [f32],
+    y_out: &mut [f32],
+) {
     let n = c.len();
     assert!(row.i.len() == n && row.f.len() == n && row.g.len() == n && row.o.len() == n);
     assert!(h.len() == n && cs_out.len() == n && y_out.len() == n);
@@ -194,20 +207,50 @@ pub fn lstm_cell_f32(row: LstmRow<'_, f32>, c: &mut [f32], h: &mut [f32], cs_out
     }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() && n - k0 >= 8 {
-        let sub = LstmRow { i: &mut row.i[k0..], f: &mut row.f[k0..], g: &mut row.g[k0..], o: &mut row.o[k0..] };
+        let sub = LstmRow {
+            i: &mut row.i[k0..],
+            f: &mut row.f[k0..],
+            g: &mut row.g[k0..],
+            o: &mut row.o[k0..],
+        };
         // SAFETY: AVX2 and FMA are present (checked); the sub-slices all have n - k0 elements
         // and the vector loop only touches indices below that.
-        unsafe { k0 += lstm_cell_avx(&sub, &mut c[k0..], &mut h[k0..], &mut cs_out[k0..], &mut y_out[k0..]) };
+        unsafe {
+            k0 +=
+                lstm_cell_avx(&sub, &mut c[k0..], &mut h[k0..], &mut cs_out[k0..], &mut y_out[k0..])
+        };
     }
-    let tail = LstmRow { i: &mut row.i[k0..], f: &mut row.f[k0..], g: &mut row.g[k0..], o: &mut row.o[k0..] };
-    super::float::lstm_cell_scalar(tail, &mut c[k0..], &mut h[k0..], &mut cs_out[k0..], &mut y_out[k0..]);
+    let tail = LstmRow {
+        i: &mut row.i[k0..],
+        f: &mut row.f[k0..],
+        g: &mut row.g[k0..],
+        o: &mut row.o[k0..],
+    };
+    super::float::lstm_cell_scalar(
+        tail,
+        &mut c[k0..],
+        &mut h[k0..],
+        &mut cs_out[k0..],
+        &mut y_out[k0..],
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn lstm_cell_avx512(row: &LstmRow<'_, f32>, c: &mut [f32], h: &mut [f32], cs_out: &mut [f32], y_out: &mut [f32]) -> usize {
+unsafe fn lstm_cell_avx512(
+    row: &LstmRow<'_, f32>,
+    c: &mut [f32],
+    h: &mut [f32],
+    cs_out: &mut [f32],
+    y_out: &mut [f32],
+) -> usize {
     let n = c.len();
-    let (pi, pf, pg, po) = (row.i.as_ptr() as *mut f32, row.f.as_ptr() as *mut f32, row.g.as_ptr() as *mut f32, row.o.as_ptr() as *mut f32);
+    let (pi, pf, pg, po) = (
+        row.i.as_ptr() as *mut f32,
+        row.f.as_ptr() as *mut f32,
+        row.g.as_ptr() as *mut f32,
+        row.o.as_ptr() as *mut f32,
+    );
     let mut k = 0;
     while k + 16 <= n {
         let i = avx512::sigmoid(_mm512_loadu_ps(pi.add(k)));
@@ -231,9 +274,20 @@ unsafe fn lstm_cell_avx512(row: &LstmRow<'_, f32>, c: &mut [f32], h: &mut [f32],
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn lstm_cell_avx(row: &LstmRow<'_, f32>, c: &mut [f32], h: &mut [f32], cs_out: &mut [f32], y_out: &mut [f32]) -> usize {
+unsafe fn lstm_cell_avx(
+    row: &LstmRow<'_, f32>,
+    c: &mut [f32],
+    h: &mut [f32],
+    cs_out: &mut [f32],
+    y_out: &mut [f32],
+) -> usize {
     let n = c.len();
-    let (pi, pf, pg, po) = (row.i.as_ptr() as *mut f32, row.f.as_ptr() as *mut f32, row.g.as_ptr() as *mut f32, row.o.as_ptr() as *mut f32);
+    let (pi, pf, pg, po) = (
+        row.i.as_ptr() as *mut f32,
+        row.f.as_ptr() as *mut f32,
+        row.g.as_ptr() as *mut f32,
+        row.o.as_ptr() as *mut f32,
+    );
     let mut k = 0;
     while k + 8 <= n {
         let i = avx::sigmoid(_mm256_loadu_ps(pi.add(k)));
@@ -270,7 +324,14 @@ pub struct GruRow<'a, T> {
 /// recurrent candidate part, `y_out` the new state.
 pub fn gru_cell_f32(row: GruRow<'_, f32>, h: &mut [f32], hn_out: &mut [f32], y_out: &mut [f32]) {
     let n = h.len();
-    assert!(row.xr.len() == n && row.xz.len() == n && row.xn.len() == n && row.hr.len() == n && row.hz.len() == n && row.hn.len() == n);
+    assert!(
+        row.xr.len() == n
+            && row.xz.len() == n
+            && row.xn.len() == n
+            && row.hr.len() == n
+            && row.hz.len() == n
+            && row.hn.len() == n
+    );
     assert!(hn_out.len() == n && y_out.len() == n);
     let mut k0 = 0;
     #[cfg(target_arch = "x86_64")]
@@ -278,20 +339,39 @@ pub fn gru_cell_f32(row: GruRow<'_, f32>, h: &mut [f32], hn_out: &mut [f32], y_o
         // SAFETY: features checked; every slice has n elements; indices stay below n.
         unsafe { k0 = gru_cell_avx(&row, h, hn_out, y_out) };
     }
-    let tail = GruRow { xr: &mut row.xr[k0..], xz: &mut row.xz[k0..], xn: &mut row.xn[k0..], hr: &row.hr[k0..], hz: &row.hz[k0..], hn: &row.hn[k0..] };
+    let tail = GruRow {
+        xr: &mut row.xr[k0..],
+        xz: &mut row.xz[k0..],
+        xn: &mut row.xn[k0..],
+        hr: &row.hr[k0..],
+        hz: &row.hz[k0..],
+        hn: &row.hn[k0..],
+    };
     super::float::gru_cell_scalar(tail, &mut h[k0..], &mut hn_out[k0..], &mut y_out[k0..]);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gru_cell_avx(row: &GruRow<'_, f32>, h: &mut [f32], hn_out: &mut [f32], y_out: &mut [f32]) -> usize {
+unsafe fn gru_cell_avx(
+    row: &GruRow<'_, f32>,
+    h: &mut [f32],
+    hn_out: &mut [f32],
+    y_out: &mut [f32],
+) -> usize {
     let n = h.len();
-    let (xr, xz, xn) = (row.xr.as_ptr() as *mut f32, row.xz.as_ptr() as *mut f32, row.xn.as_ptr() as *mut f32);
+    let (xr, xz, xn) =
+        (row.xr.as_ptr() as *mut f32, row.xz.as_ptr() as *mut f32, row.xn.as_ptr() as *mut f32);
     let one = _mm256_set1_ps(1.0);
     let mut k = 0;
     while k + 8 <= n {
-        let r = avx::sigmoid(_mm256_add_ps(_mm256_loadu_ps(xr.add(k)), _mm256_loadu_ps(row.hr.as_ptr().add(k))));
-        let z = avx::sigmoid(_mm256_add_ps(_mm256_loadu_ps(xz.add(k)), _mm256_loadu_ps(row.hz.as_ptr().add(k))));
+        let r = avx::sigmoid(_mm256_add_ps(
+            _mm256_loadu_ps(xr.add(k)),
+            _mm256_loadu_ps(row.hr.as_ptr().add(k)),
+        ));
+        let z = avx::sigmoid(_mm256_add_ps(
+            _mm256_loadu_ps(xz.add(k)),
+            _mm256_loadu_ps(row.hz.as_ptr().add(k)),
+        ));
         let hn = _mm256_loadu_ps(row.hn.as_ptr().add(k));
         let nn = avx::tanh(_mm256_fmadd_ps(r, hn, _mm256_loadu_ps(xn.add(k))));
         let hprev = _mm256_loadu_ps(h.as_ptr().add(k));
@@ -452,7 +532,10 @@ mod tests {
         tanh_f32(&xs, &mut out);
         for (&x, &y) in xs.iter().zip(&out) {
             let t = (x as f64).tanh();
-            assert!((y as f64 - t).abs() <= 4.0 * f32::EPSILON as f64 * t.abs() + 1e-30, "tanh({x}) = {y}, want {t}");
+            assert!(
+                (y as f64 - t).abs() <= 4.0 * f32::EPSILON as f64 * t.abs() + 1e-30,
+                "tanh({x}) = {y}, want {t}"
+            );
         }
         // sigmoid and exp through the LSTM cell: pre-activations x, c = 0; rows of 8 (AVX2),
         // 16 (AVX-512 where present) and 27 (16 + 8 + a scalar tail).
@@ -495,7 +578,10 @@ mod tests {
             let want: Vec<f64> = x.iter().map(|&v| (v as f64 - want_max as f64).exp()).collect();
             let sum = exp_sub_sum_f32(&mut x, want_max);
             let want_sum: f64 = want.iter().sum();
-            assert!((sum as f64 - want_sum).abs() <= 1e-6 * want_sum, "sum, n={n}: {sum} vs {want_sum}");
+            assert!(
+                (sum as f64 - want_sum).abs() <= 1e-6 * want_sum,
+                "sum, n={n}: {sum} vs {want_sum}"
+            );
             for (&g, &w) in x.iter().zip(&want) {
                 // x - m is rounded to f32 first: |x - m| < 32 here, so up to ~2e-6 relative.
                 assert!((g as f64 - w).abs() <= 4e-6 * w, "exp, n={n}: {g} vs {w}");
@@ -508,8 +594,10 @@ mod tests {
             if chunk.len() < w {
                 continue;
             }
-            let mut g: Vec<f32> = chunk.iter().chain(chunk).chain(chunk).chain(chunk).copied().collect();
-            let (mut c, mut h, mut cs, mut y) = (vec![0.0; w], vec![0.0; w], vec![0.0; w], vec![0.0; w]);
+            let mut g: Vec<f32> =
+                chunk.iter().chain(chunk).chain(chunk).chain(chunk).copied().collect();
+            let (mut c, mut h, mut cs, mut y) =
+                (vec![0.0; w], vec![0.0; w], vec![0.0; w], vec![0.0; w]);
             let (gi, rest) = g.split_at_mut(w);
             let (gf, rest) = rest.split_at_mut(w);
             let (gg, go) = rest.split_at_mut(w);
@@ -517,10 +605,18 @@ mod tests {
             for k in 0..w {
                 let x = chunk[k] as f64;
                 let s = 1.0 / (1.0 + (-x).exp());
-                assert!((g[k] as f64 - s).abs() <= 4.0 * f32::EPSILON as f64 * s + 1e-37, "sigmoid({x}) = {}, want {s}", g[k]);
+                assert!(
+                    (g[k] as f64 - s).abs() <= 4.0 * f32::EPSILON as f64 * s + 1e-37,
+                    "sigmoid({x}) = {}, want {s}",
+                    g[k]
+                );
                 let cv = s * x.tanh();
                 let hv = s * cv.tanh();
-                assert!((y[k] as f64 - hv).abs() <= 1e-6 * hv.abs() + 1e-37, "h({x}) = {}, want {hv}", y[k]);
+                assert!(
+                    (y[k] as f64 - hv).abs() <= 1e-6 * hv.abs() + 1e-37,
+                    "h({x}) = {}, want {hv}",
+                    y[k]
+                );
             }
         }
     }

@@ -37,13 +37,20 @@ impl Packed {
             if b.cs == 1 {
                 // Rows contiguous (V, a weight's transpose): 16 floats copied per row.
                 for (kk, dst) in panel.chunks_exact_mut(W).enumerate() {
-                    let src = unsafe { std::slice::from_raw_parts(b.ptr.offset(kk as isize * b.rs + (p * W) as isize), cols) };
+                    let src = unsafe {
+                        std::slice::from_raw_parts(
+                            b.ptr.offset(kk as isize * b.rs + (p * W) as isize),
+                            cols,
+                        )
+                    };
                     dst[..cols].copy_from_slice(src);
                 }
             } else if b.rs == 1 {
                 // Columns contiguous (Kᵀ, a weight): read each column along its length.
                 for c in 0..cols {
-                    let src = unsafe { std::slice::from_raw_parts(b.ptr.offset((p * W + c) as isize * b.cs), k) };
+                    let src = unsafe {
+                        std::slice::from_raw_parts(b.ptr.offset((p * W + c) as isize * b.cs), k)
+                    };
                     for (kk, &x) in src.iter().enumerate() {
                         panel[kk * W + c] = x;
                     }
@@ -51,7 +58,9 @@ impl Packed {
             } else {
                 for kk in 0..k {
                     for c in 0..cols {
-                        panel[kk * W + c] = unsafe { *b.ptr.offset(kk as isize * b.rs + (p * W + c) as isize * b.cs) };
+                        panel[kk * W + c] = unsafe {
+                            *b.ptr.offset(kk as isize * b.rs + (p * W + c) as isize * b.cs)
+                        };
                     }
                 }
             }
@@ -78,7 +87,8 @@ fn isa() -> Isa {
         if std::arch::is_x86_feature_detected!("avx512f") {
             return Isa::Avx512;
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             return Isa::Avx2;
         }
     }
@@ -94,7 +104,16 @@ impl Packed {
 
 /// `out[m x N] (row stride ldo) (+)= a[m x K] (row stride lda) · B`.
 #[allow(clippy::too_many_arguments)]
-pub fn mm(out: &mut [f32], ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, panels: (usize, usize)) {
+pub fn mm(
+    out: &mut [f32],
+    ldo: usize,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &Packed,
+    accumulate: bool,
+    panels: (usize, usize),
+) {
     if m == 0 {
         return;
     }
@@ -110,7 +129,16 @@ pub fn mm(out: &mut [f32], ldo: usize, a: &[f32], lda: usize, m: usize, b: &Pack
 /// `out` must be valid for `(m - 1) * ldo + N` elements, and no other thread may touch the
 /// columns of the given panels in those rows meanwhile.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn mm_raw(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, panels: (usize, usize)) {
+pub unsafe fn mm_raw(
+    out: *mut f32,
+    ldo: usize,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &Packed,
+    accumulate: bool,
+    panels: (usize, usize),
+) {
     mm_raw_k(out, ldo, a, lda, m, b, accumulate, panels, (0, b.k))
 }
 
@@ -120,7 +148,17 @@ pub unsafe fn mm_raw(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize,
 /// # Safety
 /// As [`mm_raw`].
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn mm_raw_k(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, panels: (usize, usize), ks: (usize, usize)) {
+pub unsafe fn mm_raw_k(
+    out: *mut f32,
+    ldo: usize,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &Packed,
+    accumulate: bool,
+    panels: (usize, usize),
+    ks: (usize, usize),
+) {
     assert!(ks.0 <= ks.1 && ks.1 <= b.k, "k range out of bounds");
     if m == 0 {
         return;
@@ -130,13 +168,22 @@ pub unsafe fn mm_raw_k(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usiz
 }
 
 /// As [`mm_raw`], with the left-hand side given transposed:
-/// `out[m x N] (+)= aᵀ · B` where `a` is `K x m` (row stride `lda`), i.e. `A(i, k) = a[k * lda + i]`.
+/// `out[m x N] (+)= aᵀ · B` where `a` is `K x m` (row stride `lda`), i.e.
+/// `A(i, k) = a[k * lda + i]`.
 /// For the attention backward's `dV += Pᵀ dO` and `dK += dSᵀ Q` (no transpose copy: the
 /// broadcast loads read `a` along its rows instead of down its columns).
 ///
 /// # Safety
 /// As [`mm_raw`].
-pub unsafe fn mm_raw_t(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool) {
+pub unsafe fn mm_raw_t(
+    out: *mut f32,
+    ldo: usize,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &Packed,
+    accumulate: bool,
+) {
     let ks = (0, b.k);
     if m == 0 || ks.0 == ks.1 {
         if m > 0 && !accumulate {
@@ -161,7 +208,17 @@ fn at<const TA: bool>(lda: usize, r: usize, kk: usize) -> usize {
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn dispatch<const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, panels: (usize, usize), ks: (usize, usize)) {
+unsafe fn dispatch<const TA: bool>(
+    out: *mut f32,
+    ldo: usize,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &Packed,
+    accumulate: bool,
+    panels: (usize, usize),
+    ks: (usize, usize),
+) {
     let n = b.n;
     assert!(ldo >= n, "out row stride too small");
     let (p0, p1) = (panels.0, panels.1.min(n.div_ceil(W)));
@@ -178,7 +235,18 @@ unsafe fn dispatch<const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: us
 }
 
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm_scalar<const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize, ks: (usize, usize)) {
+unsafe fn mm_scalar<const TA: bool>(
+    out: *mut f32,
+    ldo: usize,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &Packed,
+    accumulate: bool,
+    p0: usize,
+    p1: usize,
+    ks: (usize, usize),
+) {
     let (k, n) = (b.k, b.n);
     for p in p0..p1 {
         let panel = &b.data[p * k * W..(p + 1) * k * W];
@@ -204,7 +272,18 @@ unsafe fn mm_scalar<const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: u
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm_avx512<const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize, ks: (usize, usize)) {
+unsafe fn mm_avx512<const TA: bool>(
+    out: *mut f32,
+    ldo: usize,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &Packed,
+    accumulate: bool,
+    p0: usize,
+    p1: usize,
+    ks: (usize, usize),
+) {
     let mut p = p0;
     while p < p1 {
         let two = p + 1 < p1;
@@ -236,7 +315,18 @@ unsafe fn mm_avx512<const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: u
 #[target_feature(enable = "avx512f")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile512<const R: usize, const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, r0: usize, b: &Packed, accumulate: bool, p: usize, two: bool, ks: (usize, usize)) {
+unsafe fn tile512<const R: usize, const TA: bool>(
+    out: *mut f32,
+    ldo: usize,
+    a: &[f32],
+    lda: usize,
+    r0: usize,
+    b: &Packed,
+    accumulate: bool,
+    p: usize,
+    two: bool,
+    ks: (usize, usize),
+) {
     let k = b.k;
     let pa = b.data.as_ptr().add(p * k * W + ks.0 * W);
     let pb = if two { b.data.as_ptr().add((p + 1) * k * W + ks.0 * W) } else { pa };
@@ -262,7 +352,11 @@ unsafe fn tile512<const R: usize, const TA: bool>(out: *mut f32, ldo: usize, a: 
         let mask: __mmask16 = if valid >= W { 0xFFFF } else { ((1u32 << valid) - 1) as u16 };
         for r in 0..R {
             let dst = out.add((r0 + r) * ldo + col0);
-            let v = if accumulate { _mm512_add_ps(acc[r], _mm512_maskz_loadu_ps(mask, dst)) } else { acc[r] };
+            let v = if accumulate {
+                _mm512_add_ps(acc[r], _mm512_maskz_loadu_ps(mask, dst))
+            } else {
+                acc[r]
+            };
             _mm512_mask_storeu_ps(dst, mask, v);
         }
     }
@@ -271,7 +365,18 @@ unsafe fn tile512<const R: usize, const TA: bool>(out: *mut f32, ldo: usize, a: 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm_avx2<const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, m: usize, b: &Packed, accumulate: bool, p0: usize, p1: usize, ks: (usize, usize)) {
+unsafe fn mm_avx2<const TA: bool>(
+    out: *mut f32,
+    ldo: usize,
+    a: &[f32],
+    lda: usize,
+    m: usize,
+    b: &Packed,
+    accumulate: bool,
+    p0: usize,
+    p1: usize,
+    ks: (usize, usize),
+) {
     for p in p0..p1 {
         let mut r = 0;
         while r < m {
@@ -298,7 +403,17 @@ unsafe fn mm_avx2<const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: usi
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile256<const R: usize, const TA: bool>(out: *mut f32, ldo: usize, a: &[f32], lda: usize, r0: usize, b: &Packed, accumulate: bool, p: usize, ks: (usize, usize)) {
+unsafe fn tile256<const R: usize, const TA: bool>(
+    out: *mut f32,
+    ldo: usize,
+    a: &[f32],
+    lda: usize,
+    r0: usize,
+    b: &Packed,
+    accumulate: bool,
+    p: usize,
+    ks: (usize, usize),
+) {
     let k = b.k;
     let pa = b.data.as_ptr().add(p * k * W + ks.0 * W);
     let ap = a.as_ptr().add(at::<TA>(lda, r0, ks.0));
@@ -345,8 +460,10 @@ mod tests {
     fn packing_reads_every_layout() {
         let (k, n) = (7usize, 37usize);
         let rm: Vec<f32> = (0..k * n).map(|i| i as f32).collect();
-        let cm: Vec<f32> = (0..k * n).map(|i| ((i % k) * n + i / k) as f32).collect(); // column-major copy
-        let wide: Vec<f32> = (0..k * 2 * n).map(|i| if i % 2 == 0 { (i / 2) as f32 } else { -1.0 }).collect();
+        // A column-major copy.
+        let cm: Vec<f32> = (0..k * n).map(|i| ((i % k) * n + i / k) as f32).collect();
+        let wide: Vec<f32> =
+            (0..k * 2 * n).map(|i| if i % 2 == 0 { (i / 2) as f32 } else { -1.0 }).collect();
         let views = [
             Mat::rm(&rm, k, n),
             Mat { ptr: cm.as_ptr(), rows: k, cols: n, rs: 1, cs: k as isize },
@@ -366,7 +483,9 @@ mod tests {
 
     #[test]
     fn matches_naive_for_every_isa_path() {
-        for &(m, k, n) in &[(1usize, 5usize, 3usize), (3, 17, 40), (8, 64, 100), (11, 33, 16), (9, 8, 65)] {
+        for &(m, k, n) in
+            &[(1usize, 5usize, 3usize), (3, 17, 40), (8, 64, 100), (11, 33, 16), (9, 8, 65)]
+        {
             let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
             let bm: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 5.0).collect();
             let packed = Packed::new(Mat::rm(&bm, k, n));
@@ -384,15 +503,43 @@ mod tests {
             }
             let mut s = vec![0.5f32; m * n];
             // SAFETY: `s` holds m x n elements.
-            unsafe { mm_scalar::<false>(s.as_mut_ptr(), n, &a, k, m, &packed, true, 0, n.div_ceil(W), (0, k)) };
+            unsafe {
+                mm_scalar::<false>(
+                    s.as_mut_ptr(),
+                    n,
+                    &a,
+                    k,
+                    m,
+                    &packed,
+                    true,
+                    0,
+                    n.div_ceil(W),
+                    (0, k),
+                )
+            };
             for (x, y) in s.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4);
             }
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 let mut v = vec![0.5f32; m * n];
                 // SAFETY: features checked; shapes as for `mm`.
-                unsafe { mm_avx2::<false>(v.as_mut_ptr(), n, &a, k, m, &packed, true, 0, n.div_ceil(W), (0, k)) };
+                unsafe {
+                    mm_avx2::<false>(
+                        v.as_mut_ptr(),
+                        n,
+                        &a,
+                        k,
+                        m,
+                        &packed,
+                        true,
+                        0,
+                        n.div_ceil(W),
+                        (0, k),
+                    )
+                };
                 for (x, y) in v.iter().zip(&want) {
                     assert!((x - y).abs() < 1e-4);
                 }
@@ -401,8 +548,28 @@ mod tests {
             let mut blocked = vec![0.5f32; m * n];
             // SAFETY: `blocked` holds m x n elements.
             unsafe {
-                mm_raw_k(blocked.as_mut_ptr(), n, &a, k, m, &packed, true, (0, usize::MAX), (0, k / 2));
-                mm_raw_k(blocked.as_mut_ptr(), n, &a, k, m, &packed, true, (0, usize::MAX), (k / 2, k));
+                mm_raw_k(
+                    blocked.as_mut_ptr(),
+                    n,
+                    &a,
+                    k,
+                    m,
+                    &packed,
+                    true,
+                    (0, usize::MAX),
+                    (0, k / 2),
+                );
+                mm_raw_k(
+                    blocked.as_mut_ptr(),
+                    n,
+                    &a,
+                    k,
+                    m,
+                    &packed,
+                    true,
+                    (0, usize::MAX),
+                    (k / 2, k),
+                );
             }
             for (x, y) in blocked.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4);
@@ -421,17 +588,45 @@ mod tests {
                 assert!((x - y).abs() < 1e-4);
             }
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
                 let mut v = vec![0.5f32; m * n];
                 // SAFETY: features checked; shapes as above.
-                unsafe { mm_avx2::<true>(v.as_mut_ptr(), n, &at_, m, m, &packed, true, 0, n.div_ceil(W), (0, k)) };
+                unsafe {
+                    mm_avx2::<true>(
+                        v.as_mut_ptr(),
+                        n,
+                        &at_,
+                        m,
+                        m,
+                        &packed,
+                        true,
+                        0,
+                        n.div_ceil(W),
+                        (0, k),
+                    )
+                };
                 for (x, y) in v.iter().zip(&want) {
                     assert!((x - y).abs() < 1e-4);
                 }
             }
             let mut sc = vec![0.5f32; m * n];
             // SAFETY: `sc` holds m x n elements.
-            unsafe { mm_scalar::<true>(sc.as_mut_ptr(), n, &at_, m, m, &packed, true, 0, n.div_ceil(W), (0, k)) };
+            unsafe {
+                mm_scalar::<true>(
+                    sc.as_mut_ptr(),
+                    n,
+                    &at_,
+                    m,
+                    m,
+                    &packed,
+                    true,
+                    0,
+                    n.div_ceil(W),
+                    (0, k),
+                )
+            };
             for (x, y) in sc.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4);
             }
@@ -443,5 +638,3 @@ mod tests {
         }
     }
 }
-
-

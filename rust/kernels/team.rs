@@ -80,7 +80,8 @@ pub fn run<F: Fn(usize, &SpinBarrier) + Sync>(n: usize, f: F) {
 /// when torch has loaded it, see the module notes), items handed out one at a time so uneven
 /// items (causal attention rows) balance. One thread in a forked child.
 pub fn for_each<F: Fn(usize) + Sync>(threads: usize, items: usize, f: F) {
-    let cap = if crate::parallel::in_forked_child() { 1 } else { crate::parallel::available_threads() };
+    let cap =
+        if crate::parallel::in_forked_child() { 1 } else { crate::parallel::available_threads() };
     let n = threads.min(items).min(cap).max(1);
     let next = AtomicUsize::new(0);
     run(n, |_, _| loop {
@@ -166,12 +167,19 @@ mod omp {
 
     /// Runs the team on OpenMP's threads; false when there is no usable OpenMP (the caller
     /// then starts its own threads).
-    pub(super) fn run<F: Fn(usize, &SpinBarrier) + Sync>(n: usize, f: &F, bar: &SpinBarrier) -> bool {
+    pub(super) fn run<F: Fn(usize, &SpinBarrier) + Sync>(
+        n: usize,
+        f: &F,
+        bar: &SpinBarrier,
+    ) -> bool {
         let Some(omp) = lookup() else { return false };
-        let ctx = Ctx { f, bar, omp, n, ran: AtomicUsize::new(0), panicked: AtomicBool::new(false) };
+        let ctx =
+            Ctx { f, bar, omp, n, ran: AtomicUsize::new(0), panicked: AtomicBool::new(false) };
         // SAFETY: the trampoline matches the callback type and `ctx` outlives the call, which
         // returns only after every team thread has finished.
-        unsafe { (omp.parallel)(trampoline::<F>, &ctx as *const Ctx<'_, F> as *mut c_void, n as u32, 0) };
+        unsafe {
+            (omp.parallel)(trampoline::<F>, &ctx as *const Ctx<'_, F> as *mut c_void, n as u32, 0)
+        };
         if ctx.panicked.load(Ordering::Relaxed) {
             panic!("a kernel thread panicked");
         }

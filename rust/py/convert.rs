@@ -13,7 +13,10 @@ extern "C" {
     // hides it under abi3-py39; it is declared here to read a str's UTF-8 without a copy (for
     // ASCII strings CPython returns its own buffer): the copy through PyUnicode_AsUTF8String
     // cost ~15% of encode time on one-line documents.
-    fn PyUnicode_AsUTF8AndSize(unicode: *mut ffi::PyObject, size: *mut ffi::Py_ssize_t) -> *const c_char;
+    fn PyUnicode_AsUTF8AndSize(
+        unicode: *mut ffi::PyObject,
+        size: *mut ffi::Py_ssize_t,
+    ) -> *const c_char;
 }
 
 /// Below this many bytes, a call runs without releasing the GIL: releasing and re-taking it
@@ -61,7 +64,9 @@ pub fn text<'a>(obj: &'a Bound<'_, PyAny>, what: &str) -> PyResult<Cow<'a, str>>
 /// The items of a list of `str` (kept alive by the returned owners).
 pub fn str_items<'py>(texts: &Bound<'py, PyAny>) -> PyResult<Vec<Bound<'py, PyAny>>> {
     if texts.is_instance_of::<pyo3::types::PyString>() {
-        return Err(PyTypeError::new_err("texts must be a list of str, not a single str; use encode() for one text"));
+        return Err(PyTypeError::new_err(
+            "texts must be a list of str, not a single str; use encode() for one text",
+        ));
     }
     let items: Vec<Bound<'py, PyAny>> = match texts.cast::<PyList>() {
         Ok(list) => list.iter().collect(),
@@ -112,12 +117,16 @@ fn array_kind(a: &Bound<'_, PyUntypedArray>, index: usize) -> PyResult<Kind> {
         (b'u', 1) => Kind::U8,
         _ => {
             return Err(PyTypeError::new_err(format!(
-                "{what} has dtype {d}; expected an integer array (int64, int32, uint32, uint16 or uint8)"
+                "{what} has dtype {d}; expected an integer array \
+                 (int64, int32, uint32, uint16 or uint8)"
             )))
         }
     };
     if a.ndim() != 1 {
-        return Err(PyTypeError::new_err(format!("{what} is a {}-D array; expected 1-D", a.ndim())));
+        return Err(PyTypeError::new_err(format!(
+            "{what} is a {}-D array; expected 1-D",
+            a.ndim()
+        )));
     }
     if !a.is_contiguous() || d.is_native_byteorder() == Some(false) {
         return Err(PyTypeError::new_err(format!(
@@ -130,10 +139,16 @@ fn array_kind(a: &Bound<'_, PyUntypedArray>, index: usize) -> PyResult<Kind> {
 impl<'py> Sequences<'py> {
     /// Extracts one sequence (a 1-D integer array, read in place, or a list/tuple of ints).
     pub fn one(item: Bound<'py, PyAny>, what: &str) -> PyResult<Self> {
-        let mut s = Sequences { items: Vec::with_capacity(1), owned: Vec::with_capacity(1), kinds: Vec::with_capacity(1) };
+        let mut s = Sequences {
+            items: Vec::with_capacity(1),
+            owned: Vec::with_capacity(1),
+            kinds: Vec::with_capacity(1),
+        };
         s.push(item, 0).map_err(|e| {
             // Re-word the message for a single sequence.
-            Python::attach(|py| PyTypeError::new_err(e.value(py).to_string().replacen("sequence 0", what, 1)))
+            Python::attach(|py| {
+                PyTypeError::new_err(e.value(py).to_string().replacen("sequence 0", what, 1))
+            })
         })?;
         Ok(s)
     }
@@ -153,7 +168,11 @@ impl<'py> Sequences<'py> {
             Ok(list) => list.iter().collect(),
             Err(_) => seq
                 .try_iter()
-                .map_err(|_| PyTypeError::new_err("expected a list of sequences of ids (lists of ints or 1-D integer arrays)"))?
+                .map_err(|_| {
+                    PyTypeError::new_err(
+                        "expected a list of sequences of ids (lists of ints or 1-D integer arrays)",
+                    )
+                })?
                 .collect::<PyResult<_>>()?,
         };
         Self::from_items(items)
@@ -161,7 +180,11 @@ impl<'py> Sequences<'py> {
 
     fn from_items(items: Vec<Bound<'py, PyAny>>) -> PyResult<Self> {
         let n = items.len();
-        let mut s = Sequences { items: Vec::with_capacity(n), owned: Vec::with_capacity(n), kinds: Vec::with_capacity(n) };
+        let mut s = Sequences {
+            items: Vec::with_capacity(n),
+            owned: Vec::with_capacity(n),
+            kinds: Vec::with_capacity(n),
+        };
         for (i, it) in items.into_iter().enumerate() {
             s.push(it, i)?;
         }
@@ -175,9 +198,9 @@ impl<'py> Sequences<'py> {
             self.kinds.push(k);
             self.owned.push(None);
         } else if item.is_instance_of::<PyList>() || item.is_instance_of::<pyo3::types::PyTuple>() {
-            let v: Vec<i64> = item
-                .extract()
-                .map_err(|_| PyTypeError::new_err(format!("{} must hold only ints (within int64)", what())))?;
+            let v: Vec<i64> = item.extract().map_err(|_| {
+                PyTypeError::new_err(format!("{} must hold only ints (within int64)", what()))
+            })?;
             self.kinds.push(Kind::List);
             self.owned.push(Some(v));
         } else {

@@ -15,7 +15,12 @@ use crate::parallel;
 pub(super) type Arr2<'py, T> = Bound<'py, PyArray2<T>>;
 pub(super) type Arr1<'py, T> = Bound<'py, PyArray1<T>>;
 
-pub(super) fn to2<'py, T: numpy::Element>(py: Python<'py>, v: Vec<T>, rows: usize, cols: usize) -> PyResult<Arr2<'py, T>> {
+pub(super) fn to2<'py, T: numpy::Element>(
+    py: Python<'py>,
+    v: Vec<T>,
+    rows: usize,
+    cols: usize,
+) -> PyResult<Arr2<'py, T>> {
     // One array object that owns the Vec (no copy, no reshape view).
     let a = numpy::ndarray::Array2::from_shape_vec((rows, cols), v)
         .map_err(|e| PyValueError::new_err(format!("internal shape error: {e}")))?;
@@ -31,7 +36,9 @@ fn parse_truncation(t: &str) -> PyResult<pad::Truncation> {
         "error" => Ok(pad::Truncation::Error),
         "right" => Ok(pad::Truncation::Right),
         "left" => Ok(pad::Truncation::Left),
-        other => Err(PyValueError::new_err(format!("truncation must be 'error', 'right' or 'left', got {other:?}"))),
+        other => Err(PyValueError::new_err(format!(
+            "truncation must be 'error', 'right' or 'left', got {other:?}"
+        ))),
     }
 }
 
@@ -62,19 +69,31 @@ pub fn pad_batch<'py>(
     match dtype {
         "int64" => {
             let p = run(py, work, || pad::pad::<i64>(&rows, &spec))?;
-            Ok((to2(py, p.ids, p.rows, p.cols)?.into_any(), to2(py, p.mask, p.rows, p.cols)?.into_any(), PyArray1::from_vec(py, p.lengths)))
+            Ok((
+                to2(py, p.ids, p.rows, p.cols)?.into_any(),
+                to2(py, p.mask, p.rows, p.cols)?.into_any(),
+                PyArray1::from_vec(py, p.lengths),
+            ))
         }
         "int32" => {
             let p = run(py, work, || pad::pad::<i32>(&rows, &spec))?;
-            Ok((to2(py, p.ids, p.rows, p.cols)?.into_any(), to2(py, p.mask, p.rows, p.cols)?.into_any(), PyArray1::from_vec(py, p.lengths)))
+            Ok((
+                to2(py, p.ids, p.rows, p.cols)?.into_any(),
+                to2(py, p.mask, p.rows, p.cols)?.into_any(),
+                PyArray1::from_vec(py, p.lengths),
+            ))
         }
-        other => Err(PyValueError::new_err(format!("dtype must be 'int64' or 'int32', got {other:?}"))),
+        other => {
+            Err(PyValueError::new_err(format!("dtype must be 'int64' or 'int32', got {other:?}")))
+        }
     }
 }
 
 /// Packs documents; returns (input_ids, targets, position_ids, doc_ids), each (N, block_size).
 #[pyfunction]
-#[pyo3(signature = (documents, block_size, eos_id, keep_last, pad_id, mask_cross_document, num_threads=None))]
+#[pyo3(signature = (
+    documents, block_size, eos_id, keep_last, pad_id, mask_cross_document, num_threads=None
+))]
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn pack_documents<'py>(
     py: Python<'py>,
@@ -87,14 +106,25 @@ pub fn pack_documents<'py>(
     num_threads: Option<usize>,
 ) -> PyResult<(Arr2<'py, i64>, Arr2<'py, i64>, Arr2<'py, i64>, Arr2<'py, i64>)> {
     if block_size <= 0 {
-        return Err(PyValueError::new_err(format!("block_size must be positive, got {block_size}")));
+        return Err(PyValueError::new_err(format!(
+            "block_size must be positive, got {block_size}"
+        )));
     }
     let seqs = Sequences::many(documents)?;
     let rows = seqs.rows();
     let t = block_size as usize;
     let n = parallel::resolve_threads(num_threads);
-    let p = run(py, bytes_of(&rows), || parallel::install(n, || pack::pack(&rows, t, eos_id, keep_last, pad_id, mask_cross_document)))?;
-    Ok((to2(py, p.input_ids, p.rows, t)?, to2(py, p.targets, p.rows, t)?, to2(py, p.position_ids, p.rows, t)?, to2(py, p.doc_ids, p.rows, t)?))
+    let p = run(py, bytes_of(&rows), || {
+        parallel::install(n, || {
+            pack::pack(&rows, t, eos_id, keep_last, pad_id, mask_cross_document)
+        })
+    })?;
+    Ok((
+        to2(py, p.input_ids, p.rows, t)?,
+        to2(py, p.targets, p.rows, t)?,
+        to2(py, p.position_ids, p.rows, t)?,
+        to2(py, p.doc_ids, p.rows, t)?,
+    ))
 }
 
 /// Language-model windows; returns (input_ids, targets, attention_mask), each (N, block_size).
@@ -108,7 +138,9 @@ pub fn lm_windows<'py>(
     pad_id: i64,
 ) -> PyResult<(Arr2<'py, i64>, Arr2<'py, i64>, Arr2<'py, i64>)> {
     if block_size <= 0 {
-        return Err(PyValueError::new_err(format!("block_size must be positive, got {block_size}")));
+        return Err(PyValueError::new_err(format!(
+            "block_size must be positive, got {block_size}"
+        )));
     }
     if stride <= 0 {
         return Err(PyValueError::new_err(format!("stride must be positive, got {stride}")));
@@ -117,7 +149,11 @@ pub fn lm_windows<'py>(
     let row = seqs.rows()[0];
     let t = block_size as usize;
     let w = run(py, row.len() * 8, || pack::windows(row, t, stride as usize, pad_id))?;
-    Ok((to2(py, w.input_ids, w.rows, t)?, to2(py, w.targets, w.rows, t)?, to2(py, w.attention_mask, w.rows, t)?))
+    Ok((
+        to2(py, w.input_ids, w.rows, t)?,
+        to2(py, w.targets, w.rows, t)?,
+        to2(py, w.attention_mask, w.rows, t)?,
+    ))
 }
 
 /// Length-bucketed batches; returns (flat indices, offsets).
@@ -134,7 +170,9 @@ pub fn bucket_batches<'py>(
 ) -> PyResult<(Arr1<'py, u32>, Arr1<'py, u64>)> {
     let l = lengths.as_slice()?;
     let o = order.as_slice()?;
-    let (flat, off) = run(py, l.len() * 16, || bucket::bucket_batches(l, o, bucket_size, batch_size, max_tokens, drop_last))?;
+    let (flat, off) = run(py, l.len() * 16, || {
+        bucket::bucket_batches(l, o, bucket_size, batch_size, max_tokens, drop_last)
+    })?;
     Ok((PyArray1::from_vec(py, flat), PyArray1::from_vec(py, off)))
 }
 
@@ -168,7 +206,12 @@ impl ShardReader {
     }
 
     /// (len(starts), length) int64 ids starting at each start.
-    fn gather<'py>(&self, py: Python<'py>, starts: Vec<u64>, length: usize) -> PyResult<Arr2<'py, i64>> {
+    fn gather<'py>(
+        &self,
+        py: Python<'py>,
+        starts: Vec<u64>,
+        length: usize,
+    ) -> PyResult<Arr2<'py, i64>> {
         let n = starts.len();
         let v = run(py, n * length * 8, || self.inner.gather(&starts, length))?;
         to2(py, v, n, length)
@@ -214,21 +257,44 @@ impl ShardSink {
 impl ShardSink {
     #[new]
     #[pyo3(signature = (directory, prefix, itemsize, max_tokens, eos_id))]
-    fn new(directory: PathBuf, prefix: String, itemsize: usize, max_tokens: u64, eos_id: Option<u32>) -> PyResult<Self> {
+    fn new(
+        directory: PathBuf,
+        prefix: String,
+        itemsize: usize,
+        max_tokens: u64,
+        eos_id: Option<u32>,
+    ) -> PyResult<Self> {
         let dtype = match itemsize {
             2 => shard::Dtype::U16,
             4 => shard::Dtype::U32,
-            other => return Err(PyValueError::new_err(format!("itemsize must be 2 or 4, got {other}"))),
+            other => {
+                return Err(PyValueError::new_err(format!("itemsize must be 2 or 4, got {other}")))
+            }
         };
         if max_tokens == 0 {
             return Err(PyValueError::new_err("max_tokens_per_shard must be positive"));
         }
-        Ok(ShardSink { dir: directory, prefix, dtype, max_tokens, eos: eos_id, current: None, written: Vec::new(), tokens: 0 })
+        Ok(ShardSink {
+            dir: directory,
+            prefix,
+            dtype,
+            max_tokens,
+            eos: eos_id,
+            current: None,
+            written: Vec::new(),
+            tokens: 0,
+        })
     }
 
     /// Encodes texts (ordinary text: special tokens are not parsed) and appends them.
     #[pyo3(signature = (tokenizer, texts, num_threads=None))]
-    fn add_texts(&mut self, py: Python<'_>, tokenizer: &CoreTokenizer, texts: &Bound<'_, PyAny>, num_threads: Option<usize>) -> PyResult<()> {
+    fn add_texts(
+        &mut self,
+        py: Python<'_>,
+        tokenizer: &CoreTokenizer,
+        texts: &Bound<'_, PyAny>,
+        num_threads: Option<usize>,
+    ) -> PyResult<()> {
         let items = convert::str_items(texts)?;
         let texts = convert::texts(&items)?;
         let tok = tokenizer.core();
@@ -242,7 +308,13 @@ impl ShardSink {
 
     /// Reads UTF-8 files, encodes them in parallel and appends them (one document per file).
     #[pyo3(signature = (tokenizer, paths, num_threads=None))]
-    fn add_files(&mut self, py: Python<'_>, tokenizer: &CoreTokenizer, paths: Vec<PathBuf>, num_threads: Option<usize>) -> PyResult<()> {
+    fn add_files(
+        &mut self,
+        py: Python<'_>,
+        tokenizer: &CoreTokenizer,
+        paths: Vec<PathBuf>,
+        num_threads: Option<usize>,
+    ) -> PyResult<()> {
         let tok = tokenizer.core();
         let n = parallel::resolve_threads(num_threads);
         py.detach(|| -> crate::Result<()> {

@@ -7,7 +7,9 @@ use crate::Error;
 
 fn ferrolm_exception(py: Python<'_>, name: &str, msg: String) -> PyErr {
     match py.import("ferrolm.errors").and_then(|m| m.getattr(name)) {
-        Ok(ty) => PyErr::from_type(ty.cast_into().expect("ferrolm.errors holds exception types"), msg),
+        Ok(ty) => {
+            PyErr::from_type(ty.cast_into().expect("ferrolm.errors holds exception types"), msg)
+        }
         Err(e) => e,
     }
 }

@@ -14,7 +14,8 @@ type Out<'py> = Bound<'py, PyAny>;
 /// Whether the calls' arrays are float64 (the kernels then run in f64; else f32, and the
 /// per-array extraction reports a dtype mismatch).
 fn is_f64(a: &Bound<'_, PyAny>) -> bool {
-    a.cast::<numpy::PyUntypedArray>().is_ok_and(|u| u.dtype().is_equiv_to(&numpy::dtype::<f64>(a.py())))
+    a.cast::<numpy::PyUntypedArray>()
+        .is_ok_and(|u| u.dtype().is_equiv_to(&numpy::dtype::<f64>(a.py())))
 }
 
 fn arr<'py, T: Element>(name: &str, a: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
@@ -30,7 +31,10 @@ fn arr<'py, T: Element>(name: &str, a: &Bound<'py, PyAny>) -> PyResult<PyReadonl
     Ok(r)
 }
 
-fn opt<'py, T: Element>(name: &str, a: Option<&Bound<'py, PyAny>>) -> PyResult<Option<PyReadonlyArrayDyn<'py, T>>> {
+fn opt<'py, T: Element>(
+    name: &str,
+    a: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Option<PyReadonlyArrayDyn<'py, T>>> {
     a.filter(|a| !a.is_none()).map(|a| arr::<T>(name, a)).transpose()
 }
 
@@ -68,21 +72,36 @@ fn args<'py, T: Element>(
 ) -> PyResult<Args<'py, T>> {
     let x = arr::<T>("input", x)?;
     let h0 = arr::<T>("h0", h0)?;
-    let c0 = if lstm { Some(arr::<T>("c0", c0.ok_or_else(|| PyValueError::new_err("LSTM needs c0"))?)?) } else { None };
+    let c0 = if lstm {
+        Some(arr::<T>("c0", c0.ok_or_else(|| PyValueError::new_err("LSTM needs c0"))?)?)
+    } else {
+        None
+    };
     let w_ih = arr::<T>("weight_ih", w_ih)?;
     let w_hh = arr::<T>("weight_hh", w_hh)?;
     let (xs, hs) = (x.shape(), w_hh.shape());
     if xs.len() != 2 || hs.len() != 2 {
-        return Err(PyValueError::new_err("input must be (N, input_size) and weight_hh (gates*H, H)"));
+        return Err(PyValueError::new_err(
+            "input must be (N, input_size) and weight_hh (gates*H, H)",
+        ));
     }
     let dims = Dims { input: xs[1], hidden: hs[1] };
-    Ok(Args { x, h0, c0, w_ih, w_hh, b_ih: opt("bias_ih", b_ih)?, b_hh: opt("bias_hh", b_hh)?, dims })
+    Ok(Args {
+        x,
+        h0,
+        c0,
+        w_ih,
+        w_hh,
+        b_ih: opt("bias_ih", b_ih)?,
+        b_hh: opt("bias_hh", b_hh)?,
+        dims,
+    })
 }
 
-/// Runs a recurrent or attention kernel: f32 on the calling thread (its thread team is torch's OpenMP team
-/// when torch is loaded, see `kernels::team`; moving to a rayon worker first would make libgomp
-/// start a second team for that thread), f64 (whose products use the `gemm` crate on rayon)
-/// inside ferrolm's sized rayon pool.
+/// Runs a recurrent or attention kernel: f32 on the calling thread (its thread team is torch's
+/// OpenMP team when torch is loaded, see `kernels::team`; moving to a rayon worker first would
+/// make libgomp start a second team for that thread), f64 (whose products use the `gemm` crate
+/// on rayon) inside ferrolm's sized rayon pool.
 fn run_kernel<T: 'static, R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
         f()
@@ -92,7 +111,12 @@ fn run_kernel<T: 'static, R: Send>(threads: usize, f: impl FnOnce() -> R + Send)
 }
 
 fn weights<'a, T: Element>(a: &'a Args<'_, T>) -> Weights<'a, T> {
-    Weights { w_ih: sl(&a.w_ih), w_hh: sl(&a.w_hh), b_ih: a.b_ih.as_ref().map(sl), b_hh: a.b_hh.as_ref().map(sl) }
+    Weights {
+        w_ih: sl(&a.w_ih),
+        w_hh: sl(&a.w_hh),
+        b_ih: a.b_ih.as_ref().map(sl),
+        b_hh: a.b_hh.as_ref().map(sl),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -117,13 +141,62 @@ fn forward<'py, T: Float + Element>(
     let dims = a.dims;
     if lstm {
         let c0s = sl(a.c0.as_ref().expect("lstm has c0"));
-        let o = py.detach(|| run_kernel::<T, _>(threads, || rnn::lstm_forward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, threads, keep, batch_first)))?;
-        let (gates, cs) = if keep { (out(py, o.gates, &[n, 4 * h])?, out(py, o.cs, &[n, h])?) } else { (py.None().into_bound(py), py.None().into_bound(py)) };
-        Ok(vec![out(py, o.y, &[n, h])?, out(py, o.h_n, &[bsz, h])?, out(py, o.c_n, &[bsz, h])?, gates, cs])
+        let o = py.detach(|| {
+            run_kernel::<T, _>(threads, || {
+                rnn::lstm_forward(
+                    xs,
+                    batch_sizes,
+                    reverse,
+                    dims,
+                    h0s,
+                    c0s,
+                    &wts,
+                    threads,
+                    keep,
+                    batch_first,
+                )
+            })
+        })?;
+        let (gates, cs) = if keep {
+            (out(py, o.gates, &[n, 4 * h])?, out(py, o.cs, &[n, h])?)
+        } else {
+            (py.None().into_bound(py), py.None().into_bound(py))
+        };
+        Ok(vec![
+            out(py, o.y, &[n, h])?,
+            out(py, o.h_n, &[bsz, h])?,
+            out(py, o.c_n, &[bsz, h])?,
+            gates,
+            cs,
+        ])
     } else {
-        let o = py.detach(|| run_kernel::<T, _>(threads, || rnn::gru_forward(xs, batch_sizes, reverse, dims, h0s, &wts, threads, keep, batch_first)))?;
-        let (gates, hn) = if keep { (out(py, o.gates, &[n, 3 * h])?, out(py, o.hn, &[n, h])?) } else { (py.None().into_bound(py), py.None().into_bound(py)) };
-        Ok(vec![out(py, o.y, &[n, h])?, out(py, o.h_n, &[bsz, h])?, py.None().into_bound(py), gates, hn])
+        let o = py.detach(|| {
+            run_kernel::<T, _>(threads, || {
+                rnn::gru_forward(
+                    xs,
+                    batch_sizes,
+                    reverse,
+                    dims,
+                    h0s,
+                    &wts,
+                    threads,
+                    keep,
+                    batch_first,
+                )
+            })
+        })?;
+        let (gates, hn) = if keep {
+            (out(py, o.gates, &[n, 3 * h])?, out(py, o.hn, &[n, h])?)
+        } else {
+            (py.None().into_bound(py), py.None().into_bound(py))
+        };
+        Ok(vec![
+            out(py, o.y, &[n, h])?,
+            out(py, o.h_n, &[bsz, h])?,
+            py.None().into_bound(py),
+            gates,
+            hn,
+        ])
     }
 }
 
@@ -131,7 +204,10 @@ fn forward<'py, T: Float + Element>(
 /// With `keep` false (no backward will follow) the last two are None; with `batch_first`
 /// (inference, one length) x is (B*T, I) in batch-first row order and y comes back so.
 #[pyfunction]
-#[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, threads, keep=true, batch_first=false))]
+#[pyo3(signature = (
+    mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, threads, keep=true,
+    batch_first=false
+))]
 #[allow(clippy::too_many_arguments)]
 pub fn rnn_forward<'py>(
     py: Python<'py>,
@@ -152,9 +228,35 @@ pub fn rnn_forward<'py>(
     let lstm = parse_mode(mode)?;
     let threads = parallel::resolve_threads(Some(threads));
     if is_f64(x) {
-        forward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, [w_ih, w_hh], [b_ih, b_hh], threads, keep, batch_first)
+        forward::<f64>(
+            py,
+            lstm,
+            x,
+            &batch_sizes,
+            reverse,
+            h0,
+            c0,
+            [w_ih, w_hh],
+            [b_ih, b_hh],
+            threads,
+            keep,
+            batch_first,
+        )
     } else {
-        forward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, [w_ih, w_hh], [b_ih, b_hh], threads, keep, batch_first)
+        forward::<f32>(
+            py,
+            lstm,
+            x,
+            &batch_sizes,
+            reverse,
+            h0,
+            c0,
+            [w_ih, w_hh],
+            [b_ih, b_hh],
+            threads,
+            keep,
+            batch_first,
+        )
     }
 }
 
@@ -182,12 +284,24 @@ fn backward<'py, T: Float + Element>(
     threads: usize,
 ) -> PyResult<Vec<Out<'py>>> {
     let a = args::<T>(lstm, x, h0, c0, w[0], w[1], b[0], b[1])?;
-    let (y, gates, cs) = (arr::<T>("y", saved[0])?, arr::<T>("gates", saved[1])?, arr::<T>("cs", saved[2])?);
+    let (y, gates, cs) =
+        (arr::<T>("y", saved[0])?, arr::<T>("gates", saved[1])?, arr::<T>("cs", saved[2])?);
     let (h, n) = (a.dims.hidden, a.x.shape()[0]);
     let bsz = batch_sizes.first().copied().unwrap_or(0);
-    let dy = arr::<T>("grad_output", grads[0].ok_or_else(|| PyValueError::new_err("grad_output missing"))?)?;
-    let dh_n = arr::<T>("grad_h_n", grads[1].ok_or_else(|| PyValueError::new_err("grad_h_n missing"))?)?;
-    let dc_n = if lstm { Some(arr::<T>("grad_c_n", grads[2].ok_or_else(|| PyValueError::new_err("grad_c_n missing"))?)?) } else { None };
+    let dy = arr::<T>(
+        "grad_output",
+        grads[0].ok_or_else(|| PyValueError::new_err("grad_output missing"))?,
+    )?;
+    let dh_n =
+        arr::<T>("grad_h_n", grads[1].ok_or_else(|| PyValueError::new_err("grad_h_n missing"))?)?;
+    let dc_n = if lstm {
+        Some(arr::<T>(
+            "grad_c_n",
+            grads[2].ok_or_else(|| PyValueError::new_err("grad_c_n missing"))?,
+        )?)
+    } else {
+        None
+    };
     let wts = weights(&a);
     let s = Saved { y: sl(&y), gates: sl(&gates), cs: sl(&cs) };
     let (xs, h0s, dys, dhs) = (sl(&a.x), sl(&a.h0), sl(&dy), sl(&dh_n));
@@ -197,7 +311,20 @@ fn backward<'py, T: Float + Element>(
     let g = py.detach(|| {
         run_kernel::<T, _>(threads, || {
             if lstm {
-                rnn::lstm_backward(xs, batch_sizes, reverse, dims, h0s, c0s, &wts, s, dys, dhs, dcs, threads)
+                rnn::lstm_backward(
+                    xs,
+                    batch_sizes,
+                    reverse,
+                    dims,
+                    h0s,
+                    c0s,
+                    &wts,
+                    s,
+                    dys,
+                    dhs,
+                    dcs,
+                    threads,
+                )
             } else {
                 rnn::gru_backward(xs, batch_sizes, reverse, dims, h0s, &wts, s, dys, dhs, threads)
             }
@@ -205,14 +332,23 @@ fn backward<'py, T: Float + Element>(
     })?;
     let dc0 = if lstm { out(py, g.dc0, &[bsz, h])? } else { py.None().into_bound(py) };
     let dgh = if lstm { py.None().into_bound(py) } else { out(py, g.dgh, &[n, g.ldg])? };
-    Ok(vec![out(py, g.dgx, &[n, g.ldg])?, dgh, out(py, g.hprev, &[n, h])?, out(py, g.dh0, &[bsz, h])?, dc0])
+    Ok(vec![
+        out(py, g.dgx, &[n, g.ldg])?,
+        dgh,
+        out(py, g.hprev, &[n, h])?,
+        out(py, g.dh0, &[bsz, h])?,
+        dc0,
+    ])
 }
 
 /// One layer direction's backward through time: returns [dgx, dgh (None for LSTM: equal to
 /// dgx), hprev, dh0, dc0 (None for GRU)], the gate gradients as (N, stride) arrays whose first
 /// G*H columns are the gradients (rows padded off 1 KiB multiples), for the caller's GEMMs.
 #[pyfunction]
-#[pyo3(signature = (mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y, gates, cs, dy, dh_n, dc_n, threads))]
+#[pyo3(signature = (
+    mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y, gates, cs, dy, dh_n, dc_n,
+    threads
+))]
 #[allow(clippy::too_many_arguments)]
 pub fn rnn_backward<'py>(
     py: Python<'py>,
@@ -238,18 +374,51 @@ pub fn rnn_backward<'py>(
     let threads = parallel::resolve_threads(Some(threads));
     let args = ([w_ih, w_hh], [b_ih, b_hh], [y, gates, cs], [dy, dh_n, dc_n]);
     if is_f64(x) {
-        backward::<f64>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads)
+        backward::<f64>(
+            py,
+            lstm,
+            x,
+            &batch_sizes,
+            reverse,
+            h0,
+            c0,
+            args.0,
+            args.1,
+            args.2,
+            args.3,
+            threads,
+        )
     } else {
-        backward::<f32>(py, lstm, x, &batch_sizes, reverse, h0, c0, args.0, args.1, args.2, args.3, threads)
+        backward::<f32>(
+            py,
+            lstm,
+            x,
+            &batch_sizes,
+            reverse,
+            h0,
+            c0,
+            args.0,
+            args.1,
+            args.2,
+            args.3,
+            threads,
+        )
     }
 }
-
 
 fn attn_shape(q: &[usize], k: &[usize], v: &[usize]) -> PyResult<crate::kernels::attention::Shape> {
     if q.len() != 4 || k.len() != 4 || v.len() != 4 {
         return Err(PyValueError::new_err("q, k and v must be 4-D (batch, heads, time, head_dim)"));
     }
-    Ok(crate::kernels::attention::Shape { b: q[0], hq: q[1], hk: k[1], tq: q[2], tk: k[2], d: q[3], dv: v[3] })
+    Ok(crate::kernels::attention::Shape {
+        b: q[0],
+        hq: q[1],
+        hk: k[1],
+        tq: q[2],
+        tk: k[2],
+        d: q[3],
+        dv: v[3],
+    })
 }
 
 fn pad_mask<'py>(m: Option<&Bound<'py, PyAny>>) -> PyResult<Option<PyReadonlyArrayDyn<'py, bool>>> {
@@ -257,13 +426,35 @@ fn pad_mask<'py>(m: Option<&Bound<'py, PyAny>>) -> PyResult<Option<PyReadonlyArr
 }
 
 #[allow(clippy::too_many_arguments)]
-fn attn_fwd<'py, T: Float + Element>(py: Python<'py>, q: &Bound<'py, PyAny>, k: &Bound<'py, PyAny>, v: &Bound<'py, PyAny>, causal: bool, mask: Option<&Bound<'py, PyAny>>, scale: f64, threads: usize) -> PyResult<Vec<Out<'py>>> {
+fn attn_fwd<'py, T: Float + Element>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    causal: bool,
+    mask: Option<&Bound<'py, PyAny>>,
+    scale: f64,
+    threads: usize,
+) -> PyResult<Vec<Out<'py>>> {
     let (q, k, v) = (arr::<T>("q", q)?, arr::<T>("k", k)?, arr::<T>("v", v)?);
     let sh = attn_shape(q.shape(), k.shape(), v.shape())?;
     let m = pad_mask(mask)?;
     let (qs, ks, vs) = (sl(&q), sl(&k), sl(&v));
     let ms: Option<&[bool]> = m.as_ref().map(sl);
-    let (o, lse) = py.detach(|| run_kernel::<T, _>(threads, || crate::kernels::attention::forward(qs, ks, vs, sh, causal, ms, T::from_f64(scale), threads)))?;
+    let (o, lse) = py.detach(|| {
+        run_kernel::<T, _>(threads, || {
+            crate::kernels::attention::forward(
+                qs,
+                ks,
+                vs,
+                sh,
+                causal,
+                ms,
+                T::from_f64(scale),
+                threads,
+            )
+        })
+    })?;
     Ok(vec![out(py, o, &[sh.b, sh.hq, sh.tq, sh.dv])?, out(py, lse, &[sh.b, sh.hq, sh.tq])?])
 }
 
@@ -271,7 +462,16 @@ fn attn_fwd<'py, T: Float + Element>(py: Python<'py>, q: &Bound<'py, PyAny>, k: 
 #[pyfunction]
 #[pyo3(signature = (q, k, v, causal, key_padding_mask, scale, threads))]
 #[allow(clippy::too_many_arguments)]
-pub fn attention_forward<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, k: &Bound<'py, PyAny>, v: &Bound<'py, PyAny>, causal: bool, key_padding_mask: Option<&Bound<'py, PyAny>>, scale: f64, threads: usize) -> PyResult<Vec<Out<'py>>> {
+pub fn attention_forward<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    causal: bool,
+    key_padding_mask: Option<&Bound<'py, PyAny>>,
+    scale: f64,
+    threads: usize,
+) -> PyResult<Vec<Out<'py>>> {
     let threads = parallel::resolve_threads(Some(threads));
     if is_f64(q) {
         attn_fwd::<f64>(py, q, k, v, causal, key_padding_mask, scale, threads)
@@ -281,14 +481,38 @@ pub fn attention_forward<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, k: &Bound<
 }
 
 #[allow(clippy::too_many_arguments)]
-fn attn_bwd<'py, T: Float + Element>(py: Python<'py>, t: [&Bound<'py, PyAny>; 6], causal: bool, mask: Option<&Bound<'py, PyAny>>, scale: f64, threads: usize) -> PyResult<Vec<Out<'py>>> {
+fn attn_bwd<'py, T: Float + Element>(
+    py: Python<'py>,
+    t: [&Bound<'py, PyAny>; 6],
+    causal: bool,
+    mask: Option<&Bound<'py, PyAny>>,
+    scale: f64,
+    threads: usize,
+) -> PyResult<Vec<Out<'py>>> {
     let names = ["q", "k", "v", "o", "lse", "grad_output"];
-    let a: Vec<PyReadonlyArrayDyn<'py, T>> = t.iter().zip(names).map(|(x, n)| arr::<T>(n, x)).collect::<PyResult<_>>()?;
+    let a: Vec<PyReadonlyArrayDyn<'py, T>> =
+        t.iter().zip(names).map(|(x, n)| arr::<T>(n, x)).collect::<PyResult<_>>()?;
     let sh = attn_shape(a[0].shape(), a[1].shape(), a[2].shape())?;
     let m = pad_mask(mask)?;
     let s: Vec<&[T]> = a.iter().map(sl).collect();
     let ms: Option<&[bool]> = m.as_ref().map(sl);
-    let (dq, dk, dv) = py.detach(|| run_kernel::<T, _>(threads, || crate::kernels::attention::backward(s[0], s[1], s[2], s[3], s[4], s[5], sh, causal, ms, T::from_f64(scale), threads)))?;
+    let (dq, dk, dv) = py.detach(|| {
+        run_kernel::<T, _>(threads, || {
+            crate::kernels::attention::backward(
+                s[0],
+                s[1],
+                s[2],
+                s[3],
+                s[4],
+                s[5],
+                sh,
+                causal,
+                ms,
+                T::from_f64(scale),
+                threads,
+            )
+        })
+    })?;
     Ok(vec![out(py, dq, a[0].shape())?, out(py, dk, a[1].shape())?, out(py, dv, a[2].shape())?])
 }
 
@@ -319,22 +543,49 @@ pub fn attention_backward<'py>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn decode_t<'py, T: Float + Element>(py: Python<'py>, q: &Bound<'py, PyAny>, k: &Bound<'py, PyAny>, v: &Bound<'py, PyAny>, lengths: Vec<usize>, scale: f64, threads: usize) -> PyResult<Out<'py>> {
+fn decode_t<'py, T: Float + Element>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k: &Bound<'py, PyAny>,
+    v: &Bound<'py, PyAny>,
+    lengths: Vec<usize>,
+    scale: f64,
+    threads: usize,
+) -> PyResult<Out<'py>> {
     let (q, k, v) = (arr::<T>("q", q)?, arr::<T>("k_cache", k)?, arr::<T>("v_cache", v)?);
     let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
     if qs.len() != 3 || ks.len() != 4 || vs.len() != 4 {
         return Err(PyValueError::new_err("q must be (B, Hq, D) and the caches (B, Hk, L, D)"));
     }
-    let sh = crate::kernels::decode::Shape { b: qs[0], hq: qs[1], hk: ks[1], l: ks[2], d: qs[2], dv: vs[3] };
+    let sh = crate::kernels::decode::Shape {
+        b: qs[0],
+        hq: qs[1],
+        hk: ks[1],
+        l: ks[2],
+        d: qs[2],
+        dv: vs[3],
+    };
     let (qd, kd, vd) = (sl(&q), sl(&k), sl(&v));
-    let o = py.detach(|| run_kernel::<T, _>(threads, || crate::kernels::decode::decode(qd, kd, vd, &lengths, sh, T::from_f64(scale), threads)))?;
+    let o = py.detach(|| {
+        run_kernel::<T, _>(threads, || {
+            crate::kernels::decode::decode(qd, kd, vd, &lengths, sh, T::from_f64(scale), threads)
+        })
+    })?;
     out(py, o, &[sh.b, sh.hq, sh.dv])
 }
 
 /// Single-token attention over KV caches: returns (B, Hq, Dv).
 #[pyfunction]
 #[pyo3(signature = (q, k_cache, v_cache, cache_lengths, scale, threads))]
-pub fn decode_attention<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, k_cache: &Bound<'py, PyAny>, v_cache: &Bound<'py, PyAny>, cache_lengths: Vec<usize>, scale: f64, threads: usize) -> PyResult<Out<'py>> {
+pub fn decode_attention<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyAny>,
+    k_cache: &Bound<'py, PyAny>,
+    v_cache: &Bound<'py, PyAny>,
+    cache_lengths: Vec<usize>,
+    scale: f64,
+    threads: usize,
+) -> PyResult<Out<'py>> {
     let threads = parallel::resolve_threads(Some(threads));
     if is_f64(q) {
         decode_t::<f64>(py, q, k_cache, v_cache, cache_lengths, scale, threads)
@@ -343,11 +594,21 @@ pub fn decode_attention<'py>(py: Python<'py>, q: &Bound<'py, PyAny>, k_cache: &B
     }
 }
 
-fn dropout_t<'py, T: Float + Element>(py: Python<'py>, x: &Bound<'py, PyAny>, out: &Bound<'py, PyAny>, p: f64, seed: u64, threads: usize) -> PyResult<()> {
+fn dropout_t<'py, T: Float + Element>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+    p: f64,
+    seed: u64,
+    threads: usize,
+) -> PyResult<()> {
     let x = arr::<T>("input", x)?;
-    let mut o: numpy::PyReadwriteArrayDyn<'py, T> = out
-        .extract()
-        .map_err(|_| PyTypeError::new_err(format!("out must be a writable numpy array of {}", std::any::type_name::<T>())))?;
+    let mut o: numpy::PyReadwriteArrayDyn<'py, T> = out.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "out must be a writable numpy array of {}",
+            std::any::type_name::<T>()
+        ))
+    })?;
     if o.shape() != x.shape() || !o.is_c_contiguous() {
         return Err(PyValueError::new_err("out must be C-contiguous with the input's shape"));
     }
@@ -363,9 +624,18 @@ fn dropout_t<'py, T: Float + Element>(py: Python<'py>, x: &Bound<'py, PyAny>, ou
 /// Dropout with a counter-based mask into `out` (the same call on the gradient is the backward).
 #[pyfunction]
 #[pyo3(signature = (x, out, p, seed, threads))]
-pub fn dropout<'py>(py: Python<'py>, x: &Bound<'py, PyAny>, out: &Bound<'py, PyAny>, p: f64, seed: u64, threads: usize) -> PyResult<()> {
+pub fn dropout<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    out: &Bound<'py, PyAny>,
+    p: f64,
+    seed: u64,
+    threads: usize,
+) -> PyResult<()> {
     if !(0.0..1.0).contains(&p) {
-        return Err(PyValueError::new_err(format!("dropout probability must be in [0, 1), got {p}")));
+        return Err(PyValueError::new_err(format!(
+            "dropout probability must be in [0, 1), got {p}"
+        )));
     }
     let threads = parallel::resolve_threads(Some(threads));
     if is_f64(x) {

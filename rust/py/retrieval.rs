@@ -38,7 +38,14 @@ impl Bm25Index {
 
     /// ((Q, k) int64 indices, -1 past the documents available; (Q, k) float64 scores).
     #[pyo3(signature = (queries, k, exclude=None, threads=None))]
-    fn top_k<'py>(&self, py: Python<'py>, queries: &Bound<'py, PyAny>, k: usize, exclude: Option<Vec<i64>>, threads: Option<usize>) -> PyResult<(Arr2<'py, i64>, Arr2<'py, f64>)> {
+    fn top_k<'py>(
+        &self,
+        py: Python<'py>,
+        queries: &Bound<'py, PyAny>,
+        k: usize,
+        exclude: Option<Vec<i64>>,
+        threads: Option<usize>,
+    ) -> PyResult<(Arr2<'py, i64>, Arr2<'py, f64>)> {
         let seqs = Sequences::many(queries)?;
         let rows = seqs.rows();
         let threads = parallel::resolve_threads(threads);

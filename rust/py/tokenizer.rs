@@ -16,7 +16,11 @@ use crate::parallel;
 
 /// The token ids as a Python list. Ints for every id are created once per tokenizer and shared
 /// (an incref instead of an allocation per token: measured ~20% of encode time otherwise).
-fn ids_to_list<'py>(py: Python<'py>, ids: &[u32], ints: &[Py<PyAny>]) -> PyResult<Bound<'py, PyList>> {
+fn ids_to_list<'py>(
+    py: Python<'py>,
+    ids: &[u32],
+    ints: &[Py<PyAny>],
+) -> PyResult<Bound<'py, PyList>> {
     // SAFETY: PyList_New returns a new reference or NULL (checked); each slot is filled
     // exactly once with an owned reference (PyList_SetItem steals it) before the list escapes.
     unsafe {
@@ -45,14 +49,19 @@ fn ids_to_list<'py>(py: Python<'py>, ids: &[u32], ints: &[Py<PyAny>]) -> PyResul
 
 fn policy_from(p: &[u8], n: usize) -> PyResult<Vec<SpecialPolicy>> {
     if p.len() != n {
-        return Err(PyValueError::new_err(format!("special-token policy needs {n} entries, got {}", p.len())));
+        return Err(PyValueError::new_err(format!(
+            "special-token policy needs {n} entries, got {}",
+            p.len()
+        )));
     }
     p.iter()
         .map(|&x| match x {
             0 => Ok(SpecialPolicy::Text),
             1 => Ok(SpecialPolicy::Allowed),
             2 => Ok(SpecialPolicy::Disallowed),
-            _ => Err(PyValueError::new_err(format!("special-token policy entry {x} is not 0, 1 or 2"))),
+            _ => Err(PyValueError::new_err(format!(
+                "special-token policy entry {x} is not 0, 1 or 2"
+            ))),
         })
         .collect()
 }
@@ -61,7 +70,10 @@ fn ids_from(ids: Vec<i64>) -> PyResult<Vec<u64>> {
     ids.into_iter()
         .map(|i| {
             u64::try_from(i).map_err(|_| {
-                PyErr::from(crate::Error::UnknownId { id: i as u64, valid: "non-negative ids".into() })
+                PyErr::from(crate::Error::UnknownId {
+                    id: i as u64,
+                    valid: "non-negative ids".into(),
+                })
             })
         })
         .collect()
@@ -94,7 +106,12 @@ impl CoreTokenizer {
 impl CoreTokenizer {
     /// From the bytes of a tiktoken rank file.
     #[staticmethod]
-    fn from_tiktoken_bytes(py: Python<'_>, data: &[u8], pattern: &str, specials: Vec<(String, u32)>) -> PyResult<Self> {
+    fn from_tiktoken_bytes(
+        py: Python<'_>,
+        data: &[u8],
+        pattern: &str,
+        specials: Vec<(String, u32)>,
+    ) -> PyResult<Self> {
         let data = data.to_vec();
         let pattern = pattern.to_string();
         let t = py.detach(move || -> crate::Result<_> {
@@ -113,9 +130,16 @@ impl CoreTokenizer {
 
     /// From (bytes, rank) pairs with tiktoken's merge rule.
     #[staticmethod]
-    fn from_ranks(py: Python<'_>, ranks: Vec<(Vec<u8>, u32)>, pattern: &str, specials: Vec<(String, u32)>) -> PyResult<Self> {
+    fn from_ranks(
+        py: Python<'_>,
+        ranks: Vec<(Vec<u8>, u32)>,
+        pattern: &str,
+        specials: Vec<(String, u32)>,
+    ) -> PyResult<Self> {
         let pattern = pattern.to_string();
-        let t = py.detach(move || bpe::Tokenizer::new(bpe::Bpe::from_ranks(ranks)?, &pattern, specials))?;
+        let t = py.detach(move || {
+            bpe::Tokenizer::new(bpe::Bpe::from_ranks(ranks)?, &pattern, specials)
+        })?;
         Self::wrap(py, t)
     }
 
@@ -181,20 +205,34 @@ impl CoreTokenizer {
         py.detach(move || t.bpe().merge_list())
     }
 
-    fn encode_ordinary<'py>(&self, py: Python<'py>, text: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
+    fn encode_ordinary<'py>(
+        &self,
+        py: Python<'py>,
+        text: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyList>> {
         let text = convert::text(text, "text")?;
         let ids = run(py, text.len(), || self.inner.encode_ordinary(&text))?;
         ids_to_list(py, &ids, &self.ints)
     }
 
-    fn encode<'py>(&self, py: Python<'py>, text: &Bound<'py, PyAny>, policy: &[u8]) -> PyResult<Bound<'py, PyList>> {
+    fn encode<'py>(
+        &self,
+        py: Python<'py>,
+        text: &Bound<'py, PyAny>,
+        policy: &[u8],
+    ) -> PyResult<Bound<'py, PyList>> {
         let policy = policy_from(policy, self.inner.specials().len())?;
         let text = convert::text(text, "text")?;
         let ids = run(py, text.len(), || self.inner.encode(&text, &policy))?;
         ids_to_list(py, &ids, &self.ints)
     }
 
-    fn encode_to_numpy<'py>(&self, py: Python<'py>, text: &Bound<'py, PyAny>, policy: &[u8]) -> PyResult<Bound<'py, PyArray1<u32>>> {
+    fn encode_to_numpy<'py>(
+        &self,
+        py: Python<'py>,
+        text: &Bound<'py, PyAny>,
+        policy: &[u8],
+    ) -> PyResult<Bound<'py, PyArray1<u32>>> {
         let policy = policy_from(policy, self.inner.specials().len())?;
         let text = convert::text(text, "text")?;
         let ids = run(py, text.len(), || self.inner.encode(&text, &policy))?;
@@ -213,7 +251,8 @@ impl CoreTokenizer {
         let items = convert::str_items(texts)?;
         let texts = convert::texts(&items)?;
         let n = parallel::resolve_threads(num_threads);
-        let all = py.detach(|| parallel::install(n, || self.inner.encode_batch(&texts, &policy)))?;
+        let all =
+            py.detach(|| parallel::install(n, || self.inner.encode_batch(&texts, &policy)))?;
         // SAFETY: as in ids_to_list; each slot gets one owned reference.
         unsafe {
             let out = ffi::PyList_New(all.len() as ffi::Py_ssize_t);
@@ -278,7 +317,12 @@ impl CoreTokenizer {
     }
 
     #[pyo3(signature = (batch, num_threads=None))]
-    fn decode_bytes_batch<'py>(&self, py: Python<'py>, batch: Vec<Vec<i64>>, num_threads: Option<usize>) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    fn decode_bytes_batch<'py>(
+        &self,
+        py: Python<'py>,
+        batch: Vec<Vec<i64>>,
+        num_threads: Option<usize>,
+    ) -> PyResult<Vec<Bound<'py, PyBytes>>> {
         use rayon::prelude::*;
         let batch = batch.into_iter().map(ids_from).collect::<PyResult<Vec<_>>>()?;
         let n = parallel::resolve_threads(num_threads);
@@ -309,7 +353,9 @@ impl CoreTokenizer {
 
     /// All token bytes by id (None for gaps), for building tables in Python.
     fn token_table<'py>(&self, py: Python<'py>) -> Vec<Option<Bound<'py, PyBytes>>> {
-        (0..self.inner.n_vocab() as u32).map(|i| self.inner.token_bytes(i).map(|b| PyBytes::new(py, b))).collect()
+        (0..self.inner.n_vocab() as u32)
+            .map(|i| self.inner.token_bytes(i).map(|b| PyBytes::new(py, b)))
+            .collect()
     }
 
     /// Pieces of `text` under this tokenizer's pattern (for inspection and tests).
@@ -331,7 +377,9 @@ pub struct WordCounter {
 
 impl WordCounter {
     fn get(&mut self) -> PyResult<&mut bpe::train::WordCounter> {
-        self.inner.as_mut().ok_or_else(|| PyValueError::new_err("this WordCounter was already turned into a Trainer"))
+        self.inner.as_mut().ok_or_else(|| {
+            PyValueError::new_err("this WordCounter was already turned into a Trainer")
+        })
     }
 }
 
@@ -343,7 +391,12 @@ impl WordCounter {
     }
 
     #[pyo3(signature = (texts, num_threads=None))]
-    fn add_texts(&mut self, py: Python<'_>, texts: &Bound<'_, PyAny>, num_threads: Option<usize>) -> PyResult<()> {
+    fn add_texts(
+        &mut self,
+        py: Python<'_>,
+        texts: &Bound<'_, PyAny>,
+        num_threads: Option<usize>,
+    ) -> PyResult<()> {
         let items = convert::str_items(texts)?;
         let texts = convert::texts(&items)?;
         let n = parallel::resolve_threads(num_threads);
@@ -354,7 +407,12 @@ impl WordCounter {
 
     /// Reads UTF-8 text files and counts their words.
     #[pyo3(signature = (paths, num_threads=None))]
-    fn add_files(&mut self, py: Python<'_>, paths: Vec<PathBuf>, num_threads: Option<usize>) -> PyResult<()> {
+    fn add_files(
+        &mut self,
+        py: Python<'_>,
+        paths: Vec<PathBuf>,
+        num_threads: Option<usize>,
+    ) -> PyResult<()> {
         use rayon::prelude::*;
         let n = parallel::resolve_threads(num_threads);
         let c = self.get()?;
@@ -380,8 +438,16 @@ impl WordCounter {
         self.inner.as_ref().map_or(0, |c| c.num_words())
     }
 
-    fn into_trainer(&mut self, py: Python<'_>, vocab_size: usize, min_frequency: u64, specials: Vec<String>) -> PyResult<Trainer> {
-        let c = self.inner.take().ok_or_else(|| PyValueError::new_err("this WordCounter was already turned into a Trainer"))?;
+    fn into_trainer(
+        &mut self,
+        py: Python<'_>,
+        vocab_size: usize,
+        min_frequency: u64,
+        specials: Vec<String>,
+    ) -> PyResult<Trainer> {
+        let c = self.inner.take().ok_or_else(|| {
+            PyValueError::new_err("this WordCounter was already turned into a Trainer")
+        })?;
         let t = py.detach(move || c.into_trainer(vocab_size, min_frequency, specials))?;
         Ok(Trainer { inner: Some(t) })
     }
@@ -395,7 +461,9 @@ pub struct Trainer {
 
 impl Trainer {
     fn get(&mut self) -> PyResult<&mut bpe::train::Trainer> {
-        self.inner.as_mut().ok_or_else(|| PyValueError::new_err("this Trainer has already finished"))
+        self.inner
+            .as_mut()
+            .ok_or_else(|| PyValueError::new_err("this Trainer has already finished"))
     }
 }
 
@@ -423,7 +491,10 @@ impl Trainer {
     }
 
     fn finish(&mut self, py: Python<'_>) -> PyResult<CoreTokenizer> {
-        let t = self.inner.take().ok_or_else(|| PyValueError::new_err("this Trainer has already finished"))?;
+        let t = self
+            .inner
+            .take()
+            .ok_or_else(|| PyValueError::new_err("this Trainer has already finished"))?;
         let tok = py.detach(move || t.finish())?;
         CoreTokenizer::wrap(py, tok)
     }

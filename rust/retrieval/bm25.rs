@@ -1,9 +1,9 @@
 //! Okapi BM25 over token ids, for retrieving in-context demonstrations.
 //!
 //! Score of document d for query q (every query token counts, repeats included):
-//! `Σ_t idf(t) · tf(t,d)·(k1+1) / (tf(t,d) + k1·(1 − b + b·|d|/avgdl))` with the non-negative
-//! `idf(t) = ln(1 + (N − df(t) + 0.5) / (df(t) + 0.5))` (Lucene's). An inverted index of
-//! postings keeps a query's cost proportional to the postings of its tokens, not to N.
+//! `Σ_t idf(t) · tf(t,d)·(k1+1) / (tf(t,d) + k1·(1 − b + b·|d|/avgdl))` with the
+//! non-negative `idf(t) = ln(1 + (N − df(t) + 0.5) / (df(t) + 0.5))` (Lucene's). An inverted
+//! index of postings keeps a query's cost proportional to the postings of its tokens, not to N.
 //! Ties rank the lower document index first, so results are deterministic.
 
 use rayon::prelude::*;
@@ -25,7 +25,9 @@ impl Index {
     /// Indexes `docs`; `k1 >= 0`, `b` in `[0, 1]`.
     pub fn new(docs: &[Row<'_>], k1: f64, b: f64) -> Result<Self> {
         if !(k1 >= 0.0 && k1.is_finite()) || !(0.0..=1.0).contains(&b) {
-            return Err(Error::value(format!("BM25 needs k1 >= 0 and b in [0, 1], got k1={k1}, b={b}")));
+            return Err(Error::value(format!(
+                "BM25 needs k1 >= 0 and b in [0, 1], got k1={k1}, b={b}"
+            )));
         }
         if docs.len() > u32::MAX as usize {
             return Err(Error::value("too many documents for one BM25 index (at most 2^32 - 1)"));
@@ -80,7 +82,8 @@ impl Index {
             let w = q as f64 * self.idf(list.len());
             for &(d, tf) in list {
                 let tf = tf as f64;
-                let norm = self.k1 * (1.0 - self.b + self.b * self.doc_len[d as usize] as f64 / avg);
+                let norm =
+                    self.k1 * (1.0 - self.b + self.b * self.doc_len[d as usize] as f64 / avg);
                 acc[d as usize] += w * tf * (self.k1 + 1.0) / (tf + norm);
             }
         }
@@ -89,10 +92,19 @@ impl Index {
 
     /// The `k` best documents of each query, best first, as `(index, score)`; `exclude[q]`
     /// (if given and >= 0) is never returned for query q (the query's own position in the pool).
-    pub fn top_k(&self, queries: &[Row<'_>], k: usize, exclude: Option<&[i64]>) -> Result<Vec<Vec<(u32, f64)>>> {
+    pub fn top_k(
+        &self,
+        queries: &[Row<'_>],
+        k: usize,
+        exclude: Option<&[i64]>,
+    ) -> Result<Vec<Vec<(u32, f64)>>> {
         if let Some(e) = exclude {
             if e.len() != queries.len() {
-                return Err(Error::value(format!("exclude has {} entries for {} queries", e.len(), queries.len())));
+                return Err(Error::value(format!(
+                    "exclude has {} entries for {} queries",
+                    e.len(),
+                    queries.len()
+                )));
             }
         }
         Ok(queries
@@ -101,8 +113,10 @@ impl Index {
             .map(|(qi, q)| {
                 let s = self.scores(q);
                 let skip = exclude.map(|e| e[qi]).filter(|&x| x >= 0).map(|x| x as usize);
-                let mut idx: Vec<u32> = (0..s.len() as u32).filter(|&d| Some(d as usize) != skip).collect();
-                let better = |a: &u32, b: &u32| s[*b as usize].total_cmp(&s[*a as usize]).then(a.cmp(b));
+                let mut idx: Vec<u32> =
+                    (0..s.len() as u32).filter(|&d| Some(d as usize) != skip).collect();
+                let better =
+                    |a: &u32, b: &u32| s[*b as usize].total_cmp(&s[*a as usize]).then(a.cmp(b));
                 let take = k.min(idx.len());
                 if take > 0 && take < idx.len() {
                     idx.select_nth_unstable_by(take - 1, better);
