@@ -467,7 +467,7 @@ mod tests {
             let piece: Vec<u8> = (0..len)
                 .map(|_| {
                     lcg = lcg.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    if (lcg >> 40) % 3 == 0 {
+                    if (lcg >> 40).is_multiple_of(3) {
                         b'y'
                     } else {
                         b'x'

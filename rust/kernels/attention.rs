@@ -26,7 +26,7 @@ use std::any::TypeId;
 
 use super::team::{self, Shared};
 
-use super::smallmm::{self, Packed};
+use super::smallmm::{self, Lhs, Packed};
 use super::{matmul, zeroed, Float, Mat};
 use crate::{Error, Result};
 
@@ -44,7 +44,7 @@ pub struct Shape {
 
 impl Shape {
     fn check<T>(&self, q: &[T], k: &[T], v: &[T], pad: Option<&[bool]>) -> Result<()> {
-        if self.hk == 0 || self.hq % self.hk != 0 {
+        if self.hk == 0 || !self.hq.is_multiple_of(self.hk) {
             return Err(Error::value(format!(
                 "kv heads ({}) must divide query heads ({})",
                 self.hk, self.hq
@@ -180,17 +180,8 @@ impl<'a, T: Float> Rhs<'a, T> {
     }
 
     /// `dst (row stride ldd) = a (row stride lda, nb rows) · B[:inner, :cols]`.
-    #[allow(clippy::too_many_arguments)]
-    fn mm(
-        &self,
-        dst: &mut [T],
-        ldd: usize,
-        a: &[T],
-        lda: usize,
-        nb: usize,
-        inner: usize,
-        cols: usize,
-    ) {
+    fn mm(&self, dst: &mut [T], ldd: usize, lhs: Lhs<'_, T>, inner: usize, cols: usize) {
+        let Lhs { a, lda, m: nb } = lhs;
         match self {
             Rhs::Packed(p) => {
                 assert!(
@@ -201,13 +192,10 @@ impl<'a, T: Float> Rhs<'a, T> {
                 );
                 // SAFETY: T is f32 (a Packed exists only then); bounds checked above.
                 unsafe {
-                    let a32 = std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len());
                     smallmm::mm_raw_k(
                         dst.as_mut_ptr() as *mut f32,
                         ldd,
-                        a32,
-                        lda,
-                        nb,
+                        lhs.f32(),
                         p,
                         false,
                         (0, cols.div_ceil(16)),
@@ -225,22 +213,12 @@ impl<'a, T: Float> Rhs<'a, T> {
     }
 }
 
-/// `dst[m x n] += aᵀ · b` for `a (kb x m)` (row stride `lda`) and `b (kb x n)` row-major: the
-/// backward's `dV += Pᵀ dO` and `dK += dSᵀ Q` over one query block (kb = its rows). In f32
-/// through the packed kernel reading `a` transposed in place (b, one block, packed per call):
-/// measured 2.3x the `gemm` crate per product here (9.3% of a causal T=1024 fwd+bwd's
-/// samples for these two products against 14% for the other five); else the general GEMM.
-#[allow(clippy::too_many_arguments)]
-fn mm_tn<T: Float>(
-    dst: &mut [T],
-    ldd: usize,
-    a: &[T],
-    lda: usize,
-    kb: usize,
-    m: usize,
-    b: &[T],
-    n: usize,
-) {
+/// `dst[m x n] += aᵀ · b` for `a (kb x m)` (`lhs`: row stride `lda`, `m` columns used) and
+/// `b (kb x n)` row-major: the backward's `dV += Pᵀ dO` and `dK += dSᵀ Q` over one query block
+/// (kb = its rows). In f32 through the packed kernel reading `a` transposed in place (2.3x the
+/// `gemm` crate per product, which would copy the transpose); else the general GEMM.
+fn mm_tn<T: Float>(dst: &mut [T], ldd: usize, lhs: Lhs<'_, T>, kb: usize, b: &[T], n: usize) {
+    let Lhs { a, lda, m } = lhs;
     if m == 0 || kb == 0 {
         return;
     }
@@ -256,8 +234,8 @@ fn mm_tn<T: Float>(
         unsafe {
             let b32 = std::slice::from_raw_parts(b.as_ptr() as *const f32, kb * n);
             let packed = Packed::new(Mat::rm(b32, kb, n));
-            let a32 = std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len());
-            smallmm::mm_raw_t(dst.as_mut_ptr() as *mut f32, ldd, a32, lda, m, &packed, true);
+            let lhs = Lhs { a, lda, m }.f32();
+            smallmm::mm_raw_t(dst.as_mut_ptr() as *mut f32, ldd, lhs, &packed, true);
         }
     } else {
         let am = Mat { ptr: a.as_ptr(), rows: kb, cols: m, rs: lda as isize, cs: 1 };
@@ -327,7 +305,7 @@ pub fn forward<T: Float>(
             };
             let sb = &mut s[..nb * ld];
             scaled_copy(&mut qs[..nb * sh.d], &qh[i0 * sh.d..i1 * sh.d], scale);
-            kt.mm(sb, ld, &qs[..nb * sh.d], sh.d, nb, sh.d, lim);
+            kt.mm(sb, ld, Lhs { a: &qs[..nb * sh.d], lda: sh.d, m: nb }, sh.d, lim);
             for r in 0..nb {
                 let row = &mut sb[r * ld..r * ld + lim];
                 inv[r] = match softmax_row(row, row_limit(i0 + r, &sh, causal, lim), &hole, neg_inf)
@@ -339,7 +317,7 @@ pub fn forward<T: Float>(
                     None => T::ZERO, // lse stays -inf, output row 0
                 };
             }
-            vv.mm(orows, sh.dv, sb, ld, nb, lim, sh.dv);
+            vv.mm(orows, sh.dv, Lhs { a: sb, lda: ld, m: nb }, lim, sh.dv);
             for (orow, &iv) in orows.chunks_exact_mut(sh.dv).zip(&inv) {
                 for x in orow {
                     *x = *x * iv;
@@ -439,7 +417,7 @@ pub fn backward<T: Float>(
                 // P = exp(S * scale - lse), 0 on masked keys and fully masked rows.
                 let pb = &mut p[..nb * ld];
                 scaled_copy(&mut qs[..nb * sh.d], qb, scale);
-                kt.mm(pb, ld, &qs[..nb * sh.d], sh.d, nb, sh.d, lim);
+                kt.mm(pb, ld, Lhs { a: &qs[..nb * sh.d], lda: sh.d, m: nb }, sh.d, lim);
                 for r in 0..nb {
                     let row = &mut pb[r * ld..r * ld + lim];
                     let (l, lr) = (lh[i0 + r], row_limit(i0 + r, &sh, causal, lim));
@@ -454,10 +432,17 @@ pub fn backward<T: Float>(
                     row[lr..].fill(T::ZERO);
                 }
                 // dV += Pᵀ dO
-                mm_tn(&mut dvh[..lim * sh.dv], sh.dv, pb, ld, nb, lim, dob, sh.dv);
+                mm_tn(
+                    &mut dvh[..lim * sh.dv],
+                    sh.dv,
+                    Lhs { a: pb, lda: ld, m: lim },
+                    nb,
+                    dob,
+                    sh.dv,
+                );
                 // dP = dO Vᵀ; dS = P ∘ (dP − rowsum(dO ∘ O)) * scale
                 let dpb = &mut dp[..nb * ld];
-                vt.mm(dpb, ld, dob, sh.dv, nb, sh.dv, lim);
+                vt.mm(dpb, ld, Lhs { a: dob, lda: sh.dv, m: nb }, sh.dv, lim);
                 for r in 0..nb {
                     let mut dsum = T::ZERO;
                     for c in 0..sh.dv {
@@ -472,8 +457,8 @@ pub fn backward<T: Float>(
                 // SAFETY: this item alone handles query block [i0, i1) of head bh, so it
                 // alone writes those rows of dq (inside the buffer: the shape is checked).
                 let dqb = unsafe { dqp.slice(bh * qsz + i0 * sh.d, nb * sh.d) };
-                kk.mm(dqb, sh.d, dpb, ld, nb, lim, sh.d);
-                mm_tn(&mut dkh[..lim * sh.d], sh.d, dpb, ld, nb, lim, qb, sh.d);
+                kk.mm(dqb, sh.d, Lhs { a: dpb, lda: ld, m: nb }, lim, sh.d);
+                mm_tn(&mut dkh[..lim * sh.d], sh.d, Lhs { a: dpb, lda: ld, m: lim }, nb, qb, sh.d);
             }
         }
     });

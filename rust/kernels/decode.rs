@@ -130,7 +130,7 @@ pub fn decode<T: Float>(
     scale: T,
     threads: usize,
 ) -> Result<Vec<T>> {
-    if sh.hk == 0 || sh.hq % sh.hk != 0 {
+    if sh.hk == 0 || !sh.hq.is_multiple_of(sh.hk) {
         return Err(Error::value(format!(
             "kv heads ({}) must divide query heads ({})",
             sh.hk, sh.hq

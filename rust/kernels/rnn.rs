@@ -16,7 +16,7 @@
 use std::any::TypeId;
 
 use super::simd::{GruRow, LstmRow};
-use super::smallmm::{self, Packed};
+use super::smallmm::{self, Lhs, Packed};
 use super::team::{self, Shared};
 use super::{matmul, zeroed, Float, Mat};
 use crate::{Error, Result};
@@ -50,19 +50,9 @@ impl<T: Float> StepB<T> {
         matches!(self, StepB::Packed(_))
     }
 
-    /// `dst[rows x N] (+)= a[rows x K] · B`, whole.
-    #[allow(clippy::too_many_arguments)]
-    fn mm(
-        &self,
-        dst: &mut [T],
-        ldd: usize,
-        a: &[T],
-        lda: usize,
-        rows: usize,
-        k: usize,
-        accumulate: bool,
-        threads: usize,
-    ) {
+    /// `dst[rows x N] (+)= A[rows x K] · B`, whole.
+    fn mm(&self, dst: &mut [T], ldd: usize, lhs: Lhs<'_, T>, accumulate: bool, threads: usize) {
+        let Lhs { a, lda, m: rows } = lhs;
         match self {
             StepB::Packed(p) => {
                 assert!(
@@ -70,10 +60,11 @@ impl<T: Float> StepB<T> {
                     "destination out of bounds"
                 );
                 // SAFETY: bounds checked above; `dst` is exclusively borrowed; all panels.
-                unsafe { self.mm_part(dst.as_mut_ptr(), ldd, a, lda, rows, accumulate, (0, 1)) }
+                unsafe { self.mm_part(dst.as_mut_ptr(), ldd, lhs, accumulate, (0, 1)) }
                 let _ = p;
             }
             StepB::Plain(b) => {
+                let k = b.rows;
                 let av = Mat { ptr: a.as_ptr(), rows, cols: k, rs: lda as isize, cs: 1 };
                 assert!(
                     a.len() >= if rows == 0 { 0 } else { (rows - 1) * lda + k },
@@ -89,39 +80,26 @@ impl<T: Float> StepB<T> {
     /// # Safety
     /// `dst` must be valid for `(rows - 1) * ldd + N` elements and no other thread may touch
     /// this share's columns of those rows meanwhile; only for a `Packed` right-hand side.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn mm_part(
         &self,
         dst: *mut T,
         ldd: usize,
-        a: &[T],
-        lda: usize,
-        rows: usize,
+        lhs: Lhs<'_, T>,
         accumulate: bool,
         part: (usize, usize),
     ) {
         let StepB::Packed(p) = self else { unreachable!("mm_part needs a packed right-hand side") };
         // T is f32 whenever a Packed exists (see `new`).
-        let a = std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len());
         let panels = super::team::share(p.panels(), part.0, part.1, 1);
-        smallmm::mm_raw(dst as *mut f32, ldd, a, lda, rows, p, accumulate, panels);
+        smallmm::mm_raw(dst as *mut f32, ldd, lhs.f32(), p, accumulate, panels);
     }
 }
 
-/// `dst[rows x N] = a[rows x K] (row stride lda) · b`, the forward's input projection over all
+/// `dst[rows x N] = A[rows x K] · b`, the forward's input projection over all
 /// rows: in f32 through the packed kernel with the rows split over a thread team (it has
 /// AVX-512 where the CPU does, unlike the `gemm` crate on stable Rust), else the general GEMM.
-#[allow(clippy::too_many_arguments)]
-fn big_mm<T: Float>(
-    dst: &mut [T],
-    ldd: usize,
-    a: &[T],
-    lda: usize,
-    rows: usize,
-    k: usize,
-    b: Mat<T>,
-    threads: usize,
-) {
+fn big_mm<T: Float>(dst: &mut [T], ldd: usize, lhs: Lhs<'_, T>, b: Mat<T>, threads: usize) {
+    let (Lhs { a, lda, m: rows }, k) = (lhs, b.rows);
     if rows == 0 {
         return;
     }
@@ -133,8 +111,7 @@ fn big_mm<T: Float>(
     }
     let StepB::Packed(p) = StepB::new(b, 0) else { unreachable!("f32 packs") };
     assert!(dst.len() >= (rows - 1) * ldd + p.cols(), "big_mm out of bounds");
-    // T is f32 (checked above).
-    let a32 = unsafe { std::slice::from_raw_parts(a.as_ptr() as *const f32, a.len()) };
+    let a32 = lhs.f32().a; // T is f32 (checked above)
     let dp = Shared(dst.as_mut_ptr() as *mut f32);
     let nt = if rows * k * p.cols() >= (1 << 20) {
         threads.clamp(1, crate::parallel::available_threads())
@@ -154,9 +131,7 @@ fn big_mm<T: Float>(
                     smallmm::mm_raw_k(
                         dp.ptr().add(r0 * ldd),
                         ldd,
-                        &a32[r0 * lda..],
-                        lda,
-                        r1 - r0,
+                        Lhs { a: &a32[r0 * lda..], lda, m: r1 - r0 },
                         &p,
                         kb > 0,
                         (0, usize::MAX),
@@ -172,7 +147,7 @@ fn big_mm<T: Float>(
 /// multiple of 1 KiB apart, since the weight gradients read it down its columns and rows that
 /// far apart all fall in one L1 set.
 fn grad_stride(g: usize) -> usize {
-    if g % 256 == 0 {
+    if g.is_multiple_of(256) {
         g + 16
     } else {
         g
@@ -377,7 +352,13 @@ pub fn lstm_forward<T: Float>(
         return Ok(o);
     }
     let mut gates = zeroed(n * g4);
-    big_mm(&mut gates, g4, x, d.input, n, d.input, Mat::rm(w.w_ih, g4, d.input).t(), threads);
+    big_mm(
+        &mut gates,
+        g4,
+        Lhs { a: x, lda: d.input, m: n },
+        Mat::rm(w.w_ih, g4, d.input).t(),
+        threads,
+    );
     add_bias(&mut gates, g4, w.b_ih, w.b_hh);
     let mut hs = h0.to_vec();
     let mut cst = c0.to_vec();
@@ -403,9 +384,21 @@ pub fn lstm_forward<T: Float>(
             unsafe {
                 let hs_read: &[T] = std::slice::from_raw_parts(hp.ptr(), bs * h);
                 if nt > 1 {
-                    whh_t.mm_part(gp.ptr().add(o * g4), g4, hs_read, h, bs, true, (tid, nt));
+                    whh_t.mm_part(
+                        gp.ptr().add(o * g4),
+                        g4,
+                        Lhs { a: hs_read, lda: h, m: bs },
+                        true,
+                        (tid, nt),
+                    );
                 } else {
-                    whh_t.mm(gp.slice(o * g4, bs * g4), g4, hs_read, h, bs, h, true, threads);
+                    whh_t.mm(
+                        gp.slice(o * g4, bs * g4),
+                        g4,
+                        Lhs { a: hs_read, lda: h, m: bs },
+                        true,
+                        threads,
+                    );
                 }
                 bar.wait();
                 for j in 0..bs {
@@ -532,16 +525,20 @@ fn lstm_forward_chunked<T: Float>(
                     &wih_t,
                     bias.as_deref(),
                     cols,
-                    xrows,
-                    d.input,
-                    r1 - r0,
+                    Lhs { a: xrows, lda: d.input, m: r1 - r0 },
                     (tid, nt),
                 );
                 for &t in &order[c.0..c.1] {
                     let (bs, o) = (batch_sizes[t], off[t]);
                     let lr = base + o - r0; // the step's first row in the buffers
                     let hs_read: &[T] = std::slice::from_raw_parts(hp.ptr(), bs * h);
-                    whh_t.mm_part(gp.ptr().add(lr * g4), g4, hs_read, h, bs, true, (tid, nt));
+                    whh_t.mm_part(
+                        gp.ptr().add(lr * g4),
+                        g4,
+                        Lhs { a: hs_read, lda: h, m: bs },
+                        true,
+                        (tid, nt),
+                    );
                     bar.wait();
                     for j in 0..bs {
                         let r = lr + j;
@@ -671,9 +668,21 @@ pub fn lstm_backward<T: Float>(
                 let dg_read: &[T] =
                     std::slice::from_raw_parts(dgp.ptr().add(o * ldg), (bs - 1) * ldg + g4);
                 if nt > 1 {
-                    whh.mm_part(dhp.ptr(), h, dg_read, ldg, bs, false, (tid, nt));
+                    whh.mm_part(
+                        dhp.ptr(),
+                        h,
+                        Lhs { a: dg_read, lda: ldg, m: bs },
+                        false,
+                        (tid, nt),
+                    );
                 } else {
-                    whh.mm(dhp.slice(0, bs * h), h, dg_read, ldg, bs, g4, false, threads);
+                    whh.mm(
+                        dhp.slice(0, bs * h),
+                        h,
+                        Lhs { a: dg_read, lda: ldg, m: bs },
+                        false,
+                        threads,
+                    );
                 }
             }
         }
@@ -740,7 +749,13 @@ pub fn gru_forward<T: Float>(
         return Ok(o);
     }
     let mut gates = zeroed(n * g3);
-    big_mm(&mut gates, g3, x, d.input, n, d.input, Mat::rm(w.w_ih, g3, d.input).t(), threads);
+    big_mm(
+        &mut gates,
+        g3,
+        Lhs { a: x, lda: d.input, m: n },
+        Mat::rm(w.w_ih, g3, d.input).t(),
+        threads,
+    );
     add_bias(&mut gates, g3, w.b_ih, None);
     let mut hs = h0.to_vec();
     let mut y = zeroed(n * h);
@@ -767,9 +782,21 @@ pub fn gru_forward<T: Float>(
             unsafe {
                 let hs_read: &[T] = std::slice::from_raw_parts(hp.ptr(), bs * h);
                 if nt > 1 {
-                    whh_t.mm_part(ghp.ptr(), g3, hs_read, h, bs, false, (tid, nt));
+                    whh_t.mm_part(
+                        ghp.ptr(),
+                        g3,
+                        Lhs { a: hs_read, lda: h, m: bs },
+                        false,
+                        (tid, nt),
+                    );
                 } else {
-                    whh_t.mm(ghp.slice(0, bs * g3), g3, hs_read, h, bs, h, false, threads);
+                    whh_t.mm(
+                        ghp.slice(0, bs * g3),
+                        g3,
+                        Lhs { a: hs_read, lda: h, m: bs },
+                        false,
+                        threads,
+                    );
                 }
                 bar.wait();
                 for j in 0..bs {
@@ -815,31 +842,29 @@ fn own_columns(g: usize, tid: usize, nt: usize) -> (usize, usize) {
     ((pa * 16).min(g), (pb * 16).min(g))
 }
 
-/// A chunk's input projection into this thread's gate columns `cols` of `rows` rows at `dst`
+/// A chunk's input projection into this thread's gate columns `cols` of `xrows.m` rows at `dst`
 /// (row stride `g`): the biases as the initial value, then `+= xrows · W_ihᵀ`.
 ///
 /// # Safety
 /// `dst` must be valid for `rows` rows of stride `g`, and no other thread may touch the columns
 /// `cols` of those rows meanwhile; `wih_t` packed (f32).
-#[allow(clippy::too_many_arguments)]
 unsafe fn project_chunk<T: Float>(
     dst: *mut T,
     g: usize,
     wih_t: &StepB<T>,
     bias: Option<&[T]>,
     cols: (usize, usize),
-    xrows: &[T],
-    input: usize,
-    rows: usize,
+    xrows: Lhs<'_, T>,
     part: (usize, usize),
 ) {
+    let rows = xrows.m;
     if let Some(bias) = bias {
         for r in 0..rows {
             std::slice::from_raw_parts_mut(dst.add(r * g + cols.0), cols.1 - cols.0)
                 .copy_from_slice(&bias[cols.0..cols.1]);
         }
     }
-    wih_t.mm_part(dst, g, xrows, input, rows, bias.is_some(), part);
+    wih_t.mm_part(dst, g, xrows, bias.is_some(), part);
 }
 
 /// A chunk's input rows `[r0, r1)` (step-major order) as a contiguous slice: `x` itself, or
@@ -972,9 +997,7 @@ fn gru_forward_chunked<T: Float>(
                     &wih_t,
                     b_ih.as_deref(),
                     (c0_, c1_),
-                    xrows,
-                    d.input,
-                    r1 - r0,
+                    Lhs { a: xrows, lda: d.input, m: r1 - r0 },
                     (tid, nt),
                 );
                 for &t in &order[c.0..c.1] {
@@ -986,7 +1009,13 @@ fn gru_forward_chunked<T: Float>(
                         }
                     }
                     let hs_read: &[T] = std::slice::from_raw_parts(hp.ptr(), bs * h);
-                    whh_t.mm_part(ghp.ptr(), g3, hs_read, h, bs, b_hh.is_some(), (tid, nt));
+                    whh_t.mm_part(
+                        ghp.ptr(),
+                        g3,
+                        Lhs { a: hs_read, lda: h, m: bs },
+                        b_hh.is_some(),
+                        (tid, nt),
+                    );
                     bar.wait();
                     for j in 0..bs {
                         let r = lr + j;
@@ -1110,9 +1139,15 @@ pub fn gru_backward<T: Float>(
                 let dg_read: &[T] =
                     std::slice::from_raw_parts(dghp.ptr().add(o * ldg), (bs - 1) * ldg + g3);
                 if nt > 1 {
-                    whh.mm_part(dhp.ptr(), h, dg_read, ldg, bs, true, (tid, nt));
+                    whh.mm_part(dhp.ptr(), h, Lhs { a: dg_read, lda: ldg, m: bs }, true, (tid, nt));
                 } else {
-                    whh.mm(dhp.slice(0, bs * h), h, dg_read, ldg, bs, g3, true, threads);
+                    whh.mm(
+                        dhp.slice(0, bs * h),
+                        h,
+                        Lhs { a: dg_read, lda: ldg, m: bs },
+                        true,
+                        threads,
+                    );
                 }
             }
         }

@@ -53,7 +53,7 @@ mod avx {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.000_000_1e-1));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5e-1));
         let r2 = _mm256_mul_ps(r, r);
         p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0)));
         // 2^n: n in [-126, 128] after the clamp; build it in two halves so n = 128 works.
@@ -84,10 +84,10 @@ mod avx {
         // Small: x + x^3 P(x^2).
         let z = _mm256_mul_ps(ax, ax);
         let mut p = _mm256_set1_ps(-5.704_988_7e-3);
-        p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.063_908_9e-2));
+        p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.063_909e-2));
         p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.373_971_6e-2));
         p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.333_144_2e-1));
-        p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.333_328_2e-1));
+        p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.333_328e-1));
         let small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), ax, ax);
         let use_small = _mm256_cmp_ps(ax, _mm256_set1_ps(0.625), _CMP_LT_OQ);
         let r = _mm256_blendv_ps(big, small, use_small);
@@ -127,7 +127,7 @@ mod avx512 {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.000_000_1e-1));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5e-1));
         let r2 = _mm512_mul_ps(r, r);
         p = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0)));
         // p * 2^n (vscalefps handles n = 128 and the denormal range itself).
@@ -153,10 +153,10 @@ mod avx512 {
         // Small: x + x^3 P(x^2).
         let z = _mm512_mul_ps(ax, ax);
         let mut p = _mm512_set1_ps(-5.704_988_7e-3);
-        p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(2.063_908_9e-2));
+        p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(2.063_909e-2));
         p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-5.373_971_6e-2));
         p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.333_144_2e-1));
-        p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-3.333_328_2e-1));
+        p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-3.333_328e-1));
         let small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), ax, ax);
         let use_small = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625), _CMP_LT_OQ);
         let r = _mm512_mask_blend_ps(use_small, big, small);

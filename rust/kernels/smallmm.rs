@@ -12,6 +12,8 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use std::any::TypeId;
+
 use super::Mat;
 
 const W: usize = 16;
@@ -95,6 +97,39 @@ fn isa() -> Isa {
     Isa::Scalar
 }
 
+/// The left-hand side of a product: `m` rows of `A` with row stride `lda` (for [`mm_raw_t`],
+/// `A` stored transposed: `A(i, k) = a[k * lda + i]`).
+#[derive(Clone, Copy)]
+pub struct Lhs<'a, T = f32> {
+    pub a: &'a [T],
+    pub lda: usize,
+    pub m: usize,
+}
+
+impl<'a, T: 'static> Lhs<'a, T> {
+    /// The same rows as f32, for the packed kernel of a generic caller; `T` must be f32.
+    pub fn f32(self) -> Lhs<'a, f32> {
+        assert!(TypeId::of::<T>() == TypeId::of::<f32>(), "the packed kernel is f32 only");
+        // SAFETY: T is f32 (asserted), so the slice holds f32 values.
+        let a = unsafe { std::slice::from_raw_parts(self.a.as_ptr() as *const f32, self.a.len()) };
+        Lhs { a, lda: self.lda, m: self.m }
+    }
+}
+
+/// One product as the kernels below run it: `out (row stride ldo) (+)= A · B[ks]`, `A` the
+/// `m` rows of `a` (row stride `lda`, transposed when `TA`), over the inner range `ks`.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    out: *mut f32,
+    ldo: usize,
+    a: &'a [f32],
+    lda: usize,
+    m: usize,
+    b: &'a Packed,
+    accumulate: bool,
+    ks: (usize, usize),
+}
+
 /// The number of 16-column panels.
 impl Packed {
     pub fn panels(&self) -> usize {
@@ -102,24 +137,22 @@ impl Packed {
     }
 }
 
-/// `out[m x N] (row stride ldo) (+)= a[m x K] (row stride lda) · B`.
-#[allow(clippy::too_many_arguments)]
+/// `out[m x N] (row stride ldo) (+)= A[m x K] · B`.
 pub fn mm(
     out: &mut [f32],
     ldo: usize,
-    a: &[f32],
-    lda: usize,
-    m: usize,
+    a: Lhs<'_>,
     b: &Packed,
     accumulate: bool,
     panels: (usize, usize),
 ) {
+    let m = a.m;
     if m == 0 {
         return;
     }
     assert!(ldo >= b.n && out.len() >= (m - 1) * ldo + b.n, "out out of bounds");
     // SAFETY: bounds checked just above; `out` is exclusively borrowed.
-    unsafe { mm_raw(out.as_mut_ptr(), ldo, a, lda, m, b, accumulate, panels) }
+    unsafe { mm_raw(out.as_mut_ptr(), ldo, a, b, accumulate, panels) }
 }
 
 /// As [`mm`], writing through a raw pointer, so threads can fill disjoint column ranges of one
@@ -128,18 +161,15 @@ pub fn mm(
 /// # Safety
 /// `out` must be valid for `(m - 1) * ldo + N` elements, and no other thread may touch the
 /// columns of the given panels in those rows meanwhile.
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn mm_raw(
     out: *mut f32,
     ldo: usize,
-    a: &[f32],
-    lda: usize,
-    m: usize,
+    a: Lhs<'_>,
     b: &Packed,
     accumulate: bool,
     panels: (usize, usize),
 ) {
-    mm_raw_k(out, ldo, a, lda, m, b, accumulate, panels, (0, b.k))
+    mm_raw_k(out, ldo, a, b, accumulate, panels, (0, b.k))
 }
 
 /// As [`mm_raw`], over the inner-dimension range `ks` only (`a`'s columns and `B`'s rows
@@ -147,24 +177,22 @@ pub unsafe fn mm_raw(
 ///
 /// # Safety
 /// As [`mm_raw`].
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn mm_raw_k(
     out: *mut f32,
     ldo: usize,
-    a: &[f32],
-    lda: usize,
-    m: usize,
+    lhs: Lhs<'_>,
     b: &Packed,
     accumulate: bool,
     panels: (usize, usize),
     ks: (usize, usize),
 ) {
+    let Lhs { a, lda, m } = lhs;
     assert!(ks.0 <= ks.1 && ks.1 <= b.k, "k range out of bounds");
     if m == 0 {
         return;
     }
     assert!(lda >= b.k && a.len() >= (m - 1) * lda + b.k, "lhs out of bounds");
-    dispatch::<false>(out, ldo, a, lda, m, b, accumulate, panels, ks)
+    dispatch::<false>(Job { out, ldo, a, lda, m, b, accumulate, ks }, panels)
 }
 
 /// As [`mm_raw`], with the left-hand side given transposed:
@@ -175,15 +203,8 @@ pub unsafe fn mm_raw_k(
 ///
 /// # Safety
 /// As [`mm_raw`].
-pub unsafe fn mm_raw_t(
-    out: *mut f32,
-    ldo: usize,
-    a: &[f32],
-    lda: usize,
-    m: usize,
-    b: &Packed,
-    accumulate: bool,
-) {
+pub unsafe fn mm_raw_t(out: *mut f32, ldo: usize, lhs: Lhs<'_>, b: &Packed, accumulate: bool) {
+    let Lhs { a, lda, m } = lhs;
     let ks = (0, b.k);
     if m == 0 || ks.0 == ks.1 {
         if m > 0 && !accumulate {
@@ -194,7 +215,7 @@ pub unsafe fn mm_raw_t(
         return;
     }
     assert!(lda >= m && a.len() >= (ks.1 - 1) * lda + m, "lhs out of bounds");
-    dispatch::<true>(out, ldo, a, lda, m, b, accumulate, (0, usize::MAX), ks)
+    dispatch::<true>(Job { out, ldo, a, lda, m, b, accumulate, ks }, (0, usize::MAX))
 }
 
 /// `A(r, kk)`'s offset in `a`: row-major, or transposed (`TA`).
@@ -207,18 +228,8 @@ fn at<const TA: bool>(lda: usize, r: usize, kk: usize) -> usize {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-unsafe fn dispatch<const TA: bool>(
-    out: *mut f32,
-    ldo: usize,
-    a: &[f32],
-    lda: usize,
-    m: usize,
-    b: &Packed,
-    accumulate: bool,
-    panels: (usize, usize),
-    ks: (usize, usize),
-) {
+unsafe fn dispatch<const TA: bool>(job: Job<'_>, panels: (usize, usize)) {
+    let Job { ldo, b, .. } = job;
     let n = b.n;
     assert!(ldo >= n, "out row stride too small");
     let (p0, p1) = (panels.0, panels.1.min(n.div_ceil(W)));
@@ -226,27 +237,16 @@ unsafe fn dispatch<const TA: bool>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX-512F present (detected); bounds asserted by the callers, panel and
         // column indices are clamped to N inside.
-        Isa::Avx512 => mm_avx512::<TA>(out, ldo, a, lda, m, b, accumulate, p0, p1, ks),
+        Isa::Avx512 => mm_avx512::<TA>(job, p0, p1),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: AVX2 and FMA present (detected); bounds as above.
-        Isa::Avx2 => mm_avx2::<TA>(out, ldo, a, lda, m, b, accumulate, p0, p1, ks),
-        _ => mm_scalar::<TA>(out, ldo, a, lda, m, b, accumulate, p0, p1, ks),
+        Isa::Avx2 => mm_avx2::<TA>(job, p0, p1),
+        _ => mm_scalar::<TA>(job, p0, p1),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm_scalar<const TA: bool>(
-    out: *mut f32,
-    ldo: usize,
-    a: &[f32],
-    lda: usize,
-    m: usize,
-    b: &Packed,
-    accumulate: bool,
-    p0: usize,
-    p1: usize,
-    ks: (usize, usize),
-) {
+unsafe fn mm_scalar<const TA: bool>(job: Job<'_>, p0: usize, p1: usize) {
+    let Job { out, ldo, a, lda, m, b, accumulate, ks } = job;
     let (k, n) = (b.k, b.n);
     for p in p0..p1 {
         let panel = &b.data[p * k * W..(p + 1) * k * W];
@@ -258,6 +258,8 @@ unsafe fn mm_scalar<const TA: bool>(
                     acc[c] += av * panel[kk * W + c];
                 }
             }
+            // `c` is both the accumulator lane and the output column offset.
+            #[allow(clippy::needless_range_loop)]
             for c in 0..W {
                 let col = p * W + c;
                 if col < n {
@@ -271,19 +273,8 @@ unsafe fn mm_scalar<const TA: bool>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm_avx512<const TA: bool>(
-    out: *mut f32,
-    ldo: usize,
-    a: &[f32],
-    lda: usize,
-    m: usize,
-    b: &Packed,
-    accumulate: bool,
-    p0: usize,
-    p1: usize,
-    ks: (usize, usize),
-) {
+unsafe fn mm_avx512<const TA: bool>(job: Job<'_>, p0: usize, p1: usize) {
+    let m = job.m;
     let mut p = p0;
     while p < p1 {
         let two = p + 1 < p1;
@@ -292,7 +283,7 @@ unsafe fn mm_avx512<const TA: bool>(
             let rows = (m - r).min(8);
             macro_rules! tile {
                 ($R:literal) => {
-                    tile512::<$R, TA>(out, ldo, a, lda, r, b, accumulate, p, two, ks)
+                    tile512::<$R, TA>(job, r, p, two)
                 };
             }
             match rows {
@@ -314,19 +305,8 @@ unsafe fn mm_avx512<const TA: bool>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile512<const R: usize, const TA: bool>(
-    out: *mut f32,
-    ldo: usize,
-    a: &[f32],
-    lda: usize,
-    r0: usize,
-    b: &Packed,
-    accumulate: bool,
-    p: usize,
-    two: bool,
-    ks: (usize, usize),
-) {
+unsafe fn tile512<const R: usize, const TA: bool>(job: Job<'_>, r0: usize, p: usize, two: bool) {
+    let Job { out, ldo, a, lda, b, accumulate, ks, .. } = job;
     let k = b.k;
     let pa = b.data.as_ptr().add(p * k * W + ks.0 * W);
     let pb = if two { b.data.as_ptr().add((p + 1) * k * W + ks.0 * W) } else { pa };
@@ -350,6 +330,8 @@ unsafe fn tile512<const R: usize, const TA: bool>(
         let col0 = (p + half) * W;
         let valid = n.saturating_sub(col0).min(W);
         let mask: __mmask16 = if valid >= W { 0xFFFF } else { ((1u32 << valid) - 1) as u16 };
+        // `r` indexes the register tile and the output rows together.
+        #[allow(clippy::needless_range_loop)]
         for r in 0..R {
             let dst = out.add((r0 + r) * ldo + col0);
             let v = if accumulate {
@@ -364,26 +346,15 @@ unsafe fn tile512<const R: usize, const TA: bool>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm_avx2<const TA: bool>(
-    out: *mut f32,
-    ldo: usize,
-    a: &[f32],
-    lda: usize,
-    m: usize,
-    b: &Packed,
-    accumulate: bool,
-    p0: usize,
-    p1: usize,
-    ks: (usize, usize),
-) {
+unsafe fn mm_avx2<const TA: bool>(job: Job<'_>, p0: usize, p1: usize) {
+    let m = job.m;
     for p in p0..p1 {
         let mut r = 0;
         while r < m {
             let rows = (m - r).min(6);
             macro_rules! tile {
                 ($R:literal) => {
-                    tile256::<$R, TA>(out, ldo, a, lda, r, b, accumulate, p, ks)
+                    tile256::<$R, TA>(job, r, p)
                 };
             }
             match rows {
@@ -402,18 +373,8 @@ unsafe fn mm_avx2<const TA: bool>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile256<const R: usize, const TA: bool>(
-    out: *mut f32,
-    ldo: usize,
-    a: &[f32],
-    lda: usize,
-    r0: usize,
-    b: &Packed,
-    accumulate: bool,
-    p: usize,
-    ks: (usize, usize),
-) {
+unsafe fn tile256<const R: usize, const TA: bool>(job: Job<'_>, r0: usize, p: usize) {
+    let Job { out, ldo, a, lda, b, accumulate, ks, .. } = job;
     let k = b.k;
     let pa = b.data.as_ptr().add(p * k * W + ks.0 * W);
     let ap = a.as_ptr().add(at::<TA>(lda, r0, ks.0));
@@ -497,26 +458,23 @@ mod tests {
                 }
             }
             let mut got = vec![0.5f32; m * n];
-            mm(&mut got, n, &a, k, m, &packed, true, (0, usize::MAX));
+            mm(&mut got, n, Lhs { a: &a, lda: k, m }, &packed, true, (0, usize::MAX));
             for (x, y) in got.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4, "{m}x{k}x{n}: {x} vs {y}");
             }
+            let job = |out| Job {
+                out,
+                ldo: n,
+                a: &a,
+                lda: k,
+                m,
+                b: &packed,
+                accumulate: true,
+                ks: (0, k),
+            };
             let mut s = vec![0.5f32; m * n];
             // SAFETY: `s` holds m x n elements.
-            unsafe {
-                mm_scalar::<false>(
-                    s.as_mut_ptr(),
-                    n,
-                    &a,
-                    k,
-                    m,
-                    &packed,
-                    true,
-                    0,
-                    n.div_ceil(W),
-                    (0, k),
-                )
-            };
+            unsafe { mm_scalar::<false>(job(s.as_mut_ptr()), 0, n.div_ceil(W)) };
             for (x, y) in s.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4);
             }
@@ -526,20 +484,7 @@ mod tests {
             {
                 let mut v = vec![0.5f32; m * n];
                 // SAFETY: features checked; shapes as for `mm`.
-                unsafe {
-                    mm_avx2::<false>(
-                        v.as_mut_ptr(),
-                        n,
-                        &a,
-                        k,
-                        m,
-                        &packed,
-                        true,
-                        0,
-                        n.div_ceil(W),
-                        (0, k),
-                    )
-                };
+                unsafe { mm_avx2::<false>(job(v.as_mut_ptr()), 0, n.div_ceil(W)) };
                 for (x, y) in v.iter().zip(&want) {
                     assert!((x - y).abs() < 1e-4);
                 }
@@ -548,28 +493,9 @@ mod tests {
             let mut blocked = vec![0.5f32; m * n];
             // SAFETY: `blocked` holds m x n elements.
             unsafe {
-                mm_raw_k(
-                    blocked.as_mut_ptr(),
-                    n,
-                    &a,
-                    k,
-                    m,
-                    &packed,
-                    true,
-                    (0, usize::MAX),
-                    (0, k / 2),
-                );
-                mm_raw_k(
-                    blocked.as_mut_ptr(),
-                    n,
-                    &a,
-                    k,
-                    m,
-                    &packed,
-                    true,
-                    (0, usize::MAX),
-                    (k / 2, k),
-                );
+                let lhs = Lhs { a: &a, lda: k, m };
+                mm_raw_k(blocked.as_mut_ptr(), n, lhs, &packed, true, (0, usize::MAX), (0, k / 2));
+                mm_raw_k(blocked.as_mut_ptr(), n, lhs, &packed, true, (0, usize::MAX), (k / 2, k));
             }
             for (x, y) in blocked.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4);
@@ -581,9 +507,19 @@ mod tests {
                     at_[kk * m + r] = a[r * k + kk];
                 }
             }
+            let job_t = |out| Job {
+                out,
+                ldo: n,
+                a: &at_,
+                lda: m,
+                m,
+                b: &packed,
+                accumulate: true,
+                ks: (0, k),
+            };
             let mut t = vec![0.5f32; m * n];
             // SAFETY: `t` holds m x n elements.
-            unsafe { mm_raw_t(t.as_mut_ptr(), n, &at_, m, m, &packed, true) };
+            unsafe { mm_raw_t(t.as_mut_ptr(), n, Lhs { a: &at_, lda: m, m }, &packed, true) };
             for (x, y) in t.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4);
             }
@@ -593,45 +529,19 @@ mod tests {
             {
                 let mut v = vec![0.5f32; m * n];
                 // SAFETY: features checked; shapes as above.
-                unsafe {
-                    mm_avx2::<true>(
-                        v.as_mut_ptr(),
-                        n,
-                        &at_,
-                        m,
-                        m,
-                        &packed,
-                        true,
-                        0,
-                        n.div_ceil(W),
-                        (0, k),
-                    )
-                };
+                unsafe { mm_avx2::<true>(job_t(v.as_mut_ptr()), 0, n.div_ceil(W)) };
                 for (x, y) in v.iter().zip(&want) {
                     assert!((x - y).abs() < 1e-4);
                 }
             }
             let mut sc = vec![0.5f32; m * n];
             // SAFETY: `sc` holds m x n elements.
-            unsafe {
-                mm_scalar::<true>(
-                    sc.as_mut_ptr(),
-                    n,
-                    &at_,
-                    m,
-                    m,
-                    &packed,
-                    true,
-                    0,
-                    n.div_ceil(W),
-                    (0, k),
-                )
-            };
+            unsafe { mm_scalar::<true>(job_t(sc.as_mut_ptr()), 0, n.div_ceil(W)) };
             for (x, y) in sc.iter().zip(&want) {
                 assert!((x - y).abs() < 1e-4);
             }
             let mut over = vec![9.0f32; m * n];
-            mm(&mut over, n, &a, k, m, &packed, false, (0, usize::MAX));
+            mm(&mut over, n, Lhs { a: &a, lda: k, m }, &packed, false, (0, usize::MAX));
             for (x, y) in over.iter().zip(&want) {
                 assert!((x - (y - 0.5)).abs() < 1e-4);
             }

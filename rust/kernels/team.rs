@@ -293,7 +293,7 @@ mod tests {
 
     #[test]
     fn barrier_orders_phases() {
-        let data = vec![0usize; 2];
+        let data = [0usize; 2];
         let p = Shared(data.as_ptr() as *mut usize);
         let sums = std::sync::Mutex::new(Vec::new());
         run(2, |tid, bar| {

@@ -438,6 +438,8 @@ impl WordCounter {
         self.inner.as_ref().map_or(0, |c| c.num_words())
     }
 
+    // The Python method `WordCounter.into_trainer`: pyo3 methods cannot take `self` by value.
+    #[allow(clippy::wrong_self_convention)]
     fn into_trainer(
         &mut self,
         py: Python<'_>,

@@ -24,7 +24,7 @@ pub struct Index {
 impl Index {
     /// Indexes `docs`; `k1 >= 0`, `b` in `[0, 1]`.
     pub fn new(docs: &[Row<'_>], k1: f64, b: f64) -> Result<Self> {
-        if !(k1 >= 0.0 && k1.is_finite()) || !(0.0..=1.0).contains(&b) {
+        if !k1.is_finite() || k1 < 0.0 || !(0.0..=1.0).contains(&b) {
             return Err(Error::value(format!(
                 "BM25 needs k1 >= 0 and b in [0, 1], got k1={k1}, b={b}"
             )));
