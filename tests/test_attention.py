@@ -1,4 +1,4 @@
-"""ferrolm.ops.attention against torch (float64 reference math and SDPA), gradcheck, bad input."""
+"""ferrolm.kernels.attention against torch (float64 reference math and SDPA), gradcheck, bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
-from ferrolm import ops, reference  # noqa: E402
+from ferrolm import kernels
+from ferrolm.testing import reference  # noqa: E402
 
 
 def rand(*shape, dtype=torch.float32, seed=0):
@@ -21,7 +22,7 @@ def assert_matches_reference(q, k, v, causal, mask):
     1e-5."""
     ours_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
     ref_in = [t.double().requires_grad_(True) for t in (q, k, v)]
-    out = ops.attention(*ours_in, causal=causal, key_padding_mask=mask)
+    out = kernels.attention(*ours_in, causal=causal, key_padding_mask=mask)
     ref = reference.attention(*ref_in, causal=causal, key_padding_mask=mask)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
     g = rand(*out.shape, seed=4)
@@ -57,18 +58,18 @@ def test_forward_and_gradients_match_float64_reference(times, d, heads, causal, 
 
 def test_matches_sdpa_and_fully_masked_rows_are_zero():
     q, k, v = rand(2, 4, 6, 32, seed=5), rand(2, 4, 6, 32, seed=6), rand(2, 4, 6, 32, seed=7)
-    torch.testing.assert_close(ops.attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ops.attention(q, k, v, causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kernels.attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kernels.attention(q, k, v, causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-6)
     # Causal with Tq < Tk is aligned to the end (the KV-cache case): the last query row of a
     # block equals full attention's last row.
-    full = ops.attention(q, k, v, causal=True)
-    tail = ops.attention(q[:, :, -2:], k, v, causal=True)
+    full = kernels.attention(q, k, v, causal=True)
+    tail = kernels.attention(q[:, :, -2:], k, v, causal=True)
     torch.testing.assert_close(tail, full[:, :, -2:], rtol=1e-5, atol=1e-6)
     mask = torch.ones(2, 6, dtype=torch.bool)
-    out = ops.attention(q, k, v, key_padding_mask=mask)
+    out = kernels.attention(q, k, v, key_padding_mask=mask)
     assert torch.equal(out, torch.zeros_like(out))
     qq = q.clone().requires_grad_(True)
-    ops.attention(qq, k, v, key_padding_mask=mask).sum().backward()
+    kernels.attention(qq, k, v, key_padding_mask=mask).sum().backward()
     assert torch.equal(qq.grad, torch.zeros_like(q))
 
 
@@ -104,7 +105,7 @@ def test_batch_one_split_over_query_blocks_matches_reference(causal, heads):
 def test_nan_scores_propagate_like_sdpa(causal):
     q, k, v = rand(1, 2, 70, 32, seed=25), rand(1, 2, 70, 32, seed=26), rand(1, 2, 70, 32, seed=27)
     k[0, 1, 50] = float("nan")
-    out = ops.attention(q, k, v, causal=causal)
+    out = kernels.attention(q, k, v, causal=causal)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     assert torch.equal(out.isnan(), ref.isnan())
     assert out.isnan().any()
@@ -116,9 +117,9 @@ def test_non_cpu_tensors_delegate_to_sdpa():
     """Off the CPU, attention is torch's SDPA: on the "meta" device (no data, so the Rust kernel
     cannot have run) the result has SDPA's shape, causal, padded and grouped-query."""
     q, kv = torch.randn(2, 4, 6, 8, device="meta"), torch.randn(2, 2, 9, 8, device="meta")
-    assert ops.attention(q, kv, kv, causal=True).shape == (2, 4, 6, 8)
+    assert kernels.attention(q, kv, kv, causal=True).shape == (2, 4, 6, 8)
     pad = torch.zeros(2, 9, dtype=torch.bool, device="meta")
-    out = ops.attention(q, kv, kv, key_padding_mask=pad)
+    out = kernels.attention(q, kv, kv, key_padding_mask=pad)
     assert out.device.type == "meta" and out.shape == (2, 4, 6, 8)
 
 
@@ -128,34 +129,34 @@ def test_gradcheck_float64(causal):
     k = rand(1, 2, 4, 5, dtype=torch.float64, seed=9).requires_grad_(True)
     v = rand(1, 2, 4, 3, dtype=torch.float64, seed=10).requires_grad_(True)
     mask = torch.tensor([[False, False, True, False]])
-    assert torch.autograd.gradcheck(lambda a, b, c: ops.attention(a, b, c, causal=causal, key_padding_mask=mask), (q, k, v))
+    assert torch.autograd.gradcheck(lambda a, b, c: kernels.attention(a, b, c, causal=causal, key_padding_mask=mask), (q, k, v))
 
 
 def test_bad_input():
     q, k, v = rand(2, 4, 5, 8), rand(2, 2, 6, 8), rand(2, 2, 6, 8)
     with pytest.raises(ValueError, match="must divide"):
-        ops.attention(q, rand(2, 3, 6, 8), rand(2, 3, 6, 8))
+        kernels.attention(q, rand(2, 3, 6, 8), rand(2, 3, 6, 8))
     with pytest.raises(ValueError, match="4-D"):
-        ops.attention(q[0], k, v)
+        kernels.attention(q[0], k, v)
     with pytest.raises(ValueError, match="head_dim"):
-        ops.attention(q, rand(2, 2, 6, 7), v)
+        kernels.attention(q, rand(2, 2, 6, 7), v)
     with pytest.raises(TypeError, match="share a dtype"):
-        ops.attention(q, k.double(), v)
+        kernels.attention(q, k.double(), v)
     with pytest.raises(ValueError, match=r"expected \(2, 6\)"):
-        ops.attention(q, k, v, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+        kernels.attention(q, k, v, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool"):
-        ops.attention(q, k, v, key_padding_mask=torch.zeros(2, 6))
+        kernels.attention(q, k, v, key_padding_mask=torch.zeros(2, 6))
     with pytest.raises(ValueError, match="batch"):
-        ops.attention(q, rand(1, 2, 6, 8), rand(1, 2, 6, 8))
+        kernels.attention(q, rand(1, 2, 6, 8), rand(1, 2, 6, 8))
 
 
 def test_other_dtypes_use_torch_with_same_semantics():
     q, k, v = rand(1, 2, 4, 8), rand(1, 1, 4, 8), rand(1, 1, 4, 8)
     mask = torch.tensor([[True, True, True, True]])
-    out = ops.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True, key_padding_mask=mask)
+    out = kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True, key_padding_mask=mask)
     assert out.dtype == torch.bfloat16 and torch.equal(out, torch.zeros_like(out))
-    a = ops.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True).float()
-    torch.testing.assert_close(a, ops.attention(q, k, v, causal=True), rtol=0.05, atol=0.05)
+    a = kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True).float()
+    torch.testing.assert_close(a, kernels.attention(q, k, v, causal=True), rtol=0.05, atol=0.05)
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (12, 4), (8, 1)])
@@ -165,7 +166,7 @@ def test_decode_equals_full_attention_on_the_last_position(heads):
     q = rand(b, hq, d, seed=11)
     kc, vc = rand(b, hk, cap, d, seed=12), rand(b, hk, cap, d, seed=13)
     lengths = [300, 17, 0, 256]
-    out = ops.decode_attention(q, kc, vc, lengths)
+    out = kernels.decode_attention(q, kc, vc, lengths)
     pad = torch.arange(cap)[None, :] >= torch.tensor(lengths)[:, None]
     ref = reference.attention(q[:, :, None].double(), kc.double(), vc.double(), key_padding_mask=pad)[:, :, 0]
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
@@ -174,21 +175,21 @@ def test_decode_equals_full_attention_on_the_last_position(heads):
     # decoding its last token against the cache of the whole sequence.
     t = 37
     qs, ks, vs = rand(1, hq, t, d, seed=14), rand(1, hk, t, d, seed=15), rand(1, hk, t, d, seed=16)
-    full = ops.attention(qs, ks, vs, causal=True)[:, :, -1]
-    torch.testing.assert_close(ops.decode_attention(qs[:, :, -1], ks, vs, [t]), full, rtol=1e-5, atol=1e-6)
-    assert ops.decode_attention(qs[:, :, -1:], ks, vs, [t]).shape == (1, hq, 1, d)
+    full = kernels.attention(qs, ks, vs, causal=True)[:, :, -1]
+    torch.testing.assert_close(kernels.decode_attention(qs[:, :, -1], ks, vs, [t]), full, rtol=1e-5, atol=1e-6)
+    assert kernels.decode_attention(qs[:, :, -1:], ks, vs, [t]).shape == (1, hq, 1, d)
 
 
 def test_decode_bad_input():
     q, kc, vc = rand(2, 4, 8), rand(2, 2, 10, 8), rand(2, 2, 10, 8)
     with pytest.raises(ValueError, match="cache_lengths"):
-        ops.decode_attention(q, kc, vc, [11, 2])
+        kernels.decode_attention(q, kc, vc, [11, 2])
     with pytest.raises(ValueError, match="cache_lengths"):
-        ops.decode_attention(q, kc, vc, [1])
+        kernels.decode_attention(q, kc, vc, [1])
     with pytest.raises(ValueError, match="must divide"):
-        ops.decode_attention(rand(2, 3, 8), kc, vc, [1, 2])
+        kernels.decode_attention(rand(2, 3, 8), kc, vc, [1, 2])
     with pytest.raises(ValueError, match="one query"):
-        ops.decode_attention(rand(2, 4, 2, 8), kc, vc, [1, 2])
+        kernels.decode_attention(rand(2, 4, 2, 8), kc, vc, [1, 2])
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ferrolm.models import GPT, GPTConfig, LSTMLanguageModel, load_model  # noqa: E402
-from ferrolm.train import load_train_state  # noqa: E402
+from ferrolm.training import load_train_state  # noqa: E402
 
 
 def _ferrolm(*args, timeout=600):
@@ -63,7 +63,7 @@ def test_help_everywhere():
 @pytest.mark.parametrize("model", ["transformer", "lstm"])
 def test_train_seq2seq_resume_and_translate(tmp_path, model):
     pairs = tmp_path / "pairs.tsv"
-    from ferrolm.numwords import english, french
+    from ferrolm.recipes.numwords import english, french
 
     pairs.write_text("".join(f"{english(n)}\t{french(n)}\n" for n in range(0, 3000, 7)), encoding="utf-8")
     out = tmp_path / model
@@ -84,7 +84,7 @@ def test_train_seq2seq_resume_and_translate(tmp_path, model):
     assert tr.returncode == 0, tr.stderr[-2000:]
     assert len(tr.stdout.splitlines()) == 2
     from ferrolm.tokenizer import Tokenizer
-    from ferrolm.translation import translate_texts
+    from ferrolm.recipes.translation import translate_texts
 
     m = load_model(out / "model.safetensors")
     expect = translate_texts(m, Tokenizer.from_hf_json(out / "tokenizer.json"), ["three hundred", "forty-two"], max_new_tokens=6)

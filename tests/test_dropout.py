@@ -1,4 +1,4 @@
-"""ferrolm.ops.dropout / ferrolm.nn.Dropout: the distribution and scaling of torch's dropout,
+"""ferrolm.kernels.dropout / ferrolm.nn.Dropout: the distribution and scaling of torch's dropout,
 the backward through the same (regenerated) mask, reproducibility under torch.manual_seed."""
 
 import math
@@ -8,7 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ferrolm.nn import Dropout  # noqa: E402
-from ferrolm.ops import _Dropout, dropout  # noqa: E402
+from ferrolm.kernels import dropout
+from ferrolm.kernels.dropout import _Dropout  # noqa: E402
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

@@ -63,7 +63,7 @@ def test_fresh_lora_changes_nothing_and_merge_equals_unmerged():
 
 
 def test_lora_training_moves_only_the_adapters():
-    from ferrolm.train import TrainConfig, make_optimizer, train
+    from ferrolm.training import TrainConfig, make_optimizer, train
 
     model = _gpt()
     apply_lora(model, r=2, alpha=4, target_modules=["c_attn"])
@@ -171,7 +171,7 @@ def test_peft_lora_loads_in_ferrolm(tmp_path):
 
 def test_prompt_tuning_prefix_and_training():
     from ferrolm.finetune import PromptTuning
-    from ferrolm.train import TrainConfig, train
+    from ferrolm.training import TrainConfig, train
 
     model = _gpt()
     init = [5, 9, 11]
@@ -265,7 +265,7 @@ def test_cli_finetune_lora_resume_and_adapter(tmp_path):
     from ferrolm import Tokenizer
     from ferrolm.corpus import default_corpus
     from ferrolm.models import load_model
-    from ferrolm.train import load_train_state
+    from ferrolm.training import load_train_state
 
     tok = Tokenizer.train(default_corpus(100_000), vocab_size=300)
     base_dir = tmp_path / "base"
@@ -291,7 +291,7 @@ def test_cli_finetune_lora_resume_and_adapter(tmp_path):
 
 
 def test_experiment_quick_writes_the_table(tmp_path):
-    from ferrolm.finetune_experiment import run_experiment
+    from ferrolm.recipes.finetune_experiment import run_experiment
 
     res = run_experiment(tmp_path, quick=True, n_seeds=2, progress=False)
     ft_methods = ["full fine-tuning", "LoRA r=4", "LoRA r=8", "LoRA r=16", "BitFit", "prompt tuning (16 tokens)", "head-only"]

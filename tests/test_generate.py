@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ferrolm.generate import generate, sample_next  # noqa: E402
+from ferrolm.decoding import generate, sample_next  # noqa: E402
 from ferrolm.models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel  # noqa: E402
 
 

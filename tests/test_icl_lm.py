@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ferrolm.generate import generate  # noqa: E402
+from ferrolm.decoding import generate  # noqa: E402
 from ferrolm.icl import LM  # noqa: E402
 from ferrolm.models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel  # noqa: E402
 

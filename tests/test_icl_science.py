@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ferrolm.icl import science  # noqa: E402
+from ferrolm.recipes import icl_science as science  # noqa: E402
 from ferrolm.models import GPT, GPTConfig  # noqa: E402
 
 

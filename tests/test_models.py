@@ -1,4 +1,4 @@
-"""ferrolm.models against their plain-PyTorch twins in ferrolm.reference (same weights), GPT-2
+"""ferrolm.models against their plain-PyTorch twins in ferrolm.testing.reference (same weights), GPT-2
 parity with transformers, checkpoints and bad input."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ferrolm import FormatError, reference  # noqa: E402
+from ferrolm import FormatError
+from ferrolm.testing import reference  # noqa: E402
 from ferrolm.models import (  # noqa: E402
     GPT,
     ClassifierConfig,
@@ -297,7 +298,7 @@ def test_bad_input_errors():
 def test_delegated_path_equals_reference(kind):
     """Dtypes the Rust kernels do not take (here bfloat16 on CPU) go through torch's own
     kernels, the same path CUDA tensors take: results equal the plain-torch twin's."""
-    from ferrolm.generate import generate
+    from ferrolm.decoding import generate
 
     torch.manual_seed(6)
     model = GPT(tiny_gpt(positions="rotary")) if kind == "gpt" else LSTMLanguageModel(LSTMConfig(vocab_size=97, n_embd=16, hidden_size=16))
@@ -311,7 +312,7 @@ def test_delegated_path_equals_reference(kind):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_models_run_on_cuda():
-    from ferrolm.generate import generate
+    from ferrolm.decoding import generate
 
     torch.manual_seed(7)
     model = GPT(tiny_gpt())
@@ -327,7 +328,7 @@ def test_models_run_on_cuda():
 def test_training_runs_on_cuda():
     import numpy as np
 
-    from ferrolm.train import TrainConfig, train
+    from ferrolm.training import TrainConfig, train
 
     model = LSTMLanguageModel(LSTMConfig(vocab_size=64, n_embd=16, hidden_size=16)).cuda()
     tokens = np.random.default_rng(0).integers(0, 64, 5_000)

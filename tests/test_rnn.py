@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
 import ferrolm.nn as fnn  # noqa: E402
-from ferrolm import ops, reference  # noqa: E402
+from ferrolm import kernels
+from ferrolm.testing import reference  # noqa: E402
 
 PAIRS = [(fnn.LSTM, torch.nn.LSTM), (fnn.GRU, torch.nn.GRU)]
 
@@ -161,10 +162,10 @@ def test_gradcheck_float64(mode, reverse):
     b_ih = torch.randn(gates * h, dtype=d, requires_grad=True)
     b_hh = torch.randn(gates * h, dtype=d, requires_grad=True)
     if mode == "lstm":
-        fn = lambda *a: ops.lstm_layer(a[0], batch_sizes, a[1], a[2], a[3], a[4], a[5], a[6], reverse=reverse)  # noqa: E731
+        fn = lambda *a: kernels.lstm_layer(a[0], batch_sizes, a[1], a[2], a[3], a[4], a[5], a[6], reverse=reverse)  # noqa: E731
         inputs = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     else:
-        fn = lambda *a: ops.gru_layer(a[0], batch_sizes, a[1], a[2], a[3], a[4], a[5], reverse=reverse)  # noqa: E731
+        fn = lambda *a: kernels.gru_layer(a[0], batch_sizes, a[1], a[2], a[3], a[4], a[5], reverse=reverse)  # noqa: E731
         inputs = (x, h0, w_ih, w_hh, b_ih, b_hh)
     assert torch.autograd.gradcheck(fn, inputs)
 
@@ -177,10 +178,10 @@ def test_ops_match_pure_torch_reference(reverse):
     x = torch.randn(n, 5)
     h0, c0 = torch.randn(4, 6), torch.randn(4, 6)
     w = [torch.randn(24, 5), torch.randn(24, 6), torch.randn(24), torch.randn(24)]
-    for a, b in zip(ops.lstm_layer(x, batch_sizes, h0, c0, *w, reverse=reverse), reference.lstm_layer(x, batch_sizes, h0, c0, *w, reverse=reverse)):
+    for a, b in zip(kernels.lstm_layer(x, batch_sizes, h0, c0, *w, reverse=reverse), reference.lstm_layer(x, batch_sizes, h0, c0, *w, reverse=reverse)):
         assert_close(a, b)
     w = [torch.randn(18, 5), torch.randn(18, 6), torch.randn(18), torch.randn(18)]
-    for a, b in zip(ops.gru_layer(x, batch_sizes, h0, *w, reverse=reverse), reference.gru_layer(x, batch_sizes, h0, *w, reverse=reverse)):
+    for a, b in zip(kernels.gru_layer(x, batch_sizes, h0, *w, reverse=reverse), reference.gru_layer(x, batch_sizes, h0, *w, reverse=reverse)):
         assert_close(a, b)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ferrolm import reference  # noqa: E402
+from ferrolm.testing import reference  # noqa: E402
 from ferrolm.models import (  # noqa: E402
     AttentionLSTM,
     AttentionLSTMConfig,
@@ -22,7 +22,7 @@ from ferrolm.models import (  # noqa: E402
     SequenceClassifier,
     load_model,
 )
-from ferrolm.seq2seq import beam_search, decode_uncached, greedy_decode  # noqa: E402
+from ferrolm.decoding import beam_search, decode_uncached, greedy_decode  # noqa: E402
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -175,7 +175,7 @@ def test_seq2seq_lstm_gradcheck_float64():
         enc, _ = m.encoder(a, lengths=torch.tensor([4, 2]))
         out, _ = m.decoder(b)
         keys = m.attn_proj(enc)
-        from ferrolm.ops import attention
+        from ferrolm.kernels import attention
 
         pad = src == PAD
         return attention(out[:, None], keys[:, None], enc[:, None], key_padding_mask=pad, scale=1.0)
@@ -272,9 +272,12 @@ def test_step_logits_equal_full_forward(which):
     tgt = torch.tensor([[BOS, 4, 9, 11, 3], [BOS, 7, 7, 8, 12]])
     with torch.no_grad():
         full = m(src, tgt)[0]
-        state = m.start(m.encode(src), 8)
-        steps = torch.stack([m.step(state, tgt[:, t]) for t in range(tgt.size(1))], 1)
+        state = m.start(2, 8, m.encode(src))
+        steps = torch.stack([m.logits(m.advance(state, tgt[:, t : t + 1]))[:, 0] for t in range(tgt.size(1))], 1)
+        # The same tokens fed in one advance call.
+        block = m.logits(m.advance(m.start(2, 8, m.encode(src)), tgt))
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block, full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("which", [0, 1], ids=["transformer", "lstm"])
@@ -381,7 +384,7 @@ def test_bad_input_is_a_clear_error():
 
 
 def test_short_training_lowers_loss():
-    from ferrolm.train import TrainConfig, train
+    from ferrolm.training import TrainConfig, train
 
     rng = torch.Generator().manual_seed(0)
     pairs = []
@@ -397,7 +400,7 @@ def test_short_training_lowers_loss():
 
 
 def test_attention_lstm_trains_as_a_language_model():
-    from ferrolm.train import TrainConfig, train
+    from ferrolm.training import TrainConfig, train
 
     cfg = AttentionLSTMConfig(vocab_size=16, n_embd=32, n_head=4, hidden_size=32, bidirectional=False, causal=True, block_size=32)
     torch.manual_seed(0)

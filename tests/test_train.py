@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 from ferrolm import FormatError, Tokenizer  # noqa: E402
 from ferrolm.corpus import default_corpus  # noqa: E402
 from ferrolm.models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel, load_model  # noqa: E402
-from ferrolm.train import ExampleBatches, SyntheticBatches, TokenBatches, TrainConfig, evaluate, load_train_state, lr_at, train  # noqa: E402
+from ferrolm.training import ExampleBatches, SyntheticBatches, TokenBatches, TrainConfig, evaluate, load_train_state, lr_at, train  # noqa: E402
 
 
 def test_lr_schedule_is_warmup_then_cosine():
@@ -169,7 +169,7 @@ def _resume_pair(make_model, tmp_path, tokens):
 
 
 def test_synthetic_batches_are_a_function_of_position_and_resume_exactly(tmp_path):
-    from ferrolm.icl.science import VectorSequenceModel
+    from ferrolm.recipes.icl_science import VectorSequenceModel
 
     def make(rng):
         x = torch.from_numpy(rng.standard_normal((8, 6, 3)).astype(np.float32))
@@ -254,7 +254,7 @@ DDP_SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np, torch
     from ferrolm.models import GPT, GPTConfig, save_model
-    from ferrolm.train import TrainConfig, train
+    from ferrolm.training import TrainConfig, train
     batch, out = int(sys.argv[1]), sys.argv[2]
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16))

@@ -6,8 +6,8 @@ import random
 import pytest
 
 from ferrolm.metrics import corpus_chrf
-from ferrolm.numwords import MAX_NUMBER, english, french
-from ferrolm.translation import BLOCK, held_out_blocks, load_pairs, number_task
+from ferrolm.recipes.numwords import MAX_NUMBER, english, french
+from ferrolm.recipes.translation import BLOCK, held_out_blocks, load_pairs, number_task
 
 EDGES = [0, 1, 10, 16, 17, 20, 21, 30, 70, 71, 72, 77, 80, 81, 90, 91, 99, 100, 101, 110, 180, 200, 201, 280, 1000, 1001, 1080,
          2000, 21000, 71000, 80000, 80080, 100000, 180000, 200000, 200200, 999999]
@@ -89,7 +89,7 @@ def test_load_pairs_tsv_and_jsonl(tmp_path):
 
 def test_seq2seq_batches_layout_and_resume():
     torch = pytest.importorskip("torch")
-    from ferrolm.train import Seq2SeqBatches
+    from ferrolm.training import Seq2SeqBatches
 
     pairs = [([5 + i % 7] * (1 + i % 4), [9] * (1 + i % 3)) for i in range(40)]
     b = Seq2SeqBatches(pairs, batch_size=8, pad_id=0, bos_id=1, eos_id=2, seed=3)
@@ -115,8 +115,8 @@ def test_seq2seq_batches_layout_and_resume():
 def test_translate_and_evaluate_recipe_end_to_end():
     torch = pytest.importorskip("torch")
     from ferrolm.models import Seq2SeqTransformer, Seq2SeqTransformerConfig
-    from ferrolm.translation import encode_pairs, evaluate_translation, special_ids, train_tokenizer, translate_texts
-    from ferrolm.train import TrainConfig, train
+    from ferrolm.recipes.translation import encode_pairs, evaluate_translation, special_ids, train_tokenizer, translate_texts
+    from ferrolm.training import TrainConfig, train
 
     task = number_task(n_train=3000, n_valid=50, n_test=40)
     tok = train_tokenizer(task.train, vocab_size=400)
@@ -143,7 +143,7 @@ def test_translate_and_evaluate_recipe_end_to_end():
 def test_train_seq2seq_rejects_a_tokenizer_without_its_special_tokens():
     pytest.importorskip("torch")
     from ferrolm import Tokenizer
-    from ferrolm.translation import train_seq2seq
+    from ferrolm.recipes.translation import train_seq2seq
 
     task = number_task(n_train=200, n_valid=0, n_test=10)
     plain = Tokenizer.train([s for s, _ in task.train], vocab_size=300)

@@ -81,7 +81,7 @@ def _expand(paths: List[str]) -> List[Path]:
 
 
 def _cmd_train_seq2seq(args: argparse.Namespace) -> int:
-    from .translation import TranslationTask, load_pairs, number_task, train_seq2seq
+    from .recipes.translation import TranslationTask, load_pairs, number_task, train_seq2seq
 
     if args.data:
         if len(args.data) != 1:
@@ -114,7 +114,7 @@ def _cmd_train_seq2seq(args: argparse.Namespace) -> int:
 
 def _cmd_translate(args: argparse.Namespace) -> int:
     from .models import load_model
-    from .translation import translate_texts
+    from .recipes.translation import translate_texts
 
     path = Path(args.model)
     ckpt = path / "model.safetensors" if path.is_dir() else path
@@ -138,7 +138,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .corpus import default_corpus
     from .models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel, load_model
     from .tokenizer import Tokenizer
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     if args.arch == "seq2seq":
         return _cmd_train_seq2seq(args)
@@ -202,7 +202,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import generate
+    from .decoding import generate
 
     model, tok = _load_ferrolm(Path(args.model), args.tokenizer)
     if tok.n_vocab > model.config.vocab_size:
@@ -308,7 +308,7 @@ def _cmd_icl_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_icl_experiment(args: argparse.Namespace) -> int:
-    from .icl import science
+    from .recipes import icl_science as science
 
     for res in science.run(args.name, args.results, quick=args.quick, seed=args.seed):
         print(f"## {res['experiment']} ({res['wall_seconds']:.0f} s)\n")
@@ -321,10 +321,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     import numpy as np
 
     if args.action == "experiment":
-        from .finetune_experiment import run_experiment
+        from .recipes.finetune_experiment import run_experiment
 
         results = run_experiment(args.results, quick=args.quick, seed=args.seed)
-        from .finetune_experiment import markdown
+        from .recipes.finetune_experiment import markdown
 
         print(markdown(results), end="")
         print(f"wrote {Path(args.results) / 'finetune.md'}, finetune.json, finetune.png")
@@ -335,7 +335,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from .icl import load_examples
     from .icl.tasks import stdlib_package_task
     from .models import GPT, LSTMLanguageModel, save_model
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     model, tok = _load_lm_and_tokenizer(Path(args.model), args.tokenizer)
     if not isinstance(model, (GPT, LSTMLanguageModel)):

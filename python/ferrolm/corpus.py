@@ -53,7 +53,7 @@ def stdlib_texts(max_bytes: Optional[int] = None) -> List[str]:
 def chinese_text() -> str:
     """Returns the Chinese prose shipped with ferrolm (simplified and traditional, with
     full-width digits, punctuation, mixed code and emoji)."""
-    return (Path(__file__).parent / "data" / "zh.txt").read_text(encoding="utf-8")
+    return (Path(__file__).parent / "_assets" / "zh.txt").read_text(encoding="utf-8")
 
 
 def default_corpus(max_bytes: Optional[int] = None) -> List[str]:

@@ -8,7 +8,7 @@ ferrolm's models through one interface, with PEFT-compatible LoRA adapters.
 - :class:`PromptTuning` prepends trainable virtual tokens to a GPT's inputs.
 - :func:`prepare` sets which parameters train for a method (``"lora"``, ``"bitfit"``,
   ``"head"``, ``"full"``, ``"prompt"``) and freezes the rest (``requires_grad=False``: no gradient and, with
-  :func:`ferrolm.train.make_optimizer`, no optimizer state).
+  :func:`ferrolm.training.make_optimizer`, no optimizer state).
 - :func:`save_lora` / :func:`load_lora` use PEFT's layout (``adapter_config.json`` +
   ``adapter_model.safetensors``, keys ``base_model.model.<module>.lora_A.weight``). For a GPT
   converted from GPT-2 the module names are GPT-2's, and GPT-2's ``Conv1D`` (``y = x W + b``,
@@ -31,14 +31,15 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._io import PathLike, atomic_write
 from .errors import FormatError
+from .models import GPT
+from .models.common import lm_loss
 
 __all__ = [
     "LoRALinear",
@@ -71,8 +72,6 @@ class PromptTuning(nn.Module):
     """
 
     def __init__(self, model: nn.Module, n_virtual: int, init_ids: Optional[Sequence[int]] = None, seed: int = 0) -> None:
-        from .models import GPT
-
         super().__init__()
         if not isinstance(model, GPT):
             raise TypeError(f"prompt tuning needs a ferrolm GPT, got {type(model).__name__}")
@@ -99,10 +98,34 @@ class PromptTuning(nn.Module):
         return self.model.hidden_states(idx, lengths=lengths, prefix_embeds=self.prompt)[:, self.n_virtual :]
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, lengths=None):
-        from .models import lm_loss
-
         logits = self.model.lm_head(self.hidden_states(idx, lengths))
         return logits, (lm_loss(logits, targets) if targets is not None else None)
+
+    # ---- decoding (the protocol of ferrolm.decoding.Decoder): the virtual tokens run once into
+    # the KV cache, then tokens decode after them as with the plain GPT.
+
+    window_name = "block_size - n_virtual"
+
+    @property
+    def context_window(self) -> int:
+        """The real tokens that fit: ``block_size - n_virtual``."""
+        return self.model.config.block_size - self.n_virtual
+
+    def start(self, batch: int, capacity: int, memory=None):
+        """The GPT's KV caches with the virtual tokens already in them (``capacity`` real tokens
+        after them)."""
+        state = self.model.start(batch, capacity + self.n_virtual, memory)
+        self.model.hidden_states(None, cache=state, inputs_embeds=self.prompt[None].expand(batch, -1, -1))
+        return state
+
+    def advance(self, state, idx: torch.Tensor, lengths=None) -> torch.Tensor:
+        return self.model.advance(state, idx, lengths)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(hidden)
+
+    def select(self, state, rows: torch.Tensor):
+        return self.model.select(state, rows)
 
 
 def _check_rank(r: int, alpha: float) -> None:

@@ -1,11 +1,11 @@
-"""One adapter for the language models that in-context learning scores with: ferrolm's
-:class:`~ferrolm.models.GPT` and :class:`~ferrolm.models.LSTMLanguageModel`, and Hugging Face
-``transformers`` causal LMs. Requests follow lm-evaluation-harness's kinds: ``loglikelihood``
+"""One adapter for the language models that in-context learning scores with: every ferrolm
+language model (anything implementing :class:`ferrolm.decoding.Decoder`: GPT, the LSTM LM, a
+prompt-tuned GPT) and Hugging Face ``transformers`` causal LMs. Requests follow lm-evaluation-harness's kinds: ``loglikelihood``
 (context, continuation) and ``loglikelihood_rolling`` (a whole text).
 
 Shared-prefix reuse: requests with the same context (the k demonstrations and the question,
 scored against each choice) run the context once; its KV cache (GPT) or carried state (LSTM)
-is copied to one row per continuation, and only the continuation tokens run after it. The
+is copied to one row per continuation (the protocol's ``select``), and only the continuation tokens run after it. The
 distinct contexts of a call run in batches, grouped by length with
 :class:`ferrolm.data.BucketBatchSampler` and right-padded with :func:`ferrolm.data.pad` (each
 row's cache keeps its own length, so the pads are never attended to). A prefix
@@ -29,6 +29,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from ..data import BucketBatchSampler, pad
+from ..decoding import generate, is_decoder
 
 __all__ = ["LM", "LogLikelihood"]
 
@@ -60,21 +63,16 @@ def _ids(x, what: str) -> List[int]:
     return out
 
 
-def _repeat_state(state, n: int):
-    """A one-row recurrent state (``(h, c)`` or ``h``, each (layers, 1, H)) repeated to n rows."""
-    if isinstance(state, tuple):
-        return tuple(s.expand(-1, n, -1).contiguous() for s in state)
-    return state.expand(-1, n, -1).contiguous()
-
-
 class LM:
     """A causal language model behind the ICL requests.
 
     Args:
-        model: a ferrolm ``GPT`` / ``LSTMLanguageModel``, or a ``transformers`` causal LM
-            (anything whose ``forward(input_ids, attention_mask)`` returns ``.logits``).
-        max_length: the window (default: the GPT's block_size, the HF config's
-            ``n_positions``/``max_position_embeddings``; unlimited for the LSTM).
+        model: a ferrolm language model (implementing :class:`ferrolm.decoding.Decoder`), or a
+            ``transformers`` causal LM (anything whose ``forward(input_ids, attention_mask)``
+            returns ``.logits``).
+        max_length: the window (default: the model's ``context_window`` — a GPT's block_size,
+            unlimited for a recurrent model — or the HF config's
+            ``n_positions``/``max_position_embeddings``).
         batch_size: continuations (or rolling windows) per forward pass. Scores do not depend
             on it.
 
@@ -86,23 +84,18 @@ class LM:
     """
 
     def __init__(self, model, max_length: Optional[int] = None, batch_size: int = 16) -> None:
-        from ..finetune import PromptTuning
-        from ..models import GPT, LSTMLanguageModel
-
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"LM wraps a torch.nn.Module language model, got {type(model).__name__}")
+        if getattr(model, "is_encoder_decoder", False):
+            raise TypeError(f"LM scores causal language models; {type(model).__name__} is an encoder-decoder model")
         self.model = model
-        # "wrapped": a prompt-tuned GPT, scored by full forwards (its virtual tokens precede
-        # every input, so there is no plain prefix cache to reuse).
-        self.kind = ("gpt" if isinstance(model, GPT) else "lstm" if isinstance(model, LSTMLanguageModel)
-                     else "wrapped" if isinstance(model, PromptTuning) else "hf")
+        # ferrolm models decode through the protocol; anything else is called as transformers' models are.
+        self.native = is_decoder(model)
         cfg = getattr(model, "config", None)
         if max_length is None:
-            if self.kind == "gpt":
-                max_length = cfg.block_size
-            elif self.kind == "wrapped":
-                max_length = cfg.block_size - model.n_virtual
-            elif self.kind == "hf":
+            if self.native:
+                max_length = model.context_window
+            else:
                 max_length = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
         self.max_length = max_length
         self.vocab_size = getattr(cfg, "vocab_size", None)
@@ -130,11 +123,11 @@ class LM:
             idx[i, : len(r)] = torch.tensor(r, dtype=torch.int64)
         lengths = torch.tensor([len(r) for r in rows])
         idx = idx.to(self.device)
-        if self.kind == "hf":
+        if self.native:
+            logits, _ = self.model(idx, lengths=lengths)
+        else:
             mask = (torch.arange(T)[None, :] < lengths[:, None]).long().to(self.device)
             logits = self.model(input_ids=idx, attention_mask=mask).logits
-        else:
-            logits, _ = self.model(idx, lengths=lengths)
         logp = F.log_softmax(logits.float(), dim=-1)
         return [logp[i, : len(r)] for i, r in enumerate(rows)]
 
@@ -177,7 +170,7 @@ class LM:
         was = self.model.training
         self.model.eval()
         try:
-            if reuse_prefix and (self.kind in ("gpt", "lstm") or (self.kind == "hf" and self._hf_cache_ok())):
+            if reuse_prefix and (self.native or self._hf_cache_ok()):
                 return self._loglikelihood_cached(reqs)
             return self._loglikelihood_full(reqs)
         finally:
@@ -246,7 +239,7 @@ class LM:
                 raise ValueError(f"a continuation of {longest} tokens leaves no room for context in the window of {self.max_length}")
             plans.append((ctx, cut, longest, members))
         out: List[Optional[LogLikelihood]] = [None] * len(reqs)
-        if self.kind == "hf":
+        if not self.native:
             for ctx, cut, longest, members in plans:
                 first, state = self._hf_prefix(ctx)
                 self._score_members(first, state, len(ctx), cut, members, reqs, out)
@@ -266,8 +259,6 @@ class LM:
     def _context_batches(self, lengths: List[int]) -> List[List[int]]:
         """Indices of contexts grouped for batched prefill: sorted by length inside buckets
         (:class:`ferrolm.data.BucketBatchSampler`) so right padding wastes little."""
-        from ..data import BucketBatchSampler
-
         sampler = BucketBatchSampler(lengths, batch_size=self.batch_size, max_tokens=self.PREFILL_TOKENS, shuffle=False)
         return [list(b) for b in sampler]
 
@@ -308,10 +299,8 @@ class LM:
     def _prefix_batch(self, ctxs: List[List[int]], room: int, base=None) -> List[Tuple[torch.Tensor, object]]:
         """Runs the contexts as one right-padded batch (after the shared ``base`` prefix when
         given, which every context then starts with): for each, the log-probs at its last
-        position (1, V) and its reusable state — ``(caches, row)`` for a GPT (the batch's KV
-        caches, room for ``room`` more tokens), the row's ``(h, c)`` / ``h`` for an LSTM / GRU."""
-        from ..data import pad
-
+        position (1, V) and its reusable state ``(batch state, row)``, with room for ``room``
+        more tokens."""
         done = base[0] if base is not None else 0
         rems = [c[done:] for c in ctxs]
         idx, _ = pad(rems, return_tensors="pt")
@@ -319,38 +308,19 @@ class LM:
         B, T = idx.shape
         lengths = torch.tensor([len(r) for r in rems], dtype=torch.int64)
         rows = torch.arange(B)
-        if self.kind == "gpt":
-            cap = done + T + room
-            caches = self._copy_cache(base[1][0], B, done, cap, base[1][1]) if base is not None else self.model.new_cache(B, cap)
-            h = self.model.hidden_states(idx, lengths=lengths, cache=caches)
-            logp = F.log_softmax(self.model.lm_head(h[rows, lengths - 1]).float(), -1)
-            return [(logp[i : i + 1], (caches, i)) for i in range(B)]
-        st = None
         if base is not None:
-            st = _repeat_state(base[1], B)
-        h, st = self.model.forward_state(idx, st, lengths=lengths)
-        logp = F.log_softmax(self.model.head(h[rows, lengths - 1]).float(), -1)
-        pick = (lambda i: tuple(s[:, i : i + 1] for s in st)) if isinstance(st, tuple) else (lambda i: st[:, i : i + 1])
-        return [(logp[i : i + 1], pick(i)) for i in range(B)]
+            base_state, base_row = base[1]
+            state = self.model.select(base_state, torch.full((B,), base_row, dtype=torch.int64))
+        else:
+            state = self.model.start(B, done + T + room)
+        h = self.model.advance(state, idx, lengths)
+        logp = F.log_softmax(self.model.logits(h[rows, lengths - 1]).float(), -1)
+        return [(logp[i : i + 1], (state, i)) for i in range(B)]
 
     def _hf_prefix(self, ctx: List[int]):
         """A transformers model's log-probs after the context (1, V) and its ``past_key_values``."""
         out = self.model(input_ids=torch.tensor([ctx], dtype=torch.int64, device=self.device), use_cache=True)
         return F.log_softmax(out.logits[:, -1].float(), -1), out.past_key_values
-
-    @staticmethod
-    def _copy_cache(caches, rows: int, length: int, capacity: int, src: int = 0):
-        """New per-layer KV caches of ``rows`` rows holding row ``src``'s first ``length`` positions."""
-        from ..nn import KVCache
-
-        out = []
-        for layer in caches:
-            c = KVCache(rows, layer.k.size(1), capacity, layer.k.size(3), layer.k.dtype, layer.k.device)
-            c.k[:, :, :length] = layer.k[src : src + 1, :, :length]
-            c.v[:, :, :length] = layer.v[src : src + 1, :, :length]
-            c.lengths = torch.full((rows,), length, dtype=torch.int64)
-            out.append(c)
-        return out
 
     def _hf_cache_ok(self) -> bool:
         """Whether the transformers model returns a KV cache that can be copied per row
@@ -375,7 +345,11 @@ class LM:
             idx[i, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.int64)
         lengths = torch.tensor([max(1, len(c) - 1) for c in conts])
         idx = idx.to(self.device)
-        if self.kind == "hf":
+        if self.native:
+            state, row = state
+            state = self.model.select(state, torch.full((n,), row, dtype=torch.int64))
+            logits = self.model.logits(self.model.advance(state, idx, lengths))
+        else:
             import copy
 
             cache = copy.deepcopy(state)  # the forward below appends to it
@@ -384,15 +358,6 @@ class LM:
             for i, c in enumerate(conts):
                 mask[i, n_ctx + len(c) - 1 :] = 0  # right padding after each continuation
             logits = self.model(input_ids=idx, past_key_values=cache, attention_mask=mask.to(self.device)).logits
-        elif self.kind == "gpt":
-            caches, src = state
-            caches = self._copy_cache(caches, n, n_ctx, caches[0].capacity, src)
-            h = self.model.hidden_states(idx, lengths=lengths, cache=caches)
-            logits = self.model.lm_head(h)
-        else:
-            st = _repeat_state(state, n)
-            h, _ = self.model.forward_state(idx, st, lengths=lengths)
-            logits = self.model.head(h)
         logp = F.log_softmax(logits.float(), -1)
         return [logp[i] for i in range(n)]
 
@@ -407,8 +372,6 @@ class LM:
             tokenizer: decodes the generated ids (a :class:`ferrolm.Tokenizer` or anything with
                 ``decode``); its ``<|endoftext|>``, when it has one, also ends a continuation.
         """
-        from ..generate import generate
-
         eot = getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>") if hasattr(tokenizer, "special_tokens") else None
         prepared = []
         for i, (ctx, stops, n) in enumerate(requests):
@@ -438,10 +401,10 @@ class LM:
                 for s in range(0, len(members), self.batch_size):
                     chunk = members[s : s + self.batch_size]
                     ctxs = [prepared[i][0] for i in chunk]
-                    if self.kind == "hf":
-                        new = self._hf_generate(ctxs, n, eot)
-                    else:
+                    if self.native:
                         new = generate(self.model, ctxs, n, temperature=0, stop_ids=[eot] if eot is not None else None)
+                    else:
+                        new = self._hf_generate(ctxs, n, eot)
                     for i, ids in zip(chunk, new):
                         ids = [t for t in ids if t != eot]
                         text = tokenizer.decode(ids)

@@ -25,16 +25,16 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import finetune as ft
-from ._io import PathLike, atomic_write
-from ._memory import PeakMemory
-from .corpus import default_corpus
-from .icl import LM, Example, evaluate_classification
-from .icl.tasks import stdlib_package_task
-from .metrics import mean_ci
-from .models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel
-from .tokenizer import Tokenizer
-from .train import TrainConfig, train
+from .. import finetune as ft
+from .._io import PathLike, atomic_write
+from .._memory import PeakMemory
+from ..corpus import default_corpus
+from ..icl import LM, Example, evaluate_classification
+from ..icl.tasks import stdlib_package_task
+from ..metrics import mean_ci
+from ..models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel
+from ..tokenizer import Tokenizer
+from ..training import TrainConfig, train
 
 __all__ = ["run_experiment", "markdown"]
 

@@ -21,7 +21,7 @@ ICL results, GPT against LSTM, with ferrolm's own models, kernels and trainer.
 Every model here is a ferrolm :class:`~ferrolm.models.GPT` or
 :class:`~ferrolm.models.LSTMLanguageModel`; tasks whose inputs are vectors read them through a
 linear layer into the backbone's ``inputs_embeds`` (:class:`VectorSequenceModel`). Training is
-:func:`ferrolm.train.train` on a :class:`~ferrolm.train.SyntheticBatches` source (every batch a
+:func:`ferrolm.training.train` on a :class:`~ferrolm.training.SyntheticBatches` source (every batch a
 pure function of the seed and its index).
 """
 
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .._io import PathLike, atomic_write
 from ..models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel
-from ..train import SyntheticBatches, TrainConfig, train
+from ..training import SyntheticBatches, TrainConfig, train
 
 __all__ = ["VectorSequenceModel", "EXPERIMENTS", "run", "regression", "recall", "induction", "markdown",
            "regression_baselines", "mqar_batch", "induction_rows", "induction_batch", "induction_toy", "prefix_matching_scores",

@@ -1,6 +1,6 @@
 """Whole numbers 0..999,999 written in English and French words, by rule.
 
-The embedded translation task (:mod:`ferrolm.translation`) maps one to the other. English is
+The embedded translation task (:mod:`ferrolm.recipes.translation`) maps one to the other. English is
 written the American way, with no "and" and no commas (``"three hundred forty-five thousand
 six hundred seventy-eight"``); French in the traditional spelling (before the 1990
 rectifications), which is what ``num2words(n, lang="fr")`` writes and what the tests compare

@@ -1,7 +1,7 @@
 """The embedded translation task and the recipe that trains and scores seq2seq models on it.
 
 The task: whole numbers written in English words -> the same numbers in French words
-(:mod:`ferrolm.numwords`), generated on the machine, nothing downloaded. The split makes the
+(:mod:`ferrolm.recipes.numwords`), generated on the machine, nothing downloaded. The split makes the
 model generalise rather than memorise: numbers are grouped in blocks of 1,000 by their
 thousands part, and 10% of the blocks (a seeded choice among 1..999) are held out; the test set
 comes only from held-out blocks, so no test number's thousands part ever appears *as a thousands
@@ -133,7 +133,7 @@ def load_pairs(path) -> List[Tuple[str, str]]:
 def train_tokenizer(pairs: Sequence[Tuple[str, str]], vocab_size: int = 512):
     """A byte-level BPE tokenizer (ferrolm's) trained on both sides of ``pairs``, with the
     special tokens ``<pad>``, ``<s>``, ``</s>`` last. One vocabulary serves both sides."""
-    from .tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer
 
     texts = [s for s, _ in pairs] + [t for _, t in pairs]
     return Tokenizer.train(texts, vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False)
@@ -148,7 +148,7 @@ def special_ids(tok) -> Dict[str, int]:
     sp = tok.special_tokens
     missing = [s for s in SPECIALS if s not in sp]
     if missing:
-        raise ValueError(f"the tokenizer has no {missing} special tokens; train it with ferrolm.translation.train_tokenizer")
+        raise ValueError(f"the tokenizer has no {missing} special tokens; train it with ferrolm.recipes.translation.train_tokenizer")
     return {"pad_id": sp["<pad>"], "bos_id": sp["<s>"], "eos_id": sp["</s>"]}
 
 
@@ -187,7 +187,7 @@ def evaluate_translation(model, tok, pairs: Sequence[Tuple[str, str]], beam_size
     """Translates the sources of ``pairs`` and scores them against the targets: corpus BLEU
     and chrF (equal to sacrebleu's), exact match (whole string), the wall time and a few
     examples."""
-    from .metrics import corpus_bleu, corpus_chrf
+    from ..metrics import corpus_bleu, corpus_chrf
 
     t0 = time.perf_counter()
     hyps = translate_texts(model, tok, [s for s, _ in pairs], beam_size=beam_size, batch_size=batch_size, max_new_tokens=max_new_tokens)
@@ -210,12 +210,12 @@ MODEL_KINDS = ("transformer", "lstm")
 
 
 def build_model(kind: str, tok, max_len: int = 64, **sizes: Any):
-    """A fresh :class:`~ferrolm.seq2seq.Seq2SeqTransformer` (``kind="transformer"``) or
-    :class:`~ferrolm.seq2seq.Seq2SeqLSTM` (``"lstm"``) for tokenizer ``tok`` (one vocabulary,
+    """A fresh :class:`~ferrolm.models.seq2seq.Seq2SeqTransformer` (``kind="transformer"``) or
+    :class:`~ferrolm.models.seq2seq.Seq2SeqLSTM` (``"lstm"``) for tokenizer ``tok`` (one vocabulary,
     shared embeddings, tied output layer for the Transformer). ``sizes`` are config fields
     (``n_layer``, ``n_head``, ``n_embd``, ``ff_size``, ``hidden_size``, ``num_layers``,
     ``dropout``, ...); unset ones take this recipe's defaults, sized for two CPU cores."""
-    from .seq2seq import Seq2SeqLSTM, Seq2SeqLSTMConfig, Seq2SeqTransformer, Seq2SeqTransformerConfig
+    from ..models import Seq2SeqLSTM, Seq2SeqLSTMConfig, Seq2SeqTransformer, Seq2SeqTransformerConfig
 
     ids = special_ids(tok)
     V = tok.n_vocab
@@ -252,7 +252,7 @@ def train_seq2seq(kind: str = "transformer", task: Optional[TranslationTask] = N
     """
     import torch
 
-    from .train import TrainConfig, train
+    from ..training import TrainConfig, train
 
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown seq2seq model {kind!r}; expected one of {MODEL_KINDS}")
@@ -264,7 +264,7 @@ def train_seq2seq(kind: str = "transformer", task: Optional[TranslationTask] = N
         special_ids(tokenizer)  # raises when the special tokens are missing
         tok = tokenizer
     elif saved:
-        from .tokenizer import Tokenizer
+        from ..tokenizer import Tokenizer
 
         tok = Tokenizer.from_hf_json(tok_path)
     else:
@@ -312,7 +312,7 @@ def train_seq2seq(kind: str = "transformer", task: Optional[TranslationTask] = N
     if beam_size > 1:
         results["test"][f"beam{beam_size}"] = evaluate_translation(model, tok, task.test, beam_size=beam_size, batch_size=16, max_new_tokens=limit)
     if out is not None:
-        from ._io import atomic_write
+        from .._io import atomic_write
 
         atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
     return results

@@ -27,7 +27,7 @@ def _steps(batch_sizes: Sequence[int], reverse: bool):
 
 def lstm_layer(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One LSTM layer direction over packed rows, step by step in torch ops (see
-    :func:`ferrolm.ops.lstm_layer` for the layout)."""
+    :func:`ferrolm.kernels.lstm_layer` for the layout)."""
     offsets, order = _steps(batch_sizes, reverse)
     h, c = h0.clone(), c0.clone()
     ys = [None] * len(batch_sizes)
@@ -73,7 +73,7 @@ def gru_layer(x, batch_sizes, h0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=Fals
 
 def attention(q, k, v, causal=False, key_padding_mask=None, scale=None):
     """Scaled-dot-product attention in plain torch ops (the math of
-    :func:`ferrolm.ops.attention`: end-aligned causal mask, True = padded key, GQA, zeros for a
+    :func:`ferrolm.kernels.attention`: end-aligned causal mask, True = padded key, GQA, zeros for a
     query that sees no key)."""
     b, hq, tq, d = q.shape
     hk, tk = k.shape[1], k.shape[2]
@@ -273,10 +273,11 @@ class SequenceClassifier(nn.Module):
 
     def __init__(self, config) -> None:
         super().__init__()
-        from .models import GPTConfig
+        from ..models import GPTConfig
 
         self.config = config
-        from .models import LSTMConfig, backbone_width
+        from ..models import LSTMConfig
+        from ..models.classifier import backbone_width
 
         bc = config.backbone
         self.backbone = GPT(bc) if isinstance(bc, GPTConfig) else LSTMLanguageModel(bc) if isinstance(bc, LSTMConfig) else AttentionLSTM(bc)
@@ -323,8 +324,8 @@ class _PositionTable(nn.Module):
 class Seq2SeqTransformer(nn.Module):
     """Embeddings (scaled by sqrt(C)) + positions + ``torch.nn.Transformer`` itself (batch first,
     causal target mask, source padding masks) + a linear generator: the plain-PyTorch twin of
-    :class:`ferrolm.seq2seq.Seq2SeqTransformer`, with identical parameter names
-    (:func:`ferrolm.seq2seq.decode_uncached` decodes with it)."""
+    :class:`ferrolm.models.seq2seq.Seq2SeqTransformer`, with identical parameter names
+    (:func:`ferrolm.decoding.decode_uncached` decodes with it)."""
 
     is_encoder_decoder = True
 
@@ -375,7 +376,7 @@ class Seq2SeqTransformer(nn.Module):
 
 class Seq2SeqLSTM(nn.Module):
     """``torch.nn.LSTM`` encoder (bidirectional, packed) and decoder with Luong attention in
-    explicit torch ops: the twin of :class:`ferrolm.seq2seq.Seq2SeqLSTM`, identical names."""
+    explicit torch ops: the twin of :class:`ferrolm.models.seq2seq.Seq2SeqLSTM`, identical names."""
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -438,7 +439,7 @@ class _SelfAttention(nn.Module):
 
 class AttentionLSTM(nn.Module):
     """Embedding -> self-attention (pre-norm, residual) -> ``torch.nn.LSTM`` -> head: the twin of
-    :class:`ferrolm.seq2seq.AttentionLSTM`, identical names."""
+    :class:`ferrolm.models.AttentionLSTM`, identical names."""
 
     def __init__(self, config) -> None:
         super().__init__()

@@ -1,6 +1,6 @@
-"""Attention workloads: ferrolm.ops.attention against torch's ``scaled_dot_product_attention`` (its CPU flash
+"""Attention workloads: ferrolm.kernels.attention against torch's ``scaled_dot_product_attention`` (its CPU flash
 kernel) with the same threads: causal and full, forward and forward + backward, 40% key padding, and one decode step
-over a KV cache (ferrolm.ops.decode_attention), each sized in GFLOP where the count is plain.
+over a KV cache (ferrolm.kernels.decode_attention), each sized in GFLOP where the count is plain.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def attention_workloads(smoke: bool = False, full: bool = False) -> List[Workloa
     import torch
     import torch.nn.functional as F
 
-    from ...ops import attention, decode_attention
+    from ...kernels import attention, decode_attention
 
     g = torch.Generator().manual_seed(0)
     lengths = [64] if smoke else [512, 1024] + ([2048] if full else [])

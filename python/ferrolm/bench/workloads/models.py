@@ -1,5 +1,5 @@
 """End-to-end model workloads: one training step (forward, backward, AdamW) of ferrolm's GPT and LSTM language model
-against their plain-PyTorch twins in :mod:`ferrolm.reference` (same weights, same batch), and batch-1 greedy
+against their plain-PyTorch twins in :mod:`ferrolm.testing.reference` (same weights, same batch), and batch-1 greedy
 generation with a KV cache against transformers' ``GPT2LMHeadModel.generate`` on the same GPT-2-shaped weights.
 """
 
@@ -39,8 +39,8 @@ def model_workloads(smoke: bool = False, full: bool = False) -> List[Workload]:
     """
     import torch
 
-    from ... import reference
-    from ...generate import generate
+    from ...testing import reference
+    from ...decoding import generate
     from ...models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel
 
     g = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """Encoder-decoder workloads on the embedded translation task (English -> French number words, ferrolm's BPE):
 training steps of ferrolm's Seq2SeqTransformer against the same model on ``torch.nn.Transformer`` (SDPA inside;
-:class:`ferrolm.reference.Seq2SeqTransformer`, same weights, same batches, dropout 0.1 as torch.nn.Transformer's
+:class:`ferrolm.testing.reference.Seq2SeqTransformer`, same weights, same batches, dropout 0.1 as torch.nn.Transformer's
 default; sized in real tokens, so the ratio is the ratio of real tokens/s), and greedy translation of 32 sources at
 once with the KV cache and cross-attention keys computed once, against the reference decoding without a cache (the
 whole model re-run on the target prefix at every step).
@@ -25,10 +25,11 @@ def seq2seq_workloads(smoke: bool = False, full: bool = False) -> List[Workload]
     """
     import torch
 
-    from ... import reference
-    from ...seq2seq import Seq2SeqTransformer, Seq2SeqTransformerConfig, decode_uncached, greedy_decode
-    from ...train import Seq2SeqBatches
-    from ...translation import encode_pairs, number_task, special_ids, train_tokenizer
+    from ...testing import reference
+    from ...decoding import decode_uncached, greedy_decode
+    from ...models import Seq2SeqTransformer, Seq2SeqTransformerConfig
+    from ...training import Seq2SeqBatches
+    from ...recipes.translation import encode_pairs, number_task, special_ids, train_tokenizer
 
     task = number_task(n_train=2_000 if smoke else 20_000, n_valid=10, n_test=64)
     tok = train_tokenizer(task.train, 512)

@@ -1,0 +1,100 @@
+"""Model checkpoints: one safetensors file, the weights plus the config as JSON metadata.
+
+:func:`save_model` writes through a temporary name and a rename, tied (shared) tensors stored
+once by ``safetensors.torch.save_model``; :func:`load_model` reads the metadata with
+``safetensors.safe_open``, builds the architecture it names (:mod:`.registry`) and loads the
+tensors. No pickle is ever read.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, Optional, Type, Union
+
+import torch
+from torch import nn
+
+from .._io import PathLike, atomic_path
+from ..errors import FormatError
+from .registry import ARCHITECTURES, architecture_of, config_from_dict, model_class
+
+__all__ = ["FORMAT", "save_model", "load_model"]
+
+FORMAT = "ferrolm-model-1"
+
+
+def save_model(model: nn.Module, path: PathLike) -> None:
+    """Writes ``model``'s weights and config to one safetensors file, atomically (temporary
+    name, then rename). Shared (tied) tensors are stored once.
+
+    Raises:
+        TypeError: ``model`` is not a ferrolm model (see :data:`~.registry.ARCHITECTURES`).
+    """
+    from safetensors.torch import save_model as _save
+
+    arch = architecture_of(model)
+    meta = {"format": FORMAT, "architecture": arch, "config": json.dumps(model.config.to_dict())}
+    with atomic_path(path) as tmp:
+        _save(model, str(tmp), metadata=meta, force_contiguous=True)
+
+
+def _read_checkpoint(path: PathLike):
+    """``(tensors, metadata)`` of a safetensors file, with a FormatError for a corrupt one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors: Dict[str, torch.Tensor] = {k: f.get_tensor(k) for k in f.keys()}
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder; expected a .safetensors checkpoint file") from None
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, OSError) and not isinstance(e, SafetensorError) and e.errno is not None:
+            raise
+        raise FormatError(f"{path} is not a valid safetensors checkpoint: {e}") from None
+    return tensors, meta
+
+
+def load_model(path: PathLike, expect: Optional[Type[nn.Module]] = None,
+               map_location: Union[str, torch.device] = "cpu") -> nn.Module:
+    """The model saved at ``path`` by :func:`save_model` (safetensors only; no pickle).
+
+    Args:
+        expect: a model class; a checkpoint of another architecture raises ValueError.
+
+    Raises:
+        FileNotFoundError, FormatError (not a ferrolm checkpoint), ValueError (wrong
+        architecture, unknown config keys, missing/extra weights).
+    """
+    tensors, meta = _read_checkpoint(path)
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise FormatError(f"{path} is a safetensors file but not a ferrolm model checkpoint (no '{FORMAT}' metadata)")
+    arch = meta.get("architecture")
+    if arch not in ARCHITECTURES:
+        raise FormatError(f"{path}: unknown architecture {arch!r}")
+    cls = model_class(arch)
+    if expect is not None and cls is not expect:
+        raise ValueError(f"{path} holds a {cls.__name__} ({arch!r}) checkpoint, not a {expect.__name__}")
+    try:
+        config = config_from_dict({"architecture": arch, **json.loads(meta["config"])})
+        aliases = json.loads(meta.get("aliases", "{}"))  # checkpoints written before shared tensors were dropped
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{path}: the config in the checkpoint's metadata is not valid JSON ({e})") from None
+    model = cls(config)
+    for alias, source in aliases.items():
+        if source in tensors:
+            tensors[alias] = tensors[source]
+    # Tensors that safetensors stored once for several names: the model ties them itself.
+    own = model.state_dict()
+    by_storage = {}
+    for k, v in own.items():
+        by_storage.setdefault((v.data_ptr(), tuple(v.shape)), []).append(k)
+    for names in by_storage.values():
+        present = [k for k in names if k in tensors]
+        if present:
+            for k in names:
+                tensors.setdefault(k, tensors[present[0]])
+    model.load_state_dict(tensors)
+    return model.to(map_location)
