@@ -52,17 +52,16 @@ struct Partial<T> {
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn chunk<T: Float>(
     qs: &[&[T]],
     k: &[T],
     v: &[T],
-    j0: usize,
-    j1: usize,
+    keys: (usize, usize),
     d: usize,
     dv: usize,
     scale: T,
 ) -> Vec<Partial<T>> {
+    let (j0, j1) = keys;
     let neg_inf = T::from_f64(f64::NEG_INFINITY);
     let mut parts: Vec<Partial<T>> =
         qs.iter().map(|_| Partial { m: neg_inf, l: T::ZERO, acc: vec![T::ZERO; dv] }).collect();
@@ -105,22 +104,19 @@ fn chunk<T: Float>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn chunk_avx2<T: Float>(
     qs: &[&[T]],
     k: &[T],
     v: &[T],
-    j0: usize,
-    j1: usize,
+    keys: (usize, usize),
     d: usize,
     dv: usize,
     scale: T,
 ) -> Vec<Partial<T>> {
-    chunk(qs, k, v, j0, j1, d, dv, scale)
+    chunk(qs, k, v, keys, d, dv, scale)
 }
 
 /// `o (B, Hq, Dv)`: query b attends to the first `lengths[b]` cached keys (0 gives zeros).
-#[allow(clippy::too_many_arguments)]
 pub fn decode<T: Float>(
     q: &[T],
     k: &[T],
@@ -176,10 +172,10 @@ pub fn decode<T: Float>(
         #[cfg(target_arch = "x86_64")]
         if use_avx2 {
             // SAFETY: AVX2 and FMA are present (checked once above).
-            return unsafe { chunk_avx2(&qs, kh, vh, j0, j1, sh.d, sh.dv, scale) };
+            return unsafe { chunk_avx2(&qs, kh, vh, (j0, j1), sh.d, sh.dv, scale) };
         }
         let _ = use_avx2;
-        chunk(&qs, kh, vh, j0, j1, sh.d, sh.dv, scale)
+        chunk(&qs, kh, vh, (j0, j1), sh.d, sh.dv, scale)
     };
     // On the shared kernel team (torch's OpenMP threads when loaded: no core lost to their
     // spinning between a model's torch ops and this call).

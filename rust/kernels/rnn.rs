@@ -307,6 +307,7 @@ fn add_bias<T: Float>(rows: &mut [T], width: usize, a: Option<&[T]>, b: Option<&
 /// back empty and the f32 path needs only a chunk's worth of gate rows. With `batch_first`
 /// (inference only, every sequence the same length) `x` is `(B, T, I)` and `y` comes back
 /// `(B, T, H)`, both contiguous: no transposed copies around the call.
+// Pending: these arguments go into an options struct (listed as undone in the refactor).
 #[allow(clippy::too_many_arguments)]
 pub fn lstm_forward<T: Float>(
     x: &[T],
@@ -467,6 +468,7 @@ const CHUNK_ROWS: usize = 64;
 /// Why: at B=64, T=128, H=256 the separate projection wrote a 32 MiB gate buffer that the step
 /// product then read back from DRAM, after a single-threaded bias pass over it (with the
 /// buffer's page faults, 25 of 77 ms).
+// Pending: these arguments go into an options struct (listed as undone in the refactor).
 #[allow(clippy::too_many_arguments)]
 fn lstm_forward_chunked<T: Float>(
     x: &[T],
@@ -570,6 +572,7 @@ fn lstm_forward_chunked<T: Float>(
 
 /// LSTM backward through time for one layer direction given the forward's saved values: `dgx`
 /// (= `dgh`), `hprev`, `dh0` and `dc0` (see [`Grads`]).
+// Pending: these arguments go into an options struct (listed as undone in the refactor).
 #[allow(clippy::too_many_arguments)]
 pub fn lstm_backward<T: Float>(
     x: &[T],
@@ -705,6 +708,7 @@ pub struct GruOut<T> {
 /// GRU forward over packed rows (torch's formulation: the reset gate multiplies
 /// `W_hn h + b_hn`, so all three recurrent gates come from one product). With `keep` false
 /// (inference) `gates` and `hn` come back empty, as for [`lstm_forward`].
+// Pending: these arguments go into an options struct (listed as undone in the refactor).
 #[allow(clippy::too_many_arguments)]
 pub fn gru_forward<T: Float>(
     x: &[T],
@@ -943,6 +947,7 @@ fn sum_bias<T: Float>(a: Option<&[T]>, b: Option<&[T]>, width: usize) -> Option<
 /// The GRU's f32 step loop with the input projection in chunks inside it, as
 /// [`lstm_forward_chunked`]; the recurrent product starts from `b_hh` (copied into the step's
 /// rows) instead of a separate bias pass per unit.
+// Pending: these arguments go into an options struct (listed as undone in the refactor).
 #[allow(clippy::too_many_arguments)]
 fn gru_forward_chunked<T: Float>(
     x: &[T],
@@ -1048,6 +1053,7 @@ fn gru_forward_chunked<T: Float>(
 }
 
 /// GRU backward through time, as [`lstm_backward`]: `dgx`, `dgh`, `hprev` and `dh0`.
+// Pending: these arguments go into an options struct (listed as undone in the refactor).
 #[allow(clippy::too_many_arguments)]
 pub fn gru_backward<T: Float>(
     x: &[T],

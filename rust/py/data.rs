@@ -45,6 +45,7 @@ fn parse_truncation(t: &str) -> PyResult<pad::Truncation> {
 /// Pads sequences; returns (ids, mask, lengths) with ids/mask of `dtype` ("int64" or "int32").
 #[pyfunction]
 #[pyo3(signature = (sequences, pad_id, max_length, left, truncation, pad_to_multiple_of, dtype))]
+// One parameter per argument of the Python-visible `_core` signature.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub fn pad_batch<'py>(
     py: Python<'py>,
@@ -94,6 +95,7 @@ pub fn pad_batch<'py>(
 #[pyo3(signature = (
     documents, block_size, eos_id, keep_last, pad_id, mask_cross_document, num_threads=None
 ))]
+// One parameter per argument of the Python-visible `_core` signature.
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn pack_documents<'py>(
     py: Python<'py>,

@@ -271,6 +271,7 @@ impl CoreTokenizer {
     /// Encodes a batch into a (B, T) int64 array padded with `pad_id` (T = longest row, or
     /// `max_length` with truncation) and the (B,) int64 lengths after truncation.
     #[pyo3(signature = (texts, policy, pad_id, max_length=None, left=false, num_threads=None))]
+    // One parameter per argument of the Python-visible `_core` signature.
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn encode_batch_padded<'py>(
         &self,
