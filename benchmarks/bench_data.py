@@ -9,8 +9,8 @@ version (``FERROLM_BENCH_FULL=1``; the quick run packs 8 MB); writing shards at 
 from __future__ import annotations
 
 import pytest
-
 from conftest import FULL, run_workload
+
 from ferrolm.bench.workloads import data_workloads
 
 torch = pytest.importorskip("torch")

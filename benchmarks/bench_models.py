@@ -15,14 +15,17 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import FULL, run_workload
 
 torch = pytest.importorskip("torch")
 from ferrolm.bench.workloads import finetune_workloads, icl_workloads, model_workloads, seq2seq_workloads  # noqa: E402
 
-_LOADERS = {"models": model_workloads, "icl": icl_workloads, "finetune": finetune_workloads,
-            "seq2seq": seq2seq_workloads}
+_LOADERS = {
+    "models": model_workloads,
+    "icl": icl_workloads,
+    "finetune": finetune_workloads,
+    "seq2seq": seq2seq_workloads,
+}
 _WORK = {}
 
 

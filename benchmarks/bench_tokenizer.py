@@ -13,8 +13,8 @@ the previous contender's cache evictions otherwise showed up as a 2x difference.
 from __future__ import annotations
 
 import pytest
-
 from conftest import FULL, run_workload
+
 from ferrolm.bench.workloads import encode_texts, encode_workloads, find_data_dir, training_data, training_workload
 
 VOCABS = ["gpt2", "cl100k_base"] if find_data_dir() else ["trained32k"]

@@ -83,7 +83,9 @@ def _real_pair(file: str, name: str, specials):
 
     path = _shared(file)
     pattern = PATTERNS[name]
-    enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=load_tiktoken_bpe(str(path)), special_tokens=specials)
+    enc = tiktoken.Encoding(
+        name, pat_str=pattern, mergeable_ranks=load_tiktoken_bpe(str(path)), special_tokens=specials
+    )
     return Tokenizer.from_tiktoken(path, name, specials), enc
 
 

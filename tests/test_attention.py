@@ -58,8 +58,15 @@ def test_forward_and_gradients_match_float64_reference(times, d, heads, causal, 
 
 def test_matches_sdpa_and_fully_masked_rows_are_zero():
     q, k, v = rand(2, 4, 6, 32, seed=5), rand(2, 4, 6, 32, seed=6), rand(2, 4, 6, 32, seed=7)
-    torch.testing.assert_close(kernels.attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(kernels.attention(q, k, v, causal=True), F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        kernels.attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        kernels.attention(q, k, v, causal=True),
+        F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     # Causal with Tq < Tk is aligned to the end (the KV-cache case): the last query row of a
     # block equals full attention's last row.
     full = kernels.attention(q, k, v, causal=True)
@@ -129,7 +136,9 @@ def test_gradcheck_float64(causal):
     k = rand(1, 2, 4, 5, dtype=torch.float64, seed=9).requires_grad_(True)
     v = rand(1, 2, 4, 3, dtype=torch.float64, seed=10).requires_grad_(True)
     mask = torch.tensor([[False, False, True, False]])
-    assert torch.autograd.gradcheck(lambda a, b, c: kernels.attention(a, b, c, causal=causal, key_padding_mask=mask), (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: kernels.attention(a, b, c, causal=causal, key_padding_mask=mask), (q, k, v)
+    )
 
 
 def test_bad_input():

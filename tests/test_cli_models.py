@@ -20,9 +20,30 @@ def _ferrolm(*args, timeout=600):
 @pytest.mark.parametrize("arch", ["gpt", "lstm"])
 def test_train_resume_and_generate(tmp_path, arch):
     out = tmp_path / arch
-    common = ["--out", str(out), "--max-bytes", "200000", "--vocab-size", "512", "--batch-size", "4", "--seq-len", "32",
-              "--n-layer", "1", "--n-embd", "32", "--hidden-size", "32", "--num-layers", "1", "--eval-interval", "5",
-              "--checkpoint-interval", "5"]
+    common = [
+        "--out",
+        str(out),
+        "--max-bytes",
+        "200000",
+        "--vocab-size",
+        "512",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "32",
+        "--hidden-size",
+        "32",
+        "--num-layers",
+        "1",
+        "--eval-interval",
+        "5",
+        "--checkpoint-interval",
+        "5",
+    ]
     done = _ferrolm("train", arch, "--steps", "6", *common)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "step 6: loss" in done.stdout and "perplexity" in done.stdout
@@ -40,9 +61,12 @@ def test_train_resume_and_generate(tmp_path, arch):
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):
-    for args in (["generate", str(tmp_path / "nothing")], ["train", "gpt", str(tmp_path / "missing.txt")],
-                 ["train", "gpt", "--steps", "0", "--out", str(tmp_path / "x"), "--max-bytes", "50000", "--vocab-size", "300"],
-                 ["bench", "--only", "data", "--repeats", "0", "--no-report"]):
+    for args in (
+        ["generate", str(tmp_path / "nothing")],
+        ["train", "gpt", str(tmp_path / "missing.txt")],
+        ["train", "gpt", "--steps", "0", "--out", str(tmp_path / "x"), "--max-bytes", "50000", "--vocab-size", "300"],
+        ["bench", "--only", "data", "--repeats", "0", "--no-report"],
+    ):
         done = _ferrolm(*args)
         assert done.returncode == 2, (args, done.stderr)
         assert "Traceback" not in done.stderr
@@ -54,8 +78,16 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_help_everywhere():
-    for args in (["--help"], ["train", "--help"], ["generate", "--help"], ["bench", "--help"], ["tokenizer", "train", "--help"],
-                 ["icl", "eval", "--help"], ["finetune", "--help"], ["translate", "--help"]):
+    for args in (
+        ["--help"],
+        ["train", "--help"],
+        ["generate", "--help"],
+        ["bench", "--help"],
+        ["tokenizer", "train", "--help"],
+        ["icl", "eval", "--help"],
+        ["finetune", "--help"],
+        ["translate", "--help"],
+    ):
         done = _ferrolm(*args)
         assert done.returncode == 0 and "usage: ferrolm" in done.stdout, args
 
@@ -67,8 +99,30 @@ def test_train_seq2seq_resume_and_translate(tmp_path, model):
 
     pairs.write_text("".join(f"{english(n)}\t{french(n)}\n" for n in range(0, 3000, 7)), encoding="utf-8")
     out = tmp_path / model
-    common = ["--model", model, "--out", str(out), "--vocab-size", "300", "--batch-size", "16", "--n-layer", "1", "--n-embd", "32",
-              "--ff-size", "64", "--hidden-size", "32", "--num-layers", "1", "--beam", "2", "--checkpoint-interval", "3"]
+    common = [
+        "--model",
+        model,
+        "--out",
+        str(out),
+        "--vocab-size",
+        "300",
+        "--batch-size",
+        "16",
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "32",
+        "--ff-size",
+        "64",
+        "--hidden-size",
+        "32",
+        "--num-layers",
+        "1",
+        "--beam",
+        "2",
+        "--checkpoint-interval",
+        "3",
+    ]
     done = _ferrolm("train", "seq2seq", str(pairs), "--steps", "4", *common)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "greedy: BLEU" in done.stdout and "beam2: BLEU" in done.stdout
@@ -83,11 +137,13 @@ def test_train_seq2seq_resume_and_translate(tmp_path, model):
     tr = _ferrolm("translate", "--model", str(out), "three hundred", "forty-two", "--max-new-tokens", "6")
     assert tr.returncode == 0, tr.stderr[-2000:]
     assert len(tr.stdout.splitlines()) == 2
-    from ferrolm.tokenizer import Tokenizer
     from ferrolm.recipes.translation import translate_texts
+    from ferrolm.tokenizer import Tokenizer
 
     m = load_model(out / "model.safetensors")
-    expect = translate_texts(m, Tokenizer.from_hf_json(out / "tokenizer.json"), ["three hundred", "forty-two"], max_new_tokens=6)
+    expect = translate_texts(
+        m, Tokenizer.from_hf_json(out / "tokenizer.json"), ["three hundred", "forty-two"], max_new_tokens=6
+    )
     assert tr.stdout.splitlines() == expect
     wrong = _ferrolm("translate", "--model", str(out), "--beam", "0", "one")
     assert wrong.returncode == 2 and "beam_size" in wrong.stderr

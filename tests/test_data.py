@@ -135,7 +135,9 @@ def ref_buckets(lengths, order, bucket_size, batch_size, max_tokens, drop_last):
 )
 def test_pad_matches_reference(seqs, side, max_length, truncation, multiple, pad_id, as_arrays):
     inp = [np.array(s, dtype=np.int64) for s in seqs] if as_arrays else seqs
-    ids, mask = pad(inp, pad_id=pad_id, max_length=max_length, side=side, truncation=truncation, pad_to_multiple_of=multiple)
+    ids, mask = pad(
+        inp, pad_id=pad_id, max_length=max_length, side=side, truncation=truncation, pad_to_multiple_of=multiple
+    )
     r_ids, r_mask = ref_pad(seqs, pad_id, max_length, side, truncation, multiple)
     assert ids.tolist() == r_ids and mask.tolist() == r_mask
     assert ids.dtype == np.int64 and mask.dtype == np.int64
@@ -275,7 +277,9 @@ def test_pack_and_windows_bad_input():
 def test_bucket_sampler_matches_reference(lengths, batch_size, max_tokens, bucket_size, seed, drop_last):
     if batch_size is None and max_tokens is None:
         batch_size = 4
-    s = BucketBatchSampler(lengths, batch_size=batch_size, max_tokens=max_tokens, seed=seed, bucket_size=bucket_size, drop_last=drop_last)
+    s = BucketBatchSampler(
+        lengths, batch_size=batch_size, max_tokens=max_tokens, seed=seed, bucket_size=bucket_size, drop_last=drop_last
+    )
     got = list(s)
     rng = np.random.default_rng((seed, 0))
     order = rng.permutation(len(lengths)).tolist()
@@ -291,7 +295,19 @@ def test_bucket_sampler_matches_reference(lengths, batch_size, max_tokens, bucke
             assert len(b) <= batch_size
         if max_tokens and len(b) > 1:
             assert max(lengths[i] for i in b) * len(b) <= max_tokens
-    assert list(BucketBatchSampler(lengths, batch_size=batch_size, max_tokens=max_tokens, seed=seed, bucket_size=bucket_size, drop_last=drop_last)) == got
+    assert (
+        list(
+            BucketBatchSampler(
+                lengths,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                seed=seed,
+                bucket_size=bucket_size,
+                drop_last=drop_last,
+            )
+        )
+        == got
+    )
 
 
 def test_bucket_sampler_epochs_and_errors():
@@ -305,7 +321,9 @@ def test_bucket_sampler_epochs_and_errors():
     assert list(s) == a
     # Batches are length-homogeneous: far less padding than random batches.
     pad_bucket = sum(max(lengths[i] for i in x) * len(x) for x in a)
-    assert pad_bucket < 0.7 * sum(max(lengths[x]) * len(x) for x in np.array_split(np.random.default_rng(1).permutation(1000), len(a)))
+    assert pad_bucket < 0.7 * sum(
+        max(lengths[x]) * len(x) for x in np.array_split(np.random.default_rng(1).permutation(1000), len(a))
+    )
     with pytest.raises(ValueError, match="batch_size, max_tokens"):
         BucketBatchSampler([1, 2])
     with pytest.raises(ValueError, match="non-empty"):
@@ -417,7 +435,9 @@ def test_dataloader_with_workers(shard_tok, tmp_path):
     paths = write_shards(shard_tok, ["text number %d " % i * 20 for i in range(200)], tmp_path)
     sds = ShardDataset(paths, block_size=32)
     stream = np.concatenate([np.asarray(TokenShard(p).tokens) for p in paths]).astype(np.int64)
-    loader = DataLoader(sds, batch_size=8, shuffle=False, num_workers=2, multiprocessing_context=ctx, collate_fn=lambda b: b)
+    loader = DataLoader(
+        sds, batch_size=8, shuffle=False, num_workers=2, multiprocessing_context=ctx, collate_fn=lambda b: b
+    )
     n = 0
     for batch in loader:
         x, y = batch["input_ids"], batch["targets"]

@@ -7,9 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ferrolm.nn import Dropout  # noqa: E402
 from ferrolm.kernels import dropout
 from ferrolm.kernels.dropout import _Dropout  # noqa: E402
+from ferrolm.nn import Dropout  # noqa: E402
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

@@ -89,14 +89,21 @@ def test_lora_training_moves_only_the_adapters():
 def test_parameter_counts_are_exact():
     model = _gpt()
     C, L, V, T = 16, 2, 64, 32
-    total = V * C + T * C + L * (2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C)) + 2 * C
+    total = (
+        V * C
+        + T * C
+        + L * (2 * 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C))
+        + 2 * C
+    )
     assert trainable_parameters(model) == (total, total)
     prepare(model, "bitfit")
     biases = L * (2 * C + 3 * C + C + 4 * C + C) + C
     assert trainable_parameters(model)[0] == biases
     prepare(model, "head")  # the head is tied to the embedding: V * C
     assert trainable_parameters(model)[0] == V * C
-    clf = SequenceClassifier(ClassifierConfig(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=16), num_classes=3))
+    clf = SequenceClassifier(
+        ClassifierConfig(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=16), num_classes=3)
+    )
     prepare(clf, "head")
     assert trainable_parameters(clf)[0] == 16 * 3 + 3
     apply_lora(clf, r=2, alpha=2, target_modules=["c_attn"])
@@ -106,7 +113,10 @@ def test_parameter_counts_are_exact():
 
 def test_bad_lora_input():
     model = _gpt()
-    with pytest.raises(ValueError, match=r"match no nn.Linear; the model's linear layers are named \['c_attn', 'c_fc', 'c_proj', 'lm_head'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"match no nn.Linear; the model's linear layers are named \['c_attn', 'c_fc', 'c_proj', 'lm_head'\]",
+    ):
         apply_lora(model, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="rank"):
         apply_lora(model, r=0, target_modules=["c_attn"])
@@ -121,7 +131,9 @@ def test_bad_lora_input():
 def _hf():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(2)
-    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=2, n_head=4)).eval()
+    return transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=80, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    ).eval()
 
 
 def test_ferrolm_lora_loads_in_peft(tmp_path):
@@ -150,8 +162,17 @@ def test_peft_lora_loads_in_ferrolm(tmp_path):
     peft = pytest.importorskip("peft")
     hf = _hf()
     base = GPT.from_hf_gpt2(hf).eval()
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
-                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+    pm = peft.get_peft_model(
+        hf,
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=16,
+            target_modules=["c_attn", "c_proj"],
+            fan_in_fan_out=True,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        ),
+    )
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -188,8 +209,11 @@ def test_prompt_tuning_prefix_and_training():
     assert trainable_parameters(pt)[0] == 3 * 16
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
     before = pt.prompt.detach().clone()
-    train(pt, np.random.default_rng(0).integers(0, 64, 5_000), config=TrainConfig(max_steps=3, batch_size=2, seq_len=16, lr=1e-2,
-                                                                                  warmup_steps=0, progress=False))
+    train(
+        pt,
+        np.random.default_rng(0).integers(0, 64, 5_000),
+        config=TrainConfig(max_steps=3, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=0, progress=False),
+    )
     assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())
     assert not torch.equal(pt.prompt.detach(), before)
     with pytest.raises(ValueError, match="PromptTuning wrapper"):
@@ -272,10 +296,32 @@ def test_cli_finetune_lora_resume_and_adapter(tmp_path):
     base_dir.mkdir()
     tok.save_hf_json(base_dir / "tokenizer.json")
     torch.manual_seed(0)
-    GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=16)).save(base_dir / "model.safetensors")
+    GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=64, n_layer=1, n_head=2, n_embd=16)).save(
+        base_dir / "model.safetensors"
+    )
     out = tmp_path / "ft"
-    cmd = [sys.executable, "-m", "ferrolm.cli", "finetune", "--method", "lora", "--model", str(base_dir), "--out", str(out),
-           "--batch-size", "2", "--seq-len", "32", "--r", "2", "--targets", "c_attn", "--checkpoint-interval", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ferrolm.cli",
+        "finetune",
+        "--method",
+        "lora",
+        "--model",
+        str(base_dir),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--r",
+        "2",
+        "--targets",
+        "c_attn",
+        "--checkpoint-interval",
+        "2",
+    ]
     first = subprocess.run(cmd + ["--steps", "3"], capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "trainable params: " in first.stdout and load_train_state(out)["step"] == 3
@@ -294,14 +340,26 @@ def test_experiment_quick_writes_the_table(tmp_path):
     from ferrolm.recipes.finetune_experiment import run_experiment
 
     res = run_experiment(tmp_path, quick=True, n_seeds=2, progress=False)
-    ft_methods = ["full fine-tuning", "LoRA r=4", "LoRA r=8", "LoRA r=16", "BitFit", "prompt tuning (16 tokens)", "head-only"]
+    ft_methods = [
+        "full fine-tuning",
+        "LoRA r=4",
+        "LoRA r=8",
+        "LoRA r=16",
+        "BitFit",
+        "prompt tuning (16 tokens)",
+        "head-only",
+    ]
     icl = ["in-context learning, k=0", "in-context learning, k=4", "in-context learning, k=16"]
     assert [r["method"] for r in res["rows"] if r["model"] == "GPT"] == ft_methods + icl
-    assert [r["method"] for r in res["rows"] if r["model"] == "LSTM"] == [m for m in ft_methods if not m.startswith("prompt")] + icl
+    assert [r["method"] for r in res["rows"] if r["model"] == "LSTM"] == [
+        m for m in ft_methods if not m.startswith("prompt")
+    ] + icl
     for arch in ("GPT", "LSTM"):
         rows = {r["method"]: r for r in res["rows"] if r["model"] == arch}
         full = rows["full fine-tuning"]
-        assert full["trainable"] == full["total"] == res["pretrain"][arch]["parameters"] and full["trainable_pct"] == 100.0
+        assert (
+            full["trainable"] == full["total"] == res["pretrain"][arch]["parameters"] and full["trainable_pct"] == 100.0
+        )
         assert rows["LoRA r=8"]["trainable"] == 2 * rows["LoRA r=4"]["trainable"]
         assert rows["BitFit"]["trainable"] < rows["LoRA r=4"]["trainable"] < full["trainable"]
         for r in rows.values():
@@ -341,10 +399,21 @@ def test_lora_on_a_transformers_gpt2_conv1d_equals_peft(tmp_path):
     hf = _hf()
     ref = copy.deepcopy(hf)
     names = apply_lora(hf, r=4, alpha=8, target_modules=["c_attn", "c_proj"])
-    assert len(names) == 2 * 3 and all(type(m.base).__name__ == "Conv1D" for m in hf.modules() if isinstance(m, LoRALinear))
+    assert len(names) == 2 * 3 and all(
+        type(m.base).__name__ == "Conv1D" for m in hf.modules() if isinstance(m, LoRALinear)
+    )
     _randomise_lora(hf)
-    pm = peft.get_peft_model(copy.deepcopy(ref), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
-                                                                  fan_in_fan_out=True, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    pm = peft.get_peft_model(
+        copy.deepcopy(ref),
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["c_attn", "c_proj"],
+            fan_in_fan_out=True,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        ),
+    )
     ours = dict(hf.named_parameters())
     with torch.no_grad():
         for n, p in pm.named_parameters():

@@ -49,5 +49,10 @@ def test_cli_trains_on_embedded_corpus(tmp_path):
     text = "def main():\n    return 42  # 中文"
     assert hf.encode(text).ids == tok.encode(text)
     assert json.loads(out.read_text())["model"]["type"] == "BPE"
-    r = subprocess.run([sys.executable, "-m", "ferrolm.cli", "tokenizer", "encode", str(out), text], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "ferrolm.cli", "tokenizer", "encode", str(out), text],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert list(map(int, r.stdout.split())) == tok.encode(text)

@@ -38,7 +38,7 @@ def _greedy_by_full_forward(model, prompt, n):
         for _ in range(n):
             logits, _ = model(torch.tensor([ids]))
             ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 MODELS = [
@@ -75,16 +75,32 @@ def test_left_padded_tensor_with_mask_equals_lists(make):
 def test_matches_transformers_greedy_generate():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(12)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=48, n_layer=2, n_head=4, bos_token_id=None, eos_token_id=None,
-                                                                        tie_word_embeddings=False)).eval()
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=101,
+            n_positions=64,
+            n_embd=48,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=None,
+            eos_token_id=None,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     with torch.no_grad():
         hf.lm_head.weight.mul_(30)
     ours = GPT.from_hf_gpt2(hf)
     prompt = [3, 14, 15, 92, 65]
-    want = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None,
-                       attention_mask=torch.ones(1, 5, dtype=torch.long))[0, 5:].tolist()
+    want = hf.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=20,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        attention_mask=torch.ones(1, 5, dtype=torch.long),
+    )[0, 5:].tolist()
     got = generate(ours, prompt, 20, temperature=0)[0]
-    assert len(set(got)) > 3, 'degenerate test: the continuation repeats one token'
+    assert len(set(got)) > 3, "degenerate test: the continuation repeats one token"
     assert got == want
 
 
@@ -105,7 +121,9 @@ def test_sample_next_distribution():
     freq = torch.bincount(draws, minlength=4).double() / draws.numel()
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64), atol=0.02, rtol=0)
     # top_p=0.7 keeps {0, 1} (0.5 + 0.3 reaches 0.7), renormalised to 5/8, 3/8.
-    draws = torch.stack([sample_next(logits.expand(1000, 4), 1.0, top_p=0.7, generator=gen) for _ in range(10)]).flatten()
+    draws = torch.stack(
+        [sample_next(logits.expand(1000, 4), 1.0, top_p=0.7, generator=gen) for _ in range(10)]
+    ).flatten()
     freq = torch.bincount(draws, minlength=4).double() / draws.numel()
     torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0, 0], dtype=torch.float64), atol=0.02, rtol=0)
     draws = sample_next(logits.expand(5000, 4), 1.0, top_k=2, generator=gen)

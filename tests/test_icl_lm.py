@@ -29,7 +29,9 @@ def _requests(seed=0, vocab=90, n_ctx=4, choices=4):
 def hf_pair():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(3)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=90, n_positions=40, n_embd=32, n_layer=2, n_head=4)).eval()
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=90, n_positions=40, n_embd=32, n_layer=2, n_head=4)
+    ).eval()
     return hf, GPT.from_hf_gpt2(hf).eval()
 
 
@@ -54,8 +56,15 @@ def test_loglikelihood_equals_transformers_logprobs(hf_pair):
 
 MODELS = [
     pytest.param(lambda: GPT(GPTConfig(vocab_size=90, block_size=40, n_layer=2, n_head=4, n_embd=32)), id="gpt"),
-    pytest.param(lambda: GPT(GPTConfig(vocab_size=90, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, positions="rotary")), id="gpt-rope-gqa"),
-    pytest.param(lambda: LSTMLanguageModel(LSTMConfig(vocab_size=90, n_embd=16, hidden_size=24, num_layers=2)), id="lstm"),
+    pytest.param(
+        lambda: GPT(
+            GPTConfig(vocab_size=90, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, positions="rotary")
+        ),
+        id="gpt-rope-gqa",
+    ),
+    pytest.param(
+        lambda: LSTMLanguageModel(LSTMConfig(vocab_size=90, n_embd=16, hidden_size=24, num_layers=2)), id="lstm"
+    ),
     pytest.param(lambda: LSTMLanguageModel(LSTMConfig(vocab_size=90, n_embd=16, hidden_size=24, cell="gru")), id="gru"),
 ]
 
@@ -148,7 +157,7 @@ def test_generate_until_stops_at_strings_and_matches_transformers(hf_pair):
     eot = 256
     cuts = 0
     for (ctx, stops, n), text in zip(reqs, got):
-        ctx = ctx[-(40 - n):]
+        ctx = ctx[-(40 - n) :]
         ids = [t for t in generate(ours, ctx, n, temperature=0, stop_ids=[eot])[0] if t != eot]
         full = tok.decode(ids)
         cut = min((full.find(s) for s in stops if s in full), default=-1)
@@ -170,7 +179,10 @@ def test_a_prefix_shared_by_all_contexts_runs_once_and_scores_the_same(make, mon
     reqs = [(demos, [3, 4])]  # a context equal to the shared prefix itself
     for q in range(5):
         query = torch.randint(0, 90, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
-        reqs += [(demos + query, torch.randint(0, 90, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist()) for _ in range(3)]
+        reqs += [
+            (demos + query, torch.randint(0, 90, (int(torch.randint(1, 4, (1,), generator=g)),), generator=g).tolist())
+            for _ in range(3)
+        ]
     lm = LM(model, batch_size=4)
     calls = []
     original = LM._prefix_batch
@@ -211,7 +223,9 @@ def test_multiple_choice_picks_the_choice_transformers_scores_highest(hf_pair):
     questions = []
     for _ in range(6):
         ctx = torch.randint(0, 90, (int(torch.randint(3, 15, (1,), generator=g)),), generator=g).tolist()
-        choices = [torch.randint(0, 90, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist() for _ in range(4)]
+        choices = [
+            torch.randint(0, 90, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist() for _ in range(4)
+        ]
         questions.append((ctx, choices))
     for normalise in (False, True):
         got = LM(ours, batch_size=3).multiple_choice(questions, normalise=normalise)

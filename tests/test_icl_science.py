@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ferrolm.recipes import icl_science as science  # noqa: E402
 from ferrolm.models import GPT, GPTConfig  # noqa: E402
+from ferrolm.recipes import icl_science as science  # noqa: E402
 
 
 def test_regression_baselines_least_squares_is_exact_from_d_examples_and_follows_1_minus_k_over_d():
@@ -77,14 +77,20 @@ def test_cli_experiment_writes_json_and_png(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "ferrolm.cli", "icl", "experiment", "regression", "--quick", "--results", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "ferrolm.cli", "icl", "experiment", "regression", "--quick", "--results", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| k | transformer | least squares | knn3 | averaging |" in r.stdout
     res = json.loads((tmp_path / "icl_regression.json").read_text())
     assert res["quick"] and res["wall_seconds"] > 0 and len(res["errors"]["transformer"]) == res["n_points"]
     assert (tmp_path / "icl_regression.png").read_bytes()[:4] == b"\x89PNG"
-    bad = subprocess.run([sys.executable, "-m", "ferrolm.cli", "icl", "experiment", "nope"], capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(
+        [sys.executable, "-m", "ferrolm.cli", "icl", "experiment", "nope"], capture_output=True, text=True, timeout=600
+    )
     assert bad.returncode == 2 and "unknown experiment 'nope'" in bad.stderr
 
 

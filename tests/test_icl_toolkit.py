@@ -26,8 +26,13 @@ from ferrolm.metrics import accuracy, bits_per_byte, exact_match, macro_f1, mean
 
 
 def test_template_renders_exactly():
-    t = Template(demo="Q: {input}\nA:{label}", query="Q: {input}\nA:", separator="\n\n", instruction="Classify.\n\n",
-                 label_words={"pos": " yes", "neg": " no"})
+    t = Template(
+        demo="Q: {input}\nA:{label}",
+        query="Q: {input}\nA:",
+        separator="\n\n",
+        instruction="Classify.\n\n",
+        label_words={"pos": " yes", "neg": " no"},
+    )
     got = t.render([Example("a b", "pos"), Example(" c ", "neg")], Example("d", None))
     assert got == "Classify.\n\nQ: a b\nA: yes\n\nQ:  c \nA: no\n\nQ: d\nA:"
     assert t.render([], Example("d")) == "Classify.\n\nQ: d\nA:"
@@ -36,7 +41,10 @@ def test_template_renders_exactly():
         Template(demo="{topic}: {input}").render_demo(Example("x", 1))
     with pytest.raises(ValueError, match="no label word"):
         t.render_demo(Example("x", "other"))
-    assert Template(demo="[{source}] {input} -> {output}").render_demo(Example("x", "y", {"source": "web"})) == "[web] x -> y"
+    assert (
+        Template(demo="[{source}] {input} -> {output}").render_demo(Example("x", "y", {"source": "web"}))
+        == "[web] x -> y"
+    )
     with pytest.raises(ValueError, match="label_words is empty"):
         Template(label_words={})
 
@@ -129,8 +137,10 @@ def test_topk_and_mmr_match_brute_force():
     for i in range(6):
         chosen = []
         for _ in range(4):
-            best = max((j for j in range(40) if j not in chosen),
-                       key=lambda j: (lam * sims[i, j] - (1 - lam) * (max(pair[j, c] for c in chosen) if chosen else 0.0), -j))
+            best = max(
+                (j for j in range(40) if j not in chosen),
+                key=lambda j: (lam * sims[i, j] - (1 - lam) * (max(pair[j, c] for c in chosen) if chosen else 0.0), -j),
+            )
             chosen.append(best)
         assert mmr[i] == chosen
     assert order_demos([1, 2, 3]) == [3, 2, 1] and order_demos([1, 2, 3], "most_relevant_first") == [1, 2, 3]
@@ -163,13 +173,22 @@ def tiny_task():
     torch = pytest.importorskip("torch")
     from ferrolm.models import GPT, GPTConfig
 
-    texts = ["good fine great nice", "bad awful poor sad", "great good nice", "poor bad sad awful", "nice good", "sad bad"] * 3
+    texts = [
+        "good fine great nice",
+        "bad awful poor sad",
+        "great good nice",
+        "poor bad sad awful",
+        "nice good",
+        "sad bad",
+    ] * 3
     labels = [1, 0, 1, 0, 1, 0] * 3
     tok = Tokenizer.train(texts + [" positive negative"], vocab_size=300)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=256, n_layer=1, n_head=2, n_embd=16)).eval()
     ex = [Example(t, y) for t, y in zip(texts, labels)]
-    tpl = Template(demo="{input} ->{label}", query="{input} ->", separator="\n", label_words={0: " negative", 1: " positive"})
+    tpl = Template(
+        demo="{input} ->{label}", query="{input} ->", separator="\n", label_words={0: " negative", 1: " positive"}
+    )
     return tok, model, ex, tpl
 
 
@@ -233,19 +252,48 @@ def test_cli_icl_eval_writes_table_json_plot(tmp_path):
     tok = Tokenizer.train(default_corpus(200_000), vocab_size=400)
     tok.save_hf_json(tmp_path / "tokenizer.json")
     torch.manual_seed(0)
-    GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=512, n_layer=1, n_head=2, n_embd=16)).save(tmp_path / "model.safetensors")
+    GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=512, n_layer=1, n_head=2, n_embd=16)).save(
+        tmp_path / "model.safetensors"
+    )
     out = tmp_path / "res"
-    done = subprocess.run([sys.executable, "-m", "ferrolm.cli", "icl", "eval", "--model", str(tmp_path), "--k", "0,1", "--seeds", "2",
-                           "--retriever", "bm25", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ferrolm.cli",
+            "icl",
+            "eval",
+            "--model",
+            str(tmp_path),
+            "--k",
+            "0,1",
+            "--seeds",
+            "2",
+            "--retriever",
+            "bm25",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     table = json.loads((out / "icl.json").read_text())["table"]
     assert [r["k"] for r in table] == [0, 1] and table[1]["seeds"] == 2
     assert 0.0 <= table[0]["accuracy"] <= 1.0
     assert (out / "icl.png").read_bytes()[:4] == b"\x89PNG" and "| k |" in (out / "icl.md").read_text()
     data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps({"input": f"item {i}", "label": "yes" if i % 2 else "no"}) for i in range(20)) + "\n{broken\n")
-    bad = subprocess.run([sys.executable, "-m", "ferrolm.cli", "icl", "eval", "--model", str(tmp_path), "--data", str(data)],
-                         capture_output=True, text=True, timeout=600)
+    data.write_text(
+        "\n".join(json.dumps({"input": f"item {i}", "label": "yes" if i % 2 else "no"}) for i in range(20))
+        + "\n{broken\n"
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "ferrolm.cli", "icl", "eval", "--model", str(tmp_path), "--data", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert bad.returncode == 2 and "d.jsonl:21: not valid JSON" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -253,17 +301,51 @@ def test_bleu_equals_sacrebleu():
     sacrebleu = pytest.importorskip("sacrebleu")
     from ferrolm.metrics import corpus_bleu, tokenize_13a
 
-    hyps = ["The cat sat on the mat.", "It is 3.5 km - far-away, isn't it?", "Hello &amp; goodbye", "a", "Numbers 1,000.5 and 2-3 (x)"]
-    refs = [["The cat is on the mat.", "It is 3.5 km, far away; is it not?", "Hello & good-bye", "a b c d e", "numbers 1,000.5 and 2 - 3 x"],
-            ["There is a cat on the mat", "Far, 3.5 km away.", "hello and goodbye", "a", "Numbers: 1,000.5 & 2-3"]]
+    hyps = [
+        "The cat sat on the mat.",
+        "It is 3.5 km - far-away, isn't it?",
+        "Hello &amp; goodbye",
+        "a",
+        "Numbers 1,000.5 and 2-3 (x)",
+    ]
+    refs = [
+        [
+            "The cat is on the mat.",
+            "It is 3.5 km, far away; is it not?",
+            "Hello & good-bye",
+            "a b c d e",
+            "numbers 1,000.5 and 2 - 3 x",
+        ],
+        ["There is a cat on the mat", "Far, 3.5 km away.", "hello and goodbye", "a", "Numbers: 1,000.5 & 2-3"],
+    ]
     for kw in ({}, {"lowercase": True}, {"tokenize": "none"}):
         for r in (refs, refs[:1]):
             assert corpus_bleu(hyps, r, **kw) == pytest.approx(sacrebleu.corpus_bleu(hyps, r, **kw).score, abs=1e-9)
     rng = np.random.default_rng(0)
-    words = ["the", "a", "cat", "dog", "sat", "on", "mat", ",", ".", "3.5", "x-y", "(", ")", "I'm", "&amp;", "Über", "中文"]
+    words = [
+        "the",
+        "a",
+        "cat",
+        "dog",
+        "sat",
+        "on",
+        "mat",
+        ",",
+        ".",
+        "3.5",
+        "x-y",
+        "(",
+        ")",
+        "I'm",
+        "&amp;",
+        "Über",
+        "中文",
+    ]
     for _ in range(20):
         hyps = [" ".join(rng.choice(words, rng.integers(0, 12))) for _ in range(6)]
-        refs = [[" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(6)] for _ in range(int(rng.integers(1, 4)))]
+        refs = [
+            [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(6)] for _ in range(int(rng.integers(1, 4)))
+        ]
         assert corpus_bleu(hyps, refs) == pytest.approx(sacrebleu.corpus_bleu(hyps, refs).score, abs=1e-9)
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
@@ -282,14 +364,44 @@ def test_cli_icl_eval_on_a_hugging_face_folder(tmp_path):
     from ferrolm.corpus import default_corpus
 
     tok = Tokenizer.train(default_corpus(100_000), vocab_size=300)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=tok.n_vocab, n_positions=512, n_embd=16, n_layer=1, n_head=2))
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=tok.n_vocab, n_positions=512, n_embd=16, n_layer=1, n_head=2)
+    )
     hf.save_pretrained(tmp_path)
     tok.save_hf_json(tmp_path / "tokenizer.json")
     data = tmp_path / "d.jsonl"
-    data.write_text("\n".join(json.dumps({"input": f"item {i} " + "ab" * (i % 3), "label": "yes" if i % 2 else "no"}) for i in range(20)) + "\n")
+    data.write_text(
+        "\n".join(
+            json.dumps({"input": f"item {i} " + "ab" * (i % 3), "label": "yes" if i % 2 else "no"}) for i in range(20)
+        )
+        + "\n"
+    )
     out = tmp_path / "res"
-    done = subprocess.run([sys.executable, "-m", "ferrolm.cli", "icl", "eval", "--model", str(tmp_path), "--data", str(data), "--k", "0,2",
-                           "--seeds", "1", "--demo", "Q: {input}\\nA:{label}", "--query", "Q: {input}\\nA:", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ferrolm.cli",
+            "icl",
+            "eval",
+            "--model",
+            str(tmp_path),
+            "--data",
+            str(data),
+            "--k",
+            "0,2",
+            "--seeds",
+            "1",
+            "--demo",
+            "Q: {input}\\nA:{label}",
+            "--query",
+            "Q: {input}\\nA:",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert [r["k"] for r in json.loads((out / "icl.json").read_text())["table"]] == [0, 2]

@@ -10,7 +10,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from ferrolm import FormatError
-from ferrolm.testing import reference  # noqa: E402
 from ferrolm.models import (  # noqa: E402
     GPT,
     ClassifierConfig,
@@ -22,6 +21,7 @@ from ferrolm.models import (  # noqa: E402
     load_model,
     save_model,
 )
+from ferrolm.testing import reference  # noqa: E402
 
 
 def _twin(model, ref_cls):
@@ -79,11 +79,21 @@ def test_inputs_embeds_equal_the_token_path():
     lstm = LSTMLanguageModel(LSTMConfig(vocab_size=97, n_embd=24, hidden_size=16, num_layers=2))
     idx = torch.randint(0, 97, (3, 11))
     lengths = torch.tensor([11, 7, 3])
-    torch.testing.assert_close(gpt.hidden_states(None, lengths=lengths, inputs_embeds=gpt.transformer.wte(idx)),
-                               gpt.hidden_states(idx, lengths=lengths), rtol=0, atol=0)
-    torch.testing.assert_close(lstm.hidden_states(None, lengths=lengths, inputs_embeds=lstm.embed(idx)),
-                               lstm.hidden_states(idx, lengths=lengths), rtol=0, atol=0)
-    assert len(dict(GPT(tiny_gpt(mlp=False)).named_parameters())) == len(dict(GPT(tiny_gpt()).named_parameters())) - 2 * 6
+    torch.testing.assert_close(
+        gpt.hidden_states(None, lengths=lengths, inputs_embeds=gpt.transformer.wte(idx)),
+        gpt.hidden_states(idx, lengths=lengths),
+        rtol=0,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        lstm.hidden_states(None, lengths=lengths, inputs_embeds=lstm.embed(idx)),
+        lstm.hidden_states(idx, lengths=lengths),
+        rtol=0,
+        atol=0,
+    )
+    assert (
+        len(dict(GPT(tiny_gpt(mlp=False)).named_parameters())) == len(dict(GPT(tiny_gpt()).named_parameters())) - 2 * 6
+    )
     for model in (gpt, lstm):
         with pytest.raises(ValueError, match="not both"):
             model.hidden_states(idx, inputs_embeds=torch.zeros(3, 11, 24 if model is lstm else 32))
@@ -115,7 +125,9 @@ def test_gpt_left_padding_gives_each_row_its_own_positions(positions):
 @pytest.mark.parametrize("cell,tie,layers", [("lstm", False, 2), ("lstm", True, 1), ("gru", False, 2)])
 def test_lstm_lm_matches_reference(cell, tie, layers):
     torch.manual_seed(2)
-    cfg = LSTMConfig(vocab_size=61, n_embd=24, hidden_size=24 if tie else 40, num_layers=layers, tie_weights=tie, cell=cell)
+    cfg = LSTMConfig(
+        vocab_size=61, n_embd=24, hidden_size=24 if tie else 40, num_layers=layers, tie_weights=tie, cell=cell
+    )
     model = LSTMLanguageModel(cfg)
     ref = _twin(model, reference.LSTMLanguageModel)
     idx = torch.randint(0, 61, (4, 11))
@@ -164,8 +176,17 @@ def test_classifier_on_pretrained_backbone_keeps_its_weights():
 def _hf_gpt2(tie=True):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(4)
-    cfg = transformers.GPT2Config(vocab_size=211, n_positions=48, n_embd=48, n_layer=3, n_head=4, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie)
+    cfg = transformers.GPT2Config(
+        vocab_size=211,
+        n_positions=48,
+        n_embd=48,
+        n_layer=3,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=tie,
+    )
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():  # make biases and norms non-trivial so a wrong mapping shows
         for name, p in hf.named_parameters():
@@ -226,7 +247,10 @@ def test_checkpoint_roundtrip(tmp_path, make):
         assert torch.equal(va, vb)
     if getattr(model.config, "tie_weights", False):
         first = loaded.lm_head.weight if isinstance(loaded, GPT) else loaded.head.weight
-        assert first.data_ptr() == (loaded.transformer.wte.weight if isinstance(loaded, GPT) else loaded.embed.weight).data_ptr()
+        assert (
+            first.data_ptr()
+            == (loaded.transformer.wte.weight if isinstance(loaded, GPT) else loaded.embed.weight).data_ptr()
+        )
     idx = torch.randint(0, 50, (2, 7))
     torch.testing.assert_close(model(idx)[0], loaded(idx)[0], rtol=0, atol=0)
     assert not list(tmp_path.glob(".*tmp")), "temporary file left behind"
@@ -254,7 +278,9 @@ def test_checkpoint_errors(tmp_path):
     sd = gpt.state_dict()
     sd.pop("transformer.ln_f.weight")
     sd["extra.weight"] = torch.zeros(1)
-    with pytest.raises(ValueError, match=r"missing keys \['transformer.ln_f.weight'\].*unexpected keys \['extra.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing keys \['transformer.ln_f.weight'\].*unexpected keys \['extra.weight'\]"
+    ):
         GPT(tiny_gpt()).load_state_dict(sd)
     with pytest.raises(ValueError, match="shape mismatches"):
         GPT(tiny_gpt(n_embd=16)).load_state_dict(gpt.state_dict())
@@ -301,7 +327,11 @@ def test_delegated_path_equals_reference(kind):
     from ferrolm.decoding import generate
 
     torch.manual_seed(6)
-    model = GPT(tiny_gpt(positions="rotary")) if kind == "gpt" else LSTMLanguageModel(LSTMConfig(vocab_size=97, n_embd=16, hidden_size=16))
+    model = (
+        GPT(tiny_gpt(positions="rotary"))
+        if kind == "gpt"
+        else LSTMLanguageModel(LSTMConfig(vocab_size=97, n_embd=16, hidden_size=16))
+    )
     ref = _twin(model, reference.GPT if kind == "gpt" else reference.LSTMLanguageModel)
     model, ref = model.to(torch.bfloat16), ref.to(torch.bfloat16)
     idx = torch.randint(0, 97, (2, 9))
@@ -332,5 +362,10 @@ def test_training_runs_on_cuda():
 
     model = LSTMLanguageModel(LSTMConfig(vocab_size=64, n_embd=16, hidden_size=16)).cuda()
     tokens = np.random.default_rng(0).integers(0, 64, 5_000)
-    result = train(model, tokens, tokens, TrainConfig(max_steps=3, batch_size=2, seq_len=16, eval_interval=3, eval_batches=1, progress=False))
+    result = train(
+        model,
+        tokens,
+        tokens,
+        TrainConfig(max_steps=3, batch_size=2, seq_len=16, eval_interval=3, eval_batches=1, progress=False),
+    )
     assert result.step == 3 and next(model.parameters()).is_cuda

@@ -38,7 +38,11 @@ def run_both(ours, ref, x, hx=None, **kw):
         xi = x.detach().clone().requires_grad_(True)
         hxi = None
         if hx is not None:
-            hxi = tuple(h.detach().clone().requires_grad_(True) for h in hx) if isinstance(hx, tuple) else hx.detach().clone().requires_grad_(True)
+            hxi = (
+                tuple(h.detach().clone().requires_grad_(True) for h in hx)
+                if isinstance(hx, tuple)
+                else hx.detach().clone().requires_grad_(True)
+            )
         out, state = m(xi, hxi, **kw) if kw else m(xi, hxi)
         states = state if isinstance(state, tuple) else (state,)
         torch.manual_seed(1)
@@ -115,7 +119,9 @@ def test_lengths_argument_equals_packing(pair):
     packed_out, ref_state = ref(pack_padded_sequence(x, torch.tensor(lengths), batch_first=True, enforce_sorted=False))
     expect, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=6)
     assert_close(out, expect)
-    for a, b in zip(state if isinstance(state, tuple) else (state,), ref_state if isinstance(ref_state, tuple) else (ref_state,)):
+    for a, b in zip(
+        state if isinstance(state, tuple) else (state,), ref_state if isinstance(ref_state, tuple) else (ref_state,)
+    ):
         assert_close(a, b)
     assert (out[2, 1:] == 0).all()
 
@@ -178,10 +184,16 @@ def test_ops_match_pure_torch_reference(reverse):
     x = torch.randn(n, 5)
     h0, c0 = torch.randn(4, 6), torch.randn(4, 6)
     w = [torch.randn(24, 5), torch.randn(24, 6), torch.randn(24), torch.randn(24)]
-    for a, b in zip(kernels.lstm_layer(x, batch_sizes, h0, c0, *w, reverse=reverse), reference.lstm_layer(x, batch_sizes, h0, c0, *w, reverse=reverse)):
+    for a, b in zip(
+        kernels.lstm_layer(x, batch_sizes, h0, c0, *w, reverse=reverse),
+        reference.lstm_layer(x, batch_sizes, h0, c0, *w, reverse=reverse),
+    ):
         assert_close(a, b)
     w = [torch.randn(18, 5), torch.randn(18, 6), torch.randn(18), torch.randn(18)]
-    for a, b in zip(kernels.gru_layer(x, batch_sizes, h0, *w, reverse=reverse), reference.gru_layer(x, batch_sizes, h0, *w, reverse=reverse)):
+    for a, b in zip(
+        kernels.gru_layer(x, batch_sizes, h0, *w, reverse=reverse),
+        reference.gru_layer(x, batch_sizes, h0, *w, reverse=reverse),
+    ):
         assert_close(a, b)
 
 
@@ -240,7 +252,9 @@ def test_bad_input_messages():
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=["lstm", "gru"])
-@pytest.mark.parametrize("batch,steps,hidden,threads", [(1, 200, 40, 1), (8, 37, 64, 2), (3, 90, 72, 2), (70, 5, 33, 2)])
+@pytest.mark.parametrize(
+    "batch,steps,hidden,threads", [(1, 200, 40, 1), (8, 37, 64, 2), (3, 90, 72, 2), (70, 5, 33, 2)]
+)
 def test_inference_path_matches_torch(pair, batch, steps, hidden, threads):
     """Under no_grad the layers keep no activations for a backward and project their inputs a
     chunk of steps at a time inside the step loop: outputs and states equal torch's, with
@@ -265,7 +279,11 @@ def test_inference_path_matches_torch(pair, batch, steps, hidden, threads):
     finally:
         torch.set_num_threads(old)
     pairs = [(a, b), (pa.data, pb.data), (g.detach(), b)]
-    pairs += list(zip(states(sa), states(sb))) + list(zip(states(spa), states(spb))) + [(u.detach(), v) for u, v in zip(states(sg), states(sb))]
+    pairs += (
+        list(zip(states(sa), states(sb)))
+        + list(zip(states(spa), states(spb)))
+        + [(u.detach(), v) for u, v in zip(states(sg), states(sb))]
+    )
     for u, v in pairs:
         assert_close(u, v)
 

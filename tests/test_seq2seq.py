@@ -9,12 +9,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ferrolm.testing import reference  # noqa: E402
+from ferrolm.decoding import beam_search, decode_uncached, greedy_decode  # noqa: E402
 from ferrolm.models import (  # noqa: E402
+    GPT,
     AttentionLSTM,
     AttentionLSTMConfig,
     ClassifierConfig,
-    GPT,
     Seq2SeqLSTM,
     Seq2SeqLSTMConfig,
     Seq2SeqTransformer,
@@ -22,7 +22,7 @@ from ferrolm.models import (  # noqa: E402
     SequenceClassifier,
     load_model,
 )
-from ferrolm.decoding import beam_search, decode_uncached, greedy_decode  # noqa: E402
+from ferrolm.testing import reference  # noqa: E402
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -78,12 +78,27 @@ TRANSFORMER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("extra", TRANSFORMER_CASES, ids=["post-relu", "pre-gelu", "learned-shared-tied", "asym-nobias"])
+@pytest.mark.parametrize(
+    "extra", TRANSFORMER_CASES, ids=["post-relu", "pre-gelu", "learned-shared-tied", "asym-nobias"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_transformer_equals_torch_nn_transformer(extra, dtype):
     V = 37
-    cfg = Seq2SeqTransformerConfig(src_vocab_size=V, tgt_vocab_size=V, n_layer=2, n_head=4, n_embd=32, ff_size=48, dropout=0.0,
-                                   max_len=16, pad_id=PAD, bos_id=BOS, eos_id=EOS, label_smoothing=0.1, **extra)
+    cfg = Seq2SeqTransformerConfig(
+        src_vocab_size=V,
+        tgt_vocab_size=V,
+        n_layer=2,
+        n_head=4,
+        n_embd=32,
+        ff_size=48,
+        dropout=0.0,
+        max_len=16,
+        pad_id=PAD,
+        bos_id=BOS,
+        eos_id=EOS,
+        label_smoothing=0.1,
+        **extra,
+    )
     torch.manual_seed(0)
     ours = Seq2SeqTransformer(cfg).to(dtype)
     _perturb(ours)
@@ -97,7 +112,9 @@ def test_transformer_equals_torch_nn_transformer(extra, dtype):
 
 
 def test_transformer_weights_load_both_ways_with_torch_transformer():
-    cfg = Seq2SeqTransformerConfig(src_vocab_size=20, tgt_vocab_size=30, n_layer=2, n_head=2, n_embd=16, ff_size=24, dropout=0.0, max_len=12)
+    cfg = Seq2SeqTransformerConfig(
+        src_vocab_size=20, tgt_vocab_size=30, n_layer=2, n_head=2, n_embd=16, ff_size=24, dropout=0.0, max_len=12
+    )
     torch.manual_seed(0)
     theirs = torch.nn.Transformer(16, 2, 2, 2, 24, dropout=0.0, batch_first=True)
     ours = Seq2SeqTransformer(cfg)
@@ -116,7 +133,9 @@ def test_transformer_weights_load_both_ways_with_torch_transformer():
 
 
 def test_transformer_separate_vocabularies_and_padding_does_not_leak():
-    cfg = Seq2SeqTransformerConfig(src_vocab_size=50, tgt_vocab_size=23, n_layer=1, n_head=2, n_embd=16, ff_size=32, dropout=0.0, max_len=20)
+    cfg = Seq2SeqTransformerConfig(
+        src_vocab_size=50, tgt_vocab_size=23, n_layer=1, n_head=2, n_embd=16, ff_size=32, dropout=0.0, max_len=20
+    )
     torch.manual_seed(0)
     m = Seq2SeqTransformer(cfg).eval()
     src, tgt, _ = _batch(50, 23, [4, 9], [5, 5])
@@ -129,8 +148,17 @@ def test_transformer_separate_vocabularies_and_padding_does_not_leak():
 
 
 def test_transformer_attention_dropout_trains_through_sdpa():
-    cfg = Seq2SeqTransformerConfig(src_vocab_size=20, tgt_vocab_size=20, n_layer=1, n_head=2, n_embd=16, ff_size=16, dropout=0.0,
-                                   attention_dropout=0.5, max_len=12)
+    cfg = Seq2SeqTransformerConfig(
+        src_vocab_size=20,
+        tgt_vocab_size=20,
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        ff_size=16,
+        dropout=0.0,
+        attention_dropout=0.5,
+        max_len=12,
+    )
     torch.manual_seed(0)
     m = Seq2SeqTransformer(cfg)
     src, tgt, y = _batch(20, 20, [5, 3], [4, 4])
@@ -141,7 +169,11 @@ def test_transformer_attention_dropout_trains_through_sdpa():
     torch.testing.assert_close(m(src, tgt)[0], m(src, tgt)[0])
 
 
-LSTM_CASES = [dict(attention="general"), dict(attention="dot", num_layers=1), dict(shared_embeddings=True, tie_output=True, n_embd=24)]
+LSTM_CASES = [
+    dict(attention="general"),
+    dict(attention="dot", num_layers=1),
+    dict(shared_embeddings=True, tie_output=True, n_embd=24),
+]
 
 
 @pytest.mark.parametrize("extra", LSTM_CASES, ids=["general-2layer", "dot-1layer", "shared-tied"])
@@ -164,7 +196,9 @@ def test_seq2seq_lstm_equals_reference(extra, dtype):
 
 
 def test_seq2seq_lstm_gradcheck_float64():
-    cfg = Seq2SeqLSTMConfig(src_vocab_size=11, tgt_vocab_size=11, n_embd=4, hidden_size=6, num_layers=1, dropout=0.0, max_len=8)
+    cfg = Seq2SeqLSTMConfig(
+        src_vocab_size=11, tgt_vocab_size=11, n_embd=4, hidden_size=6, num_layers=1, dropout=0.0, max_len=8
+    )
     torch.manual_seed(0)
     m = Seq2SeqLSTM(cfg).double()
     src, tgt, _ = _batch(11, 11, [4, 2], [3, 2])
@@ -186,8 +220,17 @@ def test_seq2seq_lstm_gradcheck_float64():
 @pytest.mark.parametrize("bidirectional,causal", [(True, False), (False, True)])
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_attention_lstm_equals_reference(bidirectional, causal, with_lengths):
-    cfg = AttentionLSTMConfig(vocab_size=31, n_embd=16, n_head=4, hidden_size=12, num_layers=2, bidirectional=bidirectional,
-                              causal=causal, dropout=0.0, block_size=16)
+    cfg = AttentionLSTMConfig(
+        vocab_size=31,
+        n_embd=16,
+        n_head=4,
+        hidden_size=12,
+        num_layers=2,
+        bidirectional=bidirectional,
+        causal=causal,
+        dropout=0.0,
+        block_size=16,
+    )
     torch.manual_seed(0)
     ours = AttentionLSTM(cfg)
     _perturb(ours)
@@ -237,10 +280,16 @@ def test_attention_lstm_as_classifier_backbone():
 
 def _models(V=23, max_len=24):
     torch.manual_seed(3)
-    t = Seq2SeqTransformer(Seq2SeqTransformerConfig(src_vocab_size=V, tgt_vocab_size=V, n_layer=2, n_head=2, n_embd=16, ff_size=32,
-                                                    dropout=0.0, max_len=max_len))
-    lstm = Seq2SeqLSTM(Seq2SeqLSTMConfig(src_vocab_size=V, tgt_vocab_size=V, n_embd=12, hidden_size=16, num_layers=2, dropout=0.0,
-                                         max_len=max_len))
+    t = Seq2SeqTransformer(
+        Seq2SeqTransformerConfig(
+            src_vocab_size=V, tgt_vocab_size=V, n_layer=2, n_head=2, n_embd=16, ff_size=32, dropout=0.0, max_len=max_len
+        )
+    )
+    lstm = Seq2SeqLSTM(
+        Seq2SeqLSTMConfig(
+            src_vocab_size=V, tgt_vocab_size=V, n_embd=12, hidden_size=16, num_layers=2, dropout=0.0, max_len=max_len
+        )
+    )
     for m in (t, lstm):
         _perturb(m, 5)
         with torch.no_grad():
@@ -393,7 +442,11 @@ def test_short_training_lowers_loss():
         s = torch.randint(3, 12, (n,), generator=rng).tolist()
         pairs.append((s, s[::-1]))
     for m in _models(V=12):
-        res = train(m, pairs, config=TrainConfig(max_steps=60, batch_size=32, lr=3e-3, warmup_steps=5, progress=False, weight_decay=0.0))
+        res = train(
+            m,
+            pairs,
+            config=TrainConfig(max_steps=60, batch_size=32, lr=3e-3, warmup_steps=5, progress=False, weight_decay=0.0),
+        )
         first = sum(h["loss"] for h in res.history[:5]) / 5
         last = sum(h["loss"] for h in res.history[-5:]) / 5
         assert last < first - 0.5, (type(m).__name__, first, last)
@@ -402,9 +455,15 @@ def test_short_training_lowers_loss():
 def test_attention_lstm_trains_as_a_language_model():
     from ferrolm.training import TrainConfig, train
 
-    cfg = AttentionLSTMConfig(vocab_size=16, n_embd=32, n_head=4, hidden_size=32, bidirectional=False, causal=True, block_size=32)
+    cfg = AttentionLSTMConfig(
+        vocab_size=16, n_embd=32, n_head=4, hidden_size=32, bidirectional=False, causal=True, block_size=32
+    )
     torch.manual_seed(0)
     m = AttentionLSTM(cfg)
     tokens = torch.arange(16).repeat(400)  # a fixed cycle: learnable in a few dozen steps
-    res = train(m, tokens.numpy(), config=TrainConfig(max_steps=40, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=2, progress=False))
+    res = train(
+        m,
+        tokens.numpy(),
+        config=TrainConfig(max_steps=40, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=2, progress=False),
+    )
     assert res.history[-1]["loss"] < 0.5 * res.history[0]["loss"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import ADVERSARIAL, CL100K_SPECIALS
+
 from ferrolm import CL100K_PATTERN, Tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -79,7 +79,10 @@ def test_batch_matches_single(cl100k_pair, corpus_docs):
         expect = enc.encode_ordinary(d)
         assert n == len(expect) and list(row[:n]) == expect and (row[n:] == -1).all()
     ids, lengths = tok.encode_batch_to_numpy(["a b c", "a"], pad_id=7, max_length=2, padding_side="left")
-    assert ids.tolist() == [[enc.encode_ordinary("a b c")[0], enc.encode_ordinary("a b c")[1]], [7, enc.encode_ordinary("a")[0]]]
+    assert ids.tolist() == [
+        [enc.encode_ordinary("a b c")[0], enc.encode_ordinary("a b c")[1]],
+        [7, enc.encode_ordinary("a")[0]],
+    ]
     assert lengths.tolist() == [2, 1]
     assert tok.decode_batch(enc.encode_ordinary_batch(docs[:10])) == docs[:10]
 
@@ -118,7 +121,12 @@ def test_trained_vocab_loads_in_hf_and_tiktoken(trained, corpus_docs, tmp_path):
     hf = tokenizers.Tokenizer.from_file(str(tmp_path / "t.json"))
     from tiktoken.load import load_tiktoken_bpe
 
-    enc = tiktoken.Encoding("t", pat_str=trained.pattern, mergeable_ranks=load_tiktoken_bpe(str(tmp_path / "t.tiktoken")), special_tokens=trained.special_tokens)
+    enc = tiktoken.Encoding(
+        "t",
+        pat_str=trained.pattern,
+        mergeable_ranks=load_tiktoken_bpe(str(tmp_path / "t.tiktoken")),
+        special_tokens=trained.special_tokens,
+    )
     held_out = corpus_docs[-300:]
     for doc in held_out + ADVERSARIAL:
         ours = trained.encode(doc, allowed_special="all")
@@ -141,7 +149,10 @@ def test_reads_files_written_by_hf(corpus_docs, tmp_path):
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1500, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=1500,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     hf.train_from_iterator(corpus_docs[:200], trainer)
     hf.save(str(tmp_path / "hf.json"))
@@ -161,10 +172,15 @@ def test_reads_hf_split_pretokenizer(corpus_docs, tmp_path):
 
     hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(CL100K_PATTERN), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [
+            pre_tokenizers.Split(Regex(CL100K_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=1200, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     hf.train_from_iterator(corpus_docs[:200], trainer)
     hf.save(str(tmp_path / "hf.json"))
     tok = Tokenizer.from_hf_json(tmp_path / "hf.json")

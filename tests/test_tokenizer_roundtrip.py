@@ -5,10 +5,10 @@ from __future__ import annotations
 import pickle
 
 import pytest
+from conftest import ADVERSARIAL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ADVERSARIAL
 from ferrolm import Tokenizer
 
 # Every code point but surrogates (a Python str may hold them; they are tested separately).

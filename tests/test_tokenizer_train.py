@@ -103,7 +103,10 @@ def test_bytes_per_token_close_to_hf_trainer():
     hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.train_from_iterator(
-        train, trainers.BpeTrainer(vocab_size=4096, min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        train,
+        trainers.BpeTrainer(
+            vocab_size=4096, min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        ),
     )
     nbytes = sum(len(d.encode()) for d in held)
     ours_bpt = nbytes / sum(len(x) for x in ours.encode_ordinary_batch(held))

@@ -18,7 +18,16 @@ torch = pytest.importorskip("torch")
 from ferrolm import FormatError, Tokenizer  # noqa: E402
 from ferrolm.corpus import default_corpus  # noqa: E402
 from ferrolm.models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel, load_model  # noqa: E402
-from ferrolm.training import ExampleBatches, SyntheticBatches, TokenBatches, TrainConfig, evaluate, load_train_state, lr_at, train  # noqa: E402
+from ferrolm.training import (
+    ExampleBatches,
+    SyntheticBatches,
+    TokenBatches,
+    TrainConfig,
+    evaluate,
+    load_train_state,
+    lr_at,
+    train,
+)  # noqa: E402
 
 
 def test_lr_schedule_is_warmup_then_cosine():
@@ -66,14 +75,20 @@ def corpus_tokens():
 
 def _pairs(seed, n=10, vocab=50):
     g = np.random.default_rng(seed)
-    return [(g.integers(0, vocab, int(g.integers(1, 12))).tolist(), g.integers(0, vocab, int(g.integers(1, 4))).tolist()) for _ in range(n)]
+    return [
+        (g.integers(0, vocab, int(g.integers(1, 12))).tolist(), g.integers(0, vocab, int(g.integers(1, 4))).tolist())
+        for _ in range(n)
+    ]
 
 
 @pytest.mark.parametrize("kind", ["gpt", "lstm"])
 def test_example_batches_score_only_the_targets_and_padding_does_not_leak(kind):
     torch.manual_seed(0)
-    model = (GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)) if kind == "gpt"
-             else LSTMLanguageModel(LSTMConfig(vocab_size=50, n_embd=12, hidden_size=16, num_layers=2))).eval()
+    model = (
+        GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16))
+        if kind == "gpt"
+        else LSTMLanguageModel(LSTMConfig(vocab_size=50, n_embd=12, hidden_size=16, num_layers=2))
+    ).eval()
     pairs = _pairs(1)
     b = ExampleBatches(pairs, batch_size=5, seq_len=15, seed=2)
     assert b.per_epoch == 2
@@ -117,7 +132,9 @@ def test_train_takes_prompt_target_pairs_and_learns_the_targets():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32))
     g = np.random.default_rng(3)
-    pairs = [(g.integers(0, 50, 6).tolist(), [7 + (i % 3)]) for i in range(24)]  # target = a function of nothing but i % 3
+    pairs = [
+        (g.integers(0, 50, 6).tolist(), [7 + (i % 3)]) for i in range(24)
+    ]  # target = a function of nothing but i % 3
     pairs = [(p[:-1] + [40 + t[0]], t) for p, t in pairs]  # ... shown by the prompt's last token
     cfg = TrainConfig(max_steps=120, batch_size=8, seq_len=15, lr=1e-2, warmup_steps=5, eval_interval=0, progress=False)
     with torch.no_grad():
@@ -136,8 +153,17 @@ def test_short_training_lowers_loss_on_embedded_corpus(corpus_tokens, kind):
         model = GPT(GPTConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=64))
     else:
         model = LSTMLanguageModel(LSTMConfig(vocab_size=512, n_embd=64, hidden_size=64, num_layers=1, tie_weights=True))
-    cfg = TrainConfig(max_steps=60, batch_size=8, seq_len=64, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=30,
-                      eval_batches=5, progress=False)
+    cfg = TrainConfig(
+        max_steps=60,
+        batch_size=8,
+        seq_len=64,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=5,
+        eval_interval=30,
+        eval_batches=5,
+        progress=False,
+    )
     before = evaluate(model, TokenBatches(val_ids, 8, 64, shuffle=False), 5)
     assert before == pytest.approx(math.log(512), rel=0.1)  # an untrained model is near uniform
     result = train(model, train_ids, val_ids, cfg)
@@ -149,8 +175,18 @@ def test_short_training_lowers_loss_on_embedded_corpus(corpus_tokens, kind):
 
 
 def _resume_pair(make_model, tmp_path, tokens):
-    cfg = TrainConfig(max_steps=12, batch_size=4, seq_len=32, lr=2e-3, warmup_steps=3, eval_interval=4, eval_batches=2,
-                      checkpoint_interval=5, grad_accum=2, progress=False)
+    cfg = TrainConfig(
+        max_steps=12,
+        batch_size=4,
+        seq_len=32,
+        lr=2e-3,
+        warmup_steps=3,
+        eval_interval=4,
+        eval_batches=2,
+        checkpoint_interval=5,
+        grad_accum=2,
+        progress=False,
+    )
     torch.manual_seed(1)
     full = train(make_model(), tokens, tokens, cfg, out_dir=tmp_path / "a")
 
@@ -207,7 +243,9 @@ def test_resume_gives_the_same_loss_curve(corpus_tokens, tmp_path, kind):
     if kind == "gpt":
         make = lambda: GPT(GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1))  # noqa: E731
     else:
-        make = lambda: LSTMLanguageModel(LSTMConfig(vocab_size=512, n_embd=32, hidden_size=32, num_layers=2, dropout=0.1))  # noqa: E731
+        make = lambda: LSTMLanguageModel(
+            LSTMConfig(vocab_size=512, n_embd=32, hidden_size=32, num_layers=2, dropout=0.1)
+        )  # noqa: E731
     full, resumed = _resume_pair(make, tmp_path, tokens)
     a = [h["loss"] for h in full.history]
     b = [h["loss"] for h in resumed.history]
@@ -227,8 +265,13 @@ def test_ctrl_c_saves_a_checkpoint_and_returns(tmp_path):
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    result = train(model, tokens, config=TrainConfig(max_steps=50, batch_size=2, seq_len=16, progress=False), out_dir=tmp_path,
-                   callback=press_ctrl_c)
+    result = train(
+        model,
+        tokens,
+        config=TrainConfig(max_steps=50, batch_size=2, seq_len=16, progress=False),
+        out_dir=tmp_path,
+        callback=press_ctrl_c,
+    )
     assert result.interrupted and result.step == 3
     state = load_train_state(tmp_path)
     assert state["step"] == 3 and state["data"]["index"] == 3
@@ -242,10 +285,15 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(FormatError):
         load_train_state(tmp_path)
     with pytest.raises(ValueError, match="resume=True needs out_dir"):
-        train(GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=4)), np.arange(100) % 8, resume=True)
+        train(
+            GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=4)), np.arange(100) % 8, resume=True
+        )
     with pytest.raises(ValueError, match="exceeds the model's block_size"):
-        train(GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=4)), np.arange(1000) % 8,
-              config=TrainConfig(seq_len=16, batch_size=2, progress=False))
+        train(
+            GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=4)),
+            np.arange(1000) % 8,
+            config=TrainConfig(seq_len=16, batch_size=2, progress=False),
+        )
     with pytest.raises(ValueError, match="unknown TrainConfig keys"):
         TrainConfig.from_dict({"steps": 3})
 
@@ -274,10 +322,24 @@ def test_ddp_two_processes_equal_one_process_with_the_global_batch(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "2", str(tmp_path / "ddp.safetensors")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        "2",
+        str(tmp_path / "ddp.safetensors"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    single = subprocess.run([sys.executable, str(script), "4", str(tmp_path / "one.safetensors")], capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, str(script), "4", str(tmp_path / "one.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     a, b = load_model(tmp_path / "ddp.safetensors"), load_model(tmp_path / "one.safetensors")
     moved = 0.0

@@ -9,8 +9,45 @@ from ferrolm.metrics import corpus_chrf
 from ferrolm.recipes.numwords import MAX_NUMBER, english, french
 from ferrolm.recipes.translation import BLOCK, held_out_blocks, load_pairs, number_task
 
-EDGES = [0, 1, 10, 16, 17, 20, 21, 30, 70, 71, 72, 77, 80, 81, 90, 91, 99, 100, 101, 110, 180, 200, 201, 280, 1000, 1001, 1080,
-         2000, 21000, 71000, 80000, 80080, 100000, 180000, 200000, 200200, 999999]
+EDGES = [
+    0,
+    1,
+    10,
+    16,
+    17,
+    20,
+    21,
+    30,
+    70,
+    71,
+    72,
+    77,
+    80,
+    81,
+    90,
+    91,
+    99,
+    100,
+    101,
+    110,
+    180,
+    200,
+    201,
+    280,
+    1000,
+    1001,
+    1080,
+    2000,
+    21000,
+    71000,
+    80000,
+    80080,
+    100000,
+    180000,
+    200000,
+    200200,
+    999999,
+]
 
 
 def _sample(n=4000, seed=0):
@@ -65,7 +102,10 @@ def test_chrf_equals_sacrebleu():
     for _ in range(40):
         n = rng.randint(1, 8)
         hyps = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 9))) for _ in range(n)]
-        refs = [[" ".join(rng.choice(words) for _ in range(rng.randint(1, 9))) for _ in range(n)] for _ in range(rng.randint(1, 2))]
+        refs = [
+            [" ".join(rng.choice(words) for _ in range(rng.randint(1, 9))) for _ in range(n)]
+            for _ in range(rng.randint(1, 2))
+        ]
         for kw in (dict(), dict(word_order=2), dict(lowercase=True), dict(whitespace=True)):
             assert corpus_chrf(hyps, refs, **kw) == pytest.approx(CHRF(**kw).corpus_score(hyps, refs).score, abs=1e-9)
     assert sacrebleu is not None
@@ -115,17 +155,37 @@ def test_seq2seq_batches_layout_and_resume():
 def test_translate_and_evaluate_recipe_end_to_end():
     torch = pytest.importorskip("torch")
     from ferrolm.models import Seq2SeqTransformer, Seq2SeqTransformerConfig
-    from ferrolm.recipes.translation import encode_pairs, evaluate_translation, special_ids, train_tokenizer, translate_texts
+    from ferrolm.recipes.translation import (
+        encode_pairs,
+        evaluate_translation,
+        special_ids,
+        train_tokenizer,
+        translate_texts,
+    )
     from ferrolm.training import TrainConfig, train
 
     task = number_task(n_train=3000, n_valid=50, n_test=40)
     tok = train_tokenizer(task.train, vocab_size=400)
     ids = special_ids(tok)
-    cfg = Seq2SeqTransformerConfig(src_vocab_size=tok.n_vocab, tgt_vocab_size=tok.n_vocab, n_layer=1, n_head=2, n_embd=32, ff_size=64,
-                                   dropout=0.0, max_len=48, shared_embeddings=True, **ids)
+    cfg = Seq2SeqTransformerConfig(
+        src_vocab_size=tok.n_vocab,
+        tgt_vocab_size=tok.n_vocab,
+        n_layer=1,
+        n_head=2,
+        n_embd=32,
+        ff_size=64,
+        dropout=0.0,
+        max_len=48,
+        shared_embeddings=True,
+        **ids,
+    )
     torch.manual_seed(0)
     m = Seq2SeqTransformer(cfg)
-    res = train(m, encode_pairs(tok, task.train), config=TrainConfig(max_steps=40, batch_size=32, lr=3e-3, warmup_steps=5, progress=False))
+    res = train(
+        m,
+        encode_pairs(tok, task.train),
+        config=TrainConfig(max_steps=40, batch_size=32, lr=3e-3, warmup_steps=5, progress=False),
+    )
     assert res.history[-1]["loss"] < res.history[0]["loss"] - 1.0
     out = evaluate_translation(m, tok, task.test[:20])
     hyps = translate_texts(m, tok, [s for s, _ in task.test[:20]])

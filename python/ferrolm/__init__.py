@@ -28,8 +28,20 @@ from .errors import FormatError, UnknownTokenError
 from .tokenizer import CL100K_PATTERN, GPT2_PATTERN, PATTERNS, Tokenizer
 
 #: Subpackages and modules imported on first attribute access (``ferrolm.models``, ...).
-_LAZY = ("kernels", "nn", "models", "decoding", "training", "finetune", "metrics", "icl", "recipes", "testing", "bench",
-         "cli")
+_LAZY = (
+    "kernels",
+    "nn",
+    "models",
+    "decoding",
+    "training",
+    "finetune",
+    "metrics",
+    "icl",
+    "recipes",
+    "testing",
+    "bench",
+    "cli",
+)
 
 __all__ = [
     "Tokenizer",

@@ -77,14 +77,33 @@ class Trainer:
 
 # ferrolm.data
 def pad_batch(
-    sequences: object, pad_id: int, max_length: Optional[int], left: bool, truncation: str, pad_to_multiple_of: Optional[int], dtype: str
+    sequences: object,
+    pad_id: int,
+    max_length: Optional[int],
+    left: bool,
+    truncation: str,
+    pad_to_multiple_of: Optional[int],
+    dtype: str,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 def pack_documents(
-    documents: object, block_size: int, eos_id: Optional[int], keep_last: bool, pad_id: int, mask_cross_document: bool, num_threads: Optional[int] = None
+    documents: object,
+    block_size: int,
+    eos_id: Optional[int],
+    keep_last: bool,
+    pad_id: int,
+    mask_cross_document: bool,
+    num_threads: Optional[int] = None,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]: ...
-def lm_windows(tokens: object, block_size: int, stride: int, pad_id: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+def lm_windows(
+    tokens: object, block_size: int, stride: int, pad_id: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 def bucket_batches(
-    lengths: np.ndarray, order: np.ndarray, bucket_size: int, batch_size: Optional[int], max_tokens: Optional[int], drop_last: bool
+    lengths: np.ndarray,
+    order: np.ndarray,
+    bucket_size: int,
+    batch_size: Optional[int],
+    max_tokens: Optional[int],
+    drop_last: bool,
 ) -> Tuple[np.ndarray, np.ndarray]: ...
 def shard_info(path: str | PathLike[str]) -> Tuple[int, int]: ...
 
@@ -96,7 +115,9 @@ class ShardReader:
     def gather(self, starts: List[int], length: int) -> np.ndarray: ...
 
 class ShardSink:
-    def __init__(self, directory: str | PathLike[str], prefix: str, itemsize: int, max_tokens: int, eos_id: Optional[int]) -> None: ...
+    def __init__(
+        self, directory: str | PathLike[str], prefix: str, itemsize: int, max_tokens: int, eos_id: Optional[int]
+    ) -> None: ...
     def add_texts(self, tokenizer: CoreTokenizer, texts: List[str], num_threads: Optional[int] = None) -> None: ...
     def add_files(self, tokenizer: CoreTokenizer, paths: List[str], num_threads: Optional[int] = None) -> None: ...
     @property
@@ -140,7 +161,13 @@ def rnn_backward(
     products: bool = False,
 ) -> List[Optional[np.ndarray]]: ...
 def attention_forward(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool, key_padding_mask: Optional[np.ndarray], scale: float, threads: int
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    causal: bool,
+    key_padding_mask: Optional[np.ndarray],
+    scale: float,
+    threads: int,
 ) -> List[np.ndarray]: ...
 def attention_backward(
     q: np.ndarray,
@@ -154,11 +181,19 @@ def attention_backward(
     scale: float,
     threads: int,
 ) -> List[np.ndarray]: ...
-def decode_attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, cache_lengths: List[int], scale: float, threads: int) -> np.ndarray: ...
+def decode_attention(
+    q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, cache_lengths: List[int], scale: float, threads: int
+) -> np.ndarray: ...
 def dropout(x: np.ndarray, out: np.ndarray, p: float, seed: int, threads: int) -> None: ...
 
 class Bm25Index:
     def __init__(self, documents: Sequence[Sequence[int]], k1: float, b: float) -> None: ...
     def __len__(self) -> int: ...
     def scores(self, query: Sequence[int]) -> np.ndarray: ...
-    def top_k(self, queries: Sequence[Sequence[int]], k: int, exclude: Optional[List[int]] = None, threads: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]: ...
+    def top_k(
+        self,
+        queries: Sequence[Sequence[int]],
+        k: int,
+        exclude: Optional[List[int]] = None,
+        threads: Optional[int] = None,
+    ) -> Tuple[np.ndarray, np.ndarray]: ...

@@ -31,6 +31,8 @@ __all__ = [
     "BucketBatchSampler",
     "write_shards",
     "TokenShard",
+    "is_token_shard",
+    "expand_paths",
     "ShardDataset",
     "DocumentDataset",
     "PadCollator",
@@ -130,7 +132,13 @@ def pad(
     if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0):
         raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
     ids, mask, _ = _core.pad_batch(
-        _to_numpy_rows(sequences), int(pad_id), max_length, side == "left", trunc, pad_to_multiple_of, _dtype_name(dtype)
+        _to_numpy_rows(sequences),
+        int(pad_id),
+        max_length,
+        side == "left",
+        trunc,
+        pad_to_multiple_of,
+        _dtype_name(dtype),
     )
     if return_tensors == "np":
         return ids, mask
@@ -173,11 +181,21 @@ def pack(
         ([[1, 2, 3], [9, 4, 5]], [[0, 1, 2], [0, 0, 1]])
     """
     _check_block_size(block_size)
-    x, y, pos, doc = _core.pack_documents(_to_numpy_rows(documents), block_size, eos_id, not drop_last, int(pad_id), bool(mask_cross_document), num_threads)
+    x, y, pos, doc = _core.pack_documents(
+        _to_numpy_rows(documents),
+        block_size,
+        eos_id,
+        not drop_last,
+        int(pad_id),
+        bool(mask_cross_document),
+        num_threads,
+    )
     return _wrap({"input_ids": x, "targets": y, "position_ids": pos, "doc_ids": doc}, return_tensors)
 
 
-def lm_windows(tokens: Sequence[int], block_size: int, stride: Optional[int] = None, pad_id: int = 0, return_tensors: str = "np") -> Dict[str, Any]:
+def lm_windows(
+    tokens: Sequence[int], block_size: int, stride: Optional[int] = None, pad_id: int = 0, return_tensors: str = "np"
+) -> Dict[str, Any]:
     """Returns windows over one long token stream for training (``stride == block_size``) or
     sliding-window evaluation (``stride < block_size``).
 
@@ -196,7 +214,9 @@ def lm_windows(tokens: Sequence[int], block_size: int, stride: Optional[int] = N
         raise ValueError(f"stride must be an int in 1..block_size ({block_size}), got {stride!r}")
     if hasattr(tokens, "numpy") and hasattr(tokens, "dim"):
         tokens = _tensor_to_numpy(tokens, "tokens")
-    x, y, m = _core.lm_windows(tokens if isinstance(tokens, np.ndarray) else list(tokens), block_size, stride, int(pad_id))
+    x, y, m = _core.lm_windows(
+        tokens if isinstance(tokens, np.ndarray) else list(tokens), block_size, stride, int(pad_id)
+    )
     return _wrap({"input_ids": x, "targets": y, "attention_mask": m}, return_tensors)
 
 
@@ -272,7 +292,9 @@ class BucketBatchSampler:
         n = len(self.lengths)
         rng = np.random.default_rng((self.seed, self.epoch))
         order = rng.permutation(n).astype(np.uint32) if self.shuffle else np.arange(n, dtype=np.uint32)
-        flat, offsets = _core.bucket_batches(self.lengths, order, self.bucket_size, self.batch_size, self.max_tokens, self.drop_last)
+        flat, offsets = _core.bucket_batches(
+            self.lengths, order, self.bucket_size, self.batch_size, self.max_tokens, self.drop_last
+        )
         batches = np.split(flat, offsets[1:-1].astype(np.intp)) if len(offsets) > 1 else []
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
@@ -373,6 +395,31 @@ def write_shards(
         raise
 
 
+def is_token_shard(path: PathLike) -> bool:
+    """Whether ``path`` is a token shard written by :func:`write_shards` (by its magic bytes)."""
+    with open(path, "rb") as f:
+        return f.read(7) == b"FLMTOKS"
+
+
+def expand_paths(paths: Sequence[PathLike]) -> List[Path]:
+    """The files named by ``paths``: files as given, folders by their visible files (sorted).
+
+    Raises:
+        FileNotFoundError: a path that does not exist. ValueError: paths that hold no file.
+    """
+    out: List[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith("."))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"data path {p} does not exist")
+    if paths and not out:
+        raise ValueError(f"no files found in {[str(p) for p in paths]}")
+    return out
+
+
 class TokenShard:
     """A token shard opened without loading it: ids are a read-only ``numpy.memmap``.
 
@@ -387,7 +434,11 @@ class TokenShard:
         self.dtype = np.dtype(np.uint16 if itemsize == 2 else np.uint32)
         self._count = count
         self._reader = _core.ShardReader(str(self.path))
-        self.tokens = np.memmap(self.path, dtype=self.dtype, mode="r", offset=32, shape=(count,)) if count else np.zeros(0, self.dtype)
+        self.tokens = (
+            np.memmap(self.path, dtype=self.dtype, mode="r", offset=32, shape=(count,))
+            if count
+            else np.zeros(0, self.dtype)
+        )
 
     def __len__(self) -> int:
         return self._count
@@ -457,7 +508,10 @@ class ShardDataset:
         for s in set(s for s, _ in located):
             where = [k for k, (t, _) in enumerate(located) if t == s]
             rows[where] = self.shards[s].blocks([located[k][1] for k in where], self.block_size + 1)
-        return _wrap({"input_ids": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])}, self.return_tensors)
+        return _wrap(
+            {"input_ids": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])},
+            self.return_tensors,
+        )
 
 
 class DocumentDataset:
@@ -515,7 +569,14 @@ class PadCollator:
         labels: bool = False,
         return_tensors: str = "pt",
     ) -> None:
-        self.kwargs = dict(pad_id=pad_id, max_length=max_length, side=side, truncation=truncation, dtype=dtype, pad_to_multiple_of=pad_to_multiple_of)
+        self.kwargs = dict(
+            pad_id=pad_id,
+            max_length=max_length,
+            side=side,
+            truncation=truncation,
+            dtype=dtype,
+            pad_to_multiple_of=pad_to_multiple_of,
+        )
         self.labels = labels
         self.return_tensors = return_tensors
 

@@ -82,7 +82,9 @@ def _as_prompts(idx: Prompts, attention_mask) -> List[List[int]]:
     try:
         prompts = [list(p) for p in idx]  # type: ignore[union-attr]
     except TypeError:
-        raise TypeError(f"prompts must be a tensor, a list of ids or a list of id lists, got {type(idx).__name__}") from None
+        raise TypeError(
+            f"prompts must be a tensor, a list of ids or a list of id lists, got {type(idx).__name__}"
+        ) from None
     for p in prompts:
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in p):
             raise TypeError("each prompt must be a list of int token ids")
@@ -102,9 +104,13 @@ def right_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> Tuple[to
     return out.to(device), lengths
 
 
-
-def sample_next(logits: torch.Tensor, temperature: Optional[float] = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: Optional[float] = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """The next token of each row (B,) from logits (B, V): argmax when ``temperature`` is 0 or
     None (exactly ``logits.argmax(-1)``), else a sample from ``softmax(logits / temperature)``
     restricted to the ``top_k`` most likely tokens and to the smallest set whose probability
@@ -127,9 +133,17 @@ def sample_next(logits: torch.Tensor, temperature: Optional[float] = 1.0, top_k:
 
 
 @torch.no_grad()
-def generate(model, idx: Prompts, max_new_tokens: int, temperature: Optional[float] = 1.0, top_k: Optional[int] = None,
-             top_p: Optional[float] = None, stop_ids: Union[int, Iterable[int], None] = None, seed: Optional[int] = None,
-             attention_mask: Optional[torch.Tensor] = None) -> List[List[int]]:
+def generate(
+    model,
+    idx: Prompts,
+    max_new_tokens: int,
+    temperature: Optional[float] = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop_ids: Union[int, Iterable[int], None] = None,
+    seed: Optional[int] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> List[List[int]]:
     """Continues each prompt by up to ``max_new_tokens`` tokens.
 
     Args:
@@ -161,7 +175,9 @@ def generate(model, idx: Prompts, max_new_tokens: int, temperature: Optional[flo
         [5, 5]
     """
     if not is_decoder(model) or getattr(model, "is_encoder_decoder", False):
-        raise TypeError(f"generate needs a ferrolm causal language model (a GPT or LSTMLanguageModel, or anything implementing ferrolm.decoding.Decoder), got {type(model).__name__}")
+        raise TypeError(
+            f"generate needs a ferrolm causal language model (a GPT or LSTMLanguageModel, or anything implementing ferrolm.decoding.Decoder), got {type(model).__name__}"
+        )
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if temperature is not None and temperature < 0:
@@ -170,7 +186,9 @@ def generate(model, idx: Prompts, max_new_tokens: int, temperature: Optional[flo
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    stops = set() if stop_ids is None else ({int(stop_ids)} if isinstance(stop_ids, int) else {int(s) for s in stop_ids})
+    stops = (
+        set() if stop_ids is None else ({int(stop_ids)} if isinstance(stop_ids, int) else {int(s) for s in stop_ids})
+    )
     prompts = _as_prompts(idx, attention_mask)
     if not prompts:
         return []
@@ -187,8 +205,10 @@ def generate(model, idx: Prompts, max_new_tokens: int, temperature: Optional[flo
     T = padded.size(1)
     window = model.context_window
     if window is not None and T + max_new_tokens > window:
-        raise ValueError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds {getattr(model, 'window_name', 'context_window')}={window}; "
-                         "shorten the prompt or generate fewer tokens")
+        raise ValueError(
+            f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds {getattr(model, 'window_name', 'context_window')}={window}; "
+            "shorten the prompt or generate fewer tokens"
+        )
     out: List[List[int]] = [[] for _ in range(B)]
     if max_new_tokens == 0:
         return out
@@ -244,7 +264,9 @@ def _check_sources(model: nn.Module, sources: List[List[int]]) -> None:
             raise ValueError(f"source {i} has {len(s)} tokens, more than max_len={cfg.max_len}; shorten it")
         lo, hi = min(s), max(s)
         if lo < 0 or hi >= cfg.src_vocab_size:
-            raise ValueError(f"source {i} holds token id {lo if lo < 0 else hi}, outside the source vocabulary [0, {cfg.src_vocab_size})")
+            raise ValueError(
+                f"source {i} holds token id {lo if lo < 0 else hi}, outside the source vocabulary [0, {cfg.src_vocab_size})"
+            )
         if cfg.pad_id in s:
             raise ValueError(f"source {i} holds pad_id={cfg.pad_id}; sources are given unpadded")
 
@@ -269,7 +291,9 @@ def _length_order(sources: List[List[int]]) -> List[int]:
 
 
 @torch.no_grad()
-def greedy_decode(model: nn.Module, sources, max_new_tokens: Optional[int] = None, batch_size: int = 64) -> List[List[int]]:
+def greedy_decode(
+    model: nn.Module, sources, max_new_tokens: Optional[int] = None, batch_size: int = 64
+) -> List[List[int]]:
     """Greedy translation: the target ids of each source, without BOS and EOS.
 
     Sources of different lengths run together in length-sorted batches (right-padded, pads
@@ -316,8 +340,14 @@ def greedy_decode(model: nn.Module, sources, max_new_tokens: Optional[int] = Non
 
 
 @torch.no_grad()
-def beam_search(model: nn.Module, sources, beam_size: int = 4, max_new_tokens: Optional[int] = None, length_penalty: float = 1.0,
-                batch_size: int = 16) -> List[List[int]]:
+def beam_search(
+    model: nn.Module,
+    sources,
+    beam_size: int = 4,
+    max_new_tokens: Optional[int] = None,
+    length_penalty: float = 1.0,
+    batch_size: int = 16,
+) -> List[List[int]]:
     """Beam-search translation: the best target ids of each source, without BOS and EOS.
 
     Each source keeps ``beam_size`` running hypotheses; at each step the ``2 * beam_size``

@@ -71,7 +71,9 @@ class PromptTuning(nn.Module):
     initialisation does.
     """
 
-    def __init__(self, model: nn.Module, n_virtual: int, init_ids: Optional[Sequence[int]] = None, seed: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, n_virtual: int, init_ids: Optional[Sequence[int]] = None, seed: int = 0
+    ) -> None:
         super().__init__()
         if not isinstance(model, GPT):
             raise TypeError(f"prompt tuning needs a ferrolm GPT, got {type(model).__name__}")
@@ -137,7 +139,12 @@ def _check_rank(r: int, alpha: float) -> None:
 
 def _is_conv1d(m: nn.Module) -> bool:
     """GPT-2's ``Conv1D`` (transformers): ``y = x W + b`` with W stored (in, out)."""
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None and m.weight.dim() == 2
+    return (
+        type(m).__name__ == "Conv1D"
+        and hasattr(m, "nf")
+        and getattr(m, "weight", None) is not None
+        and m.weight.dim() == 2
+    )
 
 
 def _is_lora_target(m: nn.Module) -> bool:
@@ -222,7 +229,9 @@ class _LowRankDelta(nn.Module):
         return w + (self.lora_B @ self.lora_A) * self.scaling
 
 
-def apply_lora_rnn(rnn: nn.Module, r: int = 8, alpha: float = 16.0, weights: Sequence[str] = ("weight_ih", "weight_hh")) -> List[str]:
+def apply_lora_rnn(
+    rnn: nn.Module, r: int = 8, alpha: float = 16.0, weights: Sequence[str] = ("weight_ih", "weight_hh")
+) -> List[str]:
     """LoRA on the weight matrices of an LSTM/GRU (ferrolm's or torch's): every parameter whose
     name starts with one of ``weights`` gets a low-rank update through
     ``torch.nn.utils.parametrize``; returns their names. :func:`prepare` with ``"lora"``
@@ -269,8 +278,9 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
-def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, target_modules: Sequence[str] = ("c_attn",),
-               dropout: float = 0.0) -> List[str]:
+def apply_lora(
+    model: nn.Module, r: int = 8, alpha: float = 16.0, target_modules: Sequence[str] = ("c_attn",), dropout: float = 0.0
+) -> List[str]:
     """Wraps every ``nn.Linear`` (or GPT-2 ``Conv1D``, as in a transformers
     ``GPT2LMHeadModel``) whose name matches ``target_modules`` in a :class:`LoRALinear`;
     returns the wrapped names.
@@ -287,7 +297,9 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, target_modules
     chosen = [n for n in linears if _matches(n, target_modules)]
     if not chosen:
         names = sorted({n.split(".")[-1] for n in linears})
-        raise ValueError(f"target_modules {list(target_modules)} match no nn.Linear; the model's linear layers are named {names}")
+        raise ValueError(
+            f"target_modules {list(target_modules)} match no nn.Linear; the model's linear layers are named {names}"
+        )
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -349,7 +361,9 @@ def prepare(model: nn.Module, method: str) -> None:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "prompt":
         if not isinstance(model, PromptTuning):
-            raise ValueError("method 'prompt' needs a PromptTuning wrapper: prepare(PromptTuning(gpt, n_virtual), 'prompt')")
+            raise ValueError(
+                "method 'prompt' needs a PromptTuning wrapper: prepare(PromptTuning(gpt, n_virtual), 'prompt')"
+            )
         for name, p in model.named_parameters():
             p.requires_grad_(name == "prompt")
         return
@@ -362,7 +376,12 @@ def prepare(model: nn.Module, method: str) -> None:
         if method == "full":
             on = True
         elif method == "lora":
-            on = ".lora_A." in name or ".lora_B." in name or name.endswith((".lora_A", ".lora_B")) or (is_classifier and id(p) in head_ids)
+            on = (
+                ".lora_A." in name
+                or ".lora_B." in name
+                or name.endswith((".lora_A", ".lora_B"))
+                or (is_classifier and id(p) in head_ids)
+            )
         elif method == "bitfit":
             on = name.endswith("bias") or (is_classifier and id(p) in head_ids)
         else:
@@ -463,15 +482,23 @@ def load_lora(model: nn.Module, adapter_dir: PathLike) -> List[str]:
     missing = [n for n in names if n not in linears]
     if missing:
         raise ValueError(f"the adapter targets modules this model lacks: {missing[:5]}")
-    apply_lora(model, r=r, alpha=alpha, target_modules=[f"^{re.escape(n)}$" for n in names], dropout=float(cfg.get("lora_dropout", 0.0)))
+    apply_lora(
+        model,
+        r=r,
+        alpha=alpha,
+        target_modules=[f"^{re.escape(n)}$" for n in names],
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+    )
     for n in names:
         layer = model.get_submodule(n)
         a, b = factors[n].get("A"), factors[n].get("B")
         if a is None or b is None:
             raise FormatError(f"adapter module {n} lacks lora_A or lora_B")
         if tuple(a.shape) != tuple(layer.lora_A.weight.shape) or tuple(b.shape) != tuple(layer.lora_B.weight.shape):
-            raise ValueError(f"adapter shapes for {n} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit this model "
-                             f"(A {tuple(layer.lora_A.weight.shape)}, B {tuple(layer.lora_B.weight.shape)})")
+            raise ValueError(
+                f"adapter shapes for {n} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit this model "
+                f"(A {tuple(layer.lora_A.weight.shape)}, B {tuple(layer.lora_B.weight.shape)})"
+            )
         with torch.no_grad():
             layer.lora_A.weight.copy_(a)
             layer.lora_B.weight.copy_(b)

@@ -108,7 +108,9 @@ class Tokenizer:
 
     def __init__(self, core: "_core.CoreTokenizer") -> None:
         if not isinstance(core, _core.CoreTokenizer):
-            raise TypeError("Tokenizer() takes a native tokenizer; use Tokenizer.train, from_hf_json, from_tiktoken or from_ranks")
+            raise TypeError(
+                "Tokenizer() takes a native tokenizer; use Tokenizer.train, from_hf_json, from_tiktoken or from_ranks"
+            )
         self._core = core
         self._special_list: List[Tuple[str, int]] = list(core.specials)
         self._special_tokens: Dict[str, int] = dict(self._special_list)
@@ -198,7 +200,9 @@ class Tokenizer:
                     counter.add_files([str(path)], num_threads)
                     bar.update(path.stat().st_size)
                 else:
-                    raise TypeError(f"training data items must be str (text) or os.PathLike (file), got {type(item).__name__}")
+                    raise TypeError(
+                        f"training data items must be str (text) or os.PathLike (file), got {type(item).__name__}"
+                    )
             if batch:
                 counter.add_texts(batch, num_threads)
                 bar.update(batch_bytes)
@@ -211,6 +215,19 @@ class Tokenizer:
                     break
                 bar.update(k)
         return cls(trainer.finish())
+
+    @classmethod
+    def from_file(cls, path: PathLike, pattern: str = "r50k_base") -> "Tokenizer":
+        """A tokenizer file by its suffix: a tiktoken rank file (``.tiktoken``, split with
+        ``pattern``) or an HF ``tokenizer.json`` (anything else).
+
+        Raises:
+            FileNotFoundError: no such file. FormatError: a malformed file.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        return cls.from_tiktoken(path, pattern) if path.suffix == ".tiktoken" else cls.from_hf_json(path)
 
     @classmethod
     def from_hf_json(cls, path: PathLike) -> "Tokenizer":
@@ -374,7 +391,9 @@ class Tokenizer:
         for what, group in (("allowed_special", allowed), ("disallowed_special", disallowed)):
             unknown = sorted(s for s in group if s not in names)
             if unknown:
-                raise ValueError(f"{what} names {unknown}, which are not special tokens of this tokenizer (it has {sorted(names)})")
+                raise ValueError(
+                    f"{what} names {unknown}, which are not special tokens of this tokenizer (it has {sorted(names)})"
+                )
         policy = bytes(1 if s in allowed else 2 if s in disallowed else 0 for s, _ in self._special_list)
         if len(self._policy_cache) < 64:
             self._policy_cache[key] = policy
@@ -470,7 +489,9 @@ class Tokenizer:
         if max_length is not None and (not isinstance(max_length, int) or max_length < 0):
             raise ValueError(f"max_length must be a non-negative int or None, got {max_length!r}")
         policy = self._policy(allowed_special, disallowed_special)
-        return self._core.encode_batch_padded(texts, policy, int(pad_id), max_length, padding_side == "left", num_threads)
+        return self._core.encode_batch_padded(
+            texts, policy, int(pad_id), max_length, padding_side == "left", num_threads
+        )
 
     # ------------------------------------------------------------------ decoding
 
@@ -499,7 +520,9 @@ class Tokenizer:
         """
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
 
-    def decode_batch(self, batch: Sequence[Sequence[int]], errors: str = "replace", *, num_threads: Optional[int] = None) -> List[str]:
+    def decode_batch(
+        self, batch: Sequence[Sequence[int]], errors: str = "replace", *, num_threads: Optional[int] = None
+    ) -> List[str]:
         """Returns the text of each id sequence (decoded in parallel)."""
         rows = [_as_id_list(ids) for ids in batch]
         try:
@@ -548,7 +571,9 @@ class Tokenizer:
             try:
                 raw = bytes(_CHAR_TO_BYTE[c] for c in token)
             except KeyError:
-                raise UnknownTokenError(f"token {token!r} is not in the vocabulary (tokens are ByteLevel text like 'Ġhello', or bytes)") from None
+                raise UnknownTokenError(
+                    f"token {token!r} is not in the vocabulary (tokens are ByteLevel text like 'Ġhello', or bytes)"
+                ) from None
         elif isinstance(token, (bytes, bytearray)):
             raw = bytes(token)
         else:
@@ -561,7 +586,11 @@ class Tokenizer:
     def get_vocab(self) -> Dict[str, int]:
         """Returns HF-style ``{ByteLevel text: id}`` for every token, special ones included."""
         table = self._core.token_table()
-        vocab = {"".join(_BYTE_TO_CHAR[x] for x in b): i for i, b in enumerate(table) if b is not None and i not in self._id_to_special}
+        vocab = {
+            "".join(_BYTE_TO_CHAR[x] for x in b): i
+            for i, b in enumerate(table)
+            if b is not None and i not in self._id_to_special
+        }
         vocab.update(self._special_tokens)
         return vocab
 

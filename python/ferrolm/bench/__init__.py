@@ -11,9 +11,35 @@ from __future__ import annotations
 from .harness import Result, Workload, compare, measure, time_median
 from .report import markdown_report, plot_ratios
 from .runner import AREAS, run_benchmarks
-from .workloads import (attention_workloads, corpus_for_bench, data_workloads, finetune_workloads, icl_workloads,
-                        model_workloads, rnn_workloads, seq2seq_workloads, tokenizer_peers)
+from .workloads import (
+    attention_workloads,
+    corpus_for_bench,
+    data_workloads,
+    finetune_workloads,
+    icl_workloads,
+    model_workloads,
+    rnn_workloads,
+    seq2seq_workloads,
+    tokenizer_peers,
+)
 
-__all__ = ["run_benchmarks", "AREAS", "Result", "Workload", "compare", "measure", "time_median", "markdown_report",
-           "plot_ratios", "attention_workloads", "corpus_for_bench", "data_workloads", "finetune_workloads",
-           "icl_workloads", "model_workloads", "rnn_workloads", "seq2seq_workloads", "tokenizer_peers"]
+__all__ = [
+    "run_benchmarks",
+    "AREAS",
+    "Result",
+    "Workload",
+    "compare",
+    "measure",
+    "time_median",
+    "markdown_report",
+    "plot_ratios",
+    "attention_workloads",
+    "corpus_for_bench",
+    "data_workloads",
+    "finetune_workloads",
+    "icl_workloads",
+    "model_workloads",
+    "rnn_workloads",
+    "seq2seq_workloads",
+    "tokenizer_peers",
+]

@@ -68,8 +68,9 @@ def time_median(fn: Callable[[], object], repeats: int = 5, min_time: float = 0.
     return statistics.median(times)
 
 
-def compare(contenders: Dict[str, Callable[[], object]], repeats: int = 5, warm: bool = True,
-            inner: int = 1) -> Dict[str, float]:
+def compare(
+    contenders: Dict[str, Callable[[], object]], repeats: int = 5, warm: bool = True, inner: int = 1
+) -> Dict[str, float]:
     """Median wall time of each contender over ``repeats`` timed runs, after one warm-up run each.
 
     The runs are interleaved (A B C A B C ...) so that drift on a noisy machine hits all contenders alike. A 50 ms

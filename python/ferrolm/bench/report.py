@@ -43,9 +43,11 @@ def _cells(r: Result, peers: List[str], bold: bool) -> List[str]:
     """workload, size, ferrolm ms, each peer's ms, each peer's ratio ("-" where a peer did not run)."""
     ratios = r.ratios()
     mark = "**" if bold else ""
-    return ([r.workload, r.size, _ms(r.seconds["ferrolm"]) if "ferrolm" in r.seconds else "-"]
-            + [_ms(r.seconds[p]) if p in r.seconds else "-" for p in peers]
-            + [f"{mark}{ratios[p]:.2f}x{mark}" if p in ratios else "-" for p in peers])
+    return (
+        [r.workload, r.size, _ms(r.seconds["ferrolm"]) if "ferrolm" in r.seconds else "-"]
+        + [_ms(r.seconds[p]) if p in r.seconds else "-" for p in peers]
+        + [f"{mark}{ratios[p]:.2f}x{mark}" if p in ratios else "-" for p in peers]
+    )
 
 
 def _head(peers: List[str]) -> List[str]:
@@ -108,9 +110,14 @@ def machine_summary() -> str:
 def markdown_report(results: List[Result], extra: Extra, full: bool) -> str:
     """The results as a Markdown document: one table per area, ferrolm's speed-up per peer in bold."""
     mode = "full" if full else "quick"
-    lines = ["# ferrolm benchmark report", "", f"Mode: {mode}. Machine: {machine_summary()}.", "",
-             "Ratio = peer median time / ferrolm median time (above 1: ferrolm is faster). Runs interleaved, medians.",
-             ""]
+    lines = [
+        "# ferrolm benchmark report",
+        "",
+        f"Mode: {mode}. Machine: {machine_summary()}.",
+        "",
+        "Ratio = peer median time / ferrolm median time (above 1: ferrolm is faster). Runs interleaved, medians.",
+        "",
+    ]
     for area, rows in _by_area(results).items():
         peers = _peers(rows)
         lines += [f"## {area}", "", "| " + " | ".join(_head(peers)) + " |", "|" + "---|" * (3 + 2 * len(peers))]

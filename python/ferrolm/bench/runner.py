@@ -23,8 +23,14 @@ Extra = Dict[str, Dict[str, float]]
 
 # Area -> the generator that times its workloads, in the order the suite runs them.
 _RUNNERS: Dict[str, Callable[[bool, int, Extra], Iterator[Result]]] = {
-    "tokenizer": tokenizer.run, "attention": attention.run, "rnn": rnn.run, "data": data.run, "models": models.run,
-    "seq2seq": seq2seq.run, "finetune": finetune.run, "icl": icl.run,
+    "tokenizer": tokenizer.run,
+    "attention": attention.run,
+    "rnn": rnn.run,
+    "data": data.run,
+    "models": models.run,
+    "seq2seq": seq2seq.run,
+    "finetune": finetune.run,
+    "icl": icl.run,
 }
 
 
@@ -32,9 +38,14 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def run_benchmarks(full: bool = False, json_path: Optional[str] = None, areas: Tuple[str, ...] = AREAS,
-                   report: Optional[str] = None, plot: Optional[str] = None,
-                   repeats: Optional[int] = None) -> List[Result]:
+def run_benchmarks(
+    full: bool = False,
+    json_path: Optional[str] = None,
+    areas: Tuple[str, ...] = AREAS,
+    report: Optional[str] = None,
+    plot: Optional[str] = None,
+    repeats: Optional[int] = None,
+) -> List[Result]:
     """Runs the suite, printing a line per workload and a table per area as they finish; returns the rows.
 
     Args:

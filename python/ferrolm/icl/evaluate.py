@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from .._io import PathLike, atomic_write
+from .._plot import pyplot, save_figure
 from ..metrics import accuracy, macro_f1, mean_ci
 from .lm import LM
 from .prompts import Example, Template
@@ -34,27 +35,51 @@ class ClassificationResult:
     truncated: int = 0
 
 
-def _retrieve(kind: str, tokenizer, pool: Sequence[Example], queries: Sequence[Example], k: int, seed: int,
-              query_pool_index, embed: Optional[Callable]) -> List[List[int]]:
+def _retrieve(
+    kind: str,
+    tokenizer,
+    pool: Sequence[Example],
+    queries: Sequence[Example],
+    k: int,
+    seed: int,
+    query_pool_index,
+    embed: Optional[Callable],
+) -> List[List[int]]:
     if kind == "random":
         return RandomRetriever(len(pool), seed).retrieve(len(queries), k, query_pool_index)
     if kind == "fixed":
-        return FixedRetriever(len(pool), RandomRetriever(len(pool), seed).retrieve(1, min(k, len(pool)))[0]).retrieve(len(queries), k, query_pool_index)
+        return FixedRetriever(len(pool), RandomRetriever(len(pool), seed).retrieve(1, min(k, len(pool)))[0]).retrieve(
+            len(queries), k, query_pool_index
+        )
     if kind == "bm25":
         enc = tokenizer.encode_ordinary_batch
-        return BM25Retriever(enc([e.input for e in pool])).retrieve(enc([q.input for q in queries]), k, query_pool_index)
+        return BM25Retriever(enc([e.input for e in pool])).retrieve(
+            enc([q.input for q in queries]), k, query_pool_index
+        )
     if kind in ("topk", "mmr"):
         if embed is None:
-            raise ValueError(f"the {kind!r} retriever needs embed= (for example ferrolm.icl.retrieve.model_embedder(model, tokenizer))")
+            raise ValueError(
+                f"the {kind!r} retriever needs embed= (for example ferrolm.icl.retrieve.model_embedder(model, tokenizer))"
+            )
         r = TopKRetriever(embed=embed, pool_items=[e.input for e in pool], mmr_lambda=0.5 if kind == "mmr" else None)
         return r.retrieve([q.input for q in queries], k, query_pool_index)
     raise ValueError(f"unknown retriever {kind!r}; choose from {RETRIEVERS}")
 
 
-def evaluate_classification(lm: LM, tokenizer, pool: Sequence[Example], queries: Sequence[Example], template: Template, k: int,
-                            retriever: str = "random", seed: int = 0, order: str = "most_relevant_last",
-                            query_pool_index: Optional[Sequence[int]] = None, embed: Optional[Callable] = None,
-                            normalise: bool = False) -> ClassificationResult:
+def evaluate_classification(
+    lm: LM,
+    tokenizer,
+    pool: Sequence[Example],
+    queries: Sequence[Example],
+    template: Template,
+    k: int,
+    retriever: str = "random",
+    seed: int = 0,
+    order: str = "most_relevant_last",
+    query_pool_index: Optional[Sequence[int]] = None,
+    embed: Optional[Callable] = None,
+    normalise: bool = False,
+) -> ClassificationResult:
     """Accuracy and macro-F1 of k-shot classification by label-word likelihood.
 
     Args:
@@ -72,8 +97,13 @@ def evaluate_classification(lm: LM, tokenizer, pool: Sequence[Example], queries:
     words = [tokenizer.encode_ordinary(template.label_words[c]) for c in labels]  # type: ignore[index]
     if any(not w for w in words):
         raise ValueError("every label word must encode to at least one token")
-    prompts = [template.render([pool[i] for i in order_demos(d, order)], Example(q.input, None, q.fields)) for q, d in zip(queries, demos)]
-    answers = lm.multiple_choice([(ctx, words) for ctx in tokenizer.encode_ordinary_batch(prompts)], normalise=normalise)
+    prompts = [
+        template.render([pool[i] for i in order_demos(d, order)], Example(q.input, None, q.fields))
+        for q, d in zip(queries, demos)
+    ]
+    answers = lm.multiple_choice(
+        [(ctx, words) for ctx in tokenizer.encode_ordinary_batch(prompts)], normalise=normalise
+    )
     preds = [labels[best] for best, _ in answers]
     truncated = sum(rs[0].truncated for _, rs in answers)
     gold = [q.output for q in queries]
@@ -92,13 +122,17 @@ class SweepResult:
             acc = [r.accuracy for r in self.runs if r.k == k]
             f1 = [r.macro_f1 for r in self.runs if r.k == k]
             m, lo, hi = mean_ci(acc)
-            rows.append({"k": k, "seeds": len(acc), "accuracy": m, "ci_low": lo, "ci_high": hi, "macro_f1": sum(f1) / len(f1)})
+            rows.append(
+                {"k": k, "seeds": len(acc), "accuracy": m, "ci_low": lo, "ci_high": hi, "macro_f1": sum(f1) / len(f1)}
+            )
         return rows
 
     def markdown(self) -> str:
         lines = ["| k | seeds | accuracy (mean) | 95% CI | macro-F1 |", "|---|---|---|---|---|"]
         for r in self.table():
-            lines.append(f"| {r['k']} | {r['seeds']} | {r['accuracy']:.4f} | [{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['macro_f1']:.4f} |")
+            lines.append(
+                f"| {r['k']} | {r['seeds']} | {r['accuracy']:.4f} | [{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['macro_f1']:.4f} |"
+            )
         return "\n".join(lines) + "\n"
 
     def save_json(self, path: PathLike) -> None:
@@ -106,13 +140,7 @@ class SweepResult:
         atomic_write(path, json.dumps(payload, indent=2, default=str).encode())
 
     def plot(self, path: PathLike, title: str = "in-context learning: accuracy vs k") -> None:
-        import io
-
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         t = self.table()
         fig, ax = plt.subplots(figsize=(6, 4))
         ks = [r["k"] for r in t]
@@ -125,15 +153,20 @@ class SweepResult:
         ax.set_ylabel("accuracy")
         ax.set_title(title)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        atomic_write(path, buf.getvalue())
+        save_figure(fig, path)
 
 
-def kshot_sweep(lm: LM, tokenizer, pool: Sequence[Example], queries: Sequence[Example], template: Template,
-                ks: Sequence[int] = (0, 1, 2, 4, 8, 16), seeds: Sequence[int] = (0, 1, 2), progress: bool = True,
-                **kwargs) -> SweepResult:
+def kshot_sweep(
+    lm: LM,
+    tokenizer,
+    pool: Sequence[Example],
+    queries: Sequence[Example],
+    template: Template,
+    ks: Sequence[int] = (0, 1, 2, 4, 8, 16),
+    seeds: Sequence[int] = (0, 1, 2),
+    progress: bool = True,
+    **kwargs,
+) -> SweepResult:
     """:func:`evaluate_classification` for every k and seed (k = 0 runs once: it has no
     demonstrations to vary)."""
     plan = [(k, s) for k in ks for s in (seeds if k > 0 else list(seeds)[:1])]

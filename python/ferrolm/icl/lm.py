@@ -113,7 +113,9 @@ class LM:
         if self.vocab_size is not None and ids:
             lo, hi = min(ids), max(ids)
             if lo < 0 or hi >= self.vocab_size:
-                raise ValueError(f"{what} holds token id {lo if lo < 0 else hi}, outside the vocabulary [0, {self.vocab_size})")
+                raise ValueError(
+                    f"{what} holds token id {lo if lo < 0 else hi}, outside the vocabulary [0, {self.vocab_size})"
+                )
 
     def _logits_full(self, rows: List[List[int]]) -> List[torch.Tensor]:
         """Log-softmax over full (uncached) forwards of right-padded rows: one (T_i, V) each."""
@@ -142,7 +144,9 @@ class LM:
     # ------------------------------------------------------------------ requests
 
     @torch.no_grad()
-    def loglikelihood(self, requests: Sequence[Tuple[Sequence[int], Sequence[int]]], reuse_prefix: bool = True) -> List[LogLikelihood]:
+    def loglikelihood(
+        self, requests: Sequence[Tuple[Sequence[int], Sequence[int]]], reuse_prefix: bool = True
+    ) -> List[LogLikelihood]:
         """``log P(continuation | context)`` for each ``(context, continuation)`` pair of token
         id lists, in request order.
 
@@ -159,11 +163,15 @@ class LM:
         for i, (ctx, cont) in enumerate(requests):
             ctx, cont = _ids(ctx, f"context {i}"), _ids(cont, f"continuation {i}")
             if not ctx:
-                raise ValueError(f"request {i}: the context is empty; give at least one token (for example a BOS / end-of-text id)")
+                raise ValueError(
+                    f"request {i}: the context is empty; give at least one token (for example a BOS / end-of-text id)"
+                )
             if not cont:
                 raise ValueError(f"request {i}: the continuation is empty")
             if self.max_length is not None and len(cont) > self.max_length:
-                raise ValueError(f"request {i}: a continuation of {len(cont)} tokens does not fit the window of {self.max_length}")
+                raise ValueError(
+                    f"request {i}: a continuation of {len(cont)} tokens does not fit the window of {self.max_length}"
+                )
             self._check(ctx, f"context {i}")
             self._check(cont, f"continuation {i}")
             reqs.append((ctx, cont))
@@ -176,8 +184,9 @@ class LM:
         finally:
             self.model.train(was)
 
-    def multiple_choice(self, questions: Sequence[Tuple[Sequence[int], Sequence[Sequence[int]]]],
-                        normalise: bool = False) -> List[Tuple[int, List[LogLikelihood]]]:
+    def multiple_choice(
+        self, questions: Sequence[Tuple[Sequence[int], Sequence[Sequence[int]]]], normalise: bool = False
+    ) -> List[Tuple[int, List[LogLikelihood]]]:
         """For each ``(context, choices)``: the index of the most likely choice and every
         choice's :class:`LogLikelihood` (one loglikelihood request per choice, all sharing the
         context's cache). ``normalise`` ranks by mean log-prob per token instead of the sum;
@@ -215,7 +224,9 @@ class LM:
         for ctx, cont in reqs:
             ctx, cut = self._fit(ctx, cont)
             if not ctx:
-                raise ValueError(f"a continuation of {len(cont)} tokens leaves no room for context in the window of {self.max_length}")
+                raise ValueError(
+                    f"a continuation of {len(cont)} tokens leaves no room for context in the window of {self.max_length}"
+                )
             rows.append((ctx + cont, len(ctx), cont, cut))
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths together
         for s in range(0, len(order), self.batch_size):
@@ -236,7 +247,9 @@ class LM:
             longest = max(len(reqs[i][1]) for i in members)
             ctx, cut = self._fit(list(ctx_t), [0] * longest)
             if not ctx:
-                raise ValueError(f"a continuation of {longest} tokens leaves no room for context in the window of {self.max_length}")
+                raise ValueError(
+                    f"a continuation of {longest} tokens leaves no room for context in the window of {self.max_length}"
+                )
             plans.append((ctx, cut, longest, members))
         out: List[Optional[LogLikelihood]] = [None] * len(reqs)
         if not self.native:
@@ -262,8 +275,16 @@ class LM:
         sampler = BucketBatchSampler(lengths, batch_size=self.batch_size, max_tokens=self.PREFILL_TOKENS, shuffle=False)
         return [list(b) for b in sampler]
 
-    def _score_members(self, first: torch.Tensor, state, n_ctx: int, cut: bool, members: List[int],
-                       reqs: List[Tuple[List[int], List[int]]], out: List[Optional[LogLikelihood]]) -> None:
+    def _score_members(
+        self,
+        first: torch.Tensor,
+        state,
+        n_ctx: int,
+        cut: bool,
+        members: List[int],
+        reqs: List[Tuple[List[int], List[int]]],
+        out: List[Optional[LogLikelihood]],
+    ) -> None:
         """Scores the continuations of one context from its log-probs at the last position
         (``first``, (1, V)) and its reusable state."""
         for s in range(0, len(members), self.batch_size):
@@ -372,7 +393,11 @@ class LM:
             tokenizer: decodes the generated ids (a :class:`ferrolm.Tokenizer` or anything with
                 ``decode``); its ``<|endoftext|>``, when it has one, also ends a continuation.
         """
-        eot = getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>") if hasattr(tokenizer, "special_tokens") else None
+        eot = (
+            getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>")
+            if hasattr(tokenizer, "special_tokens")
+            else None
+        )
         prepared = []
         for i, (ctx, stops, n) in enumerate(requests):
             ctx = _ids(ctx, f"context {i}")
@@ -385,8 +410,10 @@ class LM:
             self._check(ctx, f"context {i}")
             if self.max_length is not None:
                 if n >= self.max_length:
-                    raise ValueError(f"request {i}: max_tokens={n} leaves no room for context in the window of {self.max_length}")
-                ctx = ctx[-(self.max_length - n):]
+                    raise ValueError(
+                        f"request {i}: max_tokens={n} leaves no room for context in the window of {self.max_length}"
+                    )
+                ctx = ctx[-(self.max_length - n) :]
             prepared.append((ctx, list(stops), n))
         out: List[str] = []
         was = self.model.training
@@ -423,8 +450,14 @@ class LM:
         for i, c in enumerate(ctxs):
             ids[i, T - len(c) :] = torch.tensor(c)
             mask[i, T - len(c) :] = 1
-        res = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device), max_new_tokens=n, do_sample=False,
-                                  pad_token_id=0, eos_token_id=eot)
+        res = self.model.generate(
+            ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=eot,
+        )
         out = []
         for row in res.cpu():
             new = row[T:].tolist()

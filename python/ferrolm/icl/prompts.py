@@ -57,8 +57,9 @@ def _from_record(rec: Mapping[str, Any], where: str, input_key: str, output_key:
     return Example(str(rec[input_key]), rec[out_key], extra)
 
 
-def load_examples(source: Union[PathLike, Sequence[Mapping[str, Any]]], input_key: str = "input",
-                  output_key: Optional[str] = None) -> List[Example]:
+def load_examples(
+    source: Union[PathLike, Sequence[Mapping[str, Any]]], input_key: str = "input", output_key: Optional[str] = None
+) -> List[Example]:
     """Examples from a ``.jsonl`` / ``.csv`` file or a list of dicts.
 
     Args:
@@ -124,7 +125,9 @@ class Template:
             except ValueError as e:
                 raise ValueError(f"Template.{name} is not a valid format string: {e}") from None
         if self.label_words is not None and len(self.label_words) == 0:
-            raise ValueError("Template.label_words is empty: classification needs a word for each label (at least one choice)")
+            raise ValueError(
+                "Template.label_words is empty: classification needs a word for each label (at least one choice)"
+            )
 
     def fields(self, which: str) -> List[str]:
         """The field names ``demo`` or ``query`` refers to."""
@@ -134,7 +137,9 @@ class Template:
         v = ex.values()
         if self.label_words is not None and ex.output is not None:
             if ex.output not in self.label_words:
-                raise ValueError(f"label {ex.output!r} has no label word; label_words has {sorted(map(repr, self.label_words))}")
+                raise ValueError(
+                    f"label {ex.output!r} has no label word; label_words has {sorted(map(repr, self.label_words))}"
+                )
             v["output"] = v["label"] = self.label_words[ex.output]
         return v
 
@@ -143,7 +148,9 @@ class Template:
         try:
             return getattr(self, which).format(**v)
         except KeyError as e:
-            raise ValueError(f"Template.{which} refers to field {e.args[0]!r}, which the example lacks (fields: {sorted(v)})") from None
+            raise ValueError(
+                f"Template.{which} refers to field {e.args[0]!r}, which the example lacks (fields: {sorted(v)})"
+            ) from None
 
     def render_demo(self, ex: Example) -> str:
         return self._format("demo", ex)

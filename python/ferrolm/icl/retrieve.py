@@ -91,13 +91,17 @@ class BM25Retriever:
         from .. import _core
 
         self.pool_size = len(pool_tokens)
-        self._index = _core.Bm25Index([list(map(int, t)) if not isinstance(t, np.ndarray) else t for t in pool_tokens], float(k1), float(b))
+        self._index = _core.Bm25Index(
+            [list(map(int, t)) if not isinstance(t, np.ndarray) else t for t in pool_tokens], float(k1), float(b)
+        )
 
     def scores(self, query_tokens: Sequence[int]) -> np.ndarray:
         """(pool,) BM25 scores of every pool example for one query."""
         return self._index.scores(list(map(int, query_tokens)))
 
-    def retrieve(self, query_tokens: Sequence[Sequence[int]], k: int, query_pool_index: Optional[Sequence[int]] = None) -> List[List[int]]:
+    def retrieve(
+        self, query_tokens: Sequence[Sequence[int]], k: int, query_pool_index: Optional[Sequence[int]] = None
+    ) -> List[List[int]]:
         n = len(query_tokens)
         ex = _excl(query_pool_index, n)
         _check_k(k, self.pool_size, any(e >= 0 for e in ex))
@@ -124,8 +128,13 @@ class TopKRetriever:
             relevance for diversity among the chosen demonstrations.
     """
 
-    def __init__(self, pool_embeddings=None, embed: Optional[Callable] = None, pool_items: Optional[Sequence] = None,
-                 mmr_lambda: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        pool_embeddings=None,
+        embed: Optional[Callable] = None,
+        pool_items: Optional[Sequence] = None,
+        mmr_lambda: Optional[float] = None,
+    ) -> None:
         if pool_embeddings is None:
             if embed is None or pool_items is None:
                 raise ValueError("give pool_embeddings, or embed and pool_items to compute them")
@@ -191,7 +200,10 @@ def model_embedder(model, tokenizer, batch_size: int = 32) -> Callable[[Sequence
         try:
             with torch.no_grad():
                 for s in range(0, len(texts), batch_size):
-                    ids = [tokenizer.encode_ordinary(t)[-block:] if block else tokenizer.encode_ordinary(t) for t in texts[s : s + batch_size]]
+                    ids = [
+                        tokenizer.encode_ordinary(t)[-block:] if block else tokenizer.encode_ordinary(t)
+                        for t in texts[s : s + batch_size]
+                    ]
                     ids = [x if x else [0] for x in ids]
                     T = max(len(x) for x in ids)
                     idx = torch.zeros(len(ids), T, dtype=torch.int64)

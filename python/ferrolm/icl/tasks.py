@@ -41,8 +41,9 @@ def _snippets(files: List[Path], n: int, rng: np.random.Generator, lines: int = 
     return out
 
 
-def stdlib_package_task(packages: Sequence[str] = DEFAULT_PACKAGES, per_class: int = 40, test_per_class: int = 10,
-                        seed: int = 0) -> Tuple[List[Example], List[Example], Template]:
+def stdlib_package_task(
+    packages: Sequence[str] = DEFAULT_PACKAGES, per_class: int = 40, test_per_class: int = 10, seed: int = 0
+) -> Tuple[List[Example], List[Example], Template]:
     """``(pool, test, template)`` for classifying a snippet by its standard-library package.
 
     Args:
@@ -70,5 +71,7 @@ def stdlib_package_task(packages: Sequence[str] = DEFAULT_PACKAGES, per_class: i
     order = rng.permutation(len(pool))
     pool = [pool[i] for i in order]
     words: Dict[str, str] = {p: " " + p for p in packages}
-    template = Template(demo="Code: {input}\nPackage:{label}", query="Code: {input}\nPackage:", separator="\n\n", label_words=words)
+    template = Template(
+        demo="Code: {input}\nPackage:{label}", query="Code: {input}\nPackage:", separator="\n\n", label_words=words
+    )
     return pool, test, template

@@ -11,8 +11,7 @@ from typing import Optional
 import torch
 
 from .. import _core
-from ._common import num_threads
-from ._common import to_numpy
+from ._common import num_threads, to_numpy
 
 __all__ = ["attention", "attention_mask"]
 
@@ -44,7 +43,18 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_o):  # type: ignore[override]
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _core.attention_backward(to_numpy(q), to_numpy(k), to_numpy(v), to_numpy(o), to_numpy(lse), to_numpy(d_o), ctx.causal, ctx.mask, ctx.scale, num_threads())
+        dq, dk, dv = _core.attention_backward(
+            to_numpy(q),
+            to_numpy(k),
+            to_numpy(v),
+            to_numpy(o),
+            to_numpy(lse),
+            to_numpy(d_o),
+            ctx.causal,
+            ctx.mask,
+            ctx.scale,
+            num_threads(),
+        )
         return torch.from_numpy(dq), torch.from_numpy(dk), torch.from_numpy(dv), None, None, None
 
 
@@ -94,7 +104,9 @@ def attention(q, k, v, causal: bool = False, key_padding_mask=None, scale: Optio
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor (True = ignore the key)")
         if tuple(key_padding_mask.shape) != (b, tk):
-            raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected ({b}, {tk}) (batch, key time)")
+            raise ValueError(
+                f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected ({b}, {tk}) (batch, key time)"
+            )
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
     scale = (1.0 / d**0.5) if scale is None else float(scale)

@@ -10,8 +10,7 @@ from typing import Optional
 import torch
 
 from .. import _core
-from ._common import num_threads
-from ._common import to_numpy
+from ._common import num_threads, to_numpy
 from .attention import attention
 
 __all__ = ["decode_attention"]
@@ -46,8 +45,15 @@ def decode_attention(q, k_cache, v_cache, cache_lengths, scale: Optional[float] 
         if t.dim() != nd:
             raise ValueError(f"{name} must be {nd}-D, got shape {tuple(t.shape)}")
     b, hq, d = q.shape
-    if k_cache.shape[0] != b or v_cache.shape[0] != b or k_cache.shape[3] != d or k_cache.shape[:3] != v_cache.shape[:3]:
-        raise ValueError(f"shapes do not agree: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    if (
+        k_cache.shape[0] != b
+        or v_cache.shape[0] != b
+        or k_cache.shape[3] != d
+        or k_cache.shape[:3] != v_cache.shape[:3]
+    ):
+        raise ValueError(
+            f"shapes do not agree: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
+        )
     hk, cap = k_cache.shape[1], k_cache.shape[2]
     if hk == 0 or hq % hk:
         raise ValueError(f"kv heads ({hk}) must divide query heads ({hq})")
@@ -59,7 +65,9 @@ def decode_attention(q, k_cache, v_cache, cache_lengths, scale: Optional[float] 
     scale = (1.0 / d**0.5) if scale is None else float(scale)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and not grad:
-        out = torch.from_numpy(_core.decode_attention(to_numpy(q), to_numpy(k_cache), to_numpy(v_cache), lengths, scale, num_threads()))
+        out = torch.from_numpy(
+            _core.decode_attention(to_numpy(q), to_numpy(k_cache), to_numpy(v_cache), lengths, scale, num_threads())
+        )
     else:
         pad = torch.arange(cap, device=q.device)[None, :] >= torch.tensor(lengths, device=q.device)[:, None]
         out = attention(q[:, :, None], k_cache, v_cache, key_padding_mask=pad, scale=scale)[:, :, 0]

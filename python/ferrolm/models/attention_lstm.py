@@ -74,8 +74,14 @@ class AttentionLSTM(Checkpointable, nn.Module):
         self.embed = nn.Embedding(config.vocab_size, C)
         self.ln = nn.LayerNorm(C)
         self.attn = MultiheadSelfAttention(C, config.n_head, causal=config.causal, dropout=config.dropout)
-        self.rnn = LSTM(C, config.hidden_size, num_layers=config.num_layers, batch_first=True, bidirectional=config.bidirectional,
-                        dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.rnn = LSTM(
+            C,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            batch_first=True,
+            bidirectional=config.bidirectional,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
         self.drop = Dropout(config.dropout)
         self.head = nn.Linear(config.output_size, config.vocab_size)
         nn.init.normal_(self.embed.weight, std=0.1)
@@ -87,7 +93,9 @@ class AttentionLSTM(Checkpointable, nn.Module):
         check_ids(idx, self.config.vocab_size)
         B, T = idx.shape
         if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}; crop the input or raise AttentionLSTMConfig.block_size")
+            raise ValueError(
+                f"sequence length {T} exceeds block_size={self.config.block_size}; crop the input or raise AttentionLSTMConfig.block_size"
+            )
         mask = None
         if lengths is not None:
             lengths = check_lengths(lengths, B, T)
@@ -104,7 +112,9 @@ class AttentionLSTM(Checkpointable, nn.Module):
         """Returns ``(logits (B, T, V), loss or None)``; a loss needs a causal model (``causal=True,
         bidirectional=False``), since otherwise every position sees the token it predicts."""
         if targets is not None and (self.config.bidirectional or not self.config.causal):
-            raise ValueError("a language-model loss needs AttentionLSTMConfig(causal=True, bidirectional=False); "
-                             "this model sees future tokens (use it as a classifier backbone instead)")
+            raise ValueError(
+                "a language-model loss needs AttentionLSTMConfig(causal=True, bidirectional=False); "
+                "this model sees future tokens (use it as a classifier backbone instead)"
+            )
         logits = self.head(self.hidden_states(idx, lengths))
         return logits, (lm_loss(logits, targets) if targets is not None else None)

@@ -57,8 +57,9 @@ def _read_checkpoint(path: PathLike):
     return tensors, meta
 
 
-def load_model(path: PathLike, expect: Optional[Type[nn.Module]] = None,
-               map_location: Union[str, torch.device] = "cpu") -> nn.Module:
+def load_model(
+    path: PathLike, expect: Optional[Type[nn.Module]] = None, map_location: Union[str, torch.device] = "cpu"
+) -> nn.Module:
     """The model saved at ``path`` by :func:`save_model` (safetensors only; no pickle).
 
     Args:

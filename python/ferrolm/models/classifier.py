@@ -43,7 +43,9 @@ class ClassifierConfig(Config):
         if isinstance(self.backbone, Mapping):
             self.backbone = config_from_dict(self.backbone)  # type: ignore[assignment]
         if getattr(self.backbone, "architecture", None) not in _BACKBONES:
-            raise TypeError(f"ClassifierConfig.backbone must be a GPTConfig, LSTMConfig or AttentionLSTMConfig, got {type(self.backbone).__name__}")
+            raise TypeError(
+                f"ClassifierConfig.backbone must be a GPTConfig, LSTMConfig or AttentionLSTMConfig, got {type(self.backbone).__name__}"
+            )
         self._positive("num_classes")
         if self.pooling not in POOLINGS:
             raise ValueError(f"ClassifierConfig.pooling must be one of {POOLINGS}, got {self.pooling!r}")
@@ -95,11 +97,17 @@ class SequenceClassifier(Checkpointable, nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_backbone(cls, backbone: nn.Module, num_classes: int, pooling: str = "last", dropout: float = 0.0) -> "SequenceClassifier":
+    def from_backbone(
+        cls, backbone: nn.Module, num_classes: int, pooling: str = "last", dropout: float = 0.0
+    ) -> "SequenceClassifier":
         """A classifier on a (pretrained) :class:`GPT`, :class:`LSTMLanguageModel` or
         :class:`~ferrolm.models.AttentionLSTM`."""
-        if getattr(getattr(backbone, "config", None), "architecture", None) not in _BACKBONES or not isinstance(backbone, nn.Module):
-            raise TypeError(f"backbone must be a ferrolm GPT, LSTMLanguageModel or AttentionLSTM, got {type(backbone).__name__}")
+        if getattr(getattr(backbone, "config", None), "architecture", None) not in _BACKBONES or not isinstance(
+            backbone, nn.Module
+        ):
+            raise TypeError(
+                f"backbone must be a ferrolm GPT, LSTMLanguageModel or AttentionLSTM, got {type(backbone).__name__}"
+            )
         return cls(ClassifierConfig(backbone.config, num_classes, pooling, dropout), backbone=backbone)
 
     def forward(self, idx: torch.Tensor, labels: Optional[torch.Tensor] = None, lengths=None):

@@ -12,8 +12,16 @@ import torch.nn.functional as F
 
 from .._io import PathLike
 
-__all__ = ["check_ids", "lm_loss", "input_shape", "lengths_to_padding_mask", "check_lengths", "pool", "Checkpointable",
-           "RecurrentState"]
+__all__ = [
+    "check_ids",
+    "lm_loss",
+    "input_shape",
+    "lengths_to_padding_mask",
+    "check_lengths",
+    "pool",
+    "Checkpointable",
+    "RecurrentState",
+]
 
 
 def check_ids(idx: torch.Tensor, vocab_size: int, what: str = "idx") -> None:
@@ -28,17 +36,23 @@ def check_ids(idx: torch.Tensor, vocab_size: int, what: str = "idx") -> None:
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} in {what} is out of range for vocab_size={vocab_size} (ids must be in [0, {vocab_size}))")
+            raise ValueError(
+                f"token id {bad} in {what} is out of range for vocab_size={vocab_size} (ids must be in [0, {vocab_size}))"
+            )
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; targets equal to -100 are ignored."""
     if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {tuple(logits.shape[:-1])} (batch, time)")
+        raise ValueError(
+            f"targets have shape {tuple(targets.shape)}, expected {tuple(logits.shape[:-1])} (batch, time)"
+        )
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1).long(), ignore_index=-100)
 
 
-def input_shape(idx: Optional[torch.Tensor], inputs_embeds: Optional[torch.Tensor], config) -> Tuple[int, int, torch.device]:
+def input_shape(
+    idx: Optional[torch.Tensor], inputs_embeds: Optional[torch.Tensor], config
+) -> Tuple[int, int, torch.device]:
     """(B, T, device) of a model input given as token ids or as ``inputs_embeds`` (B, T, n_embd),
     exactly one of them, checked."""
     if inputs_embeds is not None:
@@ -63,7 +77,9 @@ def check_lengths(lengths, B: int, T: int) -> torch.Tensor:
     if lengths.shape != (B,):
         raise ValueError(f"lengths has shape {tuple(lengths.shape)}, expected ({B},) (one length per sequence)")
     if B and (int(lengths.min()) < 1 or int(lengths.max()) > T):
-        raise ValueError(f"lengths must be in [1, {T}] (the padded length), got min {int(lengths.min())}, max {int(lengths.max())}")
+        raise ValueError(
+            f"lengths must be in [1, {T}] (the padded length), got min {int(lengths.min())}, max {int(lengths.max())}"
+        )
     return lengths
 
 
@@ -112,8 +128,11 @@ class Checkpointable:
             own = self.state_dict()  # type: ignore[attr-defined]
             missing = sorted(set(own) - set(state_dict))
             extra = sorted(set(state_dict) - set(own))
-            shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                      for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+            shapes = [
+                f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                for k in own
+                if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
+            ]
             if missing or extra or shapes:
                 parts = []
                 if missing:

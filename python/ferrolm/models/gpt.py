@@ -73,7 +73,9 @@ class GPTConfig(Config):
         if self.positions not in POSITIONS:
             raise ValueError(f"GPTConfig.positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.positions == "rotary" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rotary positions need an even head size, got n_embd/n_head = {self.n_embd // self.n_head}")
+            raise ValueError(
+                f"rotary positions need an even head size, got n_embd/n_head = {self.n_embd // self.n_head}"
+            )
         if self.positions == "sinusoidal" and self.n_embd % 2:
             raise ValueError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
         self._dropout(self.dropout)
@@ -99,14 +101,24 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.attn = MultiheadSelfAttention(config.n_embd, config.n_head, config.n_kv_head, causal=True, bias=config.bias,
-                                           dropout=config.dropout, rope=config.positions == "rotary", rope_base=config.rope_base)
+        self.attn = MultiheadSelfAttention(
+            config.n_embd,
+            config.n_head,
+            config.n_kv_head,
+            causal=True,
+            bias=config.bias,
+            dropout=config.dropout,
+            rope=config.positions == "rotary",
+            rope_base=config.rope_base,
+        )
         if config.mlp:
             self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
             self.mlp = MLP(config)
 
     def forward(self, x, padding_mask=None, cache=None, positions=None, lengths=None):
-        x = x + self.attn(self.ln_1(x), key_padding_mask=padding_mask, cache=cache, positions=positions, lengths=lengths)
+        x = x + self.attn(
+            self.ln_1(x), key_padding_mask=padding_mask, cache=cache, positions=positions, lengths=lengths
+        )
         return x + self.mlp(self.ln_2(x)) if hasattr(self, "mlp") else x
 
 
@@ -149,7 +161,9 @@ class GPT(Checkpointable, nn.Module):
 
     # ---- forward
 
-    def _positions(self, B: int, T: int, padding_mask, cache: Optional[List[KVCache]], device) -> Optional[torch.Tensor]:
+    def _positions(
+        self, B: int, T: int, padding_mask, cache: Optional[List[KVCache]], device
+    ) -> Optional[torch.Tensor]:
         """(B, T) position ids, or None for the plain 0..T-1 of every row."""
         if cache is not None:
             if T == 1 and padding_mask is None:
@@ -160,16 +174,26 @@ class GPT(Checkpointable, nn.Module):
             pos = ((~padding_mask).long().cumsum(1) - 1).clamp_min(0)
         else:
             if T > self.config.block_size:
-                raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}; crop the input or raise GPTConfig.block_size")
+                raise ValueError(
+                    f"sequence length {T} exceeds block_size={self.config.block_size}; crop the input or raise GPTConfig.block_size"
+                )
             return None
         top = int(pos.max()) if pos.numel() else 0
         if top >= self.config.block_size:
-            raise ValueError(f"position {top} exceeds block_size={self.config.block_size}; crop the input or raise GPTConfig.block_size")
+            raise ValueError(
+                f"position {top} exceeds block_size={self.config.block_size}; crop the input or raise GPTConfig.block_size"
+            )
         return pos
 
-    def hidden_states(self, idx: Optional[torch.Tensor], padding_mask: Optional[torch.Tensor] = None, lengths=None,
-                      cache: Optional[List[KVCache]] = None, prefix_embeds: Optional[torch.Tensor] = None,
-                      inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        idx: Optional[torch.Tensor],
+        padding_mask: Optional[torch.Tensor] = None,
+        lengths=None,
+        cache: Optional[List[KVCache]] = None,
+        prefix_embeds: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """The final-norm hidden states (B, T, C), or (B, P + T, C) with ``prefix_embeds``.
 
         Args:
@@ -188,10 +212,14 @@ class GPT(Checkpointable, nn.Module):
             if cache is not None:
                 raise ValueError("prefix_embeds cannot be combined with a KV cache")
             if prefix_embeds.dim() not in (2, 3) or prefix_embeds.size(-1) != self.config.n_embd:
-                raise ValueError(f"prefix_embeds must be (P, {self.config.n_embd}) or (B, P, {self.config.n_embd}), got {tuple(prefix_embeds.shape)}")
+                raise ValueError(
+                    f"prefix_embeds must be (P, {self.config.n_embd}) or (B, P, {self.config.n_embd}), got {tuple(prefix_embeds.shape)}"
+                )
             P = prefix_embeds.size(-2)
             if padding_mask is not None:
-                padding_mask = torch.cat([torch.zeros(B, P, dtype=torch.bool, device=padding_mask.device), padding_mask], 1)
+                padding_mask = torch.cat(
+                    [torch.zeros(B, P, dtype=torch.bool, device=padding_mask.device), padding_mask], 1
+                )
         if lengths is not None:
             if padding_mask is not None:
                 raise ValueError("pass padding_mask or lengths, not both")
@@ -202,9 +230,13 @@ class GPT(Checkpointable, nn.Module):
                 padding_mask = None if bool((lengths == T).all()) else lengths_to_padding_mask(lengths, T).to(device)
         if padding_mask is not None:
             if padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != (B, T):
-                raise ValueError(f"padding_mask must be a bool tensor of shape ({B}, {T}), got {padding_mask.dtype} {tuple(padding_mask.shape)}")
+                raise ValueError(
+                    f"padding_mask must be a bool tensor of shape ({B}, {T}), got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+                )
             if cache is not None:
-                raise ValueError("padding_mask is not supported with a KV cache; right-pad the prompts and pass lengths=")
+                raise ValueError(
+                    "padding_mask is not supported with a KV cache; right-pad the prompts and pass lengths="
+                )
         if cache is not None and len(cache) != self.config.n_layer:
             raise ValueError(f"cache has {len(cache)} layers, the model {self.config.n_layer}")
         pos = self._positions(B, T, padding_mask, cache, device)
@@ -223,8 +255,13 @@ class GPT(Checkpointable, nn.Module):
             x = block(x, padding_mask, None if cache is None else cache[i], rope_pos, lengths)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, padding_mask: Optional[torch.Tensor] = None,
-                lengths=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        padding_mask: Optional[torch.Tensor] = None,
+        lengths=None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns ``(logits (B, T, V), loss)``; ``loss`` is the mean cross-entropy against
         ``targets`` (B, T) (-100 ignored), or None without targets."""
         logits = self.lm_head(self.hidden_states(idx, padding_mask=padding_mask, lengths=lengths))
@@ -299,7 +336,9 @@ class GPT(Checkpointable, nn.Module):
             sd = model_or_state_dict.state_dict()
             act = getattr(cfg, "activation_function", "gelu_new")
             if act not in ("gelu_new", "gelu_pytorch_tanh"):
-                raise ValueError(f"GPT-2 activation {act!r} is not supported (ferrolm's GPT uses the tanh GELU, 'gelu_new')")
+                raise ValueError(
+                    f"GPT-2 activation {act!r} is not supported (ferrolm's GPT uses the tanh GELU, 'gelu_new')"
+                )
             for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
                 if getattr(cfg, flag, False):
                     raise ValueError(f"GPT-2 option {flag}=True is not supported")
@@ -309,10 +348,14 @@ class GPT(Checkpointable, nn.Module):
             eps = cfg.layer_norm_epsilon
         else:
             if not isinstance(model_or_state_dict, Mapping):
-                raise TypeError(f"expected a transformers GPT-2 model or its state dict, got {type(model_or_state_dict).__name__}")
+                raise TypeError(
+                    f"expected a transformers GPT-2 model or its state dict, got {type(model_or_state_dict).__name__}"
+                )
             sd = dict(model_or_state_dict)
             if n_head is None:
-                raise ValueError("from_hf_gpt2 with a bare state dict needs n_head= (the weights do not tell the head count)")
+                raise ValueError(
+                    "from_hf_gpt2 with a bare state dict needs n_head= (the weights do not tell the head count)"
+                )
             eps = 1e-5
         sd = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in sd.items()}
         sd = {k: v for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
@@ -322,10 +365,22 @@ class GPT(Checkpointable, nn.Module):
         except KeyError as e:
             raise ValueError(f"not a GPT-2 state dict: {e.args[0]!r} is missing") from None
         n_layer = 1 + max((int(k.split(".")[2]) for k in sd if k.startswith("transformer.h.")), default=-1)
-        tied = "lm_head.weight" not in sd or sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr() \
+        tied = (
+            "lm_head.weight" not in sd
+            or sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
             or torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"])
-        config = GPTConfig(vocab_size=V, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=C, bias=True,
-                           positions="learned", tie_weights=tied, layer_norm_eps=eps)
+        )
+        config = GPTConfig(
+            vocab_size=V,
+            block_size=block,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=C,
+            bias=True,
+            positions="learned",
+            tie_weights=tied,
+            layer_norm_eps=eps,
+        )
         ours = {}
         for k, v in sd.items():
             v = v.detach()
@@ -362,10 +417,21 @@ class GPT(Checkpointable, nn.Module):
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("to_hf_gpt2 needs the transformers package; pip install transformers") from e
         c = self.config
-        hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                                        n_head=c.n_head, layer_norm_epsilon=c.layer_norm_eps, activation_function="gelu_new",
-                                        resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=0.0,
-                                        tie_word_embeddings=c.tie_weights))
+        hf = GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=c.vocab_size,
+                n_positions=c.block_size,
+                n_embd=c.n_embd,
+                n_layer=c.n_layer,
+                n_head=c.n_head,
+                layer_norm_epsilon=c.layer_norm_eps,
+                activation_function="gelu_new",
+                resid_pdrop=c.dropout,
+                embd_pdrop=c.dropout,
+                attn_pdrop=0.0,
+                tie_word_embeddings=c.tie_weights,
+            )
+        )
         sd = self.to_hf_gpt2_state_dict()
         missing, unexpected = hf.load_state_dict(sd, strict=False)
         bad = [k for k in missing if not k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight"))]

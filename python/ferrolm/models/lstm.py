@@ -62,8 +62,13 @@ class LSTMLanguageModel(Checkpointable, nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         rnn_cls = LSTM if config.cell == "lstm" else GRU
-        self.rnn = rnn_cls(config.n_embd, config.hidden_size, num_layers=config.num_layers, batch_first=True,
-                           dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.rnn = rnn_cls(
+            config.n_embd,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            batch_first=True,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
         self.drop = Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
@@ -72,7 +77,9 @@ class LSTMLanguageModel(Checkpointable, nn.Module):
         if config.tie_weights:
             self.head.weight = self.embed.weight
 
-    def forward_state(self, idx: Optional[torch.Tensor], state=None, lengths=None, inputs_embeds: Optional[torch.Tensor] = None):
+    def forward_state(
+        self, idx: Optional[torch.Tensor], state=None, lengths=None, inputs_embeds: Optional[torch.Tensor] = None
+    ):
         """``(hidden (B, T, H), final state)``; the state is ``(h, c)`` for an LSTM, ``h`` for a
         GRU, each (num_layers, B, H); with ``lengths`` it is each row's state at its last real
         token and hidden states past it are 0. ``inputs_embeds`` (B, T, n_embd), with
@@ -86,7 +93,9 @@ class LSTMLanguageModel(Checkpointable, nn.Module):
         out, state = self.rnn(x, state, lengths=lengths)
         return self.drop(out), state
 
-    def hidden_states(self, idx: Optional[torch.Tensor], lengths=None, state=None, inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden_states(
+        self, idx: Optional[torch.Tensor], lengths=None, state=None, inputs_embeds: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """The top layer's outputs (B, T, H)."""
         return self.forward_state(idx, state, lengths, inputs_embeds)[0]
 

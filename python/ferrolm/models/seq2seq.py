@@ -35,7 +35,15 @@ from torch import nn
 from .._config import Config
 from ..decoding import beam_search, greedy_decode
 from ..kernels import attention, decode_attention
-from ..nn import LSTM, Dropout, KVCache, LearnedPositionalEmbedding, MultiheadAttention, Packed, SinusoidalPositionalEncoding
+from ..nn import (
+    LSTM,
+    Dropout,
+    KVCache,
+    LearnedPositionalEmbedding,
+    MultiheadAttention,
+    Packed,
+    SinusoidalPositionalEncoding,
+)
 from .common import Checkpointable, check_ids, lengths_to_padding_mask
 
 __all__ = ["Seq2SeqTransformerConfig", "Seq2SeqLSTMConfig", "Seq2SeqTransformer", "Seq2SeqLSTM"]
@@ -67,13 +75,19 @@ class _Seq2SeqConfig(Config):
         for name in ("pad_id", "bos_id", "eos_id"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < self.tgt_vocab_size:
-                raise ValueError(f"{type(self).__name__}.{name}={v!r} must be a target-vocabulary id in [0, {self.tgt_vocab_size})")
+                raise ValueError(
+                    f"{type(self).__name__}.{name}={v!r} must be a target-vocabulary id in [0, {self.tgt_vocab_size})"
+                )
         if self.pad_id in (self.bos_id, self.eos_id):
             raise ValueError(f"{type(self).__name__}: pad_id ({self.pad_id}) must differ from bos_id and eos_id")
         if not self.pad_id < self.src_vocab_size:
-            raise ValueError(f"{type(self).__name__}.pad_id={self.pad_id} must be a source-vocabulary id too (< {self.src_vocab_size})")
+            raise ValueError(
+                f"{type(self).__name__}.pad_id={self.pad_id} must be a source-vocabulary id too (< {self.src_vocab_size})"
+            )
         if self.shared_embeddings and self.src_vocab_size != self.tgt_vocab_size:
-            raise ValueError(f"shared_embeddings needs one vocabulary, got src_vocab_size={self.src_vocab_size}, tgt_vocab_size={self.tgt_vocab_size}")
+            raise ValueError(
+                f"shared_embeddings needs one vocabulary, got src_vocab_size={self.src_vocab_size}, tgt_vocab_size={self.tgt_vocab_size}"
+            )
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -121,9 +135,13 @@ class Seq2SeqTransformerConfig(_Seq2SeqConfig):
         if self.n_embd % self.n_head:
             raise ValueError(f"Seq2SeqTransformerConfig.n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"Seq2SeqTransformerConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+            raise ValueError(
+                f"Seq2SeqTransformerConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}"
+            )
         if self.positions not in ("sinusoidal", "learned"):
-            raise ValueError(f"Seq2SeqTransformerConfig.positions must be 'sinusoidal' or 'learned', got {self.positions!r}")
+            raise ValueError(
+                f"Seq2SeqTransformerConfig.positions must be 'sinusoidal' or 'learned', got {self.positions!r}"
+            )
         if self.positions == "sinusoidal" and self.n_embd % 2:
             raise ValueError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
         self._dropout(self.dropout)
@@ -161,7 +179,9 @@ class Seq2SeqLSTMConfig(_Seq2SeqConfig):
         self._check_seq2seq()
         self._positive("n_embd", "hidden_size", "num_layers")
         if self.hidden_size % 2:
-            raise ValueError(f"Seq2SeqLSTMConfig.hidden_size must be even (H/2 units per encoder direction), got {self.hidden_size}")
+            raise ValueError(
+                f"Seq2SeqLSTMConfig.hidden_size must be even (H/2 units per encoder direction), got {self.hidden_size}"
+            )
         if self.attention not in ATTENTIONS:
             raise ValueError(f"Seq2SeqLSTMConfig.attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.tie_output and self.n_embd != self.hidden_size:
@@ -178,7 +198,9 @@ def _check_src(model: nn.Module, src: torch.Tensor, what: str = "src") -> None:
     if src.size(1) == 0:
         raise ValueError(f"{what} is empty (0 positions); every sequence needs at least one token")
     if src.size(1) > cfg.max_len:
-        raise ValueError(f"{what} has {src.size(1)} positions, more than max_len={cfg.max_len}; shorten it or raise {type(cfg).__name__}.max_len")
+        raise ValueError(
+            f"{what} has {src.size(1)} positions, more than max_len={cfg.max_len}; shorten it or raise {type(cfg).__name__}.max_len"
+        )
 
 
 def _pad_info(src: torch.Tensor, pad_id: int) -> Tuple[Optional[torch.Tensor], torch.Tensor, bool]:
@@ -188,15 +210,21 @@ def _pad_info(src: torch.Tensor, pad_id: int) -> Tuple[Optional[torch.Tensor], t
     lengths = (~pad).sum(1)
     if bool((lengths == 0).any()):
         row = int((lengths == 0).nonzero()[0, 0])
-        raise ValueError(f"source row {row} is empty (only pad_id={pad_id} tokens); every source needs at least one real token")
+        raise ValueError(
+            f"source row {row} is empty (only pad_id={pad_id} tokens); every source needs at least one real token"
+        )
     prefix = bool((pad == lengths_to_padding_mask(lengths, src.size(1))).all())
     return (pad if bool(pad.any()) else None), lengths, prefix
 
 
 def _seq2seq_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
     if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {tuple(logits.shape[:-1])} (batch, target time)")
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1).long(), ignore_index=-100, label_smoothing=smoothing)
+        raise ValueError(
+            f"targets have shape {tuple(targets.shape)}, expected {tuple(logits.shape[:-1])} (batch, target time)"
+        )
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1).long(), ignore_index=-100, label_smoothing=smoothing
+    )
 
 
 def _rows(t: Optional[torch.Tensor], rows: torch.Tensor, dim: int = 0) -> Optional[torch.Tensor]:
@@ -213,8 +241,10 @@ def _check_memory(memory: Any, batch: int, kind: type) -> None:
 
 def _check_equal_lengths(idx: torch.Tensor, lengths: Optional[torch.Tensor]) -> None:
     if lengths is not None and bool((torch.as_tensor(lengths) != idx.size(1)).any()):
-        raise ValueError("the encoder-decoder models advance every row by the same number of target tokens; "
-                         "feed ragged target prefixes one token at a time")
+        raise ValueError(
+            "the encoder-decoder models advance every row by the same number of target tokens; "
+            "feed ragged target prefixes one token at a time"
+        )
 
 
 class _EncoderDecoderMixin:
@@ -223,13 +253,21 @@ class _EncoderDecoderMixin:
     config: Any
     is_encoder_decoder = True
 
-    def translate(self, sources: Union[torch.Tensor, Sequence[Sequence[int]]], max_new_tokens: Optional[int] = None, beam_size: int = 1,
-                  length_penalty: float = 1.0, batch_size: int = 64) -> List[List[int]]:
+    def translate(
+        self,
+        sources: Union[torch.Tensor, Sequence[Sequence[int]]],
+        max_new_tokens: Optional[int] = None,
+        beam_size: int = 1,
+        length_penalty: float = 1.0,
+        batch_size: int = 64,
+    ) -> List[List[int]]:
         """Target ids (without BOS/EOS) for each source: greedy with ``beam_size=1``, else
         beam search. See :func:`beam_search`."""
         if beam_size == 1:
             return greedy_decode(self, sources, max_new_tokens, batch_size=batch_size)
-        return beam_search(self, sources, beam_size, max_new_tokens, length_penalty=length_penalty, batch_size=batch_size)
+        return beam_search(
+            self, sources, beam_size, max_new_tokens, length_penalty=length_penalty, batch_size=batch_size
+        )
 
     def _check_tgt(self, tgt: torch.Tensor) -> None:
         _check_src(self, tgt, "tgt")  # type: ignore[arg-type]
@@ -264,6 +302,7 @@ class TransformerEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, pack: Packed) -> torch.Tensor:
         """x: (N, C), the packed real tokens of the sources (see :class:`~ferrolm.nn.Packed`)."""
+
         def sa(h):
             return self.dropout1(self.self_attn.forward_packed(h, pack))
 
@@ -298,16 +337,36 @@ class TransformerDecoderLayer(nn.Module):
     def _ff(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout3(self.linear2(self.dropout(self.act(self.linear1(x)))))
 
-    def forward(self, x: torch.Tensor, pack: Packed, memory_kv: Tuple[torch.Tensor, torch.Tensor], mem_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        pack: Packed,
+        memory_kv: Tuple[torch.Tensor, torch.Tensor],
+        mem_mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
         """x: (N, C), the packed real tokens of the targets (teacher forcing, causal)."""
-        return self._residuals(x, lambda h: self.self_attn.forward_packed(h, pack, causal=True),
-                               lambda h: self.multihead_attn.forward_packed(h, pack, memory_kv=memory_kv, memory_mask=mem_mask))
+        return self._residuals(
+            x,
+            lambda h: self.self_attn.forward_packed(h, pack, causal=True),
+            lambda h: self.multihead_attn.forward_packed(h, pack, memory_kv=memory_kv, memory_mask=mem_mask),
+        )
 
-    def step(self, x: torch.Tensor, memory_kv: Tuple[torch.Tensor, torch.Tensor], mem_mask: Optional[torch.Tensor],
-             mem_lengths: Optional[torch.Tensor], cache: KVCache) -> torch.Tensor:
+    def step(
+        self,
+        x: torch.Tensor,
+        memory_kv: Tuple[torch.Tensor, torch.Tensor],
+        mem_mask: Optional[torch.Tensor],
+        mem_lengths: Optional[torch.Tensor],
+        cache: KVCache,
+    ) -> torch.Tensor:
         """x: (B, 1, C), one new token per row, through the self-attention's KV cache."""
-        return self._residuals(x, lambda h: self.self_attn(h, cache=cache),
-                               lambda h: self.multihead_attn(h, memory_kv=memory_kv, key_padding_mask=mem_mask, memory_lengths=mem_lengths))
+        return self._residuals(
+            x,
+            lambda h: self.self_attn(h, cache=cache),
+            lambda h: self.multihead_attn(
+                h, memory_kv=memory_kv, key_padding_mask=mem_mask, memory_lengths=mem_lengths
+            ),
+        )
 
     def _residuals(self, x: torch.Tensor, self_attn, cross_attn) -> torch.Tensor:
         def sa(h):
@@ -445,14 +504,22 @@ class Seq2SeqTransformer(_EncoderDecoderMixin, Checkpointable, nn.Module):
 
         Only real tokens are computed: logits at target pads (``tgt == pad_id``) are 0, and
         their targets must be -100."""
-        if isinstance(src, torch.Tensor) and isinstance(tgt, torch.Tensor) and src.dim() == 2 and tgt.dim() == 2 and src.size(0) != tgt.size(0):
+        if (
+            isinstance(src, torch.Tensor)
+            and isinstance(tgt, torch.Tensor)
+            and src.dim() == 2
+            and tgt.dim() == 2
+            and src.size(0) != tgt.size(0)
+        ):
             raise ValueError(f"src has {src.size(0)} rows and tgt {tgt.size(0)}; they must pair up")
         h, pack = self._decode_packed(tgt, self.encode(src))
         logits = self.generator(h)  # (N, V)
         loss = None
         if targets is not None:
             if targets.shape != tgt.shape:
-                raise ValueError(f"targets have shape {tuple(targets.shape)}, expected {tuple(tgt.shape)} (batch, target time)")
+                raise ValueError(
+                    f"targets have shape {tuple(targets.shape)}, expected {tuple(tgt.shape)} (batch, target time)"
+                )
             if pack.mask is not None and bool((targets[pack.mask] != -100).any()):
                 raise ValueError("targets at padded target positions (tgt == pad_id) must be -100")
             loss = _seq2seq_loss(logits, pack.pack(targets[..., None])[:, 0], self.config.label_smoothing)
@@ -474,11 +541,15 @@ class Seq2SeqTransformer(_EncoderDecoderMixin, Checkpointable, nn.Module):
         if capacity > self.config.max_len:
             raise ValueError(f"decoding {capacity} positions exceeds max_len={self.config.max_len}")
         p = self.generator.weight
-        caches = [KVCache(batch, self.config.n_head, capacity, self.config.n_embd // self.config.n_head, p.dtype, p.device)
-                  for _ in self.transformer.decoder.layers]
+        caches = [
+            KVCache(batch, self.config.n_head, capacity, self.config.n_embd // self.config.n_head, p.dtype, p.device)
+            for _ in self.transformer.decoder.layers
+        ]
         return _TransformerState(memory, caches)
 
-    def advance(self, state: _TransformerState, idx: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def advance(
+        self, state: _TransformerState, idx: torch.Tensor, lengths: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Feeds target tokens ``idx`` (B, T), one position at a time through the KV cache, and
         returns the decoder's final-norm hidden states (B, T, C)."""
         _check_equal_lengths(idx, lengths)
@@ -500,8 +571,9 @@ class Seq2SeqTransformer(_EncoderDecoderMixin, Checkpointable, nn.Module):
     def select(state: _TransformerState, rows: torch.Tensor) -> _TransformerState:
         """A new state of decoder rows ``rows`` (N,), with their sources' memory (beams)."""
         m = state.memory
-        memory = _TransformerMemory(len(rows), [(_rows(k, rows), _rows(v, rows)) for k, v in m.kv], _rows(m.mask, rows),
-                                    _rows(m.lengths, rows))
+        memory = _TransformerMemory(
+            len(rows), [(_rows(k, rows), _rows(v, rows)) for k, v in m.kv], _rows(m.mask, rows), _rows(m.lengths, rows)
+        )
         return _TransformerState(memory, [c.select(rows) for c in state.caches], state.pos)
 
 
@@ -571,7 +643,9 @@ class Seq2SeqLSTM(_EncoderDecoderMixin, Checkpointable, nn.Module):
             raise ValueError("Seq2SeqLSTM needs right-padded sources (real tokens first, then pad_id)")
         B, S = src.shape
         x = self.drop(self.src_embed(src))
-        out, (h_n, c_n) = self.encoder(x, lengths=None if mask is None else lengths)  # out (B, S, H); states (2L, B, H/2)
+        out, (h_n, c_n) = self.encoder(
+            x, lengths=None if mask is None else lengths
+        )  # out (B, S, H); states (2L, B, H/2)
         L = self.config.num_layers
 
         def join(s: torch.Tensor) -> torch.Tensor:  # (2L, B, H/2) -> (L, B, H): [forward; backward] per layer
@@ -585,8 +659,13 @@ class Seq2SeqLSTM(_EncoderDecoderMixin, Checkpointable, nn.Module):
         if h.size(1) == 1 and memory.lengths is not None and not torch.is_grad_enabled():
             ctx = decode_attention(h[:, None], memory.keys, memory.values, memory.lengths, scale=1.0)[:, 0]
         else:
-            ctx = attention(h[:, None].contiguous(), memory.keys.contiguous(), memory.values.contiguous(),
-                            key_padding_mask=memory.mask, scale=1.0)[:, 0]  # (B, T, H)
+            ctx = attention(
+                h[:, None].contiguous(),
+                memory.keys.contiguous(),
+                memory.values.contiguous(),
+                key_padding_mask=memory.mask,
+                scale=1.0,
+            )[:, 0]  # (B, T, H)
         return self.drop(torch.tanh(self.combine(torch.cat([ctx, h], dim=-1))))
 
     def decode(self, tgt: torch.Tensor, memory: _LSTMMemory, state=None):
@@ -597,7 +676,13 @@ class Seq2SeqLSTM(_EncoderDecoderMixin, Checkpointable, nn.Module):
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, targets: Optional[torch.Tensor] = None):
         """Returns ``(logits (B, T, V), loss)`` as :meth:`Seq2SeqTransformer.forward`."""
-        if isinstance(src, torch.Tensor) and isinstance(tgt, torch.Tensor) and src.dim() == 2 and tgt.dim() == 2 and src.size(0) != tgt.size(0):
+        if (
+            isinstance(src, torch.Tensor)
+            and isinstance(tgt, torch.Tensor)
+            and src.dim() == 2
+            and tgt.dim() == 2
+            and src.size(0) != tgt.size(0)
+        ):
             raise ValueError(f"src has {src.size(0)} rows and tgt {tgt.size(0)}; they must pair up")
         h, _ = self.decode(tgt, self.encode(src))
         logits = self.generator(h)
@@ -633,6 +718,12 @@ class Seq2SeqLSTM(_EncoderDecoderMixin, Checkpointable, nn.Module):
     def select(state: _LSTMState, rows: torch.Tensor) -> _LSTMState:
         """A new state of decoder rows ``rows`` (N,), with their sources' memory (beams)."""
         m = state.memory
-        memory = _LSTMMemory(_rows(m.hidden, rows), _rows(m.keys, rows), _rows(m.values, rows), _rows(m.mask, rows),
-                             _rows(m.lengths, rows), (_rows(m.state[0], rows, 1), _rows(m.state[1], rows, 1)))
+        memory = _LSTMMemory(
+            _rows(m.hidden, rows),
+            _rows(m.keys, rows),
+            _rows(m.values, rows),
+            _rows(m.mask, rows),
+            _rows(m.lengths, rows),
+            (_rows(m.state[0], rows, 1), _rows(m.state[1], rows, 1)),
+        )
         return _LSTMState(memory, (_rows(state.state[0], rows, 1), _rows(state.state[1], rows, 1)))

@@ -30,7 +30,9 @@ class KVCache:
     (``append_step``), so sequences of different lengths decode together without padding.
     """
 
-    def __init__(self, batch: int, n_kv_head: int, capacity: int, head_dim: int, dtype=torch.float32, device="cpu") -> None:
+    def __init__(
+        self, batch: int, n_kv_head: int, capacity: int, head_dim: int, dtype=torch.float32, device="cpu"
+    ) -> None:
         self.k = torch.zeros(batch, n_kv_head, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.lengths = torch.zeros(batch, dtype=torch.int64)
@@ -44,7 +46,9 @@ class KVCache:
         """The common length of all rows (ValueError when rows differ)."""
         lo, hi = int(self.lengths.min()), int(self.lengths.max())
         if lo != hi:
-            raise ValueError(f"the cache rows hold different lengths ({lo}..{hi}); append one token per row with append_step")
+            raise ValueError(
+                f"the cache rows hold different lengths ({lo}..{hi}); append one token per row with append_step"
+            )
         return lo
 
     def select(self, rows: torch.Tensor) -> "KVCache":
@@ -56,7 +60,9 @@ class KVCache:
         out.lengths = self.lengths.index_select(0, rows.cpu())
         return out
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor, lengths: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Appends (B, Hk, T, D) at the common length; returns the filled (B, Hk, L+T, D) views."""
         start, t = self.length, k.size(2)
         if start + t > self.capacity:
@@ -105,8 +111,17 @@ class MultiheadSelfAttention(torch.nn.Module):
         rope: apply rotary embeddings to q and k (``rope_base``).
     """
 
-    def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None, causal: bool = True, bias: bool = True,
-                 dropout: float = 0.0, rope: bool = False, rope_base: float = 10000.0) -> None:
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        n_kv_head: Optional[int] = None,
+        causal: bool = True,
+        bias: bool = True,
+        dropout: float = 0.0,
+        rope: bool = False,
+        rope_base: float = 10000.0,
+    ) -> None:
         super().__init__()
         n_kv_head = n_head if n_kv_head is None else n_kv_head
         if n_embd % n_head:
@@ -144,8 +159,14 @@ class MultiheadSelfAttention(torch.nn.Module):
             scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
         return scores.softmax(-1)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                positions: Optional[torch.Tensor] = None, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        positions: Optional[torch.Tensor] = None,
+        lengths: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         if x.dim() != 3 or x.size(-1) != self.n_embd:
             raise ValueError(f"expected x of shape (B, T, {self.n_embd}), got {tuple(x.shape)}")
         B, T, C = x.size()
@@ -169,7 +190,9 @@ class MultiheadSelfAttention(torch.nn.Module):
         else:
             if cache is not None:
                 k, v = cache.append(k, v, lengths)
-            y = attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=self.causal, key_padding_mask=key_padding_mask)
+            y = attention(
+                q.contiguous(), k.contiguous(), v.contiguous(), causal=self.causal, key_padding_mask=key_padding_mask
+            )
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.dropout(self.c_proj(y))
 
@@ -260,9 +283,14 @@ class MultiheadAttention(torch.nn.Module):
         k, v = F.linear(memory, self.in_proj_weight[C:], b).split(C, dim=2)
         return self._split_heads(k), self._split_heads(v)
 
-    def forward_packed(self, x: torch.Tensor, pack: Packed, causal: bool = False,
-                       memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                       memory_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward_packed(
+        self,
+        x: torch.Tensor,
+        pack: Packed,
+        causal: bool = False,
+        memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        memory_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Attention for the packed real tokens ``x`` (N, C) of a padded batch (see
         :class:`Packed`): self-attention among each row's real tokens (``causal`` optional), or
         cross-attention to ``memory_kv`` (from :meth:`project_kv_packed`) with the memory's
@@ -290,17 +318,28 @@ class MultiheadAttention(torch.nn.Module):
             mask = attention_mask(q.size(0), q.size(2), k.size(2), causal, key_padding_mask, q.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout)
             return y if mask is None else y.masked_fill(~mask.any(-1, keepdim=True), 0.0)
-        return attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal, key_padding_mask=key_padding_mask)
+        return attention(
+            q.contiguous(), k.contiguous(), v.contiguous(), causal=causal, key_padding_mask=key_padding_mask
+        )
 
-    def forward(self, x: torch.Tensor, memory: Optional[torch.Tensor] = None, key_padding_mask: Optional[torch.Tensor] = None,
-                causal: bool = False, cache: Optional[KVCache] = None, memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                memory_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: Optional[torch.Tensor] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        causal: bool = False,
+        cache: Optional[KVCache] = None,
+        memory_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        memory_lengths: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         C = self.embed_dim
         if x.dim() != 3 or x.size(-1) != C:
             raise ValueError(f"expected x of shape (B, T, {C}), got {tuple(x.shape)}")
         B, T, _ = x.shape
         if memory is None and memory_kv is None:  # self-attention
-            q, k, v = (self._split_heads(t) for t in F.linear(x, self.in_proj_weight, self.in_proj_bias).split(C, dim=2))
+            q, k, v = (
+                self._split_heads(t) for t in F.linear(x, self.in_proj_weight, self.in_proj_bias).split(C, dim=2)
+            )
             if cache is not None and T == 1 and key_padding_mask is None:
                 lens = cache.append_step(k, v)
                 y = decode_attention(q, cache.k, cache.v, lens)
@@ -321,7 +360,9 @@ class MultiheadAttention(torch.nn.Module):
                 y = decode_attention(q, k, v, memory_lengths)
             else:
                 if memory_lengths is not None and key_padding_mask is None:
-                    key_padding_mask = torch.arange(k.size(2), device=x.device)[None, :] >= memory_lengths.to(x.device)[:, None]
+                    key_padding_mask = (
+                        torch.arange(k.size(2), device=x.device)[None, :] >= memory_lengths.to(x.device)[:, None]
+                    )
                 y = self._attend(q, k, v, False, key_padding_mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.out_proj(y)

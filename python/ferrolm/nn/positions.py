@@ -44,7 +44,9 @@ class LearnedPositionalEmbedding(torch.nn.Module):
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         t = x.size(1)
         if offset + t > self.block_size:
-            raise ValueError(f"sequence length {offset + t} exceeds block_size={self.block_size}; crop the input or raise block_size")
+            raise ValueError(
+                f"sequence length {offset + t} exceeds block_size={self.block_size}; crop the input or raise block_size"
+            )
         return x + self.weight[offset : offset + t].to(x.dtype)
 
 

@@ -50,19 +50,32 @@ class _FusedRNNMixin:
     def _check_input(self, x: torch.Tensor, batched: bool) -> None:
         expect = 3 if batched else 2
         if x.dim() != expect:
-            raise ValueError(f"{type(self).__name__}: expected input of {expect} dims, got {x.dim()} (shape {tuple(x.shape)})")
+            raise ValueError(
+                f"{type(self).__name__}: expected input of {expect} dims, got {x.dim()} (shape {tuple(x.shape)})"
+            )
         if x.size(-1) != self.input_size:
-            raise ValueError(f"{type(self).__name__}: input has {x.size(-1)} features, expected input_size={self.input_size}")
+            raise ValueError(
+                f"{type(self).__name__}: input has {x.size(-1)} features, expected input_size={self.input_size}"
+            )
 
     def _check_state(self, name: str, s: torch.Tensor, batch: int) -> None:
         dirs = 2 if self.bidirectional else 1
         want = (self.num_layers * dirs, batch, self.hidden_size)
         if tuple(s.shape) != want:
-            raise ValueError(f"{type(self).__name__}: {name} has shape {tuple(s.shape)}, expected {want} (num_layers*num_directions, batch, hidden_size)")
+            raise ValueError(
+                f"{type(self).__name__}: {name} has shape {tuple(s.shape)}, expected {want} (num_layers*num_directions, batch, hidden_size)"
+            )
         if s.dtype != self.weight_ih_l0.dtype and s.dtype not in _FAST_DTYPES:
             raise TypeError(f"{name} has dtype {s.dtype}, expected {self.weight_ih_l0.dtype}")
 
-    def _run_packed(self, data: torch.Tensor, batch_sizes: List[int], h0: torch.Tensor, c0: Optional[torch.Tensor], batch_first: bool = False):
+    def _run_packed(
+        self,
+        data: torch.Tensor,
+        batch_sizes: List[int],
+        h0: torch.Tensor,
+        c0: Optional[torch.Tensor],
+        batch_first: bool = False,
+    ):
         """All layers and directions over packed rows (or, with ``batch_first``, rows in
         batch-first order: inference over one length); states are (L*D, B, H) in sorted order."""
         dirs = 2 if self.bidirectional else 1
@@ -74,10 +87,14 @@ class _FusedRNNMixin:
                 k = layer * dirs + d
                 w_ih, w_hh, b_ih, b_hh = self._layer_params(layer, d)
                 if self._lstm:
-                    y, h, c = lstm_layer(x, batch_sizes, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, reverse=bool(d), batch_first=batch_first)
+                    y, h, c = lstm_layer(
+                        x, batch_sizes, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, reverse=bool(d), batch_first=batch_first
+                    )
                     c_n.append(c)
                 else:
-                    y, h = gru_layer(x, batch_sizes, h0[k], w_ih, w_hh, b_ih, b_hh, reverse=bool(d), batch_first=batch_first)
+                    y, h = gru_layer(
+                        x, batch_sizes, h0[k], w_ih, w_hh, b_ih, b_hh, reverse=bool(d), batch_first=batch_first
+                    )
                 h_n.append(h)
                 outs.append(y)
             x = outs[0] if dirs == 1 else torch.cat(outs, dim=1)
@@ -94,7 +111,9 @@ class _FusedRNNMixin:
         if not self._use_fused(data):
             torch_forward = super().forward  # type: ignore[misc]
             if lengths is not None:
-                packed = pack_padded_sequence(input, torch.as_tensor(lengths).cpu(), batch_first=self.batch_first, enforce_sorted=False)
+                packed = pack_padded_sequence(
+                    input, torch.as_tensor(lengths).cpu(), batch_first=self.batch_first, enforce_sorted=False
+                )
                 out, state = torch_forward(packed, hx)
                 steps = input.size(1) if self.batch_first else input.size(0)
                 return pad_packed_sequence(out, batch_first=self.batch_first, total_length=steps)[0], state
@@ -126,9 +145,13 @@ class _FusedRNNMixin:
             if lengths is not None:
                 lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
                 if lengths.shape != (batch,):
-                    raise ValueError(f"{cls}: lengths has shape {tuple(lengths.shape)}, expected ({batch},) (one length per sequence)")
+                    raise ValueError(
+                        f"{cls}: lengths has shape {tuple(lengths.shape)}, expected ({batch},) (one length per sequence)"
+                    )
                 if (lengths <= 0).any() or (lengths > steps).any():
-                    raise ValueError(f"{cls}: lengths must be in [1, {steps}] (the padded length), got min {int(lengths.min())}, max {int(lengths.max())}")
+                    raise ValueError(
+                        f"{cls}: lengths must be in [1, {steps}] (the padded length), got min {int(lengths.min())}, max {int(lengths.max())}"
+                    )
                 packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first, enforce_sorted=False)
                 data, batch_sizes_t, sorted_idx, unsorted_idx = packed
             else:
@@ -142,7 +165,9 @@ class _FusedRNNMixin:
                 sorted_idx = unsorted_idx = None
         dtype = data.dtype
         if self.weight_ih_l0.dtype != dtype:
-            raise TypeError(f"{cls}: input dtype {dtype} differs from the weights' {self.weight_ih_l0.dtype}; convert one (module.to(dtype))")
+            raise TypeError(
+                f"{cls}: input dtype {dtype} differs from the weights' {self.weight_ih_l0.dtype}; convert one (module.to(dtype))"
+            )
         # Initial states, in the packed (sorted) order.
         zeros = torch.zeros(self.num_layers * dirs, batch, self.hidden_size, dtype=dtype)
         if self._lstm:
@@ -172,7 +197,9 @@ class _FusedRNNMixin:
             return PackedSequence(y, batch_sizes_t, sorted_idx, unsorted_idx), state
         if lengths is not None:
             out, _ = pad_packed_sequence(
-                PackedSequence(y, batch_sizes_t, sorted_idx, unsorted_idx), batch_first=self.batch_first, total_length=steps
+                PackedSequence(y, batch_sizes_t, sorted_idx, unsorted_idx),
+                batch_first=self.batch_first,
+                total_length=steps,
             )
         elif rows_bf:
             out = y.view(batch, steps, -1)
@@ -203,8 +230,9 @@ class LSTM(_FusedRNNMixin, torch.nn.LSTM):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.proj_size > 0:
-            raise NotImplementedError("ferrolm.nn.LSTM does not support proj_size > 0 yet; use torch.nn.LSTM for projections")
-
+            raise NotImplementedError(
+                "ferrolm.nn.LSTM does not support proj_size > 0 yet; use torch.nn.LSTM for projections"
+            )
 
 
 class GRU(_FusedRNNMixin, torch.nn.GRU):

@@ -28,6 +28,7 @@ import torch
 from .. import finetune as ft
 from .._io import PathLike, atomic_write
 from .._memory import PeakMemory
+from .._plot import pyplot, save_figure
 from ..corpus import default_corpus
 from ..icl import LM, Example, evaluate_classification
 from ..icl.tasks import stdlib_package_task
@@ -52,10 +53,15 @@ METHODS: Tuple[Tuple[str, str, Dict[str, int], float], ...] = (
 
 def _tokens(tok: Tokenizer, texts: List[str]) -> np.ndarray:
     eot = tok.special_tokens.get("<|endoftext|>")
-    return np.asarray([t for ids in tok.encode_ordinary_batch(texts) for t in ids + ([eot] if eot is not None else [])], dtype=np.int64)
+    return np.asarray(
+        [t for ids in tok.encode_ordinary_batch(texts) for t in ids + ([eot] if eot is not None else [])],
+        dtype=np.int64,
+    )
 
 
-def _adapt(base: torch.nn.Module, method: str, opts: Dict[str, int], seed: int) -> Tuple[torch.nn.Module, torch.nn.Module]:
+def _adapt(
+    base: torch.nn.Module, method: str, opts: Dict[str, int], seed: int
+) -> Tuple[torch.nn.Module, torch.nn.Module]:
     """(the model to train, the model it changes): a fresh copy of ``base`` prepared for ``method``."""
     torch.manual_seed(seed)  # the adapters' initialisation
     model = copy.deepcopy(base)
@@ -76,8 +82,9 @@ def _summary(values: Sequence[float]) -> Dict[str, Any]:
     return {"accuracy": m, "ci_low": lo, "ci_high": hi, "per_seed": list(values)}
 
 
-def run_experiment(out_dir: PathLike = "docs/results", quick: bool = False, seed: int = 0, n_seeds: int = 3,
-                   progress: bool = True) -> Dict[str, Any]:
+def run_experiment(
+    out_dir: PathLike = "docs/results", quick: bool = False, seed: int = 0, n_seeds: int = 3, progress: bool = True
+) -> Dict[str, Any]:
     """Runs the comparison and writes ``finetune.json``, ``finetune.md`` and ``finetune.png``
     into ``out_dir``; returns the results. ``quick`` shrinks every stage (for tests)."""
     out = Path(out_dir)
@@ -89,20 +96,55 @@ def run_experiment(out_dir: PathLike = "docs/results", quick: bool = False, seed
     corpus_ids = _tokens(tok, corpus)
     block = 128 if quick else 256
     bases: Dict[str, torch.nn.Module] = {
-        "GPT": GPT(GPTConfig(vocab_size=tok.n_vocab, block_size=block, n_layer=2 if quick else 4, n_head=4, n_embd=64 if quick else 256)),
-        "LSTM": LSTMLanguageModel(LSTMConfig(vocab_size=tok.n_vocab, n_embd=96 if quick else 384, hidden_size=96 if quick else 384,
-                                             num_layers=2, tie_weights=True)),
+        "GPT": GPT(
+            GPTConfig(
+                vocab_size=tok.n_vocab,
+                block_size=block,
+                n_layer=2 if quick else 4,
+                n_head=4,
+                n_embd=64 if quick else 256,
+            )
+        ),
+        "LSTM": LSTMLanguageModel(
+            LSTMConfig(
+                vocab_size=tok.n_vocab,
+                n_embd=96 if quick else 384,
+                hidden_size=96 if quick else 384,
+                num_layers=2,
+                tie_weights=True,
+            )
+        ),
     }
     pre_steps = 30 if quick else 400
     pretrain: Dict[str, Dict[str, Any]] = {}
     for arch, base in bases.items():
         t0 = time.perf_counter()
-        res = train(base, corpus_ids, config=TrainConfig(max_steps=pre_steps, batch_size=16, seq_len=block, lr=1e-3, min_lr=1e-4,
-                                                         warmup_steps=pre_steps // 10, eval_interval=0, seed=seed, progress=progress))
-        pretrain[arch] = {"config": base.config.to_dict(), "parameters": ft.trainable_parameters(base)[1], "steps": pre_steps,
-                          "seconds": time.perf_counter() - t0, "final_loss": res.history[-1]["loss"]}
+        res = train(
+            base,
+            corpus_ids,
+            config=TrainConfig(
+                max_steps=pre_steps,
+                batch_size=16,
+                seq_len=block,
+                lr=1e-3,
+                min_lr=1e-4,
+                warmup_steps=pre_steps // 10,
+                eval_interval=0,
+                seed=seed,
+                progress=progress,
+            ),
+        )
+        pretrain[arch] = {
+            "config": base.config.to_dict(),
+            "parameters": ft.trainable_parameters(base)[1],
+            "steps": pre_steps,
+            "seconds": time.perf_counter() - t0,
+            "final_loss": res.history[-1]["loss"],
+        }
 
-    pool, test, template = stdlib_package_task(per_class=10 if quick else 40, test_per_class=4 if quick else 10, seed=seed)
+    pool, test, template = stdlib_package_task(
+        per_class=10 if quick else 40, test_per_class=4 if quick else 10, seed=seed
+    )
     prompts = tok.encode_ordinary_batch([template.render([], Example(e.input, None, e.fields)) for e in pool])
     pairs = [(p, tok.encode_ordinary(template.label_words[e.output])) for p, e in zip(prompts, pool)]  # type: ignore[index]
     # The LSTM LM needs more steps than the GPT to fit the task at all: after 150 steps its
@@ -119,8 +161,17 @@ def run_experiment(out_dir: PathLike = "docs/results", quick: bool = False, seed
             for s in seeds:
                 target, _ = _adapt(base, method, opts, s)
                 trainable = ft.trainable_parameters(target)[0]
-                cfg = TrainConfig(max_steps=steps[arch], batch_size=16, seq_len=block - opts.get("n", 0), lr=lr, min_lr=lr / 10,
-                                  warmup_steps=steps[arch] // 10, eval_interval=0, seed=s, progress=progress)
+                cfg = TrainConfig(
+                    max_steps=steps[arch],
+                    batch_size=16,
+                    seq_len=block - opts.get("n", 0),
+                    lr=lr,
+                    min_lr=lr / 10,
+                    warmup_steps=steps[arch] // 10,
+                    eval_interval=0,
+                    seed=s,
+                    progress=progress,
+                )
                 t0 = time.perf_counter()
                 with PeakMemory() as mem:
                     train(target, pairs, config=cfg)
@@ -129,9 +180,21 @@ def run_experiment(out_dir: PathLike = "docs/results", quick: bool = False, seed
                 res = evaluate_classification(LM(target), tok, pool, test, template, k=0)
                 accs.append(res.accuracy)
                 f1s.append(res.macro_f1)
-            rows.append({"model": arch, "method": label, **_summary(accs), "macro_f1": float(np.mean(f1s)), "steps": steps[arch], "trainable": trainable,
-                         "total": total, "trainable_pct": 100.0 * trainable / total, "train_seconds": float(np.median(walls)),
-                         "peak_mb": (max(peaks) / 1e6) if all(p is not None for p in peaks) else None, "state_mb": 12 * trainable / 1e6})
+            rows.append(
+                {
+                    "model": arch,
+                    "method": label,
+                    **_summary(accs),
+                    "macro_f1": float(np.mean(f1s)),
+                    "steps": steps[arch],
+                    "trainable": trainable,
+                    "total": total,
+                    "trainable_pct": 100.0 * trainable / total,
+                    "train_seconds": float(np.median(walls)),
+                    "peak_mb": (max(peaks) / 1e6) if all(p is not None for p in peaks) else None,
+                    "state_mb": 12 * trainable / 1e6,
+                }
+            )
         for k in (0, 4, 16):
             accs, f1s, t0, truncated = [], [], time.perf_counter(), 0
             for s in seeds[: 1 if k == 0 else None]:
@@ -139,12 +202,34 @@ def run_experiment(out_dir: PathLike = "docs/results", quick: bool = False, seed
                 accs.append(res.accuracy)
                 f1s.append(res.macro_f1)
                 truncated = max(truncated, res.truncated)
-            rows.append({"model": arch, "method": f"in-context learning, k={k}", **_summary(accs), "macro_f1": float(np.mean(f1s)),
-                         "trainable": 0, "total": total, "trainable_pct": 0.0, "train_seconds": 0.0,
-                         "eval_seconds": time.perf_counter() - t0, "peak_mb": 0.0, "state_mb": 0.0, "truncated_prompts": truncated})
-    results = {"pretrain": pretrain, "finetune_steps": steps, "seeds": seeds,
-               "task": {"classes": template.choices(), "pool": len(pool), "test": len(test), "chance": 1 / len(template.choices())},
-               "rows": rows}
+            rows.append(
+                {
+                    "model": arch,
+                    "method": f"in-context learning, k={k}",
+                    **_summary(accs),
+                    "macro_f1": float(np.mean(f1s)),
+                    "trainable": 0,
+                    "total": total,
+                    "trainable_pct": 0.0,
+                    "train_seconds": 0.0,
+                    "eval_seconds": time.perf_counter() - t0,
+                    "peak_mb": 0.0,
+                    "state_mb": 0.0,
+                    "truncated_prompts": truncated,
+                }
+            )
+    results = {
+        "pretrain": pretrain,
+        "finetune_steps": steps,
+        "seeds": seeds,
+        "task": {
+            "classes": template.choices(),
+            "pool": len(pool),
+            "test": len(test),
+            "chance": 1 / len(template.choices()),
+        },
+        "rows": rows,
+    }
     atomic_write(out / "finetune.json", json.dumps(results, indent=2).encode())
     atomic_write(out / "finetune.md", markdown(results).encode())
     _plot(results, out / "finetune.png")
@@ -153,32 +238,36 @@ def run_experiment(out_dir: PathLike = "docs/results", quick: bool = False, seed
 
 def markdown(results: Dict[str, Any]) -> str:
     """The comparison table."""
-    lines = ["| model | method | accuracy (mean) | 95% CI | macro-F1 | trainable params | trainable % | train time (s) | "
-             "peak memory added (MB) | grad + AdamW state (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | method | accuracy (mean) | 95% CI | macro-F1 | trainable params | trainable % | train time (s) | "
+        "peak memory added (MB) | grad + AdamW state (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["rows"]:
         peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        lines.append(f"| {r['model']} | {r['method']} | {r['accuracy']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['macro_f1']:.3f} | "
-                     f"{r['trainable']:,} | {r['trainable_pct']:.2f} | {r['train_seconds']:.1f} | {peak} | {r['state_mb']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['accuracy']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['macro_f1']:.3f} | "
+            f"{r['trainable']:,} | {r['trainable_pct']:.2f} | {r['train_seconds']:.1f} | {peak} | {r['state_mb']:.1f} |"
+        )
     t = results["task"]
     lines.append("")
-    pre = "; ".join(f"{arch} {p['parameters'] / 1e6:.2f}M parameters, pretrained {p['steps']} steps ({p['seconds']:.0f} s, final loss "
-                    f"{p['final_loss']:.2f})" for arch, p in results["pretrain"].items())
+    pre = "; ".join(
+        f"{arch} {p['parameters'] / 1e6:.2f}M parameters, pretrained {p['steps']} steps ({p['seconds']:.0f} s, final loss "
+        f"{p['final_loss']:.2f})"
+        for arch, p in results["pretrain"].items()
+    )
     steps = ", ".join(f"{arch} {n}" for arch, n in results["finetune_steps"].items())
-    lines.append(f"Task: {len(t['classes'])} classes ({', '.join(t['classes'])}), {t['pool']} training / {t['test']} test examples, "
-                 f"chance {t['chance']:.3f}. Models: {pre}. Fine-tuning steps per method and seed (batch 16): {steps}; "
-                 f"seeds {results['seeds']}.")
+    lines.append(
+        f"Task: {len(t['classes'])} classes ({', '.join(t['classes'])}), {t['pool']} training / {t['test']} test examples, "
+        f"chance {t['chance']:.3f}. Models: {pre}. Fine-tuning steps per method and seed (batch 16): {steps}; "
+        f"seeds {results['seeds']}."
+    )
     return "\n".join(lines) + "\n"
 
 
 def _plot(results: Dict[str, Any], path: Path) -> None:
     try:
-        import io
-
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return
     rows = results["rows"][::-1]
@@ -193,7 +282,4 @@ def _plot(results: Dict[str, Any], path: Path) -> None:
     ax.set_title("fine-tuning methods vs in-context learning, same pretrained models")
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_figure(fig, path)

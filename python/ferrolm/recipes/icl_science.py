@@ -27,7 +27,6 @@ pure function of the seed and its index).
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -38,12 +37,27 @@ import torch
 import torch.nn.functional as F
 
 from .._io import PathLike, atomic_write
+from .._plot import pyplot, save_figure
 from ..models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel
 from ..training import SyntheticBatches, TrainConfig, train
 
-__all__ = ["VectorSequenceModel", "EXPERIMENTS", "run", "regression", "recall", "induction", "markdown",
-           "regression_baselines", "mqar_batch", "induction_rows", "induction_batch", "induction_toy", "prefix_matching_scores",
-           "FewShotTask", "fewshot"]
+__all__ = [
+    "VectorSequenceModel",
+    "EXPERIMENTS",
+    "run",
+    "regression",
+    "recall",
+    "induction",
+    "markdown",
+    "regression_baselines",
+    "mqar_batch",
+    "induction_rows",
+    "induction_batch",
+    "induction_toy",
+    "prefix_matching_scores",
+    "FewShotTask",
+    "fewshot",
+]
 
 
 class VectorSequenceModel(torch.nn.Module):
@@ -89,37 +103,41 @@ def _params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _train(model: torch.nn.Module, make: Callable, steps: int, lr: float, seed: int, progress: bool,
-           min_lr: Optional[float] = None) -> Dict[str, Any]:
+def _train(
+    model: torch.nn.Module,
+    make: Callable,
+    steps: int,
+    lr: float,
+    seed: int,
+    progress: bool,
+    min_lr: Optional[float] = None,
+) -> Dict[str, Any]:
     """AdamW without weight decay on the synthetic batches of ``make``: warmup over the first
     5% of the steps, then cosine from ``lr`` to ``min_lr`` (default lr / 10; equal = constant)."""
     min_lr = lr / 10 if min_lr is None else min_lr
-    cfg = TrainConfig(max_steps=steps, batch_size=1, seq_len=1, lr=lr, min_lr=min_lr, warmup_steps=max(1, steps // 20),
-                      weight_decay=0.0, eval_interval=0, seed=seed, progress=progress)
+    cfg = TrainConfig(
+        max_steps=steps,
+        batch_size=1,
+        seq_len=1,
+        lr=lr,
+        min_lr=min_lr,
+        warmup_steps=max(1, steps // 20),
+        weight_decay=0.0,
+        eval_interval=0,
+        seed=seed,
+        progress=progress,
+    )
     t0 = time.perf_counter()
     res = train(model, SyntheticBatches(make, seed=seed), config=cfg)
     losses = [h["loss"] for h in res.history]
-    return {"steps": steps, "lr": lr, "min_lr": min_lr, "seconds": time.perf_counter() - t0, "parameters": _params(model),
-            "final_loss": float(np.mean(losses[-max(1, steps // 20):]))}
-
-
-def _save_plot(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return {
+        "steps": steps,
+        "lr": lr,
+        "min_lr": min_lr,
+        "seconds": time.perf_counter() - t0,
+        "parameters": _params(model),
+        "final_loss": float(np.mean(losses[-max(1, steps // 20) :])),
+    }
 
 
 # --------------------------------------------------------------------------- regression
@@ -174,11 +192,26 @@ def regression(quick: bool = False, seed: int = 0, progress: bool = True) -> Dic
     batch = 64
     # Rotary positions (Garg et al. use learned ones): measured here, the same model reached
     # error 0.32 at k = 2d after 2000 steps with rotary and 0.74 with learned positions.
-    cfg = GPTConfig(vocab_size=1, block_size=2 * n, n_layer=2 if quick else 4, n_head=4, n_embd=32 if quick else 64, positions="rotary")
+    cfg = GPTConfig(
+        vocab_size=1,
+        block_size=2 * n,
+        n_layer=2 if quick else 4,
+        n_head=4,
+        n_embd=32 if quick else 64,
+        positions="rotary",
+    )
     torch.manual_seed(seed)
     model = VectorSequenceModel(GPT(cfg), d, 1, "mse")
     steps = 300 if quick else 8000
-    info = _train(model, lambda rng: _regression_inputs(*regression_prompts(rng, batch, n, d)), steps, 1e-3, seed, progress, min_lr=1e-3)
+    info = _train(
+        model,
+        lambda rng: _regression_inputs(*regression_prompts(rng, batch, n, d)),
+        steps,
+        1e-3,
+        seed,
+        progress,
+        min_lr=1e-3,
+    )
     xs, ys = regression_prompts(np.random.default_rng([seed, 2**31]), 500 if quick else 2000, n, d)
     z, _ = _regression_inputs(xs, ys)
     model.eval()
@@ -186,24 +219,41 @@ def regression(quick: bool = False, seed: int = 0, progress: bool = True) -> Dic
         pred = model(z)[0][:, 0::2, 0].double().numpy()
     errors = {"transformer": (np.mean((pred - ys) ** 2, axis=0) / d)}
     errors.update(regression_baselines(xs, ys))
-    return {"experiment": "regression", "d": d, "n_points": n, "model": {"config": cfg.to_dict(), **info}, "batch_size": batch,
-            "eval_prompts": len(xs), "seed": seed, "k": list(range(n)), "errors": {k: v.tolist() for k, v in errors.items()}}
+    return {
+        "experiment": "regression",
+        "d": d,
+        "n_points": n,
+        "model": {"config": cfg.to_dict(), **info},
+        "batch_size": batch,
+        "eval_prompts": len(xs),
+        "seed": seed,
+        "k": list(range(n)),
+        "errors": {k: v.tolist() for k, v in errors.items()},
+    }
 
 
 def _plot_regression(res: Dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    styles = {"transformer": ("tab:blue", "o"), "least_squares": ("black", None), "knn3": ("tab:green", None), "averaging": ("tab:red", None)}
+    styles = {
+        "transformer": ("tab:blue", "o"),
+        "least_squares": ("black", None),
+        "knn3": ("tab:green", None),
+        "averaging": ("tab:red", None),
+    }
     for name, err in res["errors"].items():
         color, marker = styles[name]
-        ax.plot(res["k"], err, label=name.replace("_", " "), color=color, marker=marker, linestyle="-" if marker else "--")
+        ax.plot(
+            res["k"], err, label=name.replace("_", " "), color=color, marker=marker, linestyle="-" if marker else "--"
+        )
     ax.axvline(res["d"], color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("in-context examples k")
     ax.set_ylabel("squared error / d")
     ax.set_ylim(bottom=0)
     ax.set_title(f"in-context linear regression, d = {res['d']}")
     ax.legend()
-    _save_plot(fig, path)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def _table_regression(res: Dict[str, Any]) -> str:
@@ -217,7 +267,9 @@ def _table_regression(res: Dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- recall
 
 
-def mqar_batch(rng: np.random.Generator, batch: int, length: int, pairs: int, vocab: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+def mqar_batch(
+    rng: np.random.Generator, batch: int, length: int, pairs: int, vocab: int = 256
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Multi-query associative recall: ``(x, y)`` (batch, length - 1) int64.
 
     Each row: ``pairs`` key-value pairs (distinct keys from the lower half of the vocabulary,
@@ -227,7 +279,9 @@ def mqar_batch(rng: np.random.Generator, batch: int, length: int, pairs: int, vo
     """
     half = vocab // 2
     if length < 2 * pairs + 2 or pairs > half - 1 or length % 2:
-        raise ValueError(f"an even length >= 2 * pairs + 2 and pairs < {half} are needed, got length={length}, pairs={pairs}")
+        raise ValueError(
+            f"an even length >= 2 * pairs + 2 and pairs < {half} are needed, got length={length}, pairs={pairs}"
+        )
     seq = np.zeros((batch, length), dtype=np.int64)
     y = np.full((batch, length), -100, dtype=np.int64)
     n_q = (length - 2 * pairs) // 2
@@ -288,7 +342,9 @@ def recall(quick: bool = False, seed: int = 0, progress: bool = True) -> Dict[st
     # Rotary positions: the first layer's previous-token head is one relative pattern, so the
     # induction circuit recall needs forms in hundreds of steps rather than thousands (and one
     # model serves every length).
-    gcfg = GPTConfig(vocab_size=vocab, block_size=max_len, n_layer=2, n_head=4, n_embd=64, positions="rotary", tie_weights=False)
+    gcfg = GPTConfig(
+        vocab_size=vocab, block_size=max_len, n_layer=2, n_head=4, n_embd=64, positions="rotary", tie_weights=False
+    )
     torch.manual_seed(seed)
     gpt = GPT(gcfg)
     lcfg = _matched_lstm(_params(gpt), vocab, gcfg.n_embd)
@@ -301,14 +357,30 @@ def recall(quick: bool = False, seed: int = 0, progress: bool = True) -> Dict[st
         steps = first if stage == 0 else later
         for arch, model, lr in (("GPT", gpt, 1e-3), ("LSTM", lstm, 3e-3)):
             info = _train(model, make, steps, lr, seed + stage, progress, min_lr=lr * 0.02)
-            rows.append({"model": arch, "stage": stage, "length": length, "pairs": pairs, "batch_size": batch,
-                         "accuracy": _recall_accuracy(model, x_test, y_test), **info})
-    return {"experiment": "recall", "vocab": vocab, "seed": seed, "curriculum": [list(s) for s in settings], "steps": [first, later],
-            "rows": rows, "configs": {"gpt": gcfg.to_dict(), "lstm": lcfg.to_dict()}}
+            rows.append(
+                {
+                    "model": arch,
+                    "stage": stage,
+                    "length": length,
+                    "pairs": pairs,
+                    "batch_size": batch,
+                    "accuracy": _recall_accuracy(model, x_test, y_test),
+                    **info,
+                }
+            )
+    return {
+        "experiment": "recall",
+        "vocab": vocab,
+        "seed": seed,
+        "curriculum": [list(s) for s in settings],
+        "steps": [first, later],
+        "rows": rows,
+        "configs": {"gpt": gcfg.to_dict(), "lstm": lcfg.to_dict()},
+    }
 
 
 def _plot_recall(res: Dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     lengths = sorted({r["length"] for r in res["rows"]})
     fig, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.6), sharey=True, squeeze=False)
     for ax, T in zip(axes[0], lengths):
@@ -324,24 +396,32 @@ def _plot_recall(res: Dict[str, Any], path: Path) -> None:
     axes[0][0].set_ylabel("recall accuracy")
     axes[0][0].legend()
     fig.suptitle("multi-query associative recall (MQAR)")
-    _save_plot(fig, path)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def _table_recall(res: Dict[str, Any]) -> str:
-    lines = ["| length | pairs | GPT accuracy | LSTM accuracy | GPT params | LSTM params |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| length | pairs | GPT accuracy | LSTM accuracy | GPT params | LSTM params |",
+        "|---|---|---|---|---|---|",
+    ]
     by = {(r["model"], r["length"], r["pairs"]): r for r in res["rows"]}
     for (m, T, p), r in by.items():
         if m != "GPT":
             continue
         o = by[("LSTM", T, p)]
-        lines.append(f"| {T} | {p} | {r['accuracy']:.3f} | {o['accuracy']:.3f} | {r['parameters']:,} | {o['parameters']:,} |")
+        lines.append(
+            f"| {T} | {p} | {r['accuracy']:.3f} | {o['accuracy']:.3f} | {r['parameters']:,} | {o['parameters']:,} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- induction
 
 
-def induction_rows(rng: np.random.Generator, batch: int, length: int, vocab: int = 256, min_repeat: int = 8) -> Tuple[np.ndarray, np.ndarray]:
+def induction_rows(
+    rng: np.random.Generator, batch: int, length: int, vocab: int = 256, min_repeat: int = 8
+) -> Tuple[np.ndarray, np.ndarray]:
     """``(tokens (batch, length), h (batch,))``: uniform random tokens whose last ``2h`` are a
     random segment of length ``h`` (drawn in ``[min_repeat, length // 2]``) written twice.
 
@@ -357,7 +437,9 @@ def induction_rows(rng: np.random.Generator, batch: int, length: int, vocab: int
     return seq, hs
 
 
-def induction_batch(rng: np.random.Generator, batch: int, length: int, vocab: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+def induction_batch(
+    rng: np.random.Generator, batch: int, length: int, vocab: int = 256
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Next-token ``(x, y)`` (batch, length - 1) from :func:`induction_rows`, ``y`` scored only
     where the repeat is predictable (its second token onwards), -100 elsewhere."""
     seq, hs = induction_rows(rng, batch, length, vocab)
@@ -385,7 +467,9 @@ def prefix_matching_scores(model: GPT, seq: np.ndarray, hs: np.ndarray) -> List[
     attention a token of the repeated segment (its second copy) pays to the token that followed
     the same token's earlier occurrence, over rows from :func:`induction_rows`."""
     inputs: List[torch.Tensor] = []
-    hooks = [blk.attn.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for blk in model.transformer.h]
+    hooks = [
+        blk.attn.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for blk in model.transformer.h
+    ]
     x = torch.from_numpy(seq[:, :-1].copy())
     model.eval()
     try:
@@ -407,7 +491,9 @@ def prefix_matching_scores(model: GPT, seq: np.ndarray, hs: np.ndarray) -> List[
     return out
 
 
-def _token_losses(model: torch.nn.Module, docs: Sequence[Sequence[int]], length: int, windows: int) -> Tuple[np.ndarray, int]:
+def _token_losses(
+    model: torch.nn.Module, docs: Sequence[Sequence[int]], length: int, windows: int
+) -> Tuple[np.ndarray, int]:
     """Mean next-token loss at each position 0..length-2 over the first ``length`` tokens of up
     to ``windows`` documents at least that long (so a late position sees the same document as
     an early one, as the ICL score needs); returns ``(losses, documents used)``."""
@@ -426,19 +512,34 @@ def _token_losses(model: torch.nn.Module, docs: Sequence[Sequence[int]], length:
     return total / len(rows), len(rows)
 
 
-def induction_toy(layers: int, steps: int, seed: int = 0, progress: bool = False, vocab: int = 256, length: int = 64) -> Dict[str, Any]:
+def induction_toy(
+    layers: int, steps: int, seed: int = 0, progress: bool = False, vocab: int = 256, length: int = 64
+) -> Dict[str, Any]:
     """An attention-only GPT of ``layers`` layers trained on :func:`induction_batch` rows; its
     loss on the repeated segments of 256 held-out rows and every head's prefix-matching score."""
     seq, hs = induction_rows(np.random.default_rng([seed, 2**31]), 256, length, vocab)
     y = _repeat_targets(seq, hs)
-    cfg = GPTConfig(vocab_size=vocab, block_size=length, n_layer=layers, n_head=4, n_embd=64, positions="rotary", mlp=False,
-                    tie_weights=False)
+    cfg = GPTConfig(
+        vocab_size=vocab,
+        block_size=length,
+        n_layer=layers,
+        n_head=4,
+        n_embd=64,
+        positions="rotary",
+        mlp=False,
+        tie_weights=False,
+    )
     torch.manual_seed(seed)
     model = GPT(cfg)
     info = _train(model, lambda rng: induction_batch(rng, 64, length, vocab), steps, 1e-3, seed, progress, min_lr=1e-3)
     scores = prefix_matching_scores(model, seq, hs)
-    return {"config": cfg.to_dict(), **info, "repeat_loss": _scored_loss(model, torch.from_numpy(seq[:, :-1].copy()), torch.from_numpy(y)),
-            "prefix_matching": scores, "best_prefix_matching": max(max(r) for r in scores)}
+    return {
+        "config": cfg.to_dict(),
+        **info,
+        "repeat_loss": _scored_loss(model, torch.from_numpy(seq[:, :-1].copy()), torch.from_numpy(y)),
+        "prefix_matching": scores,
+        "best_prefix_matching": max(max(r) for r in scores),
+    }
 
 
 def induction(quick: bool = False, seed: int = 0, progress: bool = True) -> Dict[str, Any]:
@@ -471,27 +572,55 @@ def induction(quick: bool = False, seed: int = 0, progress: bool = True) -> Dict
         unseen = stdlib_texts(None)[len(corpus) - 1 :]  # default_corpus = [Chinese text] + a prefix of stdlib_texts
         held_out += [d for d in tok.encode_ordinary_batch(unseen) if len(d) >= ctx]
     text_steps = 60 if quick else 700
-    gcfg = GPTConfig(vocab_size=tok.n_vocab, block_size=ctx, n_layer=2 if quick else 4, n_head=4, n_embd=64 if quick else 128)
+    gcfg = GPTConfig(
+        vocab_size=tok.n_vocab, block_size=ctx, n_layer=2 if quick else 4, n_head=4, n_embd=64 if quick else 128
+    )
     torch.manual_seed(seed)
     gpt = GPT(gcfg)
     lstm = LSTMLanguageModel(_matched_lstm(_params(gpt), tok.n_vocab, gcfg.n_embd))
     natural: Dict[str, Any] = {"context": ctx, "early": early, "late": late, "tokens_trained": text_steps * 8 * ctx}
     for arch, model in (("GPT", gpt), ("LSTM", lstm)):
         t0 = time.perf_counter()
-        res = train(model, train_ids, config=TrainConfig(max_steps=text_steps, batch_size=8, seq_len=ctx, lr=1e-3 if arch == "GPT" else 3e-3,
-                                                         min_lr=1e-4, warmup_steps=max(1, text_steps // 10), eval_interval=0, seed=seed,
-                                                         progress=progress))
+        res = train(
+            model,
+            train_ids,
+            config=TrainConfig(
+                max_steps=text_steps,
+                batch_size=8,
+                seq_len=ctx,
+                lr=1e-3 if arch == "GPT" else 3e-3,
+                min_lr=1e-4,
+                warmup_steps=max(1, text_steps // 10),
+                eval_interval=0,
+                seed=seed,
+                progress=progress,
+            ),
+        )
         per_pos, n_docs = _token_losses(model, held_out, ctx, 64 if quick else 256)
         band = lambda p: float(per_pos[max(0, p - 5) : p + 5].mean())  # noqa: E731  (10 positions around p)
-        natural[arch] = {"config": model.config.to_dict(), "parameters": _params(model), "seconds": time.perf_counter() - t0,
-                         "held_out_documents": n_docs,
-                         "final_loss": res.history[-1]["loss"], "loss_by_position": per_pos.tolist(),
-                         "loss_early": band(early), "loss_late": band(late), "icl_score": band(late) - band(early)}
-    return {"experiment": "induction", "vocab": vocab, "length": length, "seed": seed, "toy": toy, "natural_text": natural}
+        natural[arch] = {
+            "config": model.config.to_dict(),
+            "parameters": _params(model),
+            "seconds": time.perf_counter() - t0,
+            "held_out_documents": n_docs,
+            "final_loss": res.history[-1]["loss"],
+            "loss_by_position": per_pos.tolist(),
+            "loss_early": band(early),
+            "loss_late": band(late),
+            "icl_score": band(late) - band(early),
+        }
+    return {
+        "experiment": "induction",
+        "vocab": vocab,
+        "length": length,
+        "seed": seed,
+        "toy": toy,
+        "natural_text": natural,
+    }
 
 
 def _plot_induction(res: Dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     toy = res["toy"]
     names = list(toy)
@@ -510,25 +639,39 @@ def _plot_induction(res: Dict[str, Any], path: Path) -> None:
     nat = res["natural_text"]
     for arch, color in (("GPT", "tab:blue"), ("LSTM", "tab:orange")):
         per = nat[arch]["loss_by_position"]
-        axes[2].plot(np.arange(1, len(per) + 1), per, color=color, label=f"{arch} (ICL score {nat[arch]['icl_score']:+.2f})", linewidth=0.8)
+        axes[2].plot(
+            np.arange(1, len(per) + 1),
+            per,
+            color=color,
+            label=f"{arch} (ICL score {nat[arch]['icl_score']:+.2f})",
+            linewidth=0.8,
+        )
     axes[2].set_xscale("log")
     axes[2].set_xlabel("token position in context")
     axes[2].set_ylabel("loss (nats)")
     axes[2].set_title("natural text: loss vs position")
     axes[2].legend()
-    _save_plot(fig, path)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def _table_induction(res: Dict[str, Any]) -> str:
     lines = ["| model | repeat loss (nats) | best prefix-matching score | steps | seconds |", "|---|---|---|---|---|"]
     for n, r in res["toy"].items():
-        lines.append(f"| attention-only {n} | {r['repeat_loss']:.3f} | {r['best_prefix_matching']:.3f} | {r['steps']} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| attention-only {n} | {r['repeat_loss']:.3f} | {r['best_prefix_matching']:.3f} | {r['steps']} | {r['seconds']:.0f} |"
+        )
     nat = res["natural_text"]
-    lines += ["", f"| model (natural text, context {nat['context']}) | loss at token {nat['early']} | loss at token {nat['late']} | ICL score | params |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"| model (natural text, context {nat['context']}) | loss at token {nat['early']} | loss at token {nat['late']} | ICL score | params |",
+        "|---|---|---|---|---|",
+    ]
     for arch in ("GPT", "LSTM"):
         r = nat[arch]
-        lines.append(f"| {arch} | {r['loss_early']:.3f} | {r['loss_late']:.3f} | {r['icl_score']:+.3f} | {r['parameters']:,} |")
+        lines.append(
+            f"| {arch} | {r['loss_early']:.3f} | {r['loss_late']:.3f} | {r['icl_score']:+.3f} | {r['parameters']:,} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -553,11 +696,26 @@ class FewShotTask:
       can beat chance (1/2).
     """
 
-    def __init__(self, seed: int = 0, d: int = 16, n_classes: int = 320, n_train: int = 256, n_labels: int = 32, context: int = 8,
-                 noise: float = 0.4) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        d: int = 16,
+        n_classes: int = 320,
+        n_train: int = 256,
+        n_labels: int = 32,
+        context: int = 8,
+        noise: float = 0.4,
+    ) -> None:
         rng = np.random.default_rng([seed, 7])
         self.prototypes = rng.standard_normal((n_classes, d))
-        self.d, self.n_classes, self.n_train, self.n_labels, self.context, self.noise = d, n_classes, n_train, n_labels, context, noise
+        self.d, self.n_classes, self.n_train, self.n_labels, self.context, self.noise = (
+            d,
+            n_classes,
+            n_train,
+            n_labels,
+            context,
+            noise,
+        )
 
     @property
     def width(self) -> int:
@@ -608,7 +766,9 @@ def fewshot(quick: bool = False, seed: int = 0, progress: bool = True) -> Dict[s
     batch = 64
     T = 2 * task.context + 1
     gcfg = GPTConfig(vocab_size=1, block_size=T, n_layer=2, n_head=4, n_embd=64, positions="rotary")
-    test = {m: task.batch(np.random.default_rng([seed, 2**31, i]), 1000, m) for i, m in enumerate(("heldout", "uniform"))}
+    test = {
+        m: task.batch(np.random.default_rng([seed, 2**31, i]), 1000, m) for i, m in enumerate(("heldout", "uniform"))
+    }
     rows: List[Dict[str, Any]] = []
     for data in ("bursty", "uniform"):
         for arch in ("GPT", "LSTM"):
@@ -619,35 +779,67 @@ def fewshot(quick: bool = False, seed: int = 0, progress: bool = True) -> Dict[s
             else:
                 lcfg = _matched_lstm(_params(gpt.backbone), 1, gcfg.n_embd)
                 model = VectorSequenceModel(LSTMLanguageModel(lcfg), task.width, task.n_labels, "ce")
-            info = _train(model, lambda rng, data=data: task.batch(rng, batch, data), steps, 1e-3, seed, progress, min_lr=1e-3)
-            rows.append({"model": arch, "training": data, "heldout_icl_accuracy": _query_accuracy(model, *test["heldout"]),
-                         "in_weights_accuracy": _query_accuracy(model, *test["uniform"]), **info})
-    return {"experiment": "fewshot", "d": task.d, "classes": task.n_classes, "train_classes": task.n_train, "labels": task.n_labels,
-            "context": task.context, "noise": task.noise, "batch_size": batch, "seed": seed, "chance_heldout": 0.5,
-            "chance_in_weights": 1 / task.n_labels, "rows": rows}
+            info = _train(
+                model, lambda rng, data=data: task.batch(rng, batch, data), steps, 1e-3, seed, progress, min_lr=1e-3
+            )
+            rows.append(
+                {
+                    "model": arch,
+                    "training": data,
+                    "heldout_icl_accuracy": _query_accuracy(model, *test["heldout"]),
+                    "in_weights_accuracy": _query_accuracy(model, *test["uniform"]),
+                    **info,
+                }
+            )
+    return {
+        "experiment": "fewshot",
+        "d": task.d,
+        "classes": task.n_classes,
+        "train_classes": task.n_train,
+        "labels": task.n_labels,
+        "context": task.context,
+        "noise": task.noise,
+        "batch_size": batch,
+        "seed": seed,
+        "chance_heldout": 0.5,
+        "chance_in_weights": 1 / task.n_labels,
+        "rows": rows,
+    }
 
 
 def _plot_fewshot(res: Dict[str, Any], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, key, title, chance in ((axes[0], "heldout_icl_accuracy", "held-out classes, labels from the context (ICL)", res["chance_heldout"]),
-                                   (axes[1], "in_weights_accuracy", "training classes, fixed labels (in weights)", res["chance_in_weights"])):
+    for ax, key, title, chance in (
+        (axes[0], "heldout_icl_accuracy", "held-out classes, labels from the context (ICL)", res["chance_heldout"]),
+        (axes[1], "in_weights_accuracy", "training classes, fixed labels (in weights)", res["chance_in_weights"]),
+    ):
         labels = [f"{r['model']}\n{r['training']}" for r in res["rows"]]
-        ax.bar(labels, [r[key] for r in res["rows"]], color=["tab:blue" if r["model"] == "GPT" else "tab:orange" for r in res["rows"]])
+        ax.bar(
+            labels,
+            [r[key] for r in res["rows"]],
+            color=["tab:blue" if r["model"] == "GPT" else "tab:orange" for r in res["rows"]],
+        )
         ax.axhline(chance, color="black", linestyle="--", linewidth=1, label="chance")
         ax.set_title(title, fontsize=9)
         ax.set_ylim(0, 1.02)
         ax.legend()
     axes[0].set_ylabel("accuracy")
-    _save_plot(fig, path)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def _table_fewshot(res: Dict[str, Any]) -> str:
-    lines = ["| model | training sequences | held-out classes, in-context (chance 0.5) | training classes, in weights "
-             f"(chance {res['chance_in_weights']:.3f}) | params | seconds |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | training sequences | held-out classes, in-context (chance 0.5) | training classes, in weights "
+        f"(chance {res['chance_in_weights']:.3f}) | params | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
-        lines.append(f"| {r['model']} | {r['training']} | {r['heldout_icl_accuracy']:.3f} | {r['in_weights_accuracy']:.3f} | "
-                     f"{r['parameters']:,} | {r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['model']} | {r['training']} | {r['heldout_icl_accuracy']:.3f} | {r['in_weights_accuracy']:.3f} | "
+            f"{r['parameters']:,} | {r['seconds']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -666,7 +858,9 @@ def markdown(res: Dict[str, Any]) -> str:
     return EXPERIMENTS[res["experiment"]][2](res)
 
 
-def run(name: str, out_dir: PathLike = "docs/results", quick: bool = False, seed: int = 0, progress: bool = True) -> List[Dict[str, Any]]:
+def run(
+    name: str, out_dir: PathLike = "docs/results", quick: bool = False, seed: int = 0, progress: bool = True
+) -> List[Dict[str, Any]]:
     """Runs experiment ``name`` (or ``"all"``), writing ``icl_NAME.json`` and ``icl_NAME.png``
     into ``out_dir``; returns the results."""
     names = list(EXPERIMENTS) if name == "all" else [name]

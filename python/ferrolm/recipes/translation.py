@@ -32,8 +32,22 @@ import numpy as np
 
 from .numwords import LANGUAGES, MAX_NUMBER
 
-__all__ = ["TranslationTask", "number_task", "held_out_blocks", "SPECIALS", "train_tokenizer", "special_ids", "encode_pairs", "translate_texts",
-           "evaluate_translation", "load_pairs", "build_model", "train_seq2seq", "MODEL_KINDS"]
+__all__ = [
+    "TranslationTask",
+    "number_task",
+    "held_out_blocks",
+    "SPECIALS",
+    "train_tokenizer",
+    "special_ids",
+    "encode_pairs",
+    "translate_texts",
+    "evaluate_translation",
+    "load_pairs",
+    "pairs_task",
+    "build_model",
+    "train_seq2seq",
+    "MODEL_KINDS",
+]
 
 SPECIALS = ("<pad>", "<s>", "</s>")
 BLOCK = 1000
@@ -61,8 +75,15 @@ def held_out_blocks(seed: int = 0, fraction: float = 0.1) -> np.ndarray:
     return np.sort(rng.choice(np.arange(1, n_blocks), size=k, replace=False))
 
 
-def number_task(n_train: int = 200_000, n_valid: int = 1_000, n_test: int = 2_000, source: str = "en", target: str = "fr",
-                seed: int = 0, test_fraction: float = 0.1) -> TranslationTask:
+def number_task(
+    n_train: int = 200_000,
+    n_valid: int = 1_000,
+    n_test: int = 2_000,
+    source: str = "en",
+    target: str = "fr",
+    seed: int = 0,
+    test_fraction: float = 0.1,
+) -> TranslationTask:
     """Number words from ``source`` to ``target`` language ("en" or "fr"), split by held-out
     blocks of 1,000 (see the module docstring). Distinct numbers throughout; the same
     arguments always give the same pairs.
@@ -82,8 +103,10 @@ def number_task(n_train: int = 200_000, n_valid: int = 1_000, n_test: int = 2_00
     test_pool = numbers[is_held[numbers // BLOCK]]
     train_pool = numbers[~is_held[numbers // BLOCK]]
     if n_test > len(test_pool) or n_train + n_valid > len(train_pool):
-        raise ValueError(f"asked for {n_train}+{n_valid} training/validation and {n_test} test numbers; "
-                         f"the split holds {len(train_pool)} and {len(test_pool)}")
+        raise ValueError(
+            f"asked for {n_train}+{n_valid} training/validation and {n_test} test numbers; "
+            f"the split holds {len(train_pool)} and {len(test_pool)}"
+        )
     rng = np.random.default_rng([seed, 2000])
     picked = rng.choice(train_pool, size=n_train + n_valid, replace=False)
     test = rng.choice(test_pool, size=n_test, replace=False)
@@ -94,8 +117,15 @@ def number_task(n_train: int = 200_000, n_valid: int = 1_000, n_test: int = 2_00
         valid=[pair(n) for n in picked[n_train:]],
         test=[pair(n) for n in test],
         description=f"numbers 0..{MAX_NUMBER:,} in words, {source} -> {target}; test numbers from {len(held)} held-out blocks of 1,000",
-        meta={"source": source, "target": target, "seed": seed, "held_out_blocks": held.tolist(), "n_train": n_train,
-              "n_valid": n_valid, "n_test": n_test},
+        meta={
+            "source": source,
+            "target": target,
+            "seed": seed,
+            "held_out_blocks": held.tolist(),
+            "n_train": n_train,
+            "n_valid": n_valid,
+            "n_test": n_test,
+        },
     )
 
 
@@ -123,11 +153,26 @@ def load_pairs(path) -> List[Tuple[str, str]]:
             else:
                 parts = line.rstrip("\n").split("\t")
                 if len(parts) != 2:
-                    raise ValueError(f"{path}:{i}: expected two tab-separated columns (source, target), got {len(parts)}")
+                    raise ValueError(
+                        f"{path}:{i}: expected two tab-separated columns (source, target), got {len(parts)}"
+                    )
                 out.append((parts[0], parts[1]))
     if not out:
         raise ValueError(f"{path} holds no pairs")
     return out
+
+
+def pairs_task(path, test_path=None) -> "TranslationTask":
+    """A :class:`TranslationTask` from a pairs file (see :func:`load_pairs`): the test pairs
+    from ``test_path``, or the last 5% (at least one pair) held out; the first 5% of the rest
+    (at most 1,000) for validation."""
+    pairs = load_pairs(path)
+    test = load_pairs(test_path) if test_path else None
+    if test is None:
+        cut = max(1, len(pairs) // 20)
+        pairs, test = pairs[:-cut], pairs[-cut:]
+    n_valid = min(len(pairs) // 20, 1000)
+    return TranslationTask(train=pairs[n_valid:], valid=pairs[:n_valid], test=test, description=f"pairs from {path}")
 
 
 def train_tokenizer(pairs: Sequence[Tuple[str, str]], vocab_size: int = 512):
@@ -148,7 +193,9 @@ def special_ids(tok) -> Dict[str, int]:
     sp = tok.special_tokens
     missing = [s for s in SPECIALS if s not in sp]
     if missing:
-        raise ValueError(f"the tokenizer has no {missing} special tokens; train it with ferrolm.recipes.translation.train_tokenizer")
+        raise ValueError(
+            f"the tokenizer has no {missing} special tokens; train it with ferrolm.recipes.translation.train_tokenizer"
+        )
     return {"pad_id": sp["<pad>"], "bos_id": sp["<s>"], "eos_id": sp["</s>"]}
 
 
@@ -159,8 +206,15 @@ def encode_pairs(tok, pairs: Sequence[Tuple[str, str]]) -> List[Tuple[List[int],
     return list(zip(src, tgt))
 
 
-def translate_texts(model, tok, texts: Sequence[str], beam_size: int = 1, max_new_tokens: Optional[int] = None,
-                    batch_size: int = 64, length_penalty: float = 1.0) -> List[str]:
+def translate_texts(
+    model,
+    tok,
+    texts: Sequence[str],
+    beam_size: int = 1,
+    max_new_tokens: Optional[int] = None,
+    batch_size: int = 64,
+    length_penalty: float = 1.0,
+) -> List[str]:
     """Translations of ``texts`` by a trained encoder-decoder ``model`` with tokenizer ``tok``.
 
     Raises:
@@ -168,29 +222,47 @@ def translate_texts(model, tok, texts: Sequence[str], beam_size: int = 1, max_ne
     """
     cfg = model.config
     if tok.n_vocab > min(cfg.src_vocab_size, cfg.tgt_vocab_size):
-        raise ValueError(f"the tokenizer has {tok.n_vocab} tokens but the model's vocabularies hold {cfg.src_vocab_size} / "
-                         f"{cfg.tgt_vocab_size}; use the tokenizer saved with the model")
+        raise ValueError(
+            f"the tokenizer has {tok.n_vocab} tokens but the model's vocabularies hold {cfg.src_vocab_size} / "
+            f"{cfg.tgt_vocab_size}; use the tokenizer saved with the model"
+        )
     ids = special_ids(tok)
     if (ids["pad_id"], ids["bos_id"], ids["eos_id"]) != (cfg.pad_id, cfg.bos_id, cfg.eos_id):
-        raise ValueError(f"the tokenizer's special ids {ids} differ from the model's ({cfg.pad_id}, {cfg.bos_id}, {cfg.eos_id}); "
-                         "use the tokenizer saved with the model")
+        raise ValueError(
+            f"the tokenizer's special ids {ids} differ from the model's ({cfg.pad_id}, {cfg.bos_id}, {cfg.eos_id}); "
+            "use the tokenizer saved with the model"
+        )
     sources = tok.encode_ordinary_batch(list(texts))
     for i, s in enumerate(sources):
         if not s:
             raise ValueError(f"text {i} is empty; nothing to translate")
-    out = model.translate(sources, max_new_tokens=max_new_tokens, beam_size=beam_size, length_penalty=length_penalty, batch_size=batch_size)
+    out = model.translate(
+        sources,
+        max_new_tokens=max_new_tokens,
+        beam_size=beam_size,
+        length_penalty=length_penalty,
+        batch_size=batch_size,
+    )
     return [tok.decode(o) for o in out]
 
 
-def evaluate_translation(model, tok, pairs: Sequence[Tuple[str, str]], beam_size: int = 1, batch_size: int = 64,
-                         max_new_tokens: Optional[int] = None) -> Dict[str, Any]:
+def evaluate_translation(
+    model,
+    tok,
+    pairs: Sequence[Tuple[str, str]],
+    beam_size: int = 1,
+    batch_size: int = 64,
+    max_new_tokens: Optional[int] = None,
+) -> Dict[str, Any]:
     """Translates the sources of ``pairs`` and scores them against the targets: corpus BLEU
     and chrF (equal to sacrebleu's), exact match (whole string), the wall time and a few
     examples."""
     from ..metrics import corpus_bleu, corpus_chrf
 
     t0 = time.perf_counter()
-    hyps = translate_texts(model, tok, [s for s, _ in pairs], beam_size=beam_size, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    hyps = translate_texts(
+        model, tok, [s for s, _ in pairs], beam_size=beam_size, batch_size=batch_size, max_new_tokens=max_new_tokens
+    )
     dt = time.perf_counter() - t0
     refs = [t for _, t in pairs]
     wrong = [(s, h, r) for (s, r), h in zip(pairs, hyps) if h != r]
@@ -221,10 +293,20 @@ def build_model(kind: str, tok, max_len: int = 64, **sizes: Any):
     V = tok.n_vocab
     sizes = {k: v for k, v in sizes.items() if v is not None}
     if kind == "transformer":
-        kw: Dict[str, Any] = dict(n_layer=3, n_head=4, n_embd=256, ff_size=1024, dropout=0.1, norm_first=True,
-                                  shared_embeddings=True, tie_output=True)
+        kw: Dict[str, Any] = dict(
+            n_layer=3,
+            n_head=4,
+            n_embd=256,
+            ff_size=1024,
+            dropout=0.1,
+            norm_first=True,
+            shared_embeddings=True,
+            tie_output=True,
+        )
         kw.update(sizes)
-        return Seq2SeqTransformer(Seq2SeqTransformerConfig(src_vocab_size=V, tgt_vocab_size=V, max_len=max_len, **ids, **kw))
+        return Seq2SeqTransformer(
+            Seq2SeqTransformerConfig(src_vocab_size=V, tgt_vocab_size=V, max_len=max_len, **ids, **kw)
+        )
     if kind == "lstm":
         kw = dict(n_embd=256, hidden_size=512, num_layers=2, dropout=0.1, shared_embeddings=True)
         kw.update(sizes)
@@ -232,9 +314,22 @@ def build_model(kind: str, tok, max_len: int = 64, **sizes: Any):
     raise ValueError(f"unknown seq2seq model {kind!r}; expected one of {MODEL_KINDS}")
 
 
-def train_seq2seq(kind: str = "transformer", task: Optional[TranslationTask] = None, out_dir=None, steps: int = 1500,
-                  batch_size: int = 128, lr: Optional[float] = None, vocab_size: int = 512, seed: int = 0, resume: bool = False,
-                  beam_size: int = 4, checkpoint_interval: int = 250, progress: bool = True, tokenizer=None, **sizes: Any) -> Dict[str, Any]:
+def train_seq2seq(
+    kind: str = "transformer",
+    task: Optional[TranslationTask] = None,
+    out_dir=None,
+    steps: int = 1500,
+    batch_size: int = 128,
+    lr: Optional[float] = None,
+    vocab_size: int = 512,
+    seed: int = 0,
+    resume: bool = False,
+    beam_size: int = 4,
+    checkpoint_interval: int = 250,
+    progress: bool = True,
+    tokenizer=None,
+    **sizes: Any,
+) -> Dict[str, Any]:
     """Trains a seq2seq model on ``task`` (default: :func:`number_task`) with ferrolm's trainer
     and scores it on the held-out test pairs (greedy and beam search): the recipe behind
     ``ferrolm train seq2seq``.
@@ -278,13 +373,30 @@ def train_seq2seq(kind: str = "transformer", task: Optional[TranslationTask] = N
     torch.manual_seed(seed)
     model = build_model(kind, tok, max_len=max(64, 2 * longest), **sizes)
     lr = lr if lr is not None else (1e-3 if kind == "transformer" else 3e-3)
-    cfg = TrainConfig(max_steps=steps, batch_size=batch_size, lr=lr, min_lr=lr / 10, warmup_steps=min(100, steps // 10 + 1),
-                      weight_decay=0.01, eval_interval=max(1, steps // 10), eval_batches=4,
-                      checkpoint_interval=checkpoint_interval if out is not None else 0, seed=seed, progress=progress)
+    cfg = TrainConfig(
+        max_steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        min_lr=lr / 10,
+        warmup_steps=min(100, steps // 10 + 1),
+        weight_decay=0.01,
+        eval_interval=max(1, steps // 10),
+        eval_batches=4,
+        checkpoint_interval=checkpoint_interval if out is not None else 0,
+        seed=seed,
+        progress=progress,
+    )
     first_step: List[int] = []
     t0 = time.perf_counter()
-    result = train(model, train_ids, valid_ids if valid_ids and len(valid_ids) >= batch_size else None, cfg, out_dir=out, resume=resume,
-                   callback=lambda step, _m: first_step.append(step) if not first_step else None)
+    result = train(
+        model,
+        train_ids,
+        valid_ids if valid_ids and len(valid_ids) >= batch_size else None,
+        cfg,
+        out_dir=out,
+        resume=resume,
+        callback=lambda step, _m: first_step.append(step) if not first_step else None,
+    )
     train_s = time.perf_counter() - t0
     ran = result.step - (first_step[0] - 1 if first_step else result.step)
     real = sum(len(s) + len(t) + 1 for s, t in train_ids) / len(train_ids)  # real tokens per pair, both sides
@@ -310,7 +422,9 @@ def train_seq2seq(kind: str = "transformer", task: Optional[TranslationTask] = N
     limit = min(model.config.max_len, max(len(t) for _, t in train_ids) + 8)
     results["test"] = {"greedy": evaluate_translation(model, tok, task.test, max_new_tokens=limit)}
     if beam_size > 1:
-        results["test"][f"beam{beam_size}"] = evaluate_translation(model, tok, task.test, beam_size=beam_size, batch_size=16, max_new_tokens=limit)
+        results["test"][f"beam{beam_size}"] = evaluate_translation(
+            model, tok, task.test, beam_size=beam_size, batch_size=16, max_new_tokens=limit
+        )
     if out is not None:
         from .._io import atomic_write
 

@@ -9,12 +9,21 @@ so one state dict loads into either.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
-__all__ = ["lstm_layer", "gru_layer", "attention", "GPT", "LSTMLanguageModel", "SequenceClassifier", "Seq2SeqTransformer", "Seq2SeqLSTM",
-           "AttentionLSTM"]
+__all__ = [
+    "lstm_layer",
+    "gru_layer",
+    "attention",
+    "GPT",
+    "LSTMLanguageModel",
+    "SequenceClassifier",
+    "Seq2SeqTransformer",
+    "Seq2SeqLSTM",
+    "AttentionLSTM",
+]
 
 
 def _steps(batch_sizes: Sequence[int], reverse: bool):
@@ -25,7 +34,9 @@ def _steps(batch_sizes: Sequence[int], reverse: bool):
     return offsets, order
 
 
-def lstm_layer(x, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lstm_layer(
+    x, batch_sizes, h0, c0, w_ih, w_hh, b_ih=None, b_hh=None, reverse=False
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One LSTM layer direction over packed rows, step by step in torch ops (see
     :func:`ferrolm.kernels.lstm_layer` for the layout)."""
     offsets, order = _steps(batch_sizes, reverse)
@@ -242,8 +253,13 @@ class LSTMLanguageModel(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         cls = nn.LSTM if config.cell == "lstm" else nn.GRU
-        self.rnn = cls(config.n_embd, config.hidden_size, num_layers=config.num_layers, batch_first=True,
-                       dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.rnn = cls(
+            config.n_embd,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            batch_first=True,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
         if config.tie_weights:
@@ -255,7 +271,9 @@ class LSTMLanguageModel(nn.Module):
             out, _ = self.rnn(x, state)
         else:
             T = idx.size(1)
-            packed = nn.utils.rnn.pack_padded_sequence(x, torch.as_tensor(lengths).cpu(), batch_first=True, enforce_sorted=False)
+            packed = nn.utils.rnn.pack_padded_sequence(
+                x, torch.as_tensor(lengths).cpu(), batch_first=True, enforce_sorted=False
+            )
             out, _ = self.rnn(packed, state)
             out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=T)
         return self.drop(out)
@@ -280,7 +298,13 @@ class SequenceClassifier(nn.Module):
         from ..models.classifier import backbone_width
 
         bc = config.backbone
-        self.backbone = GPT(bc) if isinstance(bc, GPTConfig) else LSTMLanguageModel(bc) if isinstance(bc, LSTMConfig) else AttentionLSTM(bc)
+        self.backbone = (
+            GPT(bc)
+            if isinstance(bc, GPTConfig)
+            else LSTMLanguageModel(bc)
+            if isinstance(bc, LSTMConfig)
+            else AttentionLSTM(bc)
+        )
         width = backbone_width(bc)
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(width, config.num_classes)
@@ -339,11 +363,22 @@ class Seq2SeqTransformer(nn.Module):
             self.src_pos = _PositionTable(config.max_len, C)
             self.tgt_pos = _PositionTable(config.max_len, C)
         self.drop = nn.Dropout(config.dropout)
-        self.transformer = nn.Transformer(d_model=C, nhead=config.n_head, num_encoder_layers=config.n_layer,
-                                          num_decoder_layers=config.decoder_layers, dim_feedforward=config.ff_size,
-                                          dropout=config.dropout, activation=config.activation, layer_norm_eps=config.layer_norm_eps,
-                                          batch_first=True, norm_first=config.norm_first, bias=config.bias)
-        for mha in self.transformer.modules():  # attention-weight dropout as the config says (torch ties it to `dropout`)
+        self.transformer = nn.Transformer(
+            d_model=C,
+            nhead=config.n_head,
+            num_encoder_layers=config.n_layer,
+            num_decoder_layers=config.decoder_layers,
+            dim_feedforward=config.ff_size,
+            dropout=config.dropout,
+            activation=config.activation,
+            layer_norm_eps=config.layer_norm_eps,
+            batch_first=True,
+            norm_first=config.norm_first,
+            bias=config.bias,
+        )
+        for (
+            mha
+        ) in self.transformer.modules():  # attention-weight dropout as the config says (torch ties it to `dropout`)
             if isinstance(mha, nn.MultiheadAttention):
                 mha.dropout = config.attention_dropout
         self.generator = nn.Linear(C, config.tgt_vocab_size, bias=config.bias)
@@ -364,13 +399,23 @@ class Seq2SeqTransformer(nn.Module):
         pad = src == self.config.pad_id
         T = tgt.size(1)
         causal = nn.Transformer.generate_square_subsequent_mask(T, device=tgt.device)
-        h = self.transformer(self._embed(src, "src"), self._embed(tgt, "tgt"), tgt_mask=causal, src_key_padding_mask=pad,
-                             memory_key_padding_mask=pad, tgt_is_causal=True)
+        h = self.transformer(
+            self._embed(src, "src"),
+            self._embed(tgt, "tgt"),
+            tgt_mask=causal,
+            src_key_padding_mask=pad,
+            memory_key_padding_mask=pad,
+            tgt_is_causal=True,
+        )
         logits = self.generator(h)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                                   label_smoothing=self.config.label_smoothing)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)),
+                targets.reshape(-1),
+                ignore_index=-100,
+                label_smoothing=self.config.label_smoothing,
+            )
         return logits, loss
 
 
@@ -399,7 +444,9 @@ class Seq2SeqLSTM(nn.Module):
         B, S = src.shape
         L = self.config.num_layers
         lengths = (src != self.config.pad_id).sum(1)
-        packed = nn.utils.rnn.pack_padded_sequence(self.drop(self.src_embed(src)), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.drop(self.src_embed(src)), lengths.cpu(), batch_first=True, enforce_sorted=False
+        )
         enc, (h_n, c_n) = self.encoder(packed)
         enc, _ = nn.utils.rnn.pad_packed_sequence(enc, batch_first=True, total_length=S)  # (B, S, H)
         join = lambda s: s.view(L, 2, B, -1).transpose(1, 2).reshape(L, B, -1)  # noqa: E731
@@ -411,8 +458,12 @@ class Seq2SeqLSTM(nn.Module):
         logits = self.generator(self.drop(torch.tanh(self.combine(torch.cat([ctx, out], dim=-1)))))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
-                                   label_smoothing=self.config.label_smoothing)
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)),
+                targets.reshape(-1),
+                ignore_index=-100,
+                label_smoothing=self.config.label_smoothing,
+            )
         return logits, loss
 
 
@@ -433,7 +484,9 @@ class _SelfAttention(nn.Module):
         if self.causal:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if padding_mask is None else ~padding_mask[:, None, None, :])
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if padding_mask is None else ~padding_mask[:, None, None, :]
+            )
         return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -448,8 +501,14 @@ class AttentionLSTM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, C)
         self.ln = nn.LayerNorm(C)
         self.attn = _SelfAttention(C, config.n_head, config.causal, config.dropout)
-        self.rnn = nn.LSTM(C, config.hidden_size, num_layers=config.num_layers, batch_first=True, bidirectional=config.bidirectional,
-                           dropout=config.dropout if config.num_layers > 1 else 0.0)
+        self.rnn = nn.LSTM(
+            C,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            batch_first=True,
+            bidirectional=config.bidirectional,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.output_size, config.vocab_size)
 
@@ -461,7 +520,9 @@ class AttentionLSTM(nn.Module):
         if lengths is None:
             out, _ = self.rnn(x)
         else:
-            packed = nn.utils.rnn.pack_padded_sequence(x, torch.as_tensor(lengths).cpu(), batch_first=True, enforce_sorted=False)
+            packed = nn.utils.rnn.pack_padded_sequence(
+                x, torch.as_tensor(lengths).cpu(), batch_first=True, enforce_sorted=False
+            )
             out, _ = nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True, total_length=T)
         return self.drop(out)
 

@@ -20,5 +20,16 @@ from .batches import ExampleBatches, Seq2SeqBatches, SyntheticBatches, TokenBatc
 from .loop import TrainConfig, TrainResult, evaluate, lr_at, make_optimizer, train
 from .state import load_train_state
 
-__all__ = ["TrainConfig", "TrainResult", "TokenBatches", "ExampleBatches", "Seq2SeqBatches", "SyntheticBatches", "train", "lr_at",
-           "evaluate", "load_train_state", "make_optimizer"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TokenBatches",
+    "ExampleBatches",
+    "Seq2SeqBatches",
+    "SyntheticBatches",
+    "train",
+    "lr_at",
+    "evaluate",
+    "load_train_state",
+    "make_optimizer",
+]

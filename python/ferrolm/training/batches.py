@@ -31,7 +31,9 @@ def _as_tokens(data: Any, what: str) -> np.ndarray:
     else:
         arr = np.asarray(data)
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{what} must be a 1-D integer token stream (array, tensor, shard path or TokenShard), got shape {arr.shape} dtype {arr.dtype}")
+        raise ValueError(
+            f"{what} must be a 1-D integer token stream (array, tensor, shard path or TokenShard), got shape {arr.shape} dtype {arr.dtype}"
+        )
     return arr
 
 
@@ -73,8 +75,10 @@ class _Epochs:
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         if state.get("n_windows") != self.n_windows or state.get("seed") != self.seed:
-            raise ValueError(f"the checkpoint's data position is for another stream ({state.get('n_windows')} windows, seed {state.get('seed')}), "
-                             f"this one has {self.n_windows} windows, seed {self.seed}; resume on the same data and seq_len")
+            raise ValueError(
+                f"the checkpoint's data position is for another stream ({state.get('n_windows')} windows, seed {state.get('seed')}), "
+                f"this one has {self.n_windows} windows, seed {self.seed}; resume on the same data and seq_len"
+            )
         self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
 
 
@@ -88,8 +92,16 @@ class TokenBatches(_Epochs):
     ``state_dict()``/``load_state_dict()`` save and restore the position.
     """
 
-    def __init__(self, tokens: Any, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        tokens: Any,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ) -> None:
         self.tokens = _as_tokens(tokens, "tokens")
         self.batch_size, self.seq_len = int(batch_size), int(seq_len)
         self.seed, self.rank, self.world_size, self.shuffle = int(seed), int(rank), int(world_size), shuffle
@@ -97,8 +109,10 @@ class TokenBatches(_Epochs):
         self.per_epoch = self.n_windows // (self.batch_size * self.world_size)
         if self.per_epoch == 0:
             need = self.batch_size * self.world_size * self.seq_len + 1
-            raise ValueError(f"{len(self.tokens)} tokens are too few for one batch of {self.batch_size * self.world_size} x {self.seq_len} "
-                             f"(need {need}); lower batch_size or seq_len, or add data")
+            raise ValueError(
+                f"{len(self.tokens)} tokens are too few for one batch of {self.batch_size * self.world_size} x {self.seq_len} "
+                f"(need {need}); lower batch_size or seq_len, or add data"
+            )
         self.epoch, self.index = 0, 0
         self._order: Optional[np.ndarray] = None
 
@@ -115,8 +129,11 @@ def _is_pairs(data: Any) -> bool:
     if not isinstance(data, (list, tuple)) or not data:
         return False
     first = data[0]
-    return (isinstance(first, (list, tuple)) and len(first) == 2
-            and all(isinstance(part, (list, tuple, np.ndarray, torch.Tensor)) for part in first))
+    return (
+        isinstance(first, (list, tuple))
+        and len(first) == 2
+        and all(isinstance(part, (list, tuple, np.ndarray, torch.Tensor)) for part in first)
+    )
 
 
 class ExampleBatches(_Epochs):
@@ -139,8 +156,16 @@ class ExampleBatches(_Epochs):
         ([[1, 2, 3, 4], [6, 0, 0, 0]], [[-100, -100, 4, 5], [7, -100, -100, -100]])
     """
 
-    def __init__(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]], batch_size: int, seq_len: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ) -> None:
         self.batch_size, self.seq_len = int(batch_size), int(seq_len)
         self.seed, self.rank, self.world_size, self.shuffle = int(seed), int(rank), int(world_size), shuffle
         self.rows: List[Tuple[np.ndarray, int]] = []  # (prompt + target, index of the first target token)
@@ -150,19 +175,25 @@ class ExampleBatches(_Epochs):
             prompt, target = (np.asarray(p.detach().cpu() if isinstance(p, torch.Tensor) else p) for p in pair)
             for part, what in ((prompt, "prompt"), (target, "target")):
                 if part.ndim != 1 or (part.size and not np.issubdtype(part.dtype, np.integer)):
-                    raise ValueError(f"example {i}: the {what} must be a 1-D sequence of int token ids, got shape {part.shape} dtype {part.dtype}")
+                    raise ValueError(
+                        f"example {i}: the {what} must be a 1-D sequence of int token ids, got shape {part.shape} dtype {part.dtype}"
+                    )
             if target.size == 0:
                 raise ValueError(f"example {i}: the target is empty (nothing to learn)")
             if target.size > self.seq_len:
                 raise ValueError(f"example {i}: a target of {target.size} tokens does not fit seq_len={self.seq_len}")
             if prompt.size == 0:
-                raise ValueError(f"example {i}: the prompt is empty; give at least one token (for example a BOS / end-of-text id)")
+                raise ValueError(
+                    f"example {i}: the prompt is empty; give at least one token (for example a BOS / end-of-text id)"
+                )
             keep = min(prompt.size, self.seq_len + 1 - target.size)
             self.rows.append((np.concatenate([prompt[prompt.size - keep :], target]).astype(np.int64), keep))
         self.n_windows = len(self.rows)
         self.per_epoch = self.n_windows // (self.batch_size * self.world_size)
         if self.per_epoch == 0:
-            raise ValueError(f"{self.n_windows} examples are too few for one batch of {self.batch_size * self.world_size}; lower batch_size or add data")
+            raise ValueError(
+                f"{self.n_windows} examples are too few for one batch of {self.batch_size * self.world_size}; lower batch_size or add data"
+            )
         self.epoch, self.index = 0, 0
         self._order: Optional[np.ndarray] = None
 
@@ -199,8 +230,19 @@ class Seq2SeqBatches(_Epochs):
         ([[5, 6, 7], [9, 0, 0]], [[1, 8, 0], [1, 10, 11]], [[8, 2, -100], [10, 11, 2]])
     """
 
-    def __init__(self, pairs: Sequence[Tuple[Sequence[int], Sequence[int]]], batch_size: int, pad_id: int, bos_id: int, eos_id: int,
-                 max_len: Optional[int] = None, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        pairs: Sequence[Tuple[Sequence[int], Sequence[int]]],
+        batch_size: int,
+        pad_id: int,
+        bos_id: int,
+        eos_id: int,
+        max_len: Optional[int] = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ) -> None:
         self.batch_size = int(batch_size)
         self.pad_id, self.bos_id, self.eos_id = int(pad_id), int(bos_id), int(eos_id)
         self.seed, self.rank, self.world_size, self.shuffle = int(seed), int(rank), int(world_size), shuffle
@@ -208,7 +250,9 @@ class Seq2SeqBatches(_Epochs):
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise ValueError(f"pair {i}: expected a (source ids, target ids) pair, got {type(pair).__name__}")
-            src, tgt = (np.asarray(p.detach().cpu() if isinstance(p, torch.Tensor) else p, dtype=np.int64) for p in pair)
+            src, tgt = (
+                np.asarray(p.detach().cpu() if isinstance(p, torch.Tensor) else p, dtype=np.int64) for p in pair
+            )
             if src.ndim != 1 or src.size == 0:
                 raise ValueError(f"pair {i}: the source must be a non-empty 1-D sequence of ids, got shape {src.shape}")
             if tgt.ndim != 1:
@@ -216,12 +260,16 @@ class Seq2SeqBatches(_Epochs):
             if self.pad_id in src or self.pad_id in tgt:
                 raise ValueError(f"pair {i} holds pad_id={self.pad_id}; give the sequences unpadded")
             if max_len is not None and (src.size > max_len or tgt.size + 1 > max_len):
-                raise ValueError(f"pair {i}: source of {src.size} / target of {tgt.size} (+1 for BOS/EOS) tokens exceeds max_len={max_len}")
+                raise ValueError(
+                    f"pair {i}: source of {src.size} / target of {tgt.size} (+1 for BOS/EOS) tokens exceeds max_len={max_len}"
+                )
             self.rows.append((src, tgt))
         self.n_windows = len(self.rows)
         self.per_epoch = self.n_windows // (self.batch_size * self.world_size)
         if self.per_epoch == 0:
-            raise ValueError(f"{self.n_windows} pairs are too few for one batch of {self.batch_size * self.world_size}; lower batch_size or add data")
+            raise ValueError(
+                f"{self.n_windows} pairs are too few for one batch of {self.batch_size * self.world_size}; lower batch_size or add data"
+            )
         self.epoch, self.index = 0, 0
         self._order: Optional[np.ndarray] = None
 
@@ -260,7 +308,9 @@ class SyntheticBatches:
         True
     """
 
-    def __init__(self, make: Callable[[np.random.Generator], Tuple[Any, Any]], seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, make: Callable[[np.random.Generator], Tuple[Any, Any]], seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         if not callable(make):
             raise TypeError(f"make must be a callable rng -> (x, y), got {type(make).__name__}")
         self.make, self.seed, self.rank, self.world_size = make, int(seed), int(rank), int(world_size)
@@ -279,18 +329,26 @@ class SyntheticBatches:
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
         if state.get("seed") != self.seed or "index" not in state:
-            raise ValueError(f"the checkpoint's data position is for another source (seed {state.get('seed')}), this one has seed {self.seed}")
+            raise ValueError(
+                f"the checkpoint's data position is for another source (seed {state.get('seed')}), this one has seed {self.seed}"
+            )
         self.index = int(state["index"])
 
 
-def batches_for(data: Any, cfg: Any, rank: int, world: int, shuffle: bool = True, model: Optional[torch.nn.Module] = None):
+def batches_for(
+    data: Any, cfg: Any, rank: int, world: int, shuffle: bool = True, model: Optional[torch.nn.Module] = None
+):
     if isinstance(data, (_Epochs, SyntheticBatches)):
         return data  # a batch source built by the caller (its own batch size and seed)
     mc = getattr(model, "config", None)
     if getattr(model, "is_encoder_decoder", False) and mc is not None:
         if not _is_pairs(data):
-            raise ValueError(f"{type(model).__name__} trains on (source ids, target ids) pairs (or a Seq2SeqBatches); got {type(data).__name__}")
-        return Seq2SeqBatches(data, cfg.batch_size, mc.pad_id, mc.bos_id, mc.eos_id, mc.max_len, cfg.seed, rank, world, shuffle)
+            raise ValueError(
+                f"{type(model).__name__} trains on (source ids, target ids) pairs (or a Seq2SeqBatches); got {type(data).__name__}"
+            )
+        return Seq2SeqBatches(
+            data, cfg.batch_size, mc.pad_id, mc.bos_id, mc.eos_id, mc.max_len, cfg.seed, rank, world, shuffle
+        )
     if _is_pairs(data):
         return ExampleBatches(data, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, shuffle)
     return TokenBatches(data, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, shuffle)

@@ -42,7 +42,6 @@ from .state import SigintFlag, load_train_state, save_checkpoint, set_rng_state
 __all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "evaluate", "make_optimizer"]
 
 
-
 @dataclass
 class TrainConfig(Config):
     """Options of :func:`train`.
@@ -87,7 +86,6 @@ class TrainConfig(Config):
             raise ValueError(f"TrainConfig needs lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("TrainConfig.grad_clip and weight_decay must be >= 0")
-
 
 
 @dataclass
@@ -257,15 +255,24 @@ def train(
                         _, loss = _run(net, x, y)
                         (loss / cfg.grad_accum).backward()
                     loss_sum += float(loss.detach())
-                gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if cfg.grad_clip > 0 else float("nan")
+                gnorm = (
+                    float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                    if cfg.grad_clip > 0
+                    else float("nan")
+                )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 dt = time.perf_counter() - t0
                 tokens_per_step = step_tokens * world
                 result.tokens += tokens_per_step
-                metrics = {"step": step, "loss": all_mean(loss_sum / cfg.grad_accum, world), "lr": lr, "grad_norm": gnorm,
-                           "tokens_per_s": tokens_per_step / dt if dt > 0 else float("inf")}
+                metrics = {
+                    "step": step,
+                    "loss": all_mean(loss_sum / cfg.grad_accum, world),
+                    "lr": lr,
+                    "grad_norm": gnorm,
+                    "tokens_per_s": tokens_per_step / dt if dt > 0 else float("inf"),
+                }
                 result.history.append(metrics)
                 if val is not None and cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
                     vl = evaluate(model, val, cfg.eval_batches, world)

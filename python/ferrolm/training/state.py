@@ -38,8 +38,15 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(out_dir: PathLike, model: torch.nn.Module, optimizer, step: int, cfg: TrainConfig, data_state: Dict[str, int],
-                    result: TrainResult) -> Path:
+def save_checkpoint(
+    out_dir: PathLike,
+    model: torch.nn.Module,
+    optimizer,
+    step: int,
+    cfg: TrainConfig,
+    data_state: Dict[str, int],
+    result: TrainResult,
+) -> Path:
     """Writes ``train_state.pt`` and ``model.safetensors`` into ``out_dir`` atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,29 @@ from .icl import icl_workloads
 from .models import model_workloads
 from .rnn import rnn_workloads
 from .seq2seq import seq2seq_workloads
-from .tokenizer import (corpus_for_bench, encode_texts, encode_workloads, find_data_dir, tokenizer_peers,
-                        training_data, training_workload)
+from .tokenizer import (
+    corpus_for_bench,
+    encode_texts,
+    encode_workloads,
+    find_data_dir,
+    tokenizer_peers,
+    training_data,
+    training_workload,
+)
 
-__all__ = ["attention_workloads", "data_workloads", "finetune_workloads", "icl_workloads", "model_workloads",
-           "rnn_workloads", "seq2seq_workloads", "corpus_for_bench", "encode_texts", "encode_workloads",
-           "find_data_dir", "tokenizer_peers", "training_data", "training_workload"]
+__all__ = [
+    "attention_workloads",
+    "data_workloads",
+    "finetune_workloads",
+    "icl_workloads",
+    "model_workloads",
+    "rnn_workloads",
+    "seq2seq_workloads",
+    "corpus_for_bench",
+    "encode_texts",
+    "encode_workloads",
+    "find_data_dir",
+    "tokenizer_peers",
+    "training_data",
+    "training_workload",
+]

@@ -44,13 +44,24 @@ def attention_workloads(smoke: bool = False, full: bool = False) -> List[Workloa
                 F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
 
             shape = f"B={b} H={h} T={t} D={d}"
-            out.append(Workload(f"attention {tag} {shape}: forward", {"ferrolm": fwd_ours, "torch_sdpa": fwd_torch},
-                                f"{flops / 1e9:.2f} GFLOP", {"gflop": flops / 1e9}))
-            out.append(Workload(f"attention {tag} {shape}: forward+backward",
-                                {"ferrolm": bwd_ours, "torch_sdpa": bwd_torch},
-                                f"{3.5 * flops / 1e9:.2f} GFLOP", {"gflop": 3.5 * flops / 1e9}))
+            out.append(
+                Workload(
+                    f"attention {tag} {shape}: forward",
+                    {"ferrolm": fwd_ours, "torch_sdpa": fwd_torch},
+                    f"{flops / 1e9:.2f} GFLOP",
+                    {"gflop": flops / 1e9},
+                )
+            )
+            out.append(
+                Workload(
+                    f"attention {tag} {shape}: forward+backward",
+                    {"ferrolm": bwd_ours, "torch_sdpa": bwd_torch},
+                    f"{3.5 * flops / 1e9:.2f} GFLOP",
+                    {"gflop": 3.5 * flops / 1e9},
+                )
+            )
         pad = torch.zeros(b, t, dtype=torch.bool)
-        pad[:, int(t * 0.6):] = True
+        pad[:, int(t * 0.6) :] = True
         allowed = ~pad[:, None, None, :]
 
         def pad_ours(q=q, k=k, v=v, pad=pad):
@@ -59,8 +70,13 @@ def attention_workloads(smoke: bool = False, full: bool = False) -> List[Workloa
         def pad_torch(q=q, k=k, v=v, allowed=allowed):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
-        out.append(Workload(f"attention 40% key padding B={b} H={h} T={t} D={d}: forward",
-                            {"ferrolm": pad_ours, "torch_sdpa": pad_torch}, "-"))
+        out.append(
+            Workload(
+                f"attention 40% key padding B={b} H={h} T={t} D={d}: forward",
+                {"ferrolm": pad_ours, "torch_sdpa": pad_torch},
+                "-",
+            )
+        )
     b, h, cap, d = (2, 4, 64, 16) if smoke else (8, 12, 2048, 64)
     qd = torch.randn(b, h, 1, d, generator=g)
     kc, vc = torch.randn(b, h, cap, d, generator=g), torch.randn(b, h, cap, d, generator=g)
@@ -73,8 +89,13 @@ def attention_workloads(smoke: bool = False, full: bool = False) -> List[Workloa
         return F.scaled_dot_product_attention(qd, kc, vc)
 
     mb = 2 * b * h * cap * d * 4 / 1e6
-    out.append(Workload(f"decode B={b} H={h} cache={cap} D={d} ({mb:.0f} MB of cache)",
-                        {"ferrolm": dec_ours, "torch_sdpa": dec_torch}, "-"))
+    out.append(
+        Workload(
+            f"decode B={b} H={h} cache={cap} D={d} ({mb:.0f} MB of cache)",
+            {"ferrolm": dec_ours, "torch_sdpa": dec_torch},
+            "-",
+        )
+    )
     return out
 
 

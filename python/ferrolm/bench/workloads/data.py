@@ -81,17 +81,28 @@ def data_workloads(out_dir: Path, smoke: bool = False, full: bool = False) -> Di
     texts = stdlib_texts(200_000 if smoke else 10_000_000)
     tok = Tokenizer.train(texts[:50], 4096, special_tokens=["<|endoftext|>"], show_progress=False)
     shard_mb = sum(len(t.encode()) for t in texts) / 1e6
-    collate = {"ferrolm": lambda: pad(arrays, return_tensors="pt"),
-               "torch_pad_sequence": lambda: torch_collate(tensors), "python": lambda: python_collate(lists)}
+    collate = {
+        "ferrolm": lambda: pad(arrays, return_tensors="pt"),
+        "torch_pad_sequence": lambda: torch_collate(tensors),
+        "python": lambda: python_collate(lists),
+    }
     return {
         "collate": Workload("collate: batch 64, lengths 16-512", collate, "64 seqs", {"seqs": 64}, inner=200),
-        "pack": Workload("pack into 1024-token rows", {"ferrolm": lambda: pack(docs, 1024, eos_id=50_256),
-                                                       "python": lambda: python_pack(docs)},
-                         f"{pack_mb:g} MB", {"mb": pack_mb}),
-        "shards": Workload("write shards (peer: encode only)",
-                           {"ferrolm": lambda: write_shards(tok, texts, out_dir, show_progress=False),
-                            "encode_only": lambda: tok.encode_ordinary_batch(texts)},
-                           f"{shard_mb:.0f} MB text", {"mb": shard_mb}),
+        "pack": Workload(
+            "pack into 1024-token rows",
+            {"ferrolm": lambda: pack(docs, 1024, eos_id=50_256), "python": lambda: python_pack(docs)},
+            f"{pack_mb:g} MB",
+            {"mb": pack_mb},
+        ),
+        "shards": Workload(
+            "write shards (peer: encode only)",
+            {
+                "ferrolm": lambda: write_shards(tok, texts, out_dir, show_progress=False),
+                "encode_only": lambda: tok.encode_ordinary_batch(texts),
+            },
+            f"{shard_mb:.0f} MB text",
+            {"mb": shard_mb},
+        ),
     }
 
 

@@ -49,9 +49,11 @@ def finetune_workloads(smoke: bool = False, full: bool = False) -> List[Workload
             fn()
             fn()
         peak[key] = "n/a" if mem.peak_bytes is None else f"{mem.peak_bytes / 1e6:.0f} MB"
-    size = (f"LoRA {tl / 1e6:.2f}M trainable ({100 * tl / total:.1f}%, {state_mb(tl):.0f} MB state, "
-            f"peak +{peak['ferrolm']}) vs full {total / 1e6:.1f}M ({state_mb(total):.0f} MB state, "
-            f"peak +{peak['full_finetune']})")
+    size = (
+        f"LoRA {tl / 1e6:.2f}M trainable ({100 * tl / total:.1f}%, {state_mb(tl):.0f} MB state, "
+        f"peak +{peak['ferrolm']}) vs full {total / 1e6:.1f}M ({state_mb(total):.0f} MB state, "
+        f"peak +{peak['full_finetune']})"
+    )
     name = f"train step, LoRA r=8 vs full fine-tuning, GPT {cfg.n_layer}x{cfg.n_embd} T={t} B={b}"
     return [Workload(name, fns, size, {"trainable": tl, "parameters": total}, warm=False)]
 

@@ -68,8 +68,10 @@ def icl_workloads(smoke: bool = False, full: bool = False) -> List[Workload]:
 
     shape = f"{hcfg['n_layer']}x{hcfg['n_embd']} V={V}"
     out = []
-    for same, label in ((False, "demonstrations retrieved per question"),
-                        (True, "the same 8 demonstrations for every question")):
+    for same, label in (
+        (False, "demonstrations retrieved per question"),
+        (True, "the same 8 demonstrations for every question"),
+    ):
         reqs = requests(same)
         name = f"4-choice 8-shot scoring, {label}, GPT-2-shaped {shape}, context {len(reqs[0][0])} tokens"
         fns = {"ferrolm": (lambda r=reqs: lm.loglikelihood(r)), "transformers_naive": (lambda r=reqs: run_hf(r))}

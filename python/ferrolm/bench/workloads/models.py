@@ -39,9 +39,9 @@ def model_workloads(smoke: bool = False, full: bool = False) -> List[Workload]:
     """
     import torch
 
-    from ...testing import reference
     from ...decoding import generate
     from ...models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel
+    from ...testing import reference
 
     g = torch.Generator().manual_seed(0)
     out: List[Workload] = []
@@ -55,8 +55,13 @@ def model_workloads(smoke: bool = False, full: bool = False) -> List[Workload]:
         lcfg, (lb, lt) = LSTMConfig(vocab_size=V, n_embd=512, hidden_size=512, num_layers=2), (16, 128)
     for label, cfg, ours_cls, ref_cls, (b, t) in (
         (f"GPT {gcfg.n_layer}x{gcfg.n_embd} T={gt} B={gb} V={V}", gcfg, GPT, reference.GPT, (gb, gt)),
-        (f"LSTM LM {lcfg.num_layers}x{lcfg.hidden_size} T={lt} B={lb} V={V}", lcfg, LSTMLanguageModel,
-         reference.LSTMLanguageModel, (lb, lt)),
+        (
+            f"LSTM LM {lcfg.num_layers}x{lcfg.hidden_size} T={lt} B={lb} V={V}",
+            lcfg,
+            LSTMLanguageModel,
+            reference.LSTMLanguageModel,
+            (lb, lt),
+        ),
     ):
         torch.manual_seed(0)
         ours = ours_cls(cfg)
@@ -87,12 +92,20 @@ def model_workloads(smoke: bool = False, full: bool = False) -> List[Workload]:
 
     def gen_hf():
         with torch.no_grad():
-            return hf.generate(prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                               pad_token_id=0)
+            return hf.generate(
+                prompt, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+            )
 
     shape = f"{hcfg['n_layer']}x{hcfg['n_embd']} V={hf.config.vocab_size}"
-    out.append(Workload(f"generate B=1 greedy, GPT-2-shaped {shape}, prompt {plen} + {new} new tokens",
-                        {"ferrolm": gen_ours, "transformers": gen_hf}, f"{new} tokens", {"tokens": new}, warm=False))
+    out.append(
+        Workload(
+            f"generate B=1 greedy, GPT-2-shaped {shape}, prompt {plen} + {new} new tokens",
+            {"ferrolm": gen_ours, "transformers": gen_hf},
+            f"{new} tokens",
+            {"tokens": new},
+            warm=False,
+        )
+    )
     return out
 
 

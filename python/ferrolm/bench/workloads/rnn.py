@@ -30,8 +30,13 @@ def rnn_workloads(smoke: bool = False, full: bool = False) -> List[Workload]:
     else:
         shapes = [(1, 512, 256, 256, 1), (8, 256, 256, 256, 1), (64, 128, 256, 256, 1)]
     if full:
-        shapes += [(1, 512, 512, 512, 1), (8, 256, 512, 512, 1), (32, 128, 512, 512, 1), (8, 256, 256, 256, 2),
-                   (32, 128, 512, 512, 2)]
+        shapes += [
+            (1, 512, 512, 512, 1),
+            (8, 256, 512, 512, 1),
+            (32, 128, 512, 512, 1),
+            (8, 256, 256, 256, 2),
+            (32, 128, 512, 512, 2),
+        ]
     out = []
     g = torch.Generator().manual_seed(0)
     for kind, torch_cls, ours_cls, gates in (("LSTM", torch.nn.LSTM, fnn.LSTM, 4), ("GRU", torch.nn.GRU, fnn.GRU, 3)):
@@ -52,12 +57,22 @@ def rnn_workloads(smoke: bool = False, full: bool = False) -> List[Workload]:
                 m(xg)[0].sum().backward()
 
             # Defaults bind this iteration's functions and modules (closures bind late).
-            out.append(Workload(f"{kind} {shape}: forward (no_grad)",
-                                {"ferrolm": lambda m=ours, f=infer: f(m), "torch": lambda m=ref, f=infer: f(m)},
-                                f"{flops / 1e9:.2f} GFLOP", {"gflop": flops / 1e9}))
-            out.append(Workload(f"{kind} {shape}: forward+backward",
-                                {"ferrolm": lambda m=ours, f=train: f(m), "torch": lambda m=ref, f=train: f(m)},
-                                f"{3 * flops / 1e9:.2f} GFLOP", {"gflop": 3 * flops / 1e9}))
+            out.append(
+                Workload(
+                    f"{kind} {shape}: forward (no_grad)",
+                    {"ferrolm": lambda m=ours, f=infer: f(m), "torch": lambda m=ref, f=infer: f(m)},
+                    f"{flops / 1e9:.2f} GFLOP",
+                    {"gflop": flops / 1e9},
+                )
+            )
+            out.append(
+                Workload(
+                    f"{kind} {shape}: forward+backward",
+                    {"ferrolm": lambda m=ours, f=train: f(m), "torch": lambda m=ref, f=train: f(m)},
+                    f"{3 * flops / 1e9:.2f} GFLOP",
+                    {"gflop": 3 * flops / 1e9},
+                )
+            )
     b, t, i, h = (4, 32, 32, 32) if smoke else (16, 256, 512, 512) if full else (16, 128, 256, 256)
     lengths = torch.randint(t // 4, t + 1, (b,), generator=g)
     lengths[0] = t
@@ -71,8 +86,9 @@ def rnn_workloads(smoke: bool = False, full: bool = False) -> List[Workload]:
             m(pack_padded_sequence(x, lengths, enforce_sorted=False))[0].data.sum().backward()
 
         fns = {"ferrolm": lambda m=ours, f=packed_train: f(m), "torch": lambda m=ref, f=packed_train: f(m)}
-        out.append(Workload(f"{kind} PackedSequence B={b} T={t} H={h}, lengths 25-100%: forward+backward", fns,
-                            "var-len"))
+        out.append(
+            Workload(f"{kind} PackedSequence B={b} T={t} H={h}, lengths 25-100%: forward+backward", fns, "var-len")
+        )
     return out
 
 

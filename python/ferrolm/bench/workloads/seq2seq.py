@@ -25,11 +25,11 @@ def seq2seq_workloads(smoke: bool = False, full: bool = False) -> List[Workload]
     """
     import torch
 
-    from ...testing import reference
     from ...decoding import decode_uncached, greedy_decode
     from ...models import Seq2SeqTransformer, Seq2SeqTransformerConfig
-    from ...training import Seq2SeqBatches
     from ...recipes.translation import encode_pairs, number_task, special_ids, train_tokenizer
+    from ...testing import reference
+    from ...training import Seq2SeqBatches
 
     task = number_task(n_train=2_000 if smoke else 20_000, n_valid=10, n_test=64)
     tok = train_tokenizer(task.train, 512)
@@ -44,8 +44,17 @@ def seq2seq_workloads(smoke: bool = False, full: bool = False) -> List[Workload]
         sizes = dict(n_layer=6, n_head=8, n_embd=512, ff_size=2048)
     else:
         sizes = dict(n_layer=3, n_head=4, n_embd=256, ff_size=1024)
-    cfg = Seq2SeqTransformerConfig(src_vocab_size=tok.n_vocab, tgt_vocab_size=tok.n_vocab, max_len=64, dropout=0.1,
-                                   norm_first=True, shared_embeddings=True, tie_output=True, **ids, **sizes)
+    cfg = Seq2SeqTransformerConfig(
+        src_vocab_size=tok.n_vocab,
+        tgt_vocab_size=tok.n_vocab,
+        max_len=64,
+        dropout=0.1,
+        norm_first=True,
+        shared_embeddings=True,
+        tie_output=True,
+        **ids,
+        **sizes,
+    )
     torch.manual_seed(0)
     ours = Seq2SeqTransformer(cfg)
     ref = reference.Seq2SeqTransformer(cfg)
@@ -65,15 +74,29 @@ def seq2seq_workloads(smoke: bool = False, full: bool = False) -> List[Workload]
         return run
 
     shape = f"{cfg.n_layer}+{cfg.n_layer} layers x {cfg.n_embd}"
-    out = [Workload(f"seq2seq Transformer training, {shape}, {n_batches} steps x {B} pairs (embedded task)",
-                    {"ferrolm": steps(ours), "torch.nn.Transformer": steps(ref)}, f"{real} tokens", {"tokens": real},
-                    warm=False)]
+    out = [
+        Workload(
+            f"seq2seq Transformer training, {shape}, {n_batches} steps x {B} pairs (embedded task)",
+            {"ferrolm": steps(ours), "torch.nn.Transformer": steps(ref)},
+            f"{real} tokens",
+            {"tokens": real},
+            warm=False,
+        )
+    ]
     sources = [s for s, _ in encode_pairs(tok, task.test[: 8 if smoke else 32])]
     new = 8 if smoke else 24
-    out.append(Workload(f"seq2seq greedy translation, batch {len(sources)}, {new} tokens, KV cache vs none, {shape}",
-                        {"ferrolm": lambda: greedy_decode(ours, sources, new, batch_size=32),
-                         "no_cache": lambda: decode_uncached(ref, sources, new)},
-                        f"{len(sources)} tokens", {"tokens": len(sources)}, warm=False))
+    out.append(
+        Workload(
+            f"seq2seq greedy translation, batch {len(sources)}, {new} tokens, KV cache vs none, {shape}",
+            {
+                "ferrolm": lambda: greedy_decode(ours, sources, new, batch_size=32),
+                "no_cache": lambda: decode_uncached(ref, sources, new),
+            },
+            f"{len(sources)} tokens",
+            {"tokens": len(sources)},
+            warm=False,
+        )
+    )
     return out
 
 

@@ -17,11 +17,24 @@ from ...corpus import chinese_text, stdlib_texts
 from ...tokenizer import CL100K_PATTERN, GPT2_PATTERN, Tokenizer
 from ..harness import Result, Workload, measure, time_median
 
-__all__ = ["find_data_dir", "corpus_for_bench", "tokenizer_peers", "encode_texts", "encode_workloads",
-           "training_data", "training_workload", "run"]
+__all__ = [
+    "find_data_dir",
+    "corpus_for_bench",
+    "tokenizer_peers",
+    "encode_texts",
+    "encode_workloads",
+    "training_data",
+    "training_workload",
+    "run",
+]
 
-CL100K_SPECIALS = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
-                   "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
+CL100K_SPECIALS = {
+    "<|endoftext|>": 100257,
+    "<|fim_prefix|>": 100258,
+    "<|fim_middle|>": 100259,
+    "<|fim_suffix|>": 100260,
+    "<|endofprompt|>": 100276,
+}
 
 # The package folder (…/python/ferrolm); the project's shared/ sits beside the repository root.
 _PACKAGE = Path(__file__).resolve().parents[2]
@@ -29,8 +42,12 @@ _PACKAGE = Path(__file__).resolve().parents[2]
 
 def find_data_dir() -> Optional[Path]:
     """The folder holding ``gpt2.tiktoken`` / ``cl100k_base.tiktoken``, if any."""
-    candidates = [os.environ.get("FERROLM_DATA_DIR"), Path.cwd().parent / "shared" / "data",
-                  Path.cwd() / "shared" / "data", _PACKAGE.parents[2] / "shared" / "data"]
+    candidates = [
+        os.environ.get("FERROLM_DATA_DIR"),
+        Path.cwd().parent / "shared" / "data",
+        Path.cwd() / "shared" / "data",
+        _PACKAGE.parents[2] / "shared" / "data",
+    ]
     for c in candidates:
         if c and (Path(c) / "gpt2.tiktoken").is_file():
             return Path(c)
@@ -55,8 +72,9 @@ def tokenizer_peers(vocab: str, tmpdir: Path) -> Tuple[Tokenizer, object, object
     """
     data_dir = find_data_dir()
     if vocab == "trained32k" or data_dir is None:
-        tok = Tokenizer.train(corpus_for_bench(20_000_000), 32_000, special_tokens=["<|endoftext|>"],
-                              show_progress=False)
+        tok = Tokenizer.train(
+            corpus_for_bench(20_000_000), 32_000, special_tokens=["<|endoftext|>"], show_progress=False
+        )
         pattern = tok.pattern
     elif vocab == "gpt2":
         tok = Tokenizer.from_tiktoken(data_dir / "gpt2.tiktoken", GPT2_PATTERN, {"<|endoftext|>": 50256})
@@ -68,8 +86,11 @@ def tokenizer_peers(vocab: str, tmpdir: Path) -> Tuple[Tokenizer, object, object
     try:
         import tiktoken
 
-        ranks = {tok.decode_single_token_bytes(i): i for i in range(tok.n_vocab)
-                 if i not in tok._id_to_special and _has(tok, i)}
+        ranks = {
+            tok.decode_single_token_bytes(i): i
+            for i in range(tok.n_vocab)
+            if i not in tok._id_to_special and _has(tok, i)
+        }
         tt = tiktoken.Encoding(vocab, pat_str=pattern, mergeable_ranks=ranks, special_tokens=tok.special_tokens)
     except ImportError:
         pass
@@ -100,8 +121,9 @@ def encode_texts(max_bytes: Optional[int], n_long: Optional[int], n_short: int) 
     return {"long": long_docs, "short": short, "tiny": tiny}
 
 
-def encode_workloads(vocab: str, texts: Dict[str, List[str]], tmpdir: Path,
-                     worst_bytes: int = 1_000_000) -> Dict[str, Workload]:
+def encode_workloads(
+    vocab: str, texts: Dict[str, List[str]], tmpdir: Path, worst_bytes: int = 1_000_000
+) -> Dict[str, Workload]:
     """The encode comparisons on one vocabulary (peers that are not installed are left out).
 
     Args:
@@ -127,21 +149,24 @@ def encode_workloads(vocab: str, texts: Dict[str, List[str]], tmpdir: Path,
     n_long = sum(len(d.encode()) for d in long_docs)
     n_short = sum(len(d.encode()) for d in short)
     out: Dict[str, Workload] = {}
-    for key, name, docs, nbytes in (("one_thread_long", "encode long docs (>=4 KB), 1 thread", long_docs, n_long),
-                                    ("one_thread_short", "encode short docs (one line), 1 thread", short, n_short)):
+    for key, name, docs, nbytes in (
+        ("one_thread_long", "encode long docs (>=4 KB), 1 thread", long_docs, n_long),
+        ("one_thread_short", "encode short docs (one line), 1 thread", short, n_short),
+    ):
         fns = {k: (lambda fn=fn, docs=docs: [fn(d) for d in docs]) for k, fn in single.items()}
         out[key] = Workload(f"{vocab}: {name}", fns, f"{len(docs)} docs, {nbytes / 1e6:.1f} MB", {"bytes": nbytes})
-    for key, name, docs, size in (("batch_long", "encode_batch long docs, 2 threads", long_docs,
-                                   f"{n_long / 1e6:.1f} MB"),
-                                  ("batch_tiny", "encode_batch 10,000 tiny strings, 2 threads", tiny,
-                                   f"{len(tiny)} strings")):
+    for key, name, docs, size in (
+        ("batch_long", "encode_batch long docs, 2 threads", long_docs, f"{n_long / 1e6:.1f} MB"),
+        ("batch_tiny", "encode_batch 10,000 tiny strings, 2 threads", tiny, f"{len(tiny)} strings"),
+    ):
         fns = {k: (lambda fn=fn, docs=docs: fn(docs)) for k, fn in batch.items()}
         out[key] = Workload(f"{vocab}: {name}", fns, size, {"texts": len(docs)})
     worst = "x" * worst_bytes
     mb = f"{worst_bytes / 1e6:g} MB"
     fns = {k: (lambda fn=single[k]: fn(worst)) for k in ("ferrolm", "tiktoken") if k in single}
-    out["worst_case"] = Workload(f"{vocab}: worst case, {mb} with no split point", fns, mb, {"bytes": worst_bytes},
-                                 warm=False)
+    out["worst_case"] = Workload(
+        f"{vocab}: worst case, {mb} with no split point", fns, mb, {"bytes": worst_bytes}, warm=False
+    )
     return out
 
 
@@ -177,8 +202,12 @@ def training_workload(data: List[str], vocab_size: int) -> Workload:
         def hf() -> object:
             t = HfTokenizer(models.BPE())
             t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2,
-                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size,
+                min_frequency=2,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                show_progress=False,
+            )
             t.train_from_iterator(data, trainer)
             return t
 
@@ -207,8 +236,10 @@ def _training_result(mbytes: int, vocab_size: int, repeats: int) -> Tuple[Result
     r = Result("tokenizer", w.name, w.size)
     trained: Dict[str, object] = {}
     for name, fn in w.fns.items():
-        r.seconds[name] = time_median(lambda name=name, fn=fn: trained.__setitem__(name, fn()),
-                                      repeats if name == "ferrolm" else max(1, repeats - 2))
+        r.seconds[name] = time_median(
+            lambda name=name, fn=fn: trained.__setitem__(name, fn()),
+            repeats if name == "ferrolm" else max(1, repeats - 2),
+        )
     nbytes = sum(len(d.encode()) for d in held)
     ours: Any = trained["ferrolm"]
     bpt = {"ferrolm": nbytes / sum(map(len, ours.encode_ordinary_batch(held)))}

@@ -1,0 +1,372 @@
+"""Language-model recipes behind ``ferrolm train gpt|lstm``, ``ferrolm generate``,
+``ferrolm finetune`` and ``ferrolm icl eval``: from files (or the embedded corpus and task) to a
+tokenizer, a token stream or (prompt, target) pairs, a model, a training run and its files.
+
+Every step the command line takes is a function here, so it can be called (and is tested)
+from Python: :func:`token_stream`, :func:`train_language_model`, :func:`load_lm`,
+:func:`finetune_data`, :func:`finetune_model`, :func:`icl_task`.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .._io import PathLike, atomic_write
+from ..corpus import default_corpus
+from ..data import TokenShard, expand_paths, is_token_shard
+from ..tokenizer import Tokenizer
+
+__all__ = [
+    "LMOptions",
+    "token_stream",
+    "train_language_model",
+    "load_lm",
+    "finetune_data",
+    "finetune_model",
+    "icl_task",
+]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def token_stream(
+    tok: Tokenizer, texts_or_files: Sequence[Union[str, Path]] = (), shards: Sequence[PathLike] = ()
+) -> np.ndarray:
+    """One int64 token stream: each text (or UTF-8 file) encoded and followed by
+    ``<|endoftext|>`` when the tokenizer has it, then the tokens of each shard."""
+    streams: List[np.ndarray] = []
+    if texts_or_files:
+        docs = [Path(f).read_text(encoding="utf-8") if isinstance(f, Path) else f for f in texts_or_files]
+        eot = tok.special_tokens.get("<|endoftext|>")
+        for ids in tok.encode_ordinary_batch(docs):
+            streams.append(np.asarray(ids + ([eot] if eot is not None else []), dtype=np.int64))
+    streams += [np.asarray(TokenShard(s).tokens, dtype=np.int64) for s in shards]
+    if not streams:
+        raise ValueError("no data: give texts, files or token shards")
+    return np.concatenate(streams)
+
+
+@dataclass
+class LMOptions:
+    """The sizes and training options of :func:`train_language_model` (the CLI's defaults)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup: int = 50
+    vocab_size: int = 4096
+    dropout: float = 0.0
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    positions: str = "learned"
+    hidden_size: int = 512
+    num_layers: int = 2
+    cell: str = "lstm"
+    val_fraction: float = 0.05
+    eval_interval: int = 100
+    eval_batches: int = 10
+    checkpoint_interval: int = 100
+    seed: int = 1337
+    max_bytes: Optional[int] = None
+
+
+def train_language_model(
+    arch: str,
+    data: Sequence[PathLike],
+    out_dir: PathLike,
+    options: Optional[LMOptions] = None,
+    tokenizer: Optional[PathLike] = None,
+    resume: bool = False,
+):
+    """Trains a GPT (``arch="gpt"``) or LSTM/GRU language model (``"lstm"``) and writes its
+    checkpoint, ``model.safetensors`` and ``tokenizer.json`` into ``out_dir``.
+
+    Args:
+        data: UTF-8 text files, token shards or folders of them (empty: the embedded corpus).
+        tokenizer: a tokenizer file; by default one is trained on the data (or, with
+            ``resume``, the one already in ``out_dir`` is used).
+        resume: continue the checkpoint in ``out_dir`` exactly.
+
+    Returns:
+        ``(model, TrainResult)``.
+    """
+    from ..models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel, load_model
+    from ..training import TrainConfig, train
+
+    o = options or LMOptions()
+    if arch not in ("gpt", "lstm"):
+        raise ValueError(f"arch must be 'gpt' or 'lstm', got {arch!r}")
+    out = Path(out_dir)
+    files = expand_paths(data)
+    shards = [f for f in files if is_token_shard(f)]
+    texts_or_files: List[Any] = [f for f in files if f not in shards] if files else default_corpus(o.max_bytes)
+    tok_path = Path(tokenizer) if tokenizer else out / "tokenizer.json"
+    if tokenizer or (resume and tok_path.is_file()):
+        tok = Tokenizer.from_file(tok_path)
+    elif shards and not texts_or_files:
+        raise ValueError("token shards need the tokenizer that wrote them: pass --tokenizer")
+    else:
+        _log(f"training a {o.vocab_size}-token BPE tokenizer on the data ...")
+        tok = Tokenizer.train(texts_or_files, vocab_size=o.vocab_size, special_tokens=["<|endoftext|>"])
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save_hf_json(out / "tokenizer.json")
+    tokens = token_stream(tok, texts_or_files, shards)
+    cut = int(len(tokens) * (1.0 - o.val_fraction))
+    train_ids, val_ids = tokens[:cut], tokens[cut:]
+    if resume:
+        model = load_model(out / "model.safetensors")
+    elif arch == "gpt":
+        model = GPT(
+            GPTConfig(
+                vocab_size=tok.n_vocab,
+                block_size=o.seq_len,
+                n_layer=o.n_layer,
+                n_head=o.n_head,
+                n_embd=o.n_embd,
+                dropout=o.dropout,
+                positions=o.positions,
+            )
+        )
+    else:
+        model = LSTMLanguageModel(
+            LSTMConfig(
+                vocab_size=tok.n_vocab,
+                n_embd=o.n_embd,
+                hidden_size=o.hidden_size,
+                num_layers=o.num_layers,
+                dropout=o.dropout,
+                cell=o.cell,
+                tie_weights=o.n_embd == o.hidden_size,
+            )
+        )
+    cfg = TrainConfig(
+        max_steps=o.steps,
+        batch_size=o.batch_size,
+        seq_len=o.seq_len,
+        grad_accum=o.grad_accum,
+        lr=o.lr,
+        min_lr=o.lr / 10,
+        warmup_steps=min(o.warmup, o.steps // 10 + 1),
+        eval_interval=o.eval_interval,
+        eval_batches=o.eval_batches,
+        checkpoint_interval=o.checkpoint_interval,
+        seed=o.seed,
+    )
+    _log(
+        f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"{len(train_ids):,} training / {len(val_ids):,} validation tokens -> {out}"
+    )
+    val = val_ids if len(val_ids) > cfg.batch_size * cfg.seq_len else None
+    result = train(model, train_ids, val, cfg, out_dir=out, resume=resume)
+    if not (out / "tokenizer.json").exists():
+        tok.save_hf_json(out / "tokenizer.json")
+    return model, result
+
+
+def _is_hf_dir(path: Path) -> bool:
+    import json
+
+    try:
+        return "model_type" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def load_lm(
+    path: PathLike, tokenizer: Optional[PathLike] = None, transformers_ok: bool = True
+) -> Tuple[Any, Tokenizer]:
+    """``(model, tokenizer)`` from a ferrolm checkpoint (a `ferrolm train` folder or a
+    .safetensors file) or, with ``transformers_ok``, a local Hugging Face model folder; the
+    tokenizer is ``tokenizer`` or the tokenizer.json beside the model.
+
+    Raises:
+        FileNotFoundError: no checkpoint or tokenizer there.
+    """
+    from ..models import load_model
+
+    path = Path(path)
+    if (
+        transformers_ok and path.is_dir() and _is_hf_dir(path)
+    ):  # ferrolm folders keep their config inside the checkpoint
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError as e:
+            raise ImportError("a Hugging Face model folder needs transformers: pip install transformers") from e
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
+        return model, Tokenizer.from_file(Path(tokenizer) if tokenizer else path / "tokenizer.json")
+    model_file = path / "model.safetensors" if path.is_dir() else path
+    if not model_file.is_file():
+        also = ", or a Hugging Face model folder" if transformers_ok else ""
+        raise FileNotFoundError(
+            f"no model checkpoint at {model_file}; pass a folder written by `ferrolm train` or a .safetensors file{also}"
+        )
+    tok_file = Path(tokenizer) if tokenizer else (path if path.is_dir() else path.parent) / "tokenizer.json"
+    return load_model(model_file), Tokenizer.from_file(tok_file)
+
+
+def finetune_data(
+    tok: Tokenizer, data: Optional[PathLike] = None, input_key: str = "input", output_key: Optional[str] = None
+):
+    """Fine-tuning data: ``[(prompt ids, target ids), ...]`` for examples with outputs (the loss
+    then falls on the targets only), else one int64 token stream of the texts.
+
+    Args:
+        data: a JSONL/CSV file of examples (with outputs: pairs; inputs alone: texts), a text
+            file, or None for the embedded task rendered as (prompt, label word) pairs.
+    """
+    from ..icl import Example, load_examples
+    from ..icl.tasks import stdlib_package_task
+
+    if data is None:
+        pool, _, template = stdlib_package_task()
+        prompts = [template.render([], Example(e.input, None, e.fields)) for e in pool]
+        pairs = list(
+            zip(
+                tok.encode_ordinary_batch(prompts),
+                tok.encode_ordinary_batch([template.label_words[e.output] for e in pool]),
+            )
+        )  # type: ignore[index]
+        _log(f"embedded task: {len(pairs)} (prompt, label word) pairs")
+        return pairs
+    path = Path(data)
+    if path.suffix.lower() in (".jsonl", ".csv"):
+        examples = load_examples(path, input_key, output_key)
+        if all(e.output is not None for e in examples):
+            return list(
+                zip(
+                    tok.encode_ordinary_batch([e.input for e in examples]),
+                    tok.encode_ordinary_batch([str(e.output) for e in examples]),
+                )
+            )
+        texts = [e.input for e in examples]
+    else:
+        texts = [path.read_text(encoding="utf-8")]
+    eot = tok.special_tokens.get("<|endoftext|>")
+    return np.asarray(
+        [t for ids in tok.encode_ordinary_batch(texts) for t in ids + ([eot] if eot is not None else [])],
+        dtype=np.int64,
+    )
+
+
+def finetune_model(
+    model,
+    tok: Tokenizer,
+    method: str,
+    data,
+    out_dir: PathLike,
+    steps: int = 200,
+    batch_size: int = 8,
+    seq_len: int = 128,
+    lr: float = 1e-3,
+    r: int = 8,
+    alpha: float = 16.0,
+    lora_dropout: float = 0.0,
+    targets: Sequence[str] = ("c_attn", "c_proj", "c_fc"),
+    virtual_tokens: int = 16,
+    checkpoint_interval: int = 100,
+    seed: int = 1337,
+    resume: bool = False,
+):
+    """Fine-tunes a ferrolm GPT or LSTM language model with ``method`` (lora, bitfit, prompt,
+    head, full) on ``data`` (from :func:`finetune_data`) and writes into ``out_dir``:
+    ``model.safetensors`` (LoRA merged), ``adapter/`` in PEFT's layout (LoRA on a GPT),
+    ``prompt.safetensors`` (prompt tuning) and ``tokenizer.json``. Returns the TrainResult.
+    """
+    from safetensors.torch import save
+
+    from .. import finetune as ft
+    from ..models import GPT, LSTMLanguageModel, save_model
+    from ..training import TrainConfig, train
+
+    if not isinstance(model, (GPT, LSTMLanguageModel)):
+        raise ValueError("ferrolm finetune takes a ferrolm GPT or LSTM checkpoint (use PEFT for Hugging Face models)")
+    target: Any = model
+    if method == "lora":
+        if isinstance(model, GPT):
+            ft.apply_lora(model, r=r, alpha=alpha, target_modules=list(targets), dropout=lora_dropout)
+        else:
+            ft.apply_lora_rnn(model.rnn, r=r, alpha=alpha)
+    elif method == "prompt":
+        target = ft.PromptTuning(model, virtual_tokens)
+    ft.prepare(target, method)
+    ft.print_trainable_parameters(target)
+    block = getattr(model.config, "block_size", None)
+    if block:
+        seq_len = min(seq_len, block - (virtual_tokens if method == "prompt" else 0))
+    cfg = TrainConfig(
+        max_steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        min_lr=lr / 10,
+        warmup_steps=min(20, steps // 10),
+        eval_interval=0,
+        checkpoint_interval=checkpoint_interval,
+        seed=seed,
+    )
+    out = Path(out_dir)
+    result = train(target, data, None, cfg, out_dir=out, resume=resume)
+    if method == "lora" and isinstance(model, GPT):
+        ft.save_lora(model, out / "adapter")
+        ft.merge_and_unload(model)
+    elif method == "lora":
+        ft.merge_lora_rnn(model.rnn)
+    if method == "prompt":
+        atomic_write(out / "prompt.safetensors", save({"prompt": target.prompt.detach().cpu().contiguous()}))
+    else:
+        save_model(model, out / "model.safetensors")
+    tok.save_hf_json(out / "tokenizer.json")
+    return result
+
+
+def _unescape(x: str) -> str:
+    """Shells pass "\\n" literally: ``\\n`` and ``\\t`` become newline and tab."""
+    return x.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def icl_task(
+    data: Optional[PathLike] = None,
+    input_key: str = "input",
+    output_key: Optional[str] = None,
+    demo: str = "{input}\nAnswer:{label}",
+    query: str = "{input}\nAnswer:",
+    separator: str = "\n\n",
+    instruction: str = "",
+    label_words: Optional[Dict[str, str]] = None,
+    test_fraction: float = 0.2,
+):
+    """``(pool, test, template)`` of a k-shot classification task: the examples of ``data``
+    (JSONL/CSV; the tail ``test_fraction`` are the queries, label words default to
+    ``" " + label``; ``\\n``/``\\t`` in the templates unescaped), or the embedded task."""
+    from ..icl import Template, load_examples
+    from ..icl.tasks import stdlib_package_task
+
+    if data is None:
+        pool, test, template = stdlib_package_task()
+        _log(
+            f"embedded task: standard-library package of a code snippet ({len(template.choices())} classes, "
+            f"{len(pool)} pool / {len(test)} test examples)"
+        )
+        return pool, test, template
+    examples = load_examples(data, input_key=input_key, output_key=output_key)
+    words = label_words or {lab: " " + lab for lab in sorted({str(e.output) for e in examples})}
+    examples = [type(e)(e.input, str(e.output), e.fields) for e in examples]
+    template = Template(
+        demo=_unescape(demo),
+        query=_unescape(query),
+        separator=_unescape(separator),
+        instruction=_unescape(instruction),
+        label_words=words,
+    )
+    n_test = max(1, int(len(examples) * test_fraction))
+    return examples[:-n_test], examples[-n_test:], template
