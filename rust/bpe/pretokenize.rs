@@ -1,6 +1,6 @@
 //! Pre-tokenization: splitting text into the pieces that BPE encodes one by one.
 //!
-//! Performance note (see `../shared/notes/tokenizer-speed.md`): tiktoken spends about a third of
+//! Performance note: tiktoken spends about a third of
 //! its encode time in fancy-regex's backtracking search. The GPT-2 (`r50k`) and `cl100k`
 //! patterns are implemented here as hand-written scanners that reproduce the regex's
 //! leftmost-first, backtracking result exactly (the tests compare them with fancy-regex on

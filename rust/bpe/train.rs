@@ -1,7 +1,7 @@
 //! BPE training: count pre-tokenized words in parallel, then merge the most frequent pair
 //! until the vocabulary is full.
 //!
-//! Performance notes (see `../shared/notes/tokenizer-speed.md` §6):
+//! Performance notes:
 //! - Counting uses the hand-written pre-tokenizer and per-thread maps keyed by borrowed
 //!   `&str`, merged once per batch; only new words are copied.
 //! - Words are stored once each, with their counts, as flat `u32` symbols merged in place.
