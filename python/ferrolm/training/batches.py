@@ -32,7 +32,8 @@ def _as_tokens(data: Any, what: str) -> np.ndarray:
         arr = np.asarray(data)
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(
-            f"{what} must be a 1-D integer token stream (array, tensor, shard path or TokenShard), got shape {arr.shape} dtype {arr.dtype}"
+            f"{what} must be a 1-D integer token stream (array, tensor, shard path or TokenShard), "
+            f"got shape {arr.shape} dtype {arr.dtype}"
         )
     return arr
 
@@ -76,7 +77,8 @@ class _Epochs:
     def load_state_dict(self, state: Dict[str, int]) -> None:
         if state.get("n_windows") != self.n_windows or state.get("seed") != self.seed:
             raise ValueError(
-                f"the checkpoint's data position is for another stream ({state.get('n_windows')} windows, seed {state.get('seed')}), "
+                f"the checkpoint's data position is for another stream "
+                f"({state.get('n_windows')} windows, seed {state.get('seed')}), "
                 f"this one has {self.n_windows} windows, seed {self.seed}; resume on the same data and seq_len"
             )
         self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
@@ -110,7 +112,8 @@ class TokenBatches(_Epochs):
         if self.per_epoch == 0:
             need = self.batch_size * self.world_size * self.seq_len + 1
             raise ValueError(
-                f"{len(self.tokens)} tokens are too few for one batch of {self.batch_size * self.world_size} x {self.seq_len} "
+                f"{len(self.tokens)} tokens are too few for one batch of "
+                f"{self.batch_size * self.world_size} x {self.seq_len} "
                 f"(need {need}); lower batch_size or seq_len, or add data"
             )
         self.epoch, self.index = 0, 0
@@ -176,7 +179,8 @@ class ExampleBatches(_Epochs):
             for part, what in ((prompt, "prompt"), (target, "target")):
                 if part.ndim != 1 or (part.size and not np.issubdtype(part.dtype, np.integer)):
                     raise ValueError(
-                        f"example {i}: the {what} must be a 1-D sequence of int token ids, got shape {part.shape} dtype {part.dtype}"
+                        f"example {i}: the {what} must be a 1-D sequence of int token ids, "
+                        f"got shape {part.shape} dtype {part.dtype}"
                     )
             if target.size == 0:
                 raise ValueError(f"example {i}: the target is empty (nothing to learn)")
@@ -192,7 +196,8 @@ class ExampleBatches(_Epochs):
         self.per_epoch = self.n_windows // (self.batch_size * self.world_size)
         if self.per_epoch == 0:
             raise ValueError(
-                f"{self.n_windows} examples are too few for one batch of {self.batch_size * self.world_size}; lower batch_size or add data"
+                f"{self.n_windows} examples are too few for one batch of {self.batch_size * self.world_size}; "
+                "lower batch_size or add data"
             )
         self.epoch, self.index = 0, 0
         self._order: Optional[np.ndarray] = None
@@ -224,7 +229,8 @@ class Seq2SeqBatches(_Epochs):
     pairs, taking the special ids from ``model.config``.
 
     Example:
-        >>> b = Seq2SeqBatches([([5, 6, 7], [8]), ([9], [10, 11])], batch_size=2, pad_id=0, bos_id=1, eos_id=2, shuffle=False)
+        >>> b = Seq2SeqBatches([([5, 6, 7], [8]), ([9], [10, 11])], batch_size=2, pad_id=0, bos_id=1, eos_id=2,
+        ...                    shuffle=False)
         >>> (src, tgt_in), y = b.next()
         >>> src.tolist(), tgt_in.tolist(), y.tolist()
         ([[5, 6, 7], [9, 0, 0]], [[1, 8, 0], [1, 10, 11]], [[8, 2, -100], [10, 11, 2]])
@@ -261,14 +267,16 @@ class Seq2SeqBatches(_Epochs):
                 raise ValueError(f"pair {i} holds pad_id={self.pad_id}; give the sequences unpadded")
             if max_len is not None and (src.size > max_len or tgt.size + 1 > max_len):
                 raise ValueError(
-                    f"pair {i}: source of {src.size} / target of {tgt.size} (+1 for BOS/EOS) tokens exceeds max_len={max_len}"
+                    f"pair {i}: source of {src.size} / target of {tgt.size} (+1 for BOS/EOS) tokens "
+                    f"exceeds max_len={max_len}"
                 )
             self.rows.append((src, tgt))
         self.n_windows = len(self.rows)
         self.per_epoch = self.n_windows // (self.batch_size * self.world_size)
         if self.per_epoch == 0:
             raise ValueError(
-                f"{self.n_windows} pairs are too few for one batch of {self.batch_size * self.world_size}; lower batch_size or add data"
+                f"{self.n_windows} pairs are too few for one batch of {self.batch_size * self.world_size}; "
+                "lower batch_size or add data"
             )
         self.epoch, self.index = 0, 0
         self._order: Optional[np.ndarray] = None
@@ -330,7 +338,8 @@ class SyntheticBatches:
     def load_state_dict(self, state: Dict[str, int]) -> None:
         if state.get("seed") != self.seed or "index" not in state:
             raise ValueError(
-                f"the checkpoint's data position is for another source (seed {state.get('seed')}), this one has seed {self.seed}"
+                f"the checkpoint's data position is for another source (seed {state.get('seed')}), "
+                f"this one has seed {self.seed}"
             )
         self.index = int(state["index"])
 
@@ -344,7 +353,8 @@ def batches_for(
     if getattr(model, "is_encoder_decoder", False) and mc is not None:
         if not _is_pairs(data):
             raise ValueError(
-                f"{type(model).__name__} trains on (source ids, target ids) pairs (or a Seq2SeqBatches); got {type(data).__name__}"
+                f"{type(model).__name__} trains on (source ids, target ids) pairs (or a Seq2SeqBatches); "
+                f"got {type(data).__name__}"
             )
         return Seq2SeqBatches(
             data, cfg.batch_size, mc.pad_id, mc.bos_id, mc.eos_id, mc.max_len, cfg.seed, rank, world, shuffle

@@ -11,7 +11,7 @@ import io
 import random
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict
+from typing import Any, Dict
 
 import torch
 
@@ -19,9 +19,7 @@ from .._io import PathLike, atomic_write
 from ..errors import FormatError
 from ..models import save_model
 from ..models.registry import architecture_of
-
-if TYPE_CHECKING:
-    from .loop import TrainConfig, TrainResult
+from .config import TrainConfig, TrainResult
 
 __all__ = ["STATE_FILE", "MODEL_FILE", "save_checkpoint", "load_train_state", "set_rng_state", "SigintFlag"]
 
