@@ -90,9 +90,7 @@ class _RNNLayer(torch.autograd.Function):
         b_hh_a = b_hh if ctx.has_bias[1] else None
         # Rust runs the backward through time (the sequential part: gate gradients and the
         # recurrent product per step); the three large products over all steps go to torch's
-        # GEMM. Measured: the gemm crate took 42 ms of a B=8, T=256, H=256 forward+backward;
-        # Rust's own packed AVX-512 kernel (`products=True`) ran them as fast as torch's MKL
-        # here (A/B in one process: within the machine's noise, either way by size).
+        # GEMM, as fast here as a Rust packed kernel was (docs/kernels.md).
         gw = (4 if lstm else 3) * h0.shape[-1]
         dgx, dgh, hprev, dh0, dc0 = _core.rnn_backward(
             ctx.mode,
