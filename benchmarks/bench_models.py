@@ -1,8 +1,8 @@
 """End-to-end benchmarks, workloads from :mod:`ferrolm.bench.workloads` (shared with ``ferrolm bench``):
 
 - models (issue 6 targets): training tokens/s of ferrolm's GPT (6 layers, 384 wide, T=256) and LSTM LM (2x512,
-  batch 16) >= 1.5x their plain-PyTorch twins in ferrolm.testing.reference; batch-1 greedy generation with a KV cache >= 3x
-  transformers' generate on the same GPT-2-shaped weights.
+  batch 16) >= 1.5x their plain-PyTorch twins in ferrolm.testing.reference; batch-1 greedy generation with a KV cache
+  >= 3x transformers' generate on the same GPT-2-shaped weights.
 - seq2seq (issue 11 targets): training real tokens/s of the Seq2SeqTransformer >= 1.5x the same model on
   torch.nn.Transformer (SDPA) on the embedded translation task's batches; greedy translation of 32 sources with the
   KV cache >= 3x the reference decoding without one.

@@ -243,9 +243,9 @@ def test_resume_gives_the_same_loss_curve(corpus_tokens, tmp_path, kind):
     if kind == "gpt":
         make = lambda: GPT(GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.1))  # noqa: E731
     else:
-        make = lambda: LSTMLanguageModel(
+        make = lambda: LSTMLanguageModel(  # noqa: E731
             LSTMConfig(vocab_size=512, n_embd=32, hidden_size=32, num_layers=2, dropout=0.1)
-        )  # noqa: E731
+        )
     full, resumed = _resume_pair(make, tmp_path, tokens)
     a = [h["loss"] for h in full.history]
     b = [h["loss"] for h in resumed.history]
@@ -307,8 +307,8 @@ DDP_SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16))
     tokens = np.random.default_rng(0).integers(0, 64, 30_000)
-    res = train(model, tokens, tokens, TrainConfig(max_steps=6, batch_size=batch, seq_len=16, warmup_steps=2, eval_interval=3,
-                                                    eval_batches=2, progress=False))
+    res = train(model, tokens, tokens, TrainConfig(max_steps=6, batch_size=batch, seq_len=16, warmup_steps=2,
+                                                    eval_interval=3, eval_batches=2, progress=False))
     import torch.distributed as dist
     import os
     if int(os.environ.get("RANK", "0")) == 0:

@@ -460,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment",
         help="the ICL science suite: train small models and reproduce an ICL result (GPT vs LSTM)",
         description="Experiments: regression (in-context linear regression, Garg et al. 2022), "
-        "recall (multi-query associative recall, Arora et al. 2023), induction (induction heads, Olsson et al. 2022), fewshot (arbitrary-label few-shot classification, bursty vs uniform data, in the spirit of Chan et al. 2022), or all. Writes icl_NAME.json "
+        "recall (multi-query associative recall, Arora et al. 2023), induction (induction heads, Olsson et al. 2022), "
+        "fewshot (arbitrary-label few-shot classification, bursty vs uniform data, in the spirit of Chan et al. 2022), "
+        "or all. Writes icl_NAME.json "
         "and icl_NAME.png into --results and prints a table.",
     )
     ex.add_argument("name", help="regression, recall, induction, fewshot or all")
@@ -482,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="run",
         choices=["run", "experiment"],
-        help="run: fine-tune --model with --method; experiment: the comparison of every method and ICL on the embedded task",
+        help="run: fine-tune --model with --method; "
+        "experiment: the comparison of every method and ICL on the embedded task",
     )
     f.add_argument("--method", default=None, choices=["lora", "bitfit", "prompt", "head", "full"])
     f.add_argument("--model", default=None, help="a `ferrolm train` folder or a .safetensors checkpoint")
@@ -492,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--data",
         default=None,
-        help="JSONL/CSV examples (with outputs: trained as prompt -> output, the loss on the output only; inputs alone: as text) or a text file (default: the embedded task)",
+        help="JSONL/CSV examples (with outputs: trained as prompt -> output, the loss on the output only; "
+        "inputs alone: as text) or a text file (default: the embedded task)",
     )
     f.add_argument("--input-key", default="input")
     f.add_argument("--output-key", default=None)
@@ -522,7 +526,10 @@ def _missing_torch(command: str) -> Optional[str]:
     import importlib.util
 
     if command in _NEEDS_TORCH and importlib.util.find_spec("torch") is None:
-        return f"`ferrolm {command}` needs PyTorch, which is not installed: pip install 'ferrolm[torch]' (or pip install torch)"
+        return (
+            f"`ferrolm {command}` needs PyTorch, which is not installed: "
+            "pip install 'ferrolm[torch]' (or pip install torch)"
+        )
     return None
 
 

@@ -176,7 +176,8 @@ def generate(
     """
     if not is_decoder(model) or getattr(model, "is_encoder_decoder", False):
         raise TypeError(
-            f"generate needs a ferrolm causal language model (a GPT or LSTMLanguageModel, or anything implementing ferrolm.decoding.Decoder), got {type(model).__name__}"
+            "generate needs a ferrolm causal language model (a GPT or LSTMLanguageModel, "
+            f"or anything implementing ferrolm.decoding.Decoder), got {type(model).__name__}"
         )
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -206,7 +207,8 @@ def generate(
     window = model.context_window
     if window is not None and T + max_new_tokens > window:
         raise ValueError(
-            f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds {getattr(model, 'window_name', 'context_window')}={window}; "
+            f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds "
+            f"{getattr(model, 'window_name', 'context_window')}={window}; "
             "shorten the prompt or generate fewer tokens"
         )
     out: List[List[int]] = [[] for _ in range(B)]
@@ -265,7 +267,8 @@ def _check_sources(model: nn.Module, sources: List[List[int]]) -> None:
         lo, hi = min(s), max(s)
         if lo < 0 or hi >= cfg.src_vocab_size:
             raise ValueError(
-                f"source {i} holds token id {lo if lo < 0 else hi}, outside the source vocabulary [0, {cfg.src_vocab_size})"
+                f"source {i} holds token id {lo if lo < 0 else hi}, "
+                f"outside the source vocabulary [0, {cfg.src_vocab_size})"
             )
         if cfg.pad_id in s:
             raise ValueError(f"source {i} holds pad_id={cfg.pad_id}; sources are given unpadded")

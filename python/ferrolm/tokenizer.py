@@ -364,7 +364,10 @@ class Tokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return f"<ferrolm.Tokenizer vocab_size={self.vocab_size} specials={len(self._special_list)} rule={self.merge_rule}>"
+        return (
+            f"<ferrolm.Tokenizer vocab_size={self.vocab_size} specials={len(self._special_list)} "
+            f"rule={self.merge_rule}>"
+        )
 
     def __reduce__(self):
         # Picklable (DataLoader workers under spawn): the HF format keeps merges, the tiktoken

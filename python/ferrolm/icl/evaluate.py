@@ -59,7 +59,8 @@ def _retrieve(
     if kind in ("topk", "mmr"):
         if embed is None:
             raise ValueError(
-                f"the {kind!r} retriever needs embed= (for example ferrolm.icl.retrieve.model_embedder(model, tokenizer))"
+                f"the {kind!r} retriever needs embed= "
+                "(for example ferrolm.icl.retrieve.model_embedder(model, tokenizer))"
             )
         r = TopKRetriever(embed=embed, pool_items=[e.input for e in pool], mmr_lambda=0.5 if kind == "mmr" else None)
         return r.retrieve([q.input for q in queries], k, query_pool_index)
@@ -131,7 +132,8 @@ class SweepResult:
         lines = ["| k | seeds | accuracy (mean) | 95% CI | macro-F1 |", "|---|---|---|---|---|"]
         for r in self.table():
             lines.append(
-                f"| {r['k']} | {r['seeds']} | {r['accuracy']:.4f} | [{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['macro_f1']:.4f} |"
+                f"| {r['k']} | {r['seeds']} | {r['accuracy']:.4f} | "
+                f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}] | {r['macro_f1']:.4f} |"
             )
         return "\n".join(lines) + "\n"
 

@@ -1,7 +1,7 @@
 """One adapter for the language models that in-context learning scores with: every ferrolm
 language model (anything implementing :class:`ferrolm.decoding.Decoder`: GPT, the LSTM LM, a
-prompt-tuned GPT) and Hugging Face ``transformers`` causal LMs. Requests follow lm-evaluation-harness's kinds: ``loglikelihood``
-(context, continuation) and ``loglikelihood_rolling`` (a whole text).
+prompt-tuned GPT) and Hugging Face ``transformers`` causal LMs. Requests follow lm-evaluation-harness's kinds:
+``loglikelihood`` (context, continuation) and ``loglikelihood_rolling`` (a whole text).
 
 Shared-prefix reuse: requests with the same context (the k demonstrations and the question,
 scored against each choice) run the context once; its KV cache (GPT) or carried state (LSTM)
@@ -225,7 +225,8 @@ class LM:
             ctx, cut = self._fit(ctx, cont)
             if not ctx:
                 raise ValueError(
-                    f"a continuation of {len(cont)} tokens leaves no room for context in the window of {self.max_length}"
+                    f"a continuation of {len(cont)} tokens leaves no room for context "
+                    f"in the window of {self.max_length}"
                 )
             rows.append((ctx + cont, len(ctx), cont, cut))
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths together

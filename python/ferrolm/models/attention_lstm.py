@@ -94,7 +94,8 @@ class AttentionLSTM(Checkpointable, nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(
-                f"sequence length {T} exceeds block_size={self.config.block_size}; crop the input or raise AttentionLSTMConfig.block_size"
+                f"sequence length {T} exceeds block_size={self.config.block_size}; "
+                "crop the input or raise AttentionLSTMConfig.block_size"
             )
         mask = None
         if lengths is not None:

@@ -44,7 +44,8 @@ class ClassifierConfig(Config):
             self.backbone = config_from_dict(self.backbone)  # type: ignore[assignment]
         if getattr(self.backbone, "architecture", None) not in _BACKBONES:
             raise TypeError(
-                f"ClassifierConfig.backbone must be a GPTConfig, LSTMConfig or AttentionLSTMConfig, got {type(self.backbone).__name__}"
+                "ClassifierConfig.backbone must be a GPTConfig, LSTMConfig or AttentionLSTMConfig, "
+                f"got {type(self.backbone).__name__}"
             )
         self._positive("num_classes")
         if self.pooling not in POOLINGS:

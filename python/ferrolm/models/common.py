@@ -37,7 +37,8 @@ def check_ids(idx: torch.Tensor, vocab_size: int, what: str = "idx") -> None:
         if lo < 0 or hi >= vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(
-                f"token id {bad} in {what} is out of range for vocab_size={vocab_size} (ids must be in [0, {vocab_size}))"
+                f"token id {bad} in {what} is out of range for vocab_size={vocab_size} "
+                f"(ids must be in [0, {vocab_size}))"
             )
 
 

@@ -175,13 +175,15 @@ class GPT(Checkpointable, nn.Module):
         else:
             if T > self.config.block_size:
                 raise ValueError(
-                    f"sequence length {T} exceeds block_size={self.config.block_size}; crop the input or raise GPTConfig.block_size"
+                    f"sequence length {T} exceeds block_size={self.config.block_size}; "
+                    "crop the input or raise GPTConfig.block_size"
                 )
             return None
         top = int(pos.max()) if pos.numel() else 0
         if top >= self.config.block_size:
             raise ValueError(
-                f"position {top} exceeds block_size={self.config.block_size}; crop the input or raise GPTConfig.block_size"
+                f"position {top} exceeds block_size={self.config.block_size}; "
+                "crop the input or raise GPTConfig.block_size"
             )
         return pos
 
@@ -213,7 +215,8 @@ class GPT(Checkpointable, nn.Module):
                 raise ValueError("prefix_embeds cannot be combined with a KV cache")
             if prefix_embeds.dim() not in (2, 3) or prefix_embeds.size(-1) != self.config.n_embd:
                 raise ValueError(
-                    f"prefix_embeds must be (P, {self.config.n_embd}) or (B, P, {self.config.n_embd}), got {tuple(prefix_embeds.shape)}"
+                    f"prefix_embeds must be (P, {self.config.n_embd}) or (B, P, {self.config.n_embd}), "
+                    f"got {tuple(prefix_embeds.shape)}"
                 )
             P = prefix_embeds.size(-2)
             if padding_mask is not None:
@@ -231,7 +234,8 @@ class GPT(Checkpointable, nn.Module):
         if padding_mask is not None:
             if padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != (B, T):
                 raise ValueError(
-                    f"padding_mask must be a bool tensor of shape ({B}, {T}), got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+                    f"padding_mask must be a bool tensor of shape ({B}, {T}), "
+                    f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
                 )
             if cache is not None:
                 raise ValueError(

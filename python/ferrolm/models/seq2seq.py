@@ -82,11 +82,13 @@ class _Seq2SeqConfig(Config):
             raise ValueError(f"{type(self).__name__}: pad_id ({self.pad_id}) must differ from bos_id and eos_id")
         if not self.pad_id < self.src_vocab_size:
             raise ValueError(
-                f"{type(self).__name__}.pad_id={self.pad_id} must be a source-vocabulary id too (< {self.src_vocab_size})"
+                f"{type(self).__name__}.pad_id={self.pad_id} "
+                f"must be a source-vocabulary id too (< {self.src_vocab_size})"
             )
         if self.shared_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError(
-                f"shared_embeddings needs one vocabulary, got src_vocab_size={self.src_vocab_size}, tgt_vocab_size={self.tgt_vocab_size}"
+                f"shared_embeddings needs one vocabulary, got src_vocab_size={self.src_vocab_size}, "
+                f"tgt_vocab_size={self.tgt_vocab_size}"
             )
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
@@ -199,7 +201,8 @@ def _check_src(model: nn.Module, src: torch.Tensor, what: str = "src") -> None:
         raise ValueError(f"{what} is empty (0 positions); every sequence needs at least one token")
     if src.size(1) > cfg.max_len:
         raise ValueError(
-            f"{what} has {src.size(1)} positions, more than max_len={cfg.max_len}; shorten it or raise {type(cfg).__name__}.max_len"
+            f"{what} has {src.size(1)} positions, more than max_len={cfg.max_len}; "
+            f"shorten it or raise {type(cfg).__name__}.max_len"
         )
 
 

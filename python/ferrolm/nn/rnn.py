@@ -63,7 +63,8 @@ class _FusedRNNMixin:
         want = (self.num_layers * dirs, batch, self.hidden_size)
         if tuple(s.shape) != want:
             raise ValueError(
-                f"{type(self).__name__}: {name} has shape {tuple(s.shape)}, expected {want} (num_layers*num_directions, batch, hidden_size)"
+                f"{type(self).__name__}: {name} has shape {tuple(s.shape)}, expected {want} "
+                "(num_layers*num_directions, batch, hidden_size)"
             )
         if s.dtype != self.weight_ih_l0.dtype and s.dtype not in _FAST_DTYPES:
             raise TypeError(f"{name} has dtype {s.dtype}, expected {self.weight_ih_l0.dtype}")
@@ -146,11 +147,13 @@ class _FusedRNNMixin:
                 lengths = torch.as_tensor(lengths, dtype=torch.int64, device="cpu")
                 if lengths.shape != (batch,):
                     raise ValueError(
-                        f"{cls}: lengths has shape {tuple(lengths.shape)}, expected ({batch},) (one length per sequence)"
+                        f"{cls}: lengths has shape {tuple(lengths.shape)}, expected ({batch},) "
+                        "(one length per sequence)"
                     )
                 if (lengths <= 0).any() or (lengths > steps).any():
                     raise ValueError(
-                        f"{cls}: lengths must be in [1, {steps}] (the padded length), got min {int(lengths.min())}, max {int(lengths.max())}"
+                        f"{cls}: lengths must be in [1, {steps}] (the padded length), "
+                        f"got min {int(lengths.min())}, max {int(lengths.max())}"
                     )
                 packed = pack_padded_sequence(input, lengths, batch_first=self.batch_first, enforce_sorted=False)
                 data, batch_sizes_t, sorted_idx, unsorted_idx = packed
@@ -166,7 +169,8 @@ class _FusedRNNMixin:
         dtype = data.dtype
         if self.weight_ih_l0.dtype != dtype:
             raise TypeError(
-                f"{cls}: input dtype {dtype} differs from the weights' {self.weight_ih_l0.dtype}; convert one (module.to(dtype))"
+                f"{cls}: input dtype {dtype} differs from the weights' {self.weight_ih_l0.dtype}; "
+                "convert one (module.to(dtype))"
             )
         # Initial states, in the packed (sorted) order.
         zeros = torch.zeros(self.num_layers * dirs, batch, self.hidden_size, dtype=dtype)

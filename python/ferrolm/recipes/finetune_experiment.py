@@ -246,19 +246,21 @@ def markdown(results: Dict[str, Any]) -> str:
     for r in results["rows"]:
         peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['accuracy']:.3f} | [{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['macro_f1']:.3f} | "
+            f"| {r['model']} | {r['method']} | {r['accuracy']:.3f} | "
+            f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}] | {r['macro_f1']:.3f} | "
             f"{r['trainable']:,} | {r['trainable_pct']:.2f} | {r['train_seconds']:.1f} | {peak} | {r['state_mb']:.1f} |"
         )
     t = results["task"]
     lines.append("")
     pre = "; ".join(
-        f"{arch} {p['parameters'] / 1e6:.2f}M parameters, pretrained {p['steps']} steps ({p['seconds']:.0f} s, final loss "
-        f"{p['final_loss']:.2f})"
+        f"{arch} {p['parameters'] / 1e6:.2f}M parameters, pretrained {p['steps']} steps ({p['seconds']:.0f} s, "
+        f"final loss {p['final_loss']:.2f})"
         for arch, p in results["pretrain"].items()
     )
     steps = ", ".join(f"{arch} {n}" for arch, n in results["finetune_steps"].items())
     lines.append(
-        f"Task: {len(t['classes'])} classes ({', '.join(t['classes'])}), {t['pool']} training / {t['test']} test examples, "
+        f"Task: {len(t['classes'])} classes ({', '.join(t['classes'])}), "
+        f"{t['pool']} training / {t['test']} test examples, "
         f"chance {t['chance']:.3f}. Models: {pre}. Fine-tuning steps per method and seed (batch 16): {steps}; "
         f"seeds {results['seeds']}."
     )

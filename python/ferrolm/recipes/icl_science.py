@@ -659,12 +659,14 @@ def _table_induction(res: Dict[str, Any]) -> str:
     lines = ["| model | repeat loss (nats) | best prefix-matching score | steps | seconds |", "|---|---|---|---|---|"]
     for n, r in res["toy"].items():
         lines.append(
-            f"| attention-only {n} | {r['repeat_loss']:.3f} | {r['best_prefix_matching']:.3f} | {r['steps']} | {r['seconds']:.0f} |"
+            f"| attention-only {n} | {r['repeat_loss']:.3f} | {r['best_prefix_matching']:.3f} | "
+            f"{r['steps']} | {r['seconds']:.0f} |"
         )
     nat = res["natural_text"]
     lines += [
         "",
-        f"| model (natural text, context {nat['context']}) | loss at token {nat['early']} | loss at token {nat['late']} | ICL score | params |",
+        f"| model (natural text, context {nat['context']}) | loss at token {nat['early']} | "
+        f"loss at token {nat['late']} | ICL score | params |",
         "|---|---|---|---|---|",
     ]
     for arch in ("GPT", "LSTM"):

@@ -208,7 +208,8 @@ def load_lm(
     if not model_file.is_file():
         also = ", or a Hugging Face model folder" if transformers_ok else ""
         raise FileNotFoundError(
-            f"no model checkpoint at {model_file}; pass a folder written by `ferrolm train` or a .safetensors file{also}"
+            f"no model checkpoint at {model_file}; "
+            f"pass a folder written by `ferrolm train` or a .safetensors file{also}"
         )
     tok_file = Path(tokenizer) if tokenizer else (path if path.is_dir() else path.parent) / "tokenizer.json"
     return load_model(model_file), Tokenizer.from_file(tok_file)

@@ -13,9 +13,10 @@ Example:
     >>> task = number_task(n_train=100, n_valid=10, n_test=10)
     >>> len(task.train), len(task.test)
     (100, 10)
-    >>> task.train[0][0].startswith(("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-    ...                              "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
-    ...                              "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety", "zero"))
+    >>> task.train[0][0].startswith(("one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    ...                              "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
+    ...                              "seventeen", "eighteen", "nineteen", "twenty", "thirty", "forty", "fifty",
+    ...                              "sixty", "seventy", "eighty", "ninety", "zero"))
     True
 """
 
@@ -116,7 +117,8 @@ def number_task(
         train=[pair(n) for n in picked[:n_train]],
         valid=[pair(n) for n in picked[n_train:]],
         test=[pair(n) for n in test],
-        description=f"numbers 0..{MAX_NUMBER:,} in words, {source} -> {target}; test numbers from {len(held)} held-out blocks of 1,000",
+        description=f"numbers 0..{MAX_NUMBER:,} in words, {source} -> {target}; "
+        f"test numbers from {len(held)} held-out blocks of 1,000",
         meta={
             "source": source,
             "target": target,
