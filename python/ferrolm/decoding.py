@@ -7,7 +7,8 @@ ids, right-padded with each row's real count in ``lengths``, appends them to the
 returns their hidden states (B, T, C)), ``logits(hidden)`` (the output layer, applied only to
 the positions that are needed) and ``select(state, rows)`` (a new state holding rows
 ``rows`` of this one: beams reordered, one prompt's state copied for several
-continuations); and ``context_window``, its longest sequence (None: unlimited). GPT keeps a
+continuations); and ``context_window``, its longest sequence (None: unlimited; a model may name
+the setting behind it in ``window_name`` for error messages, e.g. ``"block_size"``). GPT keeps a
 KV cache with a length per row, the recurrent models carry their state, the encoder-decoder
 models their source memory beside either. :func:`generate`, :func:`greedy_decode`,
 :func:`beam_search` and the ICL adapter :class:`ferrolm.icl.LM` call only this protocol.
@@ -21,16 +22,11 @@ accepted and regrouped the same way.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-try:  # Python >= 3.8
-    from typing import Protocol, runtime_checkable
-except ImportError:  # pragma: no cover
-    from typing_extensions import Protocol, runtime_checkable  # type: ignore[assignment]
 
 __all__ = ["Decoder", "is_decoder", "generate", "sample_next", "greedy_decode", "beam_search", "decode_uncached"]
 
