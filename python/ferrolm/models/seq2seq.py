@@ -242,6 +242,13 @@ def _check_memory(memory: Any, batch: int, kind: type) -> None:
         raise ValueError(f"batch={batch} but the memory holds {memory.batch} sources")
 
 
+def _check_pair(src: torch.Tensor, tgt: torch.Tensor) -> None:
+    """Sources and targets must hold the same number of rows (2-D inputs; others fail later)."""
+    pairs = isinstance(src, torch.Tensor) and isinstance(tgt, torch.Tensor) and src.dim() == 2 and tgt.dim() == 2
+    if pairs and src.size(0) != tgt.size(0):
+        raise ValueError(f"src has {src.size(0)} rows and tgt {tgt.size(0)}; they must pair up")
+
+
 def _check_equal_lengths(idx: torch.Tensor, lengths: Optional[torch.Tensor]) -> None:
     if lengths is not None and bool((torch.as_tensor(lengths) != idx.size(1)).any()):
         raise ValueError(
@@ -507,14 +514,7 @@ class Seq2SeqTransformer(_EncoderDecoderMixin, Checkpointable, nn.Module):
 
         Only real tokens are computed: logits at target pads (``tgt == pad_id``) are 0, and
         their targets must be -100."""
-        if (
-            isinstance(src, torch.Tensor)
-            and isinstance(tgt, torch.Tensor)
-            and src.dim() == 2
-            and tgt.dim() == 2
-            and src.size(0) != tgt.size(0)
-        ):
-            raise ValueError(f"src has {src.size(0)} rows and tgt {tgt.size(0)}; they must pair up")
+        _check_pair(src, tgt)
         h, pack = self._decode_packed(tgt, self.encode(src))
         logits = self.generator(h)  # (N, V)
         loss = None
@@ -679,14 +679,7 @@ class Seq2SeqLSTM(_EncoderDecoderMixin, Checkpointable, nn.Module):
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, targets: Optional[torch.Tensor] = None):
         """Returns ``(logits (B, T, V), loss)`` as :meth:`Seq2SeqTransformer.forward`."""
-        if (
-            isinstance(src, torch.Tensor)
-            and isinstance(tgt, torch.Tensor)
-            and src.dim() == 2
-            and tgt.dim() == 2
-            and src.size(0) != tgt.size(0)
-        ):
-            raise ValueError(f"src has {src.size(0)} rows and tgt {tgt.size(0)}; they must pair up")
+        _check_pair(src, tgt)
         h, _ = self.decode(tgt, self.encode(src))
         logits = self.generator(h)
         return logits, (_seq2seq_loss(logits, targets, self.config.label_smoothing) if targets is not None else None)
