@@ -125,7 +125,7 @@ class ShardSink:
     def abort(self) -> None: ...
     def close(self) -> List[str]: ...
 
-# ferrolm.ops (numpy arrays of float32 or float64, C-contiguous)
+# ferrolm.kernels (C-contiguous numpy arrays, all float32 or all float64 in one call)
 def rnn_forward(
     mode: str,
     x: np.ndarray,
@@ -139,7 +139,8 @@ def rnn_forward(
     b_hh: Optional[np.ndarray],
     threads: int,
     keep: bool = True,
-) -> List[Optional[np.ndarray]]: ...
+    batch_first: bool = False,
+) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]: ...
 def rnn_backward(
     mode: str,
     x: np.ndarray,
@@ -158,8 +159,7 @@ def rnn_backward(
     dh_n: Optional[np.ndarray],
     dc_n: Optional[np.ndarray],
     threads: int,
-    products: bool = False,
-) -> List[Optional[np.ndarray]]: ...
+) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray, np.ndarray, Optional[np.ndarray]]: ...
 def attention_forward(
     q: np.ndarray,
     k: np.ndarray,
@@ -168,7 +168,7 @@ def attention_forward(
     key_padding_mask: Optional[np.ndarray],
     scale: float,
     threads: int,
-) -> List[np.ndarray]: ...
+) -> Tuple[np.ndarray, np.ndarray]: ...
 def attention_backward(
     q: np.ndarray,
     k: np.ndarray,
@@ -180,7 +180,7 @@ def attention_backward(
     key_padding_mask: Optional[np.ndarray],
     scale: float,
     threads: int,
-) -> List[np.ndarray]: ...
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 def decode_attention(
     q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, cache_lengths: List[int], scale: float, threads: int
 ) -> np.ndarray: ...

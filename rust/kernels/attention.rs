@@ -255,19 +255,24 @@ fn parts(tasks: usize, blocks: usize, threads: usize) -> usize {
     }
 }
 
+/// One attention call: `q`, `k`, `v` of `shape` (see the module doc), whether the mask is
+/// `causal`, the optional `key_padding` (B, Tk; true for keys to ignore), the score `scale`
+/// and the most `threads` to use.
+#[derive(Clone, Copy)]
+pub struct AttentionArgs<'a, T> {
+    pub q: &'a [T],
+    pub k: &'a [T],
+    pub v: &'a [T],
+    pub shape: Shape,
+    pub causal: bool,
+    pub key_padding: Option<&'a [bool]>,
+    pub scale: T,
+    pub threads: usize,
+}
+
 /// Forward: returns `o (B, Hq, Tq, Dv)` and `lse (B, Hq, Tq)`.
-// Pending: these arguments go into an options struct (listed as undone in the refactor).
-#[allow(clippy::too_many_arguments)]
-pub fn forward<T: Float>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    sh: Shape,
-    causal: bool,
-    key_padding: Option<&[bool]>,
-    scale: T,
-    threads: usize,
-) -> Result<(Vec<T>, Vec<T>)> {
+pub fn forward<T: Float>(args: &AttentionArgs<'_, T>) -> Result<(Vec<T>, Vec<T>)> {
+    let AttentionArgs { q, k, v, shape: sh, causal, key_padding, scale, threads } = *args;
     sh.check(q, k, v, key_padding)?;
     let group = sh.hq / sh.hk;
     let neg_inf = T::from_f64(f64::NEG_INFINITY);
@@ -329,22 +334,15 @@ pub fn forward<T: Float>(
     Ok((o, lse))
 }
 
-/// Backward: returns `(dq, dk, dv)` given the forward's `o` and `lse` and `d_o`.
-// Pending: these arguments go into an options struct (listed as undone in the refactor).
-#[allow(clippy::too_many_arguments)]
+/// Backward: returns `(dq, dk, dv)` given the forward's `o` and `lse` and the output's
+/// gradient `d_o`.
 pub fn backward<T: Float>(
-    q: &[T],
-    k: &[T],
-    v: &[T],
+    args: &AttentionArgs<'_, T>,
     o: &[T],
     lse: &[T],
     d_o: &[T],
-    sh: Shape,
-    causal: bool,
-    key_padding: Option<&[bool]>,
-    scale: T,
-    threads: usize,
 ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+    let AttentionArgs { q, k, v, shape: sh, causal, key_padding, scale, threads } = *args;
     sh.check(q, k, v, key_padding)?;
     let n_o = sh.b * sh.hq * sh.tq * sh.dv;
     if o.len() != n_o || d_o.len() != n_o || lse.len() != sh.b * sh.hq * sh.tq {
@@ -488,10 +486,21 @@ mod tests {
         let (q, k, v, g) = (r(2 * 150 * 8), r(150 * 8), r(150 * 8), r(2 * 150 * 8));
         assert!(parts(1, 3, 2) > 1 || crate::parallel::available_threads() < 2);
         for causal in [false, true] {
-            let (o1, l1) = forward(&q, &k, &v, sh, causal, None, 0.3, 1).unwrap();
-            let (o2, l2) = forward(&q, &k, &v, sh, causal, None, 0.3, 2).unwrap();
-            let g1 = backward(&q, &k, &v, &o1, &l1, &g, sh, causal, None, 0.3, 1).unwrap();
-            let g2 = backward(&q, &k, &v, &o2, &l2, &g, sh, causal, None, 0.3, 2).unwrap();
+            let a1 = AttentionArgs {
+                q: &q,
+                k: &k,
+                v: &v,
+                shape: sh,
+                causal,
+                key_padding: None,
+                scale: 0.3,
+                threads: 1,
+            };
+            let a2 = AttentionArgs { threads: 2, ..a1 };
+            let (o1, l1) = forward(&a1).unwrap();
+            let (o2, l2) = forward(&a2).unwrap();
+            let g1 = backward(&a1, &o1, &l1, &g).unwrap();
+            let g2 = backward(&a2, &o2, &l2, &g).unwrap();
             let close = |a: &[f64], b: &[f64]| {
                 a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-12 * (1.0 + x.abs()))
             };
@@ -519,13 +528,22 @@ mod tests {
         pad[7] = true;
         pad[8] = true; // batch 1 sees only key 4 (causal rows 0..1 then see nothing)
         for causal in [false, true] {
+            let args = AttentionArgs {
+                q: &q,
+                k: &k,
+                v: &v,
+                shape: sh,
+                causal,
+                key_padding: Some(&pad),
+                scale: 0.7,
+                threads: 2,
+            };
             let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
-                let (o, _) = forward(q, k, v, sh, causal, Some(&pad), 0.7, 2).unwrap();
+                let (o, _) = forward(&AttentionArgs { q, k, v, ..args }).unwrap();
                 o.iter().zip(&g).map(|(a, b)| a * b).sum()
             };
-            let (o, lse) = forward(&q, &k, &v, sh, causal, Some(&pad), 0.7, 2).unwrap();
-            let (dq, dk, dv) =
-                backward(&q, &k, &v, &o, &lse, &g, sh, causal, Some(&pad), 0.7, 2).unwrap();
+            let (o, lse) = forward(&args).unwrap();
+            let (dq, dk, dv) = backward(&args, &o, &lse, &g).unwrap();
             for (which, (x, grad)) in [(&q, &dq), (&k, &dk), (&v, &dv)].into_iter().enumerate() {
                 for idx in 0..x.len() {
                     let mut xp = x.clone();

@@ -224,16 +224,18 @@ fn prev_row(
     }
 }
 
-/// Weights of one layer direction in torch's layout (gates stacked along rows).
-pub struct Weights<'a, T> {
+/// One layer direction: its sizes and its weights in torch's layout (gates stacked along rows).
+pub struct Layer<'a, T> {
+    pub dims: Dims,
     pub w_ih: &'a [T],
     pub w_hh: &'a [T],
     pub b_ih: Option<&'a [T]>,
     pub b_hh: Option<&'a [T]>,
 }
 
-impl<T: Float> Weights<'_, T> {
-    fn check(&self, gates: usize, d: Dims) -> Result<()> {
+impl<T: Float> Layer<'_, T> {
+    fn check(&self, gates: usize) -> Result<()> {
+        let d = self.dims;
         check_len("weight_ih", self.w_ih, gates * d.hidden * d.input)?;
         check_len("weight_hh", self.w_hh, gates * d.hidden * d.hidden)?;
         if let Some(b) = self.b_ih {
@@ -244,6 +246,41 @@ impl<T: Float> Weights<'_, T> {
         }
         Ok(())
     }
+}
+
+/// A packed input sequence: rows `x` (N, I), `batch_sizes[t]` of them at step t (see the
+/// module doc), run from the last step to the first when `reverse`.
+#[derive(Clone, Copy)]
+pub struct Input<'a, T> {
+    pub x: &'a [T],
+    pub batch_sizes: &'a [usize],
+    pub reverse: bool,
+}
+
+/// An LSTM's initial state: `h0` and `c0`, (B, H) each.
+#[derive(Clone, Copy)]
+pub struct State<'a, T> {
+    pub h0: &'a [T],
+    pub c0: &'a [T],
+}
+
+/// How a forward runs: `keep` the gate activations and cell states for a backward (false for
+/// inference), read `x` and write `y` in `batch_first` row order (inference over sequences of
+/// one length), on up to `threads` threads.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardOptions {
+    pub keep: bool,
+    pub batch_first: bool,
+    pub threads: usize,
+}
+
+/// The gradients of the loss with respect to the layer's outputs: `dy` (N, H), `dh_n` (B, H)
+/// and `dc_n` (B, H; LSTM only, empty for the GRU).
+#[derive(Clone, Copy)]
+pub struct OutputGrads<'a, T> {
+    pub dy: &'a [T],
+    pub dh_n: &'a [T],
+    pub dc_n: &'a [T],
 }
 
 /// What an LSTM forward returns, and keeps for the backward.
@@ -307,48 +344,31 @@ fn add_bias<T: Float>(rows: &mut [T], width: usize, a: Option<&[T]>, b: Option<&
 /// back empty and the f32 path needs only a chunk's worth of gate rows. With `batch_first`
 /// (inference only, every sequence the same length) `x` is `(B, T, I)` and `y` comes back
 /// `(B, T, H)`, both contiguous: no transposed copies around the call.
-// Pending: these arguments go into an options struct (listed as undone in the refactor).
-#[allow(clippy::too_many_arguments)]
 pub fn lstm_forward<T: Float>(
-    x: &[T],
-    batch_sizes: &[usize],
-    reverse: bool,
-    d: Dims,
-    h0: &[T],
-    c0: &[T],
-    w: &Weights<'_, T>,
-    threads: usize,
-    keep: bool,
-    batch_first: bool,
+    w: &Layer<'_, T>,
+    input: Input<'_, T>,
+    init: State<'_, T>,
+    opts: ForwardOptions,
 ) -> Result<LstmOut<T>> {
+    let (Input { x, batch_sizes, reverse }, State { h0, c0 }) = (input, init);
+    let ForwardOptions { keep, batch_first, threads } = opts;
+    let d = w.dims;
     let (off, n) = offsets(batch_sizes)?;
     let (h, b) = (d.hidden, batch_sizes[0]);
     check_len("input", x, n * d.input)?;
     check_len("h0", h0, b * h)?;
     check_len("c0", c0, b * h)?;
-    w.check(4, d)?;
+    w.check(4)?;
     check_batch_first(batch_first, keep, batch_sizes)?;
     let g4 = 4 * h;
     let whh_t = StepB::new(Mat::rm(w.w_hh, g4, h).t(), b);
     if whh_t.splittable() {
-        return Ok(lstm_forward_chunked(
-            x,
-            batch_sizes,
-            &off,
-            reverse,
-            d,
-            h0,
-            c0,
-            w,
-            &whh_t,
-            threads,
-            keep,
-            batch_first,
-        ));
+        return Ok(lstm_forward_chunked(w, input, &off, init, &whh_t, opts));
     }
     if batch_first {
         let xp = reorder_rows(x, d.input, b, batch_sizes.len(), false);
-        let mut o = lstm_forward(&xp, batch_sizes, reverse, d, h0, c0, w, threads, keep, false)?;
+        let step_major = ForwardOptions { batch_first: false, ..opts };
+        let mut o = lstm_forward(w, Input { x: &xp, ..input }, init, step_major)?;
         o.y = reorder_rows(&o.y, h, b, batch_sizes.len(), true);
         return Ok(o);
     }
@@ -468,22 +488,17 @@ const CHUNK_ROWS: usize = 64;
 /// Why: at B=64, T=128, H=256 the separate projection wrote a 32 MiB gate buffer that the step
 /// product then read back from DRAM, after a single-threaded bias pass over it (with the
 /// buffer's page faults, 25 of 77 ms).
-// Pending: these arguments go into an options struct (listed as undone in the refactor).
-#[allow(clippy::too_many_arguments)]
 fn lstm_forward_chunked<T: Float>(
-    x: &[T],
-    batch_sizes: &[usize],
+    w: &Layer<'_, T>,
+    input: Input<'_, T>,
     off: &[usize],
-    reverse: bool,
-    d: Dims,
-    h0: &[T],
-    c0: &[T],
-    w: &Weights<'_, T>,
+    init: State<'_, T>,
     whh_t: &StepB<T>,
-    threads: usize,
-    keep: bool,
-    batch_first: bool,
+    opts: ForwardOptions,
 ) -> LstmOut<T> {
+    let (Input { x, batch_sizes, reverse }, State { h0, c0 }) = (input, init);
+    let ForwardOptions { keep, batch_first, threads } = opts;
+    let d = w.dims;
     let (h, b, steps) = (d.hidden, batch_sizes[0], batch_sizes.len());
     let n = off[steps - 1] + batch_sizes[steps - 1];
     let g4 = 4 * h;
@@ -572,22 +587,17 @@ fn lstm_forward_chunked<T: Float>(
 
 /// LSTM backward through time for one layer direction given the forward's saved values: `dgx`
 /// (= `dgh`), `hprev`, `dh0` and `dc0` (see [`Grads`]).
-// Pending: these arguments go into an options struct (listed as undone in the refactor).
-#[allow(clippy::too_many_arguments)]
 pub fn lstm_backward<T: Float>(
-    x: &[T],
-    batch_sizes: &[usize],
-    reverse: bool,
-    d: Dims,
-    h0: &[T],
-    c0: &[T],
-    w: &Weights<'_, T>,
+    w: &Layer<'_, T>,
+    input: Input<'_, T>,
+    init: State<'_, T>,
     saved: Saved<'_, T>,
-    dy: &[T],
-    dh_n: &[T],
-    dc_n: &[T],
+    grads: OutputGrads<'_, T>,
     threads: usize,
 ) -> Result<Grads<T>> {
+    let (Input { x, batch_sizes, reverse }, State { h0, c0 }) = (input, init);
+    let OutputGrads { dy, dh_n, dc_n } = grads;
+    let d = w.dims;
     let fwd = saved;
     let (off, n) = offsets(batch_sizes)?;
     let (h, b) = (d.hidden, batch_sizes[0]);
@@ -597,7 +607,7 @@ pub fn lstm_backward<T: Float>(
     check_len("saved outputs", fwd.y, n * h)?;
     check_len("saved gates", fwd.gates, n * 4 * h)?;
     check_len("saved cell states", fwd.cs, n * h)?;
-    w.check(4, d)?;
+    w.check(4)?;
     check_len("input", x, n * d.input)?;
     check_len("h0", h0, b * h)?;
     check_len("c0", c0, b * h)?;
@@ -708,47 +718,32 @@ pub struct GruOut<T> {
 /// GRU forward over packed rows (torch's formulation: the reset gate multiplies
 /// `W_hn h + b_hn`, so all three recurrent gates come from one product). With `keep` false
 /// (inference) `gates` and `hn` come back empty, as for [`lstm_forward`].
-// Pending: these arguments go into an options struct (listed as undone in the refactor).
-#[allow(clippy::too_many_arguments)]
 pub fn gru_forward<T: Float>(
-    x: &[T],
-    batch_sizes: &[usize],
-    reverse: bool,
-    d: Dims,
+    w: &Layer<'_, T>,
+    input: Input<'_, T>,
     h0: &[T],
-    w: &Weights<'_, T>,
-    threads: usize,
-    keep: bool,
-    batch_first: bool,
+    opts: ForwardOptions,
 ) -> Result<GruOut<T>> {
+    let Input { x, batch_sizes, reverse } = input;
+    let ForwardOptions { keep, batch_first, threads } = opts;
+    let d = w.dims;
     let (off, n) = offsets(batch_sizes)?;
     let (h, b) = (d.hidden, batch_sizes[0]);
     check_len("input", x, n * d.input)?;
     check_len("h0", h0, b * h)?;
-    w.check(3, d)?;
+    w.check(3)?;
     check_batch_first(batch_first, keep, batch_sizes)?;
     let g3 = 3 * h;
     {
         let whh_t = StepB::new(Mat::rm(w.w_hh, g3, h).t(), b);
         if whh_t.splittable() {
-            return Ok(gru_forward_chunked(
-                x,
-                batch_sizes,
-                &off,
-                reverse,
-                d,
-                h0,
-                w,
-                &whh_t,
-                threads,
-                keep,
-                batch_first,
-            ));
+            return Ok(gru_forward_chunked(w, input, &off, h0, &whh_t, opts));
         }
     }
     if batch_first {
         let xp = reorder_rows(x, d.input, b, batch_sizes.len(), false);
-        let mut o = gru_forward(&xp, batch_sizes, reverse, d, h0, w, threads, keep, false)?;
+        let step_major = ForwardOptions { batch_first: false, ..opts };
+        let mut o = gru_forward(w, Input { x: &xp, ..input }, h0, step_major)?;
         o.y = reorder_rows(&o.y, h, b, batch_sizes.len(), true);
         return Ok(o);
     }
@@ -947,21 +942,17 @@ fn sum_bias<T: Float>(a: Option<&[T]>, b: Option<&[T]>, width: usize) -> Option<
 /// The GRU's f32 step loop with the input projection in chunks inside it, as
 /// [`lstm_forward_chunked`]; the recurrent product starts from `b_hh` (copied into the step's
 /// rows) instead of a separate bias pass per unit.
-// Pending: these arguments go into an options struct (listed as undone in the refactor).
-#[allow(clippy::too_many_arguments)]
 fn gru_forward_chunked<T: Float>(
-    x: &[T],
-    batch_sizes: &[usize],
+    w: &Layer<'_, T>,
+    input: Input<'_, T>,
     off: &[usize],
-    reverse: bool,
-    d: Dims,
     h0: &[T],
-    w: &Weights<'_, T>,
     whh_t: &StepB<T>,
-    threads: usize,
-    keep: bool,
-    batch_first: bool,
+    opts: ForwardOptions,
 ) -> GruOut<T> {
+    let Input { x, batch_sizes, reverse } = input;
+    let ForwardOptions { keep, batch_first, threads } = opts;
+    let d = w.dims;
     let (h, b, steps) = (d.hidden, batch_sizes[0], batch_sizes.len());
     let n = off[steps - 1] + batch_sizes[steps - 1];
     let g3 = 3 * h;
@@ -1052,30 +1043,29 @@ fn gru_forward_chunked<T: Float>(
     GruOut { y, h_n: hs, gates, hn }
 }
 
-/// GRU backward through time, as [`lstm_backward`]: `dgx`, `dgh`, `hprev` and `dh0`.
-// Pending: these arguments go into an options struct (listed as undone in the refactor).
-#[allow(clippy::too_many_arguments)]
+/// GRU backward through time, as [`lstm_backward`]: `dgx`, `dgh`, `hprev` and `dh0`
+/// (`grads.dc_n` must be empty: a GRU has no cell state).
 pub fn gru_backward<T: Float>(
-    x: &[T],
-    batch_sizes: &[usize],
-    reverse: bool,
-    d: Dims,
+    w: &Layer<'_, T>,
+    input: Input<'_, T>,
     h0: &[T],
-    w: &Weights<'_, T>,
     saved: Saved<'_, T>,
-    dy: &[T],
-    dh_n: &[T],
+    grads: OutputGrads<'_, T>,
     threads: usize,
 ) -> Result<Grads<T>> {
+    let Input { x, batch_sizes, reverse } = input;
+    let OutputGrads { dy, dh_n, dc_n } = grads;
+    let d = w.dims;
     let fwd = saved;
     let (off, n) = offsets(batch_sizes)?;
     let (h, b) = (d.hidden, batch_sizes[0]);
     check_len("grad_output", dy, n * h)?;
     check_len("grad_h_n", dh_n, b * h)?;
+    check_len("grad_c_n", dc_n, 0)?;
     check_len("saved outputs", fwd.y, n * h)?;
     check_len("saved gates", fwd.gates, n * 3 * h)?;
     check_len("saved candidates", fwd.cs, n * h)?;
-    w.check(3, d)?;
+    w.check(3)?;
     check_len("input", x, n * d.input)?;
     check_len("h0", h0, b * h)?;
     let g3 = 3 * h;
@@ -1165,6 +1155,9 @@ pub fn gru_backward<T: Float>(
 mod tests {
     use super::*;
 
+    /// A training forward (keeping what the backward reads) on one thread.
+    const TRAIN: ForwardOptions = ForwardOptions { keep: true, batch_first: false, threads: 1 };
+
     /// What the caller forms from the backward's output (see [`Grads`]), by direct sums:
     /// `[dx, dW_ih, dW_hh, db_ih, db_hh]`.
     fn caller_products(
@@ -1218,25 +1211,30 @@ mod tests {
                     bih: &[f64],
                     bhh: &[f64]|
          -> f64 {
-            let w = Weights { w_ih: wih, w_hh: whh, b_ih: Some(bih), b_hh: Some(bhh) };
+            let w = Layer { dims: d, w_ih: wih, w_hh: whh, b_ih: Some(bih), b_hh: Some(bhh) };
+            let input = Input { x, batch_sizes: &bs, reverse };
             let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
             if lstm {
-                let o = lstm_forward(x, &bs, reverse, d, h0, c0, &w, 1, true, false).unwrap();
+                let o = lstm_forward(&w, input, State { h0, c0 }, TRAIN).unwrap();
                 dot(&o.y, &gy) + dot(&o.h_n, &gh) + dot(&o.c_n, &gc)
             } else {
-                let o = gru_forward(x, &bs, reverse, d, h0, &w, 1, true, false).unwrap();
+                let o = gru_forward(&w, input, h0, TRAIN).unwrap();
                 dot(&o.y, &gy) + dot(&o.h_n, &gh)
             }
         };
-        let w = Weights { w_ih: &wih, w_hh: &whh, b_ih: Some(&bih), b_hh: Some(&bhh) };
+        let w = Layer { dims: d, w_ih: &wih, w_hh: &whh, b_ih: Some(&bih), b_hh: Some(&bhh) };
+        let input = Input { x: &x, batch_sizes: &bs, reverse };
         let g = if lstm {
-            let o = lstm_forward(&x, &bs, reverse, d, &h0, &c0, &w, 1, true, false).unwrap();
+            let init = State { h0: &h0, c0: &c0 };
+            let o = lstm_forward(&w, input, init, TRAIN).unwrap();
             let saved = Saved { y: &o.y, gates: &o.gates, cs: &o.cs };
-            lstm_backward(&x, &bs, reverse, d, &h0, &c0, &w, saved, &gy, &gh, &gc, 1).unwrap()
+            let grads = OutputGrads { dy: &gy, dh_n: &gh, dc_n: &gc };
+            lstm_backward(&w, input, init, saved, grads, 1).unwrap()
         } else {
-            let o = gru_forward(&x, &bs, reverse, d, &h0, &w, 1, true, false).unwrap();
+            let o = gru_forward(&w, input, &h0, TRAIN).unwrap();
             let saved = Saved { y: &o.y, gates: &o.gates, cs: &o.hn };
-            gru_backward(&x, &bs, reverse, d, &h0, &w, saved, &gy, &gh, 1).unwrap()
+            let grads = OutputGrads { dy: &gy, dh_n: &gh, dc_n: &[] };
+            gru_backward(&w, input, &h0, saved, grads, 1).unwrap()
         };
         let p = caller_products(&g, &x, &wih, d, n, gates);
         let args = [x, h0, c0, wih, whh, bih, bhh];
@@ -1287,30 +1285,36 @@ mod tests {
             vals.iter().map(|&m| rng.uniform(m).iter().map(|x| x * 0.5).collect()).collect();
         let f = |x: &Vec<f64>| -> Vec<f32> { x.iter().map(|&a| a as f32).collect() };
         let v32: Vec<Vec<f32>> = v.iter().map(f).collect();
-        let w64 =
-            Weights { w_ih: &v[3], w_hh: &v[4], b_ih: Some(&v[5][..]), b_hh: Some(&v[6][..]) };
-        let w32 = Weights {
+        let w64 = Layer {
+            dims: d,
+            w_ih: &v[3],
+            w_hh: &v[4],
+            b_ih: Some(&v[5][..]),
+            b_hh: Some(&v[6][..]),
+        };
+        let w32 = Layer {
+            dims: d,
             w_ih: &v32[3],
             w_hh: &v32[4],
             b_ih: Some(&v32[5][..]),
             b_hh: Some(&v32[6][..]),
         };
         for reverse in [false, true] {
-            let o64 =
-                lstm_forward(&v[0], &bs, reverse, d, &v[1], &v[2], &w64, 1, true, false).unwrap();
+            let (in64, in32) = (
+                Input { x: &v[0], batch_sizes: &bs, reverse },
+                Input { x: &v32[0], batch_sizes: &bs, reverse },
+            );
+            let (init64, init32) =
+                (State { h0: &v[1], c0: &v[2] }, State { h0: &v32[1], c0: &v32[2] });
+            let o64 = lstm_forward(&w64, in64, init64, TRAIN).unwrap();
             let o32 =
-                lstm_forward(&v32[0], &bs, reverse, d, &v32[1], &v32[2], &w32, 2, true, false)
-                    .unwrap();
+                lstm_forward(&w32, in32, init32, ForwardOptions { threads: 2, ..TRAIN }).unwrap();
             let s64 = Saved { y: &o64.y, gates: &o64.gates, cs: &o64.cs };
             let s32 = Saved { y: &o32.y, gates: &o32.gates, cs: &o32.cs };
-            let g64 = lstm_backward(
-                &v[0], &bs, reverse, d, &v[1], &v[2], &w64, s64, &v[7], &v[8], &v[9], 1,
-            )
-            .unwrap();
-            let g32 = lstm_backward(
-                &v32[0], &bs, reverse, d, &v32[1], &v32[2], &w32, s32, &v32[7], &v32[8], &v32[9], 2,
-            )
-            .unwrap();
+            let up64 = OutputGrads { dy: &v[7], dh_n: &v[8], dc_n: &v[9] };
+            let up32 = OutputGrads { dy: &v32[7], dh_n: &v32[8], dc_n: &v32[9] };
+            let g64 = lstm_backward(&w64, in64, init64, s64, up64, 1).unwrap();
+            let g32 = lstm_backward(&w32, in32, init32, s32, up32, 2).unwrap();
             let close = |a: &[f32], b: &[f64], what: &str| {
                 assert_eq!(a.len(), b.len(), "{what}");
                 for (x, y) in a.iter().zip(b) {
@@ -1333,22 +1337,12 @@ mod tests {
 
     #[test]
     fn bad_batch_sizes_are_errors() {
-        let w = Weights::<f32> { w_ih: &[0.0; 8], w_hh: &[0.0; 16], b_ih: None, b_hh: None };
-        let d = Dims { input: 1, hidden: 2 };
-        assert!(lstm_forward(
-            &[0.0; 3],
-            &[1, 2],
-            false,
-            d,
-            &[0.0; 2],
-            &[0.0; 2],
-            &w,
-            1,
-            true,
-            false
-        )
-        .is_err());
-        assert!(lstm_forward(&[0.0; 3], &[], false, d, &[0.0; 2], &[0.0; 2], &w, 1, true, false)
-            .is_err());
+        let dims = Dims { input: 1, hidden: 2 };
+        let w = Layer::<f32> { dims, w_ih: &[0.0; 8], w_hh: &[0.0; 16], b_ih: None, b_hh: None };
+        let init = State { h0: &[0.0; 2], c0: &[0.0; 2] };
+        for batch_sizes in [&[1, 2][..], &[]] {
+            let input = Input { x: &[0.0; 3], batch_sizes, reverse: false };
+            assert!(lstm_forward(&w, input, init, TRAIN).is_err());
+        }
     }
 }

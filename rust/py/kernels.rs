@@ -1,210 +1,284 @@
-//! Bindings for the recurrent kernels: one call per layer direction, f32 or f64 numpy arrays
-//! in (torch tensors arrive as zero-copy numpy views), numpy arrays out.
+//! Bindings for the fused kernels: recurrent layers, attention, single-token decode and dropout.
+//! Arrays come in as C-contiguous numpy arrays of float32 or float64 (torch tensors arrive as
+//! zero-copy numpy views) and go out as numpy arrays of the same dtype; results of several
+//! arrays are tuples whose length never depends on a flag.
+//!
+//! Each binding gathers its arguments into a [`FloatCall`], which [`dispatch`] runs in the dtype
+//! of the call's first array; [`array`] and [`dims`] extract and check every array (TypeError
+//! for a wrong dtype or layout, ValueError for a wrong shape) before the core runs with the GIL
+//! released.
 
-use numpy::{Element, IntoPyArray, PyArrayDescrMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{
+    Element, IntoPyArray, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyReadwriteArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::kernels::rnn::{self, Dims, Saved, Weights};
-use crate::kernels::Float;
+use crate::kernels::attention::{self, AttentionArgs};
+use crate::kernels::rnn::{self, Dims, ForwardOptions, Input, Layer, OutputGrads, Saved, State};
+use crate::kernels::{decode, dropout as drop, Float};
 use crate::parallel;
 
-type Out<'py> = Bound<'py, PyAny>;
+/// A numpy array handed back to Python (float32 or float64, as the call's inputs).
+type Array<'py> = Bound<'py, PyUntypedArray>;
 
-/// Whether the calls' arrays are float64 (the kernels then run in f64; else f32, and the
-/// per-array extraction reports a dtype mismatch).
-fn is_f64(a: &Bound<'_, PyAny>) -> bool {
-    a.cast::<numpy::PyUntypedArray>()
-        .is_ok_and(|u| u.dtype().is_equiv_to(&numpy::dtype::<f64>(a.py())))
+/// The element types the kernels run in, as numpy sees them (f32 and f64).
+trait Scalar: Float + Element {}
+impl<T: Float + Element> Scalar for T {}
+
+/// A kernel call whose float arrays all share one dtype: `run::<T>` extracts them as `T`,
+/// runs the core and converts its results.
+trait FloatCall<'py> {
+    type Output;
+    fn run<T: Scalar>(self, py: Python<'py>) -> PyResult<Self::Output>;
 }
 
-fn arr<'py, T: Element>(name: &str, a: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
-    let r: PyReadonlyArrayDyn<'py, T> = a.extract().map_err(|_| {
+/// Runs `call` in the dtype of its first array `first` (called `name` in errors): float64 or
+/// float32; anything else is a TypeError.
+fn dispatch<'py, C: FloatCall<'py>>(
+    py: Python<'py>,
+    name: &str,
+    first: &Bound<'py, PyAny>,
+    call: C,
+) -> PyResult<C::Output> {
+    let dtype = first.cast::<PyUntypedArray>().map(|a| a.dtype()).ok();
+    match dtype {
+        Some(d) if d.is_equiv_to(&numpy::dtype::<f64>(py)) => call.run::<f64>(py),
+        Some(d) if d.is_equiv_to(&numpy::dtype::<f32>(py)) => call.run::<f32>(py),
+        _ => Err(PyTypeError::new_err(format!(
+            "{name} must be a numpy array of float32 or float64, got {}",
+            describe(first)
+        ))),
+    }
+}
+
+/// What `obj` is, for error messages: "a 2-D array of int64", or its Python type.
+fn describe(obj: &Bound<'_, PyAny>) -> String {
+    match obj.cast::<PyUntypedArray>() {
+        Ok(a) => format!("a {}-D array of {}", a.ndim(), a.dtype()),
+        Err(_) => obj.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string()),
+    }
+}
+
+fn layout_error(name: &str) -> PyErr {
+    PyTypeError::new_err(format!(
+        "{name} must be C-contiguous, got a strided view; pass numpy.ascontiguousarray({name})"
+    ))
+}
+
+/// `obj` as a read-only C-contiguous array of `T` (TypeError otherwise, naming `name`).
+fn array<'py, T: Element>(
+    name: &str,
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    let a: PyReadonlyArrayDyn<'py, T> = obj.extract().map_err(|_| {
         PyTypeError::new_err(format!(
-            "{name} must be a numpy array of {} (all tensors of one call share the input's dtype)",
-            std::any::type_name::<T>()
+            "{name} must be a numpy array of {}, got {}",
+            numpy::dtype::<T>(obj.py()),
+            describe(obj)
         ))
     })?;
-    if !r.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!("{name} must be C-contiguous")));
+    if !a.is_c_contiguous() {
+        return Err(layout_error(name));
     }
-    Ok(r)
+    Ok(a)
 }
 
-fn opt<'py, T: Element>(
+/// [`array`] for an argument that is required here though Python may pass None.
+fn required<'py, T: Element>(
     name: &str,
-    a: Option<&Bound<'py, PyAny>>,
+    obj: Option<&Bound<'py, PyAny>>,
+    why: &str,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    match obj.filter(|o| !o.is_none()) {
+        Some(o) => array(name, o),
+        None => Err(PyTypeError::new_err(format!("{name} must be an array {why}, got None"))),
+    }
+}
+
+/// [`array`] for an optional argument (None stays None).
+fn optional<'py, T: Element>(
+    name: &str,
+    obj: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Option<PyReadonlyArrayDyn<'py, T>>> {
-    a.filter(|a| !a.is_none()).map(|a| arr::<T>(name, a)).transpose()
+    obj.filter(|o| !o.is_none()).map(|o| array(name, o)).transpose()
+}
+
+/// The shape of `a`, which must have `N` dimensions laid out as `layout` (ValueError otherwise).
+fn dims<T: Element, const N: usize>(
+    a: &PyReadonlyArrayDyn<'_, T>,
+    name: &str,
+    layout: &str,
+) -> PyResult<[usize; N]> {
+    a.shape().try_into().map_err(|_| {
+        PyValueError::new_err(format!("{name} must be {N}-D {layout}, got shape {:?}", a.shape()))
+    })
+}
+
+/// A ValueError unless the array `name` has the shape `want`.
+fn expect_shape(name: &str, shape: &[usize], want: &[usize]) -> PyResult<()> {
+    if shape != want {
+        return Err(PyValueError::new_err(format!(
+            "{name} has shape {shape:?}, expected {want:?}"
+        )));
+    }
+    Ok(())
 }
 
 fn sl<'a, T: Element>(a: &'a PyReadonlyArrayDyn<'_, T>) -> &'a [T] {
-    a.as_slice().expect("checked contiguous")
+    a.as_slice().expect("C-contiguity is checked on extraction")
 }
 
-fn out<'py, T: Element>(py: Python<'py>, v: Vec<T>, shape: &[usize]) -> PyResult<Out<'py>> {
+fn out<'py, T: Element>(py: Python<'py>, v: Vec<T>, shape: &[usize]) -> PyResult<Array<'py>> {
     let a = numpy::ndarray::ArrayD::from_shape_vec(shape.to_vec(), v)
         .map_err(|e| PyValueError::new_err(format!("internal shape error: {e}")))?;
-    Ok(a.into_pyarray(py).into_any())
+    Ok(a.into_pyarray(py).as_untyped().clone())
 }
 
-struct Args<'py, T: Element> {
+/// Runs a kernel with the GIL released: f32 on the calling thread (its thread team is torch's
+/// OpenMP team when torch is loaded, see `kernels::team`; moving to a rayon worker first would
+/// make libgomp start a second team for that thread), f64 (whose products use the `gemm` crate
+/// on rayon) inside ferrolm's sized rayon pool.
+fn compute<T: 'static, R: Send>(py: Python<'_>, threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    py.detach(|| {
+        if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+            f()
+        } else {
+            parallel::install(threads, f)
+        }
+    })
+}
+
+fn parse_mode(mode: &str) -> PyResult<bool> {
+    match mode {
+        "lstm" => Ok(true),
+        "gru" => Ok(false),
+        other => Err(PyValueError::new_err(format!("mode must be 'lstm' or 'gru', got {other:?}"))),
+    }
+}
+
+/// One layer direction's arguments as passed from Python (shared by forward and backward).
+struct RnnCall<'a, 'py> {
+    lstm: bool,
+    x: &'a Bound<'py, PyAny>,
+    batch_sizes: &'a [usize],
+    reverse: bool,
+    h0: &'a Bound<'py, PyAny>,
+    c0: Option<&'a Bound<'py, PyAny>>,
+    weights: [&'a Bound<'py, PyAny>; 2],
+    biases: [Option<&'a Bound<'py, PyAny>>; 2],
+    threads: usize,
+}
+
+/// Those arrays extracted as `T` (read-only views the core borrows), and the layer's sizes.
+struct RnnArrays<'py, T: Element> {
     x: PyReadonlyArrayDyn<'py, T>,
     h0: PyReadonlyArrayDyn<'py, T>,
+    /// LSTM only.
     c0: Option<PyReadonlyArrayDyn<'py, T>>,
     w_ih: PyReadonlyArrayDyn<'py, T>,
     w_hh: PyReadonlyArrayDyn<'py, T>,
     b_ih: Option<PyReadonlyArrayDyn<'py, T>>,
     b_hh: Option<PyReadonlyArrayDyn<'py, T>>,
     dims: Dims,
+    /// Rows of `x` (N).
+    rows: usize,
 }
 
-// Pending: these arguments go into an options struct (listed as undone in the refactor).
-#[allow(clippy::too_many_arguments)]
-fn args<'py, T: Element>(
-    lstm: bool,
-    x: &Bound<'py, PyAny>,
-    h0: &Bound<'py, PyAny>,
-    c0: Option<&Bound<'py, PyAny>>,
-    w_ih: &Bound<'py, PyAny>,
-    w_hh: &Bound<'py, PyAny>,
-    b_ih: Option<&Bound<'py, PyAny>>,
-    b_hh: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Args<'py, T>> {
-    let x = arr::<T>("input", x)?;
-    let h0 = arr::<T>("h0", h0)?;
-    let c0 = if lstm {
-        Some(arr::<T>("c0", c0.ok_or_else(|| PyValueError::new_err("LSTM needs c0"))?)?)
-    } else {
-        None
-    };
-    let w_ih = arr::<T>("weight_ih", w_ih)?;
-    let w_hh = arr::<T>("weight_hh", w_hh)?;
-    let (xs, hs) = (x.shape(), w_hh.shape());
-    if xs.len() != 2 || hs.len() != 2 {
-        return Err(PyValueError::new_err(
-            "input must be (N, input_size) and weight_hh (gates*H, H)",
-        ));
-    }
-    let dims = Dims { input: xs[1], hidden: hs[1] };
-    Ok(Args {
-        x,
-        h0,
-        c0,
-        w_ih,
-        w_hh,
-        b_ih: opt("bias_ih", b_ih)?,
-        b_hh: opt("bias_hh", b_hh)?,
-        dims,
-    })
-}
-
-/// Runs a recurrent or attention kernel: f32 on the calling thread (its thread team is torch's
-/// OpenMP team when torch is loaded, see `kernels::team`; moving to a rayon worker first would
-/// make libgomp start a second team for that thread), f64 (whose products use the `gemm` crate
-/// on rayon) inside ferrolm's sized rayon pool.
-fn run_kernel<T: 'static, R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        f()
-    } else {
-        parallel::install(threads, f)
+impl<'py> RnnCall<'_, 'py> {
+    fn extract<T: Scalar>(&self) -> PyResult<RnnArrays<'py, T>> {
+        let x = array::<T>("input", self.x)?;
+        let [rows, input] = dims(&x, "input", "(N, input_size)")?;
+        let w_hh = array::<T>("weight_hh", self.weights[1])?;
+        let [_, hidden] = dims(&w_hh, "weight_hh", "(gates * hidden_size, hidden_size)")?;
+        let c0 = if self.lstm { Some(required("c0", self.c0, "for mode='lstm'")?) } else { None };
+        Ok(RnnArrays {
+            h0: array("h0", self.h0)?,
+            c0,
+            w_ih: array("weight_ih", self.weights[0])?,
+            b_ih: optional("bias_ih", self.biases[0])?,
+            b_hh: optional("bias_hh", self.biases[1])?,
+            x,
+            w_hh,
+            dims: Dims { input, hidden },
+            rows,
+        })
     }
 }
 
-fn weights<'a, T: Element>(a: &'a Args<'_, T>) -> Weights<'a, T> {
-    Weights {
-        w_ih: sl(&a.w_ih),
-        w_hh: sl(&a.w_hh),
-        b_ih: a.b_ih.as_ref().map(sl),
-        b_hh: a.b_hh.as_ref().map(sl),
+impl<T: Scalar> RnnArrays<'_, T> {
+    fn layer(&self) -> Layer<'_, T> {
+        Layer {
+            dims: self.dims,
+            w_ih: sl(&self.w_ih),
+            w_hh: sl(&self.w_hh),
+            b_ih: self.b_ih.as_ref().map(sl),
+            b_hh: self.b_hh.as_ref().map(sl),
+        }
+    }
+
+    fn input<'s>(&'s self, call: &RnnCall<'s, '_>) -> Input<'s, T> {
+        Input { x: sl(&self.x), batch_sizes: call.batch_sizes, reverse: call.reverse }
+    }
+
+    /// The initial state (`c0` empty for the GRU).
+    fn init(&self) -> State<'_, T> {
+        State { h0: sl(&self.h0), c0: self.c0.as_ref().map_or(&[], sl) }
     }
 }
 
-// Pending: these arguments go into an options struct (listed as undone in the refactor).
-#[allow(clippy::too_many_arguments)]
-fn forward<'py, T: Float + Element>(
-    py: Python<'py>,
-    lstm: bool,
-    x: &Bound<'py, PyAny>,
-    batch_sizes: &[usize],
-    reverse: bool,
-    h0: &Bound<'py, PyAny>,
-    c0: Option<&Bound<'py, PyAny>>,
-    w: [&Bound<'py, PyAny>; 2],
-    b: [Option<&Bound<'py, PyAny>>; 2],
-    threads: usize,
+/// `rnn_forward`'s result: y, h_n, c_n (None for the GRU), and the gate activations and cell
+/// states (GRU: recurrent candidate parts), both None without `keep`.
+type RnnForwardOut<'py> =
+    (Array<'py>, Array<'py>, Option<Array<'py>>, Option<Array<'py>>, Option<Array<'py>>);
+
+struct RnnForward<'a, 'py> {
+    call: RnnCall<'a, 'py>,
     keep: bool,
     batch_first: bool,
-) -> PyResult<Vec<Out<'py>>> {
-    let a = args::<T>(lstm, x, h0, c0, w[0], w[1], b[0], b[1])?;
-    let (h, bsz, n) = (a.dims.hidden, batch_sizes.first().copied().unwrap_or(0), a.x.shape()[0]);
-    let wts = weights(&a);
-    let (xs, h0s) = (sl(&a.x), sl(&a.h0));
-    let dims = a.dims;
-    if lstm {
-        let c0s = sl(a.c0.as_ref().expect("lstm has c0"));
-        let o = py.detach(|| {
-            run_kernel::<T, _>(threads, || {
-                rnn::lstm_forward(
-                    xs,
-                    batch_sizes,
-                    reverse,
-                    dims,
-                    h0s,
-                    c0s,
-                    &wts,
-                    threads,
-                    keep,
-                    batch_first,
-                )
-            })
-        })?;
-        let (gates, cs) = if keep {
-            (out(py, o.gates, &[n, 4 * h])?, out(py, o.cs, &[n, h])?)
+}
+
+impl<'py> FloatCall<'py> for RnnForward<'_, 'py> {
+    type Output = RnnForwardOut<'py>;
+
+    fn run<T: Scalar>(self, py: Python<'py>) -> PyResult<Self::Output> {
+        let Self { call, keep, batch_first } = self;
+        let a = call.extract::<T>()?;
+        let (h, n, bsz) = (a.dims.hidden, a.rows, call.batch_sizes.first().copied().unwrap_or(0));
+        let opts = ForwardOptions { keep, batch_first, threads: call.threads };
+        let (layer, input, init) = (a.layer(), a.input(&call), a.init());
+        // The kept arrays of `width` columns: Some only with `keep`.
+        let kept = |v: Vec<T>, width: usize| keep.then(|| out(py, v, &[n, width])).transpose();
+        if call.lstm {
+            let o =
+                compute::<T, _>(py, call.threads, || rnn::lstm_forward(&layer, input, init, opts))?;
+            Ok((
+                out(py, o.y, &[n, h])?,
+                out(py, o.h_n, &[bsz, h])?,
+                Some(out(py, o.c_n, &[bsz, h])?),
+                kept(o.gates, 4 * h)?,
+                kept(o.cs, h)?,
+            ))
         } else {
-            (py.None().into_bound(py), py.None().into_bound(py))
-        };
-        Ok(vec![
-            out(py, o.y, &[n, h])?,
-            out(py, o.h_n, &[bsz, h])?,
-            out(py, o.c_n, &[bsz, h])?,
-            gates,
-            cs,
-        ])
-    } else {
-        let o = py.detach(|| {
-            run_kernel::<T, _>(threads, || {
-                rnn::gru_forward(
-                    xs,
-                    batch_sizes,
-                    reverse,
-                    dims,
-                    h0s,
-                    &wts,
-                    threads,
-                    keep,
-                    batch_first,
-                )
-            })
-        })?;
-        let (gates, hn) = if keep {
-            (out(py, o.gates, &[n, 3 * h])?, out(py, o.hn, &[n, h])?)
-        } else {
-            (py.None().into_bound(py), py.None().into_bound(py))
-        };
-        Ok(vec![
-            out(py, o.y, &[n, h])?,
-            out(py, o.h_n, &[bsz, h])?,
-            py.None().into_bound(py),
-            gates,
-            hn,
-        ])
+            let o = compute::<T, _>(py, call.threads, || {
+                rnn::gru_forward(&layer, input, init.h0, opts)
+            })?;
+            Ok((
+                out(py, o.y, &[n, h])?,
+                out(py, o.h_n, &[bsz, h])?,
+                None,
+                kept(o.gates, 3 * h)?,
+                kept(o.hn, h)?,
+            ))
+        }
     }
 }
 
-/// One layer direction forward: returns [y, h_n, c_n (None for GRU), gates, cell_or_candidate].
-/// With `keep` false (no backward will follow) the last two are None; with `batch_first`
-/// (inference, one length) x is (B*T, I) in batch-first row order and y comes back so.
+/// One layer direction forward: returns (y, h_n, c_n, gates, cell_or_candidate), c_n None for
+/// a GRU. With `keep` false (no backward will follow) the last two are None; with
+/// `batch_first` (inference, one length) x is (B*T, I) in batch-first row order and y comes
+/// back so.
 #[pyfunction]
 #[pyo3(signature = (
     mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, threads, keep=true,
@@ -227,127 +301,83 @@ pub fn rnn_forward<'py>(
     threads: usize,
     keep: bool,
     batch_first: bool,
-) -> PyResult<Vec<Out<'py>>> {
-    let lstm = parse_mode(mode)?;
-    let threads = parallel::resolve_threads(Some(threads));
-    if is_f64(x) {
-        forward::<f64>(
-            py,
-            lstm,
-            x,
-            &batch_sizes,
-            reverse,
-            h0,
-            c0,
-            [w_ih, w_hh],
-            [b_ih, b_hh],
-            threads,
-            keep,
-            batch_first,
-        )
-    } else {
-        forward::<f32>(
-            py,
-            lstm,
-            x,
-            &batch_sizes,
-            reverse,
-            h0,
-            c0,
-            [w_ih, w_hh],
-            [b_ih, b_hh],
-            threads,
-            keep,
-            batch_first,
-        )
-    }
-}
-
-fn parse_mode(mode: &str) -> PyResult<bool> {
-    match mode {
-        "lstm" => Ok(true),
-        "gru" => Ok(false),
-        other => Err(PyValueError::new_err(format!("mode must be 'lstm' or 'gru', got {other:?}"))),
-    }
-}
-
-// Pending: these arguments go into an options struct (listed as undone in the refactor).
-#[allow(clippy::too_many_arguments)]
-fn backward<'py, T: Float + Element>(
-    py: Python<'py>,
-    lstm: bool,
-    x: &Bound<'py, PyAny>,
-    batch_sizes: &[usize],
-    reverse: bool,
-    h0: &Bound<'py, PyAny>,
-    c0: Option<&Bound<'py, PyAny>>,
-    w: [&Bound<'py, PyAny>; 2],
-    b: [Option<&Bound<'py, PyAny>>; 2],
-    saved: [&Bound<'py, PyAny>; 3],
-    grads: [Option<&Bound<'py, PyAny>>; 3],
-    threads: usize,
-) -> PyResult<Vec<Out<'py>>> {
-    let a = args::<T>(lstm, x, h0, c0, w[0], w[1], b[0], b[1])?;
-    let (y, gates, cs) =
-        (arr::<T>("y", saved[0])?, arr::<T>("gates", saved[1])?, arr::<T>("cs", saved[2])?);
-    let (h, n) = (a.dims.hidden, a.x.shape()[0]);
-    let bsz = batch_sizes.first().copied().unwrap_or(0);
-    let dy = arr::<T>(
-        "grad_output",
-        grads[0].ok_or_else(|| PyValueError::new_err("grad_output missing"))?,
-    )?;
-    let dh_n =
-        arr::<T>("grad_h_n", grads[1].ok_or_else(|| PyValueError::new_err("grad_h_n missing"))?)?;
-    let dc_n = if lstm {
-        Some(arr::<T>(
-            "grad_c_n",
-            grads[2].ok_or_else(|| PyValueError::new_err("grad_c_n missing"))?,
-        )?)
-    } else {
-        None
+) -> PyResult<RnnForwardOut<'py>> {
+    let call = RnnCall {
+        lstm: parse_mode(mode)?,
+        x,
+        batch_sizes: &batch_sizes,
+        reverse,
+        h0,
+        c0,
+        weights: [w_ih, w_hh],
+        biases: [b_ih, b_hh],
+        threads: parallel::resolve_threads(Some(threads)),
     };
-    let wts = weights(&a);
-    let s = Saved { y: sl(&y), gates: sl(&gates), cs: sl(&cs) };
-    let (xs, h0s, dys, dhs) = (sl(&a.x), sl(&a.h0), sl(&dy), sl(&dh_n));
-    let c0s: &[T] = a.c0.as_ref().map(sl).unwrap_or(&[]);
-    let dcs: &[T] = dc_n.as_ref().map(sl).unwrap_or(&[]);
-    let dims = a.dims;
-    let g = py.detach(|| {
-        run_kernel::<T, _>(threads, || {
-            if lstm {
-                rnn::lstm_backward(
-                    xs,
-                    batch_sizes,
-                    reverse,
-                    dims,
-                    h0s,
-                    c0s,
-                    &wts,
-                    s,
-                    dys,
-                    dhs,
-                    dcs,
-                    threads,
-                )
-            } else {
-                rnn::gru_backward(xs, batch_sizes, reverse, dims, h0s, &wts, s, dys, dhs, threads)
-            }
-        })
-    })?;
-    let dc0 = if lstm { out(py, g.dc0, &[bsz, h])? } else { py.None().into_bound(py) };
-    let dgh = if lstm { py.None().into_bound(py) } else { out(py, g.dgh, &[n, g.ldg])? };
-    Ok(vec![
-        out(py, g.dgx, &[n, g.ldg])?,
-        dgh,
-        out(py, g.hprev, &[n, h])?,
-        out(py, g.dh0, &[bsz, h])?,
-        dc0,
-    ])
+    dispatch(py, "input", x, RnnForward { call, keep, batch_first })
 }
 
-/// One layer direction's backward through time: returns [dgx, dgh (None for LSTM: equal to
-/// dgx), hprev, dh0, dc0 (None for GRU)], the gate gradients as (N, stride) arrays whose first
-/// G*H columns are the gradients (rows padded off 1 KiB multiples), for the caller's GEMMs.
+/// `rnn_backward`'s result: dgx, dgh (None for the LSTM: equal to dgx), hprev, dh0, and dc0
+/// (None for the GRU).
+type RnnBackwardOut<'py> =
+    (Array<'py>, Option<Array<'py>>, Array<'py>, Array<'py>, Option<Array<'py>>);
+
+struct RnnBackward<'a, 'py> {
+    call: RnnCall<'a, 'py>,
+    /// y, gates, cs: what the forward kept.
+    saved: [&'a Bound<'py, PyAny>; 3],
+    /// The output gradients dy, dh_n, dc_n (dc_n LSTM only).
+    grads: [Option<&'a Bound<'py, PyAny>>; 3],
+}
+
+impl<'py> FloatCall<'py> for RnnBackward<'_, 'py> {
+    type Output = RnnBackwardOut<'py>;
+
+    fn run<T: Scalar>(self, py: Python<'py>) -> PyResult<Self::Output> {
+        let Self { call, saved, grads } = self;
+        let a = call.extract::<T>()?;
+        let (y, gates, cs) = (
+            array::<T>("y", saved[0])?,
+            array::<T>("gates", saved[1])?,
+            array::<T>("cs", saved[2])?,
+        );
+        let dy = required::<T>("grad_output", grads[0], "for the backward")?;
+        let dh_n = required::<T>("grad_h_n", grads[1], "for the backward")?;
+        let dc_n = if call.lstm {
+            Some(required::<T>("grad_c_n", grads[2], "for mode='lstm'")?)
+        } else {
+            None
+        };
+        let (h, n, bsz) = (a.dims.hidden, a.rows, call.batch_sizes.first().copied().unwrap_or(0));
+        let (layer, input, init) = (a.layer(), a.input(&call), a.init());
+        let s = Saved { y: sl(&y), gates: sl(&gates), cs: sl(&cs) };
+        let up = OutputGrads { dy: sl(&dy), dh_n: sl(&dh_n), dc_n: dc_n.as_ref().map_or(&[], sl) };
+        let (lstm, threads) = (call.lstm, call.threads);
+        let g = compute::<T, _>(py, threads, || {
+            if lstm {
+                rnn::lstm_backward(&layer, input, init, s, up, threads)
+            } else {
+                rnn::gru_backward(&layer, input, init.h0, s, up, threads)
+            }
+        })?;
+        let (dgh, dc0) = if lstm {
+            (None, Some(out(py, g.dc0, &[bsz, h])?))
+        } else {
+            (Some(out(py, g.dgh, &[n, g.ldg])?), None)
+        };
+        Ok((
+            out(py, g.dgx, &[n, g.ldg])?,
+            dgh,
+            out(py, g.hprev, &[n, h])?,
+            out(py, g.dh0, &[bsz, h])?,
+            dc0,
+        ))
+    }
+}
+
+/// One layer direction's backward through time: returns (dgx, dgh, hprev, dh0, dc0), dgh None
+/// for an LSTM (equal to dgx) and dc0 None for a GRU; the gate gradients are (N, stride)
+/// arrays whose first G*H columns are the gradients (rows padded off 1 KiB multiples), for the
+/// caller's GEMMs.
 #[pyfunction]
 #[pyo3(signature = (
     mode, x, batch_sizes, reverse, h0, c0, w_ih, w_hh, b_ih, b_hh, y, gates, cs, dy, dh_n, dc_n,
@@ -374,97 +404,87 @@ pub fn rnn_backward<'py>(
     dh_n: Option<&Bound<'py, PyAny>>,
     dc_n: Option<&Bound<'py, PyAny>>,
     threads: usize,
-) -> PyResult<Vec<Out<'py>>> {
-    let lstm = parse_mode(mode)?;
-    let threads = parallel::resolve_threads(Some(threads));
-    let args = ([w_ih, w_hh], [b_ih, b_hh], [y, gates, cs], [dy, dh_n, dc_n]);
-    if is_f64(x) {
-        backward::<f64>(
-            py,
-            lstm,
-            x,
-            &batch_sizes,
-            reverse,
-            h0,
-            c0,
-            args.0,
-            args.1,
-            args.2,
-            args.3,
-            threads,
-        )
-    } else {
-        backward::<f32>(
-            py,
-            lstm,
-            x,
-            &batch_sizes,
-            reverse,
-            h0,
-            c0,
-            args.0,
-            args.1,
-            args.2,
-            args.3,
-            threads,
-        )
-    }
+) -> PyResult<RnnBackwardOut<'py>> {
+    let call = RnnCall {
+        lstm: parse_mode(mode)?,
+        x,
+        batch_sizes: &batch_sizes,
+        reverse,
+        h0,
+        c0,
+        weights: [w_ih, w_hh],
+        biases: [b_ih, b_hh],
+        threads: parallel::resolve_threads(Some(threads)),
+    };
+    dispatch(py, "input", x, RnnBackward { call, saved: [y, gates, cs], grads: [dy, dh_n, dc_n] })
 }
 
-fn attn_shape(q: &[usize], k: &[usize], v: &[usize]) -> PyResult<crate::kernels::attention::Shape> {
-    if q.len() != 4 || k.len() != 4 || v.len() != 4 {
-        return Err(PyValueError::new_err("q, k and v must be 4-D (batch, heads, time, head_dim)"));
-    }
-    Ok(crate::kernels::attention::Shape {
-        b: q[0],
-        hq: q[1],
-        hk: k[1],
-        tq: q[2],
-        tk: k[2],
-        d: q[3],
-        dv: v[3],
-    })
-}
-
-fn pad_mask<'py>(m: Option<&Bound<'py, PyAny>>) -> PyResult<Option<PyReadonlyArrayDyn<'py, bool>>> {
-    opt::<bool>("key_padding_mask", m)
-}
-
-// Pending: these arguments go into an options struct (listed as undone in the refactor).
-#[allow(clippy::too_many_arguments)]
-fn attn_fwd<'py, T: Float + Element>(
-    py: Python<'py>,
-    q: &Bound<'py, PyAny>,
-    k: &Bound<'py, PyAny>,
-    v: &Bound<'py, PyAny>,
+/// One attention call's arguments as passed from Python.
+struct AttentionCall<'a, 'py> {
+    q: &'a Bound<'py, PyAny>,
+    k: &'a Bound<'py, PyAny>,
+    v: &'a Bound<'py, PyAny>,
     causal: bool,
-    mask: Option<&Bound<'py, PyAny>>,
+    key_padding_mask: Option<&'a Bound<'py, PyAny>>,
     scale: f64,
     threads: usize,
-) -> PyResult<Vec<Out<'py>>> {
-    let (q, k, v) = (arr::<T>("q", q)?, arr::<T>("k", k)?, arr::<T>("v", v)?);
-    let sh = attn_shape(q.shape(), k.shape(), v.shape())?;
-    let m = pad_mask(mask)?;
-    let (qs, ks, vs) = (sl(&q), sl(&k), sl(&v));
-    let ms: Option<&[bool]> = m.as_ref().map(sl);
-    let (o, lse) = py.detach(|| {
-        run_kernel::<T, _>(threads, || {
-            crate::kernels::attention::forward(
-                qs,
-                ks,
-                vs,
-                sh,
-                causal,
-                ms,
-                T::from_f64(scale),
-                threads,
-            )
-        })
-    })?;
-    Ok(vec![out(py, o, &[sh.b, sh.hq, sh.tq, sh.dv])?, out(py, lse, &[sh.b, sh.hq, sh.tq])?])
 }
 
-/// Attention forward: returns [o, lse].
+/// Those arrays extracted as `T`, and their shape.
+struct AttentionArrays<'py, T: Element> {
+    q: PyReadonlyArrayDyn<'py, T>,
+    k: PyReadonlyArrayDyn<'py, T>,
+    v: PyReadonlyArrayDyn<'py, T>,
+    mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    shape: attention::Shape,
+}
+
+impl<'py> AttentionCall<'_, 'py> {
+    fn extract<T: Scalar>(&self) -> PyResult<AttentionArrays<'py, T>> {
+        let (q, k, v) = (array::<T>("q", self.q)?, array::<T>("k", self.k)?, array("v", self.v)?);
+        let [b, hq, tq, d] = dims(&q, "q", "(batch, heads, time, head_dim)")?;
+        let [_, hk, tk, _] = dims(&k, "k", "(batch, kv_heads, time, head_dim)")?;
+        let [_, _, _, dv] = dims(&v, "v", "(batch, kv_heads, time, v_head_dim)")?;
+        expect_shape("k", k.shape(), &[b, hk, tk, d])?;
+        expect_shape("v", v.shape(), &[b, hk, tk, dv])?;
+        let mask = optional::<bool>("key_padding_mask", self.key_padding_mask)?;
+        if let Some(m) = &mask {
+            expect_shape("key_padding_mask", m.shape(), &[b, tk])?;
+        }
+        let shape = attention::Shape { b, hq, hk, tq, tk, d, dv };
+        Ok(AttentionArrays { q, k, v, mask, shape })
+    }
+}
+
+impl<T: Scalar> AttentionArrays<'_, T> {
+    fn args(&self, call: &AttentionCall<'_, '_>) -> AttentionArgs<'_, T> {
+        AttentionArgs {
+            q: sl(&self.q),
+            k: sl(&self.k),
+            v: sl(&self.v),
+            shape: self.shape,
+            causal: call.causal,
+            key_padding: self.mask.as_ref().map(sl),
+            scale: T::from_f64(call.scale),
+            threads: call.threads,
+        }
+    }
+}
+
+struct AttentionForward<'a, 'py>(AttentionCall<'a, 'py>);
+
+impl<'py> FloatCall<'py> for AttentionForward<'_, 'py> {
+    type Output = (Array<'py>, Array<'py>);
+
+    fn run<T: Scalar>(self, py: Python<'py>) -> PyResult<Self::Output> {
+        let a = self.0.extract::<T>()?;
+        let (args, sh) = (a.args(&self.0), a.shape);
+        let (o, lse) = compute::<T, _>(py, args.threads, || attention::forward(&args))?;
+        Ok((out(py, o, &[sh.b, sh.hq, sh.tq, sh.dv])?, out(py, lse, &[sh.b, sh.hq, sh.tq])?))
+    }
+}
+
+/// Attention forward: returns (o, lse).
 #[pyfunction]
 #[pyo3(signature = (q, k, v, causal, key_padding_mask, scale, threads))]
 // One parameter per argument of the Python-visible `_core` signature.
@@ -478,51 +498,39 @@ pub fn attention_forward<'py>(
     key_padding_mask: Option<&Bound<'py, PyAny>>,
     scale: f64,
     threads: usize,
-) -> PyResult<Vec<Out<'py>>> {
+) -> PyResult<(Array<'py>, Array<'py>)> {
     let threads = parallel::resolve_threads(Some(threads));
-    if is_f64(q) {
-        attn_fwd::<f64>(py, q, k, v, causal, key_padding_mask, scale, threads)
-    } else {
-        attn_fwd::<f32>(py, q, k, v, causal, key_padding_mask, scale, threads)
+    let call = AttentionCall { q, k, v, causal, key_padding_mask, scale, threads };
+    dispatch(py, "q", q, AttentionForward(call))
+}
+
+struct AttentionBackward<'a, 'py> {
+    call: AttentionCall<'a, 'py>,
+    /// o, lse (what the forward returned) and grad_output.
+    saved: [&'a Bound<'py, PyAny>; 3],
+}
+
+impl<'py> FloatCall<'py> for AttentionBackward<'_, 'py> {
+    type Output = (Array<'py>, Array<'py>, Array<'py>);
+
+    fn run<T: Scalar>(self, py: Python<'py>) -> PyResult<Self::Output> {
+        let a = self.call.extract::<T>()?;
+        let sh = a.shape;
+        let o = array::<T>("o", self.saved[0])?;
+        let lse = array::<T>("lse", self.saved[1])?;
+        let d_o = array::<T>("grad_output", self.saved[2])?;
+        expect_shape("o", o.shape(), &[sh.b, sh.hq, sh.tq, sh.dv])?;
+        expect_shape("lse", lse.shape(), &[sh.b, sh.hq, sh.tq])?;
+        expect_shape("grad_output", d_o.shape(), &[sh.b, sh.hq, sh.tq, sh.dv])?;
+        let args = a.args(&self.call);
+        let (os, ls, ds) = (sl(&o), sl(&lse), sl(&d_o));
+        let (dq, dk, dv) =
+            compute::<T, _>(py, args.threads, || attention::backward(&args, os, ls, ds))?;
+        Ok((out(py, dq, a.q.shape())?, out(py, dk, a.k.shape())?, out(py, dv, a.v.shape())?))
     }
 }
 
-fn attn_bwd<'py, T: Float + Element>(
-    py: Python<'py>,
-    t: [&Bound<'py, PyAny>; 6],
-    causal: bool,
-    mask: Option<&Bound<'py, PyAny>>,
-    scale: f64,
-    threads: usize,
-) -> PyResult<Vec<Out<'py>>> {
-    let names = ["q", "k", "v", "o", "lse", "grad_output"];
-    let a: Vec<PyReadonlyArrayDyn<'py, T>> =
-        t.iter().zip(names).map(|(x, n)| arr::<T>(n, x)).collect::<PyResult<_>>()?;
-    let sh = attn_shape(a[0].shape(), a[1].shape(), a[2].shape())?;
-    let m = pad_mask(mask)?;
-    let s: Vec<&[T]> = a.iter().map(sl).collect();
-    let ms: Option<&[bool]> = m.as_ref().map(sl);
-    let (dq, dk, dv) = py.detach(|| {
-        run_kernel::<T, _>(threads, || {
-            crate::kernels::attention::backward(
-                s[0],
-                s[1],
-                s[2],
-                s[3],
-                s[4],
-                s[5],
-                sh,
-                causal,
-                ms,
-                T::from_f64(scale),
-                threads,
-            )
-        })
-    })?;
-    Ok(vec![out(py, dq, a[0].shape())?, out(py, dk, a[1].shape())?, out(py, dv, a[2].shape())?])
-}
-
-/// Attention backward: returns [dq, dk, dv].
+/// Attention backward: returns (dq, dk, dv).
 #[pyfunction]
 #[pyo3(signature = (q, k, v, o, lse, grad_output, causal, key_padding_mask, scale, threads))]
 // One parameter per argument of the Python-visible `_core` signature.
@@ -539,45 +547,41 @@ pub fn attention_backward<'py>(
     key_padding_mask: Option<&Bound<'py, PyAny>>,
     scale: f64,
     threads: usize,
-) -> PyResult<Vec<Out<'py>>> {
+) -> PyResult<(Array<'py>, Array<'py>, Array<'py>)> {
     let threads = parallel::resolve_threads(Some(threads));
-    let t = [q, k, v, o, lse, grad_output];
-    if is_f64(q) {
-        attn_bwd::<f64>(py, t, causal, key_padding_mask, scale, threads)
-    } else {
-        attn_bwd::<f32>(py, t, causal, key_padding_mask, scale, threads)
-    }
+    let call = AttentionCall { q, k, v, causal, key_padding_mask, scale, threads };
+    dispatch(py, "q", q, AttentionBackward { call, saved: [o, lse, grad_output] })
 }
 
-fn decode_t<'py, T: Float + Element>(
-    py: Python<'py>,
-    q: &Bound<'py, PyAny>,
-    k: &Bound<'py, PyAny>,
-    v: &Bound<'py, PyAny>,
-    lengths: Vec<usize>,
+struct DecodeCall<'a, 'py> {
+    q: &'a Bound<'py, PyAny>,
+    k_cache: &'a Bound<'py, PyAny>,
+    v_cache: &'a Bound<'py, PyAny>,
+    cache_lengths: Vec<usize>,
     scale: f64,
     threads: usize,
-) -> PyResult<Out<'py>> {
-    let (q, k, v) = (arr::<T>("q", q)?, arr::<T>("k_cache", k)?, arr::<T>("v_cache", v)?);
-    let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
-    if qs.len() != 3 || ks.len() != 4 || vs.len() != 4 {
-        return Err(PyValueError::new_err("q must be (B, Hq, D) and the caches (B, Hk, L, D)"));
+}
+
+impl<'py> FloatCall<'py> for DecodeCall<'_, 'py> {
+    type Output = Array<'py>;
+
+    fn run<T: Scalar>(self, py: Python<'py>) -> PyResult<Self::Output> {
+        let q = array::<T>("q", self.q)?;
+        let (k, v) = (array::<T>("k_cache", self.k_cache)?, array::<T>("v_cache", self.v_cache)?);
+        let [b, hq, d] = dims(&q, "q", "(batch, heads, head_dim)")?;
+        let [_, hk, l, _] = dims(&k, "k_cache", "(batch, kv_heads, capacity, head_dim)")?;
+        let [_, _, _, dv] = dims(&v, "v_cache", "(batch, kv_heads, capacity, v_head_dim)")?;
+        expect_shape("k_cache", k.shape(), &[b, hk, l, d])?;
+        expect_shape("v_cache", v.shape(), &[b, hk, l, dv])?;
+        let sh = decode::Shape { b, hq, hk, l, d, dv };
+        let (qd, kd, vd) = (sl(&q), sl(&k), sl(&v));
+        let (lengths, scale, threads) =
+            (&self.cache_lengths, T::from_f64(self.scale), self.threads);
+        let o = compute::<T, _>(py, threads, || {
+            decode::decode(qd, kd, vd, lengths, sh, scale, threads)
+        })?;
+        out(py, o, &[b, hq, dv])
     }
-    let sh = crate::kernels::decode::Shape {
-        b: qs[0],
-        hq: qs[1],
-        hk: ks[1],
-        l: ks[2],
-        d: qs[2],
-        dv: vs[3],
-    };
-    let (qd, kd, vd) = (sl(&q), sl(&k), sl(&v));
-    let o = py.detach(|| {
-        run_kernel::<T, _>(threads, || {
-            crate::kernels::decode::decode(qd, kd, vd, &lengths, sh, T::from_f64(scale), threads)
-        })
-    })?;
-    out(py, o, &[sh.b, sh.hq, sh.dv])
 }
 
 /// Single-token attention over KV caches: returns (B, Hq, Dv).
@@ -591,40 +595,47 @@ pub fn decode_attention<'py>(
     cache_lengths: Vec<usize>,
     scale: f64,
     threads: usize,
-) -> PyResult<Out<'py>> {
+) -> PyResult<Array<'py>> {
     let threads = parallel::resolve_threads(Some(threads));
-    if is_f64(q) {
-        decode_t::<f64>(py, q, k_cache, v_cache, cache_lengths, scale, threads)
-    } else {
-        decode_t::<f32>(py, q, k_cache, v_cache, cache_lengths, scale, threads)
-    }
+    let call = DecodeCall { q, k_cache, v_cache, cache_lengths, scale, threads };
+    dispatch(py, "q", q, call)
 }
 
-fn dropout_t<'py, T: Float + Element>(
-    py: Python<'py>,
-    x: &Bound<'py, PyAny>,
-    out: &Bound<'py, PyAny>,
+struct DropoutCall<'a, 'py> {
+    x: &'a Bound<'py, PyAny>,
+    out: &'a Bound<'py, PyAny>,
     p: f64,
     seed: u64,
     threads: usize,
-) -> PyResult<()> {
-    let x = arr::<T>("input", x)?;
-    let mut o: numpy::PyReadwriteArrayDyn<'py, T> = out.extract().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "out must be a writable numpy array of {}",
-            std::any::type_name::<T>()
-        ))
-    })?;
-    if o.shape() != x.shape() || !o.is_c_contiguous() {
-        return Err(PyValueError::new_err("out must be C-contiguous with the input's shape"));
+}
+
+impl<'py> FloatCall<'py> for DropoutCall<'_, 'py> {
+    type Output = ();
+
+    fn run<T: Scalar>(self, py: Python<'py>) -> PyResult<()> {
+        let x = array::<T>("input", self.x)?;
+        let o = self.out.cast::<PyArrayDyn<T>>().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "out must be a numpy array of {}, got {}",
+                numpy::dtype::<T>(py),
+                describe(self.out)
+            ))
+        })?;
+        // Fails for a read-only array, and for one sharing memory with the input (rust-numpy
+        // tracks the borrows of both).
+        let mut o: PyReadwriteArrayDyn<'py, T> = o.try_readwrite().map_err(|_| {
+            PyValueError::new_err("out must be a writable array that does not overlap the input")
+        })?;
+        if !o.is_c_contiguous() {
+            return Err(layout_error("out"));
+        }
+        expect_shape("out", o.shape(), x.shape())?;
+        let xs = sl(&x);
+        let os = o.as_slice_mut().map_err(|_| layout_error("out"))?;
+        let (p, seed, threads) = (self.p, self.seed, self.threads);
+        py.detach(|| drop::apply(xs, os, p, seed, threads));
+        Ok(())
     }
-    let xs = sl(&x);
-    let os = o.as_slice_mut().map_err(|_| PyValueError::new_err("out must be C-contiguous"))?;
-    if std::ptr::eq(xs.as_ptr(), os.as_ptr()) {
-        return Err(PyValueError::new_err("out must not be the input"));
-    }
-    py.detach(|| crate::kernels::dropout::apply(xs, os, p, seed, threads));
-    Ok(())
 }
 
 /// Dropout with a counter-based mask into `out` (the same call on the gradient is the backward).
@@ -644,9 +655,5 @@ pub fn dropout<'py>(
         )));
     }
     let threads = parallel::resolve_threads(Some(threads));
-    if is_f64(x) {
-        dropout_t::<f64>(py, x, out, p, seed, threads)
-    } else {
-        dropout_t::<f32>(py, x, out, p, seed, threads)
-    }
+    dispatch(py, "x", x, DropoutCall { x, out, p, seed, threads })
 }
