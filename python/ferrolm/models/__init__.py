@@ -1,7 +1,9 @@
 """ferrolm's models, one module per architecture, each a ``torch.nn.Module`` with a config
 dataclass: :mod:`.gpt` (GPT-2 layout, GPT-2 conversion), :mod:`.lstm` (LSTM/GRU language
 model), :mod:`.classifier` (any backbone + pooling + head), :mod:`.seq2seq` (encoder-decoder
-Transformer and LSTM), :mod:`.attention_lstm` (self-attention + BiLSTM). :mod:`.registry` is
+Transformer and LSTM), :mod:`.attention_lstm` (self-attention + BiLSTM), :mod:`.llama`
+(Llama, SmolLM2, Qwen2: GGUF files through :mod:`.gguf`, transformers folders, and
+:func:`load` for an embedded real model). :mod:`.registry` is
 the static table of architectures, :mod:`.checkpoint` the safetensors checkpoints
 (:func:`save_model`, :func:`load_model`; no pickle is ever read), :mod:`.common` what they
 share. Language models follow nanoGPT's ``forward(idx, targets=None) -> (logits, loss)`` and
@@ -24,6 +26,7 @@ from .checkpoint import load_model, save_model
 from .classifier import ClassifierConfig, SequenceClassifier
 from .common import check_ids, lm_loss, pool
 from .gpt import GPT, GPTConfig
+from .llama import Llama, LlamaConfig, load
 from .lstm import LSTMConfig, LSTMLanguageModel
 from .registry import ARCHITECTURES, config_from_dict
 from .seq2seq import Seq2SeqLSTM, Seq2SeqLSTMConfig, Seq2SeqTransformer, Seq2SeqTransformerConfig
@@ -45,6 +48,9 @@ __all__ = [
     "Seq2SeqTransformer",
     "Seq2SeqLSTM",
     "AttentionLSTM",
+    "LlamaConfig",
+    "Llama",
+    "load",
     "check_ids",
     "lm_loss",
     "pool",

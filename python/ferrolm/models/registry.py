@@ -27,6 +27,7 @@ ARCHITECTURES: Dict[str, Architecture] = {
     "seq2seq_transformer": Architecture("seq2seq", "Seq2SeqTransformerConfig", "Seq2SeqTransformer"),
     "seq2seq_lstm": Architecture("seq2seq", "Seq2SeqLSTMConfig", "Seq2SeqLSTM"),
     "attention_lstm": Architecture("attention_lstm", "AttentionLSTMConfig", "AttentionLSTM"),
+    "llama": Architecture("llama", "LlamaConfig", "Llama"),
 }
 
 

