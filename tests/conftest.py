@@ -1,8 +1,10 @@
-"""Shared fixtures: the real vocabularies from ../shared/data (skipped when absent), the peers
-(tiktoken, HF tokenizers) built on them, and slices of the embedded default corpus."""
+"""Shared fixtures: the real vocabularies (tests/data, else $FERROLM_DATA_DIR, else ../shared/data;
+skipped when absent), the peers (tiktoken, HF tokenizers) built on them, and slices of the embedded
+default corpus."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,12 @@ import pytest
 from ferrolm import Tokenizer
 from ferrolm.corpus import chinese_text, stdlib_texts
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: Where the real vocabularies are looked for, in order: shipped with the tests, a folder named by
+#: $FERROLM_DATA_DIR, the workspace's shared data.
+DATA_DIRS = [Path(__file__).resolve().parent / "data"]
+if os.environ.get("FERROLM_DATA_DIR"):
+    DATA_DIRS.append(Path(os.environ["FERROLM_DATA_DIR"]))
+DATA_DIRS.append(Path(__file__).resolve().parents[2] / "shared" / "data")
 
 R50K_SPECIALS = {"<|endoftext|>": 50256}
 CL100K_SPECIALS = {
@@ -68,10 +75,11 @@ def corpus_docs():
 
 
 def _shared(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.is_file():
-        pytest.skip(f"{path} is absent (no ../shared/data in this checkout)")
-    return path
+    for folder in DATA_DIRS:
+        path = folder / name
+        if path.is_file():
+            return path
+    pytest.skip(f"{name} is in none of {[str(d) for d in DATA_DIRS]}")
 
 
 def _real_pair(file: str, name: str, specials):
