@@ -1,18 +1,21 @@
 """Byte-level BPE tokenizer with a Rust engine.
 
 ``ferrolm.Tokenizer`` trains, encodes and decodes byte-level BPE, reads and writes HF
-``tokenizer.json`` and tiktoken rank files, and gives the same ids as HF tokenizers and
-tiktoken on the same vocabulary. Its tiktoken-compatible surface (``encode``,
+``tokenizer.json``, tiktoken rank files and the vocabulary inside GGUF model files, gives the
+same ids as HF tokenizers, tiktoken and llama.cpp on the same vocabulary, and renders chat
+templates as transformers does. Its tiktoken-compatible surface (``encode``,
 ``encode_ordinary``, ``encode_batch``, ``decode_bytes``, ``n_vocab`` ...) makes switching a
 one-line change. Nothing is ever downloaded.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import (
     AbstractSet,
+    Any,
     Collection,
     Dict,
     Iterable,
@@ -28,7 +31,7 @@ import numpy as np
 
 from . import _core
 from ._io import PathLike, atomic_write
-from .errors import UnknownTokenError
+from .errors import FormatError, UnknownTokenError
 
 __all__ = ["Tokenizer", "GPT2_PATTERN", "CL100K_PATTERN", "PATTERNS"]
 
@@ -106,7 +109,7 @@ class Tokenizer:
         'hello world'
     """
 
-    def __init__(self, core: "_core.CoreTokenizer") -> None:
+    def __init__(self, core: "_core.CoreTokenizer", meta: Optional[Dict[str, Any]] = None) -> None:
         if not isinstance(core, _core.CoreTokenizer):
             raise TypeError(
                 "Tokenizer() takes a native tokenizer; use Tokenizer.train, from_hf_json, from_tiktoken or from_ranks"
@@ -119,6 +122,8 @@ class Tokenizer:
         self._policy_cache: Dict[Tuple[object, object], bytes] = {}
         self._default_policy = bytes([2] * n)
         self._ordinary_policy = bytes(n)
+        # Model-file metadata (GGUF): bos/eos/unk/pad ids, add_bos/add_eos, chat_template.
+        self._meta: Dict[str, Any] = dict(meta or {})
 
     # ------------------------------------------------------------------ construction
 
@@ -251,6 +256,93 @@ class Tokenizer:
             raise FormatError(f"{path}: tokenizer.json is not UTF-8 ({e})") from None
         return cls(_core.CoreTokenizer.from_hf_json_str(decoded))
 
+    @classmethod
+    def from_gguf(cls, path: PathLike) -> "Tokenizer":
+        """Returns the tokenizer stored in a GGUF model file (llama.cpp's format).
+
+        Reads ``tokenizer.ggml.*``: a byte-level BPE vocabulary (``model = "gpt2"``) and its
+        merges, control/user-defined/unknown tokens as special tokens, the bos/eos/unk/pad ids,
+        ``add_bos_token``, and ``tokenizer.chat_template``. Text is split as llama.cpp splits it
+        for ``tokenizer.ggml.pre`` (``smollm``: every digit alone, then GPT-2's pattern;
+        ``llama-bpe``, ``qwen2``, ``gpt-2``, ``default`` ...). A single byte the vocabulary has
+        no token for is dropped, as HF tokenizers does without an unknown token.
+
+        Args:
+            path: the ``.gguf`` file (read with the ``gguf`` package; only metadata is used).
+
+        Returns:
+            The tokenizer; :attr:`bos_token_id`, :attr:`chat_template` etc. carry the metadata.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ImportError: the ``gguf`` package is not installed.
+            FormatError: not a GGUF file, a missing or malformed tokenizer entry, an unknown
+                ``tokenizer.ggml.pre``, or a vocabulary that is not byte-level BPE.
+
+        Example:
+            >>> tok = Tokenizer.from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
+            >>> tok.encode("Hello world! 123")  # doctest: +SKIP
+            [19556, 905, 17, 216, 33, 34, 35]
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist or is not a file")
+        try:
+            import gguf
+        except ImportError:
+            raise ImportError("Tokenizer.from_gguf needs the gguf package: pip install gguf") from None
+        try:
+            reader = gguf.GGUFReader(str(path))
+        except Exception as e:  # the reader raises ValueError, struct errors, IndexError ...
+            raise FormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        fields = reader.fields
+
+        def get(key: str, kind: type, *, array: bool = False, required: bool = False) -> Any:
+            field = fields.get(key)
+            if field is None:
+                if required:
+                    raise FormatError(f"{path}: GGUF metadata has no {key}; is this a model with a tokenizer?")
+                return None
+            try:
+                value = field.contents()
+            except Exception as e:  # a malformed field: whatever the reader raises
+                raise FormatError(f"{path}: GGUF metadata {key} cannot be read ({type(e).__name__}: {e})") from None
+            if array and not isinstance(value, list):
+                raise FormatError(f"{path}: GGUF metadata {key} should be an array, got {type(value).__name__}")
+            for v in value if array else [value]:
+                if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+                    what = f"an array of {kind.__name__}" if array else kind.__name__
+                    raise FormatError(f"{path}: GGUF metadata {key} should be {what}, got {v!r:.80}")
+            return value
+
+        model = get("tokenizer.ggml.model", str, required=True)
+        tokens = get("tokenizer.ggml.tokens", str, array=True, required=True)
+        merges = get("tokenizer.ggml.merges", str, array=True) or []
+        token_types = get("tokenizer.ggml.token_type", int, array=True)
+        try:
+            core = _core.CoreTokenizer.from_gguf_vocab(
+                model, get("tokenizer.ggml.pre", str), tokens, token_types, merges
+            )
+        except FormatError as e:
+            raise FormatError(f"{path}: {e}") from None
+        meta: Dict[str, Any] = {}
+        for name in ("bos", "eos", "unknown", "padding"):
+            i = get(f"tokenizer.ggml.{name}_token_id", int)
+            if i is not None:
+                if not 0 <= i < len(tokens):
+                    raise FormatError(
+                        f"{path}: GGUF tokenizer.ggml.{name}_token_id = {i} is not a token id (0..{len(tokens) - 1})"
+                    )
+                meta[{"unknown": "unk", "padding": "pad"}.get(name, name) + "_token_id"] = i
+        for name in ("add_bos_token", "add_eos_token"):
+            flag = get(f"tokenizer.ggml.{name}", bool)
+            if flag is not None:
+                meta[name] = flag
+        template = get("tokenizer.chat_template", str)
+        if template is not None:
+            meta["chat_template"] = template
+        return cls(core, meta)
+
     def save_hf_json(self, path: PathLike) -> None:
         """Writes this tokenizer as an HF ``tokenizer.json`` (atomically).
 
@@ -355,6 +447,47 @@ class Tokenizer:
         return self._core.pattern
 
     @property
+    def patterns(self) -> List[str]:
+        """The pre-tokenizer regexes: one, or the stages of a llama.cpp-style chain in order (each
+        splits the pieces of the one before)."""
+        return self._core.patterns
+
+    @property
+    def bos_token_id(self) -> Optional[int]:
+        """The beginning-of-sequence id from the model file, or None."""
+        return self._meta.get("bos_token_id")
+
+    @property
+    def eos_token_id(self) -> Optional[int]:
+        """The end-of-sequence id from the model file, or None."""
+        return self._meta.get("eos_token_id")
+
+    @property
+    def unk_token_id(self) -> Optional[int]:
+        """The unknown-token id from the model file, or None."""
+        return self._meta.get("unk_token_id")
+
+    @property
+    def pad_token_id(self) -> Optional[int]:
+        """The padding id from the model file, or None."""
+        return self._meta.get("pad_token_id")
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether the model expects the bos token before a prompt (GGUF ``add_bos_token``)."""
+        return bool(self._meta.get("add_bos_token", False))
+
+    @property
+    def add_eos(self) -> bool:
+        """Whether the model expects the eos token after a prompt (GGUF ``add_eos_token``)."""
+        return bool(self._meta.get("add_eos_token", False))
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The Jinja chat template from the model file, or None."""
+        return self._meta.get("chat_template")
+
+    @property
     def merge_rule(self) -> str:
         """``"ranks"`` (tiktoken: any adjacent pair forming a token merges, lowest id first) or
         ``"merges"`` (HF: only listed merges, in list order)."""
@@ -373,8 +506,8 @@ class Tokenizer:
         # Picklable (DataLoader workers under spawn): the HF format keeps merges, the tiktoken
         # format keeps ranks; each restores the same merge rule.
         if self.merge_rule == "merges":
-            return (_from_hf_json_text, (self._core.to_hf_json(),))
-        return (_from_tiktoken_text, (self._core.to_tiktoken(), self.pattern, dict(self._special_list)))
+            return (_from_hf_json_text, (self._core.to_hf_json(), self._meta))
+        return (_from_tiktoken_text, (self._core.to_tiktoken(), self.pattern, dict(self._special_list), self._meta))
 
     # ------------------------------------------------------------------ encoding
 
@@ -551,6 +684,73 @@ class Tokenizer:
         """Returns the bytes of each token."""
         return [self.decode_single_token_bytes(t) for t in _as_id_list(tokens)]
 
+    # ------------------------------------------------------------------ chat
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+        *,
+        chat_template: Optional[str] = None,
+        **kwargs: Any,
+    ) -> Union[List[int], str]:
+        """Returns the ids (or the text) of a conversation rendered with a Jinja chat template.
+
+        The template runs as transformers runs it: jinja2's ``ImmutableSandboxedEnvironment``
+        with ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols`` extension, a
+        ``{% generation %}`` block, ``raise_exception``, ``strftime_now``, ``tojson`` (no HTML
+        escaping) and a namespace that refuses underscore names. It sees ``messages``,
+        ``add_generation_prompt``, ``bos_token``/``eos_token``/``unk_token``/``pad_token`` and
+        ``kwargs``. The text is encoded with every special token allowed and no bos added, as
+        transformers' ``apply_chat_template`` does.
+
+        Args:
+            messages: dicts with ``role`` and ``content`` (and whatever else the template reads).
+            add_generation_prompt: end with the header of an assistant turn.
+            tokenize: return ids (True) or the rendered text (False).
+            chat_template: the template (default: :attr:`chat_template` from the model file).
+            **kwargs: more variables for the template (``tools``, ``documents`` ...).
+
+        Returns:
+            The ids as a list of ints, or the text.
+
+        Raises:
+            ImportError: jinja2 is not installed.
+            ValueError: no template, or the template raised (``raise_exception``) or failed.
+
+        Example:
+            >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)  # doctest: +SKIP
+            '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, ...'
+        """
+        template = chat_template if chat_template is not None else self.chat_template
+        if template is None:
+            raise ValueError(
+                "this tokenizer has no chat template; pass chat_template=... (a Jinja string) or load a model file "
+                "that carries one (Tokenizer.from_gguf)"
+            )
+        if isinstance(messages, dict) or isinstance(messages, str):
+            raise TypeError("messages must be a list of dicts like {'role': 'user', 'content': '...'}")
+        import jinja2
+
+        names = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unk_token_id"}
+        names["pad_token"] = "pad_token_id"
+        variables: Dict[str, Any] = {}
+        for var, key in names.items():
+            i = self._meta.get(key)
+            if i is not None:
+                variables[var] = self.decode_single_token_bytes(i).decode("utf-8", errors="replace")
+        variables.update(kwargs)
+        try:
+            text = _compile_chat_template(template).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **variables
+            )
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the chat template failed: {e}") from e
+        if not tokenize:
+            return text
+        return self.encode(text, allowed_special="all")
+
     # ------------------------------------------------------------------ vocabulary
 
     def id_to_token(self, id: int) -> str:
@@ -606,6 +806,62 @@ class Tokenizer:
         return self._core.pre_tokenize(text)
 
 
+@functools.lru_cache(maxsize=16)
+def _compile_chat_template(template: str):
+    """A chat template compiled in the environment transformers uses (see apply_chat_template)."""
+    import json
+    from datetime import datetime
+
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        # transformers marks assistant text with {% generation %}...{% endgeneration %}; it renders as is.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class Namespace(jinja2.utils.Namespace):
+        # No dunder or private attributes: templates are untrusted code.
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["namespace"] = Namespace
+    return env.from_string(template)
+
+
 def _special_items(special_tokens: Optional[Dict[str, int]]) -> List[Tuple[str, int]]:
     if special_tokens is None:
         return []
@@ -620,9 +876,12 @@ def _special_items(special_tokens: Optional[Dict[str, int]]) -> List[Tuple[str, 
     return items
 
 
-def _from_hf_json_text(text: str) -> Tokenizer:
-    return Tokenizer(_core.CoreTokenizer.from_hf_json_str(text))
+def _from_hf_json_text(text: str, meta: Optional[Dict[str, Any]] = None) -> Tokenizer:
+    return Tokenizer(_core.CoreTokenizer.from_hf_json_str(text), meta)
 
 
-def _from_tiktoken_text(text: str, pattern: str, specials: Dict[str, int]) -> Tokenizer:
-    return Tokenizer(_core.CoreTokenizer.from_tiktoken_bytes(text.encode("ascii"), pattern, list(specials.items())))
+def _from_tiktoken_text(
+    text: str, pattern: str, specials: Dict[str, int], meta: Optional[Dict[str, Any]] = None
+) -> Tokenizer:
+    core = _core.CoreTokenizer.from_tiktoken_bytes(text.encode("ascii"), pattern, list(specials.items()))
+    return Tokenizer(core, meta)

@@ -9,7 +9,10 @@ use base64::Engine;
 use serde_json::{json, Map, Value};
 
 use super::model::Bpe;
-use super::pretokenize::{CL100K_PATTERN, CL100K_PATTERN_HF, GPT2_PATTERN, GPT2_PATTERN_ORIGINAL};
+use super::pretokenize::{
+    CL100K_PATTERN, CL100K_PATTERN_HF, DIGITS_PATTERN, GPT2_PATTERN, GPT2_PATTERN_LLAMACPP,
+    GPT2_PATTERN_ORIGINAL,
+};
 use super::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -150,77 +153,128 @@ fn onig_to_fancy(pat: &str) -> String {
     pat.replace(r"\p{N}{1,3}+", r"(?:\p{N}{1,3})+")
 }
 
-/// The pre-tokenizer pattern of an HF `pre_tokenizer` object.
-fn hf_pattern(pre: &Value) -> Result<String> {
+fn is_gpt2(pattern: &str) -> bool {
+    pattern == GPT2_PATTERN || pattern == GPT2_PATTERN_ORIGINAL || pattern == GPT2_PATTERN_LLAMACPP
+}
+
+/// The pre-tokenizer patterns of an HF `pre_tokenizer` object: one, or the stages of a chain
+/// (a `Sequence` of `Split`/`Digits` stages ending in `ByteLevel`).
+fn hf_patterns(pre: &Value) -> Result<Vec<String>> {
     let kind = pre.get("type").and_then(Value::as_str).unwrap_or("");
-    let check_bytelevel = |bl: &Value, must_regex: Option<bool>| -> Result<bool> {
+    let check_bytelevel = |bl: &Value| -> Result<bool> {
         if bl.get("add_prefix_space").and_then(Value::as_bool).unwrap_or(false) {
             return Err(Error::format(
                 "tokenizer.json: ByteLevel add_prefix_space=true is not supported; re-save the \
                  tokenizer with add_prefix_space=false",
             ));
         }
-        let use_regex = bl.get("use_regex").and_then(Value::as_bool).unwrap_or(true);
-        if let Some(m) = must_regex {
-            if m != use_regex {
-                return Err(Error::format(format!(
-                    "tokenizer.json: ByteLevel use_regex={use_regex} is not supported here"
-                )));
-            }
-        }
-        Ok(use_regex)
+        Ok(bl.get("use_regex").and_then(Value::as_bool).unwrap_or(true))
+    };
+    let unsupported = || {
+        Error::format(
+            "tokenizer.json: unsupported pre_tokenizer Sequence; expected Split(Regex, Isolated) \
+             and Digits stages followed by ByteLevel",
+        )
     };
     match kind {
         "ByteLevel" => {
-            check_bytelevel(pre, Some(true))?;
-            Ok(GPT2_PATTERN.to_string())
+            if !check_bytelevel(pre)? {
+                return Err(Error::format(
+                    "tokenizer.json: a lone ByteLevel pre-tokenizer with use_regex=false is not \
+                     supported (nothing would split the text)",
+                ));
+            }
+            Ok(vec![GPT2_PATTERN.to_string()])
         }
         "Sequence" => {
             let items =
                 field(pre, "pre_tokenizer", "pretokenizers")?.as_array().ok_or_else(|| {
                     Error::format("tokenizer.json: pre_tokenizer.pretokenizers is not a list")
                 })?;
-            match &items[..] {
-                [split, bl]
-                    if split.get("type").and_then(Value::as_str) == Some("Split")
-                        && bl.get("type").and_then(Value::as_str) == Some("ByteLevel") =>
-                {
-                    check_bytelevel(bl, Some(false))?;
-                    let pat = split
-                        .get("pattern")
-                        .and_then(|p| p.get("Regex"))
-                        .and_then(Value::as_str)
-                        .ok_or_else(|| {
-                            Error::format(
-                                "tokenizer.json: Split pre-tokenizer needs a \
-                                 {\"Regex\": ...} pattern",
-                            )
-                        })?;
-                    let behavior = split.get("behavior").and_then(Value::as_str).unwrap_or("");
-                    let invert = split.get("invert").and_then(Value::as_bool).unwrap_or(false);
-                    if behavior != "Isolated" || invert {
-                        return Err(Error::format(format!(
-                            "tokenizer.json: Split behavior {behavior:?} (invert={invert}) is not \
-                             supported; expected \"Isolated\" with invert=false"
-                        )));
-                    }
-                    Ok(onig_to_fancy(pat))
-                }
-                [bl] if bl.get("type").and_then(Value::as_str) == Some("ByteLevel") => {
-                    check_bytelevel(bl, Some(true))?;
-                    Ok(GPT2_PATTERN.to_string())
-                }
-                _ => Err(Error::format(
-                    "tokenizer.json: unsupported pre_tokenizer Sequence; expected [Split(Regex, \
-                     Isolated), ByteLevel(use_regex=false)]",
-                )),
+            let Some((bl, stages)) = items.split_last() else { return Err(unsupported()) };
+            if bl.get("type").and_then(Value::as_str) != Some("ByteLevel") {
+                return Err(unsupported());
             }
+            let mut patterns = Vec::with_capacity(items.len());
+            for stage in stages {
+                match stage.get("type").and_then(Value::as_str) {
+                    Some("Split") => {
+                        let pat = stage
+                            .get("pattern")
+                            .and_then(|p| p.get("Regex"))
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| {
+                                Error::format(
+                                    "tokenizer.json: Split pre-tokenizer needs a \
+                                     {\"Regex\": ...} pattern",
+                                )
+                            })?;
+                        let behavior = stage.get("behavior").and_then(Value::as_str).unwrap_or("");
+                        let invert = stage.get("invert").and_then(Value::as_bool).unwrap_or(false);
+                        if behavior != "Isolated" || invert {
+                            return Err(Error::format(format!(
+                                "tokenizer.json: Split behavior {behavior:?} (invert={invert}) is \
+                                 not supported; expected \"Isolated\" with invert=false"
+                            )));
+                        }
+                        patterns.push(onig_to_fancy(pat));
+                    }
+                    Some("Digits") => {
+                        let single = stage
+                            .get("individual_digits")
+                            .and_then(Value::as_bool)
+                            .unwrap_or(false);
+                        let pat = if single { DIGITS_PATTERN } else { r"\p{N}+" };
+                        patterns.push(pat.to_string());
+                    }
+                    _ => return Err(unsupported()),
+                }
+            }
+            if check_bytelevel(bl)? {
+                patterns.push(GPT2_PATTERN.to_string());
+            }
+            if patterns.is_empty() {
+                return Err(unsupported());
+            }
+            Ok(patterns)
         }
         other => Err(Error::format(format!(
             "tokenizer.json: pre_tokenizer type {other:?} is not supported; ferrolm reads \
              byte-level BPE files (ByteLevel, or Split + ByteLevel)"
         ))),
     }
+}
+
+/// The HF `pre_tokenizer` object for `patterns` (the inverse of [`hf_patterns`]).
+fn hf_pre_tokenizer(patterns: &[String]) -> Value {
+    let bytelevel = |use_regex: bool| {
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+               "use_regex": use_regex})
+    };
+    if let [one] = patterns {
+        if is_gpt2(one) {
+            return bytelevel(true);
+        }
+    }
+    let (stages, use_regex) = match patterns.split_last() {
+        Some((last, rest)) if patterns.len() > 1 && is_gpt2(last) => (rest, true),
+        _ => (patterns, false),
+    };
+    let mut items: Vec<Value> = stages
+        .iter()
+        .map(|p| {
+            if patterns.len() > 1 && p == DIGITS_PATTERN {
+                return json!({"type": "Digits", "individual_digits": true});
+            }
+            // HF's regex engine misreads cl100k's possessive `{1,3}+`: write the spelling both
+            // engines read alike.
+            let p = if p == CL100K_PATTERN { CL100K_PATTERN_HF } else { p.as_str() };
+            json!({"type": "Split", "pattern": {"Regex": p}, "behavior": "Isolated",
+                   "invert": false})
+        })
+        .collect();
+    items.push(bytelevel(use_regex));
+    json!({"type": "Sequence", "pretokenizers": items})
 }
 
 /// Reads an HF `tokenizer.json` holding a byte-level BPE model.
@@ -248,8 +302,8 @@ pub fn parse_hf_json(text: &str) -> Result<Tokenizer> {
     if !null_or_empty(root.get("normalizer")) {
         return Err(Error::format("tokenizer.json: a normalizer is set; ferrolm supports none"));
     }
-    let pattern = match root.get("pre_tokenizer") {
-        Some(p) if !p.is_null() => hf_pattern(p)?,
+    let patterns = match root.get("pre_tokenizer") {
+        Some(p) if !p.is_null() => hf_patterns(p)?,
         _ => return Err(Error::format("tokenizer.json: no pre_tokenizer; expected ByteLevel")),
     };
     // Added tokens become special tokens.
@@ -340,19 +394,29 @@ pub fn parse_hf_json(text: &str) -> Result<Tokenizer> {
         };
         merges.push((lookup(a, i)?, lookup(b, i)?));
     }
-    let ignore_merges = model.get("ignore_merges").and_then(Value::as_bool).unwrap_or(false);
-    let bpe = if ignore_merges {
-        // Whole-word lookup first, then merges: tiktoken's rule when the merges are complete.
-        let ranks = tokens
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| t.as_ref().map(|t| (t.to_vec(), i as u32)))
-            .collect();
-        Bpe::from_ranks(ranks)?
-    } else {
-        Bpe::from_merges(tokens, merges)?
+    let unk = match model.get("unk_token") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(
+            specials
+                .iter()
+                .find(|(t, _)| t == s)
+                .map(|(_, id)| *id)
+                .or_else(|| vocab.get(s).and_then(Value::as_u64).map(|x| x as u32))
+                .ok_or_else(|| {
+                    Error::format(format!(
+                        "tokenizer.json: model.unk_token {s:?} is neither in the vocab nor an \
+                         added token"
+                    ))
+                })?,
+        ),
+        Some(_) => return Err(Error::format("tokenizer.json: model.unk_token is not a string")),
     };
-    Tokenizer::new(bpe, &pattern, specials).map_err(|e| match e {
+    let fuse_unk = model.get("fuse_unk").and_then(Value::as_bool).unwrap_or(false);
+    let mut bpe = Bpe::from_merges(tokens, merges)?.with_unknown(unk, fuse_unk);
+    if model.get("ignore_merges").and_then(Value::as_bool).unwrap_or(false) {
+        bpe = bpe.with_ignore_merges();
+    }
+    Tokenizer::with_patterns(bpe, patterns, specials).map_err(|e| match e {
         Error::Value(m) => Error::Format(format!("tokenizer.json: {m}")),
         e => e,
     })
@@ -387,21 +451,11 @@ pub fn dump_hf_json(tok: &Tokenizer) -> Result<String> {
                    "normalized": false, "special": true})
         })
         .collect();
-    let pre = if tok.pattern == GPT2_PATTERN || tok.pattern == GPT2_PATTERN_ORIGINAL {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
-               "use_regex": true})
-    } else {
-        // HF's regex engine misreads cl100k's possessive `{1,3}+`: write the spelling both
-        // engines read alike.
-        let pattern =
-            if tok.pattern == CL100K_PATTERN { CL100K_PATTERN_HF } else { tok.pattern.as_str() };
-        json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
-             "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
-             "use_regex": false}
-        ]})
-    };
+    let pre = hf_pre_tokenizer(&tok.patterns);
+    let unk = tok.bpe.unk.map(|id| match tok.specials.iter().find(|(_, i)| *i == id) {
+        Some((s, _)) => s.clone(),
+        None => name(id),
+    });
     let root = json!({
         "version": "1.0",
         "truncation": null,
@@ -414,9 +468,9 @@ pub fn dump_hf_json(tok: &Tokenizer) -> Result<String> {
         "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
                     "use_regex": true},
         "model": {
-            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-            "ignore_merges": false,
+            "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": tok.bpe.fuse_unk, "byte_fallback": false,
+            "ignore_merges": tok.bpe.ignore_merges,
             "vocab": vocab, "merges": merges,
         }
     });

@@ -14,6 +14,8 @@
 //! - Pieces up to `HEAP_THRESHOLD` bytes use a flat vector rescanned for the minimum (fast for
 //!   short pieces); longer ones use a heap with lazy invalidation over a linked list, so the
 //!   worst case (a megabyte with no split point) is O(n log n), not quadratic.
+//! - Vocabularies that lack some single bytes (SmolLM2's) take a slower start only for the pieces
+//!   that hold such a byte; a complete vocabulary never checks.
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
@@ -25,6 +27,8 @@ use rustc_hash::FxHashMap;
 use crate::{Error, Result};
 
 const NONE: u64 = u64::MAX;
+/// `byte_ids` entry of a byte the vocabulary has no token for.
+const MISSING: u32 = u32::MAX;
 const HEAP_THRESHOLD: usize = 128;
 
 /// Which adjacent pairs merge, and in what order.
@@ -93,6 +97,15 @@ pub struct Bpe {
     /// The merge list in rank order (for `MergeRule::Merges`; derived for `Ranks` on export).
     pub(crate) merges: Vec<(u32, u32)>,
     pub(crate) rule: MergeRule,
+    /// Whether every single byte is a token (else `byte_ids` holds `MISSING` entries).
+    complete: bool,
+    /// What a byte without a token becomes, as in HF's BPE without byte fallback: this id when
+    /// set, else nothing (the byte is dropped before merging).
+    pub(crate) unk: Option<u32>,
+    /// HF `fuse_unk`: a run of such bytes becomes one `unk`.
+    pub(crate) fuse_unk: bool,
+    /// HF `ignore_merges`: a piece that is a whole token is that token, reachable or not.
+    pub(crate) ignore_merges: bool,
     /// Identifies this model in the per-thread piece caches.
     uid: u64,
 }
@@ -137,7 +150,7 @@ pub fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 }
 
 impl Bpe {
-    fn empty(tokens: Vec<Option<Box<[u8]>>>, rule: MergeRule) -> Result<Self> {
+    fn empty(tokens: Vec<Option<Box<[u8]>>>, rule: MergeRule, all_bytes: bool) -> Result<Self> {
         let mut by_bytes = PieceMap::default();
         for (id, t) in tokens.iter().enumerate() {
             if let Some(t) = t {
@@ -153,15 +166,20 @@ impl Bpe {
                 }
             }
         }
-        let mut byte_ids = [0u32; 256];
+        let mut byte_ids = [MISSING; 256];
         for (b, slot) in byte_ids.iter_mut().enumerate() {
-            *slot = by_bytes.get(&[b as u8]).ok_or_else(|| {
-                Error::format(format!(
-                    "the vocabulary has no token for the single byte 0x{b:02x}; a byte-level BPE \
-                     vocabulary needs all 256"
-                ))
-            })?;
+            match by_bytes.get(&[b as u8]) {
+                Some(id) => *slot = id,
+                None if all_bytes => {
+                    return Err(Error::format(format!(
+                        "the vocabulary has no token for the single byte 0x{b:02x}; a \
+                         tiktoken-style vocabulary needs all 256"
+                    )))
+                }
+                None => {}
+            }
         }
+        let complete = !byte_ids.contains(&MISSING);
         Ok(Bpe {
             tokens,
             by_bytes,
@@ -170,6 +188,10 @@ impl Bpe {
             pairs: FxHashMap::default(),
             merges: Vec::new(),
             rule,
+            complete,
+            unk: None,
+            fuse_unk: false,
+            ignore_merges: false,
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
         })
     }
@@ -184,7 +206,7 @@ impl Bpe {
             }
             tokens[r as usize] = Some(b.into_boxed_slice());
         }
-        let mut bpe = Self::empty(tokens, MergeRule::Ranks)?;
+        let mut bpe = Self::empty(tokens, MergeRule::Ranks, true)?;
         // Every split of a token into two tokens is a pair that merges into it.
         let mut pairs = FxHashMap::default();
         for (id, t) in bpe.tokens.iter().enumerate() {
@@ -202,8 +224,10 @@ impl Bpe {
     }
 
     /// An HF-style model from tokens by id and a merge list of id pairs (rank = position).
+    /// Single bytes without a token are dropped before merging, as HF does when no `unk` is set
+    /// (see [`Bpe::with_unknown`]).
     pub fn from_merges(tokens: Vec<Option<Box<[u8]>>>, merges: Vec<(u32, u32)>) -> Result<Self> {
-        let mut bpe = Self::empty(tokens, MergeRule::Merges)?;
+        let mut bpe = Self::empty(tokens, MergeRule::Merges, false)?;
         let mut pairs = FxHashMap::default();
         let mut concat = Vec::new();
         for (rank, &(a, b)) in merges.iter().enumerate() {
@@ -240,6 +264,29 @@ impl Bpe {
         }
         bpe.whole = whole;
         Ok(bpe)
+    }
+
+    /// Bytes without a token become `unk` (one per byte, or one per run with `fuse`) instead of
+    /// being dropped: HF's `unk_token` and `fuse_unk`.
+    pub fn with_unknown(mut self, unk: Option<u32>, fuse: bool) -> Self {
+        self.unk = unk;
+        self.fuse_unk = fuse;
+        self.uid = NEXT_UID.fetch_add(1, Ordering::Relaxed);
+        self
+    }
+
+    /// HF's and llama.cpp's `ignore_merges`: a piece that is a whole token is that token, even
+    /// one the merges never reach.
+    pub fn with_ignore_merges(mut self) -> Self {
+        self.whole = self.by_bytes.clone();
+        self.ignore_merges = true;
+        self.uid = NEXT_UID.fetch_add(1, Ordering::Relaxed);
+        self
+    }
+
+    /// Whether every single byte has a token.
+    pub fn is_complete(&self) -> bool {
+        self.complete
     }
 
     /// The bytes of token `id`, if it is a mergeable token.
@@ -313,19 +360,62 @@ impl Bpe {
 
     /// Runs the merge loop on `piece`, using only merges of rank below `max_rank`.
     fn merge_piece(&self, piece: &[u8], max_rank: u64, scratch: &mut Scratch, out: &mut Vec<u32>) {
+        if !self.complete && piece.iter().any(|&b| self.byte_ids[b as usize] == MISSING) {
+            return self.merge_incomplete(piece, max_rank, scratch, out);
+        }
+        let ids = piece.iter().map(|&b| self.byte_ids[b as usize]);
         match piece.len() {
             0 => {}
             1 => out.push(self.byte_ids[piece[0] as usize]),
-            n if n <= HEAP_THRESHOLD => self.merge_small(piece, max_rank, scratch, out),
-            _ => self.merge_heap(piece, max_rank, scratch, out),
+            n if n <= HEAP_THRESHOLD => self.merge_small(ids, max_rank, scratch, out),
+            _ => self.merge_heap(ids, max_rank, scratch, out),
         }
     }
 
-    fn merge_small(&self, piece: &[u8], max_rank: u64, scratch: &mut Scratch, out: &mut Vec<u32>) {
+    /// A piece holding bytes without a token: they become `unk` or vanish (HF's `merge_word`),
+    /// then the rest merges as usual.
+    fn merge_incomplete(
+        &self,
+        piece: &[u8],
+        max_rank: u64,
+        scratch: &mut Scratch,
+        out: &mut Vec<u32>,
+    ) {
+        let mut ids = Vec::with_capacity(piece.len());
+        let mut after_unk = false;
+        for &b in piece {
+            let id = self.byte_ids[b as usize];
+            if id != MISSING {
+                ids.push(id);
+                after_unk = false;
+            } else if let Some(unk) = self.unk {
+                if !(self.fuse_unk && after_unk) {
+                    ids.push(unk);
+                }
+                after_unk = true;
+            }
+        }
+        match ids.len() {
+            0 | 1 => out.extend_from_slice(&ids),
+            n if n <= HEAP_THRESHOLD => {
+                self.merge_small(ids.iter().copied(), max_rank, scratch, out)
+            }
+            _ => self.merge_heap(ids.iter().copied(), max_rank, scratch, out),
+        }
+    }
+
+    /// Merges the parts `ids` (at least two).
+    fn merge_small(
+        &self,
+        ids: impl Iterator<Item = u32>,
+        max_rank: u64,
+        scratch: &mut Scratch,
+        out: &mut Vec<u32>,
+    ) {
         let parts = &mut scratch.parts;
         parts.clear();
-        parts.extend(piece.iter().map(|&b| (self.byte_ids[b as usize], NONE)));
-        for i in 0..parts.len() - 1 {
+        parts.extend(ids.map(|id| (id, NONE)));
+        for i in 0..parts.len().saturating_sub(1) {
             parts[i].1 = self.pair(parts[i].0, parts[i + 1].0, max_rank);
         }
         loop {
@@ -354,22 +444,26 @@ impl Bpe {
         out.extend(parts.iter().map(|p| p.0));
     }
 
-    fn merge_heap(&self, piece: &[u8], max_rank: u64, scratch: &mut Scratch, out: &mut Vec<u32>) {
+    /// Merges the parts `ids` (at least two) with a heap.
+    fn merge_heap(
+        &self,
+        ids: impl Iterator<Item = u32>,
+        max_rank: u64,
+        scratch: &mut Scratch,
+        out: &mut Vec<u32>,
+    ) {
         const END: u32 = u32::MAX;
         // nodes[i] = (id, prev, next); a merged-away node has id END.
         let nodes = &mut scratch.nodes;
         let heap = &mut scratch.heap;
         nodes.clear();
         heap.clear();
-        let n = piece.len() as u32;
-        for (i, &b) in piece.iter().enumerate() {
+        for (i, id) in ids.enumerate() {
             let i = i as u32;
-            nodes.push((
-                self.byte_ids[b as usize],
-                i.wrapping_sub(1),
-                if i + 1 < n { i + 1 } else { END },
-            ));
+            nodes.push((id, i.wrapping_sub(1), i + 1));
         }
+        let Some(last) = nodes.last_mut() else { return };
+        last.2 = END;
         nodes[0].1 = END;
         for i in 0..nodes.len() - 1 {
             let v = self.pair(nodes[i].0, nodes[i + 1].0, max_rank);
@@ -475,8 +569,9 @@ mod tests {
                 })
                 .collect();
             let (mut a, mut b) = (Vec::new(), Vec::new());
-            bpe.merge_small(&piece, NONE, &mut s, &mut a);
-            bpe.merge_heap(&piece, NONE, &mut s, &mut b);
+            let ids = || piece.iter().map(|&b| bpe.byte_ids[b as usize]);
+            bpe.merge_small(ids(), NONE, &mut s, &mut a);
+            bpe.merge_heap(ids(), NONE, &mut s, &mut b);
             assert_eq!(a, b, "len {len}");
             let back: Vec<u8> =
                 a.iter().flat_map(|&i| bpe.token_bytes(i).unwrap().to_vec()).collect();
@@ -497,6 +592,33 @@ mod tests {
         let mut out = Vec::new();
         bpe.encode_piece(&piece, &mut Scratch::default(), &mut out);
         assert_eq!(out.len(), 1_000_000 / 64);
+    }
+
+    #[test]
+    fn missing_bytes_drop_or_become_unk() {
+        // Byte 0x04 has no token; "a" + "b" merge once the byte between them is gone (HF).
+        let mut tokens: Vec<Option<Box<[u8]>>> =
+            (0..=255u8).map(|b| (b != 4).then(|| vec![b].into_boxed_slice())).collect();
+        tokens.push(Some(b"ab".to_vec().into_boxed_slice()));
+        let merges = vec![(b'a' as u32, b'b' as u32)];
+        let bpe = Bpe::from_merges(tokens.clone(), merges.clone()).unwrap();
+        assert!(!bpe.is_complete());
+        let mut s = Scratch::default();
+        let mut out = Vec::new();
+        bpe.encode_piece(b"a\x04b\x04", &mut s, &mut out);
+        assert_eq!(out, vec![256]);
+        let with_unk = Bpe::from_merges(tokens.clone(), merges.clone()).unwrap();
+        let with_unk = with_unk.with_unknown(Some(300), false);
+        out.clear();
+        with_unk.encode_piece(b"a\x04\x04b", &mut s, &mut out);
+        assert_eq!(out, vec![97, 300, 300, 98]);
+        let fused = Bpe::from_merges(tokens, merges).unwrap().with_unknown(Some(300), true);
+        out.clear();
+        fused.encode_piece(b"a\x04\x04b", &mut s, &mut out);
+        assert_eq!(out, vec![97, 300, 98]);
+        out.clear();
+        bpe.encode_piece(&[4; 200], &mut s, &mut out);
+        assert!(out.is_empty());
     }
 
     #[test]

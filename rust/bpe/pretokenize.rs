@@ -6,6 +6,11 @@
 //! leftmost-first, backtracking result exactly (the tests compare them with fancy-regex on
 //! random strings built from every character class, and the Python tests compare the ids with
 //! tiktoken). Any other pattern runs on fancy-regex.
+//!
+//! llama.cpp (and HF's `Sequence` pre-tokenizer) chain several patterns: each splits the pieces
+//! of the one before, and the text between matches stays as pieces of its own. [`Splitter::chain`]
+//! builds that; a chain costs only the tokenizers that have one, and `\p{N}` (digits one by one,
+//! SmolLM's first stage) is a scanner too.
 
 use fancy_regex::Regex;
 
@@ -32,15 +37,86 @@ pub const CL100K_PATTERN_HF: &str = concat!(
     r" ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"
 );
 
+/// GPT-2's pattern as llama.cpp spells it (no final `\s+`; llama.cpp's own scanner for it
+/// keeps unmatched whitespace as pieces, which cuts the same pieces as [`GPT2_PATTERN`]).
+pub const GPT2_PATTERN_LLAMACPP: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+/// Each number char on its own (llama.cpp's first stage for SmolLM, StarCoder ...; HF
+/// `Digits(individual_digits=True)`).
+pub const DIGITS_PATTERN: &str = r"\p{N}";
+/// llama.cpp's Llama-3 pattern (`llama-bpe`): HF's with the case-insensitive contractions
+/// spelled out for ASCII only.
+pub const LLAMA3_PATTERN: &str = concat!(
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|",
+    r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+);
+/// llama.cpp's Qwen2 pattern: Llama-3's with single digits.
+pub const QWEN2_PATTERN: &str = concat!(
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|",
+    r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+);
+
+/// The patterns llama.cpp chains for a GGUF `tokenizer.ggml.pre` name (`src/llama-vocab.cpp`),
+/// or `None` for a name ferrolm does not know.
+pub fn llama_cpp_patterns(pre: &str) -> Option<Vec<&'static str>> {
+    Some(match pre {
+        "default" => {
+            vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2_PATTERN_LLAMACPP, r"\p{N}+", "[0-9][0-9][0-9]"]
+        }
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "dbrx" | "smaug-bpe" => {
+            vec![LLAMA3_PATTERN]
+        }
+        "qwen2" | "deepseek-r1-qwen" | "megrez" | "stablelm2" => vec![QWEN2_PATTERN],
+        "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" | "exaone4" => vec![GPT2_PATTERN_LLAMACPP],
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            vec![DIGITS_PATTERN, GPT2_PATTERN_LLAMACPP]
+        }
+        _ => return None,
+    })
+}
+
+/// The `tokenizer.ggml.pre` names [`llama_cpp_patterns`] knows (for error messages).
+pub const LLAMA_CPP_PRE_NAMES: &[&str] = &[
+    "default",
+    "llama3",
+    "llama-v3",
+    "llama-bpe",
+    "falcon3",
+    "dbrx",
+    "smaug-bpe",
+    "qwen2",
+    "deepseek-r1-qwen",
+    "megrez",
+    "stablelm2",
+    "gpt-2",
+    "phi-2",
+    "mpt",
+    "olmo",
+    "jais",
+    "exaone4",
+    "smollm",
+    "starcoder",
+    "refact",
+    "command-r",
+    "codeshell",
+    "exaone",
+    "minerva-7b",
+];
+
 /// A pre-tokenizer: one of the hand-written scanners or a compiled regex.
 #[derive(Debug, Clone)]
 pub enum Splitter {
-    /// GPT-2's pattern (either spelling above).
+    /// GPT-2's pattern (any spelling above).
     Gpt2,
     /// cl100k's pattern.
     Cl100k,
-    /// Any other pattern. Text the pattern does not match is skipped, as in tiktoken.
+    /// `\p{N}`: each number char is a piece; the text between them too.
+    Digits,
+    /// Any other pattern. Text the pattern does not match is skipped, as in tiktoken (inside a
+    /// chain it is kept as a piece, as in llama.cpp).
     Regex(Box<Regex>),
+    /// Stages, each splitting the pieces of the one before (llama.cpp, HF `Sequence`).
+    Chain(Vec<Splitter>),
 }
 
 impl Splitter {
@@ -48,13 +124,33 @@ impl Splitter {
     /// ones, else fancy-regex.
     pub fn new(pattern: &str) -> Result<Self> {
         super::chars::init();
-        if pattern == GPT2_PATTERN || pattern == GPT2_PATTERN_ORIGINAL {
+        if pattern == GPT2_PATTERN
+            || pattern == GPT2_PATTERN_ORIGINAL
+            || pattern == GPT2_PATTERN_LLAMACPP
+        {
             return Ok(Splitter::Gpt2);
         }
+
         if pattern == CL100K_PATTERN || pattern == CL100K_PATTERN_HF {
             return Ok(Splitter::Cl100k);
         }
         Self::regex(pattern)
+    }
+
+    /// The splitter for one pattern, or for a chain of several (llama.cpp's `regex_exprs`).
+    pub fn from_patterns<S: AsRef<str>>(patterns: &[S]) -> Result<Self> {
+        match patterns {
+            [] => Err(Error::value("a pre-tokenizer needs at least one pattern")),
+            [one] => Self::new(one.as_ref()),
+            many => Ok(Splitter::Chain(
+                many.iter()
+                    .map(|p| match p.as_ref() {
+                        DIGITS_PATTERN => Ok(Splitter::Digits),
+                        p => Self::new(p),
+                    })
+                    .collect::<Result<_>>()?,
+            )),
+        }
     }
 
     /// Always the regex engine, even for the known patterns (for differential tests).
@@ -71,6 +167,11 @@ impl Splitter {
         match self {
             Splitter::Gpt2 => scan(text, gpt2_next, f),
             Splitter::Cl100k => scan(text, cl100k_next, f),
+            Splitter::Digits => scan(text, digits_next, f),
+            Splitter::Chain(stages) => chain(stages, text, &mut |p| {
+                f(p);
+                Ok(())
+            }),
             Splitter::Regex(re) => {
                 for m in re.find_iter(text) {
                     let m = m.map_err(|e| {
@@ -91,6 +192,85 @@ impl Splitter {
         self.split(text, |p| v.push(p))?;
         Ok(v)
     }
+}
+
+/// Splits `text` with `stages[0]`, keeping the text between matches, and each piece with the
+/// remaining stages.
+fn chain<'t>(
+    stages: &[Splitter],
+    text: &'t str,
+    f: &mut dyn FnMut(&'t str) -> Result<()>,
+) -> Result<()> {
+    let Some((first, rest)) = stages.split_first() else {
+        return f(text);
+    };
+    let mut inner = |piece: &'t str| -> Result<()> {
+        if rest.is_empty() {
+            f(piece)
+        } else {
+            chain(rest, piece, f)
+        }
+    };
+    match first {
+        Splitter::Regex(re) => {
+            let mut last = 0;
+            for m in re.find_iter(text) {
+                let m = m.map_err(|e| {
+                    Error::value(format!("pre-tokenizer regex failed on the input: {e}"))
+                })?;
+                if m.start() == m.end() {
+                    continue;
+                }
+                if m.start() > last {
+                    inner(&text[last..m.start()])?;
+                }
+                inner(m.as_str())?;
+                last = m.end();
+            }
+            if last < text.len() {
+                inner(&text[last..])?;
+            }
+            Ok(())
+        }
+        Splitter::Chain(sub) => chain(sub, text, &mut inner),
+        // The scanners cover all of the text, so there is nothing between their pieces.
+        scanner => {
+            let mut res = Ok(());
+            scanner.split(text, |p| {
+                if res.is_ok() {
+                    res = inner(p);
+                }
+            })?;
+            res
+        }
+    }
+}
+
+/// `\p{N}` with the text between kept: one number char, or the run of other chars up to the
+/// next one.
+fn digits_next(b: &[u8], i: usize) -> usize {
+    let is_number = |j: usize| -> (bool, usize) {
+        let x = b[j];
+        if x < 0x80 {
+            (x.is_ascii_digit(), 1)
+        } else {
+            let (c, l) = decode(b, j);
+            (class_of(c) == NUMBER, l)
+        }
+    };
+    let (num, l) = is_number(i);
+    if num {
+        return i + l;
+    }
+    let mut j = i + l;
+    while j < b.len() {
+        let (num, l) = is_number(j);
+        if num {
+            break;
+        }
+        j += l;
+    }
+    j
 }
 
 #[inline(always)]
@@ -381,6 +561,41 @@ mod tests {
         let c = Splitter::Cl100k;
         assert_eq!(c.pieces("x  \n  ").unwrap(), ["x", "  \n  "]);
         assert_eq!(c.pieces("12345 ab\tcd").unwrap(), ["123", "45", " ab", "\tcd"]);
+    }
+
+    #[test]
+    fn llama_cpp_chains() {
+        let smollm = Splitter::from_patterns(&llama_cpp_patterns("smollm").unwrap()).unwrap();
+        assert_eq!(
+            smollm.pieces("Hello world! 123").unwrap(),
+            ["Hello", " world", "!", " ", "1", "2", "3"]
+        );
+        assert_eq!(
+            smollm.pieces("a  12x\u{0663}").unwrap(),
+            ["a", "  ", "1", "2", "x", "\u{0663}"]
+        );
+        // The digit scanner against the same chain on the regex engine.
+        let slow = Splitter::Chain(vec![
+            Splitter::regex(DIGITS_PATTERN).unwrap(),
+            Splitter::regex(GPT2_PATTERN_ORIGINAL).unwrap(),
+        ]);
+        let mut rng = crate::testutil::Lcg(0xd1d1);
+        for case in 0..20_000 {
+            let len = 1 + (rng.next_u31() % 12) as usize;
+            let s: String =
+                (0..len).map(|_| ALPHABET[(rng.next_u31() as usize) % ALPHABET.len()]).collect();
+            assert_eq!(smollm.pieces(&s).unwrap(), slow.pieces(&s).unwrap(), "case {case}: {s:?}");
+        }
+        // llama.cpp's default keeps the text between matches of each stage.
+        let default = Splitter::from_patterns(&llama_cpp_patterns("default").unwrap()).unwrap();
+        assert_eq!(default.pieces("ab, 12345!").unwrap(), ["ab", ",", " ", "123", "45", "!"]);
+        let llama3 = Splitter::from_patterns(&llama_cpp_patterns("llama-bpe").unwrap()).unwrap();
+        assert_eq!(llama3.pieces("x  \n  ").unwrap(), ["x", "  \n", "  "]);
+        assert_eq!(llama3.pieces("'S 'ſ").unwrap(), ["'S", " '", "ſ"]);
+        assert!(llama_cpp_patterns("no-such-pre").is_none());
+        for name in LLAMA_CPP_PRE_NAMES {
+            Splitter::from_patterns(&llama_cpp_patterns(name).unwrap()).unwrap();
+        }
     }
 
     #[test]

@@ -23,7 +23,8 @@ pub enum SpecialPolicy {
 pub struct Tokenizer {
     pub(crate) bpe: Bpe,
     pub(crate) splitter: Splitter,
-    pub(crate) pattern: String,
+    /// One pattern, or the stages of a llama.cpp-style chain.
+    pub(crate) patterns: Vec<String>,
     /// (text, id), in the order given.
     pub(crate) specials: Vec<(String, u32)>,
     matcher: Option<AhoCorasick>,
@@ -32,7 +33,16 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Assembles a tokenizer; special ids must not collide with mergeable ids.
     pub fn new(bpe: Bpe, pattern: &str, specials: Vec<(String, u32)>) -> Result<Self> {
-        let splitter = Splitter::new(pattern)?;
+        Self::with_patterns(bpe, vec![pattern.to_string()], specials)
+    }
+
+    /// As [`Tokenizer::new`], with a chain of patterns (see [`Splitter::from_patterns`]).
+    pub fn with_patterns(
+        bpe: Bpe,
+        patterns: Vec<String>,
+        specials: Vec<(String, u32)>,
+    ) -> Result<Self> {
+        let splitter = Splitter::from_patterns(&patterns)?;
         for (i, (s, id)) in specials.iter().enumerate() {
             if s.is_empty() {
                 return Err(Error::value("a special token cannot be the empty string"));
@@ -66,7 +76,7 @@ impl Tokenizer {
                     .map_err(|e| Error::value(format!("cannot index the special tokens: {e}")))?,
             )
         };
-        Ok(Tokenizer { bpe, splitter, pattern: pattern.to_string(), specials, matcher })
+        Ok(Tokenizer { bpe, splitter, patterns, specials, matcher })
     }
 
     /// The BPE model.
@@ -74,9 +84,19 @@ impl Tokenizer {
         &self.bpe
     }
 
-    /// The pre-tokenizer pattern.
+    /// The pre-tokenizer pattern (the last stage of a chain).
     pub fn pattern(&self) -> &str {
-        &self.pattern
+        self.patterns.last().map_or("", String::as_str)
+    }
+
+    /// The pre-tokenizer patterns: one, or the stages of a chain in order.
+    pub fn patterns(&self) -> &[String] {
+        &self.patterns
+    }
+
+    /// The pre-tokenizer.
+    pub fn splitter(&self) -> &Splitter {
+        &self.splitter
     }
 
     /// Special tokens as (text, id).

@@ -128,6 +128,22 @@ impl CoreTokenizer {
         Self::wrap(py, t)
     }
 
+    /// From the tokenizer entries of a GGUF file's metadata (`tokenizer.ggml.*`).
+    #[staticmethod]
+    #[pyo3(signature = (model, pre, tokens, token_types, merges))]
+    fn from_gguf_vocab(
+        py: Python<'_>,
+        model: String,
+        pre: Option<String>,
+        tokens: Vec<String>,
+        token_types: Option<Vec<i32>>,
+        merges: Vec<String>,
+    ) -> PyResult<Self> {
+        let v = bpe::GgufVocab { model, pre, tokens, token_types, merges };
+        let t = py.detach(move || bpe::tokenizer_from_gguf(&v))?;
+        Self::wrap(py, t)
+    }
+
     /// From (bytes, rank) pairs with tiktoken's merge rule.
     #[staticmethod]
     fn from_ranks(
@@ -182,6 +198,12 @@ impl CoreTokenizer {
     #[getter]
     fn pattern(&self) -> &str {
         self.inner.pattern()
+    }
+
+    /// The pre-tokenizer patterns: one, or the stages of a llama.cpp-style chain.
+    #[getter]
+    fn patterns(&self) -> Vec<String> {
+        self.inner.patterns().to_vec()
     }
 
     #[getter]
@@ -363,8 +385,8 @@ impl CoreTokenizer {
     fn pre_tokenize(&self, py: Python<'_>, text: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
         let text = convert::text(text, "text")?;
         let pieces = py.detach(|| -> crate::Result<Vec<String>> {
-            let s = bpe::Splitter::new(self.inner.pattern())?;
-            Ok(s.pieces(&text)?.into_iter().map(str::to_string).collect())
+            let pieces = self.inner.splitter().pieces(&text)?;
+            Ok(pieces.into_iter().map(str::to_string).collect())
         })?;
         Ok(pieces)
     }
