@@ -4,17 +4,14 @@
 //! first) against only the keys that block can see (causal limit, padded suffix); each row is
 //! then softmaxed in place in two vector passes (max, then exp and sum; padded keys inside the
 //! visible range set to -inf, keys past the row's causal limit zeroed) and left unnormalised:
-//! the output row is divided by the sum after the product by V (Dv values instead of Tk).
-//! Measured at B=2, H=8, T=1024, D=64 on a Zen 4 vCPU pair: full forward 40 ms -> 23 ms (107
-//! -> 187 GFLOP/s) against the previous scalar mask/max pass and normalised P. The backward
-//! recomputes the probabilities from the saved log-sum-exp (five products per block,
+//! the output row is divided by the sum after the product by V (Dv values instead of Tk). The
+//! backward recomputes the probabilities from the saved log-sum-exp (five products per block,
 //! FlashAttention-2's formulation). Work is parallel over (batch, head) for the forward and
 //! (batch, kv head) for the backward, each task's query blocks dealt into parts when there are
 //! too few tasks for the threads (batch 1); backward parts keep their own dK/dV, summed after.
-//! Memory per task is one `64 x Tk` score block (two in the backward). Why not a tiled
-//! online-softmax kernel: with the whole key range of a block in one product the packed kernel
-//! runs at its full rate (~93 GFLOP/s per thread here) and each row is softmaxed once, not
-//! rescaled per key tile; the block stays in L2 up to Tk ~ 2K.
+//! Memory per task is one `64 x Tk` score block (two in the backward). Whole-key-range blocks
+//! rather than a tiled online softmax keep the packed kernel at its full rate and softmax each
+//! row once: the measurements are in docs/kernels.md.
 //!
 //! Semantics: q `(B, Hq, Tq, D)`, k `(B, Hk, Tk, D)`, v `(B, Hk, Tk, Dv)`, `Hk` divides `Hq`
 //! (grouped-query attention: q head h reads kv head `h / (Hq / Hk)`); the causal mask is
@@ -131,9 +128,8 @@ fn ln<T: Float>(x: T) -> T {
 const QB: usize = 64;
 
 /// Row stride of a score block: Tk rounded up to 16 floats plus 16, so that rows are not a
-/// multiple of 4 KiB apart. At Tk = 1024 the 64 rows one tile of the transposed products
-/// (`dV += Pᵀ dO`) reads down a column all fell in one 8-way L1 set: the causal T=1024
-/// forward+backward took 75 ms instead of 57.
+/// multiple of 4 KiB apart (else the rows a tile of `dV += Pᵀ dO` reads down a column share
+/// one L1 set: 75 ms instead of 57 at causal T=1024, see docs/kernels.md).
 fn score_stride(tk: usize) -> usize {
     tk.div_ceil(16) * 16 + 16
 }
@@ -155,9 +151,8 @@ fn pad_limit(pad: Option<&[bool]>, tk: usize) -> usize {
 
 /// The right-hand side of a per-block product, `B (K x N)` from any view. In f32 it is packed
 /// once per head into 16-column panels and multiplied by the AVX-512/AVX2 packed kernel, each
-/// query block reading only the panels (columns) and rows (inner dimension) it can see:
-/// measured 1.2x (full) to 2.2x (causal) over the `gemm` crate path on the forward at T=512,
-/// which re-packs per block and has no AVX-512 path on stable Rust. Otherwise the general GEMM.
+/// query block reading only the panels (columns) and rows (inner dimension) it can see (the
+/// `gemm` crate re-packs per block: see docs/kernels.md). Otherwise the general GEMM.
 enum Rhs<'a, T> {
     Packed(Packed),
     Plain(Mat<T>, std::marker::PhantomData<&'a T>),

@@ -6,10 +6,11 @@
 //! every row computed is a real token. Row j of step t belongs to sequence j.
 //!
 //! Forward: the input rows are projected through `W_ih` (biases as the initial value) a chunk
-//! of >= 64 rows at a time inside the step loop (f32; one GEMM up front otherwise); each step
-//! adds `h_{t-1} · W_hhᵀ` for its active rows and applies the gates and the state update in
-//! one pass. Inference keeps only a chunk of gate rows and no cell states, and can read and
-//! write batch-first rows. Backward: only the sequential part runs here (the gate gradients and
+//! of >= 64 rows at a time inside the step loop (f32 with up to 256 active rows, where that
+//! loop keeps only a chunk of gate rows and no cell states for inference; one GEMM up front
+//! otherwise); each step adds `h_{t-1} · W_hhᵀ` for its active rows and applies the gates and
+//! the state update in one pass. Inference can read and write batch-first rows (sequences of
+//! one length). Backward: only the sequential part runs here (the gate gradients and
 //! `dh_{t-1} = dgates_t · W_hh`); it returns the gate gradients and every row's previous hidden
 //! state, and the caller forms `dX`, `dW_ih`, `dW_hh` and the biases with its own GEMM.
 
@@ -22,8 +23,7 @@ use super::{matmul, zeroed, Float, Mat};
 use crate::{Error, Result};
 
 /// Active batches up to this size use the pre-packed kernel for the recurrent product (f32):
-/// measured faster than the `gemm` crate up to B=64 at H=256 (46 vs 53+ ms forward), as the
-/// crate re-packs the weight every step and has no AVX-512 path on stable Rust.
+/// the `gemm` crate re-packs the weight every step (measurements in docs/kernels.md).
 const PACKED_MAX_M: usize = 256;
 
 /// The right-hand side of the per-step recurrent product: packed once per call for f32 small
@@ -484,10 +484,9 @@ fn reorder_rows<T: Float>(v: &[T], w: usize, b: usize, steps: usize, to_bf: bool
 /// L2 and inference needs no N x 4H buffer.
 const CHUNK_ROWS: usize = 64;
 
-/// The f32 step loop with the input projection done in chunks inside it (see [`CHUNK_ROWS`]).
-/// Why: at B=64, T=128, H=256 the separate projection wrote a 32 MiB gate buffer that the step
-/// product then read back from DRAM, after a single-threaded bias pass over it (with the
-/// buffer's page faults, 25 of 77 ms).
+/// The f32 step loop with the input projection done in chunks inside it (see [`CHUNK_ROWS`]),
+/// so the step product reads gate rows still in L2 rather than a buffer of all N rows from
+/// DRAM (measured in docs/kernels.md).
 fn lstm_forward_chunked<T: Float>(
     w: &Layer<'_, T>,
     input: Input<'_, T>,

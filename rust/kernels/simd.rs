@@ -1,12 +1,13 @@
-//! Vectorised exp / sigmoid / tanh for f32 (AVX2 + FMA, detected at run time) and the fused
-//! LSTM / GRU cell epilogues built on them, with scalar fallbacks.
+//! Vectorised exp / sigmoid / tanh for f32 and what is built on them: the fused LSTM / GRU cell
+//! epilogues, and the max, exp-and-sum and tanh passes over a slice used by attention and the
+//! LSTM backward. AVX2 + FMA paths for all of them, AVX-512F paths for the LSTM cell, max and
+//! exp-and-sum (detected at run time), and scalar fallbacks.
 //!
 //! Written by hand because the epilogue must be fused with the state update (no library
-//! offers that) and libm's scalar `expf`/`tanhf` were ~80% of an LSTM step (measured: B=8,
-//! H=256, 243 µs/step before, mostly the 5 transcendental calls per cell). Accuracy: exp uses
-//! a Cody-Waite range reduction and the Cephes degree-6 polynomial (~1-2 ulp); tanh uses the
-//! Cephes odd polynomial below |x| = 0.625 (no cancellation near 0) and 1 - 2/(e^{2|x|}+1)
-//! above; the unit tests sweep both against f64.
+//! offers that) and libm's scalar `expf`/`tanhf` dominated an LSTM step (docs/kernels.md).
+//! Accuracy: exp uses a Cody-Waite range reduction and the Cephes degree-6 polynomial (~1-2
+//! ulp); tanh uses the Cephes odd polynomial below |x| = 0.625 (no cancellation near 0) and
+//! 1 - 2/(e^{2|x|}+1) above; the unit tests sweep both against f64.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -99,8 +100,7 @@ mod avx {
 mod avx512 {
     //! The activations on 16 lanes: the same polynomials as `avx`, 2^n by `vscalefps`, and
     //! reciprocals by `vrcp14ps` plus one Newton step instead of a division (a 16-lane divide
-    //! costs ~10 cycles; the cell needed five per 8 units on AVX2, measured 18% of an LSTM
-    //! forward's samples at B=64, H=256).
+    //! costs ~10 cycles, and the cell needs five per 16 units: see docs/kernels.md).
     use super::*;
 
     #[inline(always)]

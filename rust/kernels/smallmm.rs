@@ -1,13 +1,11 @@
-//! Small-M matrix products against a pre-packed right-hand side, for the recurrent step of
-//! LSTM/GRU (M = active batch rows, typically 1..16).
-//!
-//! Why by hand: a general GEMM re-packs its right-hand side on every call; for the recurrent
-//! product that is the whole 4H x H weight (1 MiB at H = 256) per time step. Measured with the
-//! `gemm` crate at B=8, H=256: ~150 µs per step on one core (28 GFLOP/s). Here the weight is
-//! packed once per layer call into 16-column panels ([panel][k][16]) and each step streams the
-//! panels once: an R x 32 (AVX-512) or R x 16 (AVX2) register tile per panel pass, every
-//! loaded weight vector feeding R FMAs. Instruction sets are detected at run time (AVX-512F,
-//! else AVX2+FMA, else scalar), never assumed.
+//! f32 matrix products against a right-hand side packed once into 16-column panels
+//! ([panel][k][16]): the recurrent step of LSTM/GRU (M = active batch rows, typically 1..16),
+//! their input projection, and attention's per-block products. Each call streams the panels it
+//! needs once with an R x 32 (AVX-512) or R x 16 (AVX2) register tile per panel pass, every
+//! loaded weight vector feeding R FMAs; callers may split the panels among threads and block
+//! the inner dimension. Instruction sets are detected at run time (AVX-512F, else AVX2+FMA, else
+//! scalar), never assumed. Written by hand because a general GEMM re-packs its right-hand side
+//! on every call, the whole weight per time step here (measurements in docs/kernels.md).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;

@@ -2,16 +2,14 @@
 //! the whole call (all T steps of a recurrent layer), synchronised by a spin barrier.
 //!
 //! Why not rayon per step: a parallel region per time step costs microseconds of dispatch,
-//! about a whole step's work at small batch (notes/cpu-kernels.md §8). Scoped threads are
-//! created per call (tens of µs, amortised over the sequence) and so are safe under fork.
+//! about a whole step's work at small batch. Scoped threads are created per call (tens of µs,
+//! amortised over the sequence) and so are safe under fork.
 //!
 //! When torch has loaded GNU OpenMP (`libgomp.so.1`, as PyPI's torch does), the team is
 //! torch's own OpenMP team instead (`GOMP_parallel` looked up at run time): after each parallel
 //! region libgomp's idle threads spin for milliseconds, so on a 2-core machine a separate team
-//! started right after a torch op finds the other core taken by torch's spinner. Measured: a
-//! 1024x256 torch GEMM (10 ms) followed by an 8 ms LSTM forward took 26.6 ms; with the
-//! spinning switched off (`OMP_WAIT_POLICY=PASSIVE`) 16.7 ms, which is what running on the
-//! same threads gives without slowing torch's own small regions down.
+//! started right after a torch op finds the other core taken by torch's spinner; running on
+//! torch's own threads avoids that without slowing torch's small regions (docs/kernels.md).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

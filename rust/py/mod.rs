@@ -1,5 +1,6 @@
 //! Python bindings: the private `ferrolm._core` module. Each binding extracts its arguments into
-//! owned Rust values, runs the core with the GIL released, and returns Python objects; errors
+//! owned Rust values or read-only array views, runs the core with the GIL released (calls too
+//! small to pay for it excepted, see `convert::run`), and returns Python objects; core errors
 //! map to exceptions in one place (`errors.rs`). The public API is `python/ferrolm/`.
 
 mod convert;
