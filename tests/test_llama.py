@@ -235,6 +235,20 @@ def test_peft_lora_adapter_names_match_transformers():
     assert sorted(a) == sorted(b) and len(a) == 2 * 2 * 5
 
 
+@needs_hf
+def test_icl_lm_adapter_scores_as_with_transformers():
+    from ferrolm.icl import LM
+
+    m = randomized(tiny(**CONFIGS["gqa-tied"]), seed=5)
+    reqs = [([1, 2, 3], [4, 5]), ([1, 2, 3], [6]), ([7, 8], [9, 10, 11])]
+    cached = LM(m).loglikelihood(reqs)
+    full = LM(m).loglikelihood(reqs, reuse_prefix=False)
+    theirs = LM(m.to_hf()).loglikelihood(reqs, reuse_prefix=False)
+    for a, b, c in zip(cached, full, theirs):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4) and a.logprob == pytest.approx(c.logprob, abs=1e-4)
+        assert a.is_greedy == b.is_greedy == c.is_greedy
+
+
 def test_training_step_with_dropout_runs_and_eval_is_deterministic():
     m = randomized(tiny(dropout=0.1))
     idx = torch.randint(0, 61, (2, 16))
@@ -414,6 +428,31 @@ def test_gguf_tensor_dequantizes_as_gguf_does(tmp_path):
             got = f.tensor(t.name)
             assert got.shape == (4, 256) and torch.equal(got, want.reshape(4, 256)), t.name
         assert f.tensor("t.Q8_0", torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_gguf_with_llama3_rope_factors(tmp_path):
+    scaling = {**LLAMA3, "original_max_position_embeddings": 8192, "factor": 32.0}
+    src = randomized(tiny(n_embd=256, n_head=2, n_kv_head=1, rope_theta=5e5, rope_scaling=scaling))
+    path = tmp_path / "llama3.gguf"
+    write_gguf(path, src, "llama", ["F32"])
+    # llama.cpp stores llama3's scaling as per-frequency divisors of the plain frequencies.
+    plain = Llama(tiny(n_embd=256, n_head=2, rope_theta=5e5)).inv_freq
+    divisors = (plain / src.inv_freq).numpy().astype("<f4")
+    with GGUFFile(path) as f:  # rebuilt with the extra tensor appended
+        kv = dict(f.metadata)
+        tensors = [(n, i.type_id, i.shape, f.raw(n).tobytes()) for n, i in f.tensors.items()]
+    assert divisors.min() == 1.0 and divisors.max() == 32.0  # high, medium and low frequencies
+    tensors.append(("rope_freqs.weight", 0, (64,), divisors.tobytes()))
+    path.write_bytes(gguf_bytes(kv, tensors))
+    m = Llama.from_gguf(path)
+    assert m.config.rope_scaling == scaling
+    idx = torch.randint(0, 61, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(m(idx)[0], src(idx)[0], rtol=1e-5, atol=1e-5)
+    tensors[-1] = ("rope_freqs.weight", 0, (64,), (divisors * 1.5).tobytes())
+    path.write_bytes(gguf_bytes(kv, tensors))
+    with pytest.raises(FormatError, match="rope_freqs.weight does not match llama3"):
+        Llama.from_gguf(path)
 
 
 def _minimal(tmp_path, kv=None, tensors=None, **kw) -> Path:

@@ -748,7 +748,7 @@ _GGUF_BLOCK = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GGUF_IGNORED = re.compile(r"^blk\.\d+\.attn_rot_embd$")
+_GGUF_IGNORED = re.compile(r"^(blk\.\d+\.attn_rot_embd|rope_freqs\.weight)$")
 
 
 def _gguf_config(f) -> Tuple[LlamaConfig, Dict[str, str]]:
@@ -775,11 +775,6 @@ def _gguf_config(f) -> Tuple[LlamaConfig, Dict[str, str]]:
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", g)
         if m and m.group(2) in _GGUF_BLOCK:
             names[g] = f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"
-        elif g == "rope_freqs.weight":
-            raise FormatError(
-                f"{f.path}: this GGUF stores llama3 rope frequency factors (rope_freqs.weight), "
-                "which ferrolm does not read yet; load the transformers checkpoint with Llama.from_pretrained"
-            )
         elif not _GGUF_IGNORED.match(g):
             unknown.append(g)
     if unknown:
@@ -804,6 +799,10 @@ def _gguf_config(f) -> Tuple[LlamaConfig, Dict[str, str]]:
         if rtype != "linear":
             raise FormatError(f"{f.path}: rope scaling {rtype!r} is not supported (supported: linear)")
         scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    if "rope_freqs.weight" in f.tensors:
+        if scaling is not None:
+            raise FormatError(f"{f.path}: both rope.scaling.type and rope_freqs.weight; expected one")
+        scaling = _llama3_from_factors(f, float(get("rope.freq_base", 10000.0)), head_dim or int(n_embd) // int(n_head))
     try:
         config = LlamaConfig(
             vocab_size=int(vocab),
@@ -827,6 +826,34 @@ def _gguf_config(f) -> Tuple[LlamaConfig, Dict[str, str]]:
             raise
         raise FormatError(f"{f.path}: the GGUF metadata does not describe a valid model: {e}") from None
     return config, names
+
+
+def _llama3_from_factors(f, theta: float, head_dim: int) -> Dict[str, Any]:
+    """The ``llama3`` rope scaling whose per-frequency divisors llama.cpp stored as
+    ``rope_freqs.weight``: factor = the largest divisor, and the low/high frequency factors and
+    original context of Llama 3.1/3.2 (1, 4, 8192), checked against every stored divisor."""
+    stored = f.tensor("rope_freqs.weight").reshape(-1)
+    if stored.numel() != head_dim // 2:
+        raise FormatError(
+            f"{f.path}: rope_freqs.weight has {stored.numel()} values, expected head_dim/2 = {head_dim // 2}"
+        )
+    scaling = {
+        "rope_type": "llama3",
+        "factor": float(stored.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    probe = LlamaConfig(vocab_size=1, n_layer=1, n_head=1, n_embd=head_dim, ff_size=1, rope_theta=theta)
+    plain = rope_inv_freq(probe)
+    probe.rope_scaling = scaling
+    divisors = plain / rope_inv_freq(probe)
+    if not torch.allclose(divisors, stored, rtol=1e-3, atol=1e-3):
+        raise FormatError(
+            f"{f.path}: rope_freqs.weight does not match llama3 rope scaling (factor {scaling['factor']}, "
+            "low/high frequency factors 1/4, original context 8192); other rope frequency tables are not supported"
+        )
+    return scaling
 
 
 def _supported_types():
