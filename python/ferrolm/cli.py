@@ -178,11 +178,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
+def _model_arg(args: argparse.Namespace) -> str:
+    model = getattr(args, "model_opt", None) or args.model
+    if getattr(args, "model_opt", None) and args.model and args.model != args.model_opt:
+        raise ValueError(f"two models given: {args.model!r} and --model {args.model_opt!r}; pass one")
+    if not model:
+        raise ValueError("no model: pass --model smollm2, a .gguf file, a Hugging Face Llama folder or a checkpoint")
+    return model
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .decoding import generate
-    from .recipes.language_model import load_lm
+    from .recipes.language_model import cut_at_stop_strings, load_lm, stop_ids_of
 
-    model, tok = load_lm(args.model, args.tokenizer, transformers_ok=False)
+    model, tok = load_lm(_model_arg(args), args.tokenizer, transformers_ok=False, layers=args.layers)
     if tok.n_vocab > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer has {tok.n_vocab} tokens but the model only {model.config.vocab_size}; "
@@ -192,7 +201,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     ids = tok.encode(prompt, allowed_special="all")
     if not ids:
         raise ValueError("the prompt is empty; pass --prompt TEXT")
-    eot = tok.special_tokens.get("<|endoftext|>")
+    stops = stop_ids_of(tok)
     new = generate(
         model,
         [ids] * args.num_samples,
@@ -200,13 +209,50 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
-        stop_ids=[eot] if eot is not None else None,
+        stop_ids=stops or None,
         seed=args.seed,
     )
     for i, row in enumerate(new):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(prompt + tok.decode([t for t in row if t != eot]))
+        text, _ = cut_at_stop_strings(tok.decode([t for t in row if t not in stops]), args.stop or [])
+        print(prompt + text)
+    return 0
+
+
+def _stdin_lines():
+    """User turns: lines typed at a "> " prompt (or piped in), until end of input."""
+    while True:
+        try:
+            yield input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .recipes.language_model import chat, load_lm
+
+    model, tok = load_lm(args.model, args.tokenizer, transformers_ok=False, layers=args.layers)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        chat(
+            model,
+            tok,
+            _stdin_lines(),
+            write,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            system=args.system,
+        )
+    except KeyboardInterrupt:
+        write("\n")
     return 0
 
 
@@ -216,7 +262,7 @@ def _cmd_icl_eval(args: argparse.Namespace) -> int:
     from .icl import LM, kshot_sweep, model_embedder
     from .recipes.language_model import icl_task, load_lm
 
-    model, tok = load_lm(args.model, args.tokenizer)
+    model, tok = load_lm(args.model, args.tokenizer, layers=args.layers)
     pool, test, template = icl_task(
         args.data,
         args.input_key,
@@ -282,7 +328,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         raise ValueError("ferrolm finetune needs --method and --model (or the 'experiment' action)")
     from .recipes.language_model import finetune_data, finetune_model, load_lm
 
-    model, tok = load_lm(args.model, args.tokenizer)
+    model, tok = load_lm(args.model, args.tokenizer, layers=args.layers)
     data = finetune_data(tok, args.data, args.input_key, args.output_key)
     result = finetune_model(
         model,
@@ -297,7 +343,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         r=args.r,
         alpha=args.alpha,
         lora_dropout=args.lora_dropout,
-        targets=args.targets.split(","),
+        targets=args.targets.split(",") if args.targets else None,
         virtual_tokens=args.virtual_tokens,
         checkpoint_interval=args.checkpoint_interval,
         seed=args.seed,
@@ -416,17 +462,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tl.set_defaults(func=_cmd_translate)
 
-    g = sub.add_parser("generate", help="continue a prompt with a trained model")
-    g.add_argument("model", help="a folder from `ferrolm train` or a .safetensors checkpoint")
+    g = sub.add_parser("generate", help="continue a prompt with a model (smollm2, a .gguf, a checkpoint)")
+    g.add_argument("model", nargs="?", default=None, help="a folder from `ferrolm train` or a .safetensors checkpoint")
+    g.add_argument(
+        "--model",
+        dest="model_opt",
+        default=None,
+        help="smollm2 (the embedded SmolLM2-135M-Instruct), a .gguf file, a Hugging Face Llama folder or a checkpoint",
+    )
     g.add_argument("--prompt", default=None, help="the prompt text (default: stdin)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer file (default: tokenizer.json next to the model)")
+    g.add_argument("--tokenizer", default=None, help="tokenizer file (default: the model's own)")
     g.add_argument("--max-new-tokens", type=int, default=100)
     g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--stop", action="append", default=None, help="cut the text at this string (repeatable)")
     g.add_argument("--num-samples", type=int, default=1)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)  # tests: the first N layers
     g.set_defaults(func=_cmd_generate)
+
+    c = sub.add_parser(
+        "chat",
+        help="chat with a model in the terminal (its chat template; Ctrl-D or Ctrl-C to leave)",
+        description="Each line is a user turn; the reply streams as it is generated and ends at the model's "
+        "end-of-turn token. The conversation is kept for the next turn.",
+    )
+    c.add_argument("--model", required=True, help="smollm2, a .gguf file or a Hugging Face Llama folder")
+    c.add_argument("--tokenizer", default=None, help="tokenizer file (default: the model's own)")
+    c.add_argument("--system", default=None, help="a system message to start the conversation")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens")
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-k", type=int, default=None)
+    c.add_argument("--top-p", type=float, default=None)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
+    c.set_defaults(func=_cmd_chat)
 
     ic = sub.add_parser("icl", help="in-context learning evaluation")
     isub = ic.add_subparsers(dest="icl_command", required=True)
@@ -434,8 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--model",
         required=True,
-        help="a `ferrolm train` folder, a .safetensors checkpoint or a Hugging Face model folder",
+        help="smollm2, a .gguf file, a `ferrolm train` folder, a .safetensors checkpoint or a Hugging Face model "
+        "folder",
     )
+    ev.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
     ev.add_argument("--tokenizer", default=None, help="tokenizer file (default: tokenizer.json next to the model)")
     ev.add_argument(
         "--data", default=None, help="JSONL or CSV with input and label/output fields (default: the embedded task)"
@@ -477,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune",
         help="lightweight fine-tuning of a ferrolm model (LoRA, BitFit, prompt tuning, head-only, full)",
         description="Fine-tunes a ferrolm checkpoint on text (default: the embedded ICL task rendered as text). "
-        "Writes model.safetensors (LoRA merged) and, for LoRA on a GPT, adapter/ in PEFT's layout.",
+        "Writes model.safetensors (LoRA merged) and, for LoRA on a GPT or Llama, adapter/ in PEFT's layout.",
     )
     f.add_argument(
         "action",
@@ -488,7 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment: the comparison of every method and ICL on the embedded task",
     )
     f.add_argument("--method", default=None, choices=["lora", "bitfit", "prompt", "head", "full"])
-    f.add_argument("--model", default=None, help="a `ferrolm train` folder or a .safetensors checkpoint")
+    f.add_argument(
+        "--model", default=None, help="smollm2, a .gguf file, a `ferrolm train` folder or a .safetensors checkpoint"
+    )
+    f.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
     f.add_argument("--results", default="docs/results", help="experiment: output folder for finetune.md/.json/.png")
     f.add_argument("--quick", action="store_true", help="experiment: tiny sizes (a smoke run)")
     f.add_argument("--tokenizer", default=None)
@@ -508,7 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--r", type=int, default=8, help="LoRA rank")
     f.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     f.add_argument("--lora-dropout", type=float, default=0.0)
-    f.add_argument("--targets", default="c_attn,c_proj,c_fc", help="LoRA target modules of a GPT (comma-separated)")
+    f.add_argument(
+        "--targets",
+        default=None,
+        help="LoRA target modules, comma-separated (default: a GPT's c_attn,c_proj,c_fc; a Llama's "
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)",
+    )
     f.add_argument("--virtual-tokens", type=int, default=16, help="prompt tuning: virtual tokens")
     f.add_argument("--checkpoint-interval", type=int, default=100)
     f.add_argument("--seed", type=int, default=1337)
@@ -519,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Commands that run models, and so need torch (the tokenizer commands and `bench` need none:
 #: `bench` skips the areas whose peers or torch are missing and says so).
-_NEEDS_TORCH = ("train", "translate", "generate", "icl", "finetune")
+_NEEDS_TORCH = ("train", "translate", "generate", "chat", "icl", "finetune")
 
 
 def _missing_torch(command: str) -> Optional[str]:

@@ -433,7 +433,7 @@ def save_lora(model: nn.Module, out_dir: PathLike) -> Path:
         "lora_alpha": first.alpha,
         "lora_dropout": cfg.get("lora_dropout", 0.0),
         "target_modules": sorted({n.split(".")[-1] for n, _ in layers}),
-        "fan_in_fan_out": True,  # GPT-2's Conv1D layout on the transformers side
+        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),  # GPT-2's Conv1D stores (in, out)
         "bias": "none",
         "inference_mode": True,
         "base_model_name_or_path": None,
@@ -449,7 +449,7 @@ def save_lora(model: nn.Module, out_dir: PathLike) -> Path:
 
 def load_lora(model: nn.Module, adapter_dir: PathLike) -> List[str]:
     """Applies a LoRA adapter saved by :func:`save_lora` or by PEFT (``PeftModel.save_pretrained``
-    of a GPT-2 LoRA) to ``model``; returns the adapted module names.
+    of a GPT-2 or Llama LoRA) to ``model``; returns the adapted module names.
 
     Raises:
         FileNotFoundError; FormatError (not a LoRA adapter); ValueError (modules or shapes that

