@@ -137,3 +137,24 @@ def test_finetune_lora_smollm2_writes_a_peft_adapter(tmp_path, capsys):
     merge_and_unload(fresh)
     idx = torch.tensor([[1, 2, 3, 4, 5]])
     torch.testing.assert_close(fresh(idx)[0], tuned(idx)[0], atol=1e-4, rtol=0)
+
+
+def test_load_lm_takes_a_gguf_file_and_a_hf_llama_folder(tmp_path):
+    from ferrolm.models import Llama, LlamaConfig
+
+    gguf = llama.embedded_path("smollm2")
+    model, tok = load_lm(str(gguf), layers=1)
+    assert isinstance(model, Llama) and model.config.n_layer == 1 and tok.eos_token_id == 2
+    small = Llama(LlamaConfig(vocab_size=tok.n_vocab, block_size=32, n_layer=1, n_head=2, n_embd=16, ff_size=32))
+    small.save_pretrained(tmp_path)
+    tok.save_hf_json(tmp_path / "tokenizer.json")
+    again, tok2 = load_lm(tmp_path)
+    assert isinstance(again, Llama) and tok2.encode("Hello world") == tok.encode("Hello world")
+    idx = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(again(idx)[0], small(idx)[0])
+
+
+def test_bitfit_without_biases_is_refused(capsys):
+    argv = ["finetune", "--model", "smollm2", "--layers", "1", "--method", "bitfit", "--steps", "1"]
+    assert cli.main(argv) == 2
+    assert "no biases" in capsys.readouterr().err

@@ -475,6 +475,11 @@ def finetune_model(
     elif method == "prompt":
         target = ft.PromptTuning(model, virtual_tokens)
     ft.prepare(target, method)
+    if ft.trainable_parameters(target)[0] == 0:
+        raise ValueError(
+            f"method {method!r} leaves nothing to train in this {type(model).__name__} (it has no biases); "
+            "pick lora, head or full"
+        )
     ft.print_trainable_parameters(target)
     block = getattr(model.config, "block_size", None)
     if block:
