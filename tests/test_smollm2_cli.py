@@ -158,3 +158,26 @@ def test_bitfit_without_biases_is_refused(capsys):
     argv = ["finetune", "--model", "smollm2", "--layers", "1", "--method", "bitfit", "--steps", "1"]
     assert cli.main(argv) == 2
     assert "no biases" in capsys.readouterr().err
+
+
+def test_chat_leaves_cleanly_on_ctrl_c():
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ferrolm", "chat", "--model", "smollm2", "--layers", "1", "--max-new-tokens", "3"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        proc.stdin.write("Hello\n")
+        proc.stdin.flush()
+        proc.stdout.readline()  # the first reply came: the loop is running
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
