@@ -75,3 +75,21 @@ def test_peft_lora_loads_in_ferrolm(tmp_path):
     assert len(names) == 2 * 7 and all(n.split(".")[-1] in TARGETS for n in names)
     with torch.no_grad():
         torch.testing.assert_close(model(IDX)[0], pm(IDX).logits, atol=1e-5, rtol=0)
+
+
+def test_prompt_tuning_on_a_llama():
+    from ferrolm.decoding import generate
+    from ferrolm.finetune import PromptTuning, prepare, trainable_parameters
+
+    model = Llama.from_hf(_hf(seed=4)).eval()
+    init = [5, 9, 11]
+    pt = PromptTuning(model, 3, init_ids=init).eval()
+    # Virtual tokens initialised from ids 5, 9, 11 == running those ids as real tokens first.
+    with torch.no_grad():
+        full = model(torch.cat([torch.tensor([init, init]), IDX], 1))[0]
+        torch.testing.assert_close(pt(IDX)[0], full[:, 3:], atol=1e-5, rtol=0)
+    got = generate(pt, [IDX[0].tolist()], 5, temperature=0)[0]
+    want = generate(model, [init + IDX[0].tolist()], 5, temperature=0)[0]
+    assert got == want
+    prepare(pt, "prompt")
+    assert trainable_parameters(pt)[0] == 3 * 32

@@ -181,3 +181,12 @@ def test_chat_leaves_cleanly_on_ctrl_c():
         proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+def test_finetune_prompt_tuning_smollm2(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "pt"
+    argv = ["finetune", "--model", "smollm2", "--layers", "1", "--method", "prompt", "--steps", "1", "--batch-size"]
+    assert cli.main(argv + ["2", "--seq-len", "16", "--virtual-tokens", "4", "--out", str(out)]) == 0
+    assert tuple(load_file(str(out / "prompt.safetensors"))["prompt"].shape) == (4, 576)

@@ -38,7 +38,7 @@ from torch import nn
 
 from ._io import PathLike, atomic_write
 from .errors import FormatError
-from .models import GPT
+from .models import GPT, Llama
 from .models.common import lm_loss
 
 __all__ = [
@@ -63,7 +63,8 @@ METHODS = ("lora", "bitfit", "head", "full", "prompt")
 
 class PromptTuning(nn.Module):
     """Prompt tuning (Lester et al. 2021): ``n_virtual`` trainable vectors placed before every
-    input of a ferrolm :class:`~ferrolm.models.GPT`; the model itself stays frozen.
+    input of a ferrolm :class:`~ferrolm.models.GPT` or :class:`~ferrolm.models.Llama`; the model
+    itself stays frozen.
 
     ``forward(idx, targets=None, lengths=None) -> (logits (B, T, V), loss)`` over the real
     tokens only. The vectors start as the embeddings of ``init_ids`` (default: the first
@@ -75,8 +76,8 @@ class PromptTuning(nn.Module):
         self, model: nn.Module, n_virtual: int, init_ids: Optional[Sequence[int]] = None, seed: int = 0
     ) -> None:
         super().__init__()
-        if not isinstance(model, GPT):
-            raise TypeError(f"prompt tuning needs a ferrolm GPT, got {type(model).__name__}")
+        if not isinstance(model, (GPT, Llama)):
+            raise TypeError(f"prompt tuning needs a ferrolm GPT or Llama, got {type(model).__name__}")
         if not isinstance(n_virtual, int) or n_virtual <= 0:
             raise ValueError(f"n_virtual must be a positive int, got {n_virtual!r}")
         if n_virtual >= model.config.block_size:
@@ -88,7 +89,7 @@ class PromptTuning(nn.Module):
             init_ids = torch.randint(0, model.config.vocab_size, (n_virtual,), generator=g).tolist()
         if len(init_ids) != n_virtual:
             raise ValueError(f"init_ids has {len(init_ids)} ids for {n_virtual} virtual tokens")
-        w = model.transformer.wte.weight
+        w = model.transformer.wte.weight if isinstance(model, GPT) else model.model.embed_tokens.weight
         self.prompt = nn.Parameter(w.detach()[torch.tensor(list(init_ids), device=w.device)].clone())
 
     @property
@@ -97,7 +98,11 @@ class PromptTuning(nn.Module):
 
     def hidden_states(self, idx: torch.Tensor, lengths=None) -> torch.Tensor:
         """(B, T, C) hidden states of the real tokens (the virtual ones are dropped)."""
-        return self.model.hidden_states(idx, lengths=lengths, prefix_embeds=self.prompt)[:, self.n_virtual :]
+        if isinstance(self.model, GPT):
+            return self.model.hidden_states(idx, lengths=lengths, prefix_embeds=self.prompt)[:, self.n_virtual :]
+        B = idx.size(0)  # a Llama: right pads after the real tokens change nothing (causal)
+        x = torch.cat([self.prompt[None].expand(B, -1, -1), self.model.model.embed_tokens(idx)], 1)
+        return self.model.hidden_states(None, inputs_embeds=x)[:, self.n_virtual :]
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, lengths=None):
         logits = self.model.lm_head(self.hidden_states(idx, lengths))

@@ -447,7 +447,7 @@ def finetune_model(
     resume: bool = False,
 ):
     """Fine-tunes a ferrolm GPT, Llama or LSTM language model with ``method`` (lora, bitfit,
-    prompt, head, full; prompt tuning on a GPT only) on ``data`` (from :func:`finetune_data`)
+    prompt, head, full; prompt tuning on a GPT or Llama) on ``data`` (from :func:`finetune_data`)
     and writes into ``out_dir``: ``model.safetensors`` (LoRA merged), ``adapter/`` in PEFT's
     layout (LoRA on a GPT or Llama), ``prompt.safetensors`` (prompt tuning) and ``tokenizer.json``.
     ``targets`` defaults to :data:`LORA_TARGETS` of the model's family. Returns the TrainResult.
@@ -462,8 +462,8 @@ def finetune_model(
         raise ValueError(
             "ferrolm finetune takes a ferrolm GPT, Llama or LSTM model (use PEFT for other Hugging Face models)"
         )
-    if method == "prompt" and not isinstance(model, GPT):
-        raise ValueError(f"prompt tuning is implemented for a ferrolm GPT only, not a {type(model).__name__}")
+    if method == "prompt" and not isinstance(model, (GPT, Llama)):
+        raise ValueError(f"prompt tuning takes a ferrolm GPT or Llama, not a {type(model).__name__}")
     if targets is None:
         targets = LORA_TARGETS["llama" if isinstance(model, Llama) else "gpt"]
     target: Any = model
