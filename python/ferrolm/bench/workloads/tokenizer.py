@@ -36,14 +36,18 @@ CL100K_SPECIALS = {
     "<|endofprompt|>": 100276,
 }
 
-# The package folder (…/python/ferrolm); the project's shared/ sits beside the repository root.
+# The package folder (…/python/ferrolm); in a checkout the repository root is two levels up.
 _PACKAGE = Path(__file__).resolve().parents[2]
 
 
 def find_data_dir() -> Optional[Path]:
-    """The folder holding ``gpt2.tiktoken`` / ``cl100k_base.tiktoken``, if any."""
+    """The folder holding ``gpt2.tiktoken`` / ``cl100k_base.tiktoken``, if any: ``$FERROLM_DATA_DIR``,
+    the repository's ``tests/data`` (a checkout, or the current folder being one), then a ``shared/data``
+    beside it."""
     candidates = [
         os.environ.get("FERROLM_DATA_DIR"),
+        Path.cwd() / "tests" / "data",
+        _PACKAGE.parents[1] / "tests" / "data",
         Path.cwd().parent / "shared" / "data",
         Path.cwd() / "shared" / "data",
         _PACKAGE.parents[2] / "shared" / "data",
