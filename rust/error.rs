@@ -42,4 +42,17 @@ impl Error {
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         Error::Io { path: path.display().to_string(), source }
     }
+    /// An allocation of `bytes` for `what` that the system refused: an `Io` error of kind
+    /// `OutOfMemory`, which the bindings raise as `MemoryError` (never an abort).
+    pub(crate) fn out_of_memory(what: &str, bytes: usize) -> Self {
+        let msg = format!("cannot allocate {bytes} bytes; ask for a smaller output");
+        Error::Io {
+            path: what.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::OutOfMemory, msg),
+        }
+    }
+    /// Whether this is an [`out_of_memory`](Self::out_of_memory) error.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::OutOfMemory)
+    }
 }

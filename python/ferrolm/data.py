@@ -57,6 +57,34 @@ def _dtype_name(dtype: Any) -> str:
     return name
 
 
+#: The largest count the Rust side takes (int64 / isize); larger sizes are refused by name.
+_MAX_SIZE = 2**63 - 1
+#: The most threads a call may ask for.
+_MAX_THREADS = 1024
+
+
+def _check_int(
+    name: str, value: Any, minimum: int = 1, maximum: int = _MAX_SIZE, optional: bool = False
+) -> Optional[int]:
+    """Returns ``value`` as an int after checking it is one in ``[minimum, maximum]``.
+
+    Every size and count goes through here before reaching Rust, so a bad one is a
+    ``ValueError`` that names the argument (not a bare ``OverflowError`` from the conversion).
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        none = " or None" if optional else ""
+        raise ValueError(f"{name} must be an int{none}, got {value!r}")
+    v = int(value)
+    if v < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {v}")
+    if v > maximum:
+        raise ValueError(f"{name}={v} is too large (at most {maximum}); pass a smaller {name}")
+    return v
+
+
 def _to_numpy_rows(sequences: Any) -> Any:
     """torch tensors become numpy views (CPU) so the Rust side reads them in place."""
     if isinstance(sequences, np.ndarray):
@@ -119,7 +147,10 @@ def pad(
 
     Raises:
         ValueError: an empty batch or sequence, an id that is negative or too large for
-            ``dtype``, a sequence longer than ``max_length`` without truncation.
+            ``dtype``, a sequence longer than ``max_length`` without truncation, a size that is
+            not a positive int, or one that asks for more than 2**28 cells of padding beyond
+            the ids (``max_length=2**40``); the message names the argument.
+        MemoryError: the padded batch cannot be allocated.
         TypeError: a sequence that is not ints / an integer array.
     """
     if side not in ("right", "left"):
@@ -127,13 +158,11 @@ def pad(
     trunc = {False: "error", True: "right", "right": "right", "left": "left", None: "error"}.get(truncation)  # type: ignore[call-overload]
     if trunc is None:
         raise ValueError(f"truncation must be False, True, 'right' or 'left', got {truncation!r}")
-    if max_length is not None and (not isinstance(max_length, int) or max_length <= 0):
-        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-    if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of <= 0):
-        raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
+    max_length = _check_int("max_length", max_length, optional=True)
+    pad_to_multiple_of = _check_int("pad_to_multiple_of", pad_to_multiple_of, optional=True)
     ids, mask, _ = _core.pad_batch(
         _to_numpy_rows(sequences),
-        int(pad_id),
+        _check_int("pad_id", pad_id, minimum=-_MAX_SIZE - 1),
         max_length,
         side == "left",
         trunc,
@@ -175,20 +204,24 @@ def pack(
         mask_cross_document: ignore targets that belong to the next document.
         num_threads: threads filling rows (default: all cores; 1 in a forked child).
 
+    Raises:
+        ValueError: a size or count that is not a positive int (the message names it), or a
+            ``block_size`` more than 2**28 beyond the tokens of the documents.
+        MemoryError: the rows cannot be allocated.
+
     Example:
         >>> out = pack([[1, 2, 3], [4, 5]], block_size=3, eos_id=9)
         >>> out["input_ids"].tolist(), out["position_ids"].tolist()
         ([[1, 2, 3], [9, 4, 5]], [[0, 1, 2], [0, 0, 1]])
     """
-    _check_block_size(block_size)
     x, y, pos, doc = _core.pack_documents(
         _to_numpy_rows(documents),
-        block_size,
-        eos_id,
+        _check_block_size(block_size),
+        _check_int("eos_id", eos_id, minimum=0, optional=True),
         not drop_last,
-        int(pad_id),
+        _check_int("pad_id", pad_id, minimum=-_MAX_SIZE - 1),
         bool(mask_cross_document),
-        num_threads,
+        _check_int("num_threads", num_threads, maximum=_MAX_THREADS, optional=True),
     )
     return _wrap({"input_ids": x, "targets": y, "position_ids": pos, "doc_ids": doc}, return_tensors)
 
@@ -207,22 +240,29 @@ def lm_windows(
 
     Returns:
         A dict of (N, T) int64 arrays: ``input_ids``, ``targets``, ``attention_mask``.
+
+    Raises:
+        ValueError: ``block_size`` or ``stride`` not a positive int, ``stride > block_size``,
+            or windows holding more than 2**28 cells of padding (the message names the size).
+        MemoryError: the windows cannot be allocated.
     """
-    _check_block_size(block_size)
+    block_size = _check_block_size(block_size)
     stride = block_size if stride is None else stride
-    if not isinstance(stride, int) or stride <= 0 or stride > block_size:
+    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or not 0 < stride <= block_size:
         raise ValueError(f"stride must be an int in 1..block_size ({block_size}), got {stride!r}")
     if hasattr(tokens, "numpy") and hasattr(tokens, "dim"):
         tokens = _tensor_to_numpy(tokens, "tokens")
     x, y, m = _core.lm_windows(
-        tokens if isinstance(tokens, np.ndarray) else list(tokens), block_size, stride, int(pad_id)
+        tokens if isinstance(tokens, np.ndarray) else list(tokens),
+        block_size,
+        int(stride),
+        _check_int("pad_id", pad_id, minimum=-_MAX_SIZE - 1),
     )
     return _wrap({"input_ids": x, "targets": y, "attention_mask": m}, return_tensors)
 
 
-def _check_block_size(block_size: Any) -> None:
-    if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or block_size <= 0:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+def _check_block_size(block_size: Any) -> int:
+    return _check_int("block_size", block_size)  # type: ignore[return-value]
 
 
 class BucketBatchSampler:
@@ -268,9 +308,9 @@ class BucketBatchSampler:
             raise ValueError("lengths must be non-negative integers below 2**32")
         if batch_size is None and max_tokens is None:
             raise ValueError("give batch_size, max_tokens or both")
-        for name, v in (("batch_size", batch_size), ("max_tokens", max_tokens), ("bucket_size", bucket_size)):
-            if v is not None and (not isinstance(v, (int, np.integer)) or v <= 0):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        batch_size = _check_int("batch_size", batch_size, optional=True)
+        max_tokens = _check_int("max_tokens", max_tokens, optional=True)
+        bucket_size = _check_int("bucket_size", bucket_size, optional=True)
         self.lengths = lengths.astype(np.uint32)
         self.batch_size = batch_size
         self.max_tokens = max_tokens
@@ -351,10 +391,15 @@ def write_shards(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     eos = _auto_eos(tokenizer) if eos_id == "auto" else eos_id
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, (int, np.integer))):
+        raise ValueError(f"eos_id must be an int, None or 'auto', got {eos!r}")
     if eos is not None and not 0 <= int(eos) < tokenizer.n_vocab:
         raise ValueError(f"eos_id={eos} is not a token id of this tokenizer (0..{tokenizer.n_vocab - 1})")
     itemsize = 2 if tokenizer.n_vocab <= 1 << 16 else 4
-    sink = _core.ShardSink(out, prefix, itemsize, int(max_tokens_per_shard), eos)
+    max_tokens = _check_int("max_tokens_per_shard", max_tokens_per_shard, maximum=2**64 - 1)
+    num_threads = _check_int("num_threads", num_threads, maximum=_MAX_THREADS, optional=True)
+    batch_files = _check_int("batch_files", batch_files)  # type: ignore[assignment]
+    sink = _core.ShardSink(out, prefix, itemsize, max_tokens, eos)
     core = tokenizer._core
     disable = None if show_progress is None else not show_progress
     texts: List[str] = []
@@ -423,6 +468,11 @@ def expand_paths(paths: Sequence[PathLike]) -> List[Path]:
 class TokenShard:
     """A token shard opened without loading it: ids are a read-only ``numpy.memmap``.
 
+    :meth:`blocks` (and so :meth:`random_batch` and :class:`ShardDataset`) copy ids with
+    checked reads: a shard truncated or rewritten after it was opened raises ``FormatError``.
+    :attr:`tokens` is a plain memory map: do not truncate or rewrite a shard while it is open,
+    or touching ``tokens`` past the new end kills the process with SIGBUS (as any memmap does).
+
     Raises:
         FileNotFoundError: no such file.
         FormatError: not a shard, truncated, or written by a newer ferrolm.
@@ -447,13 +497,22 @@ class TokenShard:
         return f"TokenShard({str(self.path)!r}, tokens={self._count}, dtype={self.dtype.name})"
 
     def blocks(self, starts: Sequence[int], length: int) -> np.ndarray:
-        """Returns a (len(starts), length) int64 array of the ids from each start."""
-        return self._reader.gather([int(s) for s in starts], int(length))
+        """Returns a (len(starts), length) int64 array of the ids from each start.
+
+        Raises:
+            ValueError: a start or ``length`` that is negative or not an int (the message names
+                it), or a block outside the shard.
+            FormatError: the file shrank since it was opened.
+        """
+        top = 2**64 - 1
+        firsts = [_check_int(f"starts[{i}]", s, minimum=0, maximum=top) for i, s in enumerate(starts)]
+        return self._reader.gather(firsts, _check_int("length", length, minimum=0))
 
     def random_batch(self, batch_size: int, block_size: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
         """Returns ``(x, y)``, each (batch_size, block_size) int64: random windows and their
         next-token targets (nanoGPT's ``get_batch``)."""
         _check_block_size(block_size)
+        _check_int("batch_size", batch_size)
         if self._count <= block_size:
             raise ValueError(f"shard has {self._count} tokens, too few for block_size={block_size}")
         starts = rng.integers(0, self._count - block_size, size=batch_size)

@@ -183,3 +183,78 @@ pub(crate) fn bad_id(row: usize, pos: usize, value: i64, max: i64, dtype: &str) 
         "sequence {row} has id {value} at position {pos}; ids must be in [0, {max}] for {dtype}"
     ))
 }
+
+/// Cells of padding an output may hold beyond the ids its input fills: 2^28 (2 GiB of int64 per
+/// array). A size argument asking for more is a mistake (`max_length=2**40`), not a batch.
+pub const MAX_PADDING: usize = 1 << 28;
+
+/// The number of cells of a `(rows, cols)` output whose input fills `filled` of them, checked
+/// before anything is allocated: the product must not overflow, and neither a row nor the
+/// whole output may exceed `filled + MAX_PADDING`. `arg` names the size argument responsible
+/// (`"max_length=1099511627776"`; built only on failure, off the hot path) and `fix` says what
+/// to do.
+pub(crate) fn output_cells(
+    rows: usize,
+    cols: usize,
+    filled: usize,
+    arg: impl FnOnce() -> String,
+    fix: &str,
+) -> Result<usize, Error> {
+    let cap = filled.saturating_add(MAX_PADDING);
+    match rows.checked_mul(cols) {
+        Some(cells) if cells <= cap && cols <= cap => Ok(cells),
+        cells => {
+            let cells = cells.map_or_else(|| "more than 2**64".to_string(), |c| c.to_string());
+            let arg = arg();
+            Err(Error::value(format!(
+                "{arg} asks for a {rows} x {cols} output ({cells} cells) but the input fills \
+                 only {filled}; at most {MAX_PADDING} cells of padding are allowed; {fix}"
+            )))
+        }
+    }
+}
+
+/// A vector of `n` copies of `fill`, or an out-of-memory error naming `what()` (never an
+/// abort).
+pub(crate) fn try_filled<T: Clone>(
+    n: usize,
+    fill: T,
+    what: impl FnOnce() -> String,
+) -> Result<Vec<T>, Error> {
+    let mut v = try_with_capacity(n, what)?;
+    v.resize(n, fill);
+    Ok(v)
+}
+
+/// An empty vector with room for `n` values, or an out-of-memory error naming `what()`.
+pub(crate) fn try_with_capacity<T>(
+    n: usize,
+    what: impl FnOnce() -> String,
+) -> Result<Vec<T>, Error> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| Error::out_of_memory(&what(), n.saturating_mul(std::mem::size_of::<T>())))?;
+    Ok(v)
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[test]
+    fn output_cells_refuses_overflow_and_padding() {
+        let name = |s: &str| {
+            let s = s.to_string();
+            move || s
+        };
+        assert_eq!(output_cells(2, 3, 6, name("x=3"), "lower x").unwrap(), 6);
+        assert_eq!(output_cells(0, 5, 1, name("x=5"), "lower x").unwrap(), 0);
+        let e = output_cells(1 << 40, 1 << 40, 10, name("max_length=1099511627776"), "lower it");
+        assert!(e.unwrap_err().to_string().contains("max_length=1099511627776"));
+        assert!(output_cells(0, 1 << 61, 10, name("block_size"), "").is_err());
+        assert!(output_cells(4, MAX_PADDING, 10, name("block_size"), "").is_err());
+        let e = try_filled(usize::MAX / 8, 0i64, name("test")).unwrap_err();
+        assert!(e.is_out_of_memory(), "{e}");
+        assert!(try_with_capacity::<i64>(usize::MAX / 8, name("test")).is_err());
+    }
+}

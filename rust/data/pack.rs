@@ -51,7 +51,7 @@ pub fn pack(
     }
     let extra = usize::from(eos.is_some());
     // Document i occupies stream positions [start[i], start[i+1]) (its eos included).
-    let mut start = Vec::with_capacity(docs.len() + 1);
+    let mut start = super::try_with_capacity(docs.len() + 1, || "pack: document offsets".into())?;
     start.push(0usize);
     for d in docs {
         start.push(start.last().copied().unwrap_or(0) + d.len() + extra);
@@ -70,11 +70,14 @@ pub fn pack(
             eos.unwrap_or(0)
         }
     };
+    let fix = "lower block_size (it need not exceed the tokens of the documents)";
+    let cells = super::output_cells(rows, t, total - 1, || format!("block_size={t}"), fix)?;
+    let what = || format!("pack: a {rows} x {t} int64 batch");
     let mut p = Packed {
-        input_ids: vec![pad_id; rows * t],
-        targets: vec![IGNORE; rows * t],
-        position_ids: vec![0; rows * t],
-        doc_ids: vec![-1; rows * t],
+        input_ids: super::try_filled(cells, pad_id, what)?,
+        targets: super::try_filled(cells, IGNORE, what)?,
+        position_ids: super::try_filled(cells, 0, what)?,
+        doc_ids: super::try_filled(cells, -1, what)?,
         rows,
     };
     // Rows are independent given where they start, so both cores fill them (the work is
@@ -148,23 +151,33 @@ pub fn windows(tokens: Row<'_>, block_size: usize, stride: usize, pad_id: i64) -
     if l < 2 {
         return Err(Error::value(format!("need at least 2 tokens to make a window, got {l}")));
     }
-    let mut stream = vec![0i64; l];
+    let mut stream = super::try_filled(l, 0i64, || "lm_windows: the token stream".into())?;
     tokens
         .copy_checked(0, &mut stream, i64::MAX)
         .map_err(|(p, v)| bad_id(0, p, v, i64::MAX, "int64"))?;
     let t = block_size;
     // Targets are stream[1..l]; window k starts at k*stride and scores targets up to
-    // min(k*stride + t, l - 1) (exclusive, in input positions).
-    let mut w = Windows::default();
+    // min(k*stride + t, l - 1) (exclusive, in input positions). The window count and the
+    // cells they fill are known up front, so the size is checked before allocating.
+    let m = l - 1;
+    let rows = if m <= t { 1 } else { 1 + (m - t).div_ceil(stride) };
+    let last = m - (rows - 1) * stride; // inputs of the last window (1..=t)
+    let filled = (rows - 1).saturating_mul(t).saturating_add(last);
+    let arg = || format!("block_size={t} with stride={stride}");
+    let fix = "lower block_size (it need not exceed the tokens) or raise stride";
+    let cells = super::output_cells(rows, t, filled, arg, fix)?;
+    let what = || format!("lm_windows: a {rows} x {t} int64 batch");
+    let mut w = Windows {
+        input_ids: super::try_filled(cells, pad_id, what)?,
+        targets: super::try_filled(cells, super::pack::IGNORE, what)?,
+        attention_mask: super::try_filled(cells, 0, what)?,
+        rows,
+    };
     let mut scored = 0usize; // input positions whose target is already scored
-    let mut k = 0usize;
-    loop {
-        let b = k * stride;
-        let n = t.min(l - 1 - b);
-        let o = w.rows * t;
-        w.input_ids.resize(o + t, pad_id);
-        w.targets.resize(o + t, super::pack::IGNORE);
-        w.attention_mask.resize(o + t, 0);
+    for r in 0..rows {
+        let b = r * stride;
+        let n = t.min(m - b);
+        let o = r * t;
         w.input_ids[o..o + n].copy_from_slice(&stream[b..b + n]);
         w.attention_mask[o..o + n].fill(1);
         for j in 0..n {
@@ -173,11 +186,6 @@ pub fn windows(tokens: Row<'_>, block_size: usize, stride: usize, pad_id: i64) -
             }
         }
         scored = b + n;
-        w.rows += 1;
-        if b + n >= l - 1 {
-            break;
-        }
-        k += 1;
     }
     Ok(w)
 }
@@ -210,5 +218,30 @@ mod tests {
         assert_eq!(&w.input_ids[..4], &[10, 11, 12, 13]);
         assert_eq!(&w.input_ids[4..8], &[12, 13, 14, 15]);
         assert_eq!(&w.targets[4..8], &[IGNORE, IGNORE, 15, 16]);
+        assert_eq!(w.rows, 4);
+        for (t, stride, rows) in [(1, 1, 9), (9, 9, 1), (10, 3, 1), (3, 3, 3), (4, 3, 3)] {
+            let w = windows(Row::I64(&s), t, stride, 0).unwrap();
+            assert_eq!(w.rows, rows, "t={t} stride={stride}");
+            let scored: Vec<i64> = w.targets.iter().copied().filter(|&x| x != IGNORE).collect();
+            assert_eq!(scored, (11..20).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn huge_sizes_are_errors_not_aborts() {
+        let a = [1i64, 2, 3];
+        let docs = [Row::I64(&a), Row::I64(&a)];
+        for t in [1usize << 31, 1 << 40, 1 << 61, 1 << 62, usize::MAX] {
+            for keep_last in [false, true] {
+                let e = pack(&docs, t, Some(0), keep_last, 0, false).unwrap_err().to_string();
+                assert!(e.contains(&format!("block_size={t}")), "{e}");
+            }
+            let e = windows(Row::I64(&a), t, t, 0).unwrap_err().to_string();
+            assert!(e.contains(&format!("block_size={t}")), "{e}");
+        }
+        // A block_size above the tokens but within the padding allowance still works.
+        let p = pack(&docs, 4096, Some(0), true, 0, false).unwrap();
+        assert_eq!((p.rows, p.input_ids.len()), (1, 4096));
+        assert_eq!(pack(&docs, 4096, Some(0), false, 0, false).unwrap().rows, 0);
     }
 }

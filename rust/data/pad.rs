@@ -102,16 +102,31 @@ fn pad_impl<T: OutInt>(rows: &[Row<'_>], spec: &PadSpec) -> Result<Padded<T>> {
         if k == 0 {
             return Err(Error::value("pad_to_multiple_of must be positive, got 0"));
         }
-        cols = cols.div_ceil(k) * k;
+        cols = cols.div_ceil(k).checked_mul(k).ok_or_else(|| {
+            Error::value(format!(
+                "pad_to_multiple_of={k} rounds the width {cols} past 2**64; lower it"
+            ))
+        })?;
     }
     let n = rows.len();
-    let total = n.checked_mul(cols).ok_or_else(|| Error::value("padded batch is too large"))?;
+    // The ids that survive truncation: what the input fills; the rest is padding.
+    let filled = rows.iter().map(|r| r.len().min(cols)).sum();
+    let arg = || match (spec.max_length, spec.pad_to_multiple_of) {
+        (Some(m), Some(k)) => format!("max_length={m} with pad_to_multiple_of={k}"),
+        (Some(m), None) => format!("max_length={m}"),
+        (None, Some(k)) => format!("pad_to_multiple_of={k}"),
+        (None, None) => format!("the longest sequence ({longest} ids)"),
+    };
+    let fix = "lower max_length / pad_to_multiple_of, or batch sequences of similar length \
+               (BucketBatchSampler)";
+    let total = super::output_cells(n, cols, filled, arg, fix)?;
     // Each output element is written once (no zero-fill then copy): measured 1.6x on a
     // 64 x 512 collate, which is bound by memory writes.
     let pad = T::from_i64(spec.pad_id);
     let (zero, one) = (T::from_i64(0), T::from_i64(1));
-    let mut ids: Vec<T> = Vec::with_capacity(total);
-    let mut mask: Vec<T> = Vec::with_capacity(total);
+    let what = || format!("pad: a {n} x {cols} {} batch", T::NAME);
+    let mut ids: Vec<T> = super::try_with_capacity(total, what)?;
+    let mut mask: Vec<T> = super::try_with_capacity(total, what)?;
     let mut lengths = Vec::with_capacity(n);
     for (r, row) in rows.iter().enumerate() {
         let len = row.len();
@@ -183,5 +198,23 @@ mod tests {
         assert!(
             pad::<i64>(&[Row::I64(&empty)], &spec(None, Side::Right, Truncation::Error)).is_err()
         );
+    }
+
+    #[test]
+    fn huge_sizes_are_errors_not_aborts() {
+        let a = [1i64, 2, 3];
+        let rows = [Row::I64(&a), Row::I64(&a)];
+        for m in [1usize << 40, 1 << 61, usize::MAX] {
+            let e = pad::<i64>(&rows, &spec(Some(m), Side::Right, Truncation::Error)).unwrap_err();
+            assert!(e.to_string().contains(&format!("max_length={m}")), "{e}");
+        }
+        for k in [1usize << 40, 1 << 61, 1 << 63, usize::MAX] {
+            let mut s = spec(None, Side::Left, Truncation::Error);
+            s.pad_to_multiple_of = Some(k);
+            let e = pad::<i32>(&rows, &s).unwrap_err();
+            assert!(e.to_string().contains("pad_to_multiple_of="), "{e}");
+        }
+        let p: Padded<i64> = pad(&rows, &spec(Some(4096), Side::Right, Truncation::Error)).unwrap();
+        assert_eq!((p.rows, p.cols), (2, 4096));
     }
 }

@@ -1,15 +1,20 @@
-//! Token shards on disk: a 32-byte header and the ids, memory-mapped for reading.
+//! Token shards on disk: a 32-byte header and the ids, read with positioned reads.
 //!
 //! Layout (little-endian): `magic` 8 bytes `b"FLMTOKS\0"`, `version` u32 (1), `itemsize` u32
 //! (2 for uint16, 4 for uint32), `count` u64 (number of ids), 8 reserved bytes (0), then
 //! `count` ids. A shard is written to a temporary name and renamed when complete, so a reader
 //! never sees half a file under the final name.
+//!
+//! Reading never maps the file: a map of a file that is truncated after it was opened raises
+//! SIGBUS on access, which no check can prevent (the file can shrink between a check and the
+//! access). [`Shard::gather`] copies with `pread`, so a shard that shrank is a `FormatError`
+//! naming the file. (The numpy memmap that `TokenShard.tokens` offers is the caller's to keep
+//! valid: do not rewrite or truncate a shard that is open.)
 
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-
-use memmap2::Mmap;
 
 use crate::{Error, Result};
 
@@ -130,35 +135,27 @@ impl Drop for ShardWriter {
     }
 }
 
-/// A memory-mapped shard.
+/// An open shard, its header validated.
 pub struct Shard {
-    map: Mmap,
+    file: File,
     dtype: Dtype,
     count: usize,
     path: PathBuf,
-}
-
-/// The ids of a shard, in their stored width.
-pub enum Ids<'a> {
-    U16(&'a [u16]),
-    U32(&'a [u32]),
 }
 
 impl Shard {
     /// Opens and validates a shard.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only; ferrolm never writes a shard in place (writers use a
-        // temporary name and rename), so the bytes do not change under the map.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
         let p = path.display();
-        let h = map.get(..HEADER).ok_or_else(|| {
-            Error::format(format!(
-                "{p}: {} bytes is too short for a shard header ({HEADER} bytes); the file is \
-                 truncated or not a shard",
-                map.len()
-            ))
-        })?;
+        let mut h = [0u8; HEADER];
+        if size < HEADER as u64 || file.read_exact_at(&mut h, 0).is_err() {
+            return Err(Error::format(format!(
+                "{p}: {size} bytes is too short for a shard header ({HEADER} bytes); the file is \
+                 truncated or not a shard"
+            )));
+        }
         if &h[..8] != MAGIC {
             return Err(Error::format(format!(
                 "{p}: not a ferrolm token shard (bad magic {:?})",
@@ -192,14 +189,15 @@ impl Shard {
             .checked_mul(dtype.itemsize() as u64)
             .and_then(|b| b.checked_add(HEADER as u64))
             .ok_or_else(|| Error::format(format!("{p}: id count {count} overflows")))?;
-        if expect != map.len() as u64 {
+        if expect != size {
             return Err(Error::format(format!(
-                "{p}: header says {count} ids ({expect} bytes) but the file has {} bytes; \
-                 the shard is truncated or corrupt",
-                map.len()
+                "{p}: header says {count} ids ({expect} bytes) but the file has {size} bytes; \
+                 the shard is truncated or corrupt"
             )));
         }
-        Ok(Shard { map, dtype, count: count as usize, path: path.to_path_buf() })
+        let count = usize::try_from(count)
+            .map_err(|_| Error::format(format!("{p}: id count {count} overflows")))?;
+        Ok(Shard { file, dtype, count, path: path.to_path_buf() })
     }
 
     /// Number of ids.
@@ -222,38 +220,54 @@ impl Shard {
         &self.path
     }
 
-    /// The ids, borrowed from the map.
-    pub fn ids(&self) -> Ids<'_> {
-        let data = &self.map[HEADER..];
-        // SAFETY: the map is page-aligned and HEADER (32) keeps u16/u32 alignment; the length
-        // was checked against count * itemsize in `open`; any bit pattern is a valid integer.
-        unsafe {
-            match self.dtype {
-                Dtype::U16 => {
-                    Ids::U16(std::slice::from_raw_parts(data.as_ptr() as *const u16, self.count))
-                }
-                Dtype::U32 => {
-                    Ids::U32(std::slice::from_raw_parts(data.as_ptr() as *const u32, self.count))
-                }
-            }
-        }
-    }
-
     /// Gathers `len` ids from each start into a row-major `(starts.len(), len)` int64 buffer.
+    ///
+    /// Every range is checked against the count before anything is allocated; the ids are
+    /// copied with positioned reads, so a file that shrank since [`open`](Self::open) is a
+    /// `Format` error, not a crash.
     pub fn gather(&self, starts: &[u64], len: usize) -> Result<Vec<i64>> {
-        let mut out = vec![0i64; starts.len() * len];
+        if len > self.count {
+            return Err(Error::value(format!(
+                "length={len} is more than the shard's {} ids",
+                self.count
+            )));
+        }
         for (r, &s) in starts.iter().enumerate() {
-            let s = s as usize;
-            if s.checked_add(len).is_none_or(|e| e > self.count) {
+            if s.checked_add(len as u64).is_none_or(|e| e > self.count as u64) {
                 return Err(Error::value(format!(
                     "block {r} = [{s}, {s}+{len}) is outside the shard's {} ids",
                     self.count
                 )));
             }
+        }
+        let n = starts.len();
+        // Every cell is a real id (no padding), so the only cap is the count: n * len ids.
+        let cells = n.checked_mul(len).ok_or_else(|| {
+            Error::value(format!("{n} blocks of length={len} overflow; ask for fewer ids"))
+        })?;
+        let what = || format!("TokenShard.blocks: a {n} x {len} int64 batch");
+        let mut out = super::try_filled(cells, 0i64, what)?;
+        let size = self.dtype.itemsize();
+        let mut buf = super::try_filled(len * size, 0u8, what)?;
+        for (r, &s) in starts.iter().enumerate() {
+            let offset = HEADER as u64 + s * size as u64;
+            self.file.read_exact_at(&mut buf, offset).map_err(|e| {
+                Error::format(format!(
+                    "{}: cannot read ids [{s}, {s}+{len}) ({e}); the shard was truncated or \
+                     rewritten after it was opened; do not modify a shard while it is read",
+                    self.path.display()
+                ))
+            })?;
             let dst = &mut out[r * len..(r + 1) * len];
-            match self.ids() {
-                Ids::U16(v) => dst.iter_mut().zip(&v[s..s + len]).for_each(|(d, &x)| *d = x as i64),
-                Ids::U32(v) => dst.iter_mut().zip(&v[s..s + len]).for_each(|(d, &x)| *d = x as i64),
+            match self.dtype {
+                Dtype::U16 => dst
+                    .iter_mut()
+                    .zip(buf.chunks_exact(2))
+                    .for_each(|(d, b)| *d = u16::from_le_bytes([b[0], b[1]]) as i64),
+                Dtype::U32 => dst
+                    .iter_mut()
+                    .zip(buf.chunks_exact(4))
+                    .for_each(|(d, b)| *d = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64),
             }
         }
         Ok(out)
@@ -289,6 +303,15 @@ mod tests {
         let e = Shard::open(&dir.join("n.bin")).err().unwrap().to_string();
         assert!(e.contains("newer"), "{e}");
         std::fs::write(dir.join("s.bin"), b"short").unwrap();
+        assert!(Shard::open(&dir.join("s.bin")).is_err());
+        // Truncated after it was opened: an error naming the file, not SIGBUS.
+        let s = Shard::open(&path).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(34).unwrap();
+        assert_eq!(s.gather(&[0], 1).unwrap(), vec![1]);
+        let e = s.gather(&[1], 3).unwrap_err();
+        assert!(matches!(e, Error::Format(_)) && e.to_string().contains("truncated"), "{e}");
+        assert!(s.gather(&[u64::MAX], 2).is_err());
+        assert!(s.gather(&[0; 4], usize::MAX).is_err());
         assert!(Shard::open(&dir.join("s.bin")).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

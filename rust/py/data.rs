@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1};
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyMemoryError, PyValueError};
 use pyo3::prelude::*;
 use rayon::prelude::*;
 
@@ -25,6 +25,14 @@ pub(super) fn to2<'py, T: numpy::Element>(
     let a = numpy::ndarray::Array2::from_shape_vec((rows, cols), v)
         .map_err(|e| PyValueError::new_err(format!("internal shape error: {e}")))?;
     Ok(a.into_pyarray(py))
+}
+
+/// A core result as a Python one: an allocation the system refused is `MemoryError`, the
+/// rest maps as everywhere (`py/errors.rs`).
+fn core<T>(r: crate::Result<T>) -> PyResult<T> {
+    r.map_err(
+        |e| if e.is_out_of_memory() { PyMemoryError::new_err(e.to_string()) } else { e.into() },
+    )
 }
 
 pub(super) fn bytes_of(rows: &[Row<'_>]) -> usize {
@@ -69,7 +77,7 @@ pub fn pad_batch<'py>(
     let work = bytes_of(&rows);
     match dtype {
         "int64" => {
-            let p = run(py, work, || pad::pad::<i64>(&rows, &spec))?;
+            let p = core(run(py, work, || pad::pad::<i64>(&rows, &spec)))?;
             Ok((
                 to2(py, p.ids, p.rows, p.cols)?.into_any(),
                 to2(py, p.mask, p.rows, p.cols)?.into_any(),
@@ -77,7 +85,7 @@ pub fn pad_batch<'py>(
             ))
         }
         "int32" => {
-            let p = run(py, work, || pad::pad::<i32>(&rows, &spec))?;
+            let p = core(run(py, work, || pad::pad::<i32>(&rows, &spec)))?;
             Ok((
                 to2(py, p.ids, p.rows, p.cols)?.into_any(),
                 to2(py, p.mask, p.rows, p.cols)?.into_any(),
@@ -116,11 +124,11 @@ pub fn pack_documents<'py>(
     let rows = seqs.rows();
     let t = block_size as usize;
     let n = parallel::resolve_threads(num_threads);
-    let p = run(py, bytes_of(&rows), || {
+    let p = core(run(py, bytes_of(&rows), || {
         parallel::install(n, || {
             pack::pack(&rows, t, eos_id, keep_last, pad_id, mask_cross_document)
         })
-    })?;
+    }))?;
     Ok((
         to2(py, p.input_ids, p.rows, t)?,
         to2(py, p.targets, p.rows, t)?,
@@ -150,7 +158,7 @@ pub fn lm_windows<'py>(
     let seqs = Sequences::one(tokens.clone(), "tokens")?;
     let row = seqs.rows()[0];
     let t = block_size as usize;
-    let w = run(py, row.len() * 8, || pack::windows(row, t, stride as usize, pad_id))?;
+    let w = core(run(py, row.len() * 8, || pack::windows(row, t, stride as usize, pad_id)))?;
     Ok((
         to2(py, w.input_ids, w.rows, t)?,
         to2(py, w.targets, w.rows, t)?,
@@ -172,9 +180,9 @@ pub fn bucket_batches<'py>(
 ) -> PyResult<(Arr1<'py, u32>, Arr1<'py, u64>)> {
     let l = lengths.as_slice()?;
     let o = order.as_slice()?;
-    let (flat, off) = run(py, l.len() * 16, || {
+    let (flat, off) = core(run(py, l.len() * 16, || {
         bucket::bucket_batches(l, o, bucket_size, batch_size, max_tokens, drop_last)
-    })?;
+    }))?;
     Ok((PyArray1::from_vec(py, flat), PyArray1::from_vec(py, off)))
 }
 
@@ -215,7 +223,8 @@ impl ShardReader {
         length: usize,
     ) -> PyResult<Arr2<'py, i64>> {
         let n = starts.len();
-        let v = run(py, n * length * 8, || self.inner.gather(&starts, length))?;
+        let work = n.saturating_mul(length).saturating_mul(8);
+        let v = core(run(py, work, || self.inner.gather(&starts, length)))?;
         to2(py, v, n, length)
     }
 }
