@@ -348,7 +348,8 @@ def chat(
 ) -> List[Dict[str, str]]:
     """An interactive chat: each line of ``lines`` is a user turn; the conversation so far is
     rendered with the tokenizer's chat template, the reply streams to ``write`` token by token
-    and ends at the end-of-turn token (eos) or after ``max_new_tokens``. Returns the messages.
+    and ends at the end-of-turn token (eos) or after ``max_new_tokens``; the oldest exchanges
+    are dropped when the conversation outgrows the model's window. Returns the messages.
 
     Raises:
         ValueError: the tokenizer has no chat template.
@@ -357,12 +358,16 @@ def chat(
         raise ValueError("this tokenizer has no chat template; `ferrolm chat` needs a chat model (e.g. smollm2)")
     messages: List[Dict[str, str]] = [{"role": "system", "content": system}] if system else []
     stops = stop_ids_of(tok)
+    first, window = len(messages), model.context_window
     for line in lines:
         text = line.rstrip("\n")
         if not text.strip():
             continue
         messages.append({"role": "user", "content": text})
         ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        while window is not None and len(ids) >= window and len(messages) > first + 1:
+            del messages[first : first + 2]  # the oldest exchange leaves when the window is full
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True)
         stream, reply = TextStream(tok), []
         for t in stream_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, stops, seed):
             if t in stops:
