@@ -13,11 +13,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from .._io import atomic_write
 from . import report as _report
 from .harness import Result
-from .workloads import attention, data, finetune, icl, models, rnn, seq2seq, tokenizer
+from .workloads import attention, data, finetune, icl, llama, models, rnn, seq2seq, tokenizer
 
 __all__ = ["AREAS", "run_benchmarks"]
 
-AREAS = ("tokenizer", "data", "rnn", "attention", "models", "seq2seq", "icl", "finetune")
+AREAS = ("tokenizer", "data", "rnn", "attention", "models", "seq2seq", "icl", "finetune", "llama")
 
 Extra = Dict[str, Dict[str, float]]
 
@@ -31,6 +31,7 @@ _RUNNERS: Dict[str, Callable[[bool, int, Extra], Iterator[Result]]] = {
     "seq2seq": seq2seq.run,
     "finetune": finetune.run,
     "icl": icl.run,
+    "llama": llama.run,
 }
 
 

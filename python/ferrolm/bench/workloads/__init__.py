@@ -9,6 +9,7 @@ from .attention import attention_workloads
 from .data import data_workloads
 from .finetune import finetune_workloads
 from .icl import icl_workloads
+from .llama import llama_workloads
 from .models import model_workloads
 from .rnn import rnn_workloads
 from .seq2seq import seq2seq_workloads
@@ -27,6 +28,7 @@ __all__ = [
     "data_workloads",
     "finetune_workloads",
     "icl_workloads",
+    "llama_workloads",
     "model_workloads",
     "rnn_workloads",
     "seq2seq_workloads",
