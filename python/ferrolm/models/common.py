@@ -5,12 +5,14 @@ pooling, and :class:`Checkpointable` (``save``/``load`` and a readable ``load_st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from .._io import PathLike
+from ..decoding import generate
+from ..nn import KVCache
 
 __all__ = [
     "check_ids",
@@ -161,3 +163,53 @@ class RecurrentState:
         if isinstance(v, tuple):
             return RecurrentState(tuple(t.index_select(1, rows.to(t.device)) for t in v))
         return RecurrentState(v.index_select(1, rows.to(v.device)))
+
+
+class CachedDecoder:
+    """The decoding protocol (:class:`ferrolm.decoding.Decoder`) for decoder-only transformers:
+    one :class:`~ferrolm.nn.KVCache` per layer with a length per row. The model provides
+    ``config.block_size``, ``lm_head``, ``hidden_states(idx, lengths=, cache=)`` and
+    ``_attention_layers()`` (each with ``new_cache(batch, capacity, dtype, device)``)."""
+
+    config: Any
+    lm_head: Any
+    window_name = "block_size"
+
+    def _attention_layers(self) -> List[Any]:
+        raise NotImplementedError
+
+    def new_cache(self, batch: int, capacity: int) -> List[KVCache]:
+        """One empty KV cache per layer, ``capacity`` positions long (at most block_size)."""
+        if capacity > self.config.block_size:
+            raise ValueError(f"cache capacity {capacity} exceeds block_size={self.config.block_size}")
+        p = self.lm_head.weight
+        return [attn.new_cache(batch, capacity, p.dtype, p.device) for attn in self._attention_layers()]
+
+    @property
+    def context_window(self) -> int:
+        """The longest sequence (``config.block_size``)."""
+        return self.config.block_size
+
+    def start(self, batch: int, capacity: int, memory=None) -> List[KVCache]:
+        """Empty KV caches (one per layer) for ``batch`` rows and ``capacity`` positions."""
+        if memory is not None:
+            raise TypeError(f"{type(self).__name__} is a decoder-only model: it takes no encoder memory")
+        return self.new_cache(batch, capacity)
+
+    def advance(self, state: List[KVCache], idx: torch.Tensor, lengths=None) -> torch.Tensor:
+        """Hidden states (B, T, C) of ``idx`` (B, T) after the cached positions, appended to the
+        caches (``lengths``: each right-padded row's real tokens)."""
+        return self.hidden_states(idx, lengths=lengths, cache=state)  # type: ignore[attr-defined]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer (``lm_head``): (..., C) -> (..., V)."""
+        return self.lm_head(hidden)
+
+    @staticmethod
+    def select(state: List[KVCache], rows: torch.Tensor) -> List[KVCache]:
+        """New caches holding rows ``rows`` (N,) of ``state``."""
+        return [c.select(rows) for c in state]
+
+    def generate(self, idx, max_new_tokens: int, **kwargs) -> List[List[int]]:
+        """Continues each prompt; see :func:`ferrolm.decoding.generate`."""
+        return generate(self, idx, max_new_tokens, **kwargs)

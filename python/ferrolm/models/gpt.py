@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._config import Config
-from ..decoding import generate
 from ..nn import Dropout, KVCache, MultiheadSelfAttention, SinusoidalPositionalEncoding
-from .common import Checkpointable, check_lengths, input_shape, lengths_to_padding_mask, lm_loss
+from .common import CachedDecoder, Checkpointable, check_lengths, input_shape, lengths_to_padding_mask, lm_loss
 
 __all__ = ["GPTConfig", "GPT"]
 
@@ -122,7 +121,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x)) if hasattr(self, "mlp") else x
 
 
-class GPT(Checkpointable, nn.Module):
+class GPT(CachedDecoder, Checkpointable, nn.Module):
     """A GPT-2-style decoder on ferrolm's attention kernels (parameter names as GPT-2's:
     ``transformer.wte``, ``transformer.h.0.attn.c_attn``, ..., ``lm_head``).
 
@@ -271,45 +270,8 @@ class GPT(Checkpointable, nn.Module):
         logits = self.lm_head(self.hidden_states(idx, padding_mask=padding_mask, lengths=lengths))
         return logits, (lm_loss(logits, targets) if targets is not None else None)
 
-    def new_cache(self, batch: int, capacity: int) -> List[KVCache]:
-        """One empty KV cache per layer, ``capacity`` positions long (at most block_size)."""
-        if capacity > self.config.block_size:
-            raise ValueError(f"cache capacity {capacity} exceeds block_size={self.config.block_size}")
-        p = self.lm_head.weight
-        return [blk.attn.new_cache(batch, capacity, p.dtype, p.device) for blk in self.transformer.h]
-
-    # ---- decoding (the protocol of ferrolm.decoding.Decoder)
-
-    window_name = "block_size"
-
-    @property
-    def context_window(self) -> int:
-        """The longest sequence (``config.block_size``)."""
-        return self.config.block_size
-
-    def start(self, batch: int, capacity: int, memory=None) -> List[KVCache]:
-        """Empty KV caches (one per layer) for ``batch`` rows and ``capacity`` positions."""
-        if memory is not None:
-            raise TypeError("GPT is a decoder-only model: it takes no encoder memory")
-        return self.new_cache(batch, capacity)
-
-    def advance(self, state: List[KVCache], idx: torch.Tensor, lengths=None) -> torch.Tensor:
-        """Hidden states (B, T, C) of ``idx`` (B, T) after the cached positions, appended to the
-        caches (``lengths``: each right-padded row's real tokens)."""
-        return self.hidden_states(idx, lengths=lengths, cache=state)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The output layer (``lm_head``): (..., C) -> (..., V)."""
-        return self.lm_head(hidden)
-
-    @staticmethod
-    def select(state: List[KVCache], rows: torch.Tensor) -> List[KVCache]:
-        """New caches holding rows ``rows`` (N,) of ``state``."""
-        return [c.select(rows) for c in state]
-
-    def generate(self, idx, max_new_tokens: int, **kwargs) -> List[List[int]]:
-        """Continues each prompt; see :func:`ferrolm.decoding.generate`."""
-        return generate(self, idx, max_new_tokens, **kwargs)
+    def _attention_layers(self) -> List[MultiheadSelfAttention]:
+        return [blk.attn for blk in self.transformer.h]
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count (shared tensors once); without the position table by default."""

@@ -39,11 +39,10 @@ from torch import nn
 
 from .._config import Config
 from .._io import PathLike, atomic_path
-from ..decoding import generate
 from ..errors import FormatError
 from ..kernels import attention, decode_attention
 from ..nn import Dropout, KVCache
-from .common import Checkpointable, check_lengths, input_shape, lm_loss
+from .common import CachedDecoder, Checkpointable, check_lengths, input_shape, lm_loss
 
 __all__ = ["LlamaConfig", "Llama", "load", "EMBEDDED_MODELS"]
 
@@ -358,7 +357,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.n_embd, config.rms_norm_eps)
 
 
-class Llama(Checkpointable, nn.Module):
+class Llama(CachedDecoder, Checkpointable, nn.Module):
     """A Llama-family causal language model on ferrolm's attention kernels.
 
     ``forward(idx, targets=None, lengths=None, padding_mask=None)`` -> ``(logits (B, T, V),
@@ -460,45 +459,8 @@ class Llama(Checkpointable, nn.Module):
         logits = self.lm_head(self.hidden_states(idx, padding_mask=padding_mask, lengths=lengths))
         return logits, (lm_loss(logits, targets) if targets is not None else None)
 
-    def new_cache(self, batch: int, capacity: int) -> List[KVCache]:
-        """One empty KV cache per layer, ``capacity`` positions long (at most block_size)."""
-        if capacity > self.config.block_size:
-            raise ValueError(f"cache capacity {capacity} exceeds block_size={self.config.block_size}")
-        p = self.lm_head.weight
-        return [layer.self_attn.new_cache(batch, capacity, p.dtype, p.device) for layer in self.model.layers]
-
-    # ---- decoding (the protocol of ferrolm.decoding.Decoder)
-
-    window_name = "block_size"
-
-    @property
-    def context_window(self) -> int:
-        """The longest sequence (``config.block_size``, transformers' max_position_embeddings)."""
-        return self.config.block_size
-
-    def start(self, batch: int, capacity: int, memory=None) -> List[KVCache]:
-        """Empty KV caches (one per layer) for ``batch`` rows and ``capacity`` positions."""
-        if memory is not None:
-            raise TypeError("Llama is a decoder-only model: it takes no encoder memory")
-        return self.new_cache(batch, capacity)
-
-    def advance(self, state: List[KVCache], idx: torch.Tensor, lengths=None) -> torch.Tensor:
-        """Hidden states (B, T, C) of ``idx`` (B, T) after the cached positions, appended to the
-        caches (``lengths``: each right-padded row's real tokens)."""
-        return self.hidden_states(idx, lengths=lengths, cache=state)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The output layer (``lm_head``): (..., C) -> (..., V)."""
-        return self.lm_head(hidden)
-
-    @staticmethod
-    def select(state: List[KVCache], rows: torch.Tensor) -> List[KVCache]:
-        """New caches holding rows ``rows`` (N,) of ``state``."""
-        return [c.select(rows) for c in state]
-
-    def generate(self, idx, max_new_tokens: int, **kwargs) -> List[List[int]]:
-        """Continues each prompt; see :func:`ferrolm.decoding.generate`."""
-        return generate(self, idx, max_new_tokens, **kwargs)
+    def _attention_layers(self) -> List[LlamaAttention]:
+        return [layer.self_attn for layer in self.model.layers]
 
     def num_params(self) -> int:
         """Parameter count (a tied output layer counted once)."""
