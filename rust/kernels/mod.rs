@@ -15,6 +15,7 @@ mod mat;
 pub mod attention;
 pub mod decode;
 pub mod dropout;
+pub mod quant;
 pub mod rnn;
 pub mod simd;
 pub mod smallmm;

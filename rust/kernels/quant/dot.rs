@@ -1,0 +1,335 @@
+//! Dot products of one weight row with one or four quantized activation rows, per ISA:
+//! scalar, AVX2 (`maddubs` + `madd`, Q8_0 through the sign trick) and AVX-512 VNNI
+//! (`vpdpbusd` on 256-bit vectors, Q8_0 shifted to unsigned by +128 and corrected with the
+//! stored activation sums). Chosen at run time ([`Isa::detect`]); `FERROLM_QUANT_ISA` or an
+//! explicit [`Isa`] forces a path (tests force each one).
+
+use super::blocks::group;
+use super::{ActRow, QType};
+
+/// An instruction-set path of the quantized kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The best path this CPU runs, unless `FERROLM_QUANT_ISA` (scalar, avx2, avx512vnni)
+    /// asks for a lower one.
+    pub fn detect() -> Isa {
+        let best = Isa::best();
+        match std::env::var("FERROLM_QUANT_ISA").ok().and_then(|s| Isa::from_name(&s)) {
+            Some(want) if want.available() => want,
+            _ => best,
+        }
+    }
+
+    fn best() -> Isa {
+        if Isa::Avx512Vnni.available() {
+            Isa::Avx512Vnni
+        } else if Isa::Avx2.available() {
+            Isa::Avx2
+        } else {
+            Isa::Scalar
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Isa> {
+        match s.to_ascii_lowercase().as_str() {
+            "scalar" => Some(Isa::Scalar),
+            "avx2" => Some(Isa::Avx2),
+            "avx512vnni" | "avx512" | "vnni" => Some(Isa::Avx512Vnni),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            match self {
+                Isa::Scalar => true,
+                Isa::Avx2 => avx2,
+                Isa::Avx512Vnni => {
+                    avx2 && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512vl")
+                        && is_x86_feature_detected!("avx512vnni")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Isa::Scalar
+        }
+    }
+}
+
+/// The integer part of `w · x` per half-group of 16 (`Σ code·q`, Q8_0's codes signed), as
+/// path `isa` computes it: equal across paths, bit for bit (the tests' handle on the paths).
+pub fn group_sums(isa: Isa, qt: QType, w: &[u8], x: ActRow<'_>) -> Vec<i32> {
+    assert!(isa.available(), "{} is not available on this CPU", isa.name());
+    let groups = x.qs.len() / 32;
+    let mut out = vec![0i32; groups * 2];
+    let (bb, gpb) = (qt.block_bytes(), qt.block_values() / 32);
+    for gi in 0..groups {
+        let block = &w[(gi / gpb) * bb..(gi / gpb + 1) * bb];
+        let q = &x.qs[gi * 32..gi * 32 + 32];
+        let s = match isa {
+            Isa::Scalar => scalar_sums(qt, block, gi % gpb, q),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `available` checked the features; `block` and `q` hold whole groups.
+            Isa::Avx2 => unsafe { avx2::sums(qt, block, gi % gpb, q) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx512Vnni => unsafe {
+                let mut s = vnni::sums(qt, block, gi % gpb, q);
+                if qt == QType::Q8_0 {
+                    // The VNNI path multiplies w + 128: take 128·Σq back out.
+                    s[0] -= 128 * x.sums[2 * gi];
+                    s[1] -= 128 * x.sums[2 * gi + 1];
+                }
+                s
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!(),
+        };
+        out[2 * gi..2 * gi + 2].copy_from_slice(&s);
+    }
+    out
+}
+
+fn scalar_sums(qt: QType, block: &[u8], g: usize, q: &[i8]) -> [i32; 2] {
+    let mut u = [0u8; 32];
+    group(qt, block, g, &mut u);
+    let mut s = [0i32; 2];
+    for i in 0..32 {
+        let code = if qt == QType::Q8_0 { u[i] as i8 as i32 } else { u[i] as i32 };
+        s[i / 16] += code * q[i] as i32;
+    }
+    s
+}
+
+/// `w · x` for one weight row and one activation row.
+#[inline]
+pub fn dot1(isa: Isa, qt: QType, w: &[u8], x: ActRow<'_>) -> f32 {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` came from `Isa::detect` or was checked `available`; the row lengths
+        // match (the caller checked the shapes).
+        Isa::Avx2 => unsafe { avx2::dot::<1>(qt, w, [x])[0] },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx512Vnni => unsafe { vnni::dot::<1>(qt, w, [x])[0] },
+        _ => scalar_dot::<1>(qt, w, [x])[0],
+    }
+}
+
+/// `w · x_r` for one weight row and four activation rows (each weight group unpacked once).
+#[inline]
+pub fn dot4(isa: Isa, qt: QType, w: &[u8], x: &[ActRow<'_>; 4]) -> [f32; 4] {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot1`.
+        Isa::Avx2 => unsafe { avx2::dot::<4>(qt, w, *x) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `dot1`.
+        Isa::Avx512Vnni => unsafe { vnni::dot::<4>(qt, w, *x) },
+        _ => scalar_dot::<4>(qt, w, *x),
+    }
+}
+
+fn scalar_dot<const R: usize>(qt: QType, w: &[u8], x: [ActRow<'_>; R]) -> [f32; R] {
+    let (bb, gpb) = (qt.block_bytes(), qt.block_values() / 32);
+    let mut acc = [0f32; R];
+    let mut u = [0u8; 32];
+    for (bi, block) in w.chunks_exact(bb).enumerate() {
+        for g in 0..gpb {
+            let gi = bi * gpb + g;
+            let (a, b) = group(qt, block, g, &mut u);
+            for r in 0..R {
+                let q = &x[r].qs[gi * 32..gi * 32 + 32];
+                let mut s = [0i32; 2];
+                for i in 0..32 {
+                    let code = if qt == QType::Q8_0 { u[i] as i8 as i32 } else { u[i] as i32 };
+                    s[i / 16] += code * q[i] as i32;
+                }
+                let (sx0, sx1) = (x[r].sums[2 * gi] as f32, x[r].sums[2 * gi + 1] as f32);
+                acc[r] += x[r].scales[gi]
+                    * ((a[0] * s[0] as f32 + b[0] * sx0) + (a[1] * s[1] as f32 + b[1] * sx1));
+            }
+        }
+    }
+    acc
+}
+
+/// The AVX2 and VNNI paths share everything but the byte product: unpacking a group into 32
+/// codes in one 256-bit register, and the per-group float update.
+#[cfg(target_arch = "x86_64")]
+macro_rules! simd_path {
+    ($features:literal, $prod:ident) => {
+        use super::super::blocks::{f16_at, scale_min_k4};
+        use super::{ActRow, QType};
+        use std::arch::x86_64::*;
+
+        /// Group `g` of `block` as 32 codes (Q8_0: its signed bytes) and per-half (a, b).
+        #[inline(always)]
+        unsafe fn unpack(qt: QType, block: &[u8], g: usize) -> (__m256i, [f32; 2], [f32; 2]) {
+            let p = block.as_ptr();
+            let m4 = _mm256_set1_epi8(0x0F);
+            match qt {
+                QType::Q8_0 => {
+                    let d = f16_at(block, 0);
+                    (_mm256_loadu_si256(p.add(2) as *const __m256i), [d; 2], [0.0; 2])
+                }
+                QType::Q4_0 | QType::Q4_1 => {
+                    let off = if qt == QType::Q4_0 { 2 } else { 4 };
+                    let v = _mm_loadu_si128(p.add(off) as *const __m128i);
+                    let lo = _mm_and_si128(v, _mm_set1_epi8(0x0F));
+                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
+                    let d = f16_at(block, 0);
+                    let b = if qt == QType::Q4_0 { -8.0 * d } else { f16_at(block, 2) };
+                    (_mm256_set_m128i(hi, lo), [d; 2], [b; 2])
+                }
+                QType::Q4K => {
+                    let v = _mm256_loadu_si256(p.add(16 + 32 * (g / 2)) as *const __m256i);
+                    let v = if g % 2 == 1 { _mm256_srli_epi16(v, 4) } else { v };
+                    let (sc, m) = scale_min_k4(g, &block[4..16]);
+                    let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+                    (_mm256_and_si256(v, m4), [d * sc as f32; 2], [-dmin * m as f32; 2])
+                }
+                QType::Q6K => {
+                    let (h, t) = (g / 4, g % 4);
+                    let ql = _mm256_loadu_si256(p.add(64 * h + 32 * (t & 1)) as *const __m256i);
+                    let qh = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
+                    let lo = _mm256_and_si256(
+                        _mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * (t >> 1) as i32)),
+                        m4,
+                    );
+                    let hi = _mm256_and_si256(
+                        _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * t as i32)),
+                        _mm256_set1_epi8(3),
+                    );
+                    let u = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+                    let d = f16_at(block, 208);
+                    let a0 = d * (block[192 + 8 * h + 2 * t] as i8) as f32;
+                    let a1 = d * (block[193 + 8 * h + 2 * t] as i8) as f32;
+                    (u, [a0, a1], [-32.0 * a0, -32.0 * a1])
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn hsum(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+
+        #[inline(always)]
+        unsafe fn lanes_to_halves(p: __m256i) -> [i32; 2] {
+            let mut l = [0i32; 8];
+            _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, p);
+            [l[0] + l[1] + l[2] + l[3], l[4] + l[5] + l[6] + l[7]]
+        }
+
+        /// The half-group integer sums of group `g` against the 32 bytes `q` (before any
+        /// Q8_0 correction the path needs; see `group_sums`).
+        #[target_feature(enable = $features)]
+        pub unsafe fn sums(qt: QType, block: &[u8], g: usize, q: &[i8]) -> [i32; 2] {
+            let (u, a, b) = unpack(qt, block, g);
+            let (u, _) = shift(qt, u, a, b);
+            let x = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
+            lanes_to_halves($prod(qt, u, x))
+        }
+
+        #[target_feature(enable = $features)]
+        pub unsafe fn dot<const R: usize>(qt: QType, w: &[u8], x: [ActRow<'_>; R]) -> [f32; R] {
+            let (bb, gpb) = (qt.block_bytes(), qt.block_values() / 32);
+            let blocks = w.len() / bb;
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut bacc = [0f32; R];
+            for bi in 0..blocks {
+                let block = w.get_unchecked(bi * bb..(bi + 1) * bb);
+                for g in 0..gpb {
+                    let gi = bi * gpb + g;
+                    let (u, a, b) = unpack(qt, block, g);
+                    let (u, b) = shift(qt, u, a, b);
+                    for r in 0..R {
+                        let xr = &x[r];
+                        let xq = _mm256_loadu_si256(xr.qs.as_ptr().add(gi * 32) as *const __m256i);
+                        let p = _mm256_cvtepi32_ps($prod(qt, u, xq));
+                        let dx = *xr.scales.get_unchecked(gi);
+                        let c = _mm256_set_m128(_mm_set1_ps(dx * a[1]), _mm_set1_ps(dx * a[0]));
+                        acc[r] = _mm256_fmadd_ps(p, c, acc[r]);
+                        let (s0, s1) =
+                            (*xr.sums.get_unchecked(2 * gi), *xr.sums.get_unchecked(2 * gi + 1));
+                        bacc[r] += dx * (b[0] * s0 as f32 + b[1] * s1 as f32);
+                    }
+                }
+            }
+            let mut out = [0f32; R];
+            for r in 0..R {
+                out[r] = hsum(acc[r]) + bacc[r];
+            }
+            out
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    simd_path!("avx2,fma,f16c", prod);
+
+    /// Byte products summed to 8 i32 lanes (lanes 0-3 the first half-group): unsigned codes
+    /// times signed activations by `maddubs` (no saturation: codes ≤ 63, |q| ≤ 127); Q8_0's
+    /// signed codes through the sign trick (|w| · sign(q, w)).
+    #[inline(always)]
+    unsafe fn prod(qt: QType, u: __m256i, x: __m256i) -> __m256i {
+        let p16 = if qt == QType::Q8_0 {
+            _mm256_maddubs_epi16(_mm256_sign_epi8(u, u), _mm256_sign_epi8(x, u))
+        } else {
+            _mm256_maddubs_epi16(u, x)
+        };
+        _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
+    }
+
+    #[inline(always)]
+    fn shift(_: QType, u: __m256i, _a: [f32; 2], b: [f32; 2]) -> (__m256i, [f32; 2]) {
+        (u, b)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    simd_path!("avx2,fma,f16c,avx512f,avx512vl,avx512vnni", prod);
+
+    /// Byte products summed to 8 i32 lanes by `vpdpbusd` (unsigned codes × signed bytes).
+    #[inline(always)]
+    unsafe fn prod(_: QType, u: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
+    }
+
+    /// Q8_0's signed codes become unsigned (w + 128); the offset -128·d joins `b`.
+    #[inline(always)]
+    unsafe fn shift(qt: QType, u: __m256i, a: [f32; 2], b: [f32; 2]) -> (__m256i, [f32; 2]) {
+        if qt == QType::Q8_0 {
+            (_mm256_xor_si256(u, _mm256_set1_epi8(-128)), [-128.0 * a[0], -128.0 * a[1]])
+        } else {
+            (u, b)
+        }
+    }
+}

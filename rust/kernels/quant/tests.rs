@@ -1,0 +1,130 @@
+use super::*;
+use crate::testutil::Lcg;
+use half::f16;
+
+fn paths() -> Vec<Isa> {
+    [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.available()).collect()
+}
+
+/// Random but valid blocks: every byte random, the f16 scale fields set to finite values.
+fn random_weights(qt: QType, n: usize, k: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Lcg(seed);
+    let row = qt.row_bytes(k).unwrap();
+    let mut w: Vec<u8> = (0..n * row).map(|_| rng.next_u31() as u8).collect();
+    let fields: &[usize] = match qt {
+        QType::Q8_0 | QType::Q4_0 => &[0],
+        QType::Q4_1 | QType::Q4K => &[0, 2],
+        QType::Q6K => &[208],
+    };
+    for block in w.chunks_exact_mut(qt.block_bytes()) {
+        for &f in fields {
+            let v = (rng.uniform(1)[0] * 0.02) as f32;
+            block[f..f + 2].copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+        }
+    }
+    w
+}
+
+fn random_x(m: usize, k: usize, seed: u64) -> Vec<f32> {
+    Lcg(seed).uniform(m * k).into_iter().map(|v| (v * 4.0) as f32).collect()
+}
+
+/// x · Wᵀ in f64 from the dequantized weights and the dequantized (8-bit) activations.
+fn reference(qt: QType, x: &QuantRows, w: &[u8], n: usize) -> Vec<f64> {
+    let k = x.k;
+    let row = qt.row_bytes(k).unwrap();
+    let mut wf = vec![0f32; n * k];
+    for j in 0..n {
+        dequantize_row(qt, &w[j * row..(j + 1) * row], &mut wf[j * k..(j + 1) * k]);
+    }
+    let mut y = vec![0f64; x.m * n];
+    for i in 0..x.m {
+        for j in 0..n {
+            let mut s = 0f64;
+            for c in 0..k {
+                let xv = x.qs[i * k + c] as f64 * x.scales[i * k / 32 + c / 32] as f64;
+                s += xv * wf[j * k + c] as f64;
+            }
+            y[i * n + j] = s;
+        }
+    }
+    y
+}
+
+#[test]
+fn every_path_has_the_same_integer_sums() {
+    for qt in QType::ALL {
+        let k = 512;
+        let w = random_weights(qt, 3, k, 7);
+        let x = QuantRows::new(&random_x(2, k, 11), 2, k, 1);
+        let row = qt.row_bytes(k).unwrap();
+        for j in 0..3 {
+            for i in 0..2 {
+                let wrow = &w[j * row..(j + 1) * row];
+                let want = group_sums(Isa::Scalar, qt, wrow, x.row(i));
+                for isa in paths() {
+                    assert_eq!(group_sums(isa, qt, wrow, x.row(i)), want, "{qt:?} {isa:?}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn products_match_the_dequantized_reference_on_every_path() {
+    for qt in QType::ALL {
+        let (n, k) = (37, 768);
+        let k = k / qt.block_values() * qt.block_values();
+        let w = random_weights(qt, n, k, 3);
+        for m in [1, 4, 7] {
+            let xf = random_x(m, k, 5 + m as u64);
+            let acts = QuantRows::new(&xf, m, k, 1);
+            let want = reference(qt, &acts, &w, n);
+            let scale = want.iter().fold(0f64, |a, v| a.max(v.abs())).max(1e-6);
+            for isa in paths() {
+                for threads in [1, 2] {
+                    let mut y = vec![0f32; m * n];
+                    matmul(&xf, m, k, &w, n, qt, isa, threads, &mut y);
+                    for (a, b) in y.iter().zip(&want) {
+                        assert!(
+                            (*a as f64 - b).abs() <= 1e-5 * scale,
+                            "{qt:?} {isa:?} m={m}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn quantize_then_dequantize_is_within_the_block_bound() {
+    for qt in QType::ALL {
+        let k = 1024;
+        let x = random_x(1, k, 9);
+        let mut q = vec![0u8; qt.row_bytes(k).unwrap()];
+        quantize_row(qt, &x, &mut q);
+        let mut back = vec![0f32; k];
+        dequantize_row(qt, &q, &mut back);
+        // Levels per block: 255 (Q8_0), 15 (4-bit), 63 (Q6_K); the K-quants add the error of
+        // their 6/8-bit sub-block scales.
+        let levels: f32 = match qt {
+            QType::Q8_0 => 254.0,
+            QType::Q4_0 | QType::Q4_1 => 15.0,
+            QType::Q4K => 12.0,
+            QType::Q6K => 50.0,
+        };
+        let range = 4.0; // the values span [-2, 2)
+        for (a, b) in x.iter().zip(&back) {
+            assert!((a - b).abs() <= range / levels, "{qt:?}: {a} -> {b}");
+        }
+    }
+}
+
+#[test]
+fn checks_name_the_disagreement() {
+    assert!(check(QType::Q4_1, 2, 40, 0).unwrap_err().contains("not a multiple of the block size 32"));
+    assert!(check(QType::Q4_1, 2, 64, 79).unwrap_err().contains("take 80 bytes"));
+    assert_eq!(check(QType::Q6K, 3, 256, 630), Ok(210));
+    assert_eq!(QType::from_name("q4_k"), Some(QType::Q4K));
+}
