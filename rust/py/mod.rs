@@ -7,6 +7,7 @@ mod convert;
 mod data;
 mod errors;
 mod kernels;
+mod quant;
 mod retrieval;
 mod tokenizer;
 
@@ -33,6 +34,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernels::attention_backward, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::decode_attention, m)?)?;
     m.add_function(wrap_pyfunction!(kernels::dropout, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::quant_matmul, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::quant_dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::quant_gather, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::quant_quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(quant::quant_isa, m)?)?;
+    m.add_class::<quant::LlamaStepper>()?;
     m.add_class::<data::ShardSink>()?;
     m.add_class::<retrieval::Bm25Index>()?;
     Ok(())

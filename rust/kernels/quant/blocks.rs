@@ -175,7 +175,8 @@ fn quantize_q4_k(x: &[f32], o: &mut [u8]) {
     let mmax = mins.iter().fold(0f32, |m, &v| m.max(v));
     let d = smax / 63.0;
     let dmin = mmax / 63.0;
-    let (id, idmin) = (if d > 0.0 { 1.0 / d } else { 0.0 }, if dmin > 0.0 { 1.0 / dmin } else { 0.0 });
+    let (id, idmin) =
+        (if d > 0.0 { 1.0 / d } else { 0.0 }, if dmin > 0.0 { 1.0 / dmin } else { 0.0 });
     let mut sc = [0u8; 8];
     let mut mn = [0u8; 8];
     for j in 0..8 {
@@ -250,7 +251,8 @@ fn quantize_q6_k(x: &[f32], o: &mut [u8]) {
             let (q1, q2, q3, q4) = (q[n + l], q[n + l + 32], q[n + l + 64], q[n + l + 96]);
             o[64 * h + l] = (q1 & 0xF) | ((q3 & 0xF) << 4);
             o[64 * h + l + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4);
-            o[128 + 32 * h + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+            o[128 + 32 * h + l] =
+                (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
         }
     }
 }

@@ -176,44 +176,68 @@ fn scalar_dot<const R: usize>(qt: QType, w: &[u8], x: [ActRow<'_>; R]) -> [f32; 
 }
 
 /// The AVX2 and VNNI paths share everything but the byte product: unpacking a group into 32
-/// codes in one 256-bit register, and the per-group float update.
+/// codes in one 256-bit register, and the per-group float update. The block type is a const
+/// parameter (`T`: the index in [`QType::ALL`]) so each type's loop is compiled on its own.
 #[cfg(target_arch = "x86_64")]
 macro_rules! simd_path {
     ($features:literal, $prod:ident) => {
-        use super::super::blocks::{f16_at, scale_min_k4};
+        use super::super::blocks::scale_min_k4;
         use super::{ActRow, QType};
         use std::arch::x86_64::*;
 
-        /// Group `g` of `block` as 32 codes (Q8_0: its signed bytes) and per-half (a, b).
-        #[inline(always)]
-        unsafe fn unpack(qt: QType, block: &[u8], g: usize) -> (__m256i, [f32; 2], [f32; 2]) {
-            let p = block.as_ptr();
-            let m4 = _mm256_set1_epi8(0x0F);
+        const Q8_0: u8 = 0;
+        const Q4_0: u8 = 1;
+        const Q4_1: u8 = 2;
+        const Q4K: u8 = 3;
+        const Q6K: u8 = 4;
+
+        fn index(qt: QType) -> u8 {
             match qt {
-                QType::Q8_0 => {
-                    let d = f16_at(block, 0);
+                QType::Q8_0 => Q8_0,
+                QType::Q4_0 => Q4_0,
+                QType::Q4_1 => Q4_1,
+                QType::Q4K => Q4K,
+                QType::Q6K => Q6K,
+            }
+        }
+
+        /// The f16 at byte `i` of `p` (F16C).
+        #[inline(always)]
+        unsafe fn h(p: *const u8, i: usize) -> f32 {
+            let bits = (p.add(i) as *const u16).read_unaligned();
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        }
+
+        /// Group `g` of the block at `p` as 32 codes (Q8_0: its signed bytes) and per-half
+        /// (a, b) as in `blocks::group`.
+        #[inline(always)]
+        unsafe fn unpack<const T: u8>(p: *const u8, g: usize) -> (__m256i, [f32; 2], [f32; 2]) {
+            let m4 = _mm256_set1_epi8(0x0F);
+            match T {
+                Q8_0 => {
+                    let d = h(p, 0);
                     (_mm256_loadu_si256(p.add(2) as *const __m256i), [d; 2], [0.0; 2])
                 }
-                QType::Q4_0 | QType::Q4_1 => {
-                    let off = if qt == QType::Q4_0 { 2 } else { 4 };
+                Q4_0 | Q4_1 => {
+                    let off = if T == Q4_0 { 2 } else { 4 };
                     let v = _mm_loadu_si128(p.add(off) as *const __m128i);
-                    let lo = _mm_and_si128(v, _mm_set1_epi8(0x0F));
-                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
-                    let d = f16_at(block, 0);
-                    let b = if qt == QType::Q4_0 { -8.0 * d } else { f16_at(block, 2) };
-                    (_mm256_set_m128i(hi, lo), [d; 2], [b; 2])
+                    let hi = _mm_srli_epi16(v, 4);
+                    let u = _mm256_and_si256(_mm256_set_m128i(hi, v), m4);
+                    let d = h(p, 0);
+                    let b = if T == Q4_0 { -8.0 * d } else { h(p, 2) };
+                    (u, [d; 2], [b; 2])
                 }
-                QType::Q4K => {
+                Q4K => {
                     let v = _mm256_loadu_si256(p.add(16 + 32 * (g / 2)) as *const __m256i);
                     let v = if g % 2 == 1 { _mm256_srli_epi16(v, 4) } else { v };
-                    let (sc, m) = scale_min_k4(g, &block[4..16]);
-                    let (d, dmin) = (f16_at(block, 0), f16_at(block, 2));
+                    let (sc, m) = scale_min_k4(g, std::slice::from_raw_parts(p.add(4), 12));
+                    let (d, dmin) = (h(p, 0), h(p, 2));
                     (_mm256_and_si256(v, m4), [d * sc as f32; 2], [-dmin * m as f32; 2])
                 }
-                QType::Q6K => {
-                    let (h, t) = (g / 4, g % 4);
-                    let ql = _mm256_loadu_si256(p.add(64 * h + 32 * (t & 1)) as *const __m256i);
-                    let qh = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
+                _ => {
+                    let (hh, t) = (g / 4, g % 4);
+                    let ql = _mm256_loadu_si256(p.add(64 * hh + 32 * (t & 1)) as *const __m256i);
+                    let qh = _mm256_loadu_si256(p.add(128 + 32 * hh) as *const __m256i);
                     let lo = _mm256_and_si256(
                         _mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * (t >> 1) as i32)),
                         m4,
@@ -223,9 +247,9 @@ macro_rules! simd_path {
                         _mm256_set1_epi8(3),
                     );
                     let u = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
-                    let d = f16_at(block, 208);
-                    let a0 = d * (block[192 + 8 * h + 2 * t] as i8) as f32;
-                    let a1 = d * (block[193 + 8 * h + 2 * t] as i8) as f32;
+                    let d = h(p, 208);
+                    let a0 = d * (*p.add(192 + 8 * hh + 2 * t) as i8) as f32;
+                    let a1 = d * (*p.add(193 + 8 * hh + 2 * t) as i8) as f32;
                     (u, [a0, a1], [-32.0 * a0, -32.0 * a1])
                 }
             }
@@ -250,34 +274,60 @@ macro_rules! simd_path {
         /// Q8_0 correction the path needs; see `group_sums`).
         #[target_feature(enable = $features)]
         pub unsafe fn sums(qt: QType, block: &[u8], g: usize, q: &[i8]) -> [i32; 2] {
-            let (u, a, b) = unpack(qt, block, g);
-            let (u, _) = shift(qt, u, a, b);
+            let p = block.as_ptr();
+            let (u, a, b) = match index(qt) {
+                Q8_0 => unpack::<Q8_0>(p, g),
+                Q4_0 => unpack::<Q4_0>(p, g),
+                Q4_1 => unpack::<Q4_1>(p, g),
+                Q4K => unpack::<Q4K>(p, g),
+                _ => unpack::<Q6K>(p, g),
+            };
+            let (u, _) = shift::<{ Q8_0 }>(index(qt), u, a, b);
             let x = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
-            lanes_to_halves($prod(qt, u, x))
+            lanes_to_halves($prod(index(qt) == Q8_0, u, x))
         }
 
         #[target_feature(enable = $features)]
         pub unsafe fn dot<const R: usize>(qt: QType, w: &[u8], x: [ActRow<'_>; R]) -> [f32; R] {
+            match index(qt) {
+                Q8_0 => dot_t::<R, Q8_0>(w, x),
+                Q4_0 => dot_t::<R, Q4_0>(w, x),
+                Q4_1 => dot_t::<R, Q4_1>(w, x),
+                Q4K => dot_t::<R, Q4K>(w, x),
+                _ => dot_t::<R, Q6K>(w, x),
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = $features)]
+        unsafe fn dot_t<const R: usize, const T: u8>(w: &[u8], x: [ActRow<'_>; R]) -> [f32; R] {
+            let qt = QType::ALL[T as usize];
             let (bb, gpb) = (qt.block_bytes(), qt.block_values() / 32);
             let blocks = w.len() / bb;
+            let halves = T == Q6K;
             let mut acc = [_mm256_setzero_ps(); R];
             let mut bacc = [0f32; R];
             for bi in 0..blocks {
-                let block = w.get_unchecked(bi * bb..(bi + 1) * bb);
+                let p = w.as_ptr().add(bi * bb);
                 for g in 0..gpb {
                     let gi = bi * gpb + g;
-                    let (u, a, b) = unpack(qt, block, g);
-                    let (u, b) = shift(qt, u, a, b);
+                    let (u, a, b) = unpack::<T>(p, g);
+                    let (u, b) = shift::<{ Q8_0 }>(T, u, a, b);
                     for r in 0..R {
                         let xr = &x[r];
                         let xq = _mm256_loadu_si256(xr.qs.as_ptr().add(gi * 32) as *const __m256i);
-                        let p = _mm256_cvtepi32_ps($prod(qt, u, xq));
+                        let prod = _mm256_cvtepi32_ps($prod(T == Q8_0, u, xq));
                         let dx = *xr.scales.get_unchecked(gi);
-                        let c = _mm256_set_m128(_mm_set1_ps(dx * a[1]), _mm_set1_ps(dx * a[0]));
-                        acc[r] = _mm256_fmadd_ps(p, c, acc[r]);
                         let (s0, s1) =
                             (*xr.sums.get_unchecked(2 * gi), *xr.sums.get_unchecked(2 * gi + 1));
-                        bacc[r] += dx * (b[0] * s0 as f32 + b[1] * s1 as f32);
+                        if halves {
+                            let c = _mm256_set_m128(_mm_set1_ps(dx * a[1]), _mm_set1_ps(dx * a[0]));
+                            acc[r] = _mm256_fmadd_ps(prod, c, acc[r]);
+                            bacc[r] += dx * (b[0] * s0 as f32 + b[1] * s1 as f32);
+                        } else {
+                            acc[r] = _mm256_fmadd_ps(prod, _mm256_set1_ps(dx * a[0]), acc[r]);
+                            bacc[r] += dx * b[0] * (s0 + s1) as f32;
+                        }
                     }
                 }
             }
@@ -298,8 +348,8 @@ mod avx2 {
     /// times signed activations by `maddubs` (no saturation: codes ≤ 63, |q| ≤ 127); Q8_0's
     /// signed codes through the sign trick (|w| · sign(q, w)).
     #[inline(always)]
-    unsafe fn prod(qt: QType, u: __m256i, x: __m256i) -> __m256i {
-        let p16 = if qt == QType::Q8_0 {
+    unsafe fn prod(signed: bool, u: __m256i, x: __m256i) -> __m256i {
+        let p16 = if signed {
             _mm256_maddubs_epi16(_mm256_sign_epi8(u, u), _mm256_sign_epi8(x, u))
         } else {
             _mm256_maddubs_epi16(u, x)
@@ -308,7 +358,7 @@ mod avx2 {
     }
 
     #[inline(always)]
-    fn shift(_: QType, u: __m256i, _a: [f32; 2], b: [f32; 2]) -> (__m256i, [f32; 2]) {
+    fn shift<const S: u8>(_: u8, u: __m256i, _a: [f32; 2], b: [f32; 2]) -> (__m256i, [f32; 2]) {
         (u, b)
     }
 }
@@ -319,14 +369,19 @@ mod vnni {
 
     /// Byte products summed to 8 i32 lanes by `vpdpbusd` (unsigned codes × signed bytes).
     #[inline(always)]
-    unsafe fn prod(_: QType, u: __m256i, x: __m256i) -> __m256i {
+    unsafe fn prod(_: bool, u: __m256i, x: __m256i) -> __m256i {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
     }
 
     /// Q8_0's signed codes become unsigned (w + 128); the offset -128·d joins `b`.
     #[inline(always)]
-    unsafe fn shift(qt: QType, u: __m256i, a: [f32; 2], b: [f32; 2]) -> (__m256i, [f32; 2]) {
-        if qt == QType::Q8_0 {
+    unsafe fn shift<const S: u8>(
+        t: u8,
+        u: __m256i,
+        a: [f32; 2],
+        b: [f32; 2],
+    ) -> (__m256i, [f32; 2]) {
+        if t == S {
             (_mm256_xor_si256(u, _mm256_set1_epi8(-128)), [-128.0 * a[0], -128.0 * a[1]])
         } else {
             (u, b)

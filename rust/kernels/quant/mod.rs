@@ -18,6 +18,7 @@
 
 mod blocks;
 mod dot;
+pub mod engine;
 
 pub use blocks::{dequantize_row, quantize_row};
 pub use dot::{group_sums, Isa};
@@ -85,7 +86,7 @@ impl QType {
 
     /// Bytes of a row of `k` values, or None when `k` is not a whole number of blocks.
     pub fn row_bytes(self, k: usize) -> Option<usize> {
-        (k % self.block_values() == 0).then(|| k / self.block_values() * self.block_bytes())
+        k.is_multiple_of(self.block_values()).then(|| k / self.block_values() * self.block_bytes())
     }
 }
 
@@ -103,7 +104,7 @@ impl QuantRows {
     /// Quantizes the `m` rows of `x` (row-major, `k` columns): each group of 32 scaled by its
     /// largest magnitude to [-127, 127] (round half away from zero, as llama.cpp's Q8 rows).
     pub fn new(x: &[f32], m: usize, k: usize, threads: usize) -> QuantRows {
-        assert!(k % 32 == 0 && x.len() == m * k, "activation shape");
+        assert!(k.is_multiple_of(32) && x.len() == m * k, "activation shape");
         let groups = k / 32;
         let mut r = QuantRows {
             m,
@@ -174,7 +175,11 @@ fn quantize_activation_row(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &m
 /// Checks a product's shapes; the error names what disagrees.
 pub fn check(qt: QType, n: usize, k: usize, w_len: usize) -> Result<usize, String> {
     let row = qt.row_bytes(k).ok_or_else(|| {
-        format!("{}: the row width {k} is not a multiple of the block size {}", qt.name(), qt.block_values())
+        format!(
+            "{}: the row width {k} is not a multiple of the block size {}",
+            qt.name(),
+            qt.block_values()
+        )
     })?;
     let want = row.checked_mul(n).ok_or_else(|| format!("{n} rows of {row} bytes overflow"))?;
     if w_len != want {

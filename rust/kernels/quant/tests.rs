@@ -123,7 +123,9 @@ fn quantize_then_dequantize_is_within_the_block_bound() {
 
 #[test]
 fn checks_name_the_disagreement() {
-    assert!(check(QType::Q4_1, 2, 40, 0).unwrap_err().contains("not a multiple of the block size 32"));
+    assert!(check(QType::Q4_1, 2, 40, 0)
+        .unwrap_err()
+        .contains("not a multiple of the block size 32"));
     assert!(check(QType::Q4_1, 2, 64, 79).unwrap_err().contains("take 80 bytes"));
     assert_eq!(check(QType::Q6K, 3, 256, 630), Ok(210));
     assert_eq!(QType::from_name("q4_k"), Some(QType::Q4K));

