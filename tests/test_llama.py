@@ -393,7 +393,7 @@ def test_gguf_of_every_type_loads_as_transformers_loads_it(tmp_path, arch):
     path = tmp_path / f"tiny-{arch}.gguf"
     # 2 layers x 7 matrices + embedding (+ output): every supported type at least once.
     write_gguf(path, src, arch, list(SUPPORTED_TYPES))
-    m = Llama.from_gguf(path)
+    m = Llama.from_gguf(path, dequantize=True)
     assert m.config.tie_weights == (arch == "llama") and m.config.qkv_bias == (arch == "qwen2")
     hf = hf_from_gguf(path)
     idx = torch.randint(0, 40, (2, 20))
@@ -503,8 +503,6 @@ def test_unsupported_architecture_and_tensor_type_are_named(tmp_path):
         Llama.from_gguf(_minimal(tmp_path))
     with pytest.raises(FormatError, match="does not know for 'llama': mystery.weight"):
         Llama.from_gguf(_minimal(tmp_path, tensors=[("mystery.weight", 0, (4,), b"\0" * 16)]))
-    with pytest.raises(NotImplementedError, match="dequantize=True"):
-        Llama.from_gguf(_minimal(tmp_path), dequantize=False)
 
 
 def test_gguf_metadata_that_disagrees_with_the_tensors(tmp_path):
@@ -569,7 +567,7 @@ def smol_hf_2(smol_hf):
 
 @needs_smollm2
 def test_smollm2_metadata_and_two_layers(smol_hf_2):
-    m = load("smollm2", layers=2)
+    m = load("smollm2", layers=2, dequantize=True)
     c = m.config
     assert (c.n_layer, c.n_embd, c.ff_size, c.n_head, c.n_kv_head, c.vocab_size) == (2, 576, 1536, 9, 3, 49152)
     assert (c.block_size, c.rope_theta, c.tie_weights) == (8192, 100000.0, True)
@@ -587,13 +585,13 @@ def test_smollm2_metadata_and_two_layers(smol_hf_2):
             full = m(torch.tensor([p + [7 + i]]))[0][0]
             torch.testing.assert_close(m.logits(h[i, len(p) - 1]), full[-2], rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(step[i], full[-1], rtol=1e-4, atol=1e-4)
-    bf = load("smollm2", layers=1, dtype=torch.bfloat16)
+    bf = load("smollm2", layers=1, dtype=torch.bfloat16, dequantize=True)
     assert bf.lm_head.weight.dtype == torch.bfloat16 and bf(idx)[0].dtype == torch.bfloat16
 
 
 @needs_smollm2
 def test_smollm2_full_model_logits_and_greedy_generation_equal_transformers(smol_hf):
-    m = load("smollm2")
+    m = load("smollm2", dequantize=True)
     with torch.no_grad():
         for p in PROMPTS[:2]:
             idx = torch.tensor([p])

@@ -120,8 +120,10 @@ def test_icl_eval_smollm2_equals_the_toolkit(smol, tmp_path, capsys):
 
 
 def test_finetune_lora_smollm2_writes_a_peft_adapter(tmp_path, capsys):
-    from ferrolm.finetune import load_lora, merge_and_unload
-    from ferrolm.models import load_model
+    """QLoRA: LoRA trains on the file's quantized base; the adapter is the result, and it loads
+    onto the quantized model (the trained logits) and onto the float model (PEFT's layout)."""
+    from ferrolm.finetune import load_lora
+    from ferrolm.quant import QuantLinear
 
     out = tmp_path / "ft"
     argv = ["finetune", "--model", "smollm2", "--layers", "2", "--method", "lora", "--steps", "2", "--batch-size", "2"]
@@ -131,12 +133,20 @@ def test_finetune_lora_smollm2_writes_a_peft_adapter(tmp_path, capsys):
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     assert cfg["fan_in_fan_out"] is False
-    tuned = load_model(out / "model.safetensors")
-    fresh = llama.load("smollm2", layers=2)
-    load_lora(fresh, out / "adapter")
-    merge_and_unload(fresh)
     idx = torch.tensor([[1, 2, 3, 4, 5]])
-    torch.testing.assert_close(fresh(idx)[0], tuned(idx)[0], atol=1e-4, rtol=0)
+    base = llama.load("smollm2", layers=2)
+    with torch.no_grad():
+        before = base(idx)[0]
+    load_lora(base, out / "adapter")
+    assert isinstance(base.model.layers[0].self_attn.q_proj.base, QuantLinear)
+    with torch.no_grad():
+        tuned = base(idx)[0]
+    assert (tuned - before).abs().max() > 1e-4  # the adapter learned something
+    flt = llama.load("smollm2", layers=2, dequantize=True)
+    load_lora(flt, out / "adapter")
+    with torch.no_grad():
+        # the same adapter on the float base: equal up to the base's 8-bit activation rounding
+        assert (flt(idx)[0] - tuned).abs().max() <= 0.05 * tuned.abs().max()
 
 
 def test_load_lm_takes_a_gguf_file_and_a_hf_llama_folder(tmp_path):

