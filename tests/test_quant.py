@@ -136,6 +136,20 @@ def test_quant_linear_forward_and_input_gradient_follow_torch():
         assert q(x.detach().double()).dtype == torch.float64
 
 
+def test_many_rows_run_the_dequantized_float_product(monkeypatch):
+    import ferrolm.quant as fq
+
+    torch.manual_seed(1)
+    q = QuantLinear.from_linear(torch.nn.Linear(256, 40), "q4_k")
+    x = torch.randn(3, fq.DENSE_ROWS, 256)
+    torch.testing.assert_close(
+        q(x), torch.nn.functional.linear(x, q.dequantized_weight(), q.bias), rtol=1e-5, atol=1e-5
+    )
+    dense = q(x)
+    monkeypatch.setattr(fq, "DENSE_ROWS", 10**9)  # the integer kernels for every product
+    assert (q(x) - dense).abs().max() <= 0.02 * dense.abs().max()
+
+
 def test_quant_embedding_looks_up_dequantized_rows():
     emb = torch.nn.Embedding(100, 64)
     q = QuantEmbedding.from_embedding(emb, "q8_0")
@@ -228,9 +242,13 @@ def test_smollm2_stays_quantized_and_matches_its_dequantized_twin():
 
 
 @needs_smollm2
-def test_smollm2_quantized_perplexity_is_within_one_percent_of_float():
-    """Perplexity on held-out embedded text (ferrolm's Chinese/English corpus asset), full model."""
+def test_smollm2_quantized_perplexity_is_within_one_percent_of_float(monkeypatch):
+    """Perplexity on held-out embedded text (ferrolm's Chinese/English corpus asset), full model, every product on the
+    integer kernels (8-bit activations)."""
+    import ferrolm.quant as fq
     from ferrolm.models import load
+
+    monkeypatch.setattr(fq, "DENSE_ROWS", 10**9)
     from ferrolm.recipes.language_model import load_lm
 
     q, tok = load_lm("smollm2")

@@ -34,7 +34,16 @@ from torch import nn
 from . import _core
 from .kernels._common import num_threads
 
-__all__ = ["QTYPES", "QuantLinear", "QuantEmbedding", "quantize", "row_bytes", "kernel_paths"]
+__all__ = [
+    "QTYPES",
+    "DENSE_ROWS",
+    "QuantLinear",
+    "QuantEmbedding",
+    "quantize",
+    "dequantize",
+    "row_bytes",
+    "kernel_paths",
+]
 
 #: The block types the kernels run, by their GGUF names.
 QTYPES: Tuple[str, ...] = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
@@ -81,7 +90,8 @@ def dequantize(blocks: torch.Tensor, n: int, k: int, qtype: str) -> torch.Tensor
     """The float32 (n, k) matrix that ``blocks`` encode."""
     qt = _qtype(qtype)
     blocks = _check_blocks(blocks, n, k, qt, "weight")
-    return torch.from_numpy(_core.quant_dequantize(blocks.detach().cpu().contiguous().numpy(), n, k, qt))
+    a = _core.quant_dequantize(blocks.detach().cpu().contiguous().numpy(), n, k, qt, num_threads())
+    return torch.from_numpy(a)
 
 
 def _quantize_tensor(w: torch.Tensor, qtype: str, name: str) -> torch.Tensor:
@@ -95,6 +105,13 @@ def _quantize_tensor(w: torch.Tensor, qtype: str, name: str) -> torch.Tensor:
     return torch.from_numpy(_core.quant_quantize(x, qt))
 
 
+#: From this many input rows on, a product dequantizes the layer's weight (transiently) and runs torch's float32
+#: GEMM: prompt processing and scoring are bound by arithmetic, where oneDNN's float kernels outrun the integer dot
+#: products; below it (decoding) the integer kernels stream the blocks. Set it to a large number to keep every product
+#: on the integer kernels.
+DENSE_ROWS = 16
+
+
 class _QuantMatmul(torch.autograd.Function):
     """y = x Wᵀ with W in blocks; the input gradient dequantizes W (one layer, transiently)."""
 
@@ -105,6 +122,9 @@ class _QuantMatmul(torch.autograd.Function):
         x2 = x.reshape(-1, k)
         if x2.dtype != torch.float32:
             x2 = x2.float()
+        if x2.shape[0] >= DENSE_ROWS:
+            y = x2.detach() @ dequantize(blocks, n, k, qtype).t()
+            return y.to(x.dtype).reshape(*lead, n)
         y = _core.quant_matmul(x2.detach().contiguous().numpy(), blocks.numpy(), n, k, qtype, num_threads())
         return torch.from_numpy(y).to(x.dtype).reshape(*lead, n)
 

@@ -103,24 +103,33 @@ pub fn quant_matmul<'py>(
     to2(py, y, m, n)
 }
 
-/// W (n, k in `qtype` blocks) -> float32 (n, k).
+/// W (n, k in `qtype` blocks) -> float32 (n, k), rows split across `threads`.
 #[pyfunction]
+#[pyo3(signature = (w, n, k, qtype, threads=1))]
 pub fn quant_dequantize<'py>(
     py: Python<'py>,
     w: &Bound<'py, PyAny>,
     n: usize,
     k: usize,
     qtype: &str,
+    threads: usize,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let qt = self::qtype(qtype)?;
     let w = weights(w, n, k, qt)?;
     let ws = w.as_slice()?;
     let row = qt.row_bytes(k).unwrap_or(0);
+    let threads = parallel::resolve_threads(Some(threads));
     let out = py.detach(|| {
         let mut out = vec![0f32; n * k];
-        for (o, r) in out.chunks_exact_mut(k.max(1)).zip(ws.chunks_exact(row.max(1))) {
-            quant::dequantize_row(qt, r, o);
-        }
+        let chunk = 64;
+        let o = team::Shared(out.as_mut_ptr());
+        team::for_each(threads, n.div_ceil(chunk), |item| {
+            for r in item * chunk..((item + 1) * chunk).min(n) {
+                // SAFETY: row r of out (n × k) is written by this item only.
+                let dst = unsafe { std::slice::from_raw_parts_mut(o.ptr().add(r * k), k) };
+                quant::dequantize_row(qt, &ws[r * row..(r + 1) * row], dst);
+            }
+        });
         out
     });
     to2(py, out, n, k)

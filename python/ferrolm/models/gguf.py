@@ -146,9 +146,9 @@ class _Cursor:
 
     def string(self, what: str) -> str:
         n = self.u64(f"the length of {what}")
-        raw = self.take(n, what)
+        raw = bytes(self.take(n, what))  # a copy: no view of the map outlives this call
         try:
-            return bytes(raw).decode("utf-8")
+            return raw.decode("utf-8")
         except UnicodeDecodeError:
             raise self.fail(f"{what} is not valid UTF-8") from None
 
@@ -290,8 +290,11 @@ class GGUFFile:
         """Unmaps the file (tensors already read stay valid: they are copies)."""
         mm = getattr(self, "_mm", None)
         if mm is not None:
-            mm.close()
             self._mm = None
+            try:
+                mm.close()
+            except BufferError:
+                pass  # a view (a raw() array still in use) holds it: unmapped when the last view goes
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bytes of tensor ``name`` (a read-only uint8 view of the file)."""
