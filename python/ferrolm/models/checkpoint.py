@@ -23,9 +23,18 @@ __all__ = ["FORMAT", "save_model", "load_model"]
 FORMAT = "ferrolm-model-1"
 
 
-def save_model(model: nn.Module, path: PathLike) -> None:
+def save_model(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> None:
     """Writes ``model``'s weights and config to one safetensors file, atomically (temporary
     name, then rename). Shared (tied) tensors are stored once.
+
+    A model with LoRA updates (:func:`ferrolm.finetune.apply_lora`, ``load_lora`` or
+    ``apply_lora_rnn``) is saved with the updates merged into its weights, under the plain
+    architecture's names, so :func:`load_model` reads it back as an ordinary model with the same
+    outputs; ``model`` itself keeps its LoRA layers. Keep the adapter apart with
+    :func:`ferrolm.finetune.save_lora`.
+
+    Args:
+        metadata: extra string entries for the file's metadata (e.g. the training step).
 
     Raises:
         TypeError: ``model`` is not a ferrolm model (see :data:`~.registry.ARCHITECTURES`).
@@ -33,9 +42,30 @@ def save_model(model: nn.Module, path: PathLike) -> None:
     from safetensors.torch import save_model as _save
 
     arch = architecture_of(model)
-    meta = {"format": FORMAT, "architecture": arch, "config": json.dumps(model.config.to_dict())}
+    model = _merged(model)
+    meta = {**(metadata or {}), "format": FORMAT, "architecture": arch, "config": json.dumps(model.config.to_dict())}
     with atomic_path(path) as tmp:
         _save(model, str(tmp), metadata=meta, force_contiguous=True)
+
+
+def _merged(model: nn.Module) -> nn.Module:
+    """``model``, or a copy with its LoRA updates merged when it has any (the plain names)."""
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    from ..finetune import LoRALinear, merge_and_unload, merge_lora_rnn
+
+    lora = any(isinstance(m, LoRALinear) for m in model.modules())
+    rnns = [n for n, m in model.named_modules() if parametrize.is_parametrized(m)]
+    if not lora and not rnns:
+        return model
+    twin = copy.deepcopy(model)
+    if lora:
+        merge_and_unload(twin)
+    for n in rnns:
+        merge_lora_rnn(twin.get_submodule(n))
+    return twin
 
 
 def _read_checkpoint(path: PathLike):
