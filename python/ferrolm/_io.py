@@ -13,7 +13,7 @@ from typing import Dict, Iterator, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["PathLike", "atomic_write", "atomic_path", "folder_lock", "FolderLockedError", "LOCK_FILE"]
+__all__ = ["PathLike", "atomic_write", "atomic_path", "folder_lock", "FolderLockedError", "LOCK_FILE", "read_text"]
 
 #: The lock file :func:`folder_lock` keeps in an output folder (it holds the owner's pid).
 LOCK_FILE = ".ferrolm.lock"
@@ -140,3 +140,20 @@ def _acquire(lock: Path):
     f.write(str(os.getpid()))
     f.flush()
     return f
+
+
+def read_text(path: PathLike) -> str:
+    """The UTF-8 text of a data file; invalid UTF-8 is a FormatError naming the file, the line
+    and the column (not a bare ``UnicodeDecodeError``)."""
+    from .errors import FormatError
+
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise FormatError(
+            f"{path}:{line}: invalid UTF-8 at column {column} (byte {data[e.start]:#04x}); "
+            "data files must be UTF-8 text"
+        ) from None

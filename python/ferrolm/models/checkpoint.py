@@ -68,6 +68,40 @@ def _merged(model: nn.Module) -> nn.Module:
     return twin
 
 
+def _check_against_tensors(path: PathLike, cls: Type[nn.Module], config, tensors: Dict[str, torch.Tensor]) -> None:
+    """Builds the model on the meta device (no memory) and compares its tensor names and shapes
+    with the file's, so a config that claims more than the file holds (``n_layer=60`` in a
+    350 KB file) is refused before gigabytes are allocated. Names that share one tensor (tied
+    weights) count as present when one of them is."""
+    try:
+        with torch.device("meta"):
+            shadow = cls(config)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise FormatError(f"{path}: the config in the checkpoint's metadata cannot build a model: {e}") from None
+    own = shadow.state_dict(keep_vars=True)
+    groups: Dict[int, list] = {}
+    for k, v in own.items():
+        groups.setdefault(id(v), []).append(k)  # meta tensors have no data_ptr; tied names share the object
+    missing, shapes = [], []
+    for names in groups.values():
+        present = [k for k in names if k in tensors]
+        if not present:
+            missing.append(names[0])
+            continue
+        want = tuple(own[names[0]].shape)
+        got = tuple(tensors[present[0]].shape)
+        if want != got:
+            shapes.append(f"{present[0]}: file {got} vs config {want}")
+    if missing or shapes:
+        parts = ([f"missing tensors {missing[:5]}"] if missing else []) + (
+            [f"shapes that differ {shapes[:5]}"] if shapes else []
+        )
+        raise FormatError(
+            f"{path}: the config in the metadata does not match the tensors in the file ({'; '.join(parts)}); "
+            "the checkpoint is corrupt or was edited"
+        )
+
+
 def _read_checkpoint(path: PathLike):
     """``(tensors, metadata)`` of a safetensors file, with a FormatError for a corrupt one."""
     from safetensors import SafetensorError, safe_open
@@ -109,14 +143,23 @@ def load_model(
     if expect is not None and cls is not expect:
         raise ValueError(f"{path} holds a {cls.__name__} ({arch!r}) checkpoint, not a {expect.__name__}")
     try:
-        config = config_from_dict({"architecture": arch, **json.loads(meta["config"])})
+        fields = json.loads(meta["config"])
         aliases = json.loads(meta.get("aliases", "{}"))  # checkpoints written before shared tensors were dropped
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: the config in the checkpoint's metadata is not valid JSON ({e})") from None
-    model = cls(config)
+    if not isinstance(fields, dict) or not isinstance(aliases, dict):
+        raise FormatError(
+            f"{path}: the checkpoint's config metadata must be a JSON object, got {meta['config'][:80]!r}"
+        )
+    try:
+        config = config_from_dict({"architecture": arch, **fields})
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{path}: the config in the checkpoint's metadata is invalid: {e}") from None
     for alias, source in aliases.items():
-        if source in tensors:
+        if isinstance(source, str) and source in tensors:
             tensors[alias] = tensors[source]
+    _check_against_tensors(path, cls, config, tensors)
+    model = cls(config)
     # Tensors that safetensors stored once for several names: the model ties them itself.
     own = model.state_dict()
     by_storage = {}

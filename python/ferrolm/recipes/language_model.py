@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 
-from .._io import PathLike, atomic_write
+from .._io import PathLike, atomic_write, read_text
 from ..corpus import default_corpus
 from ..data import TokenShard, expand_paths, is_token_shard
 from ..tokenizer import Tokenizer
@@ -48,7 +48,7 @@ def token_stream(
     ``<|endoftext|>`` when the tokenizer has it, then the tokens of each shard."""
     streams: List[np.ndarray] = []
     if texts_or_files:
-        docs = [Path(f).read_text(encoding="utf-8") if isinstance(f, Path) else f for f in texts_or_files]
+        docs = [read_text(f) if isinstance(f, Path) else f for f in texts_or_files]
         eot = tok.special_tokens.get("<|endoftext|>")
         for ids in tok.encode_ordinary_batch(docs):
             streams.append(np.asarray(ids + ([eot] if eot is not None else []), dtype=np.int64))
@@ -471,7 +471,7 @@ def finetune_data(
             )
         texts = [e.input for e in examples]
     else:
-        texts = [path.read_text(encoding="utf-8")]
+        texts = [read_text(path)]
     eot = tok.special_tokens.get("<|endoftext|>")
     return np.asarray(
         [t for ids in tok.encode_ordinary_batch(texts) for t in ids + ([eot] if eot is not None else [])],

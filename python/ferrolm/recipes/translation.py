@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -31,6 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._io import read_text
 from .numwords import LANGUAGES, MAX_NUMBER
 
 __all__ = [
@@ -142,7 +144,7 @@ def load_pairs(path) -> List[Tuple[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"pairs file {path} does not exist")
     out: List[Tuple[str, str]] = []
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(read_text(path)) as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
