@@ -49,23 +49,31 @@ def save_model(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, st
 
 
 def _merged(model: nn.Module) -> nn.Module:
-    """``model``, or a copy with its LoRA updates merged when it has any (the plain names)."""
-    import copy
-
+    """``model``, or when it has LoRA updates a fresh model of its class holding the merged
+    weights under the plain names (``model`` is not changed: a deep copy would share torch's
+    parametrized class, which removing the parametrization alters)."""
     from torch.nn.utils import parametrize
 
-    from ..finetune import LoRALinear, merge_and_unload, merge_lora_rnn
+    from ..finetune import LoRALinear
 
     lora = any(isinstance(m, LoRALinear) for m in model.modules())
-    rnns = [n for n, m in model.named_modules() if parametrize.is_parametrized(m)]
-    if not lora and not rnns:
+    if not lora and not any(parametrize.is_parametrized(m) for m in model.modules()):
         return model
-    twin = copy.deepcopy(model)
-    if lora:
-        merge_and_unload(twin)
-    for n in rnns:
-        merge_lora_rnn(twin.get_submodule(n))
-    return twin
+    fresh = type(model)(model.config)
+    state = {}
+    with torch.no_grad():
+        for key in fresh.state_dict():
+            path, _, attr = key.rpartition(".")
+            mod = model.get_submodule(path) if path else model
+            if isinstance(mod, LoRALinear):
+                value = getattr(mod.base, attr)
+                if attr == "weight" and not mod.merged:
+                    value = value + mod.delta().to(value.dtype)
+            else:
+                value = getattr(mod, attr)  # a parametrized weight reads merged
+            state[key] = value.detach()
+    fresh.load_state_dict(state)
+    return fresh
 
 
 def _check_against_tensors(path: PathLike, cls: Type[nn.Module], config, tensors: Dict[str, torch.Tensor]) -> None:
