@@ -57,8 +57,8 @@ def run_cli(argv: List[str], capsys) -> tuple:
 def assert_one_error_line(code, err: str, *names: str) -> None:
     assert code == 2, err
     assert "Traceback" not in err, err
-    lines = [x for x in err.splitlines() if x.strip() and not x.startswith("training a ")]
-    assert len(lines) == 1 and lines[0].startswith("ferrolm: error: "), err
+    lines = [x for x in err.splitlines() if x.strip() and "%|" not in x and not x.startswith("training a ")]
+    assert len(lines) == 1 and lines[0].startswith("ferrolm: error: "), err  # progress bars aside
     for name in names:
         assert name in lines[0], (name, err)
 
@@ -564,3 +564,304 @@ def test_template_fields_are_plain_names(field, which):
 def test_plain_template_fields_still_render(text):
     t = Template(demo=text, query=text)
     assert t.render_query(Example("x", "y", {"extra_1": "z"})) == text.format(input="x", label="y", extra_1="z")
+
+
+# --------------------------------------------------------------------------- CLI arguments
+
+#: (argv, the argument the one-line error must name): refused by the parser, before any work.
+DO_NOTHING_OR_BAD_ARGS = [
+    (["icl", "eval", "--model", "m", "--seeds", "0"], "--seeds"),
+    (["icl", "eval", "--model", "m", "--seeds", "-2"], "--seeds"),
+    (["icl", "eval", "--model", "m", "--k", "1,-1"], "--k"),
+    (["icl", "eval", "--model", "m", "--k", "one"], "--k"),
+    (["icl", "eval", "--model", "m", "--test-fraction", "0"], "--test-fraction"),
+    (["icl", "eval", "--model", "m", "--test-fraction", "1"], "--test-fraction"),
+    (["icl", "eval", "--model", "m", "--batch-size", "0"], "--batch-size"),
+    (["generate", "--model", "m", "--num-samples", "0"], "--num-samples"),
+    (["generate", "--model", "m", "--num-samples", "-1"], "--num-samples"),
+    (["generate", "--model", "m", "--temperature", "nan"], "--temperature"),
+    (["generate", "--model", "m", "--temperature", "inf"], "--temperature"),
+    (["generate", "--model", "m", "--temperature", "-1"], "--temperature"),
+    (["generate", "--model", "m", "--top-p", "0"], "--top-p"),
+    (["generate", "--model", "m", "--top-p", "1.5"], "--top-p"),
+    (["generate", "--model", "m", "--top-k", "0"], "--top-k"),
+    (["generate", "--model", "m", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["generate", "--model", "m", "--max-new-tokens", "many"], "--max-new-tokens"),
+    (["chat", "--model", "m", "--temperature", "nan"], "--temperature"),
+    (["chat", "--model", "m", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["tokenizer", "train", "--vocab-size", "-1"], "--vocab-size"),
+    (["tokenizer", "train", "--num-threads", "-1"], "--num-threads"),
+    (["tokenizer", "train", "--num-threads", "0"], "--num-threads"),
+    (["tokenizer", "train", "--max-bytes", "-5"], "--max-bytes"),
+    (["tokenizer", "train", "--max-bytes", "0"], "--max-bytes"),
+    (["tokenizer", "train", "--min-frequency", "-1"], "--min-frequency"),
+    (["translate", "--model", "m", "--beam", "0"], "--beam"),
+    (["translate", "--model", "m", "--max-new-tokens", "-3"], "--max-new-tokens"),
+    (["finetune", "--model", "m", "--method", "lora", "--r", "0"], "--r"),
+    (["finetune", "--model", "m", "--method", "lora", "--steps", "0"], "--steps"),
+    (["finetune", "--model", "m", "--method", "lora", "--lora-dropout", "1"], "--lora-dropout"),
+    (["finetune", "--model", "m", "--method", "lora", "--lr", "-1"], "--lr"),
+    (["finetune", "--model", "m", "--method", "lora", "--alpha", "0"], "--alpha"),
+    (["finetune", "--model", "m", "--method", "prompt", "--virtual-tokens", "0"], "--virtual-tokens"),
+    (["finetune", "--model", "m", "--method", "nope"], "--method"),
+    (["train", "seq2seq", "--beam", "0"], "--beam"),
+    (["train", "seq2seq", "--ff-size", "-8"], "--ff-size"),
+    (["bench", "--repeats", "0"], "--repeats"),
+    (["icl"], "icl_command"),
+    (["nonsense"], "nonsense"),
+]
+
+
+@pytest.mark.parametrize("argv,name", DO_NOTHING_OR_BAD_ARGS, ids=[" ".join(a) for a, _ in DO_NOTHING_OR_BAD_ARGS])
+def test_bad_arguments_are_one_error_line_naming_them(capsys, argv, name):
+    code, out, err = run_cli(argv, capsys)
+    assert_one_error_line(code, err, name)
+    assert out == ""
+
+
+# --------------------------------------------------------------------------- CLI errors with models
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A tiny GPT folder, the same with NaN weights, a tiny seq2seq folder and an ICL data file."""
+    from ferrolm.recipes.translation import build_model, train_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    tok = Tokenizer.train([TEXT], vocab_size=300, special_tokens=["<|endoftext|>"])
+    gpt = tiny_gpt(tok.n_vocab)
+    for name in ("gpt", "nan"):
+        (root / name).mkdir()
+        tok.save_hf_json(root / name / "tokenizer.json")
+    gpt.save(root / "gpt" / "model.safetensors")
+    with torch.no_grad():
+        gpt.transformer.h[0].attn.c_attn.weight.fill_(float("nan"))
+    gpt.save(root / "nan" / "model.safetensors")
+    pairs = [("one", "un"), ("two", "deux"), ("three", "trois"), ("four", "quatre")] * 5
+    s2s_tok = train_tokenizer(pairs, vocab_size=280)
+    torch.manual_seed(0)
+    s2s = build_model("transformer", s2s_tok, max_len=16, n_layer=1, n_head=2, n_embd=16, ff_size=32)
+    (root / "s2s").mkdir()
+    s2s.save(root / "s2s" / "model.safetensors")
+    s2s_tok.save_hf_json(root / "s2s" / "tokenizer.json")
+    rows = [{"input": f"item {i}", "label": "ab"[i % 2]} for i in range(12)]
+    (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "short.csv").write_text("input,label\nitem 1,a\nitem 2\nitem 3,b\n")
+    (root / "latin1.jsonl").write_bytes(b'{"input": "caf\xe9", "label": "a"}\n')
+    return root
+
+
+def test_generate_on_a_seq2seq_folder_points_to_translate(capsys, folders):
+    code, _, err = run_cli(["generate", folders / "s2s", "--prompt", "one"], capsys)
+    assert_one_error_line(code, err, "translate", "Seq2SeqTransformer")
+
+
+@pytest.mark.parametrize("temperature", ["0", "0.8"])
+def test_generate_from_nan_weights_is_one_error_line(capsys, folders, temperature):
+    code, _, err = run_cli(
+        ["generate", folders / "nan", "--prompt", "the cat", "--max-new-tokens", "3", "--temperature", temperature],
+        capsys,
+    )
+    assert_one_error_line(code, err, "NaN")
+
+
+@pytest.mark.parametrize(
+    "extra,name",
+    [
+        (["--demo", "{input[99]}"], "{input[99]}"),
+        (["--demo", "{}"], "{}"),
+        (["--query", "{input.__class__}"], "{input.__class__}"),
+        (["--demo", "{input"], "Template.demo"),
+        (["--demo", "{missing}"], "missing"),
+        (["--label-words", "[1, 2"], "--label-words"),
+        (["--label-words", "[1, 2]"], "--label-words"),
+        (["--label-words", '{"a": 1}'], "--label-words"),
+        (["--data", "short.csv"], "short.csv:3"),
+        (["--data", "latin1.jsonl"], "latin1.jsonl:1"),
+        (["--data", "absent.jsonl"], "absent.jsonl"),
+    ],
+)
+def test_icl_eval_errors_are_one_line(tmp_path, capsys, folders, extra, name):
+    extra = [str(folders / e) if e.endswith((".csv", ".jsonl")) else e for e in extra]
+    argv = ["icl", "eval", "--model", folders / "gpt", "--data", folders / "task.jsonl", "--k", "0,1", "--seeds", "1"]
+    code, _, err = run_cli([*argv, "--out", tmp_path / "res", *extra], capsys)
+    assert_one_error_line(code, err, name)
+    assert not (tmp_path / "res").exists()
+
+
+def test_translate_keeps_blank_lines(capsys, folders, monkeypatch):
+    import io
+
+    from ferrolm.recipes.translation import translate_texts
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one\n\ntwo\n   \nthree\n"))
+    code, out, err = run_cli(["translate", "--model", folders / "s2s", "--max-new-tokens", "4"], capsys)
+    assert code == 0, err
+    lines = out.split("\n")[:-1]
+    model = load_model(folders / "s2s" / "model.safetensors")
+    want = translate_texts(
+        model, Tokenizer.from_file(folders / "s2s" / "tokenizer.json"), ["one", "two", "three"], max_new_tokens=4
+    )
+    assert lines == [want[0], "", want[1], "", want[2]]
+
+
+# --------------------------------------------------------------------------- checkpoints' metadata
+
+
+def _checkpoint_with(path: Path, config: str, **meta) -> Path:
+    tensors = {k: v.contiguous() for k, v in tiny_gpt().state_dict().items() if k != "lm_head.weight"}
+    save_file(
+        tensors, str(path), metadata={"format": "ferrolm-model-1", "architecture": "gpt", "config": config, **meta}
+    )
+    return path
+
+
+GOOD_CONFIG = tiny_gpt().config.to_dict()
+BAD_CONFIGS = [
+    ("not json", "{n_layer: 1"),
+    ("a list", "[1, 2]"),
+    ("a number", "1"),
+    ("null", "null"),
+    ("a string", '"gpt"'),
+    ("a wrong type", json.dumps({**GOOD_CONFIG, "n_layer": "one"})),
+    ("a negative size", json.dumps({**GOOD_CONFIG, "n_embd": -16})),
+    ("an unknown key", json.dumps({**GOOD_CONFIG, "n_wings": 2})),
+    ("more layers than tensors", json.dumps({**GOOD_CONFIG, "n_layer": 60})),
+    ("a wider model than its tensors", json.dumps({**GOOD_CONFIG, "n_embd": 1024, "n_head": 16})),
+    ("a larger vocabulary", json.dumps({**GOOD_CONFIG, "vocab_size": 50_000})),
+    ("a longer block", json.dumps({**GOOD_CONFIG, "block_size": 4096})),
+]
+
+
+@pytest.mark.parametrize("case,config", BAD_CONFIGS, ids=[c for c, _ in BAD_CONFIGS])
+def test_a_bad_config_in_checkpoint_metadata_is_a_format_error(tmp_path, case, config):
+    p = _checkpoint_with(tmp_path / "m.safetensors", config)
+    with pytest.raises(FormatError, match=str(p)):
+        load_model(p)
+
+
+def test_bad_aliases_metadata_is_a_format_error(tmp_path):
+    p = _checkpoint_with(tmp_path / "m.safetensors", json.dumps(GOOD_CONFIG), aliases="[")
+    with pytest.raises(FormatError, match="not valid JSON"):
+        load_model(p)
+    assert isinstance(load_model(_checkpoint_with(tmp_path / "ok.safetensors", json.dumps(GOOD_CONFIG))), GPT)
+
+
+def test_a_config_claiming_gigabytes_is_refused_before_allocating(tmp_path):
+    """350 KB of tensors whose config claims n_layer=60, n_embd=1024 (3.4 GB): refused from the
+    meta-device build, the process never grows by more than a small fraction of that."""
+    big = {**GOOD_CONFIG, "n_layer": 60, "n_embd": 1024, "n_head": 16, "vocab_size": 50_000, "block_size": 1024}
+    p = _checkpoint_with(tmp_path / "big.safetensors", json.dumps(big))
+    code = textwrap.dedent(
+        f"""
+        import resource, sys
+        from ferrolm import FormatError
+        from ferrolm.models import load_model
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            load_model({str(p)!r})
+        except FormatError as e:
+            print("FormatError", str(e)[:200])
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("FormatError") and "does not match the tensors" in lines[0]
+    assert int(lines[-1]) < 300, f"grew by {lines[-1]} MB"
+
+
+# --------------------------------------------------------------------------- kernels, modules, shards
+
+#: Each case is an expression over torch, np, attention, decode_attention; run in a fresh
+#: interpreter (a Rust panic in a kernel would end it), printing one JSON line per case.
+KERNEL_RUNNER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import torch
+    from ferrolm.kernels.attention import attention
+    from ferrolm.kernels.decode import decode_attention
+    z = torch.zeros
+    for i, expr in enumerate(json.loads(sys.argv[1])):
+        try:
+            out = eval(expr)
+            print(json.dumps({"case": i, "type": None, "msg": str(tuple(out.shape))}), flush=True)
+        except Exception as e:
+            print(json.dumps({"case": i, "type": type(e).__name__, "msg": str(e)}), flush=True)
+    """
+)
+
+#: (expression, exception type or None, text of the message or of the output shape)
+KERNEL_CASES = [
+    ("attention(z(1, 1, 2, 0), z(1, 1, 2, 0), z(1, 1, 2, 0))", "ValueError", "head_dim"),
+    ("attention(z(1, 1, 2, 0), z(1, 1, 2, 0), z(1, 1, 2, 4), scale=1.0)", "ValueError", "head_dim"),
+    ("attention(z(1, 1, 2, 4), z(1, 1, 2, 4), z(1, 1, 2, 0))", "ValueError", "head_dim"),
+    (
+        "attention(z(2, 2, 3, 0, dtype=torch.float64), z(2, 2, 3, 0, dtype=torch.float64), "
+        "z(2, 2, 3, 0, dtype=torch.float64), causal=True)",
+        "ValueError",
+        "head_dim",
+    ),
+    (
+        "attention(z(1, 1, 2, 0, dtype=torch.bfloat16), z(1, 1, 2, 0, dtype=torch.bfloat16), "
+        "z(1, 1, 2, 0, dtype=torch.bfloat16))",
+        "ValueError",
+        "head_dim",
+    ),
+    ("decode_attention(z(1, 1, 0), z(1, 1, 3, 0), z(1, 1, 3, 0), [2])", "ValueError", "head_dim"),
+    ("decode_attention(z(1, 1, 4), z(1, 1, 3, 4), z(1, 1, 3, 0), [2])", "ValueError", "head_dim"),
+    ("decode_attention(z(0, 2, 4), z(0, 2, 3, 4), z(0, 2, 3, 4), [])", None, "(0, 2, 4)"),
+    ("decode_attention(z(0, 2, 1, 4), z(0, 2, 3, 4), z(0, 2, 3, 4), [])", None, "(0, 2, 1, 4)"),
+    ("decode_attention(z(2, 1, 4), z(2, 1, 6, 4), z(2, 1, 6, 4), [2.7, 5])", "TypeError", "2.7"),
+    ("decode_attention(z(2, 1, 4), z(2, 1, 6, 4), z(2, 1, 6, 4), [2.0, 5])", "TypeError", "2.0"),
+    ("decode_attention(z(2, 1, 4), z(2, 1, 6, 4), z(2, 1, 6, 4), np.array([2.5, 1.0]))", "TypeError", "float64"),
+    ("decode_attention(z(2, 1, 4), z(2, 1, 6, 4), z(2, 1, 6, 4), torch.tensor([2.0, 1.0]))", "TypeError", "float32"),
+    ("decode_attention(z(2, 1, 4), z(2, 1, 6, 4), z(2, 1, 6, 4), torch.tensor([True, False]))", "TypeError", "bool"),
+    ("decode_attention(z(2, 1, 4), z(2, 1, 6, 4), z(2, 1, 6, 4), [True, 1])", "TypeError", "True"),
+    ("decode_attention(z(2, 1, 4), z(2, 1, 6, 4), z(2, 1, 6, 4), [None, 1])", "TypeError", "None"),
+    ("decode_attention(z(2, 1, 4), z(2, 1, 6, 4), z(2, 1, 6, 4), '25')", "TypeError", "'2'"),
+    ("decode_attention(z(2, 1, 4), z(2, 1, 6, 4), z(2, 1, 6, 4), 5)", "TypeError", "int"),
+    ("decode_attention(z(2, 1, 4), z(2, 1, 6, 4), z(2, 1, 6, 4), [2, 7])", "ValueError", "cache_lengths"),
+    ("decode_attention(z(2, 1, 4), z(2, 1, 6, 4), z(2, 1, 6, 4), [2, -1])", "ValueError", "cache_lengths"),
+    ("decode_attention(z(2, 1, 4), z(2, 1, 6, 4), z(2, 1, 6, 4), [2, 5])", None, "(2, 1, 4)"),
+    ("decode_attention(z(2, 1, 4), z(2, 1, 6, 4), z(2, 1, 6, 4), np.array([2, 5], dtype=np.uint8))", None, "(2, 1, 4)"),
+    ("decode_attention(z(2, 1, 4), z(2, 1, 6, 4), z(2, 1, 6, 4), torch.tensor([2, 5]))", None, "(2, 1, 4)"),
+]
+
+
+def test_kernel_shapes_and_lengths_give_clear_errors():
+    exprs = [e for e, _, _ in KERNEL_CASES]
+    proc = subprocess.run(
+        [sys.executable, "-c", KERNEL_RUNNER, json.dumps(exprs)], capture_output=True, text=True, timeout=300
+    )
+    done = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert proc.returncode == 0 and len(done) == len(exprs), (len(done), proc.stderr[-2000:])
+    assert "panicked" not in proc.stderr, proc.stderr[-2000:]
+    for (expr, exc, text), got in zip(KERNEL_CASES, done):
+        assert got["type"] == exc and text in got["msg"], (expr, got)
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_an_empty_batch_gives_empty_outputs_as_torch_does(cell, batch_first, bidirectional, with_state):
+    import ferrolm.nn as fnn
+
+    kw = dict(input_size=4, hidden_size=8, num_layers=2, batch_first=batch_first, bidirectional=bidirectional)
+    ours, ref = getattr(fnn, cell)(**kw), getattr(torch.nn, cell)(**kw)
+    x = torch.zeros((0, 3, 4) if batch_first else (3, 0, 4), requires_grad=True)
+    h = torch.zeros(2 * (2 if bidirectional else 1), 0, 8)
+    state = None if not with_state else ((h, h) if cell == "LSTM" else h)
+    got, want = ours(x, state), ref(x, state)
+    flat = lambda o: [o[0]] + (list(o[1]) if isinstance(o[1], tuple) else [o[1]])  # noqa: E731
+    assert [t.shape for t in flat(got)] == [t.shape for t in flat(want)]
+
+
+def test_token_shard_on_a_folder_says_so(tmp_path):
+    from ferrolm.data import TokenShard
+
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder, not a token shard"):
+        TokenShard(tmp_path)

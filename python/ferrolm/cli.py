@@ -70,6 +70,19 @@ def _k_list(text: str) -> List[int]:
     return ks
 
 
+def _label_words(text: str) -> str:
+    """``--label-words``: checked to be a JSON object of label -> word strings (returned as given)."""
+    import json
+
+    try:
+        words = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(words, dict) or not words or not all(isinstance(w, str) for w in words.values()):
+        raise argparse.ArgumentTypeError(f'expected a JSON object label -> word such as {{"0": " no"}}, got {text!r}')
+    return text
+
+
 class _Parser(argparse.ArgumentParser):
     """Bad arguments are one ``ferrolm: error:`` line (with where to find the usage)."""
 
@@ -600,7 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--separator", default="\n\n", help="between demonstrations (\\n and \\t are unescaped in all templates)"
     )
     ev.add_argument("--instruction", default="")
-    ev.add_argument("--label-words", default=None, help='JSON object label -> word, e.g. \'{"0": " no", "1": " yes"}\'')
+    ev.add_argument(
+        "--label-words",
+        type=_label_words,
+        default=None,
+        help='JSON object label -> word, e.g. \'{"0": " no", "1": " yes"}\'',
+    )
     ev.add_argument("--test-fraction", type=_test_fraction, default=0.2, help="the tail of --data used as queries")
     ev.add_argument("--retriever", default="random", choices=["random", "fixed", "bm25", "topk", "mmr"])
     ev.add_argument("--k", type=_k_list, default="0,1,2,4,8", help="comma-separated demonstration counts")

@@ -608,5 +608,15 @@ def icl_task(
         instruction=_unescape(instruction),
         label_words=words,
     )
+    if not examples:
+        raise ValueError(f"{data} holds no examples")
+    for which in ("demo", "query"):  # a misspelt field is refused now, not after the first evaluations
+        known = examples[0].values()
+        unknown = [f for f in template.fields(which) if f not in known]
+        if unknown:
+            raise ValueError(
+                f"the {which} template refers to {{{unknown[0]}}}, which the examples of {data} lack "
+                f"(fields: {sorted(known)})"
+            )
     n_test = max(1, int(len(examples) * test_fraction))
     return examples[:-n_test], examples[-n_test:], template
