@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 
-from .._io import PathLike, atomic_write, read_text
+from .._io import PathLike, atomic_write, folder_lock, read_text
 from ..corpus import default_corpus
 from ..data import TokenShard, expand_paths, is_token_shard
 from ..tokenizer import Tokenizer
@@ -185,7 +185,6 @@ def train_language_model(
     """
     import torch
 
-    from .._io import folder_lock
     from ..models import load_model
     from ..training import train
     from ..training.batches import batches_for
@@ -555,17 +554,18 @@ def finetune_model(
         seed=seed,
     )
     out = Path(out_dir)
-    result = train(target, data, None, cfg, out_dir=out, resume=resume)
-    if method == "lora" and isinstance(model, (GPT, Llama)):
-        ft.save_lora(model, out / "adapter")
-        ft.merge_and_unload(model)
-    elif method == "lora":
-        ft.merge_lora_rnn(model.rnn)
-    if method == "prompt":
-        atomic_write(out / "prompt.safetensors", save({"prompt": target.prompt.detach().cpu().contiguous()}))
-    else:
-        save_model(model, out / "model.safetensors")
-    tok.save_hf_json(out / "tokenizer.json")
+    with folder_lock(out):  # the run and the files written after it, as one locked unit
+        result = train(target, data, None, cfg, out_dir=out, resume=resume)
+        if method == "lora" and isinstance(model, (GPT, Llama)):
+            ft.save_lora(model, out / "adapter")
+            ft.merge_and_unload(model)
+        elif method == "lora":
+            ft.merge_lora_rnn(model.rnn)
+        if method == "prompt":
+            atomic_write(out / "prompt.safetensors", save({"prompt": target.prompt.detach().cpu().contiguous()}))
+        else:
+            save_model(model, out / "model.safetensors")
+        tok.save_hf_json(out / "tokenizer.json")
     return result
 
 
