@@ -680,6 +680,8 @@ def test_generate_from_nan_weights_is_one_error_line(capsys, folders, temperatur
         (["--data", "short.csv"], "short.csv:3"),
         (["--data", "latin1.jsonl"], "latin1.jsonl:1"),
         (["--data", "absent.jsonl"], "absent.jsonl"),
+        (["--label-words", '{"zz": " z"}'], "no label word"),
+        (["--input-key", "nope"], "'nope'"),
     ],
 )
 def test_icl_eval_errors_are_one_line(tmp_path, capsys, folders, extra, name):
@@ -688,6 +690,12 @@ def test_icl_eval_errors_are_one_line(tmp_path, capsys, folders, extra, name):
     code, _, err = run_cli([*argv, "--out", tmp_path / "res", *extra], capsys)
     assert_one_error_line(code, err, name)
     assert not (tmp_path / "res").exists()
+
+
+def test_icl_eval_on_a_seq2seq_model_is_one_error_line(tmp_path, capsys, folders):
+    argv = ["icl", "eval", "--model", folders / "s2s", "--data", folders / "task.jsonl", "--out", tmp_path / "res"]
+    code, _, err = run_cli(argv, capsys)
+    assert_one_error_line(code, err, "encoder-decoder", "translate")
 
 
 def test_translate_keeps_blank_lines(capsys, folders, monkeypatch):

@@ -268,16 +268,21 @@ def _model_arg(args: argparse.Namespace) -> str:
     return model
 
 
+def _causal(model, name: str) -> None:
+    """Refuses an encoder-decoder model where a causal language model is needed."""
+    if getattr(model, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{name} holds a {type(model).__name__} (encoder-decoder), not a language model; "
+            "use `ferrolm translate --model` for it"
+        )
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .decoding import generate
     from .recipes.language_model import cut_at_stop_strings, load_lm, stop_ids_of
 
     model, tok = load_lm(_model_arg(args), args.tokenizer, transformers_ok=False, layers=args.layers)
-    if getattr(model, "is_encoder_decoder", False):
-        raise ValueError(
-            f"{_model_arg(args)} holds a {type(model).__name__} (encoder-decoder); "
-            "use `ferrolm translate --model` for it"
-        )
+    _causal(model, _model_arg(args))
     if tok.n_vocab > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer has {tok.n_vocab} tokens but the model only {model.config.vocab_size}; "
@@ -349,6 +354,7 @@ def _cmd_icl_eval(args: argparse.Namespace) -> int:
     from .recipes.language_model import icl_task, load_lm
 
     model, tok = load_lm(args.model, args.tokenizer, layers=args.layers)
+    _causal(model, args.model)
     pool, test, template = icl_task(
         args.data,
         args.input_key,

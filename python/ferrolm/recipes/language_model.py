@@ -610,6 +610,9 @@ def icl_task(
     )
     if not examples:
         raise ValueError(f"{data} holds no examples")
+    unlabelled = sorted({e.output for e in examples} - set(words))
+    if unlabelled:
+        raise ValueError(f"the labels {unlabelled[:5]} of {data} have no label word; label_words has {sorted(words)}")
     for which in ("demo", "query"):  # a misspelt field is refused now, not after the first evaluations
         known = examples[0].values()
         unknown = [f for f in template.fields(which) if f not in known]
