@@ -48,15 +48,18 @@ def save_model(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, st
         _save(model, str(tmp), metadata=meta, force_contiguous=True)
 
 
+def _is_lora_layer(m: nn.Module) -> bool:
+    """A :class:`ferrolm.finetune.LoRALinear` (by its interface: models never import finetune)."""
+    return hasattr(m, "base") and hasattr(m, "lora_A") and hasattr(m, "merged") and callable(getattr(m, "delta", None))
+
+
 def _merged(model: nn.Module) -> nn.Module:
     """``model``, or when it has LoRA updates a fresh model of its class holding the merged
     weights under the plain names (``model`` is not changed: a deep copy would share torch's
     parametrized class, which removing the parametrization alters)."""
     from torch.nn.utils import parametrize
 
-    from ..finetune import LoRALinear
-
-    lora = any(isinstance(m, LoRALinear) for m in model.modules())
+    lora = any(_is_lora_layer(m) for m in model.modules())
     if not lora and not any(parametrize.is_parametrized(m) for m in model.modules()):
         return model
     fresh = type(model)(model.config)
@@ -65,7 +68,7 @@ def _merged(model: nn.Module) -> nn.Module:
         for key in fresh.state_dict():
             path, _, attr = key.rpartition(".")
             mod = model.get_submodule(path) if path else model
-            if isinstance(mod, LoRALinear):
+            if _is_lora_layer(mod):
                 value = getattr(mod.base, attr)
                 if attr == "weight" and not mod.merged:
                     value = value + mod.delta().to(value.dtype)
