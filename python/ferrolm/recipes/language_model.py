@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 
-from .._io import PathLike, atomic_write, folder_lock, read_text
+from .._io import PathLike, atomic_write, read_text
 from ..corpus import default_corpus
 from ..data import TokenShard, expand_paths, is_token_shard
 from ..tokenizer import Tokenizer
@@ -188,6 +188,7 @@ def train_language_model(
     from ..models import load_model
     from ..training import train
     from ..training.batches import batches_for
+    from ..training.distributed import output_lock
 
     o = options or LMOptions()
     _check_options(arch, o)
@@ -218,7 +219,7 @@ def train_language_model(
     cut = int(len(tokens) * (1.0 - o.val_fraction))
     train_ids, val_ids = tokens[:cut], tokens[cut:]
     batches_for(train_ids, cfg, 0, 1)  # too little data for one batch is refused here, before any write
-    with folder_lock(out):  # the run starts: from here on it writes into out
+    with output_lock(out):  # the run starts: from here on it writes into out
         model = load_model(out / "model.safetensors") if resume else _lm_model(arch, o, tok.n_vocab)
         _log(
             f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters; "
@@ -515,6 +516,7 @@ def finetune_model(
     from .. import finetune as ft
     from ..models import GPT, Llama, LSTMLanguageModel, save_model
     from ..training import TrainConfig, train
+    from ..training.distributed import output_lock
 
     if not isinstance(model, (GPT, Llama, LSTMLanguageModel)):
         raise ValueError(
@@ -554,7 +556,7 @@ def finetune_model(
         seed=seed,
     )
     out = Path(out_dir)
-    with folder_lock(out):  # the run and the files written after it, as one locked unit
+    with output_lock(out):  # the run and the files written after it, as one locked unit
         result = train(target, data, None, cfg, out_dir=out, resume=resume)
         if method == "lora" and isinstance(model, (GPT, Llama)):
             ft.save_lora(model, out / "adapter")

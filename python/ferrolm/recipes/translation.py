@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._io import atomic_write, folder_lock, read_text
+from .._io import atomic_write, read_text
 from .numwords import LANGUAGES, MAX_NUMBER
 
 __all__ = [
@@ -354,6 +354,7 @@ def train_seq2seq(
 
     from ..training import TrainConfig, train
     from ..training.batches import batches_for
+    from ..training.distributed import output_lock
 
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown seq2seq model {kind!r}; expected one of {MODEL_KINDS}")
@@ -393,7 +394,7 @@ def train_seq2seq(
     if resume and (out is None or not (out / "train_state.pt").is_file()):
         raise FileNotFoundError(f"nothing to resume: {out} holds no train_state.pt")
     # Everything is checked: the run starts, and only now writes into out (locked for the run).
-    with folder_lock(out) if out is not None else contextlib.nullcontext():
+    with output_lock(out) if out is not None else contextlib.nullcontext():
         if tok_path is not None and not saved:
             tok.save_hf_json(tok_path)
         first_step: List[int] = []
