@@ -215,7 +215,7 @@ def test_the_lock_is_released_and_reentrant(tmp_path):
             pass
         assert (f / LOCK_FILE).read_text() == str(os.getpid())
         result = train(tiny_gpt(), TOKENS, config=tiny_train(), out_dir=tmp_path)
-    assert result.step == 2
+    assert result.step == 2 and not (tmp_path / LOCK_FILE).exists()  # removed on release
     proc = subprocess.run([sys.executable, "-c", HOLDER.replace("time.sleep(120)", "pass"), str(tmp_path)])
     assert proc.returncode == 0  # free again for another process
 
@@ -898,3 +898,27 @@ def test_a_rejected_seq2seq_train_leaves_out_as_it_was(tmp_path, capsys, extra, 
     code, _, err = run_cli([*argv, "--batch-size", "4", "--steps", "2", *extra], capsys)
     assert_one_error_line(code, err, names)
     assert snapshot(out) == {"notes.txt": b"mine"}
+
+
+def test_shards_with_ids_beyond_the_tokenizer_are_refused(tmp_path, capsys, folders):
+    import struct
+
+    shard = tmp_path / "data.bin"
+    ids = list(range(1, 1000))
+    shard.write_bytes(b"FLMTOKS\0" + struct.pack("<IIQ8x", 1, 2, len(ids)) + struct.pack(f"<{len(ids)}H", *ids))
+    out = tmp_path / "out"
+    argv = ["train", "gpt", shard, "--tokenizer", folders / "gpt" / "tokenizer.json", "--out", out, *SMALL]
+    code, _, err = run_cli(argv, capsys)
+    assert_one_error_line(code, err, "token id 999", "--tokenizer")
+    assert not out.exists()
+
+
+def test_resuming_another_architecture_is_refused(tmp_path, capsys, folders, corpus):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(folders / "gpt", out)
+    before = snapshot(out)
+    code, _, err = run_cli(["train", "lstm", corpus, "--out", out, *SMALL, "--resume"], capsys)
+    assert_one_error_line(code, err, "GPT", "LSTMLanguageModel")
+    assert snapshot(out) == before

@@ -15,7 +15,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["PathLike", "atomic_write", "atomic_path", "folder_lock", "FolderLockedError", "LOCK_FILE", "read_text"]
 
-#: The lock file :func:`folder_lock` keeps in an output folder (it holds the owner's pid).
+#: The lock file :func:`folder_lock` keeps in an output folder while it holds it (the owner's pid).
 LOCK_FILE = ".ferrolm.lock"
 
 
@@ -88,7 +88,7 @@ def folder_lock(folder: PathLike) -> Iterator[Path]:
     """Holds an exclusive lock on ``folder`` (created if missing) while the block runs, so two
     runs never write into one output folder. The lock is ``fcntl.flock`` on ``.ferrolm.lock``
     (the kernel drops it when the process dies, so a crash leaves no stale lock); the file
-    holds the owner's pid for the message. Re-entrant within a process.
+    holds the owner's pid for the message and is removed on release. Re-entrant within a process.
 
     Raises:
         FolderLockedError: another process holds the lock (the message names its pid).
@@ -124,22 +124,47 @@ def _acquire(lock: Path):
         import fcntl
     except ImportError:  # no flock (Windows): the folder is not locked
         return open(os.devnull, "w")
-    f = open(lock, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        owner = f.read().strip() or "unknown"
+    for _ in range(100):
+        f = open(lock, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "unknown"
+            f.close()
+            raise FolderLockedError(
+                f"{lock.parent} is in use by another ferrolm process (pid {owner}, lock file {lock}); "
+                "wait for it to finish or pick another output folder"
+            ) from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its last holder removed while we opened it
+            break
         f.close()
-        raise FolderLockedError(
-            f"{lock.parent} is in use by another ferrolm process (pid {owner}, lock file {lock}); "
-            "wait for it to finish or pick another output folder"
-        ) from None
+    else:
+        raise FolderLockedError(f"could not lock {lock.parent}: its lock file keeps changing")
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
-    return f
+    return _Lock(f, lock)
+
+
+class _Lock:
+    """An open, flocked lock file; :meth:`close` removes it (still holding the lock, so a
+    process that opened the old file sees the inode change and retries) and unlocks."""
+
+    def __init__(self, f, path: Path) -> None:
+        self.f, self.path = f, path
+
+    def close(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        self.f.close()
 
 
 def read_text(path: PathLike) -> str:

@@ -185,7 +185,7 @@ def train_language_model(
     """
     import torch
 
-    from ..models import load_model
+    from ..models import GPT, LSTMLanguageModel, load_model
     from ..training import train
     from ..training.batches import batches_for
     from ..training.distributed import output_lock
@@ -216,11 +216,20 @@ def train_language_model(
         tok = Tokenizer.train(texts_or_files, vocab_size=o.vocab_size, special_tokens=["<|endoftext|>"])
         trained = True
     tokens = token_stream(tok, texts_or_files, shards)
+    if len(tokens) and int(tokens.max()) >= tok.n_vocab:
+        raise ValueError(
+            f"the data holds token id {int(tokens.max())} but the tokenizer has {tok.n_vocab} tokens; "
+            "pass the tokenizer that wrote the shards (--tokenizer)"
+        )
     cut = int(len(tokens) * (1.0 - o.val_fraction))
     train_ids, val_ids = tokens[:cut], tokens[cut:]
     batches_for(train_ids, cfg, 0, 1)  # too little data for one batch is refused here, before any write
+    model = (
+        load_model(out / "model.safetensors", expect=GPT if arch == "gpt" else LSTMLanguageModel)
+        if resume
+        else _lm_model(arch, o, tok.n_vocab)
+    )
     with output_lock(out):  # the run starts: from here on it writes into out
-        model = load_model(out / "model.safetensors") if resume else _lm_model(arch, o, tok.n_vocab)
         _log(
             f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters; "
             f"{len(train_ids):,} training / {len(val_ids):,} validation tokens -> {out}"
