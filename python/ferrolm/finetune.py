@@ -533,8 +533,8 @@ def load_lora(model: nn.Module, adapter_dir: PathLike) -> List[str]:
                 f"{weights}: module {n} has rank {a.shape[0]} (A {tuple(a.shape)}, B {tuple(b.shape)}) but "
                 f"{ADAPTER_CONFIG} says r={r}"
             )
-        w = layers[n].weight
-        n_out, n_in = (w.shape[1], w.shape[0]) if _is_conv1d(layers[n]) else tuple(w.shape)
+        layer = layers[n]  # nn.Linear (or a layer with its in/out_features) or GPT-2's Conv1D (in, out)
+        n_out, n_in = tuple(layer.weight.shape[::-1]) if _is_conv1d(layer) else (layer.out_features, layer.in_features)
         if a.shape[1] != n_in or b.shape[0] != n_out:
             raise ValueError(
                 f"adapter shapes for {n} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit this model's layer "

@@ -69,6 +69,11 @@ def _merged(model: nn.Module) -> nn.Module:
             path, _, attr = key.rpartition(".")
             mod = model.get_submodule(path) if path else model
             if _is_lora_layer(mod):
+                if not isinstance(getattr(mod.base, "weight", None), nn.Parameter):
+                    raise ValueError(
+                        f"{path} has LoRA over a base without a float weight ({type(mod.base).__name__}); save the "
+                        "adapter with ferrolm.finetune.save_lora, or load the base dequantized to save merged weights"
+                    )
                 value = getattr(mod.base, attr)
                 if attr == "weight" and not mod.merged:
                     value = value + mod.delta().to(value.dtype)
