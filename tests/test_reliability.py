@@ -922,3 +922,13 @@ def test_resuming_another_architecture_is_refused(tmp_path, capsys, folders, cor
     code, _, err = run_cli(["train", "lstm", corpus, "--out", out, *SMALL, "--resume"], capsys)
     assert_one_error_line(code, err, "GPT", "LSTMLanguageModel")
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("arch", ["gpt", "seq2seq"])
+def test_out_being_a_file_is_refused_and_the_file_kept(tmp_path, capsys, corpus, arch):
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    data = [] if arch == "seq2seq" else [corpus]
+    code, _, err = run_cli(["train", arch, *data, "--out", out, *SMALL[:2], "--steps", "1"], capsys)
+    assert code == 2 and "Traceback" not in err and str(out) in err, err
+    assert out.read_text() == "mine"
