@@ -146,7 +146,7 @@ def test_train_seq2seq_resume_and_translate(tmp_path, model):
     )
     assert tr.stdout.splitlines() == expect
     wrong = _ferrolm("translate", "--model", str(out), "--beam", "0", "one")
-    assert wrong.returncode == 2 and "beam_size" in wrong.stderr
+    assert wrong.returncode == 2 and "--beam" in wrong.stderr
     gpt_dir = tmp_path / "gpt"
     GPT(GPTConfig(vocab_size=300, block_size=8, n_layer=1, n_head=1, n_embd=8)).save(gpt_dir / "model.safetensors")
     other = _ferrolm("translate", "--model", str(gpt_dir), "one")

@@ -6,9 +6,88 @@ dependency (PyTorch) says which one."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum`` (so a count that would make the command do
+    nothing, or a negative one, is refused before any work)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < minimum:
+            what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+_positive = _int_at_least(1)
+_count = _int_at_least(0)
+
+
+def _float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in the interval (NaN and infinities refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+        if not (math.isfinite(value) and inside):
+            interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+_temperature = _float_in(0.0, math.inf, hi_open=True)
+_fraction = _float_in(0.0, 1.0, hi_open=True)
+_lr = _float_in(0.0, math.inf, lo_open=True, hi_open=True)
+_top_p = _float_in(0.0, 1.0, lo_open=True)
+_test_fraction = _float_in(0.0, 1.0, lo_open=True, hi_open=True)
+
+
+def _k_list(text: str) -> List[int]:
+    """``--k``: comma-separated demonstration counts (ints >= 0)."""
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 0,1,4, got {text!r}") from None
+    if any(k < 0 for k in ks):
+        raise argparse.ArgumentTypeError(f"demonstration counts must be >= 0, got {text}")
+    return ks
+
+
+def _label_words(text: str) -> str:
+    """``--label-words``: checked to be a JSON object of label -> word strings (returned as given)."""
+    import json
+
+    try:
+        words = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(words, dict) or not words or not all(isinstance(w, str) for w in words.values()):
+        raise argparse.ArgumentTypeError(f'expected a JSON object label -> word such as {{"0": " no"}}, got {text!r}')
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one ``ferrolm: error:`` line (with where to find the usage)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"ferrolm: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -122,11 +201,13 @@ def _cmd_translate(args: argparse.Namespace) -> int:
             f"{ckpt} holds a {type(model).__name__}, not a seq2seq model (train one with `ferrolm train seq2seq`)"
         )
     tok = Tokenizer.from_file(Path(args.tokenizer) if args.tokenizer else ckpt.parent / "tokenizer.json")
-    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not texts:
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin]
+    todo = [t for t in texts if t.strip()]
+    if not todo:
         raise ValueError("nothing to translate: pass the text as an argument or on stdin")
-    for out in translate_texts(model, tok, texts, beam_size=args.beam, max_new_tokens=args.max_new_tokens):
-        print(out)
+    outs = iter(translate_texts(model, tok, todo, beam_size=args.beam, max_new_tokens=args.max_new_tokens))
+    for text in texts:  # a blank input line stays a blank output line, so the lines still match
+        print(next(outs) if text.strip() else "")
     return 0
 
 
@@ -187,11 +268,21 @@ def _model_arg(args: argparse.Namespace) -> str:
     return model
 
 
+def _causal(model, name: str) -> None:
+    """Refuses an encoder-decoder model where a causal language model is needed."""
+    if getattr(model, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{name} holds a {type(model).__name__} (encoder-decoder), not a language model; "
+            "use `ferrolm translate --model` for it"
+        )
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .decoding import generate
     from .recipes.language_model import cut_at_stop_strings, load_lm, stop_ids_of
 
     model, tok = load_lm(_model_arg(args), args.tokenizer, transformers_ok=False, layers=args.layers)
+    _causal(model, _model_arg(args))
     if tok.n_vocab > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer has {tok.n_vocab} tokens but the model only {model.config.vocab_size}; "
@@ -263,6 +354,7 @@ def _cmd_icl_eval(args: argparse.Namespace) -> int:
     from .recipes.language_model import icl_task, load_lm
 
     model, tok = load_lm(args.model, args.tokenizer, layers=args.layers)
+    _causal(model, args.model)
     pool, test, template = icl_task(
         args.data,
         args.input_key,
@@ -281,7 +373,7 @@ def _cmd_icl_eval(args: argparse.Namespace) -> int:
         pool,
         test,
         template,
-        ks=[int(k) for k in args.k.split(",")],
+        ks=args.k,
         seeds=list(range(args.seeds)),
         retriever=args.retriever,
         embed=embed,
@@ -359,9 +451,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="ferrolm", description="ferrolm: language models on ordinary CPUs")
+    p = _Parser(prog="ferrolm", description="ferrolm: language models on ordinary CPUs")
     p.add_argument("--version", action="version", version=f"ferrolm {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     b = sub.add_parser("bench", help="run the benchmark suite (quick by default) and print ferrolm vs the references")
     b.add_argument("--full", action="store_true", help="the whole grid (slow) instead of the quick set")
@@ -377,19 +469,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot", default="ferrolm-bench.png", help="PNG chart of the ratios to write (default ferrolm-bench.png)"
     )
     b.add_argument("--no-report", action="store_true", help="print the table only")
-    b.add_argument("--repeats", type=int, default=None, help="timed runs per contender (default 3; 7 with --full)")
+    b.add_argument(
+        "--repeats", type=_positive, default=None, help="timed runs per contender (default 3; 7 with --full)"
+    )
     b.set_defaults(func=_cmd_bench)
 
     t = sub.add_parser("tokenizer", help="train or use a tokenizer")
-    tsub = t.add_subparsers(dest="tokenizer_command", required=True)
+    tsub = t.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
     tr = tsub.add_parser("train", help="train a byte-level BPE tokenizer (default: on the embedded corpus)")
     tr.add_argument("files", nargs="*", help="UTF-8 text files (default: the embedded corpus)")
-    tr.add_argument("--vocab-size", type=int, default=8192)
-    tr.add_argument("--min-frequency", type=int, default=2)
+    tr.add_argument("--vocab-size", type=_positive, default=8192)
+    tr.add_argument("--min-frequency", type=_count, default=2)
     tr.add_argument("--special", action="append", help="a special token (repeatable; default <|endoftext|>)")
     tr.add_argument("--pattern", default=None, help="pre-tokenizer regex or name (gpt2, cl100k_base)")
-    tr.add_argument("--max-bytes", type=int, default=None, help="use only this much of the embedded corpus")
-    tr.add_argument("--num-threads", type=int, default=None)
+    tr.add_argument("--max-bytes", type=_positive, default=None, help="use only this much of the embedded corpus")
+    tr.add_argument("--num-threads", type=_positive, default=None)
     tr.add_argument("--out", default="tokenizer.json", help="output file: .json (HF) or .tiktoken")
     tr.set_defaults(func=_cmd_tokenizer_train)
     en = tsub.add_parser("encode", help="print the ids of a text (or stdin)")
@@ -417,17 +511,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--tokenizer", default=None, help="tokenizer.json / .tiktoken (default: train one on the data)")
     tr.add_argument(
         "--vocab-size",
-        type=int,
+        type=_positive,
         default=None,
         help="vocabulary of the tokenizer trained when none is given (LM 4096, seq2seq 512)",
     )
-    tr.add_argument("--max-bytes", type=int, default=None, help="use only this much of the embedded corpus")
-    tr.add_argument("--steps", type=int, default=None, help="optimizer steps (LM 300, seq2seq 1500)")
-    tr.add_argument("--batch-size", type=int, default=None, help="sequences or pairs per step (LM 16, seq2seq 128)")
-    tr.add_argument("--seq-len", type=int, default=128)
-    tr.add_argument("--grad-accum", type=int, default=1)
+    tr.add_argument("--max-bytes", type=_positive, default=None, help="use only this much of the embedded corpus")
+    tr.add_argument("--steps", type=_positive, default=None, help="optimizer steps (LM 300, seq2seq 1500)")
     tr.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate (LM 1e-3; seq2seq transformer 1e-3, lstm 3e-3)"
+        "--batch-size", type=_positive, default=None, help="sequences or pairs per step (LM 16, seq2seq 128)"
+    )
+    tr.add_argument("--seq-len", type=_positive, default=128)
+    tr.add_argument("--grad-accum", type=_positive, default=1)
+    tr.add_argument(
+        "--lr", type=_lr, default=None, help="peak learning rate (LM 1e-3; seq2seq transformer 1e-3, lstm 3e-3)"
     )
     tr.add_argument(
         "--model",
@@ -436,21 +532,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="seq2seq: Transformer or LSTM encoder-decoder",
     )
     tr.add_argument("--test", default=None, help="seq2seq: held-out pairs file (default: the last 5%% of the data)")
-    tr.add_argument("--ff-size", type=int, default=None, help="seq2seq transformer feed-forward width")
-    tr.add_argument("--beam", type=int, default=4, help="seq2seq: beam size of the test decoding, besides greedy")
-    tr.add_argument("--warmup", type=int, default=50)
-    tr.add_argument("--dropout", type=float, default=None, help="LM 0.0, seq2seq 0.1")
-    tr.add_argument("--n-layer", type=int, default=None, help="GPT layers (4), seq2seq transformer layers per side (3)")
-    tr.add_argument("--n-head", type=int, default=None, help="GPT / seq2seq transformer heads (4)")
-    tr.add_argument("--n-embd", type=int, default=None, help="embedding width (256)")
+    tr.add_argument("--ff-size", type=_positive, default=None, help="seq2seq transformer feed-forward width")
+    tr.add_argument("--beam", type=_positive, default=4, help="seq2seq: beam size of the test decoding, besides greedy")
+    tr.add_argument("--warmup", type=_count, default=50)
+    tr.add_argument("--dropout", type=_fraction, default=None, help="LM 0.0, seq2seq 0.1")
+    tr.add_argument(
+        "--n-layer", type=_positive, default=None, help="GPT layers (4), seq2seq transformer layers per side (3)"
+    )
+    tr.add_argument("--n-head", type=_positive, default=None, help="GPT / seq2seq transformer heads (4)")
+    tr.add_argument("--n-embd", type=_positive, default=None, help="embedding width (256)")
     tr.add_argument("--positions", default="learned", choices=["learned", "sinusoidal", "rotary"], help="GPT positions")
-    tr.add_argument("--hidden-size", type=int, default=None, help="LSTM width (512)")
-    tr.add_argument("--num-layers", type=int, default=None, help="LSTM layers (2)")
+    tr.add_argument("--hidden-size", type=_positive, default=None, help="LSTM width (512)")
+    tr.add_argument("--num-layers", type=_positive, default=None, help="LSTM layers (2)")
     tr.add_argument("--cell", default="lstm", choices=["lstm", "gru"], help="recurrent cell of the lstm family")
-    tr.add_argument("--val-fraction", type=float, default=0.05, help="the tail of the data held out for evaluation")
-    tr.add_argument("--eval-interval", type=int, default=100)
-    tr.add_argument("--eval-batches", type=int, default=10)
-    tr.add_argument("--checkpoint-interval", type=int, default=100)
+    tr.add_argument("--val-fraction", type=_fraction, default=0.05, help="the tail of the data held out for evaluation")
+    tr.add_argument("--eval-interval", type=_count, default=100)
+    tr.add_argument("--eval-batches", type=_positive, default=10)
+    tr.add_argument("--checkpoint-interval", type=_count, default=100)
     tr.add_argument("--seed", type=int, default=1337)
     tr.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
     tr.set_defaults(func=_cmd_train)
@@ -459,9 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("text", nargs="*", help="texts to translate (default: one per line on stdin)")
     tl.add_argument("--model", required=True, help="a folder from `ferrolm train seq2seq` or its model.safetensors")
     tl.add_argument("--tokenizer", default=None, help="tokenizer file (default: tokenizer.json next to the model)")
-    tl.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    tl.add_argument("--beam", type=_positive, default=1, help="beam size (1 = greedy)")
     tl.add_argument(
-        "--max-new-tokens", type=int, default=None, help="longest output in tokens (default: the model's max_len)"
+        "--max-new-tokens", type=_positive, default=None, help="longest output in tokens (default: the model's max_len)"
     )
     tl.set_defaults(func=_cmd_translate)
 
@@ -475,14 +573,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--prompt", default=None, help="the prompt text (default: stdin)")
     g.add_argument("--tokenizer", default=None, help="tokenizer file (default: the model's own)")
-    g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--max-new-tokens", type=_positive, default=100)
+    g.add_argument("--temperature", type=_temperature, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=_positive, default=None)
+    g.add_argument("--top-p", type=_top_p, default=None)
     g.add_argument("--stop", action="append", default=None, help="cut the text at this string (repeatable)")
-    g.add_argument("--num-samples", type=int, default=1)
+    g.add_argument("--num-samples", type=_positive, default=1)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)  # tests: the first N layers
+    g.add_argument("--layers", type=_positive, default=None, help=argparse.SUPPRESS)  # tests: the first N layers
     g.set_defaults(func=_cmd_generate)
 
     c = sub.add_parser(
@@ -494,16 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="smollm2, a .gguf file or a Hugging Face Llama folder")
     c.add_argument("--tokenizer", default=None, help="tokenizer file (default: the model's own)")
     c.add_argument("--system", default=None, help="a system message to start the conversation")
-    c.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens")
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    c.add_argument("--top-k", type=int, default=None)
-    c.add_argument("--top-p", type=float, default=None)
+    c.add_argument("--max-new-tokens", type=_positive, default=256, help="longest reply in tokens")
+    c.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--top-k", type=_positive, default=None)
+    c.add_argument("--top-p", type=_top_p, default=None)
     c.add_argument("--seed", type=int, default=None)
-    c.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
+    c.add_argument("--layers", type=_positive, default=None, help=argparse.SUPPRESS)
     c.set_defaults(func=_cmd_chat)
 
     ic = sub.add_parser("icl", help="in-context learning evaluation")
-    isub = ic.add_subparsers(dest="icl_command", required=True)
+    isub = ic.add_subparsers(dest="icl_command", required=True, parser_class=_Parser)
     ev = isub.add_parser("eval", help="k-shot classification accuracy over k and seeds (default: the embedded task)")
     ev.add_argument(
         "--model",
@@ -511,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="smollm2, a .gguf file, a `ferrolm train` folder, a .safetensors checkpoint or a Hugging Face model "
         "folder",
     )
-    ev.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
+    ev.add_argument("--layers", type=_positive, default=None, help=argparse.SUPPRESS)
     ev.add_argument("--tokenizer", default=None, help="tokenizer file (default: tokenizer.json next to the model)")
     ev.add_argument(
         "--data", default=None, help="JSONL or CSV with input and label/output fields (default: the embedded task)"
@@ -524,12 +622,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--separator", default="\n\n", help="between demonstrations (\\n and \\t are unescaped in all templates)"
     )
     ev.add_argument("--instruction", default="")
-    ev.add_argument("--label-words", default=None, help='JSON object label -> word, e.g. \'{"0": " no", "1": " yes"}\'')
-    ev.add_argument("--test-fraction", type=float, default=0.2, help="the tail of --data used as queries")
+    ev.add_argument(
+        "--label-words",
+        type=_label_words,
+        default=None,
+        help='JSON object label -> word, e.g. \'{"0": " no", "1": " yes"}\'',
+    )
+    ev.add_argument("--test-fraction", type=_test_fraction, default=0.2, help="the tail of --data used as queries")
     ev.add_argument("--retriever", default="random", choices=["random", "fixed", "bm25", "topk", "mmr"])
-    ev.add_argument("--k", default="0,1,2,4,8", help="comma-separated demonstration counts")
-    ev.add_argument("--seeds", type=int, default=3)
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--k", type=_k_list, default="0,1,2,4,8", help="comma-separated demonstration counts")
+    ev.add_argument("--seeds", type=_positive, default=3)
+    ev.add_argument("--batch-size", type=_positive, default=16)
     ev.add_argument("--out", default="icl-results", help="folder for icl.md, icl.json and icl.png")
     ev.set_defaults(func=_cmd_icl_eval)
     ex = isub.add_parser(
@@ -567,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--model", default=None, help="smollm2, a .gguf file, a `ferrolm train` folder or a .safetensors checkpoint"
     )
-    f.add_argument("--layers", type=int, default=None, help=argparse.SUPPRESS)
+    f.add_argument("--layers", type=_positive, default=None, help=argparse.SUPPRESS)
     f.add_argument("--results", default="docs/results", help="experiment: output folder for finetune.md/.json/.png")
     f.add_argument("--quick", action="store_true", help="experiment: tiny sizes (a smoke run)")
     f.add_argument("--tokenizer", default=None)
@@ -580,21 +683,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--input-key", default="input")
     f.add_argument("--output-key", default=None)
     f.add_argument("--out", default="runs/finetune")
-    f.add_argument("--steps", type=int, default=200)
-    f.add_argument("--batch-size", type=int, default=8)
-    f.add_argument("--seq-len", type=int, default=128)
-    f.add_argument("--lr", type=float, default=1e-3)
-    f.add_argument("--r", type=int, default=8, help="LoRA rank")
-    f.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
-    f.add_argument("--lora-dropout", type=float, default=0.0)
+    f.add_argument("--steps", type=_positive, default=200)
+    f.add_argument("--batch-size", type=_positive, default=8)
+    f.add_argument("--seq-len", type=_positive, default=128)
+    f.add_argument("--lr", type=_lr, default=1e-3)
+    f.add_argument("--r", type=_positive, default=8, help="LoRA rank")
+    f.add_argument("--alpha", type=_lr, default=16.0, help="LoRA alpha")
+    f.add_argument("--lora-dropout", type=_fraction, default=0.0)
     f.add_argument(
         "--targets",
         default=None,
         help="LoRA target modules, comma-separated (default: a GPT's c_attn,c_proj,c_fc; a Llama's "
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)",
     )
-    f.add_argument("--virtual-tokens", type=int, default=16, help="prompt tuning: virtual tokens")
-    f.add_argument("--checkpoint-interval", type=int, default=100)
+    f.add_argument("--virtual-tokens", type=_positive, default=16, help="prompt tuning: virtual tokens")
+    f.add_argument("--checkpoint-interval", type=_count, default=100)
     f.add_argument("--seed", type=int, default=1337)
     f.add_argument("--resume", action="store_true")
     f.set_defaults(func=_cmd_finetune)
@@ -630,9 +733,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("ferrolm: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, KeyError, OSError, ImportError) as e:
-        msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"ferrolm: error: {msg}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as e:  # not TypeError/KeyError: those are bugs, not user errors
+        print(f"ferrolm: error: {e}", file=sys.stderr)
         return 2
 
 

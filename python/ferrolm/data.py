@@ -480,6 +480,11 @@ class TokenShard:
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise IsADirectoryError(
+                f"{self.path} is a folder, not a token shard file; pass one shard file "
+                "(ferrolm.data.expand_paths lists the shards of a folder)"
+            )
         itemsize, count = _core.shard_info(str(self.path))  # validates the header and size
         self.dtype = np.dtype(np.uint16 if itemsize == 2 else np.uint32)
         self._count = count

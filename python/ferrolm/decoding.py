@@ -22,6 +22,7 @@ accepted and regrouped the same way.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import torch
@@ -110,7 +111,15 @@ def sample_next(
     """The next token of each row (B,) from logits (B, V): argmax when ``temperature`` is 0 or
     None (exactly ``logits.argmax(-1)``), else a sample from ``softmax(logits / temperature)``
     restricted to the ``top_k`` most likely tokens and to the smallest set whose probability
-    reaches ``top_p`` (nucleus)."""
+    reaches ``top_p`` (nucleus).
+
+    Raises:
+        ValueError: the logits hold NaN (a model with NaN weights or activations).
+    """
+    if torch.isnan(logits).any():
+        raise ValueError(
+            "the model produced NaN logits (NaN weights or activations); check the checkpoint or the inputs"
+        )
     if not temperature:
         return logits.argmax(-1)
     logits = logits.float() / float(temperature)
@@ -177,8 +186,8 @@ def generate(
         )
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if temperature is not None and temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if temperature is not None and not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

@@ -472,41 +472,94 @@ def save_lora(model: nn.Module, out_dir: PathLike) -> Path:
     return out
 
 
+def _adapter_config(path: Path) -> Dict:
+    """The checked ``adapter_config.json``: a LoRA config with a positive int ``r``, a positive
+    ``lora_alpha`` and a dropout in [0, 1) (FormatError naming the file and the key)."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{path} must hold a JSON object, got {type(cfg).__name__}")
+    if cfg.get("peft_type") != "LORA":
+        raise FormatError(f"{path} describes a {cfg.get('peft_type')!r} adapter; only LoRA adapters load")
+    r, alpha, dropout = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout", 0.0)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise FormatError(f"{path}: 'r' must be a positive int, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        raise FormatError(f"{path}: 'lora_alpha' must be a positive number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise FormatError(f"{path}: 'lora_dropout' must be a number in [0, 1), got {dropout!r}")
+    if cfg.get("bias", "none") != "none" or cfg.get("use_dora") or cfg.get("use_rslora"):
+        raise ValueError(f"{path}: only plain LoRA adapters (bias='none', no DoRA / rsLoRA) are supported")
+    return cfg
+
+
+def _adapter_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of ``adapter_model.safetensors`` (FormatError for a corrupt file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise FormatError(f"{path} is not a valid safetensors file: {e}") from None
+
+
 def load_lora(model: nn.Module, adapter_dir: PathLike) -> List[str]:
     """Applies a LoRA adapter saved by :func:`save_lora` or by PEFT (``PeftModel.save_pretrained``
     of a GPT-2 or Llama LoRA) to ``model``; returns the adapted module names.
 
-    Raises:
-        FileNotFoundError; FormatError (not a LoRA adapter); ValueError (modules or shapes that
-        do not fit this model).
-    """
-    from safetensors.torch import load_file
+    The whole adapter (config, every factor's presence, rank, dtype and shape against the
+    model's layers) is checked before the model is touched: a refused adapter leaves the model
+    as it was.
 
+    Raises:
+        FileNotFoundError; FormatError (not a LoRA adapter, a malformed config, a corrupt or
+        inconsistent weights file, naming the file); ValueError (modules or shapes that do not
+        fit this model, LoRA already applied).
+    """
     d = Path(adapter_dir)
     if not (d / ADAPTER_CONFIG).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"{d} has no {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    try:
-        cfg = json.loads((d / ADAPTER_CONFIG).read_text())
-        tensors = load_file(str(d / ADAPTER_WEIGHTS))
-    except (ValueError, OSError) as e:
-        raise FormatError(f"{d} is not a readable adapter: {e}") from None
-    if cfg.get("peft_type") != "LORA":
-        raise FormatError(f"{d} holds a {cfg.get('peft_type')!r} adapter; only LoRA adapters load")
-    if cfg.get("bias", "none") != "none" or cfg.get("use_dora") or cfg.get("use_rslora"):
-        raise ValueError("only plain LoRA adapters (bias='none', no DoRA / rsLoRA) are supported")
+    cfg = _adapter_config(d / ADAPTER_CONFIG)
+    weights = d / ADAPTER_WEIGHTS
+    tensors = _adapter_tensors(weights)
+    r, alpha = cfg["r"], float(cfg["lora_alpha"])
     pat = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
     factors: Dict[str, Dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         m = pat.match(k)
         if not m:
-            raise FormatError(f"unexpected key {k!r} in {d / ADAPTER_WEIGHTS}")
+            raise FormatError(f"unexpected key {k!r} in {weights}")
+        if not v.is_floating_point() or v.dim() != 2:
+            raise FormatError(f"{weights}: {k} must be a 2-D float tensor, got {v.dim()}-D {v.dtype}")
         factors.setdefault(m.group(1), {})[m.group(2)] = v
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    if not factors:
+        raise FormatError(f"{weights} holds no LoRA factors")
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model already has LoRA layers (merge_and_unload it first)")
     names = sorted(factors)
-    linears = {n for n, m in model.named_modules() if _is_lora_target(m)}
-    missing = [n for n in names if n not in linears]
+    layers = {n: m for n, m in model.named_modules() if _is_lora_target(m)}
+    missing = [n for n in names if n not in layers]
     if missing:
         raise ValueError(f"the adapter targets modules this model lacks: {missing[:5]}")
+    for n in names:
+        a, b = factors[n].get("A"), factors[n].get("B")
+        if a is None or b is None:
+            raise FormatError(f"{weights}: module {n} lacks lora_{'A' if a is None else 'B'}")
+        if a.shape[0] != r or b.shape[1] != r:
+            raise FormatError(
+                f"{weights}: module {n} has rank {a.shape[0]} (A {tuple(a.shape)}, B {tuple(b.shape)}) but "
+                f"{ADAPTER_CONFIG} says r={r}"
+            )
+        layer = layers[n]  # nn.Linear (or a layer with its in/out_features) or GPT-2's Conv1D (in, out)
+        n_out, n_in = tuple(layer.weight.shape[::-1]) if _is_conv1d(layer) else (layer.out_features, layer.in_features)
+        if a.shape[1] != n_in or b.shape[0] != n_out:
+            raise ValueError(
+                f"adapter shapes for {n} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit this model's layer "
+                f"({n_in} inputs, {n_out} outputs: A ({r}, {n_in}), B ({n_out}, {r}))"
+            )
     apply_lora(
         model,
         r=r,
@@ -514,17 +567,9 @@ def load_lora(model: nn.Module, adapter_dir: PathLike) -> List[str]:
         target_modules=[f"^{re.escape(n)}$" for n in names],
         dropout=float(cfg.get("lora_dropout", 0.0)),
     )
-    for n in names:
-        layer = model.get_submodule(n)
-        a, b = factors[n].get("A"), factors[n].get("B")
-        if a is None or b is None:
-            raise FormatError(f"adapter module {n} lacks lora_A or lora_B")
-        if tuple(a.shape) != tuple(layer.lora_A.weight.shape) or tuple(b.shape) != tuple(layer.lora_B.weight.shape):
-            raise ValueError(
-                f"adapter shapes for {n} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit this model "
-                f"(A {tuple(layer.lora_A.weight.shape)}, B {tuple(layer.lora_B.weight.shape)})"
-            )
-        with torch.no_grad():
-            layer.lora_A.weight.copy_(a)
-            layer.lora_B.weight.copy_(b)
+    with torch.no_grad():
+        for n in names:
+            layer = model.get_submodule(n)
+            layer.lora_A.weight.copy_(factors[n]["A"])
+            layer.lora_B.weight.copy_(factors[n]["B"])
     return names

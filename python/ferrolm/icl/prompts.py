@@ -16,13 +16,14 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
-from .._io import PathLike
+from .._io import PathLike, read_text
 
 __all__ = ["Example", "Template", "load_examples"]
 
@@ -76,12 +77,10 @@ def load_examples(
     if not path.is_file():
         raise FileNotFoundError(f"no such dataset file: {path}")
     out: List[Example] = []
+    text = read_text(path)
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            for i, rec in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-                out.append(_from_record(rec, f"{path}:{i}", input_key, output_key))
-        return out
-    with open(path, encoding="utf-8") as f:
+        return _csv_examples(path, text, input_key, output_key)
+    with io.StringIO(text) as f:
         for i, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -90,6 +89,27 @@ def load_examples(
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
             out.append(_from_record(rec, f"{path}:{i}", input_key, output_key))
+    return out
+
+
+def _csv_examples(path: Path, text: str, input_key: str, output_key: Optional[str]) -> List[Example]:
+    """The rows of a CSV file as examples; a row whose cell count differs from the header's is
+    a ValueError naming ``file:line`` (not a missing output or cells under the key None)."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None:
+        raise ValueError(f"{path} is empty; expected a header row naming the columns")
+    out: List[Example] = []
+    line = reader.line_num + 1  # where the next row starts (a quoted cell may span lines)
+    for row in reader:
+        if row:  # blank lines are skipped, as csv.DictReader does
+            if len(row) != len(header):
+                raise ValueError(
+                    f"{path}:{line}: the row has {len(row)} cells but the header has {len(header)} "
+                    f"({', '.join(header)}); quote cells that contain commas"
+                )
+            out.append(_from_record(dict(zip(header, row)), f"{path}:{line}", input_key, output_key))
+        line = reader.line_num + 1
     return out
 
 
@@ -121,9 +141,17 @@ class Template:
                 raise TypeError(f"Template.{name} must be a str")
         for name in ("demo", "query"):
             try:
-                list(string.Formatter().parse(getattr(self, name)))
+                parsed = list(string.Formatter().parse(getattr(self, name)))
             except ValueError as e:
                 raise ValueError(f"Template.{name} is not a valid format string: {e}") from None
+            for _, fname, spec, _ in parsed:
+                if fname is not None and not fname.isidentifier():  # no {}, {0}, {input.attr}, {input[0]}
+                    raise ValueError(
+                        f"Template.{name} has the field {{{fname}}}: fields are plain names such as {{input}} or "
+                        "{label} (no positions, attributes or indexing); write a literal brace as {{ or }}"
+                    )
+                if spec and "{" in spec:
+                    raise ValueError(f"Template.{name} has a nested field in the format spec {spec!r}")
         if self.label_words is not None and len(self.label_words) == 0:
             raise ValueError(
                 "Template.label_words is empty: classification needs a word for each label (at least one choice)"

@@ -100,6 +100,10 @@ def attention(q, k, v, causal: bool = False, key_padding_mask=None, scale: Optio
     hk, tk = k.shape[1], k.shape[2]
     if hk == 0 or hq % hk:
         raise ValueError(f"kv heads ({hk}) must divide query heads ({hq})")
+    if d == 0 or v.shape[3] == 0:
+        raise ValueError(
+            f"head_dim must be positive: q/k have head_dim {d}, v {v.shape[3]} (q {tuple(q.shape)}, v {tuple(v.shape)})"
+        )
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor (True = ignore the key)")

@@ -5,8 +5,9 @@ and dtypes go through :func:`ferrolm.kernels.attention.attention` with a padding
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
+import numpy as np
 import torch
 
 from .. import _core
@@ -14,6 +15,26 @@ from ._common import num_threads, to_numpy
 from .attention import attention
 
 __all__ = ["decode_attention"]
+
+
+def _lengths(cache_lengths) -> List[int]:
+    """``cache_lengths`` as ints; floats (2.7 would silently become 2) and bools are a TypeError."""
+    if isinstance(cache_lengths, torch.Tensor):
+        if cache_lengths.dtype.is_floating_point or cache_lengths.dtype.is_complex or cache_lengths.dtype == torch.bool:
+            raise TypeError(f"cache_lengths must hold integers, got a {cache_lengths.dtype} tensor")
+        return [int(x) for x in cache_lengths.reshape(-1).tolist()]
+    if isinstance(cache_lengths, np.ndarray):
+        if cache_lengths.dtype.kind not in "iu":
+            raise TypeError(f"cache_lengths must hold integers, got a {cache_lengths.dtype} array")
+        return [int(x) for x in cache_lengths.reshape(-1).tolist()]
+    try:
+        values = list(cache_lengths)
+    except TypeError:
+        raise TypeError(f"cache_lengths must be a sequence of ints, got {type(cache_lengths).__name__}") from None
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+            raise TypeError(f"cache_lengths must hold ints, got {x!r} ({type(x).__name__})")
+    return [int(x) for x in values]
 
 
 def decode_attention(q, k_cache, v_cache, cache_lengths, scale: Optional[float] = None):
@@ -57,12 +78,17 @@ def decode_attention(q, k_cache, v_cache, cache_lengths, scale: Optional[float] 
     hk, cap = k_cache.shape[1], k_cache.shape[2]
     if hk == 0 or hq % hk:
         raise ValueError(f"kv heads ({hk}) must divide query heads ({hq})")
+    if d == 0 or v_cache.shape[3] == 0:
+        raise ValueError(f"head_dim must be positive: q/k_cache have {d}, v_cache {v_cache.shape[3]}")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise TypeError(f"q and the caches must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    lengths = [int(x) for x in (cache_lengths.tolist() if hasattr(cache_lengths, "tolist") else cache_lengths)]
+    lengths = _lengths(cache_lengths)
     if len(lengths) != b or any(x < 0 or x > cap for x in lengths):
         raise ValueError(f"cache_lengths must hold {b} ints in [0, {cap}], got {lengths}")
     scale = (1.0 / d**0.5) if scale is None else float(scale)
+    if b == 0:
+        out = q.new_zeros(0, hq, v_cache.shape[3])
+        return out[:, :, None] if squeeze else out
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache))
     if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and not grad:
         out = torch.from_numpy(

@@ -23,9 +23,18 @@ __all__ = ["FORMAT", "save_model", "load_model"]
 FORMAT = "ferrolm-model-1"
 
 
-def save_model(model: nn.Module, path: PathLike) -> None:
+def save_model(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> None:
     """Writes ``model``'s weights and config to one safetensors file, atomically (temporary
     name, then rename). Shared (tied) tensors are stored once.
+
+    A model with LoRA updates (:func:`ferrolm.finetune.apply_lora`, ``load_lora`` or
+    ``apply_lora_rnn``) is saved with the updates merged into its weights, under the plain
+    architecture's names, so :func:`load_model` reads it back as an ordinary model with the same
+    outputs; ``model`` itself keeps its LoRA layers. Keep the adapter apart with
+    :func:`ferrolm.finetune.save_lora`.
+
+    Args:
+        metadata: extra string entries for the file's metadata (e.g. the training step).
 
     Raises:
         TypeError: ``model`` is not a ferrolm model (see :data:`~.registry.ARCHITECTURES`).
@@ -33,9 +42,80 @@ def save_model(model: nn.Module, path: PathLike) -> None:
     from safetensors.torch import save_model as _save
 
     arch = architecture_of(model)
-    meta = {"format": FORMAT, "architecture": arch, "config": json.dumps(model.config.to_dict())}
+    model = _merged(model)
+    meta = {**(metadata or {}), "format": FORMAT, "architecture": arch, "config": json.dumps(model.config.to_dict())}
     with atomic_path(path) as tmp:
         _save(model, str(tmp), metadata=meta, force_contiguous=True)
+
+
+def _is_lora_layer(m: nn.Module) -> bool:
+    """A :class:`ferrolm.finetune.LoRALinear` (by its interface: models never import finetune)."""
+    return hasattr(m, "base") and hasattr(m, "lora_A") and hasattr(m, "merged") and callable(getattr(m, "delta", None))
+
+
+def _merged(model: nn.Module) -> nn.Module:
+    """``model``, or when it has LoRA updates a fresh model of its class holding the merged
+    weights under the plain names (``model`` is not changed: a deep copy would share torch's
+    parametrized class, which removing the parametrization alters)."""
+    from torch.nn.utils import parametrize
+
+    lora = any(_is_lora_layer(m) for m in model.modules())
+    if not lora and not any(parametrize.is_parametrized(m) for m in model.modules()):
+        return model
+    fresh = type(model)(model.config)
+    state = {}
+    with torch.no_grad():
+        for key in fresh.state_dict():
+            path, _, attr = key.rpartition(".")
+            mod = model.get_submodule(path) if path else model
+            if _is_lora_layer(mod):
+                if not isinstance(getattr(mod.base, "weight", None), nn.Parameter):
+                    raise ValueError(
+                        f"{path} has LoRA over a base without a float weight ({type(mod.base).__name__}); save the "
+                        "adapter with ferrolm.finetune.save_lora, or load the base dequantized to save merged weights"
+                    )
+                value = getattr(mod.base, attr)
+                if attr == "weight" and not mod.merged:
+                    value = value + mod.delta().to(value.dtype)
+            else:
+                value = getattr(mod, attr)  # a parametrized weight reads merged
+            state[key] = value.detach()
+    fresh.load_state_dict(state)
+    return fresh
+
+
+def _check_against_tensors(path: PathLike, cls: Type[nn.Module], config, tensors: Dict[str, torch.Tensor]) -> None:
+    """Builds the model on the meta device (no memory) and compares its tensor names and shapes
+    with the file's, so a config that claims more than the file holds (``n_layer=60`` in a
+    350 KB file) is refused before gigabytes are allocated. Names that share one tensor (tied
+    weights) count as present when one of them is."""
+    try:
+        with torch.device("meta"):
+            shadow = cls(config)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise FormatError(f"{path}: the config in the checkpoint's metadata cannot build a model: {e}") from None
+    own = shadow.state_dict(keep_vars=True)
+    groups: Dict[int, list] = {}
+    for k, v in own.items():
+        groups.setdefault(id(v), []).append(k)  # meta tensors have no data_ptr; tied names share the object
+    missing, shapes = [], []
+    for names in groups.values():
+        present = [k for k in names if k in tensors]
+        if not present:
+            missing.append(names[0])
+            continue
+        want = tuple(own[names[0]].shape)
+        got = tuple(tensors[present[0]].shape)
+        if want != got:
+            shapes.append(f"{present[0]}: file {got} vs config {want}")
+    if missing or shapes:
+        parts = ([f"missing tensors {missing[:5]}"] if missing else []) + (
+            [f"shapes that differ {shapes[:5]}"] if shapes else []
+        )
+        raise FormatError(
+            f"{path}: the config in the metadata does not match the tensors in the file ({'; '.join(parts)}); "
+            "the checkpoint is corrupt or was edited"
+        )
 
 
 def _read_checkpoint(path: PathLike):
@@ -79,14 +159,23 @@ def load_model(
     if expect is not None and cls is not expect:
         raise ValueError(f"{path} holds a {cls.__name__} ({arch!r}) checkpoint, not a {expect.__name__}")
     try:
-        config = config_from_dict({"architecture": arch, **json.loads(meta["config"])})
+        fields = json.loads(meta["config"])
         aliases = json.loads(meta.get("aliases", "{}"))  # checkpoints written before shared tensors were dropped
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: the config in the checkpoint's metadata is not valid JSON ({e})") from None
-    model = cls(config)
+    if not isinstance(fields, dict) or not isinstance(aliases, dict):
+        raise FormatError(
+            f"{path}: the checkpoint's config metadata must be a JSON object, got {meta['config'][:80]!r}"
+        )
+    try:
+        config = config_from_dict({"architecture": arch, **fields})
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{path}: the config in the checkpoint's metadata is invalid: {e}") from None
     for alias, source in aliases.items():
-        if source in tensors:
+        if isinstance(source, str) and source in tensors:
             tensors[alias] = tensors[source]
+    _check_against_tensors(path, cls, config, tensors)
+    model = cls(config)
     # Tensors that safetensors stored once for several names: the model ties them itself.
     own = model.state_dict()
     by_storage = {}

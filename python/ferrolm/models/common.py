@@ -112,7 +112,8 @@ class Checkpointable:
     config: Any
 
     def save(self, path: PathLike) -> None:
-        """Writes a safetensors checkpoint (see :func:`save_model`)."""
+        """Writes a safetensors checkpoint (see :func:`save_model`); with LoRA layers
+        (``apply_lora``/``load_lora``) the merged weights, which load as the plain architecture."""
         from .checkpoint import save_model  # checkpoint reads the architecture table, which names this class
 
         save_model(self, path)  # type: ignore[arg-type]

@@ -109,6 +109,8 @@ class _FusedRNNMixin:
         """CPU float32/float64: the fused kernels; anything else: torch's own implementation
         (``lengths`` then goes through ``pack_padded_sequence``)."""
         data = input.data if isinstance(input, PackedSequence) else input
+        if data.dim() == 3 and data.size(0 if self.batch_first else 1) == 0:
+            return super().forward(input, hx)  # type: ignore[misc]  # an empty batch: torch's empty outputs
         if not self._use_fused(data):
             torch_forward = super().forward  # type: ignore[misc]
             if lengths is not None:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import numpy as np
 
-from .._io import PathLike, atomic_write
+from .._io import PathLike, atomic_write, read_text
 from ..corpus import default_corpus
 from ..data import TokenShard, expand_paths, is_token_shard
 from ..tokenizer import Tokenizer
@@ -48,7 +48,7 @@ def token_stream(
     ``<|endoftext|>`` when the tokenizer has it, then the tokens of each shard."""
     streams: List[np.ndarray] = []
     if texts_or_files:
-        docs = [Path(f).read_text(encoding="utf-8") if isinstance(f, Path) else f for f in texts_or_files]
+        docs = [read_text(f) if isinstance(f, Path) else f for f in texts_or_files]
         eot = tok.special_tokens.get("<|endoftext|>")
         for ids in tok.encode_ordinary_batch(docs):
             streams.append(np.asarray(ids + ([eot] if eot is not None else []), dtype=np.int64))
@@ -85,55 +85,37 @@ class LMOptions:
     max_bytes: Optional[int] = None
 
 
-def train_language_model(
-    arch: str,
-    data: Sequence[PathLike],
-    out_dir: PathLike,
-    options: Optional[LMOptions] = None,
-    tokenizer: Optional[PathLike] = None,
-    resume: bool = False,
-):
-    """Trains a GPT (``arch="gpt"``) or LSTM/GRU language model (``"lstm"``) and writes its
-    checkpoint, ``model.safetensors`` and ``tokenizer.json`` into ``out_dir``.
+def _check_options(arch: str, o: LMOptions) -> None:
+    """Raises ValueError naming the first option that cannot run (before any work is done)."""
+    from ..data import _check_int
 
-    Args:
-        data: UTF-8 text files, token shards or folders of them (empty: the embedded corpus).
-        tokenizer: a tokenizer file; by default one is trained on the data (or, with
-            ``resume``, the one already in ``out_dir`` is used).
-        resume: continue the checkpoint in ``out_dir`` exactly.
-
-    Returns:
-        ``(model, TrainResult)``.
-    """
-    from ..models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel, load_model
-    from ..training import TrainConfig, train
-
-    o = options or LMOptions()
     if arch not in ("gpt", "lstm"):
         raise ValueError(f"arch must be 'gpt' or 'lstm', got {arch!r}")
-    out = Path(out_dir)
-    files = expand_paths(data)
-    shards = [f for f in files if is_token_shard(f)]
-    texts_or_files: List[Any] = [f for f in files if f not in shards] if files else default_corpus(o.max_bytes)
-    tok_path = Path(tokenizer) if tokenizer else out / "tokenizer.json"
-    if tokenizer or (resume and tok_path.is_file()):
-        tok = Tokenizer.from_file(tok_path)
-    elif shards and not texts_or_files:
-        raise ValueError("token shards need the tokenizer that wrote them: pass --tokenizer")
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "vocab_size", "eval_batches"):
+        _check_int(name, getattr(o, name))
+    for name in ("warmup", "eval_interval", "checkpoint_interval"):
+        _check_int(name, getattr(o, name), minimum=0)
+    if arch == "gpt":
+        for name in ("n_layer", "n_head", "n_embd"):
+            _check_int(name, getattr(o, name))
     else:
-        _log(f"training a {o.vocab_size}-token BPE tokenizer on the data ...")
-        tok = Tokenizer.train(texts_or_files, vocab_size=o.vocab_size, special_tokens=["<|endoftext|>"])
-        out.mkdir(parents=True, exist_ok=True)
-        tok.save_hf_json(out / "tokenizer.json")
-    tokens = token_stream(tok, texts_or_files, shards)
-    cut = int(len(tokens) * (1.0 - o.val_fraction))
-    train_ids, val_ids = tokens[:cut], tokens[cut:]
-    if resume:
-        model = load_model(out / "model.safetensors")
-    elif arch == "gpt":
-        model = GPT(
+        for name in ("n_embd", "hidden_size", "num_layers"):
+            _check_int(name, getattr(o, name))
+    _check_int("max_bytes", o.max_bytes, optional=True)
+    if not (isinstance(o.val_fraction, (int, float)) and 0.0 <= o.val_fraction < 1.0):
+        raise ValueError(f"val_fraction must be in [0, 1), got {o.val_fraction!r}")
+    if not (isinstance(o.lr, (int, float)) and o.lr > 0 and o.lr < float("inf")):
+        raise ValueError(f"lr must be a positive finite number, got {o.lr!r}")
+
+
+def _lm_model(arch: str, o: LMOptions, vocab_size: int):
+    """The GPT or LSTM of ``o`` (on the meta device when only its config is being checked)."""
+    from ..models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel
+
+    if arch == "gpt":
+        return GPT(
             GPTConfig(
-                vocab_size=tok.n_vocab,
+                vocab_size=vocab_size,
                 block_size=o.seq_len,
                 n_layer=o.n_layer,
                 n_head=o.n_head,
@@ -142,19 +124,23 @@ def train_language_model(
                 positions=o.positions,
             )
         )
-    else:
-        model = LSTMLanguageModel(
-            LSTMConfig(
-                vocab_size=tok.n_vocab,
-                n_embd=o.n_embd,
-                hidden_size=o.hidden_size,
-                num_layers=o.num_layers,
-                dropout=o.dropout,
-                cell=o.cell,
-                tie_weights=o.n_embd == o.hidden_size,
-            )
+    return LSTMLanguageModel(
+        LSTMConfig(
+            vocab_size=vocab_size,
+            n_embd=o.n_embd,
+            hidden_size=o.hidden_size,
+            num_layers=o.num_layers,
+            dropout=o.dropout,
+            cell=o.cell,
+            tie_weights=o.n_embd == o.hidden_size,
         )
-    cfg = TrainConfig(
+    )
+
+
+def _train_config(o: LMOptions):
+    from ..training import TrainConfig
+
+    return TrainConfig(
         max_steps=o.steps,
         batch_size=o.batch_size,
         seq_len=o.seq_len,
@@ -167,14 +153,91 @@ def train_language_model(
         checkpoint_interval=o.checkpoint_interval,
         seed=o.seed,
     )
-    _log(
-        f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters; "
-        f"{len(train_ids):,} training / {len(val_ids):,} validation tokens -> {out}"
+
+
+def train_language_model(
+    arch: str,
+    data: Sequence[PathLike],
+    out_dir: PathLike,
+    options: Optional[LMOptions] = None,
+    tokenizer: Optional[PathLike] = None,
+    resume: bool = False,
+):
+    """Trains a GPT (``arch="gpt"``) or LSTM/GRU language model (``"lstm"``) and writes its
+    checkpoint, ``model.safetensors`` and ``tokenizer.json`` into ``out_dir``.
+
+    Every option, the model's config and the files are checked before any work, and nothing is
+    written into ``out_dir`` until the run starts (a rejected run leaves the folder as it was);
+    the folder is then locked for the run (:func:`ferrolm._io.folder_lock`).
+
+    Args:
+        data: UTF-8 text files, token shards or folders of them (empty: the embedded corpus).
+        tokenizer: a tokenizer file; by default one is trained on the data (or, with
+            ``resume``, the one already in ``out_dir`` is used).
+        resume: continue the checkpoint in ``out_dir`` exactly.
+
+    Returns:
+        ``(model, TrainResult)``.
+
+    Raises:
+        ValueError naming the option; FileNotFoundError; FolderLockedError (another run
+        writes into ``out_dir``).
+    """
+    import torch
+
+    from ..models import GPT, LSTMLanguageModel, load_model
+    from ..training import train
+    from ..training.batches import batches_for
+    from ..training.distributed import output_lock
+
+    o = options or LMOptions()
+    _check_options(arch, o)
+    cfg = _train_config(o)
+    with torch.device("meta"):  # the config's own checks (heads dividing the width, ...) at no cost
+        _lm_model(arch, o, o.vocab_size)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder")
+    if resume and not (out / "model.safetensors").is_file():
+        raise FileNotFoundError(f"nothing to resume: {out / 'model.safetensors'} does not exist")
+    files = expand_paths(data)
+    shards = [f for f in files if is_token_shard(f)]
+    texts_or_files: List[Any] = [f for f in files if f not in shards] if files else default_corpus(o.max_bytes)
+    tok_path = Path(tokenizer) if tokenizer else out / "tokenizer.json"
+    if resume and not tok_path.is_file():
+        raise FileNotFoundError(f"nothing to resume with: {tok_path} does not exist (pass --tokenizer)")
+    trained = False
+    if tokenizer or resume:
+        tok = Tokenizer.from_file(tok_path)
+    elif shards and not texts_or_files:
+        raise ValueError("token shards need the tokenizer that wrote them: pass --tokenizer")
+    else:
+        _log(f"training a {o.vocab_size}-token BPE tokenizer on the data ...")
+        tok = Tokenizer.train(texts_or_files, vocab_size=o.vocab_size, special_tokens=["<|endoftext|>"])
+        trained = True
+    tokens = token_stream(tok, texts_or_files, shards)
+    if len(tokens) and int(tokens.max()) >= tok.n_vocab:
+        raise ValueError(
+            f"the data holds token id {int(tokens.max())} but the tokenizer has {tok.n_vocab} tokens; "
+            "pass the tokenizer that wrote the shards (--tokenizer)"
+        )
+    cut = int(len(tokens) * (1.0 - o.val_fraction))
+    train_ids, val_ids = tokens[:cut], tokens[cut:]
+    batches_for(train_ids, cfg, 0, 1)  # too little data for one batch is refused here, before any write
+    model = (
+        load_model(out / "model.safetensors", expect=GPT if arch == "gpt" else LSTMLanguageModel)
+        if resume
+        else _lm_model(arch, o, tok.n_vocab)
     )
-    val = val_ids if len(val_ids) > cfg.batch_size * cfg.seq_len else None
-    result = train(model, train_ids, val, cfg, out_dir=out, resume=resume)
-    if not (out / "tokenizer.json").exists():
-        tok.save_hf_json(out / "tokenizer.json")
+    with output_lock(out):  # the run starts: from here on it writes into out
+        _log(
+            f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+            f"{len(train_ids):,} training / {len(val_ids):,} validation tokens -> {out}"
+        )
+        if trained or not (out / "tokenizer.json").exists():
+            tok.save_hf_json(out / "tokenizer.json")
+        val = val_ids if len(val_ids) > cfg.batch_size * cfg.seq_len else None
+        result = train(model, train_ids, val, cfg, out_dir=out, resume=resume)
     return model, result
 
 
@@ -420,7 +483,7 @@ def finetune_data(
             )
         texts = [e.input for e in examples]
     else:
-        texts = [path.read_text(encoding="utf-8")]
+        texts = [read_text(path)]
     eot = tok.special_tokens.get("<|endoftext|>")
     return np.asarray(
         [t for ids in tok.encode_ordinary_batch(texts) for t in ids + ([eot] if eot is not None else [])],
@@ -468,6 +531,7 @@ def finetune_model(
     from ..models import GPT, Llama, LSTMLanguageModel, save_model
     from ..quant import QuantLinear
     from ..training import TrainConfig, train
+    from ..training.distributed import output_lock
 
     if not isinstance(model, (GPT, Llama, LSTMLanguageModel)):
         raise ValueError(
@@ -507,23 +571,24 @@ def finetune_model(
         seed=seed,
     )
     out = Path(out_dir)
-    result = train(target, data, None, cfg, out_dir=out, resume=resume)
     quantized = any(isinstance(m, QuantLinear) for m in model.modules())
-    if method == "lora" and quantized:
-        # QLoRA: the adapter is the result; merging would requantize the base.
-        ft.save_lora(model, out / "adapter")
-    elif method == "lora" and isinstance(model, (GPT, Llama)):
-        ft.save_lora(model, out / "adapter")
-        ft.merge_and_unload(model)
-    elif method == "lora":
-        ft.merge_lora_rnn(model.rnn)
-    if quantized and method == "lora":
-        pass
-    elif method == "prompt":
-        atomic_write(out / "prompt.safetensors", save({"prompt": target.prompt.detach().cpu().contiguous()}))
-    else:
-        save_model(model, out / "model.safetensors")
-    tok.save_hf_json(out / "tokenizer.json")
+    with output_lock(out):  # the run and the files written after it, as one locked unit
+        result = train(target, data, None, cfg, out_dir=out, resume=resume)
+        if method == "lora" and quantized:
+            # QLoRA: the adapter is the result; merging would requantize the base.
+            ft.save_lora(model, out / "adapter")
+        elif method == "lora" and isinstance(model, (GPT, Llama)):
+            ft.save_lora(model, out / "adapter")
+            ft.merge_and_unload(model)
+        elif method == "lora":
+            ft.merge_lora_rnn(model.rnn)
+        if quantized and method == "lora":
+            pass
+        elif method == "prompt":
+            atomic_write(out / "prompt.safetensors", save({"prompt": target.prompt.detach().cpu().contiguous()}))
+        else:
+            save_model(model, out / "model.safetensors")
+        tok.save_hf_json(out / "tokenizer.json")
     return result
 
 
@@ -566,5 +631,18 @@ def icl_task(
         instruction=_unescape(instruction),
         label_words=words,
     )
+    if not examples:
+        raise ValueError(f"{data} holds no examples")
+    unlabelled = sorted({e.output for e in examples} - set(words))
+    if unlabelled:
+        raise ValueError(f"the labels {unlabelled[:5]} of {data} have no label word; label_words has {sorted(words)}")
+    for which in ("demo", "query"):  # a misspelt field is refused now, not after the first evaluations
+        known = examples[0].values()
+        unknown = [f for f in template.fields(which) if f not in known]
+        if unknown:
+            raise ValueError(
+                f"the {which} template refers to {{{unknown[0]}}}, which the examples of {data} lack "
+                f"(fields: {sorted(known)})"
+            )
     n_test = max(1, int(len(examples) * test_fraction))
     return examples[:-n_test], examples[-n_test:], template

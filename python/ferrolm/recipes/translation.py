@@ -22,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import time
@@ -31,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._io import atomic_write, read_text
 from .numwords import LANGUAGES, MAX_NUMBER
 
 __all__ = [
@@ -142,7 +145,7 @@ def load_pairs(path) -> List[Tuple[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"pairs file {path} does not exist")
     out: List[Tuple[str, str]] = []
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(read_text(path)) as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -350,6 +353,8 @@ def train_seq2seq(
     import torch
 
     from ..training import TrainConfig, train
+    from ..training.batches import batches_for
+    from ..training.distributed import output_lock
 
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown seq2seq model {kind!r}; expected one of {MODEL_KINDS}")
@@ -366,9 +371,6 @@ def train_seq2seq(
         tok = Tokenizer.from_hf_json(tok_path)
     else:
         tok = train_tokenizer(task.train, vocab_size)
-    if tok_path is not None and not saved:
-        out.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
-        tok.save_hf_json(tok_path)
     train_ids = encode_pairs(tok, task.train)
     valid_ids = encode_pairs(tok, task.valid) if task.valid else None
     longest = max(max(len(s), len(t) + 1) for s, t in train_ids + (valid_ids or []))
@@ -388,47 +390,52 @@ def train_seq2seq(
         seed=seed,
         progress=progress,
     )
-    first_step: List[int] = []
-    t0 = time.perf_counter()
-    result = train(
-        model,
-        train_ids,
-        valid_ids if valid_ids and len(valid_ids) >= batch_size else None,
-        cfg,
-        out_dir=out,
-        resume=resume,
-        callback=lambda step, _m: first_step.append(step) if not first_step else None,
-    )
-    train_s = time.perf_counter() - t0
-    ran = result.step - (first_step[0] - 1 if first_step else result.step)
-    real = sum(len(s) + len(t) + 1 for s, t in train_ids) / len(train_ids)  # real tokens per pair, both sides
-    step_s = sorted(h["tokens_per_s"] for h in result.history[-50:])
-    results: Dict[str, Any] = {
-        "task": task.description,
-        "model": kind,
-        "config": model.config.to_dict(),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "steps": result.step,
-        "batch_size": batch_size,
-        "lr": lr,
-        "train_seconds": train_s,
-        "final_loss": result.history[-1]["loss"] if result.history else None,
-        "val_loss": result.evals[-1]["val_loss"] if result.evals else None,
-        "train_pairs": len(task.train),
-        "real_tokens_per_pair": real,
-        "real_tokens_per_s": ran * batch_size * real / train_s if train_s > 0 else None,
-        "positions_per_s_median": step_s[len(step_s) // 2] if step_s else None,
-        "interrupted": result.interrupted,
-    }
-    # Outputs may run a few tokens past the longest training target, not to max_len.
-    limit = min(model.config.max_len, max(len(t) for _, t in train_ids) + 8)
-    results["test"] = {"greedy": evaluate_translation(model, tok, task.test, max_new_tokens=limit)}
-    if beam_size > 1:
-        results["test"][f"beam{beam_size}"] = evaluate_translation(
-            model, tok, task.test, beam_size=beam_size, batch_size=16, max_new_tokens=limit
+    batches_for(train_ids, cfg, 0, 1, model=model)  # too few pairs for a batch: refused before any write
+    if resume and (out is None or not (out / "train_state.pt").is_file()):
+        raise FileNotFoundError(f"nothing to resume: {out} holds no train_state.pt")
+    # Everything is checked: the run starts, and only now writes into out (locked for the run).
+    with output_lock(out) if out is not None else contextlib.nullcontext():
+        if tok_path is not None and not saved:
+            tok.save_hf_json(tok_path)
+        first_step: List[int] = []
+        t0 = time.perf_counter()
+        result = train(
+            model,
+            train_ids,
+            valid_ids if valid_ids and len(valid_ids) >= batch_size else None,
+            cfg,
+            out_dir=out,
+            resume=resume,
+            callback=lambda step, _m: first_step.append(step) if not first_step else None,
         )
-    if out is not None:
-        from .._io import atomic_write
-
-        atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
+        train_s = time.perf_counter() - t0
+        ran = result.step - (first_step[0] - 1 if first_step else result.step)
+        real = sum(len(s) + len(t) + 1 for s, t in train_ids) / len(train_ids)  # real tokens per pair, both sides
+        step_s = sorted(h["tokens_per_s"] for h in result.history[-50:])
+        results: Dict[str, Any] = {
+            "task": task.description,
+            "model": kind,
+            "config": model.config.to_dict(),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "steps": result.step,
+            "batch_size": batch_size,
+            "lr": lr,
+            "train_seconds": train_s,
+            "final_loss": result.history[-1]["loss"] if result.history else None,
+            "val_loss": result.evals[-1]["val_loss"] if result.evals else None,
+            "train_pairs": len(task.train),
+            "real_tokens_per_pair": real,
+            "real_tokens_per_s": ran * batch_size * real / train_s if train_s > 0 else None,
+            "positions_per_s_median": step_s[len(step_s) // 2] if step_s else None,
+            "interrupted": result.interrupted,
+        }
+        # Outputs may run a few tokens past the longest training target, not to max_len.
+        limit = min(model.config.max_len, max(len(t) for _, t in train_ids) + 8)
+        results["test"] = {"greedy": evaluate_translation(model, tok, task.test, max_new_tokens=limit)}
+        if beam_size > 1:
+            results["test"][f"beam{beam_size}"] = evaluate_translation(
+                model, tok, task.test, beam_size=beam_size, batch_size=16, max_new_tokens=limit
+            )
+        if out is not None:
+            atomic_write(out / "results.json", json.dumps(results, indent=2).encode())
     return results

@@ -3,12 +3,23 @@ two collectives the loop needs (a mean of a float, an any of a flag)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Tuple
+from typing import ContextManager, Tuple
 
 import torch
 
-__all__ = ["setup", "all_mean", "any_rank"]
+from .._io import PathLike, folder_lock
+
+__all__ = ["setup", "all_mean", "any_rank", "output_lock"]
+
+
+def output_lock(out_dir: PathLike) -> ContextManager:
+    """:func:`ferrolm._io.folder_lock` on ``out_dir`` in the process that writes it (rank 0 under
+    torchrun, which sets ``RANK``); the other ranks share that process's lock."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return folder_lock(out_dir)
 
 
 def setup() -> Tuple[int, int, bool]:

@@ -8,8 +8,8 @@ permutation of the windows per epoch — so a checkpoint stores the position, no
 torch's and Python's RNG states (dropout, sampling) are saved with the model and optimizer.
 A checkpoint folder holds ``train_state.pt`` (read back with ``torch.load(weights_only=True)``:
 tensors and plain containers only, never arbitrary pickle) and ``model.safetensors`` (the
-weights for :func:`ferrolm.models.load_model`); each file is written to a temporary name and
-renamed.
+weights for :func:`ferrolm.models.load_model`), written as one unit (:mod:`.state`); the folder
+is locked while a run writes into it (a second run into it is refused, naming the first's pid).
 
 Example:
     >>> from ferrolm.models import GPT, GPTConfig
@@ -32,11 +32,11 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from .._io import PathLike
+from .._io import PathLike, folder_lock
 from .batches import SyntheticBatches, _Epochs, batches_for
 from .config import TrainConfig, TrainResult
 from .distributed import all_mean, any_rank, setup
-from .state import SigintFlag, load_train_state, save_checkpoint, set_rng_state
+from .state import SigintFlag, load_train_state, save_checkpoint, set_rng_state, sigint_deferred
 
 __all__ = ["TrainConfig", "TrainResult", "train", "lr_at", "evaluate", "make_optimizer"]
 
@@ -131,11 +131,20 @@ def train(
     Returns:
         :class:`TrainResult`. On Ctrl-C the checkpoint is written (when ``out_dir`` is set),
         the result has ``interrupted=True`` and the loop returns instead of raising.
+
+    Raises:
+        ferrolm._io.FolderLockedError (an OSError): another process trains into ``out_dir``.
     """
     cfg = config or TrainConfig()
     rank, world, owns_group = setup()
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (the folder holding the checkpoint)")
+    lock = folder_lock(out_dir) if out_dir is not None and rank == 0 else contextlib.nullcontext()
+    with lock:
+        return _train(model, train_data, val_data, cfg, out_dir, resume, callback, rank, world, owns_group)
+
+
+def _train(model, train_data, val_data, cfg, out_dir, resume, callback, rank, world, owns_group) -> TrainResult:
     batches = batches_for(train_data, cfg, rank, world, model=model)
     val = batches_for(val_data, cfg, rank, world, shuffle=False, model=model) if val_data is not None else None
     block = getattr(getattr(model, "config", None), "block_size", None)
@@ -169,7 +178,8 @@ def train(
 
     def checkpoint(step: int) -> None:
         if out_dir is not None and rank == 0:
-            save_checkpoint(out_dir, model, optimizer, step, cfg, batches.state_dict(), result)
+            with sigint_deferred():  # Ctrl-C lands after the checkpoint is whole
+                save_checkpoint(out_dir, model, optimizer, step, cfg, batches.state_dict(), result)
         if world > 1:
             import torch.distributed as dist
 

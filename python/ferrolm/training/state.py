@@ -1,17 +1,26 @@
 """Training checkpoints: ``train_state.pt`` (step, optimizer, RNG states, data position,
 history; read back with ``torch.load(weights_only=True)``: tensors and plain containers only,
-never arbitrary pickle) beside ``model.safetensors`` (:func:`ferrolm.models.save_model`), each
-written to a temporary name and renamed; and the Ctrl-C flag that lets the loop stop between
-optimizer steps."""
+never arbitrary pickle) beside ``model.safetensors`` (:func:`ferrolm.models.save_model`); and
+the Ctrl-C flag that lets the loop stop between optimizer steps.
+
+One checkpoint is one unit: both files are written into ``.checkpoint.pending/``, a ``COMMIT``
+marker is written last, then the files are renamed into the folder and the pending folder is
+removed. A crash or a second Ctrl-C before the marker leaves the previous pair untouched; one
+after it is rolled forward by the next :func:`load_train_state` (or the next save), so the two
+files never come from different steps. Both carry the step (``model.safetensors`` in its
+metadata)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import os
 import random
+import shutil
 import signal
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
 import torch
 
@@ -21,10 +30,21 @@ from ..models import save_model
 from ..models.registry import architecture_of
 from .config import TrainConfig, TrainResult
 
-__all__ = ["STATE_FILE", "MODEL_FILE", "save_checkpoint", "load_train_state", "set_rng_state", "SigintFlag"]
+__all__ = [
+    "STATE_FILE",
+    "MODEL_FILE",
+    "save_checkpoint",
+    "recover_checkpoint",
+    "load_train_state",
+    "set_rng_state",
+    "sigint_deferred",
+    "SigintFlag",
+]
 
 STATE_FILE = "train_state.pt"
 MODEL_FILE = "model.safetensors"
+PENDING_DIR = ".checkpoint.pending"
+COMMIT_FILE = "COMMIT"
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -36,6 +56,34 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def recover_checkpoint(out_dir: PathLike) -> None:
+    """Finishes or discards an interrupted checkpoint in ``out_dir``: a pending one whose
+    ``COMMIT`` marker was written is moved into place (roll forward), one without is removed."""
+    out = Path(out_dir)
+    pending = out / PENDING_DIR
+    if not pending.is_dir():
+        return
+    if (pending / COMMIT_FILE).is_file():
+        for name in (STATE_FILE, MODEL_FILE):
+            if (pending / name).exists():
+                os.replace(pending / name, out / name)
+        _fsync_dir(out)
+    shutil.rmtree(pending, ignore_errors=True)
+
+
 def save_checkpoint(
     out_dir: PathLike,
     model: torch.nn.Module,
@@ -45,9 +93,11 @@ def save_checkpoint(
     data_state: Dict[str, int],
     result: TrainResult,
 ) -> Path:
-    """Writes ``train_state.pt`` and ``model.safetensors`` into ``out_dir`` atomically."""
+    """Writes ``train_state.pt`` and ``model.safetensors`` into ``out_dir`` as one unit (see the
+    module notes); a wrapper without an architecture (prompt tuning) writes the state only."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    recover_checkpoint(out)
     state = {
         "format": "ferrolm-train-1",
         "step": step,
@@ -62,17 +112,43 @@ def save_checkpoint(
     }
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write(out / STATE_FILE, buf.getvalue())
+    pending = out / PENDING_DIR
+    pending.mkdir()
+    atomic_write(pending / STATE_FILE, buf.getvalue())
     try:
         architecture_of(model)
     except TypeError:  # wrappers (prompt tuning) keep train_state.pt only
-        return out
-    save_model(model, out / MODEL_FILE)
+        pass
+    else:
+        save_model(model, pending / MODEL_FILE, metadata={"step": str(step)})
+    _fsync_dir(pending)
+    atomic_write(pending / COMMIT_FILE, str(step).encode())
+    recover_checkpoint(out)
     return out
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Ctrl-C waits until the block is done (then raises KeyboardInterrupt), so a checkpoint
+    being written is finished first. Only in the main thread (signals go there)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hits = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: hits.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if hits:
+        raise KeyboardInterrupt
 
 
 def load_train_state(out_dir: PathLike) -> Dict[str, Any]:
     """The training state saved in ``out_dir`` (``torch.load(weights_only=True)``: no pickle)."""
+    recover_checkpoint(out_dir)
     path = Path(out_dir) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume: {path} does not exist")
