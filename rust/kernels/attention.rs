@@ -47,6 +47,12 @@ impl Shape {
                 self.hk, self.hq
             )));
         }
+        if self.d == 0 || self.dv == 0 {
+            return Err(Error::value(format!(
+                "head dims must be positive, got {} (q, k) and {} (v)",
+                self.d, self.dv
+            )));
+        }
         let want = [
             ("q", q.len(), self.b * self.hq * self.tq * self.d),
             ("k", k.len(), self.b * self.hk * self.tk * self.d),

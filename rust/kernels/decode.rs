@@ -151,6 +151,9 @@ pub fn decode<T: Float>(
             sh.l
         )));
     }
+    if sh.b == 0 || sh.hq == 0 || sh.dv == 0 {
+        return Ok(vec![T::ZERO; sh.b * sh.hq * sh.dv]);
+    }
     let group = sh.hq / sh.hk;
     // Enough chunks that both cores stream even at batch 1; at least 256 keys each.
     let pairs = sh.b * sh.hk;

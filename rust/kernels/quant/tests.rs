@@ -130,3 +130,35 @@ fn checks_name_the_disagreement() {
     assert_eq!(check(QType::Q6K, 3, 256, 630), Ok(210));
     assert_eq!(QType::from_name("q4_k"), Some(QType::Q4K));
 }
+
+#[test]
+fn empty_and_degenerate_calls_do_not_panic() {
+    use crate::kernels::{attention, decode};
+    let sh = decode::Shape { b: 0, hq: 2, hk: 1, l: 4, d: 8, dv: 8 };
+    assert!(decode::decode::<f32>(&[], &[], &[], &[], sh, 1.0, 2).unwrap().is_empty());
+    let ash = attention::Shape { b: 1, hq: 1, hk: 1, tq: 2, tk: 2, d: 4, dv: 0 };
+    let (q, k) = (vec![0f32; 8], vec![0f32; 8]);
+    let args = attention::AttentionArgs {
+        q: &q,
+        k: &k,
+        v: &[],
+        shape: ash,
+        causal: true,
+        key_padding: None,
+        scale: 1.0,
+        threads: 1,
+    };
+    assert!(attention::forward(&args).is_err());
+    let mut y = vec![0f32; 0];
+    matmul(
+        &[],
+        0,
+        64,
+        &random_weights(QType::Q4_1, 3, 64, 1),
+        3,
+        QType::Q4_1,
+        Isa::detect(),
+        2,
+        &mut y,
+    );
+}
