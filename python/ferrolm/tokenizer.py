@@ -238,14 +238,23 @@ class Tokenizer:
     def from_hf_json(cls, path: PathLike) -> "Tokenizer":
         """Returns the tokenizer stored in an HF tokenizers ``tokenizer.json``.
 
-        The file must hold a BPE model behind a ByteLevel pre-tokenizer (GPT-2 style), or a
-        ``Split`` regex followed by ``ByteLevel(use_regex=False)`` (cl100k/Llama-3 style).
-        Added tokens become special tokens. Ids equal HF's ``encode(text,
-        add_special_tokens=False)`` with special tokens allowed.
+        Any BPE model with HF's components: normalizers (NFC/NFD/NFKC/NFKD, Lowercase, Strip,
+        Replace, Prepend, Sequence), pre-tokenizers (ByteLevel, Split, Digits, Metaspace,
+        Whitespace, WhitespaceSplit, Punctuation, BertPreTokenizer, Sequence), byte fallback,
+        ``unk_token``, ``continuing_subword_prefix``, ``end_of_word_suffix``, ``ignore_merges``,
+        added tokens with their lstrip/rstrip/single_word/normalized flags, post-processors
+        (TemplateProcessing, RobertaProcessing, BertProcessing, ByteLevel, Sequence) and
+        decoders (ByteLevel, Metaspace, ByteFallback, Fuse, Strip, Replace, BPEDecoder,
+        Sequence). Special added tokens follow the ``allowed_special`` rules of
+        :meth:`encode`; non-special added tokens are always matched, as in HF. Ids equal HF's
+        ``encode(text, add_special_tokens=False)`` with special tokens allowed, and
+        ``encode(..., add_special_tokens=True)`` adds what the post-processor adds. The plain
+        GPT-2/cl100k shape runs on the byte-level fast path; see ``docs/tokenizers.md``.
 
         Raises:
             FileNotFoundError: no such file.
-            FormatError: the file is not valid JSON or not a supported byte-level BPE.
+            FormatError: the file is not valid JSON, or holds a component ferrolm does not
+                support (the message names it and its JSON path).
         """
         text = Path(path).read_bytes()
         try:
@@ -255,6 +264,91 @@ class Tokenizer:
 
             raise FormatError(f"{path}: tokenizer.json is not UTF-8 ({e})") from None
         return cls(_core.CoreTokenizer.from_hf_json_str(decoded))
+
+    @classmethod
+    def from_pretrained(cls, folder: PathLike) -> "Tokenizer":
+        """Returns the tokenizer of a saved HF/transformers model folder.
+
+        Reads ``tokenizer.json`` (see :meth:`from_hf_json`), then ``tokenizer_config.json``
+        and ``special_tokens_map.json`` when present: the bos/eos/unk/pad tokens (as ids in
+        :attr:`bos_token_id` ...), ``add_bos_token``/``add_eos_token``, and the chat template
+        (``chat_template`` in the config, a named ``"default"`` one from a list, or a
+        ``chat_template.jinja`` file). Nothing is downloaded.
+
+        Args:
+            folder: a folder as written by transformers' ``save_pretrained``.
+
+        Raises:
+            FileNotFoundError: no such folder, or it has no ``tokenizer.json``.
+            FormatError: a file that is not valid JSON, or a special token the vocabulary lacks.
+
+        Example:
+            >>> tok = Tokenizer.from_pretrained("SmolLM2-135M-Instruct")  # doctest: +SKIP
+            >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])  # doctest: +SKIP
+        """
+        import json
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder {str(folder)!r} does not exist or is not a folder")
+        if not (folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"{folder} has no tokenizer.json; ferrolm reads the fast-tokenizer file "
+                "(transformers' save_pretrained writes it for fast tokenizers)"
+            )
+        tok = cls.from_hf_json(folder / "tokenizer.json")
+
+        def read(name: str) -> Dict[str, Any]:
+            path = folder / name
+            if not path.is_file():
+                return {}
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise FormatError(f"{path}: not valid JSON ({e})") from None
+            if not isinstance(data, dict):
+                raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+            return data
+
+        config = read("tokenizer_config.json")
+        special_map = read("special_tokens_map.json")
+        meta: Dict[str, Any] = {}
+        for name in ("bos", "eos", "unk", "pad"):
+            value = config.get(f"{name}_token")
+            if value is None:
+                value = special_map.get(f"{name}_token")
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise FormatError(f"{folder}: {name}_token should be a string, got {value!r:.80}")
+            meta[f"{name}_token_id"] = tok._id_of_text(value, f"{folder}: {name}_token")
+        for name in ("add_bos_token", "add_eos_token"):
+            if isinstance(config.get(name), bool):
+                meta[name] = config[name]
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if template is None and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        if template is not None:
+            if not isinstance(template, str):
+                raise FormatError(f"{folder}: chat_template should be a string, got {type(template).__name__}")
+            meta["chat_template"] = template
+        return cls(tok._core, meta)
+
+    def _id_of_text(self, text: str, what: str) -> int:
+        i = self._special_tokens.get(text)
+        if i is None:
+            i = self._core.token_id(text.encode("utf-8"))
+        if i is None:
+            raw = bytes(_CHAR_TO_BYTE[c] for c in text) if all(c in _CHAR_TO_BYTE for c in text) else None
+            i = self._core.token_id(raw) if raw is not None else None
+        if i is None:
+            raise FormatError(f"{what} = {text!r} is not a token of tokenizer.json")
+        return i
 
     @classmethod
     def from_gguf(cls, path: PathLike) -> "Tokenizer":
@@ -541,6 +635,7 @@ class Tokenizer:
         *,
         allowed_special: SpecialSet = _EMPTY,
         disallowed_special: Union[Literal["all"], Collection[str]] = "all",
+        add_special_tokens: bool = False,
     ) -> List[int]:
         """Returns the token ids of ``text``.
 
@@ -552,6 +647,9 @@ class Tokenizer:
             text: the text to encode (lone surrogates are replaced by U+FFFD).
             allowed_special: ``"all"`` or a set of special token texts.
             disallowed_special: ``"all"`` or a collection of special token texts.
+            add_special_tokens: add the ids the file's post-processor adds around a text
+                (BOS/EOS of a ``TemplateProcessing``, Roberta's ``<s>``/``</s>``), as HF's
+                ``encode`` does by default.
 
         Returns:
             ids: list of ints in [0, n_vocab).
@@ -565,7 +663,12 @@ class Tokenizer:
             >>> tok.encode("hello<|endoftext|>", allowed_special="all")[-1] == tok.eot_token
             True
         """
-        return self._core.encode(text, self._policy(allowed_special, disallowed_special))
+        ids = self._core.encode(text, self._policy(allowed_special, disallowed_special))
+        if add_special_tokens:
+            before, after = self._core.post_ids
+            if before or after:
+                return [*before, *ids, *after]
+        return ids
 
     def encode_ordinary(self, text: str) -> List[int]:
         """Returns the token ids of ``text``, treating special tokens as plain text."""
@@ -646,14 +749,25 @@ class Tokenizer:
                 raise TypeError(f"ids must be ints, got {type(bad).__name__} ({bad!r})") from None
             raise UnknownTokenError(f"token ids out of range: {[x for x in ids if not 0 <= x < 2**63][:5]}") from None
 
-    def decode(self, ids: Sequence[int], errors: str = "replace") -> str:
+    def decode(self, ids: Sequence[int], errors: str = "replace", *, skip_special_tokens: bool = False) -> str:
         """Returns the text of ``ids``.
+
+        A tokenizer read from a ``tokenizer.json`` with HF's pipeline runs the file's decoder
+        and returns what HF's ``decode`` returns (``errors`` does not apply there).
 
         Args:
             ids: token ids (list, numpy array or torch tensor).
             errors: how bytes that are not valid UTF-8 decode (``"replace"``: U+FFFD;
                 ``"strict"``: raise ``UnicodeDecodeError``; any Python codec error handler).
+            skip_special_tokens: leave special tokens out.
         """
+        if self._core.has_pipeline or skip_special_tokens:
+            ids = _as_id_list(ids)
+            try:
+                return self._core.decode_text(ids, skip_special_tokens)
+            except (TypeError, OverflowError):
+                self.decode_bytes(ids)  # raises the precise error
+                raise
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
 
     def decode_batch(

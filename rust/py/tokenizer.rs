@@ -381,14 +381,37 @@ impl CoreTokenizer {
             .collect()
     }
 
-    /// Pieces of `text` under this tokenizer's pattern (for inspection and tests).
+    /// Pieces of `text` as the model sees them (for inspection and tests).
     fn pre_tokenize(&self, py: Python<'_>, text: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
         let text = convert::text(text, "text")?;
-        let pieces = py.detach(|| -> crate::Result<Vec<String>> {
-            let pieces = self.inner.splitter().pieces(&text)?;
-            Ok(pieces.into_iter().map(str::to_string).collect())
-        })?;
-        Ok(pieces)
+        Ok(py.detach(|| self.inner.pieces(&text))?)
+    }
+
+    /// Whether this tokenizer runs HF's full pipeline (normalizers, decoders ...).
+    #[getter]
+    fn has_pipeline(&self) -> bool {
+        self.inner.pipeline().is_some()
+    }
+
+    /// The ids the post-processor puts before and after a text.
+    #[getter]
+    fn post_ids(&self) -> (Vec<u32>, Vec<u32>) {
+        let (a, b) = self.inner.post();
+        (a.to_vec(), b.to_vec())
+    }
+
+    /// The text of `ids` (HF's decoders for a pipeline tokenizer).
+    fn decode_text(&self, py: Python<'_>, ids: Vec<i64>, skip_special: bool) -> PyResult<String> {
+        let ids = ids_from(ids)?
+            .into_iter()
+            .map(|i| {
+                u32::try_from(i).map_err(|_| {
+                    crate::Error::UnknownId { id: i, valid: format!("0..{}", self.inner.n_vocab()) }
+                        .into()
+                })
+            })
+            .collect::<PyResult<Vec<u32>>>()?;
+        Ok(py.detach(|| self.inner.decode_text(&ids, skip_special))?)
     }
 }
 
