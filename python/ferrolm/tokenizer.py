@@ -355,7 +355,9 @@ class Tokenizer:
         """Returns the tokenizer stored in a GGUF model file (llama.cpp's format).
 
         Reads ``tokenizer.ggml.*``: a byte-level BPE vocabulary (``model = "gpt2"``) and its
-        merges, control/user-defined/unknown tokens as special tokens, the bos/eos/unk/pad ids,
+        merges, or a SentencePiece BPE vocabulary (``model = "llama"``: scores, ``<0xXX>`` byte
+        fallback, ``add_space_prefix``; merged by score as llama.cpp does, which is HF's
+        Llama tokenizer.json pipeline), control/user-defined/unknown tokens as special tokens, the bos/eos/unk/pad ids,
         ``add_bos_token``, and ``tokenizer.chat_template``. Text is split as llama.cpp splits it
         for ``tokenizer.ggml.pre`` (``smollm``: every digit alone, then GPT-2's pattern;
         ``llama-bpe``, ``qwen2``, ``gpt-2``, ``default`` ...). A single byte the vocabulary has
@@ -413,9 +415,16 @@ class Tokenizer:
         tokens = get("tokenizer.ggml.tokens", str, array=True, required=True)
         merges = get("tokenizer.ggml.merges", str, array=True) or []
         token_types = get("tokenizer.ggml.token_type", int, array=True)
+        scores = get("tokenizer.ggml.scores", float, array=True)
         try:
             core = _core.CoreTokenizer.from_gguf_vocab(
-                model, get("tokenizer.ggml.pre", str), tokens, token_types, merges
+                model,
+                get("tokenizer.ggml.pre", str),
+                tokens,
+                token_types,
+                merges,
+                scores,
+                get("tokenizer.ggml.add_space_prefix", bool),
             )
         except FormatError as e:
             raise FormatError(f"{path}: {e}") from None

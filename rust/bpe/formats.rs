@@ -319,13 +319,18 @@ pub fn parse_hf_json(text: &str) -> Result<Tokenizer> {
             return Ok(t.with_post(post));
         }
     }
-    let parsed = super::hf::parse(&root, text)?;
+    Ok(pipeline_tokenizer(&root, text)?.with_post(post))
+}
+
+/// A tokenizer running HF's pipeline ([`super::hf`]) for the parsed `root` of `text`.
+pub(crate) fn pipeline_tokenizer(root: &Value, text: &str) -> Result<Tokenizer> {
+    let parsed = super::hf::parse(root, text)?;
     let t = Tokenizer::with_patterns(parsed.bpe, vec![GPT2_PATTERN.to_string()], parsed.specials)
         .map_err(|e| match e {
         Error::Value(m) => Error::Format(format!("tokenizer.json: {m}")),
         e => e,
     })?;
-    Ok(t.with_pipeline(parsed.pipeline).with_post(post))
+    Ok(t.with_pipeline(parsed.pipeline))
 }
 
 /// The byte-level fast path of [`parse_hf_json`].

@@ -130,7 +130,8 @@ impl CoreTokenizer {
 
     /// From the tokenizer entries of a GGUF file's metadata (`tokenizer.ggml.*`).
     #[staticmethod]
-    #[pyo3(signature = (model, pre, tokens, token_types, merges))]
+    #[pyo3(signature = (model, pre, tokens, token_types, merges, scores=None, add_space_prefix=None))]
+    #[allow(clippy::too_many_arguments)]
     fn from_gguf_vocab(
         py: Python<'_>,
         model: String,
@@ -138,8 +139,11 @@ impl CoreTokenizer {
         tokens: Vec<String>,
         token_types: Option<Vec<i32>>,
         merges: Vec<String>,
+        scores: Option<Vec<f32>>,
+        add_space_prefix: Option<bool>,
     ) -> PyResult<Self> {
-        let v = bpe::GgufVocab { model, pre, tokens, token_types, merges };
+        let v =
+            bpe::GgufVocab { model, pre, tokens, token_types, merges, scores, add_space_prefix };
         let t = py.detach(move || bpe::tokenizer_from_gguf(&v))?;
         Self::wrap(py, t)
     }
