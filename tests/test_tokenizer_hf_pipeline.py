@@ -209,9 +209,14 @@ def test_lowercase_whitespace_end_of_word_suffix(train_text, texts, tmp_path):
     _check(hf, fl, texts)
 
 
-def test_continuing_subword_prefix_bert_pretokenizer(train_text, texts, tmp_path):
+@pytest.mark.parametrize("norm", ["NFD", "bert", "bert-cased"])
+def test_continuing_subword_prefix_bert_pretokenizer(norm, train_text, texts, tmp_path):
     hf = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]", continuing_subword_prefix="##"))
-    hf.normalizer = normalizers.NFD()
+    hf.normalizer = {
+        "NFD": normalizers.NFD(),
+        "bert": normalizers.BertNormalizer(),
+        "bert-cased": normalizers.BertNormalizer(lowercase=False, handle_chinese_chars=False),
+    }[norm]
     hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     hf = _train(hf, train_text, continuing_subword_prefix="##", special_tokens=["[UNK]", "[CLS]", "[SEP]"])
     hf.post_processor = processors.BertProcessing(("[SEP]", 2), ("[CLS]", 1))
@@ -282,7 +287,7 @@ def _bad(tmp_path, mutate):
     "mutate, match",
     [
         (lambda d: d["model"].__setitem__("dropout", 0.1), "dropout"),
-        (lambda d: d.__setitem__("normalizer", {"type": "BertNormalizer"}), r"normalizer.*BertNormalizer"),
+        (lambda d: d.__setitem__("normalizer", {"type": "Precompiled"}), r"normalizer.*Precompiled"),
         (
             lambda d: d.__setitem__(
                 "normalizer", {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "Precompiled"}]}
@@ -382,3 +387,68 @@ def test_from_pretrained_errors(tmp_path):
         Tokenizer.from_pretrained(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------- fuzzed files
+
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 2**40),
+    st.text(max_size=6),
+    st.lists(st.text(max_size=4), max_size=3),
+    st.fixed_dictionaries({"type": st.sampled_from(["Sequence", "Split", "BPE", "Metaspace", "Replace", "Strip"])}),
+)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k != "vocab":
+                yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node[:4]):
+            yield from _paths(v, prefix + (i,))
+
+
+@pytest.fixture(scope="module")
+def small_json():
+    hf = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, continuing_subword_prefix="##"))
+    hf.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(" ", "▁")])
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(), pre_tokenizers.Split(" ", "merged_with_next")])
+    hf.decoder = _llama_decoder()
+    hf = _train(hf, ["hello world 123 abc"] * 3, vocab_size=60, special_tokens=["<unk>", "<s>"])
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    hf.add_tokens([AddedToken("<x>", lstrip=True)])
+    return json.loads(hf.to_str())
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_mutated_files_never_panic(small_json, tmp_path_factory, data):
+    """A corrupted tokenizer.json loads or raises FormatError; what loads encodes without a panic."""
+    doc = json.loads(json.dumps(small_json))
+    paths = [p for p in _paths(doc) if p]
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths))
+        node = doc
+        try:
+            for k in path[:-1]:
+                node = node[k]
+            if isinstance(node, (dict, list)):
+                node[path[-1]] = data.draw(_JUNK)
+        except (KeyError, IndexError, TypeError):
+            pass  # an earlier mutation replaced this path
+    path = tmp_path_factory.mktemp("fuzz") / "t.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    try:
+        tok = Tokenizer.from_hf_json(path)
+    except FormatError:
+        return
+    for text in ["hello world 123", "<x> <s> ﬁ 中", ""]:
+        try:
+            ids = tok.encode(text, allowed_special="all", add_special_tokens=True)
+            tok.decode(ids)
+        except ValueError:
+            pass

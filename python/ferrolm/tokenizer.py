@@ -239,7 +239,7 @@ class Tokenizer:
         """Returns the tokenizer stored in an HF tokenizers ``tokenizer.json``.
 
         Any BPE model with HF's components: normalizers (NFC/NFD/NFKC/NFKD, Lowercase, Strip,
-        Replace, Prepend, Sequence), pre-tokenizers (ByteLevel, Split, Digits, Metaspace,
+        Replace, Prepend, BertNormalizer, Sequence), pre-tokenizers (ByteLevel, Split, Digits, Metaspace,
         Whitespace, WhitespaceSplit, Punctuation, BertPreTokenizer, Sequence), byte fallback,
         ``unk_token``, ``continuing_subword_prefix``, ``end_of_word_suffix``, ``ignore_merges``,
         added tokens with their lstrip/rstrip/single_word/normalized flags, post-processors

@@ -71,6 +71,54 @@ pub enum Normalizer {
     Replace { pat: Pat, content: String },
     Prepend(String),
     Sequence(Vec<Normalizer>),
+    Bert { clean_text: bool, chinese: bool, strip_accents: bool, lowercase: bool },
+}
+
+/// Whether `c` is in the Unicode general category `cat` (a `\p{..}` class name).
+fn in_category(c: char, which: usize) -> bool {
+    use std::sync::OnceLock;
+    static RES: OnceLock<[Regex; 3]> = OnceLock::new();
+    let res = RES.get_or_init(|| {
+        [r"^\p{P}$", r"^\p{C}$", r"^\p{Mn}$"].map(|p| Regex::new(p).expect("a valid regex"))
+    });
+    let mut b = [0u8; 4];
+    res[which].is_match(c.encode_utf8(&mut b)).unwrap_or(false)
+}
+
+/// BERT's CJK ideograph ranges (HF `normalizers::bert::is_chinese_char`).
+fn is_chinese_char(c: char) -> bool {
+    matches!(c as u32, 0x4E00..=0x9FFF | 0x3400..=0x4DBF | 0x20000..=0x2A6DF | 0x2A700..=0x2B73F
+        | 0x2B740..=0x2B81F | 0x2B920..=0x2CEAF | 0xF900..=0xFAFF | 0x2F800..=0x2FA1F)
+}
+
+fn bert_normalize(s: &str, clean: bool, chinese: bool, strip: bool, lower: bool) -> String {
+    let mut t = String::with_capacity(s.len());
+    for c in s.chars() {
+        if clean {
+            let control = !matches!(c, '\t' | '\n' | '\r') && in_category(c, 1);
+            if c == '\0' || c == '\u{fffd}' || control {
+                continue;
+            }
+            if matches!(c, '\t' | '\n' | '\r') || c.is_whitespace() {
+                t.push(' ');
+                continue;
+            }
+        }
+        if chinese && is_chinese_char(c) {
+            t.push(' ');
+            t.push(c);
+            t.push(' ');
+        } else {
+            t.push(c);
+        }
+    }
+    if strip {
+        t = t.nfd().filter(|&c| !in_category(c, 2)).collect();
+    }
+    if lower {
+        t = t.chars().flat_map(char::to_lowercase).collect();
+    }
+    t
 }
 
 impl Normalizer {
@@ -96,6 +144,9 @@ impl Normalizer {
             Normalizer::Replace { pat, content } => pat.replace(s, content)?,
             Normalizer::Prepend(p) if !s.is_empty() => format!("{p}{s}"),
             Normalizer::Prepend(_) => String::new(),
+            Normalizer::Bert { clean_text, chinese, strip_accents, lowercase } => {
+                bert_normalize(s, *clean_text, *chinese, *strip_accents, *lowercase)
+            }
             Normalizer::Sequence(items) => {
                 let mut t = s.to_string();
                 for n in items {
@@ -154,17 +205,9 @@ pub enum Pre {
     Bert,
 }
 
+/// HF's `is_punctuation`: ASCII punctuation or Unicode category P*.
 fn is_punc(c: char) -> bool {
-    c.is_ascii_punctuation() || (!c.is_ascii() && unicode_punct(c))
-}
-
-/// Unicode general category P* (HF's `is_punctuation`).
-fn unicode_punct(c: char) -> bool {
-    use std::sync::OnceLock;
-    static RE: OnceLock<Regex> = OnceLock::new();
-    let re = RE.get_or_init(|| Regex::new(r"^\p{P}$").expect("a valid regex"));
-    let mut b = [0u8; 4];
-    re.is_match(c.encode_utf8(&mut b)).unwrap_or(false)
+    c.is_ascii_punctuation() || (!c.is_ascii() && in_category(c, 0))
 }
 
 /// HF's `Pattern::find_matches` for a char predicate: each matching char is its own match.
@@ -775,6 +818,15 @@ fn parse_normalizer(v: &Value, path: &str) -> Result<Normalizer> {
             content: get_str(v, path, "content")?.to_string(),
         },
         "Prepend" => Normalizer::Prepend(get_str(v, path, "prepend")?.to_string()),
+        "BertNormalizer" => {
+            let lowercase = get_bool(v, path, "lowercase", true)?;
+            Normalizer::Bert {
+                clean_text: get_bool(v, path, "clean_text", true)?,
+                chinese: get_bool(v, path, "handle_chinese_chars", true)?,
+                strip_accents: get_bool(v, path, "strip_accents", lowercase)?,
+                lowercase,
+            }
+        }
         "Sequence" => Normalizer::Sequence(
             list(v, path, "normalizers")?
                 .iter()

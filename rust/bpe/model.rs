@@ -365,6 +365,19 @@ impl Bpe {
             self.merge_piece(piece, u64::MAX, scratch, out);
             return;
         };
+        self.cached(key, scratch, out, |s, o| self.merge_piece(piece, u64::MAX, s, o));
+    }
+
+    /// Appends the cached ids of the piece with short key `key`, or runs `encode` and caches
+    /// what it appends (the per-thread, direct-mapped piece cache).
+    #[inline]
+    fn cached(
+        &self,
+        key: u128,
+        scratch: &mut Scratch,
+        out: &mut Vec<u32>,
+        encode: impl FnOnce(&mut Scratch, &mut Vec<u32>),
+    ) {
         if scratch.cache_owner != self.uid {
             scratch.cache.clear();
             scratch.cache.resize(CACHE_SLOTS, Slot::default());
@@ -379,7 +392,7 @@ impl Bpe {
             return;
         }
         let start = out.len();
-        self.merge_piece(piece, u64::MAX, scratch, out);
+        encode(scratch, out);
         let ids = &out[start..];
         if ids.len() <= CACHE_IDS {
             let mut e = Slot { key, n: ids.len() as u8, ids: [0; CACHE_IDS] };
@@ -439,6 +452,22 @@ impl Bpe {
     /// prefix after the first char and the end-of-word suffix on the last), a char without a
     /// token becomes its `<0x..>` byte tokens (byte fallback) or `unk`, then the merges run.
     pub fn encode_word(&self, w: &str, opts: &WordOpts, scratch: &mut Scratch, out: &mut Vec<u32>) {
+        match short_key(w.as_bytes()) {
+            // The cache belongs to this model (its uid), and `opts` are fixed per model.
+            Some(key) if !w.is_empty() => {
+                self.cached(key, scratch, out, |s, o| self.encode_word_uncached(w, opts, s, o))
+            }
+            _ => self.encode_word_uncached(w, opts, scratch, out),
+        }
+    }
+
+    fn encode_word_uncached(
+        &self,
+        w: &str,
+        opts: &WordOpts,
+        scratch: &mut Scratch,
+        out: &mut Vec<u32>,
+    ) {
         if w.is_empty() {
             return;
         }
