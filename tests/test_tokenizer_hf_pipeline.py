@@ -65,6 +65,9 @@ def _check(hf, fl, texts):
         assert fl.encode(t, allowed_special="all", add_special_tokens=True) == hf.encode(t).ids, repr(t[:80])
         assert fl.decode(want) == hf.decode(want, skip_special_tokens=False), repr(t[:80])
         assert fl.decode(want, skip_special_tokens=True) == hf.decode(want, skip_special_tokens=True), repr(t[:80])
+        for i in set(want[:50]):
+            assert fl.id_to_token(i) == hf.id_to_token(i)
+            assert fl.token_to_id(hf.id_to_token(i)) == i
 
 
 def _bytelevel(normalizer=None, prefix_space=False):
@@ -178,6 +181,7 @@ def test_metaspace_byte_fallback(scheme, split, train_text, texts, tmp_path):
     hf, fl = _load(hf, tmp_path, _with_byte_tokens)
     _check(hf, fl, texts)
     assert fl.decode(fl.encode("中文 👍 x")) == "中文 👍 x"
+    assert fl.get_vocab() == hf.get_vocab()
 
 
 def test_llama2_legacy_normalizer(train_text, texts, tmp_path):

@@ -876,9 +876,23 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ vocabulary
 
+    def _vocab_strings(self) -> Optional[List[Optional[str]]]:
+        # HF's token strings of a pipeline tokenizer (None for the byte-level fast path).
+        if not hasattr(self, "_strings"):
+            self._strings = self._core.vocab_strings()
+            self._string_ids = {s: i for i, s in enumerate(self._strings or []) if s is not None}
+        return self._strings
+
     def id_to_token(self, id: int) -> str:
         """Returns the token's text as HF shows it: special tokens as written, others in
-        ByteLevel form (``" hello"`` is ``"Ġhello"``)."""
+        ByteLevel form (``" hello"`` is ``"Ġhello"``), or the vocab string of a
+        SentencePiece-style file (``"▁hello"``)."""
+        strings = self._vocab_strings()
+        if strings is not None:
+            s = strings[id] if isinstance(id, int) and 0 <= id < len(strings) else None
+            if s is None:
+                raise UnknownTokenError(f"token id {id} is not in the vocabulary (ids 0..{len(strings) - 1})")
+            return s
         if id in self._id_to_special:
             return self._id_to_special[id]
         b = self.decode_single_token_bytes(id)
@@ -894,6 +908,10 @@ class Tokenizer:
         if isinstance(token, str):
             if token in self._special_tokens:
                 return self._special_tokens[token]
+            if self._vocab_strings() is not None:
+                if token not in self._string_ids:
+                    raise UnknownTokenError(f"token {token!r} is not in the vocabulary")
+                return self._string_ids[token]
             try:
                 raw = bytes(_CHAR_TO_BYTE[c] for c in token)
             except KeyError:
@@ -911,6 +929,8 @@ class Tokenizer:
 
     def get_vocab(self) -> Dict[str, int]:
         """Returns HF-style ``{ByteLevel text: id}`` for every token, special ones included."""
+        if self._vocab_strings() is not None:
+            return dict(self._string_ids)
         table = self._core.token_table()
         vocab = {
             "".join(_BYTE_TO_CHAR[x] for x in b): i

@@ -725,6 +725,11 @@ impl Pipeline {
         Ok(self.pre_tokenize(&s, true)?.into_iter().map(|p| p.0).collect())
     }
 
+    /// Each id's token string as HF shows it (`"▁hello"`, `"Ġhello"`, added tokens by content).
+    pub fn token_strings(&self) -> &[Option<String>] {
+        &self.vocab_r
+    }
+
     /// HF's `decode(ids, skip_special_tokens)`; an id without a token is an error.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         let mut tokens = Vec::with_capacity(ids.len());

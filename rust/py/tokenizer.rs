@@ -397,6 +397,11 @@ impl CoreTokenizer {
         self.inner.pipeline().is_some()
     }
 
+    /// Each id's token string as HF shows it (pipeline tokenizers; None otherwise).
+    fn vocab_strings(&self) -> Option<Vec<Option<String>>> {
+        self.inner.pipeline().map(|p| p.token_strings().to_vec())
+    }
+
     /// The ids the post-processor puts before and after a text.
     #[getter]
     fn post_ids(&self) -> (Vec<u32>, Vec<u32>) {
