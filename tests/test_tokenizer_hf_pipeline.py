@@ -456,3 +456,61 @@ def test_mutated_files_never_panic(small_json, tmp_path_factory, data):
             tok.decode(ids)
         except ValueError:
             pass
+
+
+# ---------------------------------------------------------------------------- more combinations
+
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def test_llama3_shape_with_template_post_processor(train_text, texts, tmp_path):
+    """Llama-3's shape: Split + ByteLevel(use_regex=False) stays on the fast path; the
+    post-processor (Sequence[ByteLevel, TemplateProcessing]) adds BOS with add_special_tokens."""
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(tokenizers.Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    hf.decoder = decoders.ByteLevel()
+    hf = _train(hf, train_text, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"], **BL_ALPHABET)
+    hf.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|> $A <|end_of_text|>",
+                special_tokens=[("<|begin_of_text|>", 0), ("<|end_of_text|>", 1)],
+            ),
+        ]
+    )
+    hf, fl = _load(hf, tmp_path)
+    _check(hf, fl, texts)
+    assert fl.encode("hi", add_special_tokens=True)[0] == 0 and fl.encode("hi", add_special_tokens=True)[-1] == 1
+
+
+@pytest.mark.parametrize("behavior", ["removed", "isolated", "merged_with_previous", "contiguous"])
+def test_punctuation_behaviors_and_decoders(behavior, train_text, texts, tmp_path):
+    # (HF's Strip decoder panics when it would strip a whole token; ferrolm does not.)
+    hf = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.normalizer = normalizers.Strip(left=True, right=False)
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior=behavior)]
+    )
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace(tokenizers.Regex(r"[aeiou]+"), "_"), decoders.Strip("_", 0, 1), decoders.Fuse()]
+    )
+    hf, fl = _load(_train(hf, train_text, limit_alphabet=200, special_tokens=["<unk>"]), tmp_path)
+    _check(hf, fl, texts)
+
+
+@pytest.mark.parametrize("scheme", ["first", "always", "never"])
+def test_metaspace_decoder_schemes(scheme, train_text, texts, tmp_path):
+    hf = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="_", prepend_scheme=scheme)
+    hf.decoder = decoders.Metaspace(replacement="_", prepend_scheme=scheme)
+    hf, fl = _load(_train(hf, train_text, limit_alphabet=200, special_tokens=["<unk>"]), tmp_path)
+    _check(hf, fl, texts)

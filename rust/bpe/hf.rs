@@ -1269,6 +1269,14 @@ mod tests {
     }
 
     #[test]
+    fn strip_decoder_never_panics() {
+        // HF's own Strip panics on these; here a token can be stripped to nothing.
+        let d = Decoder::Strip { content: '_', start: 3, stop: 5 };
+        let out = d.decode_chain(vec!["_".into(), "".into(), "__a_".into()]).unwrap();
+        assert_eq!(out, ["", "", "a"]);
+    }
+
+    #[test]
     fn unknown_components_name_their_path() {
         let v: Value = serde_json::json!({"type": "Sequence", "normalizers": [{"type": "Nope"}]});
         let e = parse_normalizer(&v, "normalizer").unwrap_err().to_string();
