@@ -259,6 +259,8 @@ def test_added_token_flags(train_text, texts, tmp_path):
     plain = fl.encode("a<|sep|>b", disallowed_special=())
     assert hf.token_to_id("<|sep|>") not in plain
     assert hf.token_to_id("<tag>") in fl.encode("a <tag> b")
+    assert fl.n_vocab == hf.get_vocab_size()
+    assert fl.decode_single_token_bytes(hf.token_to_id("x  ")) == b"x  "
 
 
 def test_pickle_and_save_keep_the_pipeline(train_text, tmp_path):

@@ -74,8 +74,15 @@ pub enum Normalizer {
     Bert { clean_text: bool, chinese: bool, strip_accents: bool, lowercase: bool },
 }
 
-/// Whether `c` is in the Unicode general category `cat` (a `\p{..}` class name).
+/// Whether `c` is in a Unicode general category: `which` 0 = P*, 1 = C*, 2 = Mn.
 fn in_category(c: char, which: usize) -> bool {
+    if c.is_ascii() {
+        return match which {
+            0 => c.is_ascii_punctuation() && !"$+<=>^`|~".contains(c),
+            1 => c.is_ascii_control(),
+            _ => false,
+        };
+    }
     use std::sync::OnceLock;
     static RES: OnceLock<[Regex; 3]> = OnceLock::new();
     let res = RES.get_or_init(|| {

@@ -166,7 +166,9 @@ impl Tokenizer {
     /// One past the largest id (mergeable or special).
     pub fn n_vocab(&self) -> usize {
         let s = self.specials.iter().map(|(_, id)| *id as usize + 1).max().unwrap_or(0);
-        s.max(self.bpe.id_bound())
+        // Non-special added tokens of a pipeline may lie beyond the model's ids.
+        let p = self.pipeline.as_ref().map_or(0, |p| p.token_strings().len());
+        s.max(self.bpe.id_bound()).max(p)
     }
 
     /// Number of distinct tokens (mergeable plus special ones not also in the model).
@@ -283,6 +285,10 @@ impl Tokenizer {
         self.bpe
             .token_bytes(id)
             .or_else(|| self.specials.iter().find(|(_, i)| *i == id).map(|(s, _)| s.as_bytes()))
+            .or_else(|| {
+                let p = self.pipeline.as_ref()?;
+                p.token_strings().get(id as usize)?.as_deref().map(str::as_bytes)
+            })
     }
 
     fn unknown(&self, id: u64) -> Error {
