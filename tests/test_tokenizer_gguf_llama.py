@@ -110,6 +110,7 @@ def test_llama_gguf_matches_hf(vocabulary, corpus_docs, add_space_prefix, tmp_pa
     tok = Tokenizer.from_gguf(_write(tmp_path / "m.gguf", tokens, scores, types, add_space_prefix))
     ref = _llama_json(tokens, scores, types, add_space_prefix)
     assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id, tok.add_bos) == (1, 2, 0, True)
+    assert tok.encode("hi", add_special_tokens=True) == [1, *tok.encode("hi")]
     texts = ADVERSARIAL + EXTRA + [d[:3000] for d in corpus_docs[80:110]]
     for t in texts:
         want = ref.encode(t, add_special_tokens=False).ids

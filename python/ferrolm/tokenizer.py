@@ -658,7 +658,8 @@ class Tokenizer:
             disallowed_special: ``"all"`` or a collection of special token texts.
             add_special_tokens: add the ids the file's post-processor adds around a text
                 (BOS/EOS of a ``TemplateProcessing``, Roberta's ``<s>``/``</s>``), as HF's
-                ``encode`` does by default.
+                ``encode`` does by default; for a file without one, BOS/EOS where the model
+                file sets ``add_bos_token``/``add_eos_token`` (GGUF).
 
         Returns:
             ids: list of ints in [0, n_vocab).
@@ -674,10 +675,21 @@ class Tokenizer:
         """
         ids = self._core.encode(text, self._policy(allowed_special, disallowed_special))
         if add_special_tokens:
-            before, after = self._core.post_ids
+            before, after = self._special_ids()
             if before or after:
                 return [*before, *ids, *after]
         return ids
+
+    def _special_ids(self) -> Tuple[List[int], List[int]]:
+        # The file's post-processor; without one, the model file's add_bos/add_eos (GGUF).
+        before, after = self._core.post_ids
+        if before or after:
+            return before, after
+        bos, eos = self._meta.get("bos_token_id"), self._meta.get("eos_token_id")
+        return (
+            [bos] if self.add_bos and bos is not None else [],
+            [eos] if self.add_eos and eos is not None else [],
+        )
 
     def encode_ordinary(self, text: str) -> List[int]:
         """Returns the token ids of ``text``, treating special tokens as plain text."""
