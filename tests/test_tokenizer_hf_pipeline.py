@@ -516,3 +516,19 @@ def test_metaspace_decoder_schemes(scheme, train_text, texts, tmp_path):
     hf.decoder = decoders.Metaspace(replacement="_", prepend_scheme=scheme)
     hf, fl = _load(_train(hf, train_text, limit_alphabet=200, special_tokens=["<unk>"]), tmp_path)
     _check(hf, fl, texts)
+
+
+def test_falcon_shape_stages_after_bytelevel(train_text, texts, tmp_path):
+    """Falcon's pre-tokenizer runs Digits and Split after ByteLevel, on ByteLevel text."""
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Punctuation("contiguous"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            pre_tokenizers.Digits(individual_digits=False),
+            pre_tokenizers.Split(tokenizers.Regex("[0-9][0-9][0-9]"), behavior="isolated"),
+        ]
+    )
+    hf.decoder = decoders.ByteLevel()
+    hf, fl = _load(_train(hf, train_text, special_tokens=[">>TITLE<<", "<|endoftext|>"], **BL_ALPHABET), tmp_path)
+    _check(hf, fl, texts)
