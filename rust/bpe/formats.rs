@@ -430,29 +430,7 @@ fn parse_fast(root: &Value) -> Result<Tokenizer> {
         .ok_or_else(|| Error::format("tokenizer.json: model.merges is not a list"))?;
     let mut merges = Vec::with_capacity(merges_v.len());
     for (i, m) in merges_v.iter().enumerate() {
-        let (a, b) = match m {
-            Value::String(s) => match s.split_once(' ') {
-                Some((a, b)) if !b.contains(' ') => (a, b),
-                _ => {
-                    return Err(Error::format(format!(
-                        "tokenizer.json: merges[{i}] = {s:?} is not 'A B'"
-                    )))
-                }
-            },
-            Value::Array(v) => match &v[..] {
-                [Value::String(a), Value::String(b)] => (a.as_str(), b.as_str()),
-                _ => {
-                    return Err(Error::format(format!(
-                        "tokenizer.json: merges[{i}] is not a pair of strings"
-                    )))
-                }
-            },
-            _ => {
-                return Err(Error::format(format!(
-                    "tokenizer.json: merges[{i}] is neither 'A B' nor [A, B]"
-                )))
-            }
-        };
+        let (a, b) = super::hf::merge_pair(m, i)?;
         merges.push((lookup(a, i)?, lookup(b, i)?));
     }
     let unk = match model.get("unk_token") {

@@ -1013,6 +1013,21 @@ pub(crate) fn parse_post(v: &Value, path: &str) -> Result<(Vec<u32>, Vec<u32>)> 
     })
 }
 
+/// The two token strings of `model.merges[i]`: `"A B"` (older files) or `["A", "B"]`.
+pub(crate) fn merge_pair(m: &Value, i: usize) -> Result<(&str, &str)> {
+    match m {
+        Value::String(s) => match s.split_once(' ') {
+            Some((a, b)) if !b.contains(' ') => Ok((a, b)),
+            _ => Err(ferr(format!("model.merges[{i}] = {s:?} is not 'A B'"))),
+        },
+        Value::Array(v) => match &v[..] {
+            [Value::String(a), Value::String(b)] => Ok((a.as_str(), b.as_str())),
+            _ => Err(ferr(format!("model.merges[{i}] is not a pair of strings"))),
+        },
+        _ => Err(ferr(format!("model.merges[{i}] is neither 'A B' nor [A, B]"))),
+    }
+}
+
 fn present(v: Option<&Value>) -> Option<&Value> {
     v.filter(|v| !v.is_null())
 }
@@ -1127,17 +1142,7 @@ pub fn parse(root: &Value, source: &str) -> Result<Parsed> {
         };
     let mut merges = Vec::new();
     for (i, m) in list(model, "model", "merges")?.iter().enumerate() {
-        let (a, b) = match m {
-            Value::String(s) => match s.split_once(' ') {
-                Some((a, b)) if !b.contains(' ') => (a, b),
-                _ => return Err(ferr(format!("model.merges[{i}] = {s:?} is not 'A B'"))),
-            },
-            Value::Array(v) => match &v[..] {
-                [Value::String(a), Value::String(b)] => (a.as_str(), b.as_str()),
-                _ => return Err(ferr(format!("model.merges[{i}] is not a pair of strings"))),
-            },
-            _ => return Err(ferr(format!("model.merges[{i}] is neither 'A B' nor [A, B]"))),
-        };
+        let (a, b) = merge_pair(m, i)?;
         merges.push((lookup(a, i)?, lookup(b, i)?));
     }
 
