@@ -94,10 +94,10 @@ def test_malformed_hf_json(trained, tmp_path):
 
     assert "WordPiece" in broken(lambda d: d["model"].update(type="WordPiece"))
     assert "merges[0]" in broken(lambda d: d["model"]["merges"].__setitem__(0, "nosuch token"))
-    assert "not ByteLevel" in broken(lambda d: d["model"]["vocab"].update({"a b\u4e2d": 5000}))
-    assert "normalizer" in broken(lambda d: d.update(normalizer={"type": "NFC"}))
-    assert "add_prefix_space" in broken(lambda d: d["pre_tokenizer"].update(add_prefix_space=True))
-    assert "pre_tokenizer" in broken(lambda d: d.update(pre_tokenizer={"type": "Whitespace"}))
+    assert "plausible token id" in broken(lambda d: d["model"]["vocab"].update({"a b\u4e2d": 10**9}))
+    assert "normalizer" in broken(lambda d: d.update(normalizer={"type": "Precompiled"}))
+    assert "add_prefix_space" in broken(lambda d: d["pre_tokenizer"].update(add_prefix_space="yes"))
+    assert "pre_tokenizer" in broken(lambda d: d.update(pre_tokenizer={"type": "UnicodeScripts"}))
     # A vocabulary without some single bytes loads: HF drops such bytes (test_tokenizer_gguf.py).
     doc = json.loads(json.dumps(good))
     doc["model"]["vocab"].pop("\u0100")

@@ -229,7 +229,7 @@ def test_unknown_pre_and_bad_files(smollm_fields, tmp_path):
     )
     with pytest.raises(FormatError, match="token_type has 49151 entries for 49152 tokens"):
         Tokenizer.from_gguf(short)
-    spm = _write_gguf(tmp_path / "spm.gguf", smollm_fields, "default", model="llama")
+    spm = _write_gguf(tmp_path / "spm.gguf", smollm_fields, "default", model="bert")
     with pytest.raises(FormatError, match="tokenizer.ggml.model"):
         Tokenizer.from_gguf(spm)
     junk = tmp_path / "junk.gguf"

@@ -238,14 +238,23 @@ class Tokenizer:
     def from_hf_json(cls, path: PathLike) -> "Tokenizer":
         """Returns the tokenizer stored in an HF tokenizers ``tokenizer.json``.
 
-        The file must hold a BPE model behind a ByteLevel pre-tokenizer (GPT-2 style), or a
-        ``Split`` regex followed by ``ByteLevel(use_regex=False)`` (cl100k/Llama-3 style).
-        Added tokens become special tokens. Ids equal HF's ``encode(text,
-        add_special_tokens=False)`` with special tokens allowed.
+        Any BPE model with HF's components: normalizers (NFC/NFD/NFKC/NFKD, Lowercase, Strip,
+        Replace, Prepend, BertNormalizer, Sequence), pre-tokenizers (ByteLevel, Split, Digits, Metaspace,
+        Whitespace, WhitespaceSplit, Punctuation, BertPreTokenizer, Sequence), byte fallback,
+        ``unk_token``, ``continuing_subword_prefix``, ``end_of_word_suffix``, ``ignore_merges``,
+        added tokens with their lstrip/rstrip/single_word/normalized flags, post-processors
+        (TemplateProcessing, RobertaProcessing, BertProcessing, ByteLevel, Sequence) and
+        decoders (ByteLevel, Metaspace, ByteFallback, Fuse, Strip, Replace, BPEDecoder,
+        Sequence). Special added tokens follow the ``allowed_special`` rules of
+        :meth:`encode`; non-special added tokens are always matched, as in HF. Ids equal HF's
+        ``encode(text, add_special_tokens=False)`` with special tokens allowed, and
+        ``encode(..., add_special_tokens=True)`` adds what the post-processor adds. The plain
+        GPT-2/cl100k shape runs on the byte-level fast path; see ``docs/tokenizers.md``.
 
         Raises:
             FileNotFoundError: no such file.
-            FormatError: the file is not valid JSON or not a supported byte-level BPE.
+            FormatError: the file is not valid JSON, or holds a component ferrolm does not
+                support (the message names it and its JSON path).
         """
         text = Path(path).read_bytes()
         try:
@@ -257,11 +266,98 @@ class Tokenizer:
         return cls(_core.CoreTokenizer.from_hf_json_str(decoded))
 
     @classmethod
+    def from_pretrained(cls, folder: PathLike) -> "Tokenizer":
+        """Returns the tokenizer of a saved HF/transformers model folder.
+
+        Reads ``tokenizer.json`` (see :meth:`from_hf_json`), then ``tokenizer_config.json``
+        and ``special_tokens_map.json`` when present: the bos/eos/unk/pad tokens (as ids in
+        :attr:`bos_token_id` ...), ``add_bos_token``/``add_eos_token``, and the chat template
+        (``chat_template`` in the config, a named ``"default"`` one from a list, or a
+        ``chat_template.jinja`` file). Nothing is downloaded.
+
+        Args:
+            folder: a folder as written by transformers' ``save_pretrained``.
+
+        Raises:
+            FileNotFoundError: no such folder, or it has no ``tokenizer.json``.
+            FormatError: a file that is not valid JSON, or a special token the vocabulary lacks.
+
+        Example:
+            >>> tok = Tokenizer.from_pretrained("SmolLM2-135M-Instruct")  # doctest: +SKIP
+            >>> tok.apply_chat_template([{"role": "user", "content": "Hi"}])  # doctest: +SKIP
+        """
+        import json
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder {str(folder)!r} does not exist or is not a folder")
+        if not (folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(
+                f"{folder} has no tokenizer.json; ferrolm reads the fast-tokenizer file "
+                "(transformers' save_pretrained writes it for fast tokenizers)"
+            )
+        tok = cls.from_hf_json(folder / "tokenizer.json")
+
+        def read(name: str) -> Dict[str, Any]:
+            path = folder / name
+            if not path.is_file():
+                return {}
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise FormatError(f"{path}: not valid JSON ({e})") from None
+            if not isinstance(data, dict):
+                raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+            return data
+
+        config = read("tokenizer_config.json")
+        special_map = read("special_tokens_map.json")
+        meta: Dict[str, Any] = {}
+        for name in ("bos", "eos", "unk", "pad"):
+            value = config.get(f"{name}_token")
+            if value is None:
+                value = special_map.get(f"{name}_token")
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise FormatError(f"{folder}: {name}_token should be a string, got {value!r:.80}")
+            meta[f"{name}_token_id"] = tok._id_of_text(value, f"{folder}: {name}_token")
+        for name in ("add_bos_token", "add_eos_token"):
+            if isinstance(config.get(name), bool):
+                meta[name] = config[name]
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if template is None and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        if template is not None:
+            if not isinstance(template, str):
+                raise FormatError(f"{folder}: chat_template should be a string, got {type(template).__name__}")
+            meta["chat_template"] = template
+        return cls(tok._core, meta)
+
+    def _id_of_text(self, text: str, what: str) -> int:
+        i = self._special_tokens.get(text)
+        if i is None:
+            i = self._core.token_id(text.encode("utf-8"))
+        if i is None:
+            raw = bytes(_CHAR_TO_BYTE[c] for c in text) if all(c in _CHAR_TO_BYTE for c in text) else None
+            i = self._core.token_id(raw) if raw is not None else None
+        if i is None:
+            raise FormatError(f"{what} = {text!r} is not a token of tokenizer.json")
+        return i
+
+    @classmethod
     def from_gguf(cls, path: PathLike) -> "Tokenizer":
         """Returns the tokenizer stored in a GGUF model file (llama.cpp's format).
 
         Reads ``tokenizer.ggml.*``: a byte-level BPE vocabulary (``model = "gpt2"``) and its
-        merges, control/user-defined/unknown tokens as special tokens, the bos/eos/unk/pad ids,
+        merges, or a SentencePiece BPE vocabulary (``model = "llama"``: scores, ``<0xXX>`` byte
+        fallback, ``add_space_prefix``; merged by score as llama.cpp does, which is HF's
+        Llama tokenizer.json pipeline), control/user-defined/unknown tokens as special tokens, the bos/eos/unk/pad ids,
         ``add_bos_token``, and ``tokenizer.chat_template``. Text is split as llama.cpp splits it
         for ``tokenizer.ggml.pre`` (``smollm``: every digit alone, then GPT-2's pattern;
         ``llama-bpe``, ``qwen2``, ``gpt-2``, ``default`` ...). A single byte the vocabulary has
@@ -319,9 +415,16 @@ class Tokenizer:
         tokens = get("tokenizer.ggml.tokens", str, array=True, required=True)
         merges = get("tokenizer.ggml.merges", str, array=True) or []
         token_types = get("tokenizer.ggml.token_type", int, array=True)
+        scores = get("tokenizer.ggml.scores", float, array=True)
         try:
             core = _core.CoreTokenizer.from_gguf_vocab(
-                model, get("tokenizer.ggml.pre", str), tokens, token_types, merges
+                model,
+                get("tokenizer.ggml.pre", str),
+                tokens,
+                token_types,
+                merges,
+                scores,
+                get("tokenizer.ggml.add_space_prefix", bool),
             )
         except FormatError as e:
             raise FormatError(f"{path}: {e}") from None
@@ -541,6 +644,7 @@ class Tokenizer:
         *,
         allowed_special: SpecialSet = _EMPTY,
         disallowed_special: Union[Literal["all"], Collection[str]] = "all",
+        add_special_tokens: bool = False,
     ) -> List[int]:
         """Returns the token ids of ``text``.
 
@@ -552,6 +656,10 @@ class Tokenizer:
             text: the text to encode (lone surrogates are replaced by U+FFFD).
             allowed_special: ``"all"`` or a set of special token texts.
             disallowed_special: ``"all"`` or a collection of special token texts.
+            add_special_tokens: add the ids the file's post-processor adds around a text
+                (BOS/EOS of a ``TemplateProcessing``, Roberta's ``<s>``/``</s>``), as HF's
+                ``encode`` does by default; for a file without one, BOS/EOS where the model
+                file sets ``add_bos_token``/``add_eos_token`` (GGUF).
 
         Returns:
             ids: list of ints in [0, n_vocab).
@@ -565,7 +673,23 @@ class Tokenizer:
             >>> tok.encode("hello<|endoftext|>", allowed_special="all")[-1] == tok.eot_token
             True
         """
-        return self._core.encode(text, self._policy(allowed_special, disallowed_special))
+        ids = self._core.encode(text, self._policy(allowed_special, disallowed_special))
+        if add_special_tokens:
+            before, after = self._special_ids()
+            if before or after:
+                return [*before, *ids, *after]
+        return ids
+
+    def _special_ids(self) -> Tuple[List[int], List[int]]:
+        # The file's post-processor; without one, the model file's add_bos/add_eos (GGUF).
+        before, after = self._core.post_ids
+        if before or after:
+            return before, after
+        bos, eos = self._meta.get("bos_token_id"), self._meta.get("eos_token_id")
+        return (
+            [bos] if self.add_bos and bos is not None else [],
+            [eos] if self.add_eos and eos is not None else [],
+        )
 
     def encode_ordinary(self, text: str) -> List[int]:
         """Returns the token ids of ``text``, treating special tokens as plain text."""
@@ -646,14 +770,25 @@ class Tokenizer:
                 raise TypeError(f"ids must be ints, got {type(bad).__name__} ({bad!r})") from None
             raise UnknownTokenError(f"token ids out of range: {[x for x in ids if not 0 <= x < 2**63][:5]}") from None
 
-    def decode(self, ids: Sequence[int], errors: str = "replace") -> str:
+    def decode(self, ids: Sequence[int], errors: str = "replace", *, skip_special_tokens: bool = False) -> str:
         """Returns the text of ``ids``.
+
+        A tokenizer read from a ``tokenizer.json`` with HF's pipeline runs the file's decoder
+        and returns what HF's ``decode`` returns (``errors`` does not apply there).
 
         Args:
             ids: token ids (list, numpy array or torch tensor).
             errors: how bytes that are not valid UTF-8 decode (``"replace"``: U+FFFD;
                 ``"strict"``: raise ``UnicodeDecodeError``; any Python codec error handler).
+            skip_special_tokens: leave special tokens out.
         """
+        if self._core.has_pipeline or skip_special_tokens:
+            ids = _as_id_list(ids)
+            try:
+                return self._core.decode_text(ids, skip_special_tokens)
+            except (TypeError, OverflowError):
+                self.decode_bytes(ids)  # raises the precise error
+                raise
         return self.decode_bytes(ids).decode("utf-8", errors=errors)
 
     def decode_batch(
@@ -753,9 +888,23 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ vocabulary
 
+    def _vocab_strings(self) -> Optional[List[Optional[str]]]:
+        # HF's token strings of a pipeline tokenizer (None for the byte-level fast path).
+        if not hasattr(self, "_strings"):
+            self._strings = self._core.vocab_strings()
+            self._string_ids = {s: i for i, s in enumerate(self._strings or []) if s is not None}
+        return self._strings
+
     def id_to_token(self, id: int) -> str:
         """Returns the token's text as HF shows it: special tokens as written, others in
-        ByteLevel form (``" hello"`` is ``"Ġhello"``)."""
+        ByteLevel form (``" hello"`` is ``"Ġhello"``), or the vocab string of a
+        SentencePiece-style file (``"▁hello"``)."""
+        strings = self._vocab_strings()
+        if strings is not None:
+            s = strings[id] if isinstance(id, int) and 0 <= id < len(strings) else None
+            if s is None:
+                raise UnknownTokenError(f"token id {id} is not in the vocabulary (ids 0..{len(strings) - 1})")
+            return s
         if id in self._id_to_special:
             return self._id_to_special[id]
         b = self.decode_single_token_bytes(id)
@@ -771,6 +920,10 @@ class Tokenizer:
         if isinstance(token, str):
             if token in self._special_tokens:
                 return self._special_tokens[token]
+            if self._vocab_strings() is not None:
+                if token not in self._string_ids:
+                    raise UnknownTokenError(f"token {token!r} is not in the vocabulary")
+                return self._string_ids[token]
             try:
                 raw = bytes(_CHAR_TO_BYTE[c] for c in token)
             except KeyError:
@@ -788,6 +941,8 @@ class Tokenizer:
 
     def get_vocab(self) -> Dict[str, int]:
         """Returns HF-style ``{ByteLevel text: id}`` for every token, special ones included."""
+        if self._vocab_strings() is not None:
+            return dict(self._string_ids)
         table = self._core.token_table()
         vocab = {
             "".join(_BYTE_TO_CHAR[x] for x in b): i

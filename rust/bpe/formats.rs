@@ -10,8 +10,8 @@ use serde_json::{json, Map, Value};
 
 use super::model::Bpe;
 use super::pretokenize::{
-    CL100K_PATTERN, CL100K_PATTERN_HF, DIGITS_PATTERN, GPT2_PATTERN, GPT2_PATTERN_LLAMACPP,
-    GPT2_PATTERN_ORIGINAL,
+    Splitter, CL100K_PATTERN, CL100K_PATTERN_HF, DIGITS_PATTERN, GPT2_PATTERN,
+    GPT2_PATTERN_LLAMACPP, GPT2_PATTERN_ORIGINAL,
 };
 use super::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -146,7 +146,7 @@ fn null_or_empty(v: Option<&Value>) -> bool {
 /// HF's regex engine (Oniguruma, Ruby syntax) reads `X{n,m}+` as `(?:X{n,m})+`, where
 /// fancy-regex reads a possessive `X{n,m}`. Patterns read from HF files are rewritten so ferrolm
 /// cuts the pieces HF cuts; cl100k's HF spelling maps back to tiktoken's pattern.
-fn onig_to_fancy(pat: &str) -> String {
+pub(crate) fn onig_to_fancy(pat: &str) -> String {
     if pat == CL100K_PATTERN_HF {
         return CL100K_PATTERN.to_string();
     }
@@ -162,6 +162,13 @@ fn is_gpt2(pattern: &str) -> bool {
 fn hf_patterns(pre: &Value) -> Result<Vec<String>> {
     let kind = pre.get("type").and_then(Value::as_str).unwrap_or("");
     let check_bytelevel = |bl: &Value| -> Result<bool> {
+        for k in ["add_prefix_space", "use_regex", "trim_offsets"] {
+            if !matches!(bl.get(k), None | Some(Value::Null) | Some(Value::Bool(_))) {
+                return Err(Error::format(format!(
+                    "tokenizer.json: ByteLevel pre-tokenizer field {k} is not a boolean"
+                )));
+            }
+        }
         if bl.get("add_prefix_space").and_then(Value::as_bool).unwrap_or(false) {
             return Err(Error::format(
                 "tokenizer.json: ByteLevel add_prefix_space=true is not supported; re-save the \
@@ -277,11 +284,58 @@ fn hf_pre_tokenizer(patterns: &[String]) -> Value {
     json!({"type": "Sequence", "pretokenizers": items})
 }
 
-/// Reads an HF `tokenizer.json` holding a byte-level BPE model.
+/// Whether `root` may take the byte-level fast path: nothing there that [`parse_fast`] would
+/// ignore (added-token flags, non-special added tokens, a decoder other than ByteLevel).
+fn fast_shape(root: &Value) -> bool {
+    let flags_off = |a: &Value| {
+        a.get("special").and_then(Value::as_bool).unwrap_or(true)
+            && ["lstrip", "rstrip", "single_word", "normalized"]
+                .iter()
+                .all(|k| !a.get(k).and_then(Value::as_bool).unwrap_or(false))
+    };
+    let added_ok = match root.get("added_tokens") {
+        Some(Value::Array(v)) => v.iter().all(flags_off),
+        _ => true,
+    };
+    let decoder_ok = match root.get("decoder") {
+        None | Some(Value::Null) => true,
+        Some(d) => d.get("type").and_then(Value::as_str) == Some("ByteLevel"),
+    };
+    let unset = |k: &str| matches!(root.get(k), None | Some(Value::Null));
+    added_ok && decoder_ok && unset("truncation") && unset("padding")
+}
+
+/// Reads an HF `tokenizer.json` holding a BPE model: the byte-level fast path when the file is
+/// the plain GPT-2/cl100k shape, else HF's full pipeline ([`super::hf`]).
 pub fn parse_hf_json(text: &str) -> Result<Tokenizer> {
     let root: Value = serde_json::from_str(text)
         .map_err(|e| Error::format(format!("tokenizer.json is not valid JSON: {e}")))?;
-    let model = field(&root, "root", "model")?;
+    let post = match root.get("post_processor") {
+        None | Some(Value::Null) => (vec![], vec![]),
+        Some(p) => super::hf::parse_post(p, "post_processor")?,
+    };
+    if fast_shape(&root) {
+        if let Ok(t) = parse_fast(&root) {
+            return Ok(t.with_post(post));
+        }
+    }
+    Ok(pipeline_tokenizer(&root, text)?.with_post(post))
+}
+
+/// A tokenizer running HF's pipeline ([`super::hf`]) for the parsed `root` of `text`.
+pub(crate) fn pipeline_tokenizer(root: &Value, text: &str) -> Result<Tokenizer> {
+    let parsed = super::hf::parse(root, text)?;
+    let t = Tokenizer::with_patterns(parsed.bpe, vec![GPT2_PATTERN.to_string()], parsed.specials)
+        .map_err(|e| match e {
+        Error::Value(m) => Error::Format(format!("tokenizer.json: {m}")),
+        e => e,
+    })?;
+    Ok(t.with_pipeline(parsed.pipeline))
+}
+
+/// The byte-level fast path of [`parse_hf_json`].
+fn parse_fast(root: &Value) -> Result<Tokenizer> {
+    let model = field(root, "root", "model")?;
     let mtype = model.get("type").and_then(Value::as_str);
     if mtype.is_some() && mtype != Some("BPE") {
         return Err(Error::format(format!(
@@ -306,6 +360,13 @@ pub fn parse_hf_json(text: &str) -> Result<Tokenizer> {
         Some(p) if !p.is_null() => hf_patterns(p)?,
         _ => return Err(Error::format("tokenizer.json: no pre_tokenizer; expected ByteLevel")),
     };
+    // A lone regex skips the text it does not match (tiktoken's rule); HF keeps that text as
+    // pieces, so such a file takes the pipeline. The scanners cover all text either way.
+    if let [one] = &patterns[..] {
+        if matches!(Splitter::new(one)?, Splitter::Regex(_)) {
+            return Err(Error::format("tokenizer.json: a lone Split regex takes HF's pipeline"));
+        }
+    }
     // Added tokens become special tokens.
     let mut specials: Vec<(String, u32)> = Vec::new();
     if let Some(added) = root.get("added_tokens") {
@@ -369,29 +430,7 @@ pub fn parse_hf_json(text: &str) -> Result<Tokenizer> {
         .ok_or_else(|| Error::format("tokenizer.json: model.merges is not a list"))?;
     let mut merges = Vec::with_capacity(merges_v.len());
     for (i, m) in merges_v.iter().enumerate() {
-        let (a, b) = match m {
-            Value::String(s) => match s.split_once(' ') {
-                Some((a, b)) if !b.contains(' ') => (a, b),
-                _ => {
-                    return Err(Error::format(format!(
-                        "tokenizer.json: merges[{i}] = {s:?} is not 'A B'"
-                    )))
-                }
-            },
-            Value::Array(v) => match &v[..] {
-                [Value::String(a), Value::String(b)] => (a.as_str(), b.as_str()),
-                _ => {
-                    return Err(Error::format(format!(
-                        "tokenizer.json: merges[{i}] is not a pair of strings"
-                    )))
-                }
-            },
-            _ => {
-                return Err(Error::format(format!(
-                    "tokenizer.json: merges[{i}] is neither 'A B' nor [A, B]"
-                )))
-            }
-        };
+        let (a, b) = super::hf::merge_pair(m, i)?;
         merges.push((lookup(a, i)?, lookup(b, i)?));
     }
     let unk = match model.get("unk_token") {
@@ -424,6 +463,9 @@ pub fn parse_hf_json(text: &str) -> Result<Tokenizer> {
 
 /// Writes `tok` as an HF `tokenizer.json` (BPE model, ByteLevel pre-tokenizer and decoder).
 pub fn dump_hf_json(tok: &Tokenizer) -> Result<String> {
+    if let Some(p) = &tok.pipeline {
+        return Ok(p.source.clone());
+    }
     let table = byte_to_char();
     let mut vocab = Map::new();
     for (id, t) in tok.bpe.tokens.iter().enumerate() {

@@ -39,6 +39,10 @@ pub struct GgufVocab {
     pub token_types: Option<Vec<i32>>,
     /// `tokenizer.ggml.merges`: `"A B"` in rank order.
     pub merges: Vec<String>,
+    /// `tokenizer.ggml.scores` (SentencePiece vocabularies, `model = "llama"`).
+    pub scores: Option<Vec<f32>>,
+    /// `tokenizer.ggml.add_space_prefix` (`llama`; default true).
+    pub add_space_prefix: Option<bool>,
 }
 
 /// The pre-tokenizer patterns llama.cpp uses for `pre` (`None`/empty: `default`).
@@ -60,10 +64,13 @@ pub fn pre_patterns(pre: Option<&str>) -> Result<Vec<String>> {
 /// and unknown tokens are special tokens, the merges keep their order. A single byte without a
 /// token is dropped before merging, as in HF's BPE without an unknown token.
 pub fn tokenizer_from_gguf(v: &GgufVocab) -> Result<Tokenizer> {
+    if v.model == "llama" {
+        return llama_from_gguf(v);
+    }
     if v.model != "gpt2" {
         return Err(Error::format(format!(
             "GGUF tokenizer.ggml.model = {:?} is not supported; ferrolm reads byte-level BPE \
-             vocabularies (\"gpt2\")",
+             (\"gpt2\") and SentencePiece BPE (\"llama\") vocabularies",
             v.model
         )));
     }
@@ -136,6 +143,117 @@ pub fn tokenizer_from_gguf(v: &GgufVocab) -> Result<Tokenizer> {
     Tokenizer::with_patterns(bpe, patterns, specials).map_err(gguf_context)
 }
 
+/// The merges a SentencePiece BPE vocabulary implies, as llama.cpp merges (the adjacent pair
+/// whose concatenation is the token of highest score) and as transformers' converter writes
+/// them for HF: every split of every token into two tokens, ordered by the token's score
+/// (stable; within one token by the ids of the two halves).
+fn spm_merges(tokens: &[String], scores: &[f32], ids: &FxHashMap<&str, u32>) -> Vec<(u32, u32)> {
+    let mut merges: Vec<(u32, u32, f32)> = Vec::new();
+    let mut local = Vec::new();
+    for (t, &score) in tokens.iter().zip(scores) {
+        local.clear();
+        for (k, _) in t.char_indices().skip(1) {
+            if let (Some(&l), Some(&r)) = (ids.get(&t[..k]), ids.get(&t[k..])) {
+                local.push((l, r, score));
+            }
+        }
+        local.sort_by_key(|&(l, r, _)| (l, r));
+        merges.extend_from_slice(&local);
+    }
+    merges.sort_by(|a, b| b.2.total_cmp(&a.2));
+    merges.into_iter().map(|(l, r, _)| (l, r)).collect()
+}
+
+/// A `model = "llama"` vocabulary (SentencePiece BPE with scores and byte fallback) as the HF
+/// pipeline llama.cpp's tokenizer equals: `▁` for spaces and before each text segment
+/// (`add_space_prefix`), merges by score, `<0xXX>` tokens for chars without a token.
+fn llama_from_gguf(v: &GgufVocab) -> Result<Tokenizer> {
+    use serde_json::{json, Map, Value};
+    let n = v.tokens.len();
+    if n == 0 {
+        return Err(Error::format("GGUF tokenizer.ggml.tokens is empty"));
+    }
+    let types = v.token_types.clone().unwrap_or_else(|| vec![token_type::NORMAL; n]);
+    let scores = v.scores.clone().unwrap_or_else(|| vec![0.0; n]);
+    for (name, len) in [("token_type", types.len()), ("scores", scores.len())] {
+        if len != n {
+            return Err(Error::format(format!(
+                "GGUF tokenizer.ggml.{name} has {len} entries for {n} tokens; the arrays must \
+                 have the same length"
+            )));
+        }
+    }
+    let mut ids: FxHashMap<&str, u32> = FxHashMap::default();
+    let mut vocab = Map::new();
+    let mut added = Vec::new();
+    let mut unk: Option<&str> = None;
+    for (id, text) in v.tokens.iter().enumerate() {
+        if text.is_empty() || ids.contains_key(text.as_str()) {
+            continue; // llama.cpp keeps the first of duplicate texts; empty ones never match
+        }
+        ids.insert(text, id as u32);
+        vocab.insert(text.clone(), json!(id));
+        let special = match types[id] {
+            token_type::CONTROL => Some(true),
+            token_type::UNKNOWN => {
+                unk = Some(text);
+                Some(true)
+            }
+            token_type::USER_DEFINED => Some(false),
+            token_type::NORMAL | token_type::UNUSED | token_type::BYTE => None,
+            other => {
+                return Err(Error::format(format!(
+                    "GGUF tokenizer.ggml.token_type[{id}] = {other} is not a token type (1..=6)"
+                )))
+            }
+        };
+        if let Some(special) = special {
+            added.push(json!({"id": id, "content": text, "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": special}));
+        }
+    }
+    let names: Vec<&str> = {
+        let mut names = vec![""; n];
+        for (t, &i) in &ids {
+            names[i as usize] = t;
+        }
+        names
+    };
+    let merges: Vec<Value> = spm_merges(&v.tokens, &scores, &ids)
+        .into_iter()
+        .map(|(l, r)| json!([names[l as usize], names[r as usize]]))
+        .collect();
+    let space = v.add_space_prefix.unwrap_or(true);
+    let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+    let normalizer = if space {
+        json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+    } else {
+        replace
+    };
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
+    if space {
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let root = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": null,
+        "post_processor": null,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                  "ignore_merges": false, "vocab": vocab, "merges": merges},
+    });
+    let text = serde_json::to_string(&root)
+        .map_err(|e| Error::format(format!("GGUF tokenizer: cannot build tokenizer.json: {e}")))?;
+    super::formats::pipeline_tokenizer(&root, &text).map_err(gguf_context)
+}
+
 fn gguf_context(e: Error) -> Error {
     match e {
         Error::Value(m) | Error::Format(m) => Error::Format(format!("GGUF tokenizer: {m}")),
@@ -162,6 +280,8 @@ mod tests {
             tokens,
             token_types: Some(types),
             merges: vec!["Ġ h".into(), "Ġh i".into()],
+            scores: None,
+            add_space_prefix: None,
         }
     }
 
@@ -191,7 +311,7 @@ mod tests {
         let e = tokenizer_from_gguf(&v).unwrap_err().to_string();
         assert!(e.contains("merges[2]"), "{e}");
         let mut v = tiny("gpt-2");
-        v.model = "llama".into();
+        v.model = "bert".into();
         assert!(matches!(tokenizer_from_gguf(&v), Err(Error::Format(_))));
     }
 }

@@ -127,9 +127,21 @@ fn pack(a: u32, b: u32) -> u64 {
     ((a as u64) << 32) | b as u64
 }
 
+/// How [`Bpe::encode_word`] starts a word (HF's char-level BPE options).
+#[derive(Debug, Clone, Default)]
+pub struct WordOpts {
+    /// `continuing_subword_prefix`: put before every char but the first.
+    pub prefix: Option<String>,
+    /// `end_of_word_suffix`: put after the last char.
+    pub suffix: Option<String>,
+    /// `byte_fallback`: the id of each `<0xXX>` token (`u32::MAX` where there is none).
+    pub byte_fallback: Option<Box<[u32; 256]>>,
+}
+
 /// Reusable buffers for encoding, and the piece cache; one per thread (see [`with_scratch`]).
 #[derive(Default)]
 pub struct Scratch {
+    word: Vec<u32>,
     parts: Vec<(u32, u64)>,
     nodes: Vec<(u32, u32, u32)>,
     heap: BinaryHeap<Reverse<(u64, u32)>>,
@@ -227,15 +239,30 @@ impl Bpe {
     /// Single bytes without a token are dropped before merging, as HF does when no `unk` is set
     /// (see [`Bpe::with_unknown`]).
     pub fn from_merges(tokens: Vec<Option<Box<[u8]>>>, merges: Vec<(u32, u32)>) -> Result<Self> {
+        Self::from_merges_with(tokens, merges, None, true)
+    }
+
+    /// As [`Bpe::from_merges`], for HF's char-level models ([`Bpe::encode_word`]): the right
+    /// part of a merge loses its `continuing_subword_prefix` (HF names `a + b` minus the
+    /// prefix), and `whole` says whether to build the byte-level whole-piece shortcut.
+    pub fn from_merges_with(
+        tokens: Vec<Option<Box<[u8]>>>,
+        merges: Vec<(u32, u32)>,
+        prefix: Option<&[u8]>,
+        whole_pieces: bool,
+    ) -> Result<Self> {
         let mut bpe = Self::empty(tokens, MergeRule::Merges, false)?;
         let mut pairs = FxHashMap::default();
         let mut concat = Vec::new();
         for (rank, &(a, b)) in merges.iter().enumerate() {
             concat.clear();
             for x in [a, b] {
-                let t = bpe.token_bytes(x).ok_or_else(|| {
+                let mut t = bpe.token_bytes(x).ok_or_else(|| {
                     Error::format(format!("merge {rank} refers to id {x}, which is not a token"))
                 })?;
+                if let (Some(p), true) = (prefix, x == b) {
+                    t = t.strip_prefix(p).unwrap_or(t);
+                }
                 concat.extend_from_slice(t);
             }
             let new = bpe.by_bytes.get(&concat).ok_or_else(|| {
@@ -249,6 +276,9 @@ impl Bpe {
         }
         bpe.pairs = pairs;
         bpe.merges = merges;
+        if !whole_pieces {
+            return Ok(bpe);
+        }
         // A token is a shortcut only if BPE reaches it from its own bytes; others (rare,
         // unreachable tokens) go through the merge loop so the ids stay HF's.
         let mut whole = PieceMap::default();
@@ -335,6 +365,19 @@ impl Bpe {
             self.merge_piece(piece, u64::MAX, scratch, out);
             return;
         };
+        self.cached(key, scratch, out, |s, o| self.merge_piece(piece, u64::MAX, s, o));
+    }
+
+    /// Appends the cached ids of the piece with short key `key`, or runs `encode` and caches
+    /// what it appends (the per-thread, direct-mapped piece cache).
+    #[inline]
+    fn cached(
+        &self,
+        key: u128,
+        scratch: &mut Scratch,
+        out: &mut Vec<u32>,
+        encode: impl FnOnce(&mut Scratch, &mut Vec<u32>),
+    ) {
         if scratch.cache_owner != self.uid {
             scratch.cache.clear();
             scratch.cache.resize(CACHE_SLOTS, Slot::default());
@@ -349,7 +392,7 @@ impl Bpe {
             return;
         }
         let start = out.len();
-        self.merge_piece(piece, u64::MAX, scratch, out);
+        encode(scratch, out);
         let ids = &out[start..];
         if ids.len() <= CACHE_IDS {
             let mut e = Slot { key, n: ids.len() as u8, ids: [0; CACHE_IDS] };
@@ -402,6 +445,96 @@ impl Bpe {
             }
             _ => self.merge_heap(ids.iter().copied(), max_rank, scratch, out),
         }
+    }
+
+    /// Appends the ids of one pre-tokenized word the way HF's char-level BPE does
+    /// (`BPE::merge_word`): each char is looked up as a token (with the continuing-subword
+    /// prefix after the first char and the end-of-word suffix on the last), a char without a
+    /// token becomes its `<0x..>` byte tokens (byte fallback) or `unk`, then the merges run.
+    pub fn encode_word(&self, w: &str, opts: &WordOpts, scratch: &mut Scratch, out: &mut Vec<u32>) {
+        match short_key(w.as_bytes()) {
+            // The cache belongs to this model (its uid), and `opts` are fixed per model.
+            Some(key) if !w.is_empty() => {
+                self.cached(key, scratch, out, |s, o| self.encode_word_uncached(w, opts, s, o))
+            }
+            _ => self.encode_word_uncached(w, opts, scratch, out),
+        }
+    }
+
+    fn encode_word_uncached(
+        &self,
+        w: &str,
+        opts: &WordOpts,
+        scratch: &mut Scratch,
+        out: &mut Vec<u32>,
+    ) {
+        if w.is_empty() {
+            return;
+        }
+        if self.ignore_merges {
+            if let Some(id) = self.by_bytes.get(w.as_bytes()) {
+                out.push(id);
+                return;
+            }
+        }
+        let mut ids = std::mem::take(&mut scratch.word);
+        ids.clear();
+        let mut pending_unk: Option<u32> = None;
+        let mut buf = String::new();
+        let mut chars = w.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            let end = chars.peek().map_or(w.len(), |&(j, _)| j);
+            let first = i == 0;
+            let last = end == w.len();
+            let s: &str = if (first || opts.prefix.is_none()) && (!last || opts.suffix.is_none()) {
+                &w[i..end]
+            } else {
+                buf.clear();
+                if let (false, Some(p)) = (first, &opts.prefix) {
+                    buf.push_str(p);
+                }
+                buf.push(c);
+                if let (true, Some(x)) = (last, &opts.suffix) {
+                    buf.push_str(x);
+                }
+                &buf
+            };
+            if let Some(id) = self.by_bytes.get(s.as_bytes()) {
+                if let Some(u) = pending_unk.take() {
+                    ids.push(u);
+                }
+                ids.push(id);
+                continue;
+            }
+            if let Some(table) = &opts.byte_fallback {
+                if s.bytes().all(|b| table[b as usize] != MISSING) {
+                    // HF leaves a pending unk where it is: it is pushed after these bytes.
+                    ids.extend(s.bytes().map(|b| table[b as usize]));
+                    continue;
+                }
+            }
+            if let Some(u) = self.unk {
+                match pending_unk {
+                    Some(_) if self.fuse_unk => {}
+                    Some(p) => {
+                        ids.push(p);
+                        pending_unk = Some(u);
+                    }
+                    None => pending_unk = Some(u),
+                }
+            }
+        }
+        if let Some(u) = pending_unk {
+            ids.push(u);
+        }
+        match ids.len() {
+            0 | 1 => out.extend_from_slice(&ids),
+            n if n <= HEAP_THRESHOLD => {
+                self.merge_small(ids.iter().copied(), u64::MAX, scratch, out)
+            }
+            _ => self.merge_heap(ids.iter().copied(), u64::MAX, scratch, out),
+        }
+        scratch.word = ids;
     }
 
     /// Merges the parts `ids` (at least two).

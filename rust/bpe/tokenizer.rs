@@ -3,6 +3,7 @@
 use aho_corasick::{AhoCorasick, MatchKind};
 use rayon::prelude::*;
 
+use super::hf::Pipeline;
 use super::model::{with_scratch, Bpe, Scratch};
 use super::pretokenize::Splitter;
 use crate::{Error, Result};
@@ -28,6 +29,10 @@ pub struct Tokenizer {
     /// (text, id), in the order given.
     pub(crate) specials: Vec<(String, u32)>,
     matcher: Option<AhoCorasick>,
+    /// HF's full pipeline, for `tokenizer.json` files beyond the byte-level fast path.
+    pub(crate) pipeline: Option<Box<Pipeline>>,
+    /// Ids the post-processor puts before and after a text (`add_special_tokens=True`).
+    pub(crate) post: (Vec<u32>, Vec<u32>),
 }
 
 impl Tokenizer {
@@ -76,7 +81,61 @@ impl Tokenizer {
                     .map_err(|e| Error::value(format!("cannot index the special tokens: {e}")))?,
             )
         };
-        Ok(Tokenizer { bpe, splitter, patterns, specials, matcher })
+        Ok(Tokenizer {
+            bpe,
+            splitter,
+            patterns,
+            specials,
+            matcher,
+            pipeline: None,
+            post: (Vec::new(), Vec::new()),
+        })
+    }
+
+    /// This tokenizer with HF's pipeline in place of the byte-level pre-tokenizer.
+    pub fn with_pipeline(mut self, p: Pipeline) -> Self {
+        self.pipeline = Some(Box::new(p));
+        self
+    }
+
+    /// This tokenizer with post-processor ids (before, after) for `add_special_tokens`.
+    pub fn with_post(mut self, post: (Vec<u32>, Vec<u32>)) -> Self {
+        self.post = post;
+        self
+    }
+
+    /// HF's pipeline, when the tokenizer came from a `tokenizer.json` that needs one.
+    pub fn pipeline(&self) -> Option<&Pipeline> {
+        self.pipeline.as_deref()
+    }
+
+    /// The ids the post-processor puts before and after a text.
+    pub fn post(&self) -> (&[u32], &[u32]) {
+        (&self.post.0, &self.post.1)
+    }
+
+    /// The pre-tokenized pieces of `text` as the model sees them.
+    pub fn pieces(&self, text: &str) -> Result<Vec<String>> {
+        match &self.pipeline {
+            Some(p) => p.pieces(text),
+            None => Ok(self.splitter.pieces(text)?.into_iter().map(str::to_string).collect()),
+        }
+    }
+
+    /// The text of `ids`: HF's decoders for a pipeline tokenizer, else the bytes decoded as
+    /// UTF-8 with U+FFFD for invalid sequences.
+    pub fn decode_text(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        if let Some(p) = &self.pipeline {
+            return p.decode(ids, skip_special);
+        }
+        let ids: Vec<u64> = ids
+            .iter()
+            .filter(|i| !skip_special || !self.specials.iter().any(|(_, s)| s == *i))
+            .map(|&i| i as u64)
+            .collect();
+        let mut out = Vec::new();
+        self.decode_into(ids, &mut out)?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
     /// The BPE model.
@@ -107,7 +166,9 @@ impl Tokenizer {
     /// One past the largest id (mergeable or special).
     pub fn n_vocab(&self) -> usize {
         let s = self.specials.iter().map(|(_, id)| *id as usize + 1).max().unwrap_or(0);
-        s.max(self.bpe.id_bound())
+        // Non-special added tokens of a pipeline may lie beyond the model's ids.
+        let p = self.pipeline.as_ref().map_or(0, |p| p.token_strings().len());
+        s.max(self.bpe.id_bound()).max(p)
     }
 
     /// Number of distinct tokens (mergeable plus special ones not also in the model).
@@ -123,6 +184,9 @@ impl Tokenizer {
         scratch: &mut Scratch,
         out: &mut Vec<u32>,
     ) -> Result<()> {
+        if let Some(p) = &self.pipeline {
+            return p.encode(&self.bpe, text, &[], scratch, out);
+        }
         self.splitter.split(text, |piece| self.bpe.encode_piece(piece.as_bytes(), scratch, out))
     }
 
@@ -141,6 +205,16 @@ impl Tokenizer {
         scratch: &mut Scratch,
         out: &mut Vec<u32>,
     ) -> Result<()> {
+        if let Some(p) = &self.pipeline {
+            if policy.len() != self.specials.len() {
+                return Err(Error::value(format!(
+                    "special-token policy has {} entries for {} special tokens",
+                    policy.len(),
+                    self.specials.len()
+                )));
+            }
+            return p.encode(&self.bpe, text, policy, scratch, out);
+        }
         let matcher = match &self.matcher {
             Some(m) if policy.iter().any(|p| *p != SpecialPolicy::Text) => m,
             _ => return self.encode_ordinary_into(text, scratch, out),
@@ -211,6 +285,10 @@ impl Tokenizer {
         self.bpe
             .token_bytes(id)
             .or_else(|| self.specials.iter().find(|(_, i)| *i == id).map(|(s, _)| s.as_bytes()))
+            .or_else(|| {
+                let p = self.pipeline.as_ref()?;
+                p.token_strings().get(id as usize)?.as_deref().map(str::as_bytes)
+            })
     }
 
     fn unknown(&self, id: u64) -> Error {
@@ -219,6 +297,14 @@ impl Tokenizer {
 
     /// Appends the bytes of `ids` to `out`.
     pub fn decode_into(&self, ids: impl IntoIterator<Item = u64>, out: &mut Vec<u8>) -> Result<()> {
+        if let Some(p) = &self.pipeline {
+            let ids = ids
+                .into_iter()
+                .map(|id| u32::try_from(id).map_err(|_| self.unknown(id)))
+                .collect::<Result<Vec<u32>>>()?;
+            out.extend_from_slice(p.decode(&ids, false)?.as_bytes());
+            return Ok(());
+        }
         for id in ids {
             let b = u32::try_from(id)
                 .ok()

@@ -130,7 +130,8 @@ impl CoreTokenizer {
 
     /// From the tokenizer entries of a GGUF file's metadata (`tokenizer.ggml.*`).
     #[staticmethod]
-    #[pyo3(signature = (model, pre, tokens, token_types, merges))]
+    #[pyo3(signature = (model, pre, tokens, token_types, merges, scores=None, add_space_prefix=None))]
+    #[allow(clippy::too_many_arguments)]
     fn from_gguf_vocab(
         py: Python<'_>,
         model: String,
@@ -138,8 +139,11 @@ impl CoreTokenizer {
         tokens: Vec<String>,
         token_types: Option<Vec<i32>>,
         merges: Vec<String>,
+        scores: Option<Vec<f32>>,
+        add_space_prefix: Option<bool>,
     ) -> PyResult<Self> {
-        let v = bpe::GgufVocab { model, pre, tokens, token_types, merges };
+        let v =
+            bpe::GgufVocab { model, pre, tokens, token_types, merges, scores, add_space_prefix };
         let t = py.detach(move || bpe::tokenizer_from_gguf(&v))?;
         Self::wrap(py, t)
     }
@@ -381,14 +385,42 @@ impl CoreTokenizer {
             .collect()
     }
 
-    /// Pieces of `text` under this tokenizer's pattern (for inspection and tests).
+    /// Pieces of `text` as the model sees them (for inspection and tests).
     fn pre_tokenize(&self, py: Python<'_>, text: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
         let text = convert::text(text, "text")?;
-        let pieces = py.detach(|| -> crate::Result<Vec<String>> {
-            let pieces = self.inner.splitter().pieces(&text)?;
-            Ok(pieces.into_iter().map(str::to_string).collect())
-        })?;
-        Ok(pieces)
+        Ok(py.detach(|| self.inner.pieces(&text))?)
+    }
+
+    /// Whether this tokenizer runs HF's full pipeline (normalizers, decoders ...).
+    #[getter]
+    fn has_pipeline(&self) -> bool {
+        self.inner.pipeline().is_some()
+    }
+
+    /// Each id's token string as HF shows it (pipeline tokenizers; None otherwise).
+    fn vocab_strings(&self) -> Option<Vec<Option<String>>> {
+        self.inner.pipeline().map(|p| p.token_strings().to_vec())
+    }
+
+    /// The ids the post-processor puts before and after a text.
+    #[getter]
+    fn post_ids(&self) -> (Vec<u32>, Vec<u32>) {
+        let (a, b) = self.inner.post();
+        (a.to_vec(), b.to_vec())
+    }
+
+    /// The text of `ids` (HF's decoders for a pipeline tokenizer).
+    fn decode_text(&self, py: Python<'_>, ids: Vec<i64>, skip_special: bool) -> PyResult<String> {
+        let ids = ids_from(ids)?
+            .into_iter()
+            .map(|i| {
+                u32::try_from(i).map_err(|_| {
+                    crate::Error::UnknownId { id: i, valid: format!("0..{}", self.inner.n_vocab()) }
+                        .into()
+                })
+            })
+            .collect::<PyResult<Vec<u32>>>()?;
+        Ok(py.detach(|| self.inner.decode_text(&ids, skip_special))?)
     }
 }
 
