@@ -354,7 +354,7 @@ def stream_tokens(
     """
     import torch
 
-    from ..decoding import sample_next
+    from ..decoding import _step_logits, sample_next
 
     if not ids:
         raise ValueError("the prompt is empty")
@@ -378,7 +378,7 @@ def stream_tokens(
                 yield t
                 if t in stops or step == max_new_tokens - 1:
                     return
-                logits = model.logits(model.advance(state, nxt.view(1, 1))[:, -1])
+                logits = _step_logits(model, state, nxt.view(1, 1))  # generate's step (fused when quantized)
     finally:
         model.train(was_training)
 
