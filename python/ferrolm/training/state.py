@@ -94,7 +94,8 @@ def save_checkpoint(
     result: TrainResult,
 ) -> Path:
     """Writes ``train_state.pt`` and ``model.safetensors`` into ``out_dir`` as one unit (see the
-    module notes); a wrapper without an architecture (prompt tuning) writes the state only."""
+    module notes); a wrapper without an architecture (prompt tuning) and a model on a quantized
+    base (QLoRA: its blocks are the GGUF file's, the adapter is the result) write the state only."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     recover_checkpoint(out)
@@ -115,12 +116,14 @@ def save_checkpoint(
     pending = out / PENDING_DIR
     pending.mkdir()
     atomic_write(pending / STATE_FILE, buf.getvalue())
+    quantized = any(hasattr(m, "qweight") for m in model.modules())  # ferrolm.quant layers
     try:
         architecture_of(model)
     except TypeError:  # wrappers (prompt tuning) keep train_state.pt only
         pass
     else:
-        save_model(model, pending / MODEL_FILE, metadata={"step": str(step)})
+        if not quantized:
+            save_model(model, pending / MODEL_FILE, metadata={"step": str(step)})
     _fsync_dir(pending)
     atomic_write(pending / COMMIT_FILE, str(step).encode())
     recover_checkpoint(out)
