@@ -192,9 +192,12 @@ class LM:
         """``(context ids, continuation ids)`` as lm-evaluation-harness encodes a causal request:
         the context's trailing whitespace moves to the continuation, the pair is encoded as one
         text and the continuation is what follows the context's own ids; an empty context
-        becomes ``[prefix_token_id]``."""
+        becomes ``[prefix_token_id]`` (or the continuation's first token when that is it)."""
         if context == "":
-            return [self.prefix_token_id], self.encode(continuation)
+            cont = self.encode(continuation)
+            if cont and cont[0] == self.prefix_token_id:  # the text already starts with it (lm-eval 0.4.13)
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
         n = len(context) - len(context.rstrip())
         if n:
             context, continuation = context[:-n], context[-n:] + continuation
