@@ -97,6 +97,24 @@ def _ids(x, what: str) -> List[int]:
     return out
 
 
+def _hf_cache_of(out):
+    """The KV cache a transformers forward returned: ``cache`` (transformers 5.x) or
+    ``past_key_values`` (4.x; a deprecated alias in 5.x that warns)."""
+    keys = out.keys() if hasattr(out, "keys") else ()
+    return out["cache"] if "cache" in keys else getattr(out, "past_key_values", None)
+
+
+def _hf_cache_arg(model) -> str:
+    """The name under which a transformers model's forward takes a KV cache."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class LM:
     """A causal language model behind the ICL requests.
 
@@ -510,7 +528,7 @@ class LM:
     def _hf_prefix(self, ctx: List[int]):
         """A transformers model's log-probs after the context (1, V) and its ``past_key_values``."""
         out = self.model(input_ids=torch.tensor([ctx], dtype=torch.int64, device=self.device), use_cache=True)
-        return F.log_softmax(out.logits[:, -1].float(), -1), out.past_key_values
+        return F.log_softmax(out.logits[:, -1].float(), -1), _hf_cache_of(out)
 
     def _hf_cache_ok(self) -> bool:
         """Whether the transformers model returns a KV cache that can be copied per row
@@ -519,7 +537,7 @@ class LM:
             try:
                 with torch.no_grad():
                     out = self.model(input_ids=torch.zeros(1, 1, dtype=torch.int64, device=self.device), use_cache=True)
-                self._hf_cache = hasattr(getattr(out, "past_key_values", None), "batch_repeat_interleave")
+                self._hf_cache = hasattr(_hf_cache_of(out), "batch_repeat_interleave")
             except (TypeError, ValueError, RuntimeError):
                 self._hf_cache = False
         return bool(self._hf_cache)
@@ -542,7 +560,8 @@ class LM:
         mask = torch.ones(n, n_ctx + m, dtype=torch.int64)
         for i, c in enumerate(conts):
             mask[i, n_ctx + len(c) - 1 :] = 0  # right padding after each continuation
-        logits = self.model(input_ids=idx, past_key_values=cache, attention_mask=mask.to(self.device)).logits
+        kw = {_hf_cache_arg(self.model): cache}
+        logits = self.model(input_ids=idx, attention_mask=mask.to(self.device), **kw).logits
         logp = F.log_softmax(logits.float(), -1)
         return [logp[i] for i in range(n)]
 
