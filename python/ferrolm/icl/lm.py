@@ -1,24 +1,27 @@
 """One adapter for the language models that in-context learning scores with: every ferrolm
-language model (anything implementing :class:`ferrolm.decoding.Decoder`: GPT, the LSTM LM, a
-prompt-tuned GPT) and Hugging Face ``transformers`` causal LMs. Requests follow lm-evaluation-harness's kinds:
-``loglikelihood`` (context, continuation) and ``loglikelihood_rolling`` (a whole text).
+language model (anything implementing :class:`ferrolm.decoding.Decoder`: GPT, Llama, the LSTM LM,
+a prompt-tuned GPT) and Hugging Face ``transformers`` causal LMs. Requests follow
+lm-evaluation-harness's kinds: ``loglikelihood`` (context, continuation) and
+``loglikelihood_rolling`` (a whole text), as strings (encoded with the model's tokenizer exactly as
+lm-eval encodes causal requests) or token ids; results are ``(logprob, is_greedy)`` pairs.
 
 Shared-prefix reuse: requests with the same context (the k demonstrations and the question,
-scored against each choice) run the context once; its KV cache (GPT) or carried state (LSTM)
-is copied to one row per continuation (the protocol's ``select``), and only the continuation tokens run after it. The
-distinct contexts of a call run in batches, grouped by length with
-:class:`ferrolm.data.BucketBatchSampler` and right-padded with :func:`ferrolm.data.pad` (each
-row's cache keeps its own length, so the pads are never attended to). A prefix
-common to all contexts of a call (an instruction and fixed demonstrations) runs once too, each
-context running only its own remainder after it. Transformers models reuse each context's
-``past_key_values`` the same way (copied per continuation with
-``DynamicCache.batch_repeat_interleave``; full forwards where a model offers no such cache). A
-continuation of one token needs no second pass at all (its log-probability is read from the
-context's last position). Padding never enters a score: continuations are right-padded, the
-causal mask keeps real tokens from seeing the pads after them, and each row's log-probs are
-gathered at its own positions only, so scores do not depend on the batch size.
+scored against each choice) run the context once. The distinct contexts of a call run in
+batches, grouped by length with :class:`ferrolm.data.BucketBatchSampler` and right-padded with
+:func:`ferrolm.data.pad` (each row's cache keeps its own length, so the pads are never attended
+to); the multi-token continuations of all contexts of a batch then continue copies of their
+context's cache row (the protocol's ``select``) together, one token per row per step, or one
+block per context when that takes fewer forwards. A prefix common to all contexts of a call (an
+instruction and fixed demonstrations) runs once too, each context running only its own remainder
+after it. Transformers models reuse each context's KV cache the same way (copied per
+continuation with ``DynamicCache.batch_repeat_interleave``; full forwards where a model offers no
+such cache). A continuation of one token needs no second pass at all (its log-probability is
+read from the context's last position). Padding never enters a score: continuations are
+right-padded, the causal mask keeps real tokens from seeing the pads after them, and each row's
+log-probs are gathered at its own positions only, so scores do not depend on the batch size.
 
-Contexts longer than the model's window are cut from the left (the oldest tokens go), and
+Contexts longer than the model's window are cut from the left (the oldest tokens go; the input
+is the context and every continuation token but the last, as lm-eval cuts it), and
 ``LogLikelihood.truncated`` says so.
 """
 
