@@ -422,7 +422,8 @@ class LM:
                 if len(reqs[i][1]) == 1:  # read from the context's last position: no pass at all
                     out[i] = self._result(first, None, reqs[i][1], cuts[i])
             longer = [(b, i) for b in range(len(batch)) for i in plans[batch[b]][2] if len(reqs[i][1]) > 1]
-            for chunk in self._continuation_chunks(longer, reqs):
+            span = max((len(plans[batch[b]][0]) + len(reqs[i][1]) for b, i in longer), default=1)
+            for chunk in self._continuation_chunks(longer, reqs, span):
                 rows = torch.tensor([prefilled[b][1][1] for b, _ in chunk], dtype=torch.int64)
                 rests = self._continue_rows(state, rows, [reqs[i][1] for _, i in chunk])
                 for (b, i), rest in zip(chunk, rests):
@@ -436,25 +437,34 @@ class LM:
         total, greedy = self._score(lp, cont)
         return LogLikelihood(total, len(cont), greedy, cut)
 
-    def _continuation_chunks(self, jobs: List[Tuple[int, int]], reqs) -> List[List[Tuple[int, int]]]:
+    #: Continuation rows per pass: at least this many (each row a copy of its context's cache) ...
+    CONTINUE_ROWS = 64
+    #: ... as long as the copies hold at most this many positions in all.
+    CONTINUE_POSITIONS = 16384
+
+    def _continuation_chunks(self, jobs: List[Tuple[int, int]], reqs, span: int) -> List[List[Tuple[int, int]]]:
         """Groups ``(context row, request)`` jobs of multi-token continuations into passes.
 
         A pass either steps the continuations of several contexts together one token at a time
         (the KV cache appends one token per row at each row's own length, so rows of contexts
         of different lengths batch without padding), or runs the continuations of one context
         as one block (a block is appended at a common length). Stepping costs one forward per
-        token of the longest continuation, blocks one per context: the cheaper is chosen.
+        token of the longest continuation, blocks one per context: the cheaper is chosen. A pass
+        takes up to ``max(batch_size, CONTINUE_ROWS)`` rows, fewer when their cache copies
+        (``span`` positions each) would exceed ``CONTINUE_POSITIONS``: a single-token step costs
+        about as much for 64 rows as for 8 (the weights are read once either way).
         """
         if not jobs:
             return []
+        size = max(1, min(max(self.batch_size, self.CONTINUE_ROWS), self.CONTINUE_POSITIONS // max(1, span)))
         steps = max(len(reqs[i][1]) for _, i in jobs) - 1
         contexts = sorted({b for b, _ in jobs})
-        if steps < len(contexts):
-            return [jobs[s : s + self.batch_size] for s in range(0, len(jobs), self.batch_size)]
+        if steps * -(-len(jobs) // size) < len(contexts):
+            return [jobs[s : s + size] for s in range(0, len(jobs), size)]
         out = []
         for b in contexts:
             mine = [j for j in jobs if j[0] == b]
-            out += [mine[s : s + self.batch_size] for s in range(0, len(mine), self.batch_size)]
+            out += [mine[s : s + size] for s in range(0, len(mine), size)]
         return out
 
     def _continue_rows(self, state, rows: torch.Tensor, conts: List[List[int]]) -> List[torch.Tensor]:
