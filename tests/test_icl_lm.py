@@ -37,7 +37,7 @@ def hf_pair():
 
 def _direct(hf, ctx, cont):
     """log P(cont | ctx) computed the plain way from transformers' logits, in float64."""
-    ids = torch.tensor([ctx + cont])
+    ids = torch.tensor([ctx + cont[:-1]])  # the last token is only predicted
     with torch.no_grad():
         logp = torch.log_softmax(hf(ids).logits.double(), -1)[0]
     return sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
@@ -89,7 +89,8 @@ def test_context_longer_than_the_window_is_cut_from_the_left(hf_pair):
     for reuse in (True, False):
         r = LM(ours).loglikelihood([(ctx, cont)], reuse_prefix=reuse)[0]
         assert r.truncated
-        assert r.logprob == pytest.approx(_direct(hf, ctx[-37:], cont), rel=1e-4, abs=1e-4)
+        # The model's input is the context and every continuation token but the last (as lm-eval cuts it).
+        assert r.logprob == pytest.approx(_direct(hf, ctx[-38:], cont), rel=1e-4, abs=1e-4)
 
 
 def test_is_greedy_marks_the_models_own_continuation():

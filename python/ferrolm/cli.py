@@ -353,6 +353,8 @@ def _cmd_icl_eval(args: argparse.Namespace) -> int:
     from .icl import LM, kshot_sweep, model_embedder
     from .recipes.language_model import icl_task, load_lm
 
+    if args.task is not None:
+        return _cmd_icl_eval_tasks(args)
     model, tok = load_lm(args.model, args.tokenizer, layers=args.layers)
     _causal(model, args.model)
     pool, test, template = icl_task(
@@ -366,7 +368,7 @@ def _cmd_icl_eval(args: argparse.Namespace) -> int:
         json.loads(args.label_words) if args.label_words else None,
         args.test_fraction,
     )
-    embed = model_embedder(model, tok) if args.retriever in ("topk", "mmr") else None
+    embed = model_embedder(model, tok) if args.retriever in ("topk", "mmr", "votek") else None
     sweep = kshot_sweep(
         LM(model, batch_size=args.batch_size),
         tok,
@@ -377,6 +379,7 @@ def _cmd_icl_eval(args: argparse.Namespace) -> int:
         seeds=list(range(args.seeds)),
         retriever=args.retriever,
         embed=embed,
+        calibrate=args.calibrate,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -395,6 +398,35 @@ def _cmd_icl_eval(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     print(f"wrote {out / 'icl.md'}, {out / 'icl.json'}, {out / 'icl.png'}")
+    return 0
+
+
+def _cmd_icl_eval_tasks(args: argparse.Namespace) -> int:
+    from .icl import LM, model_embedder
+    from .recipes.icl_tasks import resolve_tasks, run_suite, suite_markdown
+    from .recipes.language_model import load_lm
+
+    if args.data is not None:
+        raise ValueError("give --task (the built-in suite) or --data (your own examples), not both")
+    names = resolve_tasks(args.task)  # before loading the model: a wrong name fails at once
+    model, tok = load_lm(args.model, args.tokenizer, layers=args.layers)
+    embed = model_embedder(model, tok) if args.retriever in ("topk", "mmr", "votek") else None
+    res = run_suite(
+        LM(model, tok, batch_size=args.batch_size),
+        tok,
+        names,
+        ks=list(args.k),
+        seeds=list(range(args.seeds)),
+        n_test=args.n_test,
+        retriever=args.retriever,
+        embed=embed,
+        calibrate=args.calibrate,
+        out_dir=args.out,
+        model_name=str(args.model),
+    )
+    print(suite_markdown(res), end="")
+    out = Path(args.out)
+    print(f"wrote {out / 'icl_tasks.md'}, {out / 'icl_tasks.json'}, {out / 'icl_tasks.png'}")
     return 0
 
 
@@ -614,6 +646,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--data", default=None, help="JSONL or CSV with input and label/output fields (default: the embedded task)"
     )
+    ev.add_argument(
+        "--task",
+        default=None,
+        help="a task of the built-in suite (ferrolm.icl.tasks: number_french, country_currency, plural, ...), "
+        "a comma-separated list, or all; writes icl_tasks.md/.json/.png",
+    )
+    ev.add_argument("--n-test", type=int, default=100, help="test examples per --task (a fixed split)")
+    ev.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="contextual calibration of classification (Zhao et al. 2021: content-free inputs N/A, '', [MASK])",
+    )
     ev.add_argument("--input-key", default="input")
     ev.add_argument("--output-key", default=None)
     ev.add_argument("--demo", default="{input}\nAnswer:{label}", help="demonstration template")
@@ -629,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='JSON object label -> word, e.g. \'{"0": " no", "1": " yes"}\'',
     )
     ev.add_argument("--test-fraction", type=_test_fraction, default=0.2, help="the tail of --data used as queries")
-    ev.add_argument("--retriever", default="random", choices=["random", "fixed", "bm25", "topk", "mmr"])
+    ev.add_argument("--retriever", default="random", choices=["random", "fixed", "bm25", "topk", "mmr", "votek"])
     ev.add_argument("--k", type=_k_list, default="0,1,2,4,8", help="comma-separated demonstration counts")
     ev.add_argument("--seeds", type=_positive, default=3)
     ev.add_argument("--batch-size", type=_positive, default=16)

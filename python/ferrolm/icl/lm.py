@@ -1,31 +1,33 @@
 """One adapter for the language models that in-context learning scores with: every ferrolm
-language model (anything implementing :class:`ferrolm.decoding.Decoder`: GPT, the LSTM LM, a
-prompt-tuned GPT) and Hugging Face ``transformers`` causal LMs. Requests follow lm-evaluation-harness's kinds:
-``loglikelihood`` (context, continuation) and ``loglikelihood_rolling`` (a whole text).
+language model (anything implementing :class:`ferrolm.decoding.Decoder`: GPT, Llama, the LSTM LM,
+a prompt-tuned GPT) and Hugging Face ``transformers`` causal LMs. Requests follow
+lm-evaluation-harness's kinds: ``loglikelihood`` (context, continuation) and
+``loglikelihood_rolling`` (a whole text), as strings (encoded with the model's tokenizer exactly as
+lm-eval encodes causal requests) or token ids; results are ``(logprob, is_greedy)`` pairs.
 
 Shared-prefix reuse: requests with the same context (the k demonstrations and the question,
-scored against each choice) run the context once; its KV cache (GPT) or carried state (LSTM)
-is copied to one row per continuation (the protocol's ``select``), and only the continuation tokens run after it. The
-distinct contexts of a call run in batches, grouped by length with
-:class:`ferrolm.data.BucketBatchSampler` and right-padded with :func:`ferrolm.data.pad` (each
-row's cache keeps its own length, so the pads are never attended to). A prefix
-common to all contexts of a call (an instruction and fixed demonstrations) runs once too, each
-context running only its own remainder after it. Transformers models reuse each context's
-``past_key_values`` the same way (copied per continuation with
-``DynamicCache.batch_repeat_interleave``; full forwards where a model offers no such cache). A
-continuation of one token needs no second pass at all (its log-probability is read from the
-context's last position). Padding never enters a score: continuations are right-padded, the
-causal mask keeps real tokens from seeing the pads after them, and each row's log-probs are
-gathered at its own positions only, so scores do not depend on the batch size.
+scored against each choice) run the context once. The distinct contexts of a call run in
+batches, grouped by length with :class:`ferrolm.data.BucketBatchSampler` and right-padded with
+:func:`ferrolm.data.pad` (each row's cache keeps its own length, so the pads are never attended
+to); the multi-token continuations of all contexts of a batch then continue copies of their
+context's cache row (the protocol's ``select``) together, one token per row per step, or one
+block per context when that takes fewer forwards. A prefix common to all contexts of a call (an
+instruction and fixed demonstrations) runs once too, each context running only its own remainder
+after it. Transformers models reuse each context's KV cache the same way (copied per
+continuation with ``DynamicCache.batch_repeat_interleave``; full forwards where a model offers no
+such cache). A continuation of one token needs no second pass at all (its log-probability is
+read from the context's last position). Padding never enters a score: continuations are
+right-padded, the causal mask keeps real tokens from seeing the pads after them, and each row's
+log-probs are gathered at its own positions only, so scores do not depend on the batch size.
 
-Contexts longer than the model's window are cut from the left (the oldest tokens go), and
+Contexts longer than the model's window are cut from the left (the oldest tokens go; the input
+is the context and every continuation token but the last, as lm-eval cuts it), and
 ``LogLikelihood.truncated`` says so.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,21 +38,56 @@ from ..decoding import generate, is_decoder
 __all__ = ["LM", "LogLikelihood"]
 
 
-@dataclass(frozen=True)
-class LogLikelihood:
-    """The score of one continuation: ``logprob`` (sum of its tokens' natural-log
-    probabilities), ``n_tokens``, ``is_greedy`` (every token is the argmax at its position),
-    and ``truncated`` (the context was cut to fit the model's window)."""
+class LogLikelihood(tuple):
+    """The score of one continuation: a ``(logprob, is_greedy)`` pair — what lm-evaluation-harness's
+    ``loglikelihood`` returns, so ``logprob, is_greedy = result`` works — that also carries
+    ``n_tokens`` and ``truncated`` (the context was cut to fit the model's window) as attributes,
+    the way ``os.stat_result`` is a tuple with more named fields.
 
-    logprob: float
-    n_tokens: int
-    is_greedy: bool
-    truncated: bool = False
+    ``logprob`` is the sum of the continuation tokens' natural-log probabilities; ``is_greedy``
+    says every token is the argmax at its position.
+
+    Example:
+        >>> r = LogLikelihood(-1.5, 3, True)
+        >>> tuple(r), r.n_tokens, r.mean_logprob
+        ((-1.5, True), 3, -0.5)
+    """
+
+    def __new__(cls, logprob: float, n_tokens: int, is_greedy: bool, truncated: bool = False) -> "LogLikelihood":
+        self = super().__new__(cls, (float(logprob), bool(is_greedy)))
+        self._n_tokens = int(n_tokens)
+        self._truncated = bool(truncated)
+        return self
+
+    @property
+    def logprob(self) -> float:
+        return self[0]
+
+    @property
+    def is_greedy(self) -> bool:
+        return self[1]
+
+    @property
+    def n_tokens(self) -> int:
+        return self._n_tokens
+
+    @property
+    def truncated(self) -> bool:
+        return self._truncated
 
     @property
     def mean_logprob(self) -> float:
         """Length-normalised log-likelihood (per token)."""
         return self.logprob / max(1, self.n_tokens)
+
+    def __reduce__(self):
+        return (type(self), (self.logprob, self.n_tokens, self.is_greedy, self.truncated))
+
+    def __repr__(self) -> str:
+        return (
+            f"LogLikelihood(logprob={self.logprob!r}, n_tokens={self.n_tokens}, is_greedy={self.is_greedy}, "
+            f"truncated={self.truncated})"
+        )
 
 
 def _ids(x, what: str) -> List[int]:
@@ -63,18 +100,43 @@ def _ids(x, what: str) -> List[int]:
     return out
 
 
+def _hf_cache_of(out):
+    """The KV cache a transformers forward returned: ``cache`` (transformers 5.x) or
+    ``past_key_values`` (4.x; a deprecated alias in 5.x that warns)."""
+    keys = out.keys() if hasattr(out, "keys") else ()
+    return out["cache"] if "cache" in keys else getattr(out, "past_key_values", None)
+
+
+def _hf_cache_arg(model) -> str:
+    """The name under which a transformers model's forward takes a KV cache."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class LM:
     """A causal language model behind the ICL requests.
+
+    Requests are ``(context, continuation)`` pairs of strings (encoded with ``tokenizer`` as
+    lm-evaluation-harness encodes for causal models, see :meth:`encode_pair`) or of token ids.
 
     Args:
         model: a ferrolm language model (implementing :class:`ferrolm.decoding.Decoder`), or a
             ``transformers`` causal LM (anything whose ``forward(input_ids, attention_mask)``
             returns ``.logits``).
+        tokenizer: the model's tokenizer (a :class:`ferrolm.Tokenizer`, or anything with
+            ``encode``/``decode``); needed for string requests only.
         max_length: the window (default: the model's ``context_window`` — a GPT's block_size,
             unlimited for a recurrent model — or the HF config's
             ``n_positions``/``max_position_embeddings``).
         batch_size: continuations (or rolling windows) per forward pass. Scores do not depend
             on it.
+        prefix_token_id: the token an empty context becomes (default: the tokenizer's bos,
+            else its eos, else ``<|endoftext|>``, as lm-evaluation-harness chooses).
 
     Example:
         >>> from ferrolm.models import GPT, GPTConfig
@@ -83,12 +145,22 @@ class LM:
         [1, 2]
     """
 
-    def __init__(self, model, max_length: Optional[int] = None, batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        max_length: Optional[int] = None,
+        batch_size: int = 16,
+        prefix_token_id: Optional[int] = None,
+    ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"LM wraps a torch.nn.Module language model, got {type(model).__name__}")
         if getattr(model, "is_encoder_decoder", False):
             raise TypeError(f"LM scores causal language models; {type(model).__name__} is an encoder-decoder model")
+        if isinstance(tokenizer, int) and not isinstance(tokenizer, bool):
+            raise TypeError("LM's second argument is the tokenizer; pass the window as max_length=")
         self.model = model
+        self.tokenizer = tokenizer
         # ferrolm models decode through the protocol; anything else is called as transformers' models are.
         self.native = is_decoder(model)
         cfg = getattr(model, "config", None)
@@ -102,6 +174,78 @@ class LM:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size
+        self._prefix_token_id = prefix_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """The token an empty context becomes: the tokenizer's bos, else eos, else ``<|endoftext|>``."""
+        if self._prefix_token_id is not None:
+            return int(self._prefix_token_id)
+        tok = self._need_tokenizer("an empty context")
+        for name in ("bos_token_id", "eos_token_id"):
+            i = getattr(tok, name, None)
+            if i is not None:
+                return int(i)
+        eot = (getattr(tok, "special_tokens", None) or {}).get("<|endoftext|>")
+        if eot is not None:
+            return int(eot)
+        raise ValueError(
+            "the tokenizer has no bos, eos or <|endoftext|> token for an empty context; pass LM(prefix_token_id=...)"
+        )
+
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise TypeError(f"{what} needs the model's tokenizer: LM(model, tokenizer=tok), or give token ids")
+        return self.tokenizer
+
+    def encode(self, text: str) -> List[int]:
+        """The ids of ``text`` with no bos/eos added; special-token texts become their tokens
+        (as transformers' ``encode(text, add_special_tokens=False)``)."""
+        tok = self._need_tokenizer("a string request")
+        if hasattr(tok, "special_tokens_set"):  # a ferrolm Tokenizer
+            return tok.encode(text, allowed_special="all")
+        try:
+            return list(tok.encode(text, add_special_tokens=False))
+        except TypeError:
+            return list(tok.encode(text))
+
+    def encode_pair(self, context: str, continuation: str) -> Tuple[List[int], List[int]]:
+        """``(context ids, continuation ids)`` as lm-evaluation-harness encodes a causal request:
+        the context's trailing whitespace moves to the continuation, the pair is encoded as one
+        text and the continuation is what follows the context's own ids; an empty context
+        becomes ``[prefix_token_id]`` (or the continuation's first token when that is it)."""
+        if context == "":
+            cont = self.encode(continuation)
+            if cont and cont[0] == self.prefix_token_id:  # the text already starts with it (lm-eval 0.4.13)
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return (ctx or [self.prefix_token_id]), whole[len(ctx) :]
+
+    def _requests(self, requests) -> List[Tuple[List[int], List[int]]]:
+        """Requests as id pairs: string pairs encoded (:meth:`encode_pair`), id pairs checked."""
+        out = []
+        for i, req in enumerate(requests):
+            if not isinstance(req, (tuple, list)) or len(req) != 2:
+                raise TypeError(
+                    f"request {i} is {type(req).__name__} {req!r:.60}; give (context, continuation) pairs "
+                    "of str or of int token ids"
+                )
+            ctx, cont = req
+            if isinstance(ctx, str) and isinstance(cont, str):
+                out.append(self.encode_pair(ctx, cont))
+                continue
+            if isinstance(ctx, str) != isinstance(cont, str):
+                raise TypeError(
+                    f"request {i}: one of context and continuation is a str, the other is not; "
+                    "give both as str (with LM(tokenizer=...)) or both as int token ids"
+                )
+            out.append((_ids(ctx, f"context {i}"), _ids(cont, f"continuation {i}")))
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -144,24 +288,29 @@ class LM:
     # ------------------------------------------------------------------ requests
 
     @torch.no_grad()
-    def loglikelihood(
-        self, requests: Sequence[Tuple[Sequence[int], Sequence[int]]], reuse_prefix: bool = True
-    ) -> List[LogLikelihood]:
-        """``log P(continuation | context)`` for each ``(context, continuation)`` pair of token
-        id lists, in request order.
+    def loglikelihood(self, requests: Sequence[Tuple[Any, Any]], reuse_prefix: bool = True) -> List[LogLikelihood]:
+        """``log P(continuation | context)`` for each ``(context, continuation)`` pair, in
+        request order: each a :class:`LogLikelihood`, i.e. a ``(logprob, is_greedy)`` pair with
+        ``n_tokens`` and ``truncated`` attributes.
 
         Args:
+            requests: pairs of strings (encoded by :meth:`encode_pair`, as lm-evaluation-harness
+                does) or of int token id sequences.
             reuse_prefix: run each distinct context once and score its continuations from the
                 cached prefix (ferrolm models); False runs one full forward per request (the
                 reference behaviour, used by tests and benchmarks).
 
         Raises:
-            ValueError: an empty context or continuation, ids outside the vocabulary, a
+            TypeError: a request that is not a pair of str or of ids; strings without a tokenizer.
+            ValueError: an empty context or continuation (of ids), ids outside the vocabulary, a
                 continuation longer than the model's window.
+
+        Example:
+            >>> lm.loglikelihood([("The capital of France is", " Paris")])  # doctest: +SKIP
+            [LogLikelihood(logprob=-2.1, n_tokens=1, is_greedy=True, truncated=False)]
         """
         reqs = []
-        for i, (ctx, cont) in enumerate(requests):
-            ctx, cont = _ids(ctx, f"context {i}"), _ids(cont, f"continuation {i}")
+        for i, (ctx, cont) in enumerate(self._requests(requests)):
             if not ctx:
                 raise ValueError(
                     f"request {i}: the context is empty; give at least one token (for example a BOS / end-of-text id)"
@@ -185,9 +334,9 @@ class LM:
             self.model.train(was)
 
     def multiple_choice(
-        self, questions: Sequence[Tuple[Sequence[int], Sequence[Sequence[int]]]], normalise: bool = False
+        self, questions: Sequence[Tuple[Any, Sequence[Any]]], normalise: bool = False
     ) -> List[Tuple[int, List[LogLikelihood]]]:
-        """For each ``(context, choices)``: the index of the most likely choice and every
+        """For each ``(context, choices)`` (strings or token ids): the index of the most likely choice and every
         choice's :class:`LogLikelihood` (one loglikelihood request per choice, all sharing the
         context's cache). ``normalise`` ranks by mean log-prob per token instead of the sum;
         ties go to the first choice.
@@ -195,7 +344,7 @@ class LM:
         Raises:
             ValueError: a question with no choices (and whatever :meth:`loglikelihood` raises).
         """
-        reqs: List[Tuple[Sequence[int], Sequence[int]]] = []
+        reqs: List[Tuple[Any, Any]] = []
         spans = []
         for i, (ctx, choices) in enumerate(questions):
             choices = list(choices)
@@ -212,10 +361,11 @@ class LM:
         return out
 
     def _fit(self, ctx: List[int], cont: List[int]) -> Tuple[List[int], bool]:
-        """The context cut from the left so that context + continuation fit the window."""
-        if self.max_length is None or len(ctx) + len(cont) <= self.max_length:
+        """The context cut from the left so that the model's input (the context and every
+        continuation token but the last) fits the window, as lm-evaluation-harness cuts it."""
+        if self.max_length is None or len(ctx) + len(cont) - 1 <= self.max_length:
             return ctx, False
-        keep = self.max_length - len(cont)
+        keep = self.max_length - len(cont) + 1
         return ctx[len(ctx) - keep :] if keep > 0 else [], True
 
     def _loglikelihood_full(self, reqs: List[Tuple[List[int], List[int]]]) -> List[LogLikelihood]:
@@ -228,7 +378,7 @@ class LM:
                     f"a continuation of {len(cont)} tokens leaves no room for context "
                     f"in the window of {self.max_length}"
                 )
-            rows.append((ctx + cont, len(ctx), cont, cut))
+            rows.append((ctx + cont[:-1], len(ctx), cont, cut))
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths together
         for s in range(0, len(order), self.batch_size):
             chunk = order[s : s + self.batch_size]
@@ -240,32 +390,101 @@ class LM:
         return out  # type: ignore[return-value]
 
     def _loglikelihood_cached(self, reqs: List[Tuple[List[int], List[int]]]) -> List[LogLikelihood]:
+        # Requests share a prefix when their contexts, each cut to fit the window with its own
+        # continuation (as a full forward would cut it), are the same.
         groups: Dict[Tuple[int, ...], List[int]] = {}
-        for i, (ctx, _) in enumerate(reqs):
-            groups.setdefault(tuple(ctx), []).append(i)
+        cuts = []
+        for i, (ctx, cont) in enumerate(reqs):
+            fitted, cut = self._fit(ctx, cont)
+            groups.setdefault(tuple(fitted), []).append(i)
+            cuts.append(cut)
         plans = []
         for ctx_t, members in groups.items():
             longest = max(len(reqs[i][1]) for i in members)
-            ctx, cut = self._fit(list(ctx_t), [0] * longest)
-            if not ctx:
-                raise ValueError(
-                    f"a continuation of {longest} tokens leaves no room for context in the window of {self.max_length}"
-                )
-            plans.append((ctx, cut, longest, members))
+            plans.append((list(ctx_t), longest, members))
         out: List[Optional[LogLikelihood]] = [None] * len(reqs)
         if not self.native:
-            for ctx, cut, longest, members in plans:
+            for ctx, _, members in plans:
                 first, state = self._hf_prefix(ctx)
-                self._score_members(first, state, len(ctx), cut, members, reqs, out)
+                for s in range(0, len(members), self.batch_size):
+                    chunk = members[s : s + self.batch_size]
+                    conts = [reqs[i][1] for i in chunk]
+                    rest = self._continue(state, conts, len(ctx))
+                    for j, i in enumerate(chunk):
+                        out[i] = self._result(first, rest[j], reqs[i][1], cuts[i])
             return out  # type: ignore[return-value]
-        base = self._shared_base([p[0] for p in plans], max(len(p[0]) + p[2] for p in plans))
+        base = self._shared_base([p[0] for p in plans], max(len(p[0]) + p[1] - 1 for p in plans))
         done = base[0] if base is not None else 0
         for batch in self._context_batches([len(p[0]) - done for p in plans]):
-            prefilled = self._prefix_batch([plans[i][0] for i in batch], max(plans[i][2] for i in batch), base)
-            for i, (first, state) in zip(batch, prefilled):
-                ctx, cut, _, members = plans[i]
-                self._score_members(first, state, len(ctx), cut, members, reqs, out)
+            prefilled = self._prefix_batch([plans[i][0] for i in batch], max(plans[i][1] for i in batch) - 1, base)
+            state = prefilled[0][1][0]
+            for i, first, _ in ((i, first, row) for b, (first, (_, row)) in zip(batch, prefilled) for i in plans[b][2]):
+                if len(reqs[i][1]) == 1:  # read from the context's last position: no pass at all
+                    out[i] = self._result(first, None, reqs[i][1], cuts[i])
+            longer = [(b, i) for b in range(len(batch)) for i in plans[batch[b]][2] if len(reqs[i][1]) > 1]
+            span = max((len(plans[batch[b]][0]) + len(reqs[i][1]) for b, i in longer), default=1)
+            for chunk in self._continuation_chunks(longer, reqs, span):
+                rows = torch.tensor([prefilled[b][1][1] for b, _ in chunk], dtype=torch.int64)
+                rests = self._continue_rows(state, rows, [reqs[i][1] for _, i in chunk])
+                for (b, i), rest in zip(chunk, rests):
+                    out[i] = self._result(prefilled[b][0], rest, reqs[i][1], cuts[i])
         return out  # type: ignore[return-value]
+
+    def _result(self, first: torch.Tensor, rest: Optional[torch.Tensor], cont: List[int], cut: bool) -> LogLikelihood:
+        """A continuation's score from the log-probs after its context (``first``, (1, V)) and
+        after each of its tokens but the last (``rest``, (>= len - 1, V))."""
+        lp = first if len(cont) == 1 else torch.cat([first, rest[: len(cont) - 1]])  # type: ignore[index]
+        total, greedy = self._score(lp, cont)
+        return LogLikelihood(total, len(cont), greedy, cut)
+
+    #: Continuation rows per pass: at least this many (each row a copy of its context's cache) ...
+    CONTINUE_ROWS = 64
+    #: ... as long as the copies hold at most this many positions in all.
+    CONTINUE_POSITIONS = 16384
+
+    def _continuation_chunks(self, jobs: List[Tuple[int, int]], reqs, span: int) -> List[List[Tuple[int, int]]]:
+        """Groups ``(context row, request)`` jobs of multi-token continuations into passes.
+
+        A pass either steps the continuations of several contexts together one token at a time
+        (the KV cache appends one token per row at each row's own length, so rows of contexts
+        of different lengths batch without padding), or runs the continuations of one context
+        as one block (a block is appended at a common length). Stepping costs one forward per
+        token of the longest continuation, blocks one per context: the cheaper is chosen. A pass
+        takes up to ``max(batch_size, CONTINUE_ROWS)`` rows, fewer when their cache copies
+        (``span`` positions each) would exceed ``CONTINUE_POSITIONS``: a single-token step costs
+        about as much for 64 rows as for 8 (the weights are read once either way).
+        """
+        if not jobs:
+            return []
+        size = max(1, min(max(self.batch_size, self.CONTINUE_ROWS), self.CONTINUE_POSITIONS // max(1, span)))
+        steps = max(len(reqs[i][1]) for _, i in jobs) - 1
+        contexts = sorted({b for b, _ in jobs})
+        if steps * -(-len(jobs) // size) < len(contexts):
+            return [jobs[s : s + size] for s in range(0, len(jobs), size)]
+        out = []
+        for b in contexts:
+            mine = [j for j in jobs if j[0] == b]
+            out += [mine[s : s + size] for s in range(0, len(mine), size)]
+        return out
+
+    def _continue_rows(self, state, rows: torch.Tensor, conts: List[List[int]]) -> List[torch.Tensor]:
+        """Log-probs (len - 1, V) after each continuation's tokens but its last, each
+        continuing row ``rows[i]`` of a ferrolm model's batch ``state`` (a copy: ``select``).
+        Rows of one context run as one block; rows of several step one token at a time."""
+        n, m = len(conts), max(len(c) for c in conts) - 1
+        idx = torch.zeros(n, m, dtype=torch.int64)
+        for i, c in enumerate(conts):
+            idx[i, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.int64)
+        idx = idx.to(self.device)
+        st = self.model.select(state, rows)
+        if bool((rows == rows[0]).all()):
+            lengths = torch.tensor([len(c) - 1 for c in conts])
+            logits = self.model.logits(self.model.advance(st, idx, lengths))  # (n, m, V)
+        else:
+            # Finished rows step on with a filler token; their extra positions are never read.
+            logits = torch.cat([self.model.logits(self.model.advance(st, idx[:, t : t + 1])) for t in range(m)], 1)
+        logp = F.log_softmax(logits.float(), -1)
+        return [logp[i, : len(c) - 1] for i, c in enumerate(conts)]
 
     #: Padded context tokens per prefill batch (with ``batch_size`` contexts at most).
     PREFILL_TOKENS = 8192
@@ -275,27 +494,6 @@ class LM:
         (:class:`ferrolm.data.BucketBatchSampler`) so right padding wastes little."""
         sampler = BucketBatchSampler(lengths, batch_size=self.batch_size, max_tokens=self.PREFILL_TOKENS, shuffle=False)
         return [list(b) for b in sampler]
-
-    def _score_members(
-        self,
-        first: torch.Tensor,
-        state,
-        n_ctx: int,
-        cut: bool,
-        members: List[int],
-        reqs: List[Tuple[List[int], List[int]]],
-        out: List[Optional[LogLikelihood]],
-    ) -> None:
-        """Scores the continuations of one context from its log-probs at the last position
-        (``first``, (1, V)) and its reusable state."""
-        for s in range(0, len(members), self.batch_size):
-            chunk = members[s : s + self.batch_size]
-            conts = [reqs[i][1] for i in chunk]
-            rest = self._continue(state, conts, n_ctx)
-            for j, (i, cont) in enumerate(zip(chunk, conts)):
-                lp = first if len(cont) == 1 else torch.cat([first, rest[j][: len(cont) - 1]])
-                total, greedy = self._score(lp, cont)
-                out[i] = LogLikelihood(total, len(cont), greedy, cut)
 
     #: A prefix shared by every context of a call (the instruction and fixed demonstrations) is
     #: run once when it is at least this many tokens long.
@@ -334,7 +532,8 @@ class LM:
             base_state, base_row = base[1]
             state = self.model.select(base_state, torch.full((B,), base_row, dtype=torch.int64))
         else:
-            state = self.model.start(B, done + T + room)
+            capacity = done + T + room  # each row fits the window; the longest row and longest room may not
+            state = self.model.start(B, capacity if self.max_length is None else min(capacity, self.max_length))
         h = self.model.advance(state, idx, lengths)
         logp = F.log_softmax(self.model.logits(h[rows, lengths - 1]).float(), -1)
         return [(logp[i : i + 1], (state, i)) for i in range(B)]
@@ -342,7 +541,7 @@ class LM:
     def _hf_prefix(self, ctx: List[int]):
         """A transformers model's log-probs after the context (1, V) and its ``past_key_values``."""
         out = self.model(input_ids=torch.tensor([ctx], dtype=torch.int64, device=self.device), use_cache=True)
-        return F.log_softmax(out.logits[:, -1].float(), -1), out.past_key_values
+        return F.log_softmax(out.logits[:, -1].float(), -1), _hf_cache_of(out)
 
     def _hf_cache_ok(self) -> bool:
         """Whether the transformers model returns a KV cache that can be copied per row
@@ -351,13 +550,14 @@ class LM:
             try:
                 with torch.no_grad():
                     out = self.model(input_ids=torch.zeros(1, 1, dtype=torch.int64, device=self.device), use_cache=True)
-                self._hf_cache = hasattr(getattr(out, "past_key_values", None), "batch_repeat_interleave")
+                self._hf_cache = hasattr(_hf_cache_of(out), "batch_repeat_interleave")
             except (TypeError, ValueError, RuntimeError):
                 self._hf_cache = False
         return bool(self._hf_cache)
 
     def _continue(self, state, conts: List[List[int]], n_ctx: int) -> List[torch.Tensor]:
-        """Log-probs (len-1, V) after each continuation's tokens but its last, from the prefix."""
+        """Log-probs (len-1, V) after each continuation's tokens but its last, from a transformers
+        model's ``past_key_values`` after the context."""
         n = len(conts)
         m = max(len(c) for c in conts) - 1
         if m == 0:
@@ -365,43 +565,46 @@ class LM:
         idx = torch.zeros(n, m, dtype=torch.int64)
         for i, c in enumerate(conts):
             idx[i, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.int64)
-        lengths = torch.tensor([max(1, len(c) - 1) for c in conts])
         idx = idx.to(self.device)
-        if self.native:
-            state, row = state
-            state = self.model.select(state, torch.full((n,), row, dtype=torch.int64))
-            logits = self.model.logits(self.model.advance(state, idx, lengths))
-        else:
-            import copy
+        import copy
 
-            cache = copy.deepcopy(state)  # the forward below appends to it
-            cache.batch_repeat_interleave(n)
-            mask = torch.ones(n, n_ctx + m, dtype=torch.int64)
-            for i, c in enumerate(conts):
-                mask[i, n_ctx + len(c) - 1 :] = 0  # right padding after each continuation
-            logits = self.model(input_ids=idx, past_key_values=cache, attention_mask=mask.to(self.device)).logits
+        cache = copy.deepcopy(state)  # the forward below appends to it
+        cache.batch_repeat_interleave(n)
+        mask = torch.ones(n, n_ctx + m, dtype=torch.int64)
+        for i, c in enumerate(conts):
+            mask[i, n_ctx + len(c) - 1 :] = 0  # right padding after each continuation
+        kw = {_hf_cache_arg(self.model): cache}
+        logits = self.model(input_ids=idx, attention_mask=mask.to(self.device), **kw).logits
         logp = F.log_softmax(logits.float(), -1)
         return [logp[i] for i in range(n)]
 
     @torch.no_grad()
-    def generate_until(self, requests: Sequence[Tuple[Sequence[int], Sequence[str], int]], tokenizer) -> List[str]:
-        """Greedy continuations: for each ``(context ids, stop strings, max_tokens)`` the text
-        generated after the context, cut before the first stop string (or after
-        ``max_tokens`` tokens). Contexts are cut from the left to leave room for
-        ``max_tokens`` in the window.
+    def generate_until(self, requests: Sequence[Tuple[Any, Sequence[str], int]], tokenizer=None) -> List[str]:
+        """Greedy continuations: for each ``(context, stop strings, max_tokens)`` the text
+        generated after the context (a string, encoded with :meth:`encode`, or token ids), cut
+        before the first stop string (or after ``max_tokens`` tokens). Contexts are cut from the
+        left to leave room for ``max_tokens`` in the window.
 
         Args:
-            tokenizer: decodes the generated ids (a :class:`ferrolm.Tokenizer` or anything with
-                ``decode``); its ``<|endoftext|>``, when it has one, also ends a continuation.
+            tokenizer: decodes the generated ids (default: the LM's tokenizer; a
+                :class:`ferrolm.Tokenizer` or anything with ``decode``); its eos and
+                ``<|endoftext|>``, when it has them, also end a continuation.
         """
-        eot = (
-            getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>")
-            if hasattr(tokenizer, "special_tokens")
-            else None
+        tokenizer = tokenizer if tokenizer is not None else self._need_tokenizer("generate_until")
+        specials = getattr(tokenizer, "special_tokens", None)
+        stop_ids = sorted(
+            {
+                int(t)
+                for t in (
+                    specials.get("<|endoftext|>") if isinstance(specials, dict) else None,
+                    getattr(tokenizer, "eos_token_id", None),
+                )
+                if t is not None
+            }
         )
         prepared = []
         for i, (ctx, stops, n) in enumerate(requests):
-            ctx = _ids(ctx, f"context {i}")
+            ctx = self.encode(ctx) if isinstance(ctx, str) else _ids(ctx, f"context {i}")
             if not ctx:
                 raise ValueError(f"request {i}: the context is empty")
             if not isinstance(n, int) or n < 1:
@@ -430,11 +633,11 @@ class LM:
                     chunk = members[s : s + self.batch_size]
                     ctxs = [prepared[i][0] for i in chunk]
                     if self.native:
-                        new = generate(self.model, ctxs, n, temperature=0, stop_ids=[eot] if eot is not None else None)
+                        new = generate(self.model, ctxs, n, temperature=0, stop_ids=stop_ids or None)
                     else:
-                        new = self._hf_generate(ctxs, n, eot)
+                        new = self._hf_generate(ctxs, n, stop_ids)
                     for i, ids in zip(chunk, new):
-                        ids = [t for t in ids if t != eot]
+                        ids = [t for t in ids if t not in stop_ids]
                         text = tokenizer.decode(ids)
                         cut = min((text.find(st) for st in prepared[i][1] if st and st in text), default=-1)
                         texts[i] = text[:cut] if cut >= 0 else text
@@ -443,7 +646,7 @@ class LM:
             self.model.train(was)
         return out
 
-    def _hf_generate(self, ctxs: List[List[int]], n: int, eot: Optional[int]) -> List[List[int]]:
+    def _hf_generate(self, ctxs: List[List[int]], n: int, stop_ids: List[int]) -> List[List[int]]:
         """Greedy continuations from a transformers model (left padding + attention mask)."""
         T = max(len(c) for c in ctxs)
         ids = torch.zeros(len(ctxs), T, dtype=torch.int64)
@@ -457,22 +660,27 @@ class LM:
             max_new_tokens=n,
             do_sample=False,
             pad_token_id=0,
-            eos_token_id=eot,
+            eos_token_id=stop_ids or None,
         )
         out = []
         for row in res.cpu():
             new = row[T:].tolist()
-            out.append(new[: new.index(eot) + 1] if eot is not None and eot in new else new)
+            end = next((j for j, t in enumerate(new) if t in stop_ids), None)
+            out.append(new if end is None else new[: end + 1])
         return out
 
     @torch.no_grad()
-    def loglikelihood_rolling(self, tokens: Sequence[int], stride: Optional[int] = None) -> LogLikelihood:
+    def loglikelihood_rolling(self, tokens: Any, stride: Optional[int] = None) -> LogLikelihood:
         """The log-likelihood of a whole text, every token after the first scored exactly once,
         in windows of the model's length (each window predicts only tokens no earlier window
         did — at most ``stride`` of them, default ``max_length - 1`` — with the rest of the
         window before them as context). For
-        perplexity: ``exp(-logprob / n_tokens)``."""
-        ids = _ids(tokens, "tokens")
+        perplexity: ``exp(-logprob / n_tokens)``.
+
+        Args:
+            tokens: token ids, or a string: encoded with :meth:`encode` after
+                ``prefix_token_id``, so that every token of the text is scored."""
+        ids = [self.prefix_token_id] + self.encode(tokens) if isinstance(tokens, str) else _ids(tokens, "tokens")
         if len(ids) < 2:
             raise ValueError("loglikelihood_rolling needs at least 2 tokens (the first is only context)")
         self._check(ids, "tokens")

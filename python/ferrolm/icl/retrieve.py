@@ -10,6 +10,9 @@ prompt order is then chosen by ``order``); a query that is itself in the pool
 - :class:`TopKRetriever` — nearest neighbours by cosine similarity of embeddings (any callable
   returning vectors, or :func:`model_embedder` for mean-pooled hidden states of a ferrolm
   model), optionally diversified with maximal marginal relevance (``mmr_lambda``).
+- :class:`VoteKRetriever` — vote-k (Su et al. 2022, "Selective Annotation Makes Language Models
+  Better Few-Shot Learners"; OpenICL's ``VotekRetriever``): one set of representative and
+  diverse pool examples, chosen on the pool's k-nearest-neighbour graph, for every query.
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["RandomRetriever", "FixedRetriever", "BM25Retriever", "TopKRetriever", "model_embedder", "order_demos"]
+__all__ = [
+    "RandomRetriever",
+    "FixedRetriever",
+    "BM25Retriever",
+    "TopKRetriever",
+    "VoteKRetriever",
+    "model_embedder",
+    "order_demos",
+]
 
 
 def _check_k(k: int, pool: int, excluding_self: bool) -> None:
@@ -182,6 +193,76 @@ class TopKRetriever:
                 chosen.append(int(np.lexsort((np.arange(self.pool_size), -score))[0]))
             out.append(chosen)
         return out
+
+
+class VoteKRetriever:
+    """Vote-k selection (Su et al. 2022): every pool example votes for its ``n_neighbors``
+    nearest neighbours (cosine similarity of embeddings); examples are chosen greedily, each
+    time the one whose voters are least covered by earlier choices (a voter that already backs
+    ``s`` chosen examples counts ``rho ** -s``). The same k examples go to every query (a query
+    found among them is replaced by the next in the vote-k order); ties go to the lower index.
+
+    Args:
+        pool_embeddings: (pool, dim) vectors, or ``embed`` and ``pool_items`` to compute them.
+        n_neighbors: the graph's k (OpenICL's ``votek_k``, default 3). rho: the discount (10).
+
+    Example:
+        >>> two_clusters = [[1, 0], [1, 0.1], [1, 0.2], [0, 1], [0.1, 1], [0.2, 1]]
+        >>> VoteKRetriever(two_clusters, n_neighbors=2).select(2)  # one from each cluster
+        [0, 3]
+    """
+
+    def __init__(
+        self,
+        pool_embeddings=None,
+        embed: Optional[Callable] = None,
+        pool_items: Optional[Sequence] = None,
+        n_neighbors: int = 3,
+        rho: float = 10.0,
+    ) -> None:
+        if pool_embeddings is None:
+            if embed is None or pool_items is None:
+                raise ValueError("give pool_embeddings, or embed and pool_items to compute them")
+            pool_embeddings = embed(list(pool_items))
+        x = _normalise(pool_embeddings)
+        self.pool_size = x.shape[0]
+        if not isinstance(n_neighbors, int) or n_neighbors < 1:
+            raise ValueError(f"n_neighbors must be a positive int, got {n_neighbors!r}")
+        if rho <= 1:
+            raise ValueError(f"rho must be > 1 (the discount of a voter already covered), got {rho}")
+        sims = x @ x.T
+        np.fill_diagonal(sims, -np.inf)
+        kk = min(n_neighbors, self.pool_size - 1)
+        # voters[u]: the examples that have u among their kk nearest neighbours.
+        self._votes = np.zeros((self.pool_size, self.pool_size), dtype=bool)  # [voter, candidate]
+        for i in range(self.pool_size):
+            order = np.lexsort((np.arange(self.pool_size), -sims[i]))[:kk]
+            self._votes[i, order] = True
+        self.rho = float(rho)
+        self._order: List[int] = []
+
+    def select(self, n: int) -> List[int]:
+        """The first ``n`` pool indices in vote-k order."""
+        if n > self.pool_size:
+            raise ValueError(f"cannot select {n} of a pool of {self.pool_size}")
+        covered = np.zeros(self.pool_size)  # per voter: chosen examples it voted for
+        chosen: List[int] = []
+        is_chosen = np.zeros(self.pool_size, dtype=bool)
+        while len(chosen) < n:
+            weight = np.where(is_chosen, 0.0, self.rho**-covered)  # chosen voters no longer count
+            score = weight @ self._votes  # (candidates,)
+            score[is_chosen] = -np.inf
+            best = int(np.lexsort((np.arange(self.pool_size), -score))[0])
+            chosen.append(best)
+            is_chosen[best] = True
+            covered += self._votes[:, best]
+        return chosen
+
+    def retrieve(self, n_queries: int, k: int, query_pool_index: Optional[Sequence[int]] = None) -> List[List[int]]:
+        ex = _excl(query_pool_index, n_queries)
+        _check_k(k, self.pool_size, any(e >= 0 for e in ex))
+        order = self.select(min(self.pool_size, k + 1))
+        return [[i for i in order if i != ex[q]][:k] for q in range(n_queries)]
 
 
 def model_embedder(model, tokenizer, batch_size: int = 32) -> Callable[[Sequence[str]], np.ndarray]:
