@@ -201,38 +201,47 @@ macro_rules! simd_path {
             }
         }
 
-        /// The f16 at byte `i` of `p` (F16C).
+        /// The f16 at byte `i` of `p` in all 8 lanes (F16C). Broadcast first: every lane is
+        /// used, so the compiler cannot narrow the load into a 2-byte insert that merges into
+        /// (and so waits for) whatever register it picks — measured: that chained every block
+        /// through the loop and ran the kernel at a quarter of its speed.
         #[inline(always)]
-        unsafe fn h(p: *const u8, i: usize) -> f32 {
+        unsafe fn h8(p: *const u8, i: usize) -> __m256 {
             let bits = (p.add(i) as *const u16).read_unaligned();
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+            _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
         }
 
-        /// Group `g` of the block at `p` as 32 codes (Q8_0: its signed bytes) and per-half
-        /// (a, b) as in `blocks::group`.
         #[inline(always)]
-        unsafe fn unpack<const T: u8>(p: *const u8, g: usize) -> (__m256i, [f32; 2], [f32; 2]) {
+        unsafe fn int8(v: i32) -> __m256 {
+            _mm256_cvtepi32_ps(_mm256_set1_epi32(v))
+        }
+
+        /// Group `g` of the block at `p` as 32 codes (Q8_0: its signed bytes) and the per-lane
+        /// coefficients `a` and `b` (lanes 0-3 the first half-group) as in `blocks::group`.
+        #[inline(always)]
+        unsafe fn unpack<const T: u8>(p: *const u8, g: usize) -> (__m256i, __m256, __m256) {
             let m4 = _mm256_set1_epi8(0x0F);
             match T {
                 Q8_0 => {
-                    let d = h(p, 0);
-                    (_mm256_loadu_si256(p.add(2) as *const __m256i), [d; 2], [0.0; 2])
+                    (_mm256_loadu_si256(p.add(2) as *const __m256i), h8(p, 0), _mm256_setzero_ps())
                 }
                 Q4_0 | Q4_1 => {
                     let off = if T == Q4_0 { 2 } else { 4 };
                     let v = _mm_loadu_si128(p.add(off) as *const __m128i);
                     let hi = _mm_srli_epi16(v, 4);
                     let u = _mm256_and_si256(_mm256_set_m128i(hi, v), m4);
-                    let d = h(p, 0);
-                    let b = if T == Q4_0 { -8.0 * d } else { h(p, 2) };
-                    (u, [d; 2], [b; 2])
+                    let d = h8(p, 0);
+                    let b =
+                        if T == Q4_0 { _mm256_mul_ps(d, _mm256_set1_ps(-8.0)) } else { h8(p, 2) };
+                    (u, d, b)
                 }
                 Q4K => {
                     let v = _mm256_loadu_si256(p.add(16 + 32 * (g / 2)) as *const __m256i);
                     let v = if g % 2 == 1 { _mm256_srli_epi16(v, 4) } else { v };
                     let (sc, m) = scale_min_k4(g, std::slice::from_raw_parts(p.add(4), 12));
-                    let (d, dmin) = (h(p, 0), h(p, 2));
-                    (_mm256_and_si256(v, m4), [d * sc as f32; 2], [-dmin * m as f32; 2])
+                    let a = _mm256_mul_ps(h8(p, 0), int8(sc as i32));
+                    let b = _mm256_mul_ps(h8(p, 2), int8(-(m as i32)));
+                    (_mm256_and_si256(v, m4), a, b)
                 }
                 _ => {
                     let (hh, t) = (g / 4, g % 4);
@@ -247,10 +256,14 @@ macro_rules! simd_path {
                         _mm256_set1_epi8(3),
                     );
                     let u = _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
-                    let d = h(p, 208);
-                    let a0 = d * (*p.add(192 + 8 * hh + 2 * t) as i8) as f32;
-                    let a1 = d * (*p.add(193 + 8 * hh + 2 * t) as i8) as f32;
-                    (u, [a0, a1], [-32.0 * a0, -32.0 * a1])
+                    let s0 = *p.add(192 + 8 * hh + 2 * t) as i8 as i32;
+                    let s1 = *p.add(193 + 8 * hh + 2 * t) as i8 as i32;
+                    let sc = _mm256_cvtepi32_ps(_mm256_set_m128i(
+                        _mm_set1_epi32(s1),
+                        _mm_set1_epi32(s0),
+                    ));
+                    let a = _mm256_mul_ps(h8(p, 208), sc);
+                    (u, a, _mm256_mul_ps(a, _mm256_set1_ps(-32.0)))
                 }
             }
         }
@@ -282,7 +295,7 @@ macro_rules! simd_path {
                 Q4K => unpack::<Q4K>(p, g),
                 _ => unpack::<Q6K>(p, g),
             };
-            let (u, _) = shift::<{ Q8_0 }>(index(qt), u, a, b);
+            let (u, _) = shift(index(qt), u, a, b);
             let x = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
             lanes_to_halves($prod(index(qt) == Q8_0, u, x))
         }
@@ -304,36 +317,28 @@ macro_rules! simd_path {
             let qt = QType::ALL[T as usize];
             let (bb, gpb) = (qt.block_bytes(), qt.block_values() / 32);
             let blocks = w.len() / bb;
-            let halves = T == Q6K;
             let mut acc = [_mm256_setzero_ps(); R];
-            let mut bacc = [0f32; R];
+            let mut bacc = [_mm256_setzero_ps(); R];
             for bi in 0..blocks {
                 let p = w.as_ptr().add(bi * bb);
                 for g in 0..gpb {
                     let gi = bi * gpb + g;
                     let (u, a, b) = unpack::<T>(p, g);
-                    let (u, b) = shift::<{ Q8_0 }>(T, u, a, b);
+                    let (u, b) = shift(T, u, a, b);
                     for r in 0..R {
                         let xr = &x[r];
                         let xq = _mm256_loadu_si256(xr.qs.as_ptr().add(gi * 32) as *const __m256i);
                         let prod = _mm256_cvtepi32_ps($prod(T == Q8_0, u, xq));
-                        let dx = *xr.scales.get_unchecked(gi);
-                        let (s0, s1) =
-                            (*xr.sums.get_unchecked(2 * gi), *xr.sums.get_unchecked(2 * gi + 1));
-                        if halves {
-                            let c = _mm256_set_m128(_mm_set1_ps(dx * a[1]), _mm_set1_ps(dx * a[0]));
-                            acc[r] = _mm256_fmadd_ps(prod, c, acc[r]);
-                            bacc[r] += dx * (b[0] * s0 as f32 + b[1] * s1 as f32);
-                        } else {
-                            acc[r] = _mm256_fmadd_ps(prod, _mm256_set1_ps(dx * a[0]), acc[r]);
-                            bacc[r] += dx * b[0] * (s0 + s1) as f32;
-                        }
+                        let dx = _mm256_broadcast_ss(xr.scales.get_unchecked(gi));
+                        acc[r] = _mm256_fmadd_ps(prod, _mm256_mul_ps(a, dx), acc[r]);
+                        let sx = _mm256_loadu_ps(xr.spread.as_ptr().add(8 * gi));
+                        bacc[r] = _mm256_fmadd_ps(b, sx, bacc[r]);
                     }
                 }
             }
             let mut out = [0f32; R];
             for r in 0..R {
-                out[r] = hsum(acc[r]) + bacc[r];
+                out[r] = hsum(_mm256_add_ps(acc[r], bacc[r]));
             }
             out
         }
@@ -358,7 +363,7 @@ mod avx2 {
     }
 
     #[inline(always)]
-    fn shift<const S: u8>(_: u8, u: __m256i, _a: [f32; 2], b: [f32; 2]) -> (__m256i, [f32; 2]) {
+    fn shift(_: u8, u: __m256i, _a: __m256, b: __m256) -> (__m256i, __m256) {
         (u, b)
     }
 }
@@ -375,14 +380,10 @@ mod vnni {
 
     /// Q8_0's signed codes become unsigned (w + 128); the offset -128·d joins `b`.
     #[inline(always)]
-    unsafe fn shift<const S: u8>(
-        t: u8,
-        u: __m256i,
-        a: [f32; 2],
-        b: [f32; 2],
-    ) -> (__m256i, [f32; 2]) {
-        if t == S {
-            (_mm256_xor_si256(u, _mm256_set1_epi8(-128)), [-128.0 * a[0], -128.0 * a[1]])
+    unsafe fn shift(t: u8, u: __m256i, a: __m256, b: __m256) -> (__m256i, __m256) {
+        if t == 0 {
+            // Q8_0
+            (_mm256_xor_si256(u, _mm256_set1_epi8(-128)), _mm256_mul_ps(a, _mm256_set1_ps(-128.0)))
         } else {
             (u, b)
         }

@@ -98,6 +98,9 @@ pub struct QuantRows {
     pub qs: Vec<i8>,
     pub scales: Vec<f32>,
     pub sums: Vec<i32>,
+    /// Per group, 8 floats: `scale · sum / 4` of each half-group, each 4 times (the SIMD
+    /// kernels add the offsets `b` in the same 8 lanes as the products, a quarter per lane).
+    pub spread: Vec<f32>,
 }
 
 impl QuantRows {
@@ -112,10 +115,12 @@ impl QuantRows {
             qs: vec![0; m * k],
             scales: vec![0.0; m * groups],
             sums: vec![0; m * groups * 2],
+            spread: vec![0.0; m * groups * 8],
         };
         let qs = team::Shared(r.qs.as_mut_ptr());
         let sc = team::Shared(r.scales.as_mut_ptr());
         let su = team::Shared(r.sums.as_mut_ptr());
+        let sp = team::Shared(r.spread.as_mut_ptr());
         let rows_per = 16usize;
         let items = m.div_ceil(rows_per);
         let threads = if m * k < 1 << 16 { 1 } else { threads };
@@ -124,14 +129,20 @@ impl QuantRows {
             for row in r0..r1 {
                 // SAFETY: each row's output ranges are disjoint and inside the vectors sized
                 // above; rows are handed out once.
-                let (q, s, u) = unsafe {
+                let (q, s, u, p) = unsafe {
                     (
                         std::slice::from_raw_parts_mut(qs.ptr().add(row * k), k),
                         std::slice::from_raw_parts_mut(sc.ptr().add(row * groups), groups),
                         std::slice::from_raw_parts_mut(su.ptr().add(row * groups * 2), groups * 2),
+                        std::slice::from_raw_parts_mut(sp.ptr().add(row * groups * 8), groups * 8),
                     )
                 };
                 quantize_activation_row(&x[row * k..(row + 1) * k], q, s, u);
+                for g in 0..groups {
+                    for h in 0..2 {
+                        p[8 * g + 4 * h..8 * g + 4 * h + 4].fill(s[g] * u[2 * g + h] as f32 * 0.25);
+                    }
+                }
             }
         });
         r
@@ -143,6 +154,7 @@ impl QuantRows {
             qs: &self.qs[i * self.k..(i + 1) * self.k],
             scales: &self.scales[i * g..(i + 1) * g],
             sums: &self.sums[i * g * 2..(i + 1) * g * 2],
+            spread: &self.spread[i * g * 8..(i + 1) * g * 8],
         }
     }
 }
@@ -153,6 +165,7 @@ pub struct ActRow<'a> {
     pub qs: &'a [i8],
     pub scales: &'a [f32],
     pub sums: &'a [i32],
+    pub spread: &'a [f32],
 }
 
 fn quantize_activation_row(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {
