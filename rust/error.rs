@@ -10,7 +10,7 @@ pub enum Error {
     Value(String),
     /// A token id that the vocabulary does not have (maps to `UnknownTokenError`).
     #[error("token id {id} is not in the vocabulary (valid ids: {valid})")]
-    UnknownId { id: u64, valid: String },
+    UnknownId { id: i128, valid: String },
     /// A token string or byte sequence that the vocabulary does not have.
     #[error("token {0} is not in the vocabulary")]
     UnknownToken(String),

@@ -27,14 +27,15 @@ pub fn in_forked_child() -> bool {
     owner != 0 && owner != std::process::id()
 }
 
-/// Resolves a requested thread count: `None` or 0 means all hardware threads; a forked child
-/// always gets 1.
+/// Resolves a requested thread count: `None` or 0 means all hardware threads, more than the
+/// hardware has is capped to it (more threads than cores only contend); a forked child always
+/// gets 1.
 pub fn resolve_threads(requested: Option<usize>) -> usize {
     if in_forked_child() {
         return 1;
     }
     match requested {
-        Some(n) if n > 0 => n,
+        Some(n) if n > 0 => n.min(available_threads()),
         _ => available_threads(),
     }
 }
@@ -86,7 +87,8 @@ mod tests {
 
     #[test]
     fn resolve_defaults_to_hardware() {
-        assert_eq!(resolve_threads(Some(3)), 3);
+        assert_eq!(resolve_threads(Some(3)), 3.min(available_threads()));
+        assert_eq!(resolve_threads(Some(usize::MAX)), available_threads());
         assert_eq!(resolve_threads(None), available_threads());
     }
 }

@@ -932,3 +932,59 @@ def test_out_being_a_file_is_refused_and_the_file_kept(tmp_path, capsys, corpus,
     code, _, err = run_cli(["train", arch, *data, "--out", out, *SMALL[:2], "--steps", "1"], capsys)
     assert code == 2 and "Traceback" not in err and str(out) in err, err
     assert out.read_text() == "mine"
+
+
+# --------------------------------------------------------------------------- tokenizer counts and ids
+
+_TOK_CALLS = {
+    "train vocab_size": lambda t, v: __import__("ferrolm").Tokenizer.train(["ab ab"], vocab_size=v),
+    "train num_threads": lambda t, v: __import__("ferrolm").Tokenizer.train(["ab ab"], vocab_size=300, num_threads=v),
+    "encode_batch num_threads": lambda t, v: t.encode_batch(["a b"], num_threads=v),
+    "encode_ordinary_batch num_threads": lambda t, v: t.encode_ordinary_batch(["a b"], num_threads=v),
+    "encode_batch_to_numpy num_threads": lambda t, v: t.encode_batch_to_numpy(["a b"], num_threads=v),
+    "decode_batch num_threads": lambda t, v: t.decode_batch([[1, 2]], num_threads=v),
+    "decode_bytes_batch num_threads": lambda t, v: t.decode_bytes_batch([[1, 2]], num_threads=v),
+}
+
+
+@pytest.mark.parametrize("value", [-1, -(2**40), -(2**63)])
+@pytest.mark.parametrize("call", sorted(_TOK_CALLS))
+def test_negative_tokenizer_counts_name_the_argument(call, value):
+    from ferrolm import Tokenizer
+
+    tok = Tokenizer.from_tiktoken(Path(__file__).parent / "data" / "gpt2.tiktoken")
+    name = call.split()[-1]
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        _TOK_CALLS[call](tok, value)
+
+
+@pytest.mark.parametrize("bad", [-1, -(2**62), 50257, 2**40])
+def test_decoding_an_id_out_of_range_names_it(bad):
+    from ferrolm import Tokenizer, UnknownTokenError
+
+    tok = Tokenizer.from_tiktoken(Path(__file__).parent / "data" / "gpt2.tiktoken")
+    for fn in (tok.decode, tok.decode_bytes, lambda ids: tok.decode_batch([ids])):
+        with pytest.raises(UnknownTokenError, match=f"token id {bad} is not in the vocabulary"):
+            fn([1, bad])
+
+
+def test_any_int_as_a_tokenizer_count_gives_a_result_or_a_clear_error():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    from ferrolm import Tokenizer
+
+    tok = Tokenizer.from_tiktoken(Path(__file__).parent / "data" / "gpt2.tiktoken")
+    want = tok.encode_batch(["a b", "c"])
+
+    @hypothesis.settings(max_examples=60, deadline=None)
+    @hypothesis.given(st.integers(min_value=-(2**70), max_value=2**70))
+    def check(n):
+        try:
+            got = tok.encode_batch(["a b", "c"], num_threads=n)
+        except (ValueError, OverflowError) as e:
+            assert "num_threads" in str(e)
+        else:
+            assert got == want
+
+    check()

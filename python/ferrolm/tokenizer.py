@@ -81,6 +81,17 @@ def _check_str(text: object, what: str = "text") -> None:
         raise TypeError(f"{what} must be a str, got {type(text).__name__}; decode bytes first (bytes.decode('utf-8'))")
 
 
+def _threads(num_threads: object) -> Optional[int]:
+    """``num_threads`` checked: None or an int >= 0 (0 and None: all cores); the error names it."""
+    if num_threads is None:
+        return None
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+        raise TypeError(f"num_threads must be an int or None, got {type(num_threads).__name__}")
+    if num_threads < 0:
+        raise ValueError(f"num_threads must be >= 0 (0 or None: all cores), got {num_threads}")
+    return min(num_threads, 1 << 16)  # the native side caps it at the core count
+
+
 def _as_id_list(ids: object) -> List[int]:
     if isinstance(ids, list):
         return ids
@@ -180,6 +191,11 @@ class Tokenizer:
             )
         if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
             raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+        if vocab_size < 1:
+            raise ValueError(
+                f"vocab_size must be a positive int (at least 256 plus the special tokens), got {vocab_size}"
+            )
+        num_threads = _threads(num_threads)
         if not isinstance(min_frequency, int) or min_frequency < 0:
             raise ValueError(f"min_frequency must be a non-negative int, got {min_frequency!r}")
         specials = list(special_tokens)
@@ -720,11 +736,11 @@ class Tokenizer:
             num_threads: threads to use (default: all cores; 1 in a forked child).
             allowed_special, disallowed_special: as in :meth:`encode`.
         """
-        return self._core.encode_batch(texts, self._policy(allowed_special, disallowed_special), num_threads)
+        return self._core.encode_batch(texts, self._policy(allowed_special, disallowed_special), _threads(num_threads))
 
     def encode_ordinary_batch(self, texts: Sequence[str], *, num_threads: Optional[int] = None) -> List[List[int]]:
         """Returns the ids of each text, special tokens treated as plain text (parallel)."""
-        return self._core.encode_batch(texts, self._ordinary_policy, num_threads)
+        return self._core.encode_batch(texts, self._ordinary_policy, _threads(num_threads))
 
     def encode_batch_to_numpy(
         self,
@@ -750,7 +766,7 @@ class Tokenizer:
             raise ValueError(f"max_length must be a non-negative int or None, got {max_length!r}")
         policy = self._policy(allowed_special, disallowed_special)
         return self._core.encode_batch_padded(
-            texts, policy, int(pad_id), max_length, padding_side == "left", num_threads
+            texts, policy, int(pad_id), max_length, padding_side == "left", _threads(num_threads)
         )
 
     # ------------------------------------------------------------------ decoding
@@ -797,7 +813,7 @@ class Tokenizer:
         """Returns the text of each id sequence (decoded in parallel)."""
         rows = [_as_id_list(ids) for ids in batch]
         try:
-            out = self._core.decode_bytes_batch(rows, num_threads)
+            out = self._core.decode_bytes_batch(rows, _threads(num_threads))
         except (TypeError, OverflowError):
             for ids in rows:
                 self.decode_bytes(ids)  # raises the precise error
@@ -806,7 +822,7 @@ class Tokenizer:
 
     def decode_bytes_batch(self, batch: Sequence[Sequence[int]], *, num_threads: Optional[int] = None) -> List[bytes]:
         """Returns the bytes of each id sequence."""
-        return self._core.decode_bytes_batch([_as_id_list(ids) for ids in batch], num_threads)
+        return self._core.decode_bytes_batch([_as_id_list(ids) for ids in batch], _threads(num_threads))
 
     def decode_single_token_bytes(self, token: int) -> bytes:
         """Returns the bytes of one token."""

@@ -745,7 +745,7 @@ impl Pipeline {
                 continue;
             }
             let t = self.vocab_r.get(id as usize).and_then(|t| t.as_ref()).ok_or_else(|| {
-                Error::UnknownId { id: id as u64, valid: format!("0..{}", self.vocab_r.len()) }
+                Error::UnknownId { id: id as i128, valid: format!("0..{}", self.vocab_r.len()) }
             })?;
             tokens.push(t.clone());
         }

@@ -292,7 +292,7 @@ impl Tokenizer {
     }
 
     fn unknown(&self, id: u64) -> Error {
-        Error::UnknownId { id, valid: format!("0..{} less gaps", self.n_vocab()) }
+        Error::UnknownId { id: id as i128, valid: format!("0..{} less gaps", self.n_vocab()) }
     }
 
     /// Appends the bytes of `ids` to `out`.

@@ -71,7 +71,7 @@ fn ids_from(ids: Vec<i64>) -> PyResult<Vec<u64>> {
         .map(|i| {
             u64::try_from(i).map_err(|_| {
                 PyErr::from(crate::Error::UnknownId {
-                    id: i as u64,
+                    id: i as i128,
                     valid: "non-negative ids".into(),
                 })
             })
@@ -415,8 +415,11 @@ impl CoreTokenizer {
             .into_iter()
             .map(|i| {
                 u32::try_from(i).map_err(|_| {
-                    crate::Error::UnknownId { id: i, valid: format!("0..{}", self.inner.n_vocab()) }
-                        .into()
+                    crate::Error::UnknownId {
+                        id: i as i128,
+                        valid: format!("0..{}", self.inner.n_vocab()),
+                    }
+                    .into()
                 })
             })
             .collect::<PyResult<Vec<u32>>>()?;
