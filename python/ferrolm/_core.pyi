@@ -1,7 +1,7 @@
 """Type stubs for the private native module ``ferrolm._core`` (use ``ferrolm`` instead)."""
 
 from os import PathLike
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -209,3 +209,34 @@ class Bm25Index:
         exclude: Optional[List[int]] = None,
         threads: Optional[int] = None,
     ) -> Tuple[np.ndarray, np.ndarray]: ...
+
+# Quantized kernels (GGUF blocks: "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"; isa: "scalar", "avx2", "avx512vnni").
+def quant_matmul(
+    x: np.ndarray, w: np.ndarray, n: int, k: int, qtype: str, threads: int, isa: Optional[str] = None
+) -> np.ndarray: ...
+def quant_dequantize(w: np.ndarray, n: int, k: int, qtype: str, threads: int = 1) -> np.ndarray: ...
+def quant_gather(w: np.ndarray, n: int, k: int, qtype: str, ids: np.ndarray) -> np.ndarray: ...
+def quant_quantize(x: np.ndarray, qtype: str) -> np.ndarray: ...
+def quant_isa() -> Tuple[str, List[str]]: ...
+
+# A linear layer for LlamaStepper: (array, qtype or None for float32, n, k, bias or None).
+_Linear = Tuple[np.ndarray, Optional[str], int, int, Optional[np.ndarray]]
+
+class LlamaStepper:
+    def __init__(
+        self,
+        n_head: int,
+        n_kv_head: int,
+        head_dim: int,
+        eps: float,
+        inv_freq: Sequence[float],
+        embed: _Linear,
+        norm: np.ndarray,
+        head: _Linear,
+        layers: Sequence[Tuple[Any, ...]],
+        k_caches: Sequence[np.ndarray],
+        v_caches: Sequence[np.ndarray],
+    ) -> None: ...
+    def step(
+        self, tokens: Sequence[int], positions: Sequence[int], threads: int, isa: Optional[str] = None
+    ) -> np.ndarray: ...

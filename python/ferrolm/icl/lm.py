@@ -423,7 +423,12 @@ class LM:
                     out[i] = self._result(first, None, reqs[i][1], cuts[i])
             longer = [(b, i) for b in range(len(batch)) for i in plans[batch[b]][2] if len(reqs[i][1]) > 1]
             span = max((len(plans[batch[b]][0]) + len(reqs[i][1]) for b, i in longer), default=1)
-            for chunk in self._continuation_chunks(longer, reqs, span):
+            # Stepping rows of several contexts together moves every row as far as the longest
+            # continuation (finished rows step on with fillers): only when that fits the window.
+            widest = max((len(plans[batch[b]][0]) for b, _ in longer), default=0)
+            steps = max((len(reqs[i][1]) - 1 for _, i in longer), default=0)
+            mix = self.max_length is None or widest + steps <= self.max_length
+            for chunk in self._continuation_chunks(longer, reqs, span, mix):
                 rows = torch.tensor([prefilled[b][1][1] for b, _ in chunk], dtype=torch.int64)
                 rests = self._continue_rows(state, rows, [reqs[i][1] for _, i in chunk])
                 for (b, i), rest in zip(chunk, rests):
@@ -442,7 +447,9 @@ class LM:
     #: ... as long as the copies hold at most this many positions in all.
     CONTINUE_POSITIONS = 16384
 
-    def _continuation_chunks(self, jobs: List[Tuple[int, int]], reqs, span: int) -> List[List[Tuple[int, int]]]:
+    def _continuation_chunks(
+        self, jobs: List[Tuple[int, int]], reqs, span: int, mix: bool = True
+    ) -> List[List[Tuple[int, int]]]:
         """Groups ``(context row, request)`` jobs of multi-token continuations into passes.
 
         A pass either steps the continuations of several contexts together one token at a time
@@ -459,7 +466,7 @@ class LM:
         size = max(1, min(max(self.batch_size, self.CONTINUE_ROWS), self.CONTINUE_POSITIONS // max(1, span)))
         steps = max(len(reqs[i][1]) for _, i in jobs) - 1
         contexts = sorted({b for b, _ in jobs})
-        if steps * -(-len(jobs) // size) < len(contexts):
+        if mix and steps * -(-len(jobs) // size) < len(contexts):
             return [jobs[s : s + size] for s in range(0, len(jobs), size)]
         out = []
         for b in contexts:
