@@ -39,7 +39,8 @@ def build(questions: int, layers=None, shots: int = 8, batch_size: int = 8):
     from ferrolm.icl.tasks import load_task
     from ferrolm.models.llama import embedded_path
 
-    ours = FerroLMEval(pretrained="smollm2", batch_size=batch_size, layers=layers)
+    # float32 on both sides (the comparison): the GGUF's blocks dequantized
+    ours = FerroLMEval(pretrained="smollm2", batch_size=batch_size, layers=layers, dequantize=True)
     gguf = embedded_path("smollm2")
     tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     hf = HFLM(pretrained=ours.lm.model.to_hf().float().eval(), tokenizer=tok, batch_size=batch_size, device="cpu")

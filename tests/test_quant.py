@@ -337,3 +337,16 @@ def test_quantized_generation_uses_the_fused_step_and_follows_the_float_model():
         want = f(torch.tensor([prompt + [5]]))[0][0, -1]
     p, r = got[0].softmax(-1), want.softmax(-1)
     assert (p - r).abs().sum() < 0.1
+
+
+@needs_smollm2
+def test_a_quantized_llama_exports_its_dequantized_weights_to_transformers():
+    pytest.importorskip("transformers")
+    from ferrolm.models import load
+
+    q = load("smollm2", layers=1).eval()
+    f = load("smollm2", layers=1, dequantize=True).eval()
+    hf = q.to_hf()
+    idx = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=idx).logits, f(idx)[0], rtol=1e-4, atol=1e-4)

@@ -81,6 +81,7 @@ class FerroLMEval(TemplateLM):
         max_gen_toks: the default generation budget (256, as lm-eval's hf backend).
         prefix_token_id: the token an empty context becomes (default: bos, else eos).
         layers: keep only the first layers of a Llama (tests).
+        dequantize: a GGUF model as float32 (its blocks dequantized) instead of kept quantized.
 
     Raises:
         FileNotFoundError: no model or no tokenizer there.
@@ -96,6 +97,7 @@ class FerroLMEval(TemplateLM):
         prefix_token_id: Optional[int] = None,
         layers: Optional[int] = None,
         device: Optional[str] = None,
+        dequantize: Any = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -105,7 +107,13 @@ class FerroLMEval(TemplateLM):
 
         if device not in (None, "cpu") and not str(device).startswith("cpu"):
             raise ValueError(f"the ferrolm backend runs on the CPU; got device={device!r} (drop --device)")
-        model, tok = load_lm(pretrained, tokenizer, layers=None if layers is None else int(layers))
+        if isinstance(dequantize, str):  # model_args arrive as strings: dequantize=True
+            if dequantize.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"dequantize must be true or false, got {dequantize!r}")
+            dequantize = dequantize.lower() in ("true", "1")
+        model, tok = load_lm(
+            pretrained, tokenizer, layers=None if layers is None else int(layers), dequantize=bool(dequantize)
+        )
         bos = getattr(tok, "bos_token_id", None)
         eos = getattr(tok, "eos_token_id", None)
         if Path(str(pretrained)).is_dir():

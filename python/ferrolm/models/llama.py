@@ -546,11 +546,15 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
         return model
 
     def to_hf_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The weights under transformers' names (``lm_head.weight`` left out when tied)."""
-        sd = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        """The weights under transformers' names (``lm_head.weight`` left out when tied); a
+        quantized layer (:mod:`ferrolm.quant`) gives its dequantized float32 weight."""
+        sd = {k: v.detach().clone() for k, v in self.state_dict().items() if not k.endswith(".qweight")}
+        for name, mod in self.named_modules():
+            if hasattr(mod, "qweight") and hasattr(mod, "weight_numel"):
+                sd[f"{name}.weight"] = mod.weight  # dequantized, a fresh tensor
         if self.config.tie_weights:
             sd.pop("lm_head.weight", None)
-        return sd
+        return dict(sorted(sd.items(), key=lambda kv: _natural(kv[0])))
 
     def to_hf(self):
         """A transformers ``LlamaForCausalLM`` (``Qwen2ForCausalLM`` for q/k/v-only biases)
