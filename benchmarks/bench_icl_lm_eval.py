@@ -30,7 +30,6 @@ def build(questions: int, layers=None, shots: int = 8, batch_size: int = 8):
     """``(ferrolm backend, hf backend, instances, gold indices)``: both backends on the same weights (lm-eval's hf
     backend runs the transformers twin of ferrolm's Llama, with transformers' tokenizer read from the same GGUF)."""
     import numpy as np
-    import torch
     import transformers
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
@@ -57,16 +56,18 @@ def build(questions: int, layers=None, shots: int = 8, batch_size: int = 8):
         gold.append(int(np.argmin(order)))  # where the right answer went
         for j in order:
             reqs.append(Instance("loglikelihood", {}, (ctx, " " + choices[int(j)]), len(reqs)))
-    torch.set_grad_enabled(False)
     return ours, hf, reqs, gold
 
 
 def compare(ours, hf, reqs, gold) -> Dict[str, float]:
     """Times both backends' loglikelihood on ``reqs`` and checks they agree."""
+    import torch
+
     res, secs = {}, {}
     for name, lm in (("ferrolm", ours), ("hf", hf)):
         t0 = time.perf_counter()
-        res[name] = lm.loglikelihood(reqs, disable_tqdm=True)
+        with torch.no_grad():  # scoped: later benchmarks in this process train
+            res[name] = lm.loglikelihood(reqs, disable_tqdm=True)
         secs[name] = time.perf_counter() - t0
     diff = max(abs(a[0] - b[0]) for a, b in zip(res["ferrolm"], res["hf"]))
     acc = {}
