@@ -68,7 +68,7 @@ fn layout_error(name: &str) -> PyErr {
 }
 
 /// `obj` as a read-only C-contiguous array of `T` (TypeError otherwise, naming `name`).
-fn array<'py, T: Element>(
+pub(super) fn array<'py, T: Element>(
     name: &str,
     obj: &Bound<'py, PyAny>,
 ) -> PyResult<PyReadonlyArrayDyn<'py, T>> {

@@ -9,6 +9,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use super::data::to2;
+use super::kernels::array;
 use crate::kernels::quant::{self, engine, Isa, QType};
 use crate::kernels::team;
 use crate::parallel;
@@ -43,29 +44,13 @@ fn isa(name: Option<&str>) -> PyResult<Isa> {
     }
 }
 
-fn contiguous<'py, T: numpy::Element>(
-    name: &str,
-    obj: &Bound<'py, PyAny>,
-) -> PyResult<PyReadonlyArrayDyn<'py, T>> {
-    let a: PyReadonlyArrayDyn<'py, T> = obj.extract().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{name} must be a numpy array of {}",
-            numpy::dtype::<T>(obj.py())
-        ))
-    })?;
-    if !a.is_c_contiguous() {
-        return Err(PyTypeError::new_err(format!("{name} must be C-contiguous")));
-    }
-    Ok(a)
-}
-
 fn weights<'py>(
     w: &Bound<'py, PyAny>,
     n: usize,
     k: usize,
     qt: QType,
 ) -> PyResult<PyReadonlyArrayDyn<'py, u8>> {
-    let a = contiguous::<u8>("weights", w)?;
+    let a = array::<u8>("weights", w)?;
     quant::check(qt, n, k, a.len()).map_err(PyValueError::new_err)?;
     Ok(a)
 }
@@ -87,7 +72,7 @@ pub fn quant_matmul<'py>(
     let qt = self::qtype(qtype)?;
     let path = self::isa(isa)?;
     let w = weights(w, n, k, qt)?;
-    let x = contiguous::<f32>("x", x)?;
+    let x = array::<f32>("x", x)?;
     let shape = x.shape();
     if shape.len() != 2 || shape[1] != k {
         return Err(PyValueError::new_err(format!("x must have shape (m, {k}), got {shape:?}")));
@@ -147,7 +132,7 @@ pub fn quant_gather<'py>(
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
     let qt = self::qtype(qtype)?;
     let w = weights(w, n, k, qt)?;
-    let ids = contiguous::<i64>("ids", ids)?;
+    let ids = array::<i64>("ids", ids)?;
     let mut rows = Vec::with_capacity(ids.len());
     for &i in ids.as_slice()? {
         if i < 0 || i as usize >= n {
@@ -172,7 +157,7 @@ pub fn quant_quantize<'py>(
     qtype: &str,
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let qt = self::qtype(qtype)?;
-    let x = contiguous::<f32>("x", x)?;
+    let x = array::<f32>("x", x)?;
     let shape = x.shape().to_vec();
     if shape.len() != 2 {
         return Err(PyValueError::new_err(format!("x must be 2-D (rows, k), got shape {shape:?}")));
@@ -253,7 +238,7 @@ fn f32_array(
     name: &str,
     obj: &Bound<'_, PyAny>,
 ) -> PyResult<(*const f32, usize)> {
-    let a = contiguous::<f32>(name, obj)?;
+    let a = array::<f32>(name, obj)?;
     let r = (a.as_slice()?.as_ptr(), a.len());
     keep.push(obj.clone().unbind());
     Ok(r)
@@ -277,11 +262,11 @@ fn lin_desc(keep: &mut Vec<Py<PyAny>>, name: &str, t: &Bound<'_, PyAny>) -> PyRe
     let (qt, ptr, len) = match qt {
         Some(q) => {
             let qt = qtype(&q)?;
-            let a = contiguous::<u8>(name, &arr)?;
+            let a = array::<u8>(name, &arr)?;
             (Some(qt), a.as_slice()?.as_ptr(), a.len())
         }
         None => {
-            let a = contiguous::<f32>(name, &arr)?;
+            let a = array::<f32>(name, &arr)?;
             (None, a.as_slice()?.as_ptr() as *const u8, a.len())
         }
     };

@@ -12,7 +12,8 @@
 //! quantization) is repeated on every thread on its own copy of the hidden state, which costs
 //! less than another barrier would.
 
-use super::{dequantize_row, dot, ActRow, Isa, QType, QuantRows};
+use super::{dequantize_row, dot, Isa, QType, QuantRows};
+use crate::kernels::decode::dot as dot_f32;
 use crate::kernels::team::{self, Shared};
 
 /// A weight matrix (n rows of k values): GGUF blocks, or float32 rows.
@@ -128,19 +129,6 @@ fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-#[inline]
-fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// Rows `rows` of `x (m × k) · Wᵀ` into `out (m × n)` (column j of every row).
 fn linear_rows(
     l: &Linear<'_>,
@@ -161,7 +149,7 @@ fn linear_rows(
                 let acts = xq.expect("quantized activations");
                 let mut i = 0;
                 while i + 4 <= m {
-                    let r = [row(acts, i), row(acts, i + 1), row(acts, i + 2), row(acts, i + 3)];
+                    let r = [acts.row(i), acts.row(i + 1), acts.row(i + 2), acts.row(i + 3)];
                     let d = dot::dot4(isa, qt, wrow, &r);
                     for (t, v) in d.iter().enumerate() {
                         // SAFETY: (i + t, j) is inside out (m × n); column j is this thread's.
@@ -170,7 +158,7 @@ fn linear_rows(
                     i += 4;
                 }
                 while i < m {
-                    let v = dot::dot1(isa, qt, wrow, row(acts, i));
+                    let v = dot::dot1(isa, qt, wrow, acts.row(i));
                     // SAFETY: as above.
                     unsafe { *out.ptr().add(i * n + j) = v + bias };
                     i += 1;
@@ -186,10 +174,6 @@ fn linear_rows(
             }
         }
     }
-}
-
-fn row(a: &QuantRows, i: usize) -> ActRow<'_> {
-    a.row(i)
 }
 
 fn quantized(l: &Linear<'_>, x: &[f32], m: usize) -> Option<QuantRows> {
