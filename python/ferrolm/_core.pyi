@@ -236,6 +236,7 @@ class LlamaStepper:
         layers: Sequence[Tuple[Any, ...]],
         k_caches: Sequence[np.ndarray],
         v_caches: Sequence[np.ndarray],
+        pack: bool = True,
     ) -> None: ...
     def step(
         self, tokens: Sequence[int], positions: Sequence[int], threads: int, isa: Optional[str] = None

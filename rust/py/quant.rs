@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 
 use super::data::to2;
 use super::kernels::array;
+use crate::kernels::quant::packed::Packed;
 use crate::kernels::quant::{self, engine, Isa, QType};
 use crate::kernels::team;
 use crate::parallel;
@@ -202,6 +203,8 @@ struct LinDesc {
     n: usize,
     k: usize,
     bias: Option<(*const f32, usize)>,
+    /// The blocks interleaved by 16 rows for the batch-1 kernels (a copy the stepper owns).
+    packed: Option<Packed>,
 }
 
 struct LayerDesc {
@@ -271,15 +274,16 @@ fn lin_desc(keep: &mut Vec<Py<PyAny>>, name: &str, t: &Bound<'_, PyAny>) -> PyRe
         }
     };
     keep.push(arr.unbind());
-    Ok(LinDesc { qt, ptr, len, n, k, bias })
+    Ok(LinDesc { qt, ptr, len, n, k, bias, packed: None })
 }
 
 /// # Safety
 /// `d` points into an array the stepper keeps alive, of `d.len` elements of its type.
-unsafe fn linear<'a>(d: &LinDesc) -> engine::Linear<'a> {
-    let w = match d.qt {
-        Some(qt) => engine::Weight::Q { w: std::slice::from_raw_parts(d.ptr, d.len), qt },
-        None => engine::Weight::F(std::slice::from_raw_parts(d.ptr as *const f32, d.len)),
+unsafe fn linear<'a>(d: &'a LinDesc) -> engine::Linear<'a> {
+    let w = match (&d.packed, d.qt) {
+        (Some(p), _) => engine::Weight::P(p),
+        (None, Some(qt)) => engine::Weight::Q { w: std::slice::from_raw_parts(d.ptr, d.len), qt },
+        (None, None) => engine::Weight::F(std::slice::from_raw_parts(d.ptr as *const f32, d.len)),
     };
     let bias = d.bias.map(|(p, n)| std::slice::from_raw_parts(p, n));
     engine::Linear { w, n: d.n, k: d.k, bias }
@@ -332,10 +336,13 @@ impl LlamaStepper {
     /// `head` linear tuples `(array, qtype or None, n, k, bias or None)` (float arrays are
     /// float32 (n, k)); `norm` the final norm; `layers` a list of `(attn_norm, q, k, v, o,
     /// ffn_norm, gate, up, down)`; `k_caches`/`v_caches` one float32 (B, Hk, capacity, D)
-    /// array per layer, written in place.
+    /// array per layer, written in place. With `pack` (the default) the stepper keeps its own
+    /// copy of the Q8_0/Q4_0/Q4_1 products' blocks interleaved by 16 rows ([`Packed`]).
     #[new]
+    #[pyo3(signature = (n_head, n_kv_head, head_dim, eps, inv_freq, embed, norm, head, layers, k_caches, v_caches, pack=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         n_head: usize,
         n_kv_head: usize,
         head_dim: usize,
@@ -347,6 +354,7 @@ impl LlamaStepper {
         layers: Vec<Bound<'_, PyAny>>,
         k_caches: Vec<Bound<'_, PyAny>>,
         v_caches: Vec<Bound<'_, PyAny>>,
+        pack: bool,
     ) -> PyResult<Self> {
         let mut keep = Vec::new();
         let embed = lin_desc(&mut keep, "embedding", embed)?;
@@ -421,7 +429,7 @@ impl LlamaStepper {
             }
         }
         let (batch, capacity) = dims.unwrap_or((0, 0));
-        let s = LlamaStepper {
+        let mut s = LlamaStepper {
             keep,
             vocab: head.n,
             embed,
@@ -439,6 +447,16 @@ impl LlamaStepper {
             capacity,
         };
         s.model().check().map_err(PyValueError::new_err)?;
+        // The shapes are checked: interleave the blocks the batch-1 kernels read (the
+        // embedding keeps GGUF's rows, which its lookups dequantize one at a time).
+        let descs = s.layers.iter_mut().flat_map(|l| l.lin.iter_mut()).chain([&mut s.head]);
+        for d in descs.filter(|_| pack) {
+            if let Some(qt) = d.qt {
+                // SAFETY: `ptr`/`len` describe a u8 array kept alive in `keep`.
+                let w = unsafe { std::slice::from_raw_parts(d.ptr, d.len) };
+                d.packed = py.detach(|| Packed::new(qt, w, d.n, d.k));
+            }
+        }
         Ok(s)
     }
 

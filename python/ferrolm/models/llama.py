@@ -1080,8 +1080,12 @@ def load(name: str, layers: LayerRange = None, dtype: torch.dtype = torch.float3
     return Llama.from_gguf(embedded_path(name), layers=layers, dtype=dtype, dequantize=dequantize)
 
 
-def _build_stepper(model: "Llama", state: List[KVCache]):
-    """A ``_core.LlamaStepper`` over ``model``'s weights (numpy views, no copies) and ``state``."""
+def _build_stepper(model: "Llama", state: List[KVCache], pack: bool = True):
+    """A ``_core.LlamaStepper`` over ``model``'s weights (numpy views) and ``state``.
+
+    With ``pack`` the stepper keeps its own copy of the Q8_0/Q4_0/Q4_1 projection and head
+    blocks interleaved by 16 rows (the same number of bytes; its batch-1 kernels read ~5x
+    faster than GGUF's row-major blocks); the embedding and float weights are never copied."""
     from .. import _core
     from ..quant import QuantEmbedding, QuantLinear
 
@@ -1129,4 +1133,5 @@ def _build_stepper(model: "Llama", state: List[KVCache]):
         layers,
         [s.k.numpy() for s in state],
         [s.v.numpy() for s in state],
+        pack=pack,
     )
