@@ -5,6 +5,7 @@ bad input."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import subprocess
@@ -354,11 +355,44 @@ def test_interleaved_rows_give_the_same_step_on_every_path():
         if name.startswith("packed"):
             assert torch.equal(logits, first[0]), name
             assert all(torch.equal(a, b) for a, b in zip(ks + vs, first[1] + first[2])), name
-    # Per (step, row): the largest logit difference. Most are float rounding (~1e-5); a
-    # flipped 8-bit activation moves a row's logits by up to ~0.1 (measured).
-    worst = (first[0] - runs["rows"][0]).abs().amax(-1).flatten()
-    assert (worst < 1e-4).sum() >= 6, worst
-    assert worst.max() < 0.3, worst
+    # Float rounding moves an activation across an 8-bit rounding boundary now and then, and
+    # the layers after it amplify that: compare the next-token distributions (measured: total
+    # variation <= 0.02, ~1e-6 where nothing flipped) and the greedy tokens.
+    p, r = first[0].softmax(-1), runs["rows"][0].softmax(-1)
+    assert (p - r).abs().sum(-1).max() < 0.1
+    assert torch.equal(first[0].argmax(-1), runs["rows"][0].argmax(-1))
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q4_1"])
+def test_interleaved_layers_equal_the_row_major_kernels(qtype, monkeypatch):
+    """QuantLinear through its interleaved copy equals the row-major kernels to float rounding
+    (same 8-bit activations, same integer sums), bit for bit across the ISA paths; the copy
+    follows changes of qweight."""
+    from ferrolm import quant as fq
+
+    torch.manual_seed(0)
+    lin = fq.QuantLinear.from_linear(torch.nn.Linear(320, 48), qtype)
+    for m in (1, 3, 5, 15):
+        x = torch.randn(m, 320)
+        monkeypatch.setattr(fq, "PACKED", False)
+        want = lin(x)
+        monkeypatch.setattr(fq, "PACKED", True)
+        got = lin(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        outs = [lin.packed().matmul(x.numpy(), 2, isa) for isa in PATHS]
+        assert all(np.array_equal(outs[0], o) for o in outs[1:])
+    before = lin.packed()
+    lin.load_state_dict(fq.QuantLinear.from_linear(torch.nn.Linear(320, 48), qtype).state_dict())
+    assert lin.packed() is not before
+    x = torch.randn(2, 320)
+    monkeypatch.setattr(fq, "PACKED", False)
+    want = lin(x)
+    monkeypatch.setattr(fq, "PACKED", True)
+    torch.testing.assert_close(lin(x), want, rtol=1e-5, atol=1e-4)
+    assert fq.QuantLinear.from_linear(torch.nn.Linear(64, 24), qtype).packed() is None  # 24 rows
+    copy.deepcopy(lin)  # the packed copy is not pickled
+    with pytest.raises(ValueError, match="cannot be interleaved"):
+        _core.QuantPacked(np.zeros((24, 40), np.uint8), 24, 64, "q4_1")
 
 
 @needs_smollm2

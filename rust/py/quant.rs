@@ -89,6 +89,86 @@ pub fn quant_matmul<'py>(
     to2(py, y, m, n)
 }
 
+/// A weight matrix's blocks interleaved by 16 rows ([`Packed`]): the layout the batch-1 and
+/// few-row integer kernels read fastest. Built once per weight (a copy of its bytes).
+#[pyclass(frozen, module = "ferrolm._core")]
+pub struct QuantPacked(pub Packed);
+
+#[pymethods]
+impl QuantPacked {
+    /// Packs `w` (n, k in `qtype` blocks). ValueError when the type is not one of Q8_0,
+    /// Q4_0, Q4_1 or `n` is not a multiple of 16 (`QuantPacked.supports`).
+    #[new]
+    fn new(
+        py: Python<'_>,
+        w: &Bound<'_, PyAny>,
+        n: usize,
+        k: usize,
+        qtype: &str,
+    ) -> PyResult<Self> {
+        let qt = self::qtype(qtype)?;
+        let w = weights(w, n, k, qt)?;
+        let ws = w.as_slice()?;
+        let p = py.detach(|| Packed::new(qt, ws, n, k)).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "{} weights of {n} rows cannot be interleaved (Q8_0, Q4_0 or Q4_1 with a \
+                 multiple of 16 rows)",
+                qt.name()
+            ))
+        })?;
+        Ok(QuantPacked(p))
+    }
+
+    /// Whether weights of this type and row count can be packed.
+    #[staticmethod]
+    fn supports(qtype: &str, n: usize) -> PyResult<bool> {
+        Ok(Packed::supports(self::qtype(qtype)?, n))
+    }
+
+    #[getter]
+    fn shape(&self) -> (usize, usize) {
+        (self.0.n, self.0.k)
+    }
+
+    #[getter]
+    fn qtype(&self) -> &'static str {
+        self.0.qt.name()
+    }
+
+    /// `x (m, k) float32 · Wᵀ` -> (m, n) float32 (activations quantized to 8 bits per group
+    /// of 32), output rows split across `threads`.
+    #[pyo3(signature = (x, threads, isa=None))]
+    fn matmul<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        threads: usize,
+        isa: Option<&str>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let path = self::isa(isa)?;
+        let (n, k) = (self.0.n, self.0.k);
+        let x = array::<f32>("x", x)?;
+        let shape = x.shape();
+        if shape.len() != 2 || shape[1] != k {
+            return Err(PyValueError::new_err(format!(
+                "x must have shape (m, {k}), got {shape:?}"
+            )));
+        }
+        let m = shape[0];
+        let threads = parallel::resolve_threads(Some(threads));
+        let xs = x.as_slice()?;
+        let y = py.detach(|| {
+            let mut y = vec![0f32; m * n];
+            if m > 0 {
+                let acts = quant::QuantRows::new(xs, m, k, threads);
+                quant::packed::matmul(path, &self.0, &acts, threads, &mut y);
+            }
+            y
+        });
+        to2(py, y, m, n)
+    }
+}
+
 /// W (n, k in `qtype` blocks) -> float32 (n, k), rows split across `threads`.
 #[pyfunction]
 #[pyo3(signature = (w, n, k, qtype, threads=1))]
@@ -203,8 +283,9 @@ struct LinDesc {
     n: usize,
     k: usize,
     bias: Option<(*const f32, usize)>,
-    /// The blocks interleaved by 16 rows for the batch-1 kernels (a copy the stepper owns).
-    packed: Option<Packed>,
+    /// The blocks interleaved by 16 rows for the batch-1 kernels (given with the weight, or
+    /// packed by the stepper).
+    packed: Option<Py<QuantPacked>>,
 }
 
 struct LayerDesc {
@@ -249,15 +330,21 @@ fn f32_array(
 
 /// `(array, qtype or None, n, k, bias or None)` -> a [`LinDesc`].
 fn lin_desc(keep: &mut Vec<Py<PyAny>>, name: &str, t: &Bound<'_, PyAny>) -> PyResult<LinDesc> {
-    let (arr, qt, n, k, bias): (
-        Bound<'_, PyAny>,
-        Option<String>,
-        usize,
-        usize,
-        Option<Bound<'_, PyAny>>,
-    ) = t.extract().map_err(|_| {
-        PyTypeError::new_err(format!("{name}: expected (array, qtype or None, n, k, bias or None)"))
-    })?;
+    let what = "(array, qtype or None, n, k, bias or None[, QuantPacked or None])";
+    let bad = || PyTypeError::new_err(format!("{name}: expected {what}"));
+    let parts: Vec<Bound<'_, PyAny>> = t.extract().map_err(|_| bad())?;
+    if parts.len() != 5 && parts.len() != 6 {
+        return Err(bad());
+    }
+    let arr = parts[0].clone();
+    let qt: Option<String> = parts[1].extract().map_err(|_| bad())?;
+    let (n, k): (usize, usize) =
+        (parts[2].extract().map_err(|_| bad())?, parts[3].extract().map_err(|_| bad())?);
+    let bias: Option<Bound<'_, PyAny>> = parts[4].extract().map_err(|_| bad())?;
+    let packed: Option<Py<QuantPacked>> = match parts.get(5) {
+        Some(p) if !p.is_none() => Some(p.extract().map_err(|_| bad())?),
+        _ => None,
+    };
     let bias = match bias {
         Some(b) => Some(f32_array(keep, &format!("{name} bias"), &b)?),
         None => None,
@@ -273,15 +360,27 @@ fn lin_desc(keep: &mut Vec<Py<PyAny>>, name: &str, t: &Bound<'_, PyAny>) -> PyRe
             (None, a.as_slice()?.as_ptr() as *const u8, a.len())
         }
     };
+    if let Some(p) = &packed {
+        let p = &p.get().0;
+        if Some(p.qt) != qt || (p.n, p.k) != (n, k) {
+            return Err(PyValueError::new_err(format!(
+                "{name}: the packed weight is {} ({}, {}), the blocks {} ({n}, {k})",
+                p.qt.name(),
+                p.n,
+                p.k,
+                qt.map_or("float32", |q| q.name())
+            )));
+        }
+    }
     keep.push(arr.unbind());
-    Ok(LinDesc { qt, ptr, len, n, k, bias, packed: None })
+    Ok(LinDesc { qt, ptr, len, n, k, bias, packed })
 }
 
 /// # Safety
 /// `d` points into an array the stepper keeps alive, of `d.len` elements of its type.
 unsafe fn linear<'a>(d: &'a LinDesc) -> engine::Linear<'a> {
     let w = match (&d.packed, d.qt) {
-        (Some(p), _) => engine::Weight::P(p),
+        (Some(p), _) => engine::Weight::P(&p.get().0),
         (None, Some(qt)) => engine::Weight::Q { w: std::slice::from_raw_parts(d.ptr, d.len), qt },
         (None, None) => engine::Weight::F(std::slice::from_raw_parts(d.ptr as *const f32, d.len)),
     };
@@ -450,11 +549,17 @@ impl LlamaStepper {
         // The shapes are checked: interleave the blocks the batch-1 kernels read (the
         // embedding keeps GGUF's rows, which its lookups dequantize one at a time).
         let descs = s.layers.iter_mut().flat_map(|l| l.lin.iter_mut()).chain([&mut s.head]);
-        for d in descs.filter(|_| pack) {
-            if let Some(qt) = d.qt {
-                // SAFETY: `ptr`/`len` describe a u8 array kept alive in `keep`.
-                let w = unsafe { std::slice::from_raw_parts(d.ptr, d.len) };
-                d.packed = py.detach(|| Packed::new(qt, w, d.n, d.k));
+        for d in descs {
+            match (pack, d.qt, &d.packed) {
+                (false, _, _) => d.packed = None,
+                (true, Some(qt), None) => {
+                    // SAFETY: `ptr`/`len` describe a u8 array kept alive in `keep`.
+                    let w = unsafe { std::slice::from_raw_parts(d.ptr, d.len) };
+                    if let Some(p) = py.detach(|| Packed::new(qt, w, d.n, d.k)) {
+                        d.packed = Some(Py::new(py, QuantPacked(p))?);
+                    }
+                }
+                _ => {}
             }
         }
         Ok(s)

@@ -1083,16 +1083,18 @@ def load(name: str, layers: LayerRange = None, dtype: torch.dtype = torch.float3
 def _build_stepper(model: "Llama", state: List[KVCache], pack: bool = True):
     """A ``_core.LlamaStepper`` over ``model``'s weights (numpy views) and ``state``.
 
-    With ``pack`` the stepper keeps its own copy of the Q8_0/Q4_0/Q4_1 projection and head
-    blocks interleaved by 16 rows (the same number of bytes; its batch-1 kernels read ~5x
-    faster than GGUF's row-major blocks); the embedding and float weights are never copied."""
+    With ``pack`` the stepper reads the Q8_0/Q4_0/Q4_1 projections and head through their
+    layers' copies interleaved by 16 rows (:meth:`ferrolm.quant.QuantLinear.packed`; its
+    batch-1 kernels read them several times faster than GGUF's row-major blocks); without it,
+    GGUF's blocks as they are. Float weights are read in place."""
     from .. import _core
     from ..quant import QuantEmbedding, QuantLinear
 
     def lin(mod):
         bias = None if getattr(mod, "bias", None) is None else mod.bias.detach().contiguous().numpy()
         if isinstance(mod, (QuantLinear,)):
-            return (mod.qweight.numpy(), mod.qtype, mod.out_features, mod.in_features, bias)
+            packed = mod.packed() if pack else None
+            return (mod.qweight.numpy(), mod.qtype, mod.out_features, mod.in_features, bias, packed)
         w = mod.weight.detach().contiguous()
         return (w.numpy(), None, w.shape[0], w.shape[1], bias)
 

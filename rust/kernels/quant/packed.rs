@@ -21,7 +21,8 @@
 
 use half::f16;
 
-use super::{ActRow, Isa, QType};
+use super::{ActRow, Isa, QType, QuantRows};
+use crate::kernels::team::{self, Shared};
 
 /// Rows per interleaved group.
 pub const ROWS: usize = 16;
@@ -104,16 +105,73 @@ pub fn gemv(isa: Isa, p: &Packed, x: ActRow<'_>, groups: (usize, usize), out: &m
     let gb = p.group_bytes();
     for (g, o) in (groups.0..groups.1).zip(out.chunks_exact_mut(ROWS)) {
         let w = &p.data[g * gb..(g + 1) * gb];
-        let o: &mut [f32; ROWS] = o.try_into().expect("16 rows");
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `isa` came from `Isa::detect` or was checked `available`; `w` is one
-            // whole group of `k / 32` block columns and `x` has `k` codes (asserted above).
-            Isa::Avx512Vnni => unsafe { vnni::group(p.qt, w, x, o) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Isa::Avx2 => unsafe { avx2::group(p.qt, w, x, o) },
-            _ => scalar_group(p.qt, w, x, o),
+        // SAFETY: `o` holds the 16 values the group writes; `w` is one whole group and `x`
+        // has `k` codes (asserted above).
+        unsafe { group::<1>(isa, p.qt, w, [x], [o.as_mut_ptr()]) };
+    }
+}
+
+/// `y (m × n) = x · Wᵀ` for the quantized activation rows `x`, output rows split across
+/// `threads` by groups of 16; each weight group is read from cache for every 4 activation
+/// rows (the VNNI path unpacks it once for the 4).
+pub fn matmul(isa: Isa, p: &Packed, x: &QuantRows, threads: usize, y: &mut [f32]) {
+    let (m, n) = (x.m, p.n);
+    assert!(x.k == p.k && y.len() == m * n, "packed product shapes");
+    let gb = p.group_bytes();
+    let groups = n / ROWS;
+    // A few groups per item: both threads busy to the end, the counter touched rarely.
+    let chunk = (groups / (threads.max(1) * 8)).clamp(1, 16);
+    let out = Shared(y.as_mut_ptr());
+    team::for_each(threads, groups.div_ceil(chunk), |item| {
+        for g in item * chunk..((item + 1) * chunk).min(groups) {
+            let w = &p.data[g * gb..(g + 1) * gb];
+            let col = |i: usize| {
+                // SAFETY: (i, 16g..16g + 16) is inside y (m × n); group g is this item's.
+                unsafe { out.ptr().add(i * n + g * ROWS) }
+            };
+            let mut i = 0;
+            while i + 4 <= m {
+                let rows = [x.row(i), x.row(i + 1), x.row(i + 2), x.row(i + 3)];
+                // SAFETY: each pointer has the group's 16 outputs of its row; shapes asserted.
+                unsafe {
+                    group::<4>(isa, p.qt, w, rows, [col(i), col(i + 1), col(i + 2), col(i + 3)])
+                };
+                i += 4;
+            }
+            while i < m {
+                // SAFETY: as above.
+                unsafe { group::<1>(isa, p.qt, w, [x.row(i)], [col(i)]) };
+                i += 1;
+            }
+        }
+    });
+}
+
+/// One group of 16 weight rows against `R` activation rows: 16 values to each `out[r]`.
+///
+/// # Safety
+/// `w` is one whole group of `k / 32` block columns, each `x[r]` has `k` codes, each `out[r]`
+/// points to 16 writable floats, and `isa` is available.
+unsafe fn group<const R: usize>(
+    isa: Isa,
+    qt: QType,
+    w: &[u8],
+    x: [ActRow<'_>; R],
+    out: [*mut f32; R],
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => vnni::group(qt, w, x, out),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            for r in 0..R {
+                avx2::group(qt, w, x[r], &mut *(out[r] as *mut [f32; ROWS]));
+            }
+        }
+        _ => {
+            for r in 0..R {
+                scalar_group(qt, w, x[r], &mut *(out[r] as *mut [f32; ROWS]));
+            }
         }
     }
 }
@@ -176,70 +234,85 @@ mod vnni {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,avx2")]
-    pub unsafe fn group(qt: QType, w: &[u8], x: ActRow<'_>, out: &mut [f32; ROWS]) {
+    pub unsafe fn group<const R: usize>(
+        qt: QType,
+        w: &[u8],
+        x: [ActRow<'_>; R],
+        out: [*mut f32; R],
+    ) {
         match qt {
-            QType::Q8_0 => group_t::<0>(w, x, out),
-            QType::Q4_0 => group_t::<1>(w, x, out),
-            _ => group_t::<2>(w, x, out),
+            QType::Q8_0 => group_t::<0, R>(w, x, out),
+            QType::Q4_0 => group_t::<1, R>(w, x, out),
+            _ => group_t::<2, R>(w, x, out),
         }
     }
 
-    /// `T`: 0 Q8_0, 1 Q4_0, 2 Q4_1.
+    /// `T`: 0 Q8_0, 1 Q4_0, 2 Q4_1. The codes of a block column are unpacked once for the
+    /// `R` activation rows; each row's float updates are those of the one-row case.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,avx2")]
-    unsafe fn group_t<const T: u8>(w: &[u8], x: ActRow<'_>, out: &mut [f32; ROWS]) {
+    unsafe fn group_t<const T: u8, const R: usize>(
+        w: &[u8],
+        x: [ActRow<'_>; R],
+        out: [*mut f32; R],
+    ) {
         let hb = if T == 2 { 64 } else { 32 };
         let col = ROWS * [34, 18, 20][T as usize];
         let nb = w.len() / col;
         let m4 = _mm512_set1_epi8(0x0F);
         let flip = _mm512_set1_epi8(-128);
-        let mut acc = _mm512_setzero_ps();
-        let mut acc2 = _mm512_setzero_ps();
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc2 = [_mm512_setzero_ps(); R];
         for b in 0..nb {
             let c = w.as_ptr().add(b * col);
-            let q = x.qs.as_ptr().add(32 * b);
-            let qsum = *x.sums.get_unchecked(2 * b) + *x.sums.get_unchecked(2 * b + 1);
-            let dx = *x.scales.get_unchecked(b);
-            let mut s0 = _mm512_setzero_si512();
-            let mut s1 = _mm512_setzero_si512();
-            if T == 0 {
-                // Codes + 128 are unsigned; 128·Σq comes back out below (exact, in i32).
-                for ch in 0..4 {
-                    let v0 = _mm512_xor_si512(
-                        _mm512_loadu_si512(c.add(hb + 128 * ch) as *const _),
-                        flip,
-                    );
-                    let v1 = _mm512_xor_si512(
-                        _mm512_loadu_si512(c.add(hb + 128 * ch + 64) as *const _),
-                        flip,
-                    );
-                    s0 = _mm512_dpbusd_epi32(s0, v0, bcast(q.add(8 * ch)));
-                    s1 = _mm512_dpbusd_epi32(s1, v1, bcast(q.add(8 * ch + 4)));
-                }
-                s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(128 * qsum));
-            } else {
-                for ch in 0..4 {
+            // Codes: Q4 the 4 chunks' low and high nibbles; Q8_0 its 8 chunks + 128 (unsigned;
+            // 128·Σq comes back out below, exactly, in i32).
+            let mut u = [_mm512_setzero_si512(); 8];
+            for ch in 0..4 {
+                if T == 0 {
+                    for h in 0..2 {
+                        let v = _mm512_loadu_si512(c.add(hb + 128 * ch + 64 * h) as *const _);
+                        u[2 * ch + h] = _mm512_xor_si512(v, flip);
+                    }
+                } else {
                     let v = _mm512_loadu_si512(c.add(hb + 64 * ch) as *const _);
-                    let lo = _mm512_and_si512(v, m4);
-                    let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-                    s0 = _mm512_dpbusd_epi32(s0, lo, bcast(q.add(4 * ch)));
-                    s1 = _mm512_dpbusd_epi32(s1, hi, bcast(q.add(16 + 4 * ch)));
+                    u[2 * ch] = _mm512_and_si512(v, m4);
+                    u[2 * ch + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
                 }
             }
-            let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(c as *const __m256i));
-            acc = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc);
-            if T != 0 {
-                let sx = _mm512_set1_ps(dx * qsum as f32);
-                let off = if T == 2 {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(c.add(32) as *const __m256i))
-                } else {
-                    _mm512_mul_ps(d, _mm512_set1_ps(-8.0))
-                };
-                acc2 = _mm512_fmadd_ps(off, sx, acc2);
+            let off = match T {
+                2 => _mm512_cvtph_ps(_mm256_loadu_si256(c.add(32) as *const __m256i)),
+                1 => _mm512_mul_ps(d, _mm512_set1_ps(-8.0)),
+                _ => d,
+            };
+            for r in 0..R {
+                let xr = &x[r];
+                let q = xr.qs.as_ptr().add(32 * b);
+                let qsum = *xr.sums.get_unchecked(2 * b) + *xr.sums.get_unchecked(2 * b + 1);
+                let dx = *xr.scales.get_unchecked(b);
+                let mut s0 = _mm512_setzero_si512();
+                let mut s1 = _mm512_setzero_si512();
+                for ch in 0..4 {
+                    // Byte offsets of the activation values that meet chunk pair (2ch, 2ch + 1).
+                    let (o0, o1) =
+                        if T == 0 { (8 * ch, 8 * ch + 4) } else { (4 * ch, 16 + 4 * ch) };
+                    s0 = _mm512_dpbusd_epi32(s0, u[2 * ch], bcast(q.add(o0)));
+                    s1 = _mm512_dpbusd_epi32(s1, u[2 * ch + 1], bcast(q.add(o1)));
+                }
+                if T == 0 {
+                    s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(128 * qsum));
+                }
+                let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[r]);
+                if T != 0 {
+                    acc2[r] = _mm512_fmadd_ps(off, _mm512_set1_ps(dx * qsum as f32), acc2[r]);
+                }
             }
         }
-        _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(acc, acc2));
+        for r in 0..R {
+            _mm512_storeu_ps(out[r], _mm512_add_ps(acc[r], acc2[r]));
+        }
     }
 }
 

@@ -199,6 +199,28 @@ fn packed_rows_equal_the_reference_and_agree_bit_for_bit_across_paths() {
 }
 
 #[test]
+fn packed_matmul_rows_equal_the_one_row_product_bit_for_bit() {
+    for qt in [QType::Q8_0, QType::Q4_0, QType::Q4_1] {
+        let (m, n, k) = (7, 64, 320);
+        let w = random_weights(qt, n, k, 21);
+        let x = QuantRows::new(&random_x(m, k, 22), m, k, 1);
+        let p = packed::Packed::new(qt, &w, n, k).unwrap();
+        for isa in paths() {
+            for threads in [1, 2] {
+                let mut y = vec![0f32; m * n];
+                packed::matmul(isa, &p, &x, threads, &mut y);
+                for i in 0..m {
+                    let mut one = vec![0f32; n];
+                    packed::gemv(Isa::Scalar, &p, x.row(i), (0, n / 16), &mut one);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&y[i * n..(i + 1) * n]), bits(&one), "{qt:?} {isa:?} row {i}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn packing_refuses_what_it_cannot_interleave() {
     let w = random_weights(QType::Q4_1, 24, 64, 1);
     assert!(packed::Packed::new(QType::Q4_1, &w, 24, 64).is_none(), "24 rows: not whole groups");
@@ -233,6 +255,15 @@ fn quant_speed() {
             let pk = t.elapsed().as_secs_f64() / reps as f64;
             let gb = |s: f64| w.len() as f64 / s / 1e9;
             println!("{qt:?} {isa:?}: rows {:.2} GB/s, packed {:.2} GB/s", gb(rows), gb(pk));
+            let m = 64;
+            let xm = QuantRows::new(&random_x(m, k, 5), m, k, 1);
+            let mut ym = vec![0f32; m * n];
+            let t = std::time::Instant::now();
+            for _ in 0..reps / 8 {
+                packed::matmul(isa, &p, &xm, 1, &mut ym);
+            }
+            let s = t.elapsed().as_secs_f64() / (reps / 8) as f64;
+            println!("  m={m}: {:.1} GMAC/s", (m * n * k) as f64 / s / 1e9);
         }
     }
 }
