@@ -452,9 +452,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         raise ValueError("ferrolm finetune needs --method and --model (or the 'experiment' action)")
     from .recipes.language_model import finetune_data, finetune_model, load_lm
 
-    # LoRA trains on the quantized base as the file stores it (QLoRA); the other methods
-    # change base weights or read the head's, so they get the float model.
-    model, tok = load_lm(args.model, args.tokenizer, layers=args.layers, dequantize=args.method != "lora")
+    # LoRA and (IA)³ train on the quantized base as the file stores it (QLoRA); the other
+    # methods change base weights or read the head's, so they get the float model.
+    model, tok = load_lm(args.model, args.tokenizer, layers=args.layers, dequantize=args.method not in ("lora", "ia3"))
     data = finetune_data(tok, args.data, args.input_key, args.output_key)
     result = finetune_model(
         model,
@@ -698,9 +698,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser(
         "finetune",
-        help="lightweight fine-tuning of a ferrolm model (LoRA, BitFit, prompt tuning, head-only, full)",
+        help="lightweight fine-tuning of a ferrolm model (LoRA, (IA)3, BitFit, prompt tuning, head-only, full)",
         description="Fine-tunes a ferrolm checkpoint on text (default: the embedded ICL task rendered as text). "
-        "Writes model.safetensors (LoRA merged) and, for LoRA on a GPT or Llama, adapter/ in PEFT's layout.",
+        "Writes model.safetensors (LoRA / (IA)3 merged) and, for LoRA or (IA)3 on a GPT or Llama, adapter/ in "
+        "PEFT's layout.",
     )
     f.add_argument(
         "action",
@@ -710,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run: fine-tune --model with --method; "
         "experiment: the comparison of every method and ICL on the embedded task",
     )
-    f.add_argument("--method", default=None, choices=["lora", "bitfit", "prompt", "head", "full"])
+    f.add_argument("--method", default=None, choices=["lora", "ia3", "bitfit", "prompt", "head", "full"])
     f.add_argument(
         "--model", default=None, help="smollm2, a .gguf file, a `ferrolm train` folder or a .safetensors checkpoint"
     )
@@ -737,8 +738,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--targets",
         default=None,
-        help="LoRA target modules, comma-separated (default: a GPT's c_attn,c_proj,c_fc; a Llama's "
-        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)",
+        help="LoRA / (IA)3 target modules, comma-separated (LoRA default: a GPT's c_attn,c_proj,c_fc; a Llama's "
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; (IA)3 default: PEFT's, a Llama's "
+        "k_proj,v_proj,down_proj with down_proj's input scaled)",
     )
     f.add_argument("--virtual-tokens", type=_positive, default=16, help="prompt tuning: virtual tokens")
     f.add_argument("--checkpoint-interval", type=_count, default=100)
