@@ -301,7 +301,7 @@ def test_bad_adapters_are_refused_and_leave_the_model_untouched(tmp_path):
 
 def test_apply_ia3_refuses_bad_arguments():
     model = Llama.from_hf(_hf()).eval()
-    with pytest.raises(ValueError, match="match no linear layer; the model's linear layers are named"):
+    with pytest.raises(ValueError, match="match no nn.Linear; the model's linear layers are named"):
         apply_ia3(model, target_modules=["c_attn"])
     with pytest.raises(ValueError, match="feedforward_modules must be a subset of target_modules"):
         apply_ia3(model, target_modules=["k_proj"], feedforward_modules=["down_proj"])

@@ -6,6 +6,7 @@ dependency (PyTorch) says which one."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -441,12 +442,30 @@ def _cmd_icl_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    if args.action == "experiment" and args.model:
+        from .recipes import icl_vs_finetune as exp
+        from .recipes.icl_tasks import resolve_tasks
+        from .recipes.language_model import load_lm
+
+        tasks = resolve_tasks(args.tasks) if args.tasks else None
+        cfg = exp.ExperimentConfig.quick(tasks) if args.quick else exp.ExperimentConfig()
+        if tasks and not args.quick:
+            cfg = dataclasses.replace(cfg, tasks=tuple(tasks))
+        model, tok = load_lm(args.model, args.tokenizer, layers=args.layers, dequantize=True)
+        # LoRA on the quantized base uses the file's own blocks when it has them (else q8_0 of the float model)
+        stored, _ = load_lm(args.model, args.tokenizer, layers=args.layers, dequantize=False)
+        quantized = stored if any(type(m).__name__ == "QuantLinear" for m in stored.modules()) else None
+        out = Path(args.out or args.results)
+        data = exp.run_experiment(model, tok, cfg, out, quantized=quantized, model_name=args.model)
+        print(exp.markdown(data), end="")
+        print(f"wrote {out / exp.RESULTS_FILE}, icl_vs_finetune.md, icl_vs_finetune.png")
+        return 0
     if args.action == "experiment":
         from .recipes.finetune_experiment import markdown, run_experiment
 
-        results = run_experiment(args.results, quick=args.quick, seed=args.seed)
+        results = run_experiment(args.out or args.results, quick=args.quick, seed=args.seed)
         print(markdown(results), end="")
-        print(f"wrote {Path(args.results) / 'finetune.md'}, finetune.json, finetune.png")
+        print(f"wrote {Path(args.out or args.results) / 'finetune.md'}, finetune.json, finetune.png")
         return 0
     if not args.method or not args.model:
         raise ValueError("ferrolm finetune needs --method and --model (or the 'experiment' action)")
@@ -461,7 +480,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         tok,
         args.method,
         data,
-        args.out,
+        args.out or "runs/finetune",
         steps=args.steps,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -476,7 +495,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     last = result.history[-1]["loss"] if result.history else float("nan")
-    print(f"{args.method}: step {result.step}, loss {last:.4f}; wrote {args.out}" + _interrupted(result.interrupted))
+    out = args.out or "runs/finetune"
+    print(f"{args.method}: step {result.step}, loss {last:.4f}; wrote {out}" + _interrupted(result.interrupted))
     return 130 if result.interrupted else 0
 
 
@@ -708,16 +728,23 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="run",
         choices=["run", "experiment"],
-        help="run: fine-tune --model with --method; "
-        "experiment: the comparison of every method and ICL on the embedded task",
+        help="run: fine-tune --model with --method; experiment: with --model, ICL against every fine-tuning "
+        "method on the ICL task suite (n training examples x seeds, a learning-rate sweep, resumable); without, "
+        "the small GPT/LSTM comparison on the embedded task",
     )
     f.add_argument("--method", default=None, choices=["lora", "ia3", "bitfit", "prompt", "head", "full"])
     f.add_argument(
         "--model", default=None, help="smollm2, a .gguf file, a `ferrolm train` folder or a .safetensors checkpoint"
     )
     f.add_argument("--layers", type=_positive, default=None, help=argparse.SUPPRESS)
-    f.add_argument("--results", default="docs/results", help="experiment: output folder for finetune.md/.json/.png")
+    f.add_argument("--results", default="docs/results", help="experiment: output folder (when --out is not given)")
     f.add_argument("--quick", action="store_true", help="experiment: tiny sizes (a smoke run)")
+    f.add_argument(
+        "--tasks",
+        default=None,
+        help="experiment --model: comma-separated ICL tasks (default: parity, article, "
+        "addition, number_english; --quick: parity, addition)",
+    )
     f.add_argument("--tokenizer", default=None)
     f.add_argument(
         "--data",
@@ -727,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--input-key", default="input")
     f.add_argument("--output-key", default=None)
-    f.add_argument("--out", default="runs/finetune")
+    f.add_argument("--out", default=None, help="run: output folder (default runs/finetune); experiment: results folder")
     f.add_argument("--steps", type=_positive, default=200)
     f.add_argument("--batch-size", type=_positive, default=8)
     f.add_argument("--seq-len", type=_positive, default=128)

@@ -409,6 +409,24 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
+def _chosen_linears(model: nn.Module, patterns: Sequence[str]) -> Tuple[Dict[str, nn.Module], List[str]]:
+    """(every linear layer by name, the names matching ``patterns``); ValueError listing the
+    layer names when none matches."""
+    linears = {n: m for n, m in model.named_modules() if _is_lora_target(m)}
+    chosen = [n for n in linears if _matches(n, patterns)]
+    if not chosen:
+        names = sorted({n.split(".")[-1] for n in linears})
+        raise ValueError(
+            f"target_modules {list(patterns)} match no nn.Linear; the model's linear layers are named {names}"
+        )
+    return linears, chosen
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def apply_lora(
     model: nn.Module, r: int = 8, alpha: float = 16.0, target_modules: Sequence[str] = ("c_attn",), dropout: float = 0.0
 ) -> List[str]:
@@ -426,17 +444,9 @@ def apply_lora(
         raise ValueError("the model already has LoRA layers")
     if any(isinstance(m, IA3Linear) for m in model.modules()):
         raise ValueError("the model has (IA)³ layers; LoRA and (IA)³ on one model are not supported")
-    linears = {n: m for n, m in model.named_modules() if _is_lora_target(m)}
-    chosen = [n for n in linears if _matches(n, target_modules)]
-    if not chosen:
-        names = sorted({n.split(".")[-1] for n in linears})
-        raise ValueError(
-            f"target_modules {list(target_modules)} match no nn.Linear; the model's linear layers are named {names}"
-        )
+    linears, chosen = _chosen_linears(model, target_modules)
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(linears[name], r, alpha, dropout))
+        _set_module(model, name, LoRALinear(linears[name], r, alpha, dropout))
     model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(target_modules)}  # type: ignore[attr-defined]
     return chosen
 
@@ -469,8 +479,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, m in layers:
         if not m.merged:
             m.merge()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, m.base)
+        _set_module(model, name, m.base)
     for attr in ("lora_config", "ia3_config"):
         if hasattr(model, attr):
             delattr(model, attr)
@@ -565,8 +574,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 def save_lora(model: nn.Module, out_dir: PathLike) -> Path:
     """Writes the LoRA factors in PEFT's layout (atomically, file by file)."""
-    from safetensors.torch import save
-
     layers = _lora_layers(model)
     cfg = getattr(model, "lora_config", None) or {}
     first = layers[0][1]
@@ -588,11 +595,26 @@ def save_lora(model: nn.Module, out_dir: PathLike) -> Path:
         "modules_to_save": None,
         "init_lora_weights": True,
     }
+    return _write_adapter(out_dir, tensors, config)
+
+
+def _write_adapter(out_dir: PathLike, tensors: Dict[str, torch.Tensor], config: Dict) -> Path:
+    """``adapter_model.safetensors`` and ``adapter_config.json`` in ``out_dir``, each written atomically."""
+    from safetensors.torch import save
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
     atomic_write(out / ADAPTER_CONFIG, json.dumps(config, indent=2).encode())
     return out
+
+
+def _adapter_dir(adapter_dir: PathLike) -> Path:
+    """``adapter_dir`` as a Path (FileNotFoundError unless it holds both adapter files)."""
+    d = Path(adapter_dir)
+    if not (d / ADAPTER_CONFIG).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{d} has no {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    return d
 
 
 def _peft_config(path: Path, peft_type: str, loader: str) -> Dict:
@@ -652,9 +674,7 @@ def load_lora(model: nn.Module, adapter_dir: PathLike) -> List[str]:
         inconsistent weights file, naming the file); ValueError (modules or shapes that do not
         fit this model, LoRA already applied).
     """
-    d = Path(adapter_dir)
-    if not (d / ADAPTER_CONFIG).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{d} has no {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    d = _adapter_dir(adapter_dir)
     cfg = _adapter_config(d / ADAPTER_CONFIG)
     weights = d / ADAPTER_WEIGHTS
     tensors = _adapter_tensors(weights)
@@ -776,11 +796,7 @@ def apply_ia3(
         raise ValueError("the model already has (IA)³ layers")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model has LoRA layers; LoRA and (IA)³ on one model are not supported")
-    linears = {n: m for n, m in model.named_modules() if _is_lora_target(m)}
-    chosen = [n for n in linears if _matches(n, targets)]
-    if not chosen:
-        names = sorted({n.split(".")[-1] for n in linears})
-        raise ValueError(f"target_modules {targets} match no linear layer; the model's linear layers are named {names}")
+    linears, chosen = _chosen_linears(model, targets)
     loose = [n for n in linears if _matches(n, ff) and n not in chosen]
     if loose:
         raise ValueError(
@@ -788,9 +804,7 @@ def apply_ia3(
             "feedforward_modules must be a subset of target_modules, as in PEFT's IA3Config"
         )
     for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, IA3Linear(linears[name], feedforward=_matches(name, ff)))
+        _set_module(model, name, IA3Linear(linears[name], feedforward=_matches(name, ff)))
     model.ia3_config = {"target_modules": targets, "feedforward_modules": ff}  # type: ignore[attr-defined]
     return chosen
 
@@ -833,8 +847,6 @@ def save_ia3(model: nn.Module, out_dir: PathLike) -> Path:
     Raises:
         ValueError: the model has no (IA)³ layers, or a layer is merged (its vector is in the weights).
     """
-    from safetensors.torch import save
-
     layers = _ia3_layers(model)
     merged = [n for n, m in layers if m.merged]
     if merged:
@@ -857,11 +869,7 @@ def save_ia3(model: nn.Module, out_dir: PathLike) -> Path:
         "base_model_name_or_path": None,
         "modules_to_save": None,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
-    atomic_write(out / ADAPTER_CONFIG, json.dumps(config, indent=2).encode())
-    return out
+    return _write_adapter(out_dir, tensors, config)
 
 
 def _ia3_spec(cfg: Dict, key: str, path: Path, required: bool):
@@ -894,9 +902,7 @@ def load_ia3(model: nn.Module, adapter_dir: PathLike) -> List[str]:
         inconsistent weights file, naming the file and the key); ValueError (modules or shapes
         that do not fit this model, an adapter already applied).
     """
-    d = Path(adapter_dir)
-    if not (d / ADAPTER_CONFIG).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{d} has no {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    d = _adapter_dir(adapter_dir)
     path = d / ADAPTER_CONFIG
     cfg = _peft_config(path, "IA3", "load_ia3")
     targets = _ia3_spec(cfg, "target_modules", path, required=True)
