@@ -432,8 +432,28 @@ def _cmd_icl_eval_tasks(args: argparse.Namespace) -> int:
 
 
 def _cmd_icl_experiment(args: argparse.Namespace) -> int:
+    from .recipes import icl_effects as effects
     from .recipes import icl_science as science
 
+    if args.name in effects.EFFECTS:
+        from .recipes.icl_tasks import resolve_tasks
+        from .recipes.language_model import load_lm
+
+        tasks = resolve_tasks(args.tasks) if args.tasks else None
+        cfg = effects.EffectConfig.quick(tasks) if args.quick else effects.EffectConfig()
+        if tasks and not args.quick:
+            cfg = dataclasses.replace(cfg, tasks=tuple(tasks))
+        name = args.model or "smollm2"
+        model, tok = load_lm(name, args.tokenizer, layers=args.layers)
+        res = effects.run_effect(args.name, model, tok, cfg, args.results, model_name=name)
+        print(f"## {args.name} ({res['wall_seconds']:.0f} s)\n")
+        print(effects.markdown(res))
+        print(f"wrote {Path(args.results) / ('icl_' + args.name + '.json')}, .md and .png")
+        return 0
+    if args.model or args.tasks:
+        raise ValueError(
+            f"--model and --tasks go with {', '.join(effects.EFFECTS)}; {args.name!r} trains its own models"
+        )
     for res in science.run(args.name, args.results, quick=args.quick, seed=args.seed):
         print(f"## {res['experiment']} ({res['wall_seconds']:.0f} s)\n")
         print(science.markdown(res))
@@ -708,7 +728,17 @@ def build_parser() -> argparse.ArgumentParser:
         "or all. Writes icl_NAME.json "
         "and icl_NAME.png into --results and prints a table.",
     )
-    ex.add_argument("name", help="regression, recall, induction, fewshot or all")
+    ex.add_argument(
+        "name",
+        help="regression, recall, induction, fewshot or all; on a real model (--model, default smollm2): "
+        "label_correctness (Min et al. 2022), flipped_labels (Wei et al. 2023), order (Lu et al. 2022)",
+    )
+    ex.add_argument("--model", default=None, help="label_correctness / flipped_labels / order: the model")
+    ex.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)
+    ex.add_argument("--layers", type=_positive, default=None, help=argparse.SUPPRESS)
+    ex.add_argument(
+        "--tasks", default=None, help="label effects: comma-separated classification tasks of the ICL suite"
+    )
     ex.add_argument(
         "--quick", action="store_true", help="reduced sizes: every experiment in a few minutes (a smoke check)"
     )

@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .. import finetune as ft
 from .._io import PathLike, atomic_write, folder_lock
@@ -345,7 +346,7 @@ def run_experiment(
         quant = None
         if any(m.method == "qlora" for m in cfg.methods):
             quant = quantized if quantized is not None else _quantized_copy(model)
-        bar = _bar(_plan(cfg), progress)
+        bar = tqdm(total=_plan(cfg), desc="experiment", unit="run", disable=not progress, dynamic_ncols=True)
         try:
             for name in cfg.tasks:
                 task = load_task(name, n_test=cfg.n_test)
@@ -364,25 +365,6 @@ def run_experiment(
         atomic_write(out / "icl_vs_finetune.md", markdown(store.data).encode())
         _plot(store.data, out / "icl_vs_finetune.png")
     return store.data
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_description(self, s: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _bar(total: int, progress: bool):
-    if not progress:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="experiment", unit="run", dynamic_ncols=True)
 
 
 def _icl_runs(store: _Store, bar, model, tok, task: Task, queries, cfg: ExperimentConfig) -> None:
