@@ -212,6 +212,18 @@ def test_ia3_on_a_quantized_base_trains_and_matches_the_dequantized_model():
     assert all((p.grad is not None) == n.endswith("ia3_l") for n, p in q.named_parameters())
     with pytest.raises(ValueError, match="cannot merge \\(IA\\)³ into a quantized base"):
         q.model.layers[0].self_attn.k_proj.merge()
+    # greedy decoding (KV caches; the fused quantized step must not bypass the vectors) equals
+    # the argmax of full forward passes
+    from ferrolm.decoding import generate
+
+    q.eval()
+    prompt = IDX[0, :4].tolist()
+    got = generate(q, [prompt], 6, temperature=0)[0]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(q(torch.tensor([seq]))[0][0, -1].argmax()))
+    assert got == seq[len(prompt) :]
 
 
 def _saved(tmp_path, name="a"):
