@@ -34,7 +34,8 @@ def _config():
         replace(m, lrs=(1e-3, 3e-2)) if m.method == "ia3" else replace(m, n_virtual=4) if m.method == "prompt" else m
         for m in quick.methods
     )
-    return replace(quick, seeds=(0, 1), methods=methods, steps=3, n_val=6, n_test=6)
+    # n=1000 is more than the tasks' pools hold: those rows are skipped and say why
+    return replace(quick, ns=(16, 1000), seeds=(0, 1), methods=methods, steps=3, n_val=6, n_test=6)
 
 
 def _owned(method: str, key: str) -> bool:
@@ -79,7 +80,11 @@ def test_quick_experiment_rows_parameters_and_resume(tiny, tmp_path):
     assert len(seen) == 2 * (8 * 2 + 2)
     assert sum(1 for s in seen if s[3] == "val") == 2 * 2
 
-    rows = data["rows"]
+    big = [r for r in data["rows"] if r["n"] == 1000 and r["method"] != "ICL k=0"]
+    assert len(big) == 2 * (2 + 8) and all("accuracy" not in r for r in big)
+    assert all("fewer than n=1000 plus 6 for validation" in r["skipped"] for r in big)
+    assert "n/a: task 'parity' has 400 pool examples, fewer than n=1000" in exp.markdown(data)
+    rows = [r for r in data["rows"] if r["n"] == 16]
     icl_labels = ["ICL k=0", "ICL k=4 (bm25)", "ICL k=4 (random)"]
     ft_labels = [m.label for m in cfg.methods]
     for task in cfg.tasks:
@@ -112,7 +117,7 @@ def test_quick_experiment_rows_parameters_and_resume(tiny, tmp_path):
 
     # the file holds it all; a restart runs nothing again and gives the same rows
     on_disk = json.loads((tmp_path / exp.RESULTS_FILE).read_text())
-    assert on_disk["rows"] == json.loads(json.dumps(rows))
+    assert on_disk["rows"] == json.loads(json.dumps(data["rows"]))
     again = []
     data2 = exp.run_experiment(
         model, tok, cfg, tmp_path, model_name="tiny", progress=False, on_trained=lambda r, b, t: again.append(r)

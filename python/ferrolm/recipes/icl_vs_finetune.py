@@ -379,27 +379,26 @@ def _icl_runs(store: _Store, bar, model, tok, task: Task, queries, cfg: Experime
                         continue
                     bar.set_description(f"{task.name} ICL k={k} {retriever}")
                     if store.done(key) is None:
-                        train, _ = _splits(task, n, cfg.n_val, seed)
-                        t0 = time.perf_counter()
-                        acc, tokens, cut = _evaluate(
-                            lm, tok, task, train, queries, k, retriever if k else "random", seed
-                        )
-                        store.add(
-                            key,
-                            {
-                                "task": task.name,
-                                "kind": "icl",
-                                "k": k,
-                                "retriever": retriever,
-                                "n": None if k == 0 else n,
-                                "seed": seed,
-                                "split": "test",
-                                "accuracy": acc,
-                                "tokens_per_question": tokens,
-                                "truncated": cut,
-                                "eval_seconds": time.perf_counter() - t0,
-                            },
-                        )
+                        record = {
+                            "task": task.name,
+                            "kind": "icl",
+                            "k": k,
+                            "retriever": retriever,
+                            "n": None if k == 0 else n,
+                            "seed": seed,
+                            "split": "test",
+                        }
+                        try:  # k = 0 shows no demonstration: it needs no training examples
+                            train = list(task.pool) if k == 0 else _splits(task, n, cfg.n_val, seed)[0]
+                        except ValueError as e:
+                            store.add(key, {**record, "skipped": str(e)})
+                        else:
+                            t0 = time.perf_counter()
+                            acc, tokens, cut = _evaluate(
+                                lm, tok, task, train, queries, k, retriever if k else "random", seed
+                            )
+                            record.update(accuracy=acc, tokens_per_question=tokens, truncated=cut)
+                            store.add(key, {**record, "eval_seconds": time.perf_counter() - t0})
                     bar.update()
 
 
