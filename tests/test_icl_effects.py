@@ -149,3 +149,15 @@ def test_generation_tasks_are_refused_by_name(tiny):
         fx.run_effect("flipped_labels", model, tok, fx.EffectConfig(tasks=("addition",)), None, progress=False)
     with pytest.raises(ValueError, match="unknown effect 'flip'"):
         fx.run_effect("flip", model, tok)
+
+
+def test_cli_names_unknown_experiments_and_misplaced_options(capsys):
+    from ferrolm import cli
+
+    assert cli.main(["icl", "experiment", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment 'bogus'; choose from regression, recall, induction, fewshot, label_correctness" in err
+    assert cli.main(["icl", "experiment", "regression", "--model", "smollm2"]) == 2
+    assert "--model and --tasks go with label_correctness, flipped_labels, order" in capsys.readouterr().err
+    assert cli.main(["icl", "experiment", "order", "--tasks", "parity,nope"]) == 2
+    assert "unknown ICL task 'nope'" in capsys.readouterr().err

@@ -450,6 +450,9 @@ def _cmd_icl_experiment(args: argparse.Namespace) -> int:
         print(effects.markdown(res))
         print(f"wrote {Path(args.results) / ('icl_' + args.name + '.json')}, .md and .png")
         return 0
+    if args.name != "all" and args.name not in science.EXPERIMENTS:
+        names = ", ".join([*science.EXPERIMENTS, *effects.EFFECTS])
+        raise ValueError(f"unknown experiment {args.name!r}; choose from {names} or 'all'")
     if args.model or args.tasks:
         raise ValueError(
             f"--model and --tasks go with {', '.join(effects.EFFECTS)}; {args.name!r} trains its own models"
@@ -721,11 +724,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_icl_eval)
     ex = isub.add_parser(
         "experiment",
-        help="the ICL science suite: train small models and reproduce an ICL result (GPT vs LSTM)",
+        help="the ICL science suite: train small models and reproduce an ICL result (GPT vs LSTM), or measure an "
+        "ICL effect on a real model",
         description="Experiments: regression (in-context linear regression, Garg et al. 2022), "
         "recall (multi-query associative recall, Arora et al. 2023), induction (induction heads, Olsson et al. 2022), "
         "fewshot (arbitrary-label few-shot classification, bursty vs uniform data, in the spirit of Chan et al. 2022), "
-        "or all. Writes icl_NAME.json "
+        "or all; and on a real model (--model, default smollm2): label_correctness (random vs gold demonstration "
+        "labels, Min et al. 2022), flipped_labels (flipped and unrelated labels, Wei et al. 2023), order "
+        "(demonstration order with and without calibration, Lu et al. 2022). Writes icl_NAME.json "
         "and icl_NAME.png into --results and prints a table.",
     )
     ex.add_argument(
