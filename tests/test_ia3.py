@@ -311,6 +311,30 @@ def test_bad_adapters_are_refused_and_leave_the_model_untouched(tmp_path):
         load_ia3(model, d)
 
 
+def test_given_targets_keep_the_family_feedforward_layers(tmp_path):
+    model = Llama.from_hf(_hf()).eval()
+    names = apply_ia3(model, target_modules=["v_proj", "mlp.down_proj"])
+    ff = sorted(n for n, m in model.named_modules() if isinstance(m, IA3Linear) and m.feedforward)
+    assert len(names) == 4 and ff == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    # as PEFT reads the same config
+    pm = peft.get_peft_model(
+        _hf(), peft.IA3Config(target_modules=["v_proj", "mlp.down_proj"], feedforward_modules=["mlp.down_proj"])
+    )
+    theirs = sorted(n for n, p in pm.named_parameters() if p.requires_grad)
+    assert [n.replace("base_model.model.", "").replace(".ia3_l.default", "") for n in theirs] == sorted(names)
+    _randomise(model, seed=9)
+    _randomise(pm, seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDX)[0], pm.eval()(IDX).logits, atol=1e-5, rtol=0)
+    # saved, it loads in PEFT, whose config wants feedforward_modules to be a subset of target_modules by name
+    save_ia3(model, tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert set(cfg["feedforward_modules"]) <= set(cfg["target_modules"])
+    again = peft.PeftModel.from_pretrained(_hf(), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDX).logits, model(IDX)[0], atol=1e-5, rtol=0)
+
+
 def test_apply_ia3_refuses_bad_arguments():
     model = Llama.from_hf(_hf()).eval()
     with pytest.raises(ValueError, match="match no nn.Linear; the model's linear layers are named"):

@@ -788,15 +788,15 @@ def apply_ia3(
             )
         target_modules = IA3_TARGETS[family][0]
     targets = _patterns(target_modules, "target_modules")
-    if feedforward_modules is None:  # the family's feed-forward layers among the targets
-        default_ff = IA3_TARGETS[family][1] if family else ()
-        feedforward_modules = [p for p in default_ff if p in targets]
-    ff = _patterns(feedforward_modules, "feedforward_modules")
     if any(isinstance(m, IA3Linear) for m in model.modules()):
         raise ValueError("the model already has (IA)³ layers")
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("the model has LoRA layers; LoRA and (IA)³ on one model are not supported")
     linears, chosen = _chosen_linears(model, targets)
+    if feedforward_modules is None:  # the family's feed-forward names that match a target layer
+        default_ff = IA3_TARGETS[family][1] if family else ()
+        feedforward_modules = [p for p in default_ff if any(_matches(n, [p]) for n in chosen)]
+    ff = _patterns(feedforward_modules, "feedforward_modules")
     loose = [n for n in linears if _matches(n, ff) and n not in chosen]
     if loose:
         raise ValueError(
@@ -858,11 +858,15 @@ def save_ia3(model: nn.Module, out_dir: PathLike) -> Path:
         tensors[f"base_model.model.{name}.ia3_l"] = v[None, :] if m.feedforward else v[:, None]
     chosen = [n for n, _ in layers]
     ff = [n for n, m in layers if m.feedforward]
+    targets = _peft_spec(model, cfg.get("target_modules", []), chosen)
+    ff_spec = _peft_spec(model, cfg.get("feedforward_modules", []), ff)
+    if not set(ff_spec) <= set(targets):  # PEFT's IA3Config wants the names themselves to be a subset
+        targets, ff_spec = sorted(chosen), sorted(ff)
     config = {
         "peft_type": "IA3",
         "task_type": "CAUSAL_LM",
-        "target_modules": _peft_spec(model, cfg.get("target_modules", []), chosen),
-        "feedforward_modules": _peft_spec(model, cfg.get("feedforward_modules", []), ff),
+        "target_modules": targets,
+        "feedforward_modules": ff_spec,
         "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
         "inference_mode": True,
         "init_ia3_weights": True,
