@@ -361,21 +361,55 @@ impl Bpe {
         if !whole_pieces {
             return Ok(bpe);
         }
-        // A token is a shortcut only if BPE reaches it from its own bytes; others (rare,
-        // unreachable tokens) go through the merge loop so the ids stay HF's.
+        bpe.whole = bpe.reachable_tokens();
+        Ok(bpe)
+    }
+
+    /// The whole-piece table of a `Merges` model: a token is a shortcut only if BPE reaches it
+    /// from its own bytes; others (rare, unreachable tokens) go through the merge loop so the
+    /// ids stay HF's.
+    fn reachable_tokens(&self) -> PieceMap {
         let mut whole = PieceMap::default();
         let mut scratch = Scratch::default();
         let mut out = Vec::new();
-        for (id, t) in bpe.tokens.iter().enumerate() {
+        for (id, t) in self.tokens.iter().enumerate() {
             let Some(t) = t else { continue };
             out.clear();
-            bpe.merge_piece(t, u64::MAX, &mut scratch, &mut out);
+            self.merge_piece(t, u64::MAX, &mut scratch, &mut out);
             if out.len() == 1 && out[0] == id as u32 {
                 whole.insert(t, id as u32);
             }
         }
-        bpe.whole = whole;
-        Ok(bpe)
+        whole
+    }
+
+    /// The same merges with merge `i` given rank `ranks[i]` instead of `i`: merges that share a
+    /// rank compete by position, leftmost first. llama.cpp's SentencePiece tokenizer ranks a
+    /// pair by its token's score, so tokens of equal score share a rank.
+    ///
+    /// Errors: a `Ranks` model, or `ranks` not one entry per merge.
+    pub fn with_merge_ranks(mut self, ranks: &[u32]) -> Result<Self> {
+        if self.rule != MergeRule::Merges || ranks.len() != self.merges.len() {
+            return Err(Error::value(format!(
+                "with_merge_ranks needs a merge-list model and one rank per merge ({} merges, {} \
+                 ranks given)",
+                self.merges.len(),
+                ranks.len()
+            )));
+        }
+        let mut pairs = FxHashMap::default();
+        for (&(a, b), &rank) in self.merges.iter().zip(ranks) {
+            if let Some(&v) = self.pairs.get(&pack(a, b)) {
+                // As in `from_merges_with`, a repeated pair keeps its last rank.
+                pairs.insert(pack(a, b), pack(rank, v as u32));
+            }
+        }
+        self.pairs = pairs;
+        if !self.ignore_merges && self.whole.len() > 0 {
+            self.whole = self.reachable_tokens();
+        }
+        self.uid = NEXT_UID.fetch_add(1, Ordering::Relaxed);
+        Ok(self)
     }
 
     /// Bytes without a token become `unk` (one per byte, or one per run with `fuse`) instead of
@@ -630,11 +664,12 @@ impl Bpe {
             parts[i].1 = self.pair(parts[i].0, parts[i + 1].0, max_rank);
         }
         loop {
-            // Leftmost minimum: ties go to the earliest pair, as in tiktoken and HF.
+            // Leftmost lowest rank: ties go to the earliest pair, as in tiktoken, HF and
+            // llama.cpp (whose tied merges share a rank but not a new id).
             let mut best = NONE;
             let mut at = 0;
             for (i, p) in parts.iter().enumerate() {
-                if p.1 < best {
+                if p.1 >> 32 < best >> 32 {
                     best = p.1;
                     at = i;
                 }
@@ -936,6 +971,27 @@ mod tests {
         out.clear();
         bpe.encode_piece(&[4; 200], &mut s, &mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn tied_merge_ranks_go_leftmost() {
+        let mut tokens: Vec<Option<Box<[u8]>>> =
+            (0..=255u8).map(|b| Some(vec![b].into_boxed_slice())).collect();
+        tokens.push(Some(b"bc".to_vec().into_boxed_slice())); // 256
+        tokens.push(Some(b"ab".to_vec().into_boxed_slice())); // 257
+        let merges = vec![(b'b' as u32, b'c' as u32), (b'a' as u32, b'b' as u32)];
+        let bpe = Bpe::from_merges(tokens, merges).unwrap();
+        let tied = bpe.clone().with_merge_ranks(&[0, 0]).unwrap();
+        let mut s = Scratch::default();
+        for n in [1usize, 100] {
+            let piece = b"abc".repeat(n);
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            bpe.encode_piece(&piece, &mut s, &mut a);
+            tied.encode_piece(&piece, &mut s, &mut b);
+            assert_eq!(a, [b'a' as u32, 256].repeat(n), "by rank: bc first");
+            assert_eq!(b, [257, b'c' as u32].repeat(n), "tied: the leftmost pair first");
+        }
+        assert!(bpe.with_merge_ranks(&[0]).is_err());
     }
 
     #[test]
