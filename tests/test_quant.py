@@ -6,6 +6,7 @@ bad input."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -350,3 +351,278 @@ def test_a_quantized_llama_exports_its_dequantized_weights_to_transformers():
     idx = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=idx).logits, f(idx)[0], rtol=1e-4, atol=1e-4)
+
+
+# ---- saving quantized models: GGUF and safetensors
+
+
+def _tiny_quantized_llama(**over):
+    from ferrolm.models import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=256, ff_size=512)
+    m = Llama(LlamaConfig(**{**cfg, **over})).eval()
+    quantize(m, "q4_k", include=["mlp"], head=None)  # K-quants in the MLP, Q4_1 in attention, Q6_K head
+    quantize(m, "q4_1", head="q6_k")
+    return m
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py ``permute`` (Q/K rows to interleaved rotary pairs), in numpy."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@needs_gguf
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_gguf_blocks_read_back_bit_identical_by_the_gguf_package(tmp_path, tie):
+    import gguf
+
+    m = _tiny_quantized_llama(tie_weights=tie)
+    path = tmp_path / "tiny.gguf"
+    m.save_gguf(path)
+    r = gguf.GGUFReader(str(path))
+    assert r.fields["general.architecture"].contents() == "llama"
+    assert r.fields["llama.attention.head_count_kv"].contents() == 2
+    got = {t.name: t for t in r.tensors}
+    assert ("output.weight" in got) is not tie
+    expect = {"token_embd.weight": m.model.embed_tokens}
+    if not tie:
+        expect["output.weight"] = m.lm_head
+    for i, layer in enumerate(m.model.layers):
+        a, mlp = layer.self_attn, layer.mlp
+        expect.update(
+            {
+                f"blk.{i}.attn_q.weight": a.q_proj,
+                f"blk.{i}.attn_k.weight": a.k_proj,
+                f"blk.{i}.attn_v.weight": a.v_proj,
+                f"blk.{i}.attn_output.weight": a.o_proj,
+                f"blk.{i}.ffn_gate.weight": mlp.gate_proj,
+                f"blk.{i}.ffn_up.weight": mlp.up_proj,
+                f"blk.{i}.ffn_down.weight": mlp.down_proj,
+            }
+        )
+    for name, mod in expect.items():
+        t = got[name]
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):
+            want = mod.qweight.numpy()
+            if ".attn_q." in name or ".attn_k." in name:
+                want = _llama_cpp_permute(want, 4 if ".attn_q." in name else 2)
+            assert t.tensor_type == gguf.GGMLQuantizationType[mod.qtype], name
+            n, k = (mod.out_features, mod.in_features) if isinstance(mod, QuantLinear) else mod.weight.shape
+            assert [int(x) for x in t.shape] == [k, n], name  # GGUF's dims: columns first
+            assert np.array_equal(np.asarray(t.data).reshape(want.shape), want), name
+            # and the gguf package decodes them to the layer's own dequantized weight (permuted alike)
+            deq = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(n, k)
+            ref = mod.weight.numpy()
+            if ".attn_q." in name or ".attn_k." in name:
+                ref = _llama_cpp_permute(ref, 4 if ".attn_q." in name else 2)
+            assert np.array_equal(deq, ref), name
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32
+            assert np.array_equal(np.asarray(t.data), mod.weight.detach().numpy()), name
+    assert np.array_equal(np.asarray(got["output_norm.weight"].data), m.model.norm.weight.detach().numpy())
+
+
+@needs_gguf
+@pytest.mark.parametrize("over", [{}, {"tie_weights": True}, {"attention_bias": True}, {"qkv_bias": True}])
+def test_save_gguf_then_from_gguf_gives_identical_logits(tmp_path, over):
+    from ferrolm.models import Llama
+
+    m = _tiny_quantized_llama(**over)
+    with torch.no_grad():
+        for p in m.parameters():  # biases away from zero, so a wrongly permuted bias shows
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / "tiny.gguf"
+    m.save_gguf(path)
+    r = Llama.from_gguf(path).eval()
+    for (ka, va), (kb, vb) in zip(m.state_dict().items(), r.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    idx = torch.randint(0, 96, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(m(idx)[0], r(idx)[0])
+    assert m.generate([[1, 2, 3]], 5, temperature=0) == r.generate([[1, 2, 3]], 5, temperature=0)
+
+
+@needs_gguf
+def test_save_gguf_keeps_rope_scaling_and_float_layers(tmp_path):
+    from ferrolm.models import Llama, LlamaConfig
+
+    torch.manual_seed(1)
+    for scaling in (
+        {"rope_type": "linear", "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ):
+        cfg = LlamaConfig(
+            vocab_size=64,
+            block_size=64,
+            n_layer=1,
+            n_head=2,
+            n_embd=64,
+            ff_size=64,
+            rope_theta=500000.0,
+            rope_scaling=scaling,
+        )
+        m = quantize(Llama(cfg).eval(), "q8_0", include=["mlp"], head=None)  # attention and head stay float
+        m.save_gguf(tmp_path / "r.gguf")
+        r = Llama.from_gguf(tmp_path / "r.gguf").eval()
+        assert r.config.rope_scaling == m.config.rope_scaling
+        assert isinstance(r.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+        idx = torch.randint(0, 64, (1, 40))
+        with torch.no_grad():
+            assert torch.equal(m(idx)[0], r(idx)[0])
+
+
+@needs_smollm2
+def test_smollm2_save_gguf_round_trip_keeps_the_files_bytes_and_tokenizer(tmp_path):
+    import gguf
+
+    from ferrolm import Tokenizer
+    from ferrolm.models import Llama, load
+    from ferrolm.models.llama import embedded_path
+
+    m = load("smollm2", layers=2).eval()
+    path = tmp_path / "smol2.gguf"
+    m.save_gguf(path)
+    r = Llama.from_gguf(path).eval()
+    idx = torch.tensor([[1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198]])
+    with torch.no_grad():
+        assert torch.equal(m(idx)[0], r(idx)[0])
+    # Every tensor written equals the shipped file's, byte for byte (Q/K permuted back as llama.cpp stores them).
+    orig = {t.name: t for t in gguf.GGUFReader(str(embedded_path("smollm2"))).tensors}
+    new = gguf.GGUFReader(str(path))
+    assert len(new.tensors) == 2 * 9 + 2
+    for t in new.tensors:
+        o = orig[t.name]
+        assert t.tensor_type == o.tensor_type and list(t.shape) == list(o.shape), t.name
+        assert np.array_equal(np.asarray(t.data), np.asarray(o.data)), t.name
+    ta, tb = Tokenizer.from_gguf(embedded_path("smollm2")), Tokenizer.from_gguf(path)
+    text = "Hello world! 123 <|im_start|>user\nünïcode"
+    assert tb.encode(text, allowed_special="all") == ta.encode(text, allowed_special="all")
+    assert (tb.chat_template, tb.bos_token_id, tb.eos_token_id) == (ta.chat_template, ta.bos_token_id, ta.eos_token_id)
+
+
+@needs_gguf
+def test_save_gguf_is_atomic_and_refuses_lora(tmp_path, monkeypatch):
+    import gguf
+
+    from ferrolm.finetune import apply_lora
+
+    m = _tiny_quantized_llama()
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"the previous file")
+
+    def boom(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        m.save_gguf(path)
+    assert path.read_bytes() == b"the previous file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary file left
+    monkeypatch.undo()
+    from ferrolm.models import GPT, GPTConfig
+    from ferrolm.quant import save_gguf
+
+    with pytest.raises(TypeError, match="save_gguf writes Llama-family models"):
+        save_gguf(GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)), path)
+    save_gguf(m, path)  # the function form
+    assert path.read_bytes()[:4] == b"GGUF"
+    apply_lora(m, r=2, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="has LoRA layers"):
+        m.save_gguf(path)
+
+
+def test_quantized_checkpoints_store_blocks_and_their_types(tmp_path):
+    from safetensors import safe_open
+
+    from ferrolm.models import GPT, GPTConfig, Llama, load_model
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=64, tie_weights=True)).eval()
+    for m in (_tiny_quantized_llama(), _tiny_quantized_llama(tie_weights=True), quantize(gpt, "q4_0")):
+        path = tmp_path / "q.safetensors"
+        m.save(path)
+        with safe_open(str(path), "pt") as f:
+            quant = json.loads(f.metadata()["quant"])
+            blocks = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".qweight")}
+        mods = {n: x for n, x in m.named_modules() if isinstance(x, (QuantLinear, QuantEmbedding))}
+        assert set(quant) == set(mods)
+        for name, mod in mods.items():
+            assert quant[name]["qtype"] == mod.qtype
+            assert quant[name]["shape"] == list(mod.weight.shape)
+            if f"{name}.qweight" in blocks:
+                assert blocks[f"{name}.qweight"].dtype == torch.uint8
+                assert torch.equal(blocks[f"{name}.qweight"], mod.qweight)
+        r = load_model(path).eval()
+        for name, mod in mods.items():
+            got = r.get_submodule(name)
+            assert type(got) is type(mod) and got.qtype == mod.qtype and torch.equal(got.qweight, mod.qweight)
+        idx = torch.randint(0, 64, (2, 9))
+        with torch.no_grad():
+            assert torch.equal(m(idx)[0], r(idx)[0])
+        if getattr(m.config, "tie_weights", False):
+            emb = next(x for x in r.modules() if isinstance(x, QuantEmbedding))
+            assert emb.qweight.data_ptr() == r.lm_head.qweight.data_ptr()  # tied blocks stay one tensor
+        if isinstance(m, Llama):
+            assert isinstance(r, Llama)
+
+
+def _rewrite(path, edit):
+    """Rewrites a checkpoint after ``edit(tensors, metadata)``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_quantized_checkpoint_errors_name_the_tensor(tmp_path):
+    from ferrolm.errors import FormatError
+    from ferrolm.models import load_model
+
+    m = _tiny_quantized_llama()
+    path = tmp_path / "q.safetensors"
+    name = "model.layers.1.self_attn.v_proj"
+
+    def retype(qtype):
+        def edit(tensors, meta):
+            q = json.loads(meta["quant"])
+            q[name]["qtype"] = qtype
+            meta["quant"] = json.dumps(q)
+
+        return edit
+
+    cases = [
+        (retype("Q3_X"), rf"tensor '{name}.qweight' has unknown block type 'Q3_X'; expected one of Q8_0"),
+        (
+            retype("Q8_0"),  # Q4_1 bytes read as Q8_0: 128 rows of 160 bytes vs 272
+            rf"tensor '{name}.qweight' holds 20480 bytes, but Q8_0 weights of shape \(128, 256\) take 34816",
+        ),
+        (
+            lambda t, meta: t.__setitem__(f"{name}.qweight", t[f"{name}.qweight"][:, :-1].contiguous()),
+            rf"tensor '{name}.qweight' holds 20352 bytes, but Q4_1 weights of shape \(128, 256\) take 20480",
+        ),
+        (
+            lambda t, meta: t.__setitem__(f"{name}.qweight", t[f"{name}.qweight"].view(torch.int8)),
+            rf"tensor '{name}.qweight' must hold uint8 blocks, got torch.int8",
+        ),
+        (lambda t, meta: t.pop(f"{name}.qweight"), rf"names '{name}.qweight', but the file has no such tensor"),
+        (
+            lambda t, meta: meta.__setitem__("quant", json.dumps({name: {"qtype": "Q4_1"}})),
+            rf"the quant metadata of '{name}.qweight' must be",
+        ),
+    ]
+    for edit, msg in cases:
+        m.save(path)
+        _rewrite(path, edit)
+        with pytest.raises(FormatError, match=msg):
+            load_model(path)
