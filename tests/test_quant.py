@@ -626,3 +626,118 @@ def test_quantized_checkpoint_errors_name_the_tensor(tmp_path):
         _rewrite(path, edit)
         with pytest.raises(FormatError, match=msg):
             load_model(path)
+
+
+# ---- float16 KV caches
+
+
+def test_decode_attention_reads_float16_caches_within_float16_rounding():
+    from ferrolm.kernels import decode_attention
+
+    torch.manual_seed(0)
+    B, H, Hk, L, D = 3, 4, 2, 70, 16
+    q = torch.randn(B, H, D)
+    k, v = torch.randn(B, Hk, L, D) * 2, torch.randn(B, Hk, L, D)
+    lens = [70, 1, 33]
+    k16, v16 = k.half(), v.half()
+    got = decode_attention(q, k16, v16, lens)
+    assert got.dtype == torch.float32
+    # float64 reference over the float16 values: only summation order separates them
+    kd, vd = k16.double().repeat_interleave(H // Hk, 1), v16.double().repeat_interleave(H // Hk, 1)
+    for b, n in enumerate(lens):
+        s = (q[b].double()[:, None] * kd[b, :, :n]).sum(-1) / D**0.5  # (H, n)
+        want = (s.softmax(-1)[..., None] * vd[b, :, :n]).sum(1)  # (H, D)
+        torch.testing.assert_close(got[b].double(), want, rtol=1e-5, atol=1e-5)
+    # and against the float32 cache: the float16 rounding of keys and values, no more
+    full = decode_attention(q, k, v, lens)
+    assert (got - full).abs().max() < 2e-2
+    # the fallback (autograd) converts the caches and agrees
+    qg = q.clone().requires_grad_(True)
+    torch.testing.assert_close(decode_attention(qg, k16, v16, lens).detach(), got, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="float32 q over float16 caches"):
+        decode_attention(q.double(), k16, v16, lens)
+
+
+def _tiny_float_llama():
+    from ferrolm.models import Llama, LlamaConfig
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=128, ff_size=256)
+    return Llama(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["float", "quantized"])
+def test_float16_kv_cache_generation_equals_float32(kind):
+    m = _tiny_float_llama()
+    with torch.no_grad():
+        for p in m.parameters():  # sharper next-token laws than the 0.02 init: no near-ties
+            if p.dim() > 1:
+                p.mul_(4.0)
+    if kind == "quantized":
+        quantize(m, "q8_0")
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    a = m.generate(prompts, 8, temperature=0)
+    b = m.generate(prompts, 8, temperature=0, kv_dtype=torch.float16)
+    c = m.generate(prompts, 8, temperature=0, kv_dtype=torch.float32)
+    assert a == b == c
+    state = m.start(2, 16, kv_dtype=torch.float16)
+    assert all(s.k.dtype == s.v.dtype == torch.float16 for s in state)
+    with torch.no_grad():
+        m.advance(state, torch.tensor([[5, 6, 7, 8, 9]] * 2))
+        m.step_logits(state, torch.tensor([[1], [2]]))
+    assert (state[0]._stepper is not None) == (kind == "quantized")  # the fused step runs on f16 caches
+
+
+def test_float16_kv_cache_logits_are_within_float16_tolerance_of_float64():
+    m = _tiny_float_llama()
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
+    with torch.no_grad():
+        want = m.double()(ids)[0][0, -1]  # the full float64 forward, no cache
+        m.float()
+        state = m.start(1, 16, kv_dtype=torch.float16)
+        m.advance(state, ids[:, :-1])
+        got = m.logits(m.advance(state, ids[:, -1:])[:, -1])[0]
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= 5e-3 * scale, (err, scale)
+    assert err > 0  # the cache really held float16 values
+
+
+def test_fused_step_on_float16_caches_equals_the_layer_by_layer_step():
+    """The Rust step writes and reads float16 caches as the torch layers do (round to nearest even)."""
+    from ferrolm.models.llama import _build_stepper
+
+    m = _tiny_float_llama()  # float weights: no activation rounding between the two paths
+    prompts = torch.tensor([[7, 8, 9, 10], [3, 4, 0, 0]])
+    lens = torch.tensor([4, 2])
+    fused, ref = m.start(2, 12, kv_dtype=torch.float16), m.start(2, 12, kv_dtype=torch.float16)
+    with torch.no_grad():
+        m.advance(fused, prompts, lens)
+        m.advance(ref, prompts, lens)
+        stepper = _build_stepper(m, fused)
+        for step in range(3):
+            nxt = [5 + step, 60 + step]
+            got = torch.from_numpy(stepper.step(nxt, fused[0].lengths.tolist(), 2))
+            for c in fused:
+                c.lengths = c.lengths + 1
+            want = m.logits(m.advance(ref, torch.tensor(nxt).view(2, 1))[:, -1])
+            # as the float32 test: a last-bit difference before the float16 rounding can move a value by one step
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-4)
+    for a, b in zip(fused, ref):
+        assert a.k.dtype == torch.float16
+        assert (a.k != b.k).float().mean() < 0.01 and (a.v != b.v).float().mean() < 0.01  # nearly all bit-equal
+        torch.testing.assert_close(a.k.float(), b.k.float(), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(a.v.float(), b.v.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_a_bad_kv_dtype_is_a_clear_error():
+    from ferrolm.models import LSTMConfig, LSTMLanguageModel
+
+    m = _tiny_float_llama()
+    with pytest.raises(TypeError, match="kv_dtype must be torch.float16 or torch.float32"):
+        m.generate([[1, 2]], 2, temperature=0, kv_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="kv_dtype must be torch.float16 or torch.float32"):
+        m.start(1, 8, kv_dtype=torch.int8)
+    lstm = LSTMLanguageModel(LSTMConfig(vocab_size=20, n_embd=8, hidden_size=8, num_layers=1))
+    with pytest.raises(TypeError, match="kv_dtype applies to models with a KV cache"):
+        lstm.generate([[1, 2]], 2, temperature=0, kv_dtype=torch.float16)

@@ -469,7 +469,7 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
 
         A model whose seven projections per layer are :class:`~ferrolm.quant.QuantLinear`
         (a GGUF model kept quantized, or :func:`ferrolm.quant.quantize`), in eval mode on CPU
-        float32 caches, runs the whole step in one Rust call (``_core.LlamaStepper``: every
+        float32 or float16 caches, runs the whole step in one Rust call (``_core.LlamaStepper``: every
         layer, attention over each row's cache, the head); any other model the layer-by-layer
         path (``logits(advance(...))``), with the same result up to float rounding.
         """
@@ -500,7 +500,9 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
 
         if self.training or len(state) != len(self.model.layers):
             return False
-        if any(c.k.dtype != torch.float32 or c.k.device.type != "cpu" for c in state):
+        if any(c.k.dtype != state[0].k.dtype or c.k.device.type != "cpu" for c in state):
+            return False
+        if state[0].k.dtype not in (torch.float32, torch.float16):
             return False
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
