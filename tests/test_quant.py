@@ -741,3 +741,108 @@ def test_a_bad_kv_dtype_is_a_clear_error():
     lstm = LSTMLanguageModel(LSTMConfig(vocab_size=20, n_embd=8, hidden_size=8, num_layers=1))
     with pytest.raises(TypeError, match="kv_dtype applies to models with a KV cache"):
         lstm.generate([[1, 2]], 2, temperature=0, kv_dtype=torch.float16)
+
+
+# ---- fuzzing the kernels at the Python boundary
+
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210}
+_SCALE_AT = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}
+
+
+def _random_blocks(rng, qtype: str, n: int, k: int, scale_bits) -> np.ndarray:
+    """Random bytes for every block of an (n, k) matrix, the f16 scale fields set to ``scale_bits``."""
+    raw = rng.integers(0, 256, size=(n, row_bytes(qtype, k)), dtype=np.uint8)
+    per = raw.reshape(n, -1, _BLOCK_BYTES[qtype])
+    for off in _SCALE_AT[qtype]:
+        bits = np.asarray(scale_bits(per.shape[:2]), dtype=np.uint16)
+        per[..., off : off + 2] = bits[..., None].view(np.uint8)
+    return raw
+
+
+@needs_gguf
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dequantize_handles_every_kind_of_f16_scale_as_the_gguf_package(qtype):
+    """Subnormal, the largest finite, zero and negative scales: the same values as llama.cpp's reference (the gguf
+    package). Infinite and NaN scales: non-finite values exactly where the reference has them (ferrolm's ``a·u + b``
+    form gives NaN where ``d·(q − 8)`` gives ±inf: blocks with such scales decode to nothing usable either way)."""
+    import gguf
+
+    rng = np.random.default_rng(11)
+    finite = np.array([0x0001, 0x03FF, 0x7BFF, 0xFBFF, 0x0000, 0x8000, 0x3C00, 0xB800], np.uint16)
+    n, k = 20, 512
+    blocks = _random_blocks(rng, qtype, n, k, lambda shape: rng.choice(finite, size=shape))
+    got = _core.quant_dequantize(blocks, n, k, qtype)
+    assert np.array_equal(got, gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]))
+    assert np.isfinite(got).all() and (got != 0).any()
+    every = np.concatenate([finite, np.array([0x7C00, 0xFC00, 0x7E00], np.uint16)])
+    blocks = _random_blocks(rng, qtype, n, k, lambda shape: rng.choice(every, size=shape))
+    got = _core.quant_dequantize(blocks, n, k, qtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype])
+    assert np.array_equal(np.isfinite(got), np.isfinite(want)) and not np.isfinite(got).all()
+    ok = np.isfinite(want)
+    assert np.array_equal(got[ok], want[ok])
+
+
+def test_products_on_every_path_agree_over_random_shapes_and_bytes():
+    """hypothesis: any block type, k up to a few thousand, m 1..20, n 1..70, random block bytes with f16 scales of
+    every finite kind; each forced path within float32 rounding of a float64 reference over the same values."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+    @hypothesis.given(
+        qtype=st.sampled_from(QTYPES),
+        blocks_per_row=st.integers(1, 12),
+        m=st.integers(1, 20),
+        n=st.integers(1, 70),
+        seed=st.integers(0, 2**32 - 1),
+    )
+    def check(qtype, blocks_per_row, m, n, seed):
+        rng = np.random.default_rng(seed)
+        k = blocks_per_row * VALUES[qtype] * (1 if VALUES[qtype] == 256 else 8)
+        finite = np.array([0x0001, 0x03FF, 0x7BFF, 0xFBFF, 0x0000, 0x2400, 0xA400, 0x1C00], np.uint16)
+        w = _random_blocks(rng, qtype, n, k, lambda shape: rng.choice(finite, size=shape))
+        x = (rng.standard_normal((m, k)) * 10.0 ** rng.integers(-8, 8, (m, 1))).astype(np.float32)
+        terms = _q8_rows(x).astype(np.float64)[:, None, :] * _core.quant_dequantize(w, n, k, qtype)[None]
+        want, bound = terms.sum(-1), np.abs(terms).sum(-1) * 2e-5 + 1e-30
+        for isa in PATHS:
+            got = _core.quant_matmul(x, w, n, k, qtype, 2, isa)
+            assert (np.abs(got - want) <= bound).all(), (qtype, isa, m, n, k)
+
+    check()
+
+
+def test_malformed_kernel_inputs_are_errors_not_crashes():
+    w = _core.quant_quantize(np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32), "Q8_0")
+    x = np.ones((2, 64), np.float32)
+    # byte lengths that disagree with the type and shape
+    for bad in (w[:, :-1].copy(), w.reshape(-1)[:-3].copy(), np.zeros(0, np.uint8)):
+        with pytest.raises(ValueError, match=r"Q8_0 weights of shape \(4, 64\) take 272 bytes"):
+            _core.quant_matmul(x, bad, 4, 64, "Q8_0", 1)
+        with pytest.raises(ValueError, match="take 272 bytes"):
+            _core.quant_dequantize(bad, 4, 64, "Q8_0")
+        with pytest.raises(ValueError, match="take 272 bytes"):
+            _core.quant_gather(bad, 4, 64, "Q8_0", np.zeros(1, np.int64))
+    with pytest.raises(ValueError, match="not a multiple of the block size 32"):
+        _core.quant_matmul(np.ones((2, 40), np.float32), w, 4, 40, "Q8_0", 1)
+    with pytest.raises(ValueError, match="unknown block type"):
+        _core.quant_matmul(x, w, 4, 64, "Q5_K", 1)
+    # misaligned: float32 activations at an odd byte offset (numpy allows such views)
+    odd = np.frombuffer(bytearray(x.nbytes + 1), dtype=np.float32, offset=1, count=x.size).reshape(x.shape)
+    assert not odd.flags.aligned
+    with pytest.raises(TypeError, match="x is not aligned to its 4-byte elements"):
+        _core.quant_matmul(odd, w, 4, 64, "Q8_0", 1)
+    # uint8 blocks have no alignment to keep: an offset view of the same bytes gives the same product
+    buf = np.frombuffer(bytearray(w.nbytes + 1), dtype=np.uint8, offset=1, count=w.size).reshape(w.shape)
+    buf[:] = w
+    assert np.array_equal(_core.quant_matmul(x, buf, 4, 64, "Q8_0", 1), _core.quant_matmul(x, w, 4, 64, "Q8_0", 1))
+    # a misaligned float16 cache
+    from ferrolm.kernels import decode_attention
+
+    k16 = np.frombuffer(bytearray(2 * 4 * 8 * 2 + 1), dtype=np.float16, offset=1, count=64).reshape(2, 1, 4, 8)
+    with pytest.raises(TypeError, match="k_cache is not aligned"):
+        _core.decode_attention(np.ones((2, 1, 8), np.float32), k16, k16, [4, 4], 0.3, 1)
+    assert decode_attention(
+        torch.ones(2, 1, 8), torch.zeros(2, 1, 4, 8).half(), torch.zeros(2, 1, 4, 8).half(), [4, 4]
+    ).shape == (2, 1, 8)

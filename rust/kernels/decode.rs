@@ -146,6 +146,10 @@ fn chunk<T: Float, K: KvElem<T>>(
     parts
 }
 
+/// [`chunk`] compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA (`simd::has_avx2_fma`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn chunk_avx2<T: Float, K: KvElem<T>>(

@@ -82,6 +82,14 @@ pub(super) fn array<'py, T: Element>(
     if !a.is_c_contiguous() {
         return Err(layout_error(name));
     }
+    // A slice of T must be aligned to T (numpy allows unaligned views: frombuffer at an offset).
+    if !(a.data() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        return Err(PyTypeError::new_err(format!(
+            "{name} is not aligned to its {}-byte elements (a view at an odd byte offset); pass a copy: \
+             numpy.require({name}, requirements='CA')",
+            std::mem::align_of::<T>()
+        )));
+    }
     Ok(a)
 }
 

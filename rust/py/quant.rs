@@ -259,9 +259,10 @@ fn cache_ptr<E: Element>(
     // Fails for a read-only array; the borrow is released at once (the stepper writes through
     // the raw pointer, during its own calls only).
     let writable = a.try_readwrite().is_ok();
-    if !a.is_c_contiguous() || !writable {
+    let aligned = (a.data() as usize).is_multiple_of(std::mem::align_of::<E>());
+    if !a.is_c_contiguous() || !writable || !aligned {
         return Err(PyTypeError::new_err(format!(
-            "{what} cache must be C-contiguous and writable"
+            "{what} cache must be C-contiguous, aligned and writable"
         )));
     }
     let shape = a.shape().to_vec();
