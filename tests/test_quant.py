@@ -537,6 +537,10 @@ def test_save_gguf_is_atomic_and_refuses_lora(tmp_path, monkeypatch):
     apply_lora(m, r=2, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="has LoRA layers"):
         m.save_gguf(path)
+    tied = _tiny_quantized_llama(tie_weights=True)
+    tied.lm_head = QuantLinear.from_linear(torch.nn.Linear(256, 96, bias=False), "q6_k")  # no longer the embedding
+    with pytest.raises(ValueError, match="tie_weights is set but lm_head differs from the token embedding"):
+        tied.save_gguf(path)
 
 
 def test_quantized_checkpoints_store_blocks_and_their_types(tmp_path):
@@ -680,6 +684,12 @@ def test_float16_kv_cache_generation_equals_float32(kind):
     b = m.generate(prompts, 8, temperature=0, kv_dtype=torch.float16)
     c = m.generate(prompts, 8, temperature=0, kv_dtype=torch.float32)
     assert a == b == c
+    if kind == "float":  # GPT's attention reads float16 caches too
+        from ferrolm.models import GPT, GPTConfig
+
+        torch.manual_seed(0)
+        g = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=64)).eval()
+        assert g.generate(prompts, 6, temperature=0) == g.generate(prompts, 6, temperature=0, kv_dtype=torch.float16)
     state = m.start(2, 16, kv_dtype=torch.float16)
     assert all(s.k.dtype == s.v.dtype == torch.float16 for s in state)
     with torch.no_grad():

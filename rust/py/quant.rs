@@ -375,8 +375,8 @@ impl LlamaStepper {
     /// Args: attention shape and RMSNorm eps; `inv_freq` (head_dim / 2,) float32; `embed` and
     /// `head` linear tuples `(array, qtype or None, n, k, bias or None)` (float arrays are
     /// float32 (n, k)); `norm` the final norm; `layers` a list of `(attn_norm, q, k, v, o,
-    /// ffn_norm, gate, up, down)`; `k_caches`/`v_caches` one float32 (B, Hk, capacity, D)
-    /// array per layer, written in place.
+    /// ffn_norm, gate, up, down)`; `k_caches`/`v_caches` one (B, Hk, capacity, D) array per
+    /// layer, float32 or float16 (all alike), written in place.
     #[new]
     #[allow(clippy::too_many_arguments)]
     fn new(

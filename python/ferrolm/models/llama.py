@@ -1056,6 +1056,19 @@ def _llama3_divisors(config: LlamaConfig) -> torch.Tensor:
     return div.float()
 
 
+def _same_weight(head: nn.Module, emb: nn.Module) -> bool:
+    """Whether the output layer holds the token embedding's values (blocks or floats)."""
+    a = getattr(head, "qweight", None)
+    b = getattr(emb, "qweight", None)
+    if (a is None) != (b is None):
+        return False
+    if a is None:
+        a, b = head.weight, emb.weight
+    elif getattr(head, "qtype", None) != getattr(emb, "qtype", None):
+        return False
+    return a is b or (a.shape == b.shape and (a.data_ptr() == b.data_ptr() or torch.equal(a, b)))
+
+
 def _write_gguf(model: "Llama", path: PathLike) -> None:
     """:meth:`Llama.save_gguf`."""
     try:
@@ -1072,6 +1085,11 @@ def _write_gguf(model: "Llama", path: PathLike) -> None:
             )
     c = model.config
     assert c.head_dim is not None and c.n_kv_head is not None
+    if c.tie_weights and not _same_weight(model.lm_head, model.model.embed_tokens):
+        raise ValueError(
+            "config.tie_weights is set but lm_head differs from the token embedding; GGUF stores one tensor for "
+            "both: tie them again or set tie_weights=False"
+        )
     arch = "qwen2" if c.qkv_bias else "llama"
     tensors: List[Tuple[str, Any, Optional[int]]] = []  # (gguf name, numpy array, ggml type or None)
 
