@@ -445,6 +445,20 @@ def test_save_gguf_then_from_gguf_gives_identical_logits(tmp_path, over):
 
 
 @needs_gguf
+@pytest.mark.parametrize("tie", [False, True])
+def test_transformers_gguf_loader_reads_what_save_gguf_writes(tmp_path, tie):
+    """An independent reader: transformers' GGUF loader (llama.cpp's metadata and Q/K layout, the gguf package's
+    dequantization) builds a model with the logits of this model's dequantized weights."""
+    transformers = pytest.importorskip("transformers")
+    m = _tiny_quantized_llama(tie_weights=tie)
+    m.save_gguf(tmp_path / "t.gguf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="t.gguf").eval()
+    idx = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=idx).logits, m.to_hf()(input_ids=idx).logits, rtol=0, atol=0)
+
+
+@needs_gguf
 def test_save_gguf_keeps_rope_scaling_and_float_layers(tmp_path):
     from ferrolm.models import Llama, LlamaConfig
 
