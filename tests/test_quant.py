@@ -498,7 +498,7 @@ def test_smollm2_save_gguf_round_trip_keeps_the_files_bytes_and_tokenizer(tmp_pa
     import gguf
 
     from ferrolm import Tokenizer
-    from ferrolm.models import Llama, load
+    from ferrolm.models import Llama, load, load_model
     from ferrolm.models.llama import embedded_path
 
     m = load("smollm2", layers=2).eval()
@@ -516,6 +516,12 @@ def test_smollm2_save_gguf_round_trip_keeps_the_files_bytes_and_tokenizer(tmp_pa
         o = orig[t.name]
         assert t.tensor_type == o.tensor_type and list(t.shape) == list(o.shape), t.name
         assert np.array_equal(np.asarray(t.data), np.asarray(o.data)), t.name
+    # and through a safetensors checkpoint: the same blocks, quantized layers rebuilt, the same logits
+    m.save(tmp_path / "smol2.safetensors")
+    c = load_model(tmp_path / "smol2.safetensors").eval()
+    assert isinstance(c.model.layers[1].mlp.down_proj, QuantLinear) and c.model.embed_tokens.qtype == "Q8_0"
+    with torch.no_grad():
+        assert torch.equal(m(idx)[0], c(idx)[0])
     ta, tb = Tokenizer.from_gguf(embedded_path("smollm2")), Tokenizer.from_gguf(path)
     text = "Hello world! 123 <|im_start|>user\nünïcode"
     assert tb.encode(text, allowed_special="all") == ta.encode(text, allowed_special="all")
