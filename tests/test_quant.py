@@ -625,7 +625,13 @@ def test_quantized_checkpoint_errors_name_the_tensor(tmp_path):
 
         return edit
 
+    def reshape(tensors, meta):
+        q = json.loads(meta["quant"])
+        q[name]["shape"] = [256, 128]  # the same byte count as (128, 256) in Q4_1
+        meta["quant"] = json.dumps(q)
+
     cases = [
+        (reshape, rf"tensor '{name}.qweight' is a linear of shape \(256, 128\), but the config's {name} is Linear"),
         (retype("Q3_X"), rf"tensor '{name}.qweight' has unknown block type 'Q3_X'; expected one of Q8_0"),
         (
             retype("Q8_0"),  # Q4_1 bytes read as Q8_0: 128 rows of 160 bytes vs 272
