@@ -222,6 +222,16 @@ def quant_isa() -> Tuple[str, List[str]]: ...
 # A linear layer for LlamaStepper: (array, qtype or None for float32, n, k, bias or None).
 _Linear = Tuple[np.ndarray, Optional[str], int, int, Optional[np.ndarray]]
 
+class QuantPacked:
+    def __init__(self, w: np.ndarray, n: int, k: int, qtype: str) -> None: ...
+    @staticmethod
+    def supports(qtype: str, n: int) -> bool: ...
+    @property
+    def shape(self) -> Tuple[int, int]: ...
+    @property
+    def qtype(self) -> str: ...
+    def matmul(self, x: np.ndarray, threads: int, isa: Optional[str] = None) -> np.ndarray: ...
+
 class LlamaStepper:
     def __init__(
         self,
@@ -236,6 +246,7 @@ class LlamaStepper:
         layers: Sequence[Tuple[Any, ...]],
         k_caches: Sequence[np.ndarray],
         v_caches: Sequence[np.ndarray],
+        pack: bool = True,
     ) -> None: ...
     def step(
         self, tokens: Sequence[int], positions: Sequence[int], threads: int, isa: Optional[str] = None

@@ -116,12 +116,17 @@ def _quantize_tensor(w: torch.Tensor, qtype: str, name: str) -> torch.Tensor:
 #: on the integer kernels.
 DENSE_ROWS = 16
 
+#: Q8_0/Q4_0/Q4_1 layers with a multiple of 16 output rows keep a second copy of their blocks interleaved by 16 rows
+#: (``_core.QuantPacked``, built on first use, the same number of bytes), which the integer kernels read several
+#: times faster than GGUF's row-major blocks. Set to False to keep only the file's blocks.
+PACKED = True
+
 
 class _QuantMatmul(torch.autograd.Function):
     """y = x Wᵀ with W in blocks; the input gradient dequantizes W (one layer, transiently)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, blocks: torch.Tensor, n: int, k: int, qtype: str) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, blocks: torch.Tensor, n: int, k: int, qtype: str, packed=None) -> torch.Tensor:
         ctx.meta = (blocks, n, k, qtype)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
@@ -130,17 +135,21 @@ class _QuantMatmul(torch.autograd.Function):
         if x2.shape[0] >= DENSE_ROWS:
             y = x2.detach() @ dequantize(blocks, n, k, qtype).t()
             return y.to(x.dtype).reshape(*lead, n)
-        y = _core.quant_matmul(x2.detach().contiguous().numpy(), blocks.numpy(), n, k, qtype, num_threads())
+        xs = x2.detach().contiguous().numpy()
+        if packed is not None:
+            y = packed.matmul(xs, num_threads())
+        else:
+            y = _core.quant_matmul(xs, blocks.numpy(), n, k, qtype, num_threads())
         return torch.from_numpy(y).to(x.dtype).reshape(*lead, n)
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):
         blocks, n, k, qtype = ctx.meta
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         w = dequantize(blocks, n, k, qtype)
         gx = gy.reshape(-1, n).float() @ w
-        return gx.to(gy.dtype).reshape(*gy.shape[:-1], k), None, None, None, None
+        return gx.to(gy.dtype).reshape(*gy.shape[:-1], k), None, None, None, None, None
 
 
 class QuantLinear(nn.Module):
@@ -207,6 +216,31 @@ class QuantLinear(nn.Module):
         """The dequantized weight (float32, a fresh tensor: changing it changes nothing)."""
         return self.dequantized_weight()
 
+    def packed(self):
+        """The blocks interleaved by 16 rows (a ``_core.QuantPacked``), built on first use and
+        again whenever ``qweight`` changes; None when :data:`PACKED` is off or the layer's type
+        or row count has no interleaved kernels."""
+        if (
+            not PACKED
+            or self.qweight.device.type != "cpu"
+            or not _core.QuantPacked.supports(self.qtype, self.out_features)
+        ):
+            return None
+        key = (self.qweight.data_ptr(), self.qweight._version)
+        if self.__dict__.get("_packed_key") != key:
+            self.__dict__["_packed"] = _core.QuantPacked(
+                self.qweight.numpy(), self.out_features, self.in_features, self.qtype
+            )
+            self.__dict__["_packed_key"] = key
+        return self.__dict__["_packed"]
+
+    def __getstate__(self):
+        # The packed copy is rebuilt on first use (it cannot be pickled or deep-copied).
+        state = self.__dict__.copy()
+        state.pop("_packed", None)
+        state.pop("_packed_key", None)
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
@@ -215,7 +249,9 @@ class QuantLinear(nn.Module):
             return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         if not x.dtype.is_floating_point:
             raise TypeError(f"QuantLinear needs a floating-point input, got {x.dtype}")
-        y = _QuantMatmul.apply(x, self.qweight, self.out_features, self.in_features, self.qtype)
+        rows = x.numel() // self.in_features
+        packed = self.packed() if rows < DENSE_ROWS else None
+        y = _QuantMatmul.apply(x, self.qweight, self.out_features, self.in_features, self.qtype, packed)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

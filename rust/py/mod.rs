@@ -40,6 +40,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quant::quant_quantize, m)?)?;
     m.add_function(wrap_pyfunction!(quant::quant_isa, m)?)?;
     m.add_class::<quant::LlamaStepper>()?;
+    m.add_class::<quant::QuantPacked>()?;
     m.add_class::<data::ShardSink>()?;
     m.add_class::<retrieval::Bm25Index>()?;
     Ok(())

@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 use super::data::to2;
 use super::kernels::array;
 use crate::kernels::decode::KvElem;
+use crate::kernels::quant::packed::Packed;
 use crate::kernels::quant::{self, engine, Isa, QType};
 use crate::kernels::team;
 use crate::parallel;
@@ -90,6 +91,86 @@ pub fn quant_matmul<'py>(
         y
     });
     to2(py, y, m, n)
+}
+
+/// A weight matrix's blocks interleaved by 16 rows ([`Packed`]): the layout the batch-1 and
+/// few-row integer kernels read fastest. Built once per weight (a copy of its bytes).
+#[pyclass(frozen, module = "ferrolm._core")]
+pub struct QuantPacked(pub Packed);
+
+#[pymethods]
+impl QuantPacked {
+    /// Packs `w` (n, k in `qtype` blocks). ValueError when the type is not one of Q8_0,
+    /// Q4_0, Q4_1 or `n` is not a multiple of 16 (`QuantPacked.supports`).
+    #[new]
+    fn new(
+        py: Python<'_>,
+        w: &Bound<'_, PyAny>,
+        n: usize,
+        k: usize,
+        qtype: &str,
+    ) -> PyResult<Self> {
+        let qt = self::qtype(qtype)?;
+        let w = weights(w, n, k, qt)?;
+        let ws = w.as_slice()?;
+        let p = py.detach(|| Packed::new(qt, ws, n, k)).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "{} weights of {n} rows cannot be interleaved (Q8_0, Q4_0 or Q4_1 with a \
+                 multiple of 16 rows)",
+                qt.name()
+            ))
+        })?;
+        Ok(QuantPacked(p))
+    }
+
+    /// Whether weights of this type and row count can be packed.
+    #[staticmethod]
+    fn supports(qtype: &str, n: usize) -> PyResult<bool> {
+        Ok(Packed::supports(self::qtype(qtype)?, n))
+    }
+
+    #[getter]
+    fn shape(&self) -> (usize, usize) {
+        (self.0.n, self.0.k)
+    }
+
+    #[getter]
+    fn qtype(&self) -> &'static str {
+        self.0.qt.name()
+    }
+
+    /// `x (m, k) float32 · Wᵀ` -> (m, n) float32 (activations quantized to 8 bits per group
+    /// of 32), output rows split across `threads`.
+    #[pyo3(signature = (x, threads, isa=None))]
+    fn matmul<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        threads: usize,
+        isa: Option<&str>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let path = self::isa(isa)?;
+        let (n, k) = (self.0.n, self.0.k);
+        let x = array::<f32>("x", x)?;
+        let shape = x.shape();
+        if shape.len() != 2 || shape[1] != k {
+            return Err(PyValueError::new_err(format!(
+                "x must have shape (m, {k}), got {shape:?}"
+            )));
+        }
+        let m = shape[0];
+        let threads = parallel::resolve_threads(Some(threads));
+        let xs = x.as_slice()?;
+        let y = py.detach(|| {
+            let mut y = vec![0f32; m * n];
+            if m > 0 {
+                let acts = quant::QuantRows::new(xs, m, k, threads);
+                quant::packed::matmul(path, &self.0, &acts, threads, &mut y);
+            }
+            y
+        });
+        to2(py, y, m, n)
+    }
 }
 
 /// W (n, k in `qtype` blocks) -> float32 (n, k), rows split across `threads`.
@@ -206,6 +287,9 @@ struct LinDesc {
     n: usize,
     k: usize,
     bias: Option<(*const f32, usize)>,
+    /// The blocks interleaved by 16 rows for the batch-1 kernels (given with the weight, or
+    /// packed by the stepper).
+    packed: Option<Py<QuantPacked>>,
 }
 
 struct LayerDesc {
@@ -290,15 +374,21 @@ fn f32_array(
 
 /// `(array, qtype or None, n, k, bias or None)` -> a [`LinDesc`].
 fn lin_desc(keep: &mut Vec<Py<PyAny>>, name: &str, t: &Bound<'_, PyAny>) -> PyResult<LinDesc> {
-    let (arr, qt, n, k, bias): (
-        Bound<'_, PyAny>,
-        Option<String>,
-        usize,
-        usize,
-        Option<Bound<'_, PyAny>>,
-    ) = t.extract().map_err(|_| {
-        PyTypeError::new_err(format!("{name}: expected (array, qtype or None, n, k, bias or None)"))
-    })?;
+    let what = "(array, qtype or None, n, k, bias or None[, QuantPacked or None])";
+    let bad = || PyTypeError::new_err(format!("{name}: expected {what}"));
+    let parts: Vec<Bound<'_, PyAny>> = t.extract().map_err(|_| bad())?;
+    if parts.len() != 5 && parts.len() != 6 {
+        return Err(bad());
+    }
+    let arr = parts[0].clone();
+    let qt: Option<String> = parts[1].extract().map_err(|_| bad())?;
+    let (n, k): (usize, usize) =
+        (parts[2].extract().map_err(|_| bad())?, parts[3].extract().map_err(|_| bad())?);
+    let bias: Option<Bound<'_, PyAny>> = parts[4].extract().map_err(|_| bad())?;
+    let packed: Option<Py<QuantPacked>> = match parts.get(5) {
+        Some(p) if !p.is_none() => Some(p.extract().map_err(|_| bad())?),
+        _ => None,
+    };
     let bias = match bias {
         Some(b) => Some(f32_array(keep, &format!("{name} bias"), &b)?),
         None => None,
@@ -314,16 +404,29 @@ fn lin_desc(keep: &mut Vec<Py<PyAny>>, name: &str, t: &Bound<'_, PyAny>) -> PyRe
             (None, a.as_slice()?.as_ptr() as *const u8, a.len())
         }
     };
+    if let Some(p) = &packed {
+        let p = &p.get().0;
+        if Some(p.qt) != qt || (p.n, p.k) != (n, k) {
+            return Err(PyValueError::new_err(format!(
+                "{name}: the packed weight is {} ({}, {}), the blocks {} ({n}, {k})",
+                p.qt.name(),
+                p.n,
+                p.k,
+                qt.map_or("float32", |q| q.name())
+            )));
+        }
+    }
     keep.push(arr.unbind());
-    Ok(LinDesc { qt, ptr, len, n, k, bias })
+    Ok(LinDesc { qt, ptr, len, n, k, bias, packed })
 }
 
 /// # Safety
 /// `d` points into an array the stepper keeps alive, of `d.len` elements of its type.
-unsafe fn linear<'a>(d: &LinDesc) -> engine::Linear<'a> {
-    let w = match d.qt {
-        Some(qt) => engine::Weight::Q { w: std::slice::from_raw_parts(d.ptr, d.len), qt },
-        None => engine::Weight::F(std::slice::from_raw_parts(d.ptr as *const f32, d.len)),
+unsafe fn linear<'a>(d: &'a LinDesc) -> engine::Linear<'a> {
+    let w = match (&d.packed, d.qt) {
+        (Some(p), _) => engine::Weight::P(&p.get().0),
+        (None, Some(qt)) => engine::Weight::Q { w: std::slice::from_raw_parts(d.ptr, d.len), qt },
+        (None, None) => engine::Weight::F(std::slice::from_raw_parts(d.ptr as *const f32, d.len)),
     };
     let bias = d.bias.map(|(p, n)| std::slice::from_raw_parts(p, n));
     engine::Linear { w, n: d.n, k: d.k, bias }
@@ -376,10 +479,14 @@ impl LlamaStepper {
     /// `head` linear tuples `(array, qtype or None, n, k, bias or None)` (float arrays are
     /// float32 (n, k)); `norm` the final norm; `layers` a list of `(attn_norm, q, k, v, o,
     /// ffn_norm, gate, up, down)`; `k_caches`/`v_caches` one (B, Hk, capacity, D) array per
-    /// layer, float32 or float16 (all alike), written in place.
+    /// layer, float32 or float16 (all alike), written in place. With `pack` (the default) the
+    /// stepper keeps its own copy of the Q8_0/Q4_0/Q4_1 products' blocks interleaved by 16 rows
+    /// ([`Packed`]).
     #[new]
+    #[pyo3(signature = (n_head, n_kv_head, head_dim, eps, inv_freq, embed, norm, head, layers, k_caches, v_caches, pack=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         n_head: usize,
         n_kv_head: usize,
         head_dim: usize,
@@ -391,6 +498,7 @@ impl LlamaStepper {
         layers: Vec<Bound<'_, PyAny>>,
         k_caches: Vec<Bound<'_, PyAny>>,
         v_caches: Vec<Bound<'_, PyAny>>,
+        pack: bool,
     ) -> PyResult<Self> {
         let mut keep = Vec::new();
         let embed = lin_desc(&mut keep, "embedding", embed)?;
@@ -464,7 +572,7 @@ impl LlamaStepper {
         }
         let kv = if f16 { KvPtrs::F16(k16, v16) } else { KvPtrs::F32(k32, v32) };
         let (batch, capacity) = dims.unwrap_or((0, 0));
-        let s = LlamaStepper {
+        let mut s = LlamaStepper {
             keep,
             vocab: head.n,
             embed,
@@ -481,6 +589,22 @@ impl LlamaStepper {
             capacity,
         };
         s.model().check().map_err(PyValueError::new_err)?;
+        // The shapes are checked: interleave the blocks the batch-1 kernels read (the
+        // embedding keeps GGUF's rows, which its lookups dequantize one at a time).
+        let descs = s.layers.iter_mut().flat_map(|l| l.lin.iter_mut()).chain([&mut s.head]);
+        for d in descs {
+            match (pack, d.qt, &d.packed) {
+                (false, _, _) => d.packed = None,
+                (true, Some(qt), None) => {
+                    // SAFETY: `ptr`/`len` describe a u8 array kept alive in `keep`.
+                    let w = unsafe { std::slice::from_raw_parts(d.ptr, d.len) };
+                    if let Some(p) = py.detach(|| Packed::new(qt, w, d.n, d.k)) {
+                        d.packed = Some(Py::new(py, QuantPacked(p))?);
+                    }
+                }
+                _ => {}
+            }
+        }
         Ok(s)
     }
 

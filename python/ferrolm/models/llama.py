@@ -1260,15 +1260,21 @@ def load(name: str, layers: LayerRange = None, dtype: torch.dtype = torch.float3
     return Llama.from_gguf(embedded_path(name), layers=layers, dtype=dtype, dequantize=dequantize)
 
 
-def _build_stepper(model: "Llama", state: List[KVCache]):
-    """A ``_core.LlamaStepper`` over ``model``'s weights (numpy views, no copies) and ``state``."""
+def _build_stepper(model: "Llama", state: List[KVCache], pack: bool = True):
+    """A ``_core.LlamaStepper`` over ``model``'s weights (numpy views) and ``state``.
+
+    With ``pack`` the stepper reads the Q8_0/Q4_0/Q4_1 projections and head through their
+    layers' copies interleaved by 16 rows (:meth:`ferrolm.quant.QuantLinear.packed`; its
+    batch-1 kernels read them several times faster than GGUF's row-major blocks); without it,
+    GGUF's blocks as they are. Float weights are read in place."""
     from .. import _core
     from ..quant import QuantEmbedding, QuantLinear
 
     def lin(mod):
         bias = None if getattr(mod, "bias", None) is None else mod.bias.detach().contiguous().numpy()
         if isinstance(mod, (QuantLinear,)):
-            return (mod.qweight.numpy(), mod.qtype, mod.out_features, mod.in_features, bias)
+            packed = mod.packed() if pack else None
+            return (mod.qweight.numpy(), mod.qtype, mod.out_features, mod.in_features, bias, packed)
         w = mod.weight.detach().contiguous()
         return (w.numpy(), None, w.shape[0], w.shape[1], bias)
 
@@ -1309,4 +1315,5 @@ def _build_stepper(model: "Llama", state: List[KVCache]):
         layers,
         [s.k.numpy() for s in state],
         [s.v.numpy() for s in state],
+        pack=pack,
     )

@@ -65,6 +65,7 @@ impl Isa {
                 Isa::Avx2 => avx2,
                 Isa::Avx512Vnni => {
                     avx2 && is_x86_feature_detected!("avx512f")
+                        && is_x86_feature_detected!("avx512bw")
                         && is_x86_feature_detected!("avx512vl")
                         && is_x86_feature_detected!("avx512vnni")
                 }

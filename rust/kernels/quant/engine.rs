@@ -12,14 +12,17 @@
 //! quantization) is repeated on every thread on its own copy of the hidden state, which costs
 //! less than another barrier would.
 
+use super::packed::{self, Packed};
 use super::{dequantize_row, dot, Isa, QType, QuantRows};
 use crate::kernels::decode::{dot as dot_f32, KvElem};
 use crate::kernels::team::{self, Shared};
 
-/// A weight matrix (n rows of k values): GGUF blocks, or float32 rows.
+/// A weight matrix (n rows of k values): GGUF blocks, the same blocks interleaved by 16 rows
+/// ([`Packed`]), or float32 rows.
 #[derive(Clone, Copy)]
 pub enum Weight<'a> {
     Q { w: &'a [u8], qt: QType },
+    P(&'a Packed),
     F(&'a [f32]),
 }
 
@@ -81,6 +84,9 @@ impl Model<'_> {
             }
             let ok = match l.w {
                 Weight::Q { w, qt } => super::check(qt, n, k, w.len()).map(|_| ()),
+                Weight::P(p) => (p.n == n && p.k == k)
+                    .then_some(())
+                    .ok_or_else(|| format!("packed as ({}, {})", p.n, p.k)),
                 Weight::F(w) => (w.len() == n * k)
                     .then_some(())
                     .ok_or_else(|| format!("{} values, expected {}", w.len(), n * k)),
@@ -93,6 +99,9 @@ impl Model<'_> {
             }
             Ok(())
         };
+        if let Weight::P(_) = self.embed.w {
+            return Err("embedding: packed rows cannot be looked up".into());
+        }
         lin("embedding", &self.embed, self.embed.n, c)?;
         lin("head", &self.head, self.head.n, c)?;
         if self.norm.len() != c {
@@ -111,7 +120,7 @@ impl Model<'_> {
             if l.attn_norm.len() != c || l.ffn_norm.len() != c {
                 return Err(p("norm: wrong length"));
             }
-            if let (Weight::Q { .. }, true) = (l.q.w, !c.is_multiple_of(32)) {
+            if let (Weight::Q { .. } | Weight::P(_), true) = (l.q.w, !c.is_multiple_of(32)) {
                 return Err(p("width not a multiple of 32"));
             }
         }
@@ -130,17 +139,39 @@ fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
-/// Rows `rows` of `x (m × k) · Wᵀ` into `out (m × n)` (column j of every row).
+/// This thread's share of the columns of `x (m × k) · Wᵀ` into `out (m × n)`: thread `tid`
+/// of `threads` takes a contiguous run of output rows of W (whole 16-row groups when packed).
+#[allow(clippy::too_many_arguments)]
 fn linear_rows(
     l: &Linear<'_>,
     x: &[f32],
     xq: Option<&QuantRows>,
     m: usize,
-    rows: (usize, usize),
+    (tid, threads): (usize, usize),
     isa: Isa,
     out: &Shared<f32>,
 ) {
     let (n, k) = (l.n, l.k);
+    let align = if matches!(l.w, Weight::P(_)) { packed::ROWS } else { 1 };
+    let rows = team::share(n, tid, threads, align);
+    if let Weight::P(p) = l.w {
+        let acts = xq.expect("quantized activations");
+        for i in 0..m {
+            // SAFETY: columns rows.0..rows.1 of output row i are inside out (m × n) and this
+            // thread's alone.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(out.ptr().add(i * n + rows.0), rows.1 - rows.0)
+            };
+            let groups = (rows.0 / packed::ROWS, rows.1 / packed::ROWS);
+            packed::gemv(isa, p, acts.row(i), groups, o);
+            if let Some(bias) = l.bias {
+                for (v, b) in o.iter_mut().zip(&bias[rows.0..rows.1]) {
+                    *v += b;
+                }
+            }
+        }
+        return;
+    }
     for j in rows.0..rows.1 {
         let bias = l.bias.map_or(0.0, |b| b[j]);
         match l.w {
@@ -173,12 +204,13 @@ fn linear_rows(
                     unsafe { *out.ptr().add(i * n + j) = v + bias };
                 }
             }
+            Weight::P(_) => unreachable!("handled above"),
         }
     }
 }
 
 fn quantized(l: &Linear<'_>, x: &[f32], m: usize) -> Option<QuantRows> {
-    matches!(l.w, Weight::Q { .. }).then(|| QuantRows::new(x, m, l.k, 1))
+    matches!(l.w, Weight::Q { .. } | Weight::P(_)).then(|| QuantRows::new(x, m, l.k, 1))
 }
 
 /// (sin, cos) of `pos · inv_freq[i]` for each frequency (angles in f32, as transformers).
@@ -234,7 +266,7 @@ pub fn step<E: KvElem<f32>>(
     let tables: Vec<Vec<(f32, f32)>> = pos.iter().map(|&p| rope_table(p, m.inv_freq)).collect();
 
     team::run(threads, |tid, bar| {
-        let share = |n: usize| team::share(n, tid, threads, 1);
+        let me = (tid, threads);
         // Read a shared buffer after the barrier that ended its writes.
         // SAFETY (for every `view`): the buffers live until `run` returns, and every write to
         // them happened before the barrier this thread has passed.
@@ -249,6 +281,7 @@ pub fn step<E: KvElem<f32>>(
                     dequantize_row(qt, &w[t * rb..(t + 1) * rb], xr);
                 }
                 Weight::F(w) => xr.copy_from_slice(&w[t * c..(t + 1) * c]),
+                Weight::P(_) => unreachable!("the embedding is never packed"),
             }
         }
         let mut hbuf = vec![0f32; b * c];
@@ -259,9 +292,9 @@ pub fn step<E: KvElem<f32>>(
         for (li, l) in m.layers.iter().enumerate() {
             rmsnorm(&x, l.attn_norm, m.eps, &mut hbuf);
             let hq = quantized(&l.q, &hbuf, b);
-            linear_rows(&l.q, &hbuf, hq.as_ref(), b, share(h * d), isa, &q_p);
-            linear_rows(&l.k, &hbuf, hq.as_ref(), b, share(hk * d), isa, &k_p);
-            linear_rows(&l.v, &hbuf, hq.as_ref(), b, share(hk * d), isa, &v_p);
+            linear_rows(&l.q, &hbuf, hq.as_ref(), b, me, isa, &q_p);
+            linear_rows(&l.k, &hbuf, hq.as_ref(), b, me, isa, &k_p);
+            linear_rows(&l.v, &hbuf, hq.as_ref(), b, me, isa, &v_p);
             bar.wait();
             let (qs, ks, vs) =
                 (view(&q_p, b * h * d), view(&k_p, b * hk * d), view(&v_p, b * hk * d));
@@ -324,21 +357,21 @@ pub fn step<E: KvElem<f32>>(
             bar.wait();
             let att = view(&att_p, b * h * d);
             let aq = quantized(&l.o, att, b);
-            linear_rows(&l.o, att, aq.as_ref(), b, share(c), isa, &o_p);
+            linear_rows(&l.o, att, aq.as_ref(), b, me, isa, &o_p);
             bar.wait();
             for (xi, oi) in x.iter_mut().zip(view(&o_p, b * c)) {
                 *xi += oi;
             }
             rmsnorm(&x, l.ffn_norm, m.eps, &mut hbuf);
             let hq = quantized(&l.gate, &hbuf, b);
-            linear_rows(&l.gate, &hbuf, hq.as_ref(), b, share(f), isa, &gate_p);
-            linear_rows(&l.up, &hbuf, hq.as_ref(), b, share(f), isa, &up_p);
+            linear_rows(&l.gate, &hbuf, hq.as_ref(), b, me, isa, &gate_p);
+            linear_rows(&l.up, &hbuf, hq.as_ref(), b, me, isa, &up_p);
             bar.wait();
             for ((a, gv), uv) in act.iter_mut().zip(view(&gate_p, b * f)).zip(view(&up_p, b * f)) {
                 *a = gv / (1.0 + (-gv).exp()) * uv;
             }
             let aq = quantized(&l.down, &act, b);
-            linear_rows(&l.down, &act, aq.as_ref(), b, share(c), isa, &o_p);
+            linear_rows(&l.down, &act, aq.as_ref(), b, me, isa, &o_p);
             bar.wait();
             for (xi, oi) in x.iter_mut().zip(view(&o_p, b * c)) {
                 *xi += oi;
@@ -348,6 +381,6 @@ pub fn step<E: KvElem<f32>>(
         }
         rmsnorm(&x, m.norm, m.eps, &mut hbuf);
         let hq = quantized(&m.head, &hbuf, b);
-        linear_rows(&m.head, &hbuf, hq.as_ref(), b, share(vocab), isa, &logits_p);
+        linear_rows(&m.head, &hbuf, hq.as_ref(), b, me, isa, &logits_p);
     });
 }

@@ -19,6 +19,7 @@
 mod blocks;
 mod dot;
 pub mod engine;
+pub mod packed;
 
 pub use blocks::{dequantize_row, quantize_row};
 pub use dot::{group_sums, Isa};

@@ -163,6 +163,111 @@ fn empty_and_degenerate_calls_do_not_panic() {
     );
 }
 
+#[test]
+fn packed_rows_equal_the_reference_and_agree_bit_for_bit_across_paths() {
+    for qt in [QType::Q8_0, QType::Q4_0, QType::Q4_1] {
+        for (n, k, seed) in [(16, 32, 1u64), (48, 576, 2), (32, 1536, 3)] {
+            let w = random_weights(qt, n, k, seed);
+            let x = QuantRows::new(&random_x(2, k, seed + 10), 2, k, 1);
+            let p = packed::Packed::new(qt, &w, n, k).expect("supported");
+            for i in 0..2 {
+                let want = reference(qt, &x, &w, n);
+                let mut first: Option<Vec<f32>> = None;
+                for isa in paths() {
+                    // Every split into group ranges gives the same rows.
+                    let mut y = vec![0f32; n];
+                    let g = n / packed::ROWS;
+                    packed::gemv(isa, &p, x.row(i), (0, g / 2), &mut y[..g / 2 * 16]);
+                    packed::gemv(isa, &p, x.row(i), (g / 2, g), &mut y[g / 2 * 16..]);
+                    for (j, v) in y.iter().enumerate() {
+                        let r = want[i * n + j];
+                        let tol = 2e-5 * (1.0 + r.abs());
+                        assert!((*v as f64 - r).abs() < tol, "{qt:?} {isa:?} row {j}: {v} vs {r}");
+                    }
+                    match &first {
+                        None => first = Some(y),
+                        Some(f) => assert_eq!(
+                            f.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            "{qt:?} {isa:?} differs from the scalar path"
+                        ),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_matmul_rows_equal_the_one_row_product_bit_for_bit() {
+    for qt in [QType::Q8_0, QType::Q4_0, QType::Q4_1] {
+        let (m, n, k) = (7, 64, 320);
+        let w = random_weights(qt, n, k, 21);
+        let x = QuantRows::new(&random_x(m, k, 22), m, k, 1);
+        let p = packed::Packed::new(qt, &w, n, k).unwrap();
+        for isa in paths() {
+            for threads in [1, 2] {
+                let mut y = vec![0f32; m * n];
+                packed::matmul(isa, &p, &x, threads, &mut y);
+                for i in 0..m {
+                    let mut one = vec![0f32; n];
+                    packed::gemv(Isa::Scalar, &p, x.row(i), (0, n / 16), &mut one);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&y[i * n..(i + 1) * n]), bits(&one), "{qt:?} {isa:?} row {i}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn packing_refuses_what_it_cannot_interleave() {
+    let w = random_weights(QType::Q4_1, 24, 64, 1);
+    assert!(packed::Packed::new(QType::Q4_1, &w, 24, 64).is_none(), "24 rows: not whole groups");
+    let w = random_weights(QType::Q4K, 16, 256, 1);
+    assert!(packed::Packed::new(QType::Q4K, &w, 16, 256).is_none(), "Q4_K is not packed");
+}
+
+/// Timing of the batch-1 kernels, per type and path (not a test: `cargo test --release --
+/// --ignored --nocapture quant_speed`).
+#[test]
+#[ignore]
+fn quant_speed() {
+    let (n, k, reps) = (1536usize, 576usize, 400);
+    for qt in [QType::Q8_0, QType::Q4_0, QType::Q4_1] {
+        let w = random_weights(qt, n, k, 9);
+        let x = QuantRows::new(&random_x(1, k, 4), 1, k, 1);
+        let p = packed::Packed::new(qt, &w, n, k).unwrap();
+        let row = qt.row_bytes(k).unwrap();
+        for isa in paths() {
+            let mut y = vec![0f32; n];
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                for (j, v) in y.iter_mut().enumerate() {
+                    *v = dot::dot1(isa, qt, &w[j * row..(j + 1) * row], x.row(0));
+                }
+            }
+            let rows = t.elapsed().as_secs_f64() / reps as f64;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                packed::gemv(isa, &p, x.row(0), (0, n / 16), &mut y);
+            }
+            let pk = t.elapsed().as_secs_f64() / reps as f64;
+            let gb = |s: f64| w.len() as f64 / s / 1e9;
+            println!("{qt:?} {isa:?}: rows {:.2} GB/s, packed {:.2} GB/s", gb(rows), gb(pk));
+            let m = 64;
+            let xm = QuantRows::new(&random_x(m, k, 5), m, k, 1);
+            let mut ym = vec![0f32; m * n];
+            let t = std::time::Instant::now();
+            for _ in 0..reps / 8 {
+                packed::matmul(isa, &p, &xm, 1, &mut ym);
+            }
+            let s = t.elapsed().as_secs_f64() / (reps / 8) as f64;
+            println!("  m={m}: {:.1} GMAC/s", (m * n * k) as f64 / s / 1e9);
+        }
+    }
+}
+
 // ---- fuzzing: random shapes, random block bytes (every kind of f16 scale), every path
 
 /// f16 scale bits of every kind: ordinary, the largest finite, subnormal, zero, any normal, and
