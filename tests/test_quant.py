@@ -290,9 +290,11 @@ def test_lora_trains_on_the_quantized_base():
 
 
 @needs_smollm2
-def test_fused_step_equals_the_layer_by_layer_step():
-    """The whole-model Rust step on float weights (no activation rounding) against the torch
-    layers: ragged rows, several steps, caches written in place."""
+@pytest.mark.parametrize("isa", PATHS)
+def test_fused_step_equals_the_layer_by_layer_step(isa):
+    """The whole-model Rust step on float weights (no activation rounding; the float rows of
+    every ISA path) against the torch layers: ragged rows, several steps, caches written in
+    place."""
     from ferrolm.models import load
     from ferrolm.models.llama import _build_stepper
 
@@ -309,7 +311,7 @@ def test_fused_step_equals_the_layer_by_layer_step():
         stepper = _build_stepper(f, fused)
         for step in range(3):
             nxt = [5 + step, 100 + step, 2000 + step]
-            got = torch.from_numpy(stepper.step(nxt, fused[0].lengths.tolist(), 2))
+            got = torch.from_numpy(stepper.step(nxt, fused[0].lengths.tolist(), 2, isa))
             for c in fused:
                 c.lengths = c.lengths + 1
             want = f.logits(f.advance(ref, torch.tensor(nxt).view(3, 1))[:, -1])
@@ -795,7 +797,7 @@ def test_float16_kv_cache_generation_equals_float32(kind):
     with torch.no_grad():
         m.advance(state, torch.tensor([[5, 6, 7, 8, 9]] * 2))
         m.step_logits(state, torch.tensor([[1], [2]]))
-    assert (state[0]._stepper is not None) == (kind == "quantized")  # the fused step runs on f16 caches
+    assert state[0]._stepper is not None  # the fused step runs on f16 caches (float and quantized weights)
 
 
 def test_float16_kv_cache_logits_are_within_float16_tolerance_of_float64():

@@ -468,8 +468,9 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
         """Logits (B, V) of one new token per row ``idx`` (B, 1), appended to the caches.
 
         A model whose seven projections per layer are :class:`~ferrolm.quant.QuantLinear`
-        (a GGUF model kept quantized, or :func:`ferrolm.quant.quantize`), in eval mode on CPU
-        float32 or float16 caches, runs the whole step in one Rust call (``_core.LlamaStepper``: every
+        (a GGUF model kept quantized, or :func:`ferrolm.quant.quantize`) or plain float32
+        ``nn.Linear`` layers, in eval mode on CPU float32 or float16 caches, runs the whole step in
+        one Rust call (``_core.LlamaStepper``: every
         layer, attention over each row's cache, the head); any other model the layer-by-layer
         path (``logits(advance(...))``), with the same result up to float rounding.
         """
@@ -507,7 +508,7 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
             projs = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
-            if not all(isinstance(p, QuantLinear) for p in projs):
+            if not all(isinstance(p, QuantLinear) or _float_cpu_linear(p) for p in projs):
                 return False
             if not all(p.bias is None or p.bias.dtype == torch.float32 for p in projs):
                 return False
@@ -515,9 +516,7 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
         ok_emb = isinstance(emb, QuantEmbedding) or (
             isinstance(emb, nn.Embedding) and emb.weight.dtype == torch.float32 and emb.weight.device.type == "cpu"
         )
-        ok_head = isinstance(head, QuantLinear) or (
-            type(head) is nn.Linear and head.weight.dtype == torch.float32 and head.weight.device.type == "cpu"
-        )
+        ok_head = isinstance(head, QuantLinear) or _float_cpu_linear(head)
         return ok_emb and ok_head and self.model.norm.weight.dtype == torch.float32
 
     def _attention_layers(self) -> List[LlamaAttention]:
@@ -1258,6 +1257,11 @@ def load(name: str, layers: LayerRange = None, dtype: torch.dtype = torch.float3
         >>> model = load("smollm2")  # doctest: +SKIP
     """
     return Llama.from_gguf(embedded_path(name), layers=layers, dtype=dtype, dequantize=dequantize)
+
+
+def _float_cpu_linear(mod) -> bool:
+    """A plain float32 ``nn.Linear`` on the CPU (not a LoRA or other wrapper)."""
+    return type(mod) is nn.Linear and mod.weight.dtype == torch.float32 and mod.weight.device.type == "cpu"
 
 
 def _build_stepper(model: "Llama", state: List[KVCache], pack: bool = True):

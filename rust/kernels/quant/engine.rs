@@ -12,6 +12,7 @@
 //! quantization) is repeated on every thread on its own copy of the hidden state, which costs
 //! less than another barrier would.
 
+use super::fgemv;
 use super::packed::{self, Packed};
 use super::{dequantize_row, dot, Isa, QType, QuantRows};
 use crate::kernels::decode::{dot as dot_f32, KvElem};
@@ -172,6 +173,27 @@ fn linear_rows(
         }
         return;
     }
+    if let Weight::F(w) = l.w {
+        // Runs of 32 weight rows stay in cache while every input row passes over them.
+        let mut j0 = rows.0;
+        while j0 < rows.1 {
+            let j1 = (j0 + 32).min(rows.1);
+            for i in 0..m {
+                // SAFETY: columns j0..j1 of output row i are inside out (m × n) and this
+                // thread's alone.
+                let o =
+                    unsafe { std::slice::from_raw_parts_mut(out.ptr().add(i * n + j0), j1 - j0) };
+                fgemv::rows(isa, w, &x[i * k..(i + 1) * k], (j0, j1), o);
+                if let Some(bias) = l.bias {
+                    for (v, b) in o.iter_mut().zip(&bias[j0..j1]) {
+                        *v += b;
+                    }
+                }
+            }
+            j0 = j1;
+        }
+        return;
+    }
     for j in rows.0..rows.1 {
         let bias = l.bias.map_or(0.0, |b| b[j]);
         match l.w {
@@ -196,15 +218,7 @@ fn linear_rows(
                     i += 1;
                 }
             }
-            Weight::F(w) => {
-                let wrow = &w[j * k..(j + 1) * k];
-                for i in 0..m {
-                    let v = dot_f32(&x[i * k..(i + 1) * k], wrow);
-                    // SAFETY: as above.
-                    unsafe { *out.ptr().add(i * n + j) = v + bias };
-                }
-            }
-            Weight::P(_) => unreachable!("handled above"),
+            Weight::F(_) | Weight::P(_) => unreachable!("handled above"),
         }
     }
 }

@@ -19,6 +19,7 @@
 mod blocks;
 mod dot;
 pub mod engine;
+mod fgemv;
 pub mod packed;
 
 pub use blocks::{dequantize_row, quantize_row};
