@@ -103,6 +103,8 @@ pub struct QuantRows {
     /// Per group, 8 floats: `scale · sum / 4` of each half-group, each 4 times (the SIMD
     /// kernels add the offsets `b` in the same 8 lanes as the products, a quarter per lane).
     pub spread: Vec<f32>,
+    /// Per group, `scale · (sum of its 32 codes)`: the factor of a block's offset term.
+    pub gsum: Vec<f32>,
 }
 
 impl QuantRows {
@@ -118,11 +120,13 @@ impl QuantRows {
             scales: vec![0.0; m * groups],
             sums: vec![0; m * groups * 2],
             spread: vec![0.0; m * groups * 8],
+            gsum: vec![0.0; m * groups],
         };
         let qs = team::Shared(r.qs.as_mut_ptr());
         let sc = team::Shared(r.scales.as_mut_ptr());
         let su = team::Shared(r.sums.as_mut_ptr());
         let sp = team::Shared(r.spread.as_mut_ptr());
+        let gs = team::Shared(r.gsum.as_mut_ptr());
         let rows_per = 16usize;
         let items = m.div_ceil(rows_per);
         let threads = if m * k < 1 << 16 { 1 } else { threads };
@@ -131,16 +135,18 @@ impl QuantRows {
             for row in r0..r1 {
                 // SAFETY: each row's output ranges are disjoint and inside the vectors sized
                 // above; rows are handed out once.
-                let (q, s, u, p) = unsafe {
+                let (q, s, u, p, t) = unsafe {
                     (
                         std::slice::from_raw_parts_mut(qs.ptr().add(row * k), k),
                         std::slice::from_raw_parts_mut(sc.ptr().add(row * groups), groups),
                         std::slice::from_raw_parts_mut(su.ptr().add(row * groups * 2), groups * 2),
                         std::slice::from_raw_parts_mut(sp.ptr().add(row * groups * 8), groups * 8),
+                        std::slice::from_raw_parts_mut(gs.ptr().add(row * groups), groups),
                     )
                 };
                 quantize_activation_row(&x[row * k..(row + 1) * k], q, s, u);
                 for g in 0..groups {
+                    t[g] = s[g] * (u[2 * g] + u[2 * g + 1]) as f32;
                     for h in 0..2 {
                         p[8 * g + 4 * h..8 * g + 4 * h + 4].fill(s[g] * u[2 * g + h] as f32 * 0.25);
                     }
@@ -157,6 +163,7 @@ impl QuantRows {
             scales: &self.scales[i * g..(i + 1) * g],
             sums: &self.sums[i * g * 2..(i + 1) * g * 2],
             spread: &self.spread[i * g * 8..(i + 1) * g * 8],
+            gsum: &self.gsum[i * g..(i + 1) * g],
         }
     }
 }
@@ -168,6 +175,7 @@ pub struct ActRow<'a> {
     pub scales: &'a [f32],
     pub sums: &'a [i32],
     pub spread: &'a [f32],
+    pub gsum: &'a [f32],
 }
 
 fn quantize_activation_row(x: &[f32], q: &mut [i8], scales: &mut [f32], sums: &mut [i32]) {

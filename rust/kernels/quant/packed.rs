@@ -186,8 +186,7 @@ fn scalar_group(qt: QType, w: &[u8], x: ActRow<'_>, out: &mut [f32; ROWS]) {
     let mut acc2 = [0f32; ROWS];
     for (b, c) in w.chunks_exact(col).enumerate() {
         let q = &x.qs[32 * b..32 * b + 32];
-        let dx = x.scales[b];
-        let sx = dx * (x.sums[2 * b] + x.sums[2 * b + 1]) as f32;
+        let (dx, sx) = (x.scales[b], x.gsum[b]);
         for r in 0..ROWS {
             let mut s = 0i32;
             for ch in 0..cb / 4 {
@@ -289,7 +288,6 @@ mod vnni {
             for r in 0..R {
                 let xr = &x[r];
                 let q = xr.qs.as_ptr().add(32 * b);
-                let qsum = *xr.sums.get_unchecked(2 * b) + *xr.sums.get_unchecked(2 * b + 1);
                 let dx = *xr.scales.get_unchecked(b);
                 let mut s0 = _mm512_setzero_si512();
                 let mut s1 = _mm512_setzero_si512();
@@ -301,12 +299,14 @@ mod vnni {
                     s1 = _mm512_dpbusd_epi32(s1, u[2 * ch + 1], bcast(q.add(o1)));
                 }
                 if T == 0 {
+                    let qsum = *xr.sums.get_unchecked(2 * b) + *xr.sums.get_unchecked(2 * b + 1);
                     s0 = _mm512_sub_epi32(s0, _mm512_set1_epi32(128 * qsum));
                 }
                 let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
                 acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[r]);
                 if T != 0 {
-                    acc2[r] = _mm512_fmadd_ps(off, _mm512_set1_ps(dx * qsum as f32), acc2[r]);
+                    let sx = _mm512_set1_ps(*xr.gsum.get_unchecked(b));
+                    acc2[r] = _mm512_fmadd_ps(off, sx, acc2[r]);
                 }
             }
         }
@@ -350,8 +350,7 @@ mod avx2 {
         for b in 0..nb {
             let c = w.as_ptr().add(b * col);
             let q = x.qs.as_ptr().add(32 * b);
-            let qsum = *x.sums.get_unchecked(2 * b) + *x.sums.get_unchecked(2 * b + 1);
-            let dx = *x.scales.get_unchecked(b);
+            let (dx, sx) = (*x.scales.get_unchecked(b), *x.gsum.get_unchecked(b));
             for h in 0..2 {
                 let s = if T == 0 {
                     // Signed codes: |w| · sign(q, w) per byte pair; each pair's i16 sum is at
@@ -385,7 +384,7 @@ mod avx2 {
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(c.add(16 * h) as *const __m128i));
                 acc[h] = _mm256_fmadd_ps(s, _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc[h]);
                 if T != 0 {
-                    let sx = _mm256_set1_ps(dx * qsum as f32);
+                    let sx = _mm256_set1_ps(sx);
                     let off = if T == 2 {
                         _mm256_cvtph_ps(_mm_loadu_si128(c.add(32 + 16 * h) as *const __m128i))
                     } else {
