@@ -656,8 +656,14 @@ def test_save_gguf_is_atomic_and_refuses_lora(tmp_path, monkeypatch):
     save_gguf(m, path)  # the function form
     assert path.read_bytes()[:4] == b"GGUF"
     apply_lora(m, r=2, target_modules=["q_proj"])
-    with pytest.raises(ValueError, match="has LoRA layers"):
+    with pytest.raises(ValueError, match=r"has an adapter \(LoRALinear\); merge it"):
         m.save_gguf(path)
+    from ferrolm.finetune import apply_ia3
+
+    ia3 = _tiny_quantized_llama()
+    apply_ia3(ia3)
+    with pytest.raises(ValueError, match=r"has an adapter \(IA3Linear\); merge it"):
+        ia3.save_gguf(path)
     tied = _tiny_quantized_llama(tie_weights=True)
     tied.lm_head = QuantLinear.from_linear(torch.nn.Linear(256, 96, bias=False), "q6_k")  # no longer the embedding
     with pytest.raises(ValueError, match="tie_weights is set but lm_head differs from the token embedding"):

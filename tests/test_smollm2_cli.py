@@ -149,6 +149,36 @@ def test_finetune_lora_smollm2_writes_a_peft_adapter(tmp_path, capsys):
         assert (flt(idx)[0] - tuned).abs().max() <= 0.05 * tuned.abs().max()
 
 
+def test_finetune_ia3_smollm2_trains_on_the_quantized_base(tmp_path, capsys):
+    """(IA)³ on the file's quantized blocks: the adapter alone is written (PEFT's IA3 layout), and
+    it loads onto the quantized model (the trained logits) and onto the float model."""
+    from ferrolm.finetune import IA3Linear, load_ia3
+    from ferrolm.quant import QuantLinear
+
+    out = tmp_path / "ia3"
+    argv = ["finetune", "--model", "smollm2", "--layers", "2", "--method", "ia3", "--steps", "2", "--batch-size", "2"]
+    assert cli.main(argv + ["--seq-len", "32", "--lr", "0.05", "--checkpoint-interval", "0", "--out", str(out)]) == 0
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "IA3" and cfg["target_modules"] == ["down_proj", "k_proj", "v_proj"]
+    assert cfg["feedforward_modules"] == ["down_proj"] and not (out / "model.safetensors").exists()
+    idx = torch.tensor([[1, 2, 3, 4, 5]])
+    base = llama.load("smollm2", layers=2)
+    with torch.no_grad():
+        before = base(idx)[0]
+    assert len(load_ia3(base, out / "adapter")) == 2 * 3
+    layer = base.model.layers[0].self_attn.k_proj
+    assert isinstance(layer, IA3Linear) and isinstance(layer.base, QuantLinear)
+    assert (layer.ia3_l - 1).abs().max() > 1e-3  # trained away from ones
+    with torch.no_grad():
+        tuned = base(idx)[0]
+    assert (tuned - before).abs().max() > 1e-4
+    flt = llama.load("smollm2", layers=2, dequantize=True)
+    load_ia3(flt, out / "adapter")
+    with torch.no_grad():
+        # the same adapter on the float base: equal up to the base's 8-bit activation rounding
+        assert (flt(idx)[0] - tuned).abs().max() <= 0.05 * tuned.abs().max()
+
+
 def test_load_lm_takes_a_gguf_file_and_a_hf_llama_folder(tmp_path):
     from ferrolm.models import Llama, LlamaConfig
 

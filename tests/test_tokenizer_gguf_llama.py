@@ -137,3 +137,131 @@ def test_llama_gguf_bad_arrays(vocabulary, tmp_path):
         Tokenizer.from_gguf(_write(tmp_path / "a.gguf", tokens, scores[:-1], types))
     with pytest.raises(FormatError, match="token_type"):
         Tokenizer.from_gguf(_write(tmp_path / "b.gguf", tokens, scores, [NORMAL] * (len(tokens) - 1) + [9]))
+
+
+# ------------------------------------------------------------------ llama.cpp's own SPM tokenizer
+
+
+def _llama_cpp_spm(tokens, scores, types, text, add_space_prefix=True):
+    """llama.cpp's tokenizer for `model = llama` (`llm_tokenizer_spm_session` and the SPM branch of
+    `tokenize_impl` in src/llama-vocab.cpp), written from its source as an independent reference.
+
+    Control, user-defined and unknown tokens are cut out of the text longest first; a text
+    fragment that opens the text or follows such a token gets a " " prefix (add_space_prefix);
+    spaces become "▁"; then the symbols (chars) merge pairwise, the adjacent pair whose
+    concatenation is a token of highest score first, ties to the leftmost pair; a final symbol
+    that is not a token becomes its <0xXX> byte tokens.
+    """
+    import heapq
+
+    to_id = {t: i for i, t in reversed(list(enumerate(tokens)))}  # first of duplicate texts
+    specials = sorted(
+        (i for i, ty in enumerate(types) if ty in (CONTROL, USER_DEFINED, UNKNOWN)), key=lambda i: -len(tokens[i])
+    )
+    fragments = [text]
+    for sid in specials:
+        s, out = tokens[sid], []
+        for frag in fragments:
+            if not isinstance(frag, str):
+                out.append(frag)
+                continue
+            pos = 0
+            while (j := frag.find(s, pos)) >= 0:
+                if j > pos:
+                    out.append(frag[pos:j])
+                out.append(sid)
+                pos = j + len(s)
+            if pos < len(frag):
+                out.append(frag[pos:])
+        fragments = out
+
+    def session(text):
+        n = len(text)
+        start, size = list(range(n)), [1] * n
+        prev, nxt = [i - 1 for i in range(n)], [i + 1 if i + 1 < n else -1 for i in range(n)]
+        heap, rev = [], {}
+
+        def add(left, right):
+            if left < 0 or right < 0:
+                return
+            s = text[start[left] : start[left] + size[left] + size[right]]
+            if s in to_id:
+                heapq.heappush(heap, (-scores[to_id[s]], left, right, len(s)))
+                rev[s] = (left, right)
+
+        for i in range(1, n):
+            add(i - 1, i)
+        while heap:
+            _, left, right, total = heapq.heappop(heap)
+            if size[left] == 0 or size[right] == 0 or size[left] + size[right] != total:
+                continue
+            size[left] += size[right]
+            size[right] = 0
+            nxt[left] = nxt[right]
+            if nxt[right] >= 0:
+                prev[nxt[right]] = left
+            add(prev[left], left)
+            add(left, nxt[left])
+
+        def resegment(i):
+            s = text[start[i] : start[i] + size[i]]
+            if s in to_id:
+                return [to_id[s]]
+            if s in rev:
+                return resegment(rev[s][0]) + resegment(rev[s][1])
+            return [to_id[f"<0x{b:02X}>"] for b in s.encode()]
+
+        out, i = [], 0 if n else -1
+        while i != -1:
+            out += resegment(i)
+            i = nxt[i]
+        return out
+
+    ids, prev_special = [], True
+    for frag in fragments:
+        if not isinstance(frag, str):
+            ids.append(frag)
+            prev_special = True
+            continue
+        t = (" " if add_space_prefix and prev_special else "") + frag
+        ids += session(t.replace(" ", "▁"))
+        prev_special = False
+    return ids
+
+
+def _tied(scores, types, step):
+    """Scores rounded to multiples of `step` (0: all zero, as llama.cpp reads a file without scores)."""
+    return [(s // step * step if step else 0.0) if ty == NORMAL else s for s, ty in zip(scores, types)]
+
+
+@pytest.mark.parametrize("ties", ["none", "coarse", "all"])
+@pytest.mark.parametrize("add_space_prefix", [True, False])
+def test_llama_gguf_matches_llama_cpp(vocabulary, corpus_docs, ties, add_space_prefix, tmp_path):
+    """ids equal llama.cpp's SPM tokenizer, also where tokens share a score (the leftmost pair
+    merges first, where HF's merge list would order them by token id)."""
+    tokens, scores, types = vocabulary
+    scores = {"none": scores, "coarse": _tied(scores, types, 25.0), "all": _tied(scores, types, 0)}[ties]
+    tok = Tokenizer.from_gguf(_write(tmp_path / "m.gguf", tokens, scores, types, add_space_prefix))
+    texts = ADVERSARIAL + EXTRA + [d[:2000] for d in corpus_docs[80:110]] + ["ab" * 300, "x" * 500]
+    for t in texts:
+        want = _llama_cpp_spm(tokens, scores, types, t, add_space_prefix)
+        assert tok.encode(t, allowed_special="all") == want, repr(t[:80])
+
+
+def test_llama_gguf_without_scores_merges_leftmost_first(vocabulary, tmp_path):
+    """A file with no tokenizer.ggml.scores: llama.cpp gives every token score 0, so the
+    leftmost mergeable pair always merges first."""
+    tokens, scores, types = vocabulary
+    path = tmp_path / "noscores.gguf"
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = Tokenizer.from_gguf(path)
+    zero = [0.0] * len(tokens)
+    for t in ADVERSARIAL[:25] + EXTRA:
+        assert tok.encode(t, allowed_special="all") == _llama_cpp_spm(tokens, zero, types, t), repr(t[:80])

@@ -6,6 +6,7 @@ dependency (PyTorch) says which one."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -431,8 +432,31 @@ def _cmd_icl_eval_tasks(args: argparse.Namespace) -> int:
 
 
 def _cmd_icl_experiment(args: argparse.Namespace) -> int:
+    from .recipes import icl_effects as effects
     from .recipes import icl_science as science
 
+    if args.name in effects.EFFECTS:
+        from .recipes.icl_tasks import resolve_tasks
+        from .recipes.language_model import load_lm
+
+        tasks = resolve_tasks(args.tasks) if args.tasks else None
+        cfg = effects.EffectConfig.quick(tasks) if args.quick else effects.EffectConfig()
+        if tasks and not args.quick:
+            cfg = dataclasses.replace(cfg, tasks=tuple(tasks))
+        name = args.model or "smollm2"
+        model, tok = load_lm(name, args.tokenizer, layers=args.layers)
+        res = effects.run_effect(args.name, model, tok, cfg, args.results, model_name=name)
+        print(f"## {args.name} ({res['wall_seconds']:.0f} s)\n")
+        print(effects.markdown(res))
+        print(f"wrote {Path(args.results) / ('icl_' + args.name + '.json')}, .md and .png")
+        return 0
+    if args.name != "all" and args.name not in science.EXPERIMENTS:
+        names = ", ".join([*science.EXPERIMENTS, *effects.EFFECTS])
+        raise ValueError(f"unknown experiment {args.name!r}; choose from {names} or 'all'")
+    if args.model or args.tasks:
+        raise ValueError(
+            f"--model and --tasks go with {', '.join(effects.EFFECTS)}; {args.name!r} trains its own models"
+        )
     for res in science.run(args.name, args.results, quick=args.quick, seed=args.seed):
         print(f"## {res['experiment']} ({res['wall_seconds']:.0f} s)\n")
         print(science.markdown(res))
@@ -441,27 +465,45 @@ def _cmd_icl_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    if args.action == "experiment" and args.model:
+        from .recipes import icl_vs_finetune as exp
+        from .recipes.icl_tasks import resolve_tasks
+        from .recipes.language_model import load_lm
+
+        tasks = resolve_tasks(args.tasks) if args.tasks else None
+        cfg = exp.ExperimentConfig.quick(tasks) if args.quick else exp.ExperimentConfig()
+        if tasks and not args.quick:
+            cfg = dataclasses.replace(cfg, tasks=tuple(tasks))
+        model, tok = load_lm(args.model, args.tokenizer, layers=args.layers, dequantize=True)
+        # LoRA on the quantized base uses the file's own blocks when it has them (else q8_0 of the float model)
+        stored, _ = load_lm(args.model, args.tokenizer, layers=args.layers, dequantize=False)
+        quantized = stored if any(type(m).__name__ == "QuantLinear" for m in stored.modules()) else None
+        out = Path(args.out or args.results)
+        data = exp.run_experiment(model, tok, cfg, out, quantized=quantized, model_name=args.model)
+        print(exp.markdown(data), end="")
+        print(f"wrote {out / exp.RESULTS_FILE}, icl_vs_finetune.md, icl_vs_finetune.png")
+        return 0
     if args.action == "experiment":
         from .recipes.finetune_experiment import markdown, run_experiment
 
-        results = run_experiment(args.results, quick=args.quick, seed=args.seed)
+        results = run_experiment(args.out or args.results, quick=args.quick, seed=args.seed)
         print(markdown(results), end="")
-        print(f"wrote {Path(args.results) / 'finetune.md'}, finetune.json, finetune.png")
+        print(f"wrote {Path(args.out or args.results) / 'finetune.md'}, finetune.json, finetune.png")
         return 0
     if not args.method or not args.model:
         raise ValueError("ferrolm finetune needs --method and --model (or the 'experiment' action)")
     from .recipes.language_model import finetune_data, finetune_model, load_lm
 
-    # LoRA trains on the quantized base as the file stores it (QLoRA); the other methods
-    # change base weights or read the head's, so they get the float model.
-    model, tok = load_lm(args.model, args.tokenizer, layers=args.layers, dequantize=args.method != "lora")
+    # LoRA and (IA)³ train on the quantized base as the file stores it (QLoRA); the other
+    # methods change base weights or read the head's, so they get the float model.
+    model, tok = load_lm(args.model, args.tokenizer, layers=args.layers, dequantize=args.method not in ("lora", "ia3"))
     data = finetune_data(tok, args.data, args.input_key, args.output_key)
     result = finetune_model(
         model,
         tok,
         args.method,
         data,
-        args.out,
+        args.out or "runs/finetune",
         steps=args.steps,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
@@ -476,7 +518,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         resume=args.resume,
     )
     last = result.history[-1]["loss"] if result.history else float("nan")
-    print(f"{args.method}: step {result.step}, loss {last:.4f}; wrote {args.out}" + _interrupted(result.interrupted))
+    out = args.out or "runs/finetune"
+    print(f"{args.method}: step {result.step}, loss {last:.4f}; wrote {out}" + _interrupted(result.interrupted))
     return 130 if result.interrupted else 0
 
 
@@ -681,14 +724,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_icl_eval)
     ex = isub.add_parser(
         "experiment",
-        help="the ICL science suite: train small models and reproduce an ICL result (GPT vs LSTM)",
+        help="the ICL science suite: train small models and reproduce an ICL result (GPT vs LSTM), or measure an "
+        "ICL effect on a real model",
         description="Experiments: regression (in-context linear regression, Garg et al. 2022), "
         "recall (multi-query associative recall, Arora et al. 2023), induction (induction heads, Olsson et al. 2022), "
         "fewshot (arbitrary-label few-shot classification, bursty vs uniform data, in the spirit of Chan et al. 2022), "
-        "or all. Writes icl_NAME.json "
+        "or all; and on a real model (--model, default smollm2): label_correctness (random vs gold demonstration "
+        "labels, Min et al. 2022), flipped_labels (flipped and unrelated labels, Wei et al. 2023), order "
+        "(demonstration order with and without calibration, Lu et al. 2022). Writes icl_NAME.json "
         "and icl_NAME.png into --results and prints a table.",
     )
-    ex.add_argument("name", help="regression, recall, induction, fewshot or all")
+    ex.add_argument(
+        "name",
+        help="regression, recall, induction, fewshot or all; on a real model (--model, default smollm2): "
+        "label_correctness (Min et al. 2022), flipped_labels (Wei et al. 2023), order (Lu et al. 2022)",
+    )
+    ex.add_argument("--model", default=None, help="label_correctness / flipped_labels / order: the model")
+    ex.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)
+    ex.add_argument("--layers", type=_positive, default=None, help=argparse.SUPPRESS)
+    ex.add_argument(
+        "--tasks", default=None, help="label effects: comma-separated classification tasks of the ICL suite"
+    )
     ex.add_argument(
         "--quick", action="store_true", help="reduced sizes: every experiment in a few minutes (a smoke check)"
     )
@@ -698,25 +754,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser(
         "finetune",
-        help="lightweight fine-tuning of a ferrolm model (LoRA, BitFit, prompt tuning, head-only, full)",
+        help="lightweight fine-tuning of a ferrolm model (LoRA, (IA)3, BitFit, prompt tuning, head-only, full)",
         description="Fine-tunes a ferrolm checkpoint on text (default: the embedded ICL task rendered as text). "
-        "Writes model.safetensors (LoRA merged) and, for LoRA on a GPT or Llama, adapter/ in PEFT's layout.",
+        "Writes model.safetensors (LoRA / (IA)3 merged) and, for LoRA or (IA)3 on a GPT or Llama, adapter/ in "
+        "PEFT's layout.",
     )
     f.add_argument(
         "action",
         nargs="?",
         default="run",
         choices=["run", "experiment"],
-        help="run: fine-tune --model with --method; "
-        "experiment: the comparison of every method and ICL on the embedded task",
+        help="run: fine-tune --model with --method; experiment: with --model, ICL against every fine-tuning "
+        "method on the ICL task suite (n training examples x seeds, a learning-rate sweep, resumable); without, "
+        "the small GPT/LSTM comparison on the embedded task",
     )
-    f.add_argument("--method", default=None, choices=["lora", "bitfit", "prompt", "head", "full"])
+    f.add_argument("--method", default=None, choices=["lora", "ia3", "bitfit", "prompt", "head", "full"])
     f.add_argument(
         "--model", default=None, help="smollm2, a .gguf file, a `ferrolm train` folder or a .safetensors checkpoint"
     )
     f.add_argument("--layers", type=_positive, default=None, help=argparse.SUPPRESS)
-    f.add_argument("--results", default="docs/results", help="experiment: output folder for finetune.md/.json/.png")
+    f.add_argument("--results", default="docs/results", help="experiment: output folder (when --out is not given)")
     f.add_argument("--quick", action="store_true", help="experiment: tiny sizes (a smoke run)")
+    f.add_argument(
+        "--tasks",
+        default=None,
+        help="experiment --model: comma-separated ICL tasks (default: parity, article, "
+        "addition, number_english; --quick: parity, addition)",
+    )
     f.add_argument("--tokenizer", default=None)
     f.add_argument(
         "--data",
@@ -726,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("--input-key", default="input")
     f.add_argument("--output-key", default=None)
-    f.add_argument("--out", default="runs/finetune")
+    f.add_argument("--out", default=None, help="run: output folder (default runs/finetune); experiment: results folder")
     f.add_argument("--steps", type=_positive, default=200)
     f.add_argument("--batch-size", type=_positive, default=8)
     f.add_argument("--seq-len", type=_positive, default=128)
@@ -737,8 +801,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--targets",
         default=None,
-        help="LoRA target modules, comma-separated (default: a GPT's c_attn,c_proj,c_fc; a Llama's "
-        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)",
+        help="LoRA / (IA)3 target modules, comma-separated (LoRA default: a GPT's c_attn,c_proj,c_fc; a Llama's "
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; (IA)3 default: PEFT's, a Llama's "
+        "k_proj,v_proj,down_proj with down_proj's input scaled)",
     )
     f.add_argument("--virtual-tokens", type=_positive, default=16, help="prompt tuning: virtual tokens")
     f.add_argument("--checkpoint-interval", type=_count, default=100)

