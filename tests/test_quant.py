@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -454,3 +455,540 @@ def test_a_quantized_llama_exports_its_dequantized_weights_to_transformers():
     idx = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(hf(input_ids=idx).logits, f(idx)[0], rtol=1e-4, atol=1e-4)
+
+
+# ---- saving quantized models: GGUF and safetensors
+
+
+def _tiny_quantized_llama(**over):
+    from ferrolm.models import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=256, ff_size=512)
+    m = Llama(LlamaConfig(**{**cfg, **over})).eval()
+    quantize(m, "q4_k", include=["mlp"], head=None)  # K-quants in the MLP, Q4_1 in attention, Q6_K head
+    quantize(m, "q4_1", head="q6_k")
+    return m
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py ``permute`` (Q/K rows to interleaved rotary pairs), in numpy."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@needs_gguf
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_gguf_blocks_read_back_bit_identical_by_the_gguf_package(tmp_path, tie):
+    import gguf
+
+    m = _tiny_quantized_llama(tie_weights=tie)
+    path = tmp_path / "tiny.gguf"
+    m.save_gguf(path)
+    r = gguf.GGUFReader(str(path))
+    assert r.fields["general.architecture"].contents() == "llama"
+    assert r.fields["llama.attention.head_count_kv"].contents() == 2
+    got = {t.name: t for t in r.tensors}
+    assert ("output.weight" in got) is not tie
+    expect = {"token_embd.weight": m.model.embed_tokens}
+    if not tie:
+        expect["output.weight"] = m.lm_head
+    for i, layer in enumerate(m.model.layers):
+        a, mlp = layer.self_attn, layer.mlp
+        expect.update(
+            {
+                f"blk.{i}.attn_q.weight": a.q_proj,
+                f"blk.{i}.attn_k.weight": a.k_proj,
+                f"blk.{i}.attn_v.weight": a.v_proj,
+                f"blk.{i}.attn_output.weight": a.o_proj,
+                f"blk.{i}.ffn_gate.weight": mlp.gate_proj,
+                f"blk.{i}.ffn_up.weight": mlp.up_proj,
+                f"blk.{i}.ffn_down.weight": mlp.down_proj,
+            }
+        )
+    for name, mod in expect.items():
+        t = got[name]
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):
+            want = mod.qweight.numpy()
+            if ".attn_q." in name or ".attn_k." in name:
+                want = _llama_cpp_permute(want, 4 if ".attn_q." in name else 2)
+            assert t.tensor_type == gguf.GGMLQuantizationType[mod.qtype], name
+            n, k = (mod.out_features, mod.in_features) if isinstance(mod, QuantLinear) else mod.weight.shape
+            assert [int(x) for x in t.shape] == [k, n], name  # GGUF's dims: columns first
+            assert np.array_equal(np.asarray(t.data).reshape(want.shape), want), name
+            # and the gguf package decodes them to the layer's own dequantized weight (permuted alike)
+            deq = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(n, k)
+            ref = mod.weight.numpy()
+            if ".attn_q." in name or ".attn_k." in name:
+                ref = _llama_cpp_permute(ref, 4 if ".attn_q." in name else 2)
+            assert np.array_equal(deq, ref), name
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32
+            assert np.array_equal(np.asarray(t.data), mod.weight.detach().numpy()), name
+    assert np.array_equal(np.asarray(got["output_norm.weight"].data), m.model.norm.weight.detach().numpy())
+
+
+@needs_gguf
+@pytest.mark.parametrize("over", [{}, {"tie_weights": True}, {"attention_bias": True}, {"qkv_bias": True}])
+def test_save_gguf_then_from_gguf_gives_identical_logits(tmp_path, over):
+    from ferrolm.models import Llama
+
+    m = _tiny_quantized_llama(**over)
+    with torch.no_grad():
+        for p in m.parameters():  # biases away from zero, so a wrongly permuted bias shows
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / "tiny.gguf"
+    m.save_gguf(path)
+    r = Llama.from_gguf(path).eval()
+    for (ka, va), (kb, vb) in zip(m.state_dict().items(), r.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    idx = torch.randint(0, 96, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(m(idx)[0], r(idx)[0])
+    assert m.generate([[1, 2, 3]], 5, temperature=0) == r.generate([[1, 2, 3]], 5, temperature=0)
+
+
+@needs_gguf
+@pytest.mark.parametrize("tie", [False, True])
+def test_transformers_gguf_loader_reads_what_save_gguf_writes(tmp_path, tie):
+    """An independent reader: transformers' GGUF loader (llama.cpp's metadata and Q/K layout, the gguf package's
+    dequantization) builds a model with the logits of this model's dequantized weights."""
+    transformers = pytest.importorskip("transformers")
+    m = _tiny_quantized_llama(tie_weights=tie)
+    m.save_gguf(tmp_path / "t.gguf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="t.gguf").eval()
+    idx = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=idx).logits, m.to_hf()(input_ids=idx).logits, rtol=0, atol=0)
+
+
+@needs_gguf
+def test_save_gguf_keeps_rope_scaling_and_float_layers(tmp_path):
+    from ferrolm.models import Llama, LlamaConfig
+
+    torch.manual_seed(1)
+    for scaling in (
+        {"rope_type": "linear", "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ):
+        cfg = LlamaConfig(
+            vocab_size=64,
+            block_size=64,
+            n_layer=1,
+            n_head=2,
+            n_embd=64,
+            ff_size=64,
+            rope_theta=500000.0,
+            rope_scaling=scaling,
+        )
+        m = quantize(Llama(cfg).eval(), "q8_0", include=["mlp"], head=None)  # attention and head stay float
+        m.save_gguf(tmp_path / "r.gguf")
+        r = Llama.from_gguf(tmp_path / "r.gguf").eval()
+        assert r.config.rope_scaling == m.config.rope_scaling
+        assert isinstance(r.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+        idx = torch.randint(0, 64, (1, 40))
+        with torch.no_grad():
+            assert torch.equal(m(idx)[0], r(idx)[0])
+
+
+@needs_smollm2
+def test_smollm2_save_gguf_round_trip_keeps_the_files_bytes_and_tokenizer(tmp_path):
+    import gguf
+
+    from ferrolm import Tokenizer
+    from ferrolm.models import Llama, load, load_model
+    from ferrolm.models.llama import embedded_path
+
+    m = load("smollm2", layers=2).eval()
+    path = tmp_path / "smol2.gguf"
+    m.save_gguf(path)
+    r = Llama.from_gguf(path).eval()
+    idx = torch.tensor([[1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198]])
+    with torch.no_grad():
+        assert torch.equal(m(idx)[0], r(idx)[0])
+    # Every tensor written equals the shipped file's, byte for byte (Q/K permuted back as llama.cpp stores them).
+    orig = {t.name: t for t in gguf.GGUFReader(str(embedded_path("smollm2"))).tensors}
+    new = gguf.GGUFReader(str(path))
+    assert len(new.tensors) == 2 * 9 + 2
+    for t in new.tensors:
+        o = orig[t.name]
+        assert t.tensor_type == o.tensor_type and list(t.shape) == list(o.shape), t.name
+        assert np.array_equal(np.asarray(t.data), np.asarray(o.data)), t.name
+    # and through a safetensors checkpoint: the same blocks, quantized layers rebuilt, the same logits
+    m.save(tmp_path / "smol2.safetensors")
+    c = load_model(tmp_path / "smol2.safetensors").eval()
+    assert isinstance(c.model.layers[1].mlp.down_proj, QuantLinear) and c.model.embed_tokens.qtype == "Q8_0"
+    with torch.no_grad():
+        assert torch.equal(m(idx)[0], c(idx)[0])
+    ta, tb = Tokenizer.from_gguf(embedded_path("smollm2")), Tokenizer.from_gguf(path)
+    text = "Hello world! 123 <|im_start|>user\nünïcode"
+    assert tb.encode(text, allowed_special="all") == ta.encode(text, allowed_special="all")
+    assert (tb.chat_template, tb.bos_token_id, tb.eos_token_id) == (ta.chat_template, ta.bos_token_id, ta.eos_token_id)
+
+
+@needs_gguf
+def test_save_gguf_is_atomic_and_refuses_lora(tmp_path, monkeypatch):
+    import gguf
+
+    from ferrolm.finetune import apply_lora
+
+    m = _tiny_quantized_llama()
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"the previous file")
+
+    def boom(self, *a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        m.save_gguf(path)
+    assert path.read_bytes() == b"the previous file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary file left
+    monkeypatch.undo()
+    from ferrolm.models import GPT, GPTConfig
+    from ferrolm.quant import save_gguf
+
+    with pytest.raises(TypeError, match="save_gguf writes Llama-family models"):
+        save_gguf(GPT(GPTConfig(vocab_size=8, block_size=8, n_layer=1, n_head=1, n_embd=8)), path)
+    save_gguf(m, path)  # the function form
+    assert path.read_bytes()[:4] == b"GGUF"
+    apply_lora(m, r=2, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"has an adapter \(LoRALinear\); merge it"):
+        m.save_gguf(path)
+    from ferrolm.finetune import apply_ia3
+
+    ia3 = _tiny_quantized_llama()
+    apply_ia3(ia3)
+    with pytest.raises(ValueError, match=r"has an adapter \(IA3Linear\); merge it"):
+        ia3.save_gguf(path)
+    tied = _tiny_quantized_llama(tie_weights=True)
+    tied.lm_head = QuantLinear.from_linear(torch.nn.Linear(256, 96, bias=False), "q6_k")  # no longer the embedding
+    with pytest.raises(ValueError, match="tie_weights is set but lm_head differs from the token embedding"):
+        tied.save_gguf(path)
+
+
+def test_quantized_checkpoints_store_blocks_and_their_types(tmp_path):
+    from safetensors import safe_open
+
+    from ferrolm.models import GPT, GPTConfig, Llama, load_model
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=64, tie_weights=True)).eval()
+    for m in (_tiny_quantized_llama(), _tiny_quantized_llama(tie_weights=True), quantize(gpt, "q4_0")):
+        path = tmp_path / "q.safetensors"
+        m.save(path)
+        with safe_open(str(path), "pt") as f:
+            quant = json.loads(f.metadata()["quant"])
+            blocks = {k: f.get_tensor(k) for k in f.keys() if k.endswith(".qweight")}
+        mods = {n: x for n, x in m.named_modules() if isinstance(x, (QuantLinear, QuantEmbedding))}
+        assert set(quant) == set(mods)
+        for name, mod in mods.items():
+            assert quant[name]["qtype"] == mod.qtype
+            assert quant[name]["shape"] == list(mod.weight.shape)
+            if f"{name}.qweight" in blocks:
+                assert blocks[f"{name}.qweight"].dtype == torch.uint8
+                assert torch.equal(blocks[f"{name}.qweight"], mod.qweight)
+        r = load_model(path).eval()
+        for name, mod in mods.items():
+            got = r.get_submodule(name)
+            assert type(got) is type(mod) and got.qtype == mod.qtype and torch.equal(got.qweight, mod.qweight)
+        idx = torch.randint(0, 64, (2, 9))
+        with torch.no_grad():
+            assert torch.equal(m(idx)[0], r(idx)[0])
+        if getattr(m.config, "tie_weights", False):
+            emb = next(x for x in r.modules() if isinstance(x, QuantEmbedding))
+            assert emb.qweight.data_ptr() == r.lm_head.qweight.data_ptr()  # tied blocks stay one tensor
+        if isinstance(m, Llama):
+            assert isinstance(r, Llama)
+
+
+def _rewrite(path, edit):
+    """Rewrites a checkpoint after ``edit(tensors, metadata)``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors, meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_quantized_checkpoint_errors_name_the_tensor(tmp_path):
+    from ferrolm.errors import FormatError
+    from ferrolm.models import load_model
+
+    m = _tiny_quantized_llama()
+    path = tmp_path / "q.safetensors"
+    name = "model.layers.1.self_attn.v_proj"
+
+    def retype(qtype):
+        def edit(tensors, meta):
+            q = json.loads(meta["quant"])
+            q[name]["qtype"] = qtype
+            meta["quant"] = json.dumps(q)
+
+        return edit
+
+    def reshape(tensors, meta):
+        q = json.loads(meta["quant"])
+        q[name]["shape"] = [256, 128]  # the same byte count as (128, 256) in Q4_1
+        meta["quant"] = json.dumps(q)
+
+    cases = [
+        (reshape, rf"tensor '{name}.qweight' is a linear of shape \(256, 128\), but the config's {name} is Linear"),
+        (retype("Q3_X"), rf"tensor '{name}.qweight' has unknown block type 'Q3_X'; expected one of Q8_0"),
+        (
+            retype("Q8_0"),  # Q4_1 bytes read as Q8_0: 128 rows of 160 bytes vs 272
+            rf"tensor '{name}.qweight' holds 20480 bytes, but Q8_0 weights of shape \(128, 256\) take 34816",
+        ),
+        (
+            lambda t, meta: t.__setitem__(f"{name}.qweight", t[f"{name}.qweight"][:, :-1].contiguous()),
+            rf"tensor '{name}.qweight' holds 20352 bytes, but Q4_1 weights of shape \(128, 256\) take 20480",
+        ),
+        (
+            lambda t, meta: t.__setitem__(f"{name}.qweight", t[f"{name}.qweight"].view(torch.int8)),
+            rf"tensor '{name}.qweight' must hold uint8 blocks, got torch.int8",
+        ),
+        (lambda t, meta: t.pop(f"{name}.qweight"), rf"names '{name}.qweight', but the file has no such tensor"),
+        (
+            lambda t, meta: meta.__setitem__("quant", json.dumps({name: {"qtype": "Q4_1"}})),
+            rf"the quant metadata of '{name}.qweight' must be",
+        ),
+    ]
+    for edit, msg in cases:
+        m.save(path)
+        _rewrite(path, edit)
+        with pytest.raises(FormatError, match=msg):
+            load_model(path)
+
+
+# ---- float16 KV caches
+
+
+def test_decode_attention_reads_float16_caches_within_float16_rounding():
+    from ferrolm.kernels import decode_attention
+
+    torch.manual_seed(0)
+    B, H, Hk, L, D = 3, 4, 2, 70, 16
+    q = torch.randn(B, H, D)
+    k, v = torch.randn(B, Hk, L, D) * 2, torch.randn(B, Hk, L, D)
+    lens = [70, 1, 33]
+    k16, v16 = k.half(), v.half()
+    got = decode_attention(q, k16, v16, lens)
+    assert got.dtype == torch.float32
+    # float64 reference over the float16 values: only summation order separates them
+    kd, vd = k16.double().repeat_interleave(H // Hk, 1), v16.double().repeat_interleave(H // Hk, 1)
+    for b, n in enumerate(lens):
+        s = (q[b].double()[:, None] * kd[b, :, :n]).sum(-1) / D**0.5  # (H, n)
+        want = (s.softmax(-1)[..., None] * vd[b, :, :n]).sum(1)  # (H, D)
+        torch.testing.assert_close(got[b].double(), want, rtol=1e-5, atol=1e-5)
+    # and against the float32 cache: the float16 rounding of keys and values, no more
+    full = decode_attention(q, k, v, lens)
+    assert (got - full).abs().max() < 2e-2
+    # the fallback (autograd) converts the caches and agrees
+    qg = q.clone().requires_grad_(True)
+    torch.testing.assert_close(decode_attention(qg, k16, v16, lens).detach(), got, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="float32 q over float16 caches"):
+        decode_attention(q.double(), k16, v16, lens)
+
+
+def _tiny_float_llama():
+    from ferrolm.models import Llama, LlamaConfig
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=128, ff_size=256)
+    return Llama(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["float", "quantized"])
+def test_float16_kv_cache_generation_equals_float32(kind):
+    m = _tiny_float_llama()
+    with torch.no_grad():
+        for p in m.parameters():  # sharper next-token laws than the 0.02 init: no near-ties
+            if p.dim() > 1:
+                p.mul_(4.0)
+    if kind == "quantized":
+        quantize(m, "q8_0")
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    a = m.generate(prompts, 8, temperature=0)
+    b = m.generate(prompts, 8, temperature=0, kv_dtype=torch.float16)
+    c = m.generate(prompts, 8, temperature=0, kv_dtype=torch.float32)
+    assert a == b == c
+    if kind == "float":  # GPT's attention reads float16 caches too
+        from ferrolm.models import GPT, GPTConfig
+
+        torch.manual_seed(0)
+        g = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, n_embd=64)).eval()
+        assert g.generate(prompts, 6, temperature=0) == g.generate(prompts, 6, temperature=0, kv_dtype=torch.float16)
+    state = m.start(2, 16, kv_dtype=torch.float16)
+    assert all(s.k.dtype == s.v.dtype == torch.float16 for s in state)
+    with torch.no_grad():
+        m.advance(state, torch.tensor([[5, 6, 7, 8, 9]] * 2))
+        m.step_logits(state, torch.tensor([[1], [2]]))
+    assert state[0]._stepper is not None  # the fused step runs on f16 caches (float and quantized weights)
+
+
+def test_float16_kv_cache_logits_are_within_float16_tolerance_of_float64():
+    m = _tiny_float_llama()
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
+    with torch.no_grad():
+        want = m.double()(ids)[0][0, -1]  # the full float64 forward, no cache
+        m.float()
+        state = m.start(1, 16, kv_dtype=torch.float16)
+        m.advance(state, ids[:, :-1])
+        got = m.logits(m.advance(state, ids[:, -1:])[:, -1])[0]
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= 5e-3 * scale, (err, scale)
+    assert err > 0  # the cache really held float16 values
+
+
+def test_fused_step_on_float16_caches_equals_the_layer_by_layer_step():
+    """The Rust step writes and reads float16 caches as the torch layers do (round to nearest even)."""
+    from ferrolm.models.llama import _build_stepper
+
+    m = _tiny_float_llama()  # float weights: no activation rounding between the two paths
+    prompts = torch.tensor([[7, 8, 9, 10], [3, 4, 0, 0]])
+    lens = torch.tensor([4, 2])
+    fused, ref = m.start(2, 12, kv_dtype=torch.float16), m.start(2, 12, kv_dtype=torch.float16)
+    with torch.no_grad():
+        m.advance(fused, prompts, lens)
+        m.advance(ref, prompts, lens)
+        stepper = _build_stepper(m, fused)
+        for step in range(3):
+            nxt = [5 + step, 60 + step]
+            got = torch.from_numpy(stepper.step(nxt, fused[0].lengths.tolist(), 2))
+            for c in fused:
+                c.lengths = c.lengths + 1
+            want = m.logits(m.advance(ref, torch.tensor(nxt).view(2, 1))[:, -1])
+            # as the float32 test: a last-bit difference before the float16 rounding can move a value by one step
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-4)
+    for a, b in zip(fused, ref):
+        assert a.k.dtype == torch.float16
+        assert (a.k != b.k).float().mean() < 0.01 and (a.v != b.v).float().mean() < 0.01  # nearly all bit-equal
+        torch.testing.assert_close(a.k.float(), b.k.float(), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(a.v.float(), b.v.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_a_bad_kv_dtype_is_a_clear_error():
+    from ferrolm.models import LSTMConfig, LSTMLanguageModel
+
+    m = _tiny_float_llama()
+    with pytest.raises(TypeError, match="kv_dtype must be torch.float16 or torch.float32"):
+        m.generate([[1, 2]], 2, temperature=0, kv_dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="kv_dtype must be torch.float16 or torch.float32"):
+        m.start(1, 8, kv_dtype=torch.int8)
+    lstm = LSTMLanguageModel(LSTMConfig(vocab_size=20, n_embd=8, hidden_size=8, num_layers=1))
+    with pytest.raises(TypeError, match="kv_dtype applies to models with a KV cache"):
+        lstm.generate([[1, 2]], 2, temperature=0, kv_dtype=torch.float16)
+
+
+# ---- fuzzing the kernels at the Python boundary
+
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 144, "Q6_K": 210}
+_SCALE_AT = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}
+
+
+def _random_blocks(rng, qtype: str, n: int, k: int, scale_bits) -> np.ndarray:
+    """Random bytes for every block of an (n, k) matrix, the f16 scale fields set to ``scale_bits``."""
+    raw = rng.integers(0, 256, size=(n, row_bytes(qtype, k)), dtype=np.uint8)
+    per = raw.reshape(n, -1, _BLOCK_BYTES[qtype])
+    for off in _SCALE_AT[qtype]:
+        bits = np.asarray(scale_bits(per.shape[:2]), dtype=np.uint16)
+        per[..., off : off + 2] = bits[..., None].view(np.uint8)
+    return raw
+
+
+@needs_gguf
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dequantize_handles_every_kind_of_f16_scale_as_the_gguf_package(qtype):
+    """Subnormal, the largest finite, zero and negative scales: the same values as llama.cpp's reference (the gguf
+    package). Infinite and NaN scales: non-finite values exactly where the reference has them (ferrolm's ``a·u + b``
+    form gives NaN where ``d·(q − 8)`` gives ±inf: blocks with such scales decode to nothing usable either way)."""
+    import gguf
+
+    rng = np.random.default_rng(11)
+    finite = np.array([0x0001, 0x03FF, 0x7BFF, 0xFBFF, 0x0000, 0x8000, 0x3C00, 0xB800], np.uint16)
+    n, k = 20, 512
+    blocks = _random_blocks(rng, qtype, n, k, lambda shape: rng.choice(finite, size=shape))
+    got = _core.quant_dequantize(blocks, n, k, qtype)
+    assert np.array_equal(got, gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]))
+    assert np.isfinite(got).all() and (got != 0).any()
+    every = np.concatenate([finite, np.array([0x7C00, 0xFC00, 0x7E00], np.uint16)])
+    blocks = _random_blocks(rng, qtype, n, k, lambda shape: rng.choice(every, size=shape))
+    got = _core.quant_dequantize(blocks, n, k, qtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype])
+    assert np.array_equal(np.isfinite(got), np.isfinite(want)) and not np.isfinite(got).all()
+    ok = np.isfinite(want)
+    assert np.array_equal(got[ok], want[ok])
+
+
+def test_products_on_every_path_agree_over_random_shapes_and_bytes():
+    """hypothesis: any block type, k up to a few thousand, m 1..20, n 1..70, random block bytes with f16 scales of
+    every finite kind; each forced path within float32 rounding of a float64 reference over the same values."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+    @hypothesis.given(
+        qtype=st.sampled_from(QTYPES),
+        blocks_per_row=st.integers(1, 12),
+        m=st.integers(1, 20),
+        n=st.integers(1, 70),
+        seed=st.integers(0, 2**32 - 1),
+    )
+    def check(qtype, blocks_per_row, m, n, seed):
+        rng = np.random.default_rng(seed)
+        k = blocks_per_row * VALUES[qtype] * (1 if VALUES[qtype] == 256 else 8)
+        finite = np.array([0x0001, 0x03FF, 0x7BFF, 0xFBFF, 0x0000, 0x2400, 0xA400, 0x1C00], np.uint16)
+        w = _random_blocks(rng, qtype, n, k, lambda shape: rng.choice(finite, size=shape))
+        x = (rng.standard_normal((m, k)) * 10.0 ** rng.integers(-8, 8, (m, 1))).astype(np.float32)
+        terms = _q8_rows(x).astype(np.float64)[:, None, :] * _core.quant_dequantize(w, n, k, qtype)[None]
+        want, bound = terms.sum(-1), np.abs(terms).sum(-1) * 2e-5 + 1e-30
+        for isa in PATHS:
+            got = _core.quant_matmul(x, w, n, k, qtype, 2, isa)
+            assert (np.abs(got - want) <= bound).all(), (qtype, isa, m, n, k)
+
+    check()
+
+
+def test_malformed_kernel_inputs_are_errors_not_crashes():
+    w = _core.quant_quantize(np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32), "Q8_0")
+    x = np.ones((2, 64), np.float32)
+    # byte lengths that disagree with the type and shape
+    for bad in (w[:, :-1].copy(), w.reshape(-1)[:-3].copy(), np.zeros(0, np.uint8)):
+        with pytest.raises(ValueError, match=r"Q8_0 weights of shape \(4, 64\) take 272 bytes"):
+            _core.quant_matmul(x, bad, 4, 64, "Q8_0", 1)
+        with pytest.raises(ValueError, match="take 272 bytes"):
+            _core.quant_dequantize(bad, 4, 64, "Q8_0")
+        with pytest.raises(ValueError, match="take 272 bytes"):
+            _core.quant_gather(bad, 4, 64, "Q8_0", np.zeros(1, np.int64))
+    with pytest.raises(ValueError, match="not a multiple of the block size 32"):
+        _core.quant_matmul(np.ones((2, 40), np.float32), w, 4, 40, "Q8_0", 1)
+    with pytest.raises(ValueError, match="unknown block type"):
+        _core.quant_matmul(x, w, 4, 64, "Q5_K", 1)
+    # misaligned: float32 activations at an odd byte offset (numpy allows such views)
+    odd = np.frombuffer(bytearray(x.nbytes + 1), dtype=np.float32, offset=1, count=x.size).reshape(x.shape)
+    assert not odd.flags.aligned
+    with pytest.raises(TypeError, match="x is not aligned to its 4-byte elements"):
+        _core.quant_matmul(odd, w, 4, 64, "Q8_0", 1)
+    # uint8 blocks have no alignment to keep: an offset view of the same bytes gives the same product
+    buf = np.frombuffer(bytearray(w.nbytes + 1), dtype=np.uint8, offset=1, count=w.size).reshape(w.shape)
+    buf[:] = w
+    assert np.array_equal(_core.quant_matmul(x, buf, 4, 64, "Q8_0", 1), _core.quant_matmul(x, w, 4, 64, "Q8_0", 1))
+    # a misaligned float16 cache
+    from ferrolm.kernels import decode_attention
+
+    k16 = np.frombuffer(bytearray(2 * 4 * 8 * 2 + 1), dtype=np.float16, offset=1, count=64).reshape(2, 1, 4, 8)
+    with pytest.raises(TypeError, match="k_cache is not aligned"):
+        _core.decode_attention(np.ones((2, 1, 8), np.float32), k16, k16, [4, 4], 0.3, 1)
+    assert decode_attention(
+        torch.ones(2, 1, 8), torch.zeros(2, 1, 4, 8).half(), torch.zeros(2, 1, 4, 8).half(), [4, 4]
+    ).shape == (2, 1, 8)

@@ -22,6 +22,7 @@ accepted and regrouped the same way.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Iterable, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
@@ -148,6 +149,7 @@ def generate(
     stop_ids: Union[int, Iterable[int], None] = None,
     seed: Optional[int] = None,
     attention_mask: Optional[torch.Tensor] = None,
+    kv_dtype: Optional[torch.dtype] = None,
 ) -> List[List[int]]:
     """Continues each prompt by up to ``max_new_tokens`` tokens.
 
@@ -164,6 +166,9 @@ def generate(
         stop_ids: a row stops after emitting one of these ids (it is kept in the output).
         seed: seeds a private generator so the same call gives the same tokens; None uses
             torch's global RNG.
+        kv_dtype: the KV cache's dtype for models with one (GPT, Llama): torch.float16 (half
+            the cache memory and the bytes each step reads; keys and values rounded to float16)
+            or torch.float32; None: the model's dtype.
 
     Returns:
         The new tokens of each prompt (a list per prompt, without the prompt).
@@ -171,6 +176,8 @@ def generate(
     Raises:
         ValueError: empty prompts, ids outside the vocabulary, a prompt plus
             ``max_new_tokens`` longer than the model's window, bad sampling options.
+        TypeError: ``kv_dtype`` other than float16/float32, or given for a model without a
+            KV cache.
 
     Example:
         >>> from ferrolm.models import GPT, GPTConfig
@@ -192,6 +199,13 @@ def generate(
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    start_kw = {}
+    if kv_dtype is not None:
+        if "kv_dtype" not in inspect.signature(model.start).parameters:
+            raise TypeError(f"kv_dtype applies to models with a KV cache (GPT, Llama); {type(model).__name__} has none")
+        if kv_dtype not in (torch.float16, torch.float32):
+            raise TypeError(f"kv_dtype must be torch.float16 or torch.float32 (or None), got {kv_dtype!r}")
+        start_kw["kv_dtype"] = kv_dtype
     stops = (
         set() if stop_ids is None else ({int(stop_ids)} if isinstance(stop_ids, int) else {int(s) for s in stop_ids})
     )
@@ -224,7 +238,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        state = model.start(B, T + max_new_tokens)
+        state = model.start(B, T + max_new_tokens, **start_kw)
         h = model.advance(state, padded, lens)
         logits = model.logits(h[rows, lens.to(device) - 1])  # (B, V)
         done = [False] * B

@@ -25,14 +25,18 @@ Example:
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Tuple
+from typing import TYPE_CHECKING, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import _core
+from ._io import PathLike
 from .kernels._common import num_threads
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models.llama import Llama
 
 __all__ = [
     "QTYPES",
@@ -43,6 +47,7 @@ __all__ = [
     "dequantize",
     "row_bytes",
     "kernel_paths",
+    "save_gguf",
 ]
 
 #: The block types the kernels run, by their GGUF names.
@@ -364,3 +369,21 @@ def quantize(
             QuantEmbedding(emb.num_embeddings, emb.embedding_dim, head, blocks=new[head_name].qweight),
         )
     return model
+
+
+def save_gguf(model: "Llama", path: PathLike) -> None:
+    """Writes a (quantized) Llama-family model as a GGUF file, its blocks byte for byte; see
+    :meth:`ferrolm.models.Llama.save_gguf`.
+
+    Raises:
+        TypeError: ``model`` is not a :class:`ferrolm.models.Llama` (GGUF's ``llama``/``qwen2``
+            architectures are the ones ferrolm writes).
+    """
+    from .models.llama import Llama
+
+    if not isinstance(model, Llama):
+        raise TypeError(
+            f"save_gguf writes Llama-family models (ferrolm.models.Llama), got {type(model).__name__}; "
+            "save other models with model.save(path) (safetensors, blocks kept)"
+        )
+    model.save_gguf(path)

@@ -6,9 +6,49 @@
 //! the group. Each task keeps a partial (max, sum, weighted values) per query head over blocks
 //! of 32 keys (one rescale per block), and the partials are merged with their log-sum-exps.
 //! Compiled a second time with AVX2+FMA and chosen at run time.
+//!
+//! The caches may hold float16 ([`KvElem`]): each block of 32 keys and values is converted to
+//! f32 once (F16C through the `half` crate where the CPU has it, a scalar conversion elsewhere)
+//! and shared by the query heads of the group, so a float16 cache streams half the bytes.
 
 use super::Float;
 use crate::{Error, Result};
+use half::slice::HalfFloatSliceExt;
+
+/// An element of a KV cache read and written in float type `T`: `T` itself, or `half::f16`
+/// (converted to and from f32).
+pub trait KvElem<T>: Copy + Send + Sync + 'static {
+    /// `src` as `T` values: `src` itself, or its conversion written into `buf`.
+    fn view<'a>(src: &'a [Self], buf: &'a mut Vec<T>) -> &'a [T];
+    /// Stores `src` into `dst` (same length), rounding to the element type.
+    fn store(src: &[T], dst: &mut [Self]);
+}
+
+impl<T: Float> KvElem<T> for T {
+    #[inline(always)]
+    fn view<'a>(src: &'a [T], _buf: &'a mut Vec<T>) -> &'a [T] {
+        src
+    }
+
+    #[inline(always)]
+    fn store(src: &[T], dst: &mut [T]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl KvElem<f32> for half::f16 {
+    #[inline(always)]
+    fn view<'a>(src: &'a [half::f16], buf: &'a mut Vec<f32>) -> &'a [f32] {
+        buf.resize(src.len(), 0.0);
+        src.convert_to_f32_slice(buf);
+        buf
+    }
+
+    #[inline(always)]
+    fn store(src: &[f32], dst: &mut [half::f16]) {
+        dst.convert_from_f32_slice(src);
+    }
+}
 
 /// Shapes of a decode call: q `(B, Hq, D)`, caches `(B, Hk, L, D)` / `(B, Hk, L, Dv)`.
 #[derive(Debug, Clone, Copy)]
@@ -52,10 +92,10 @@ struct Partial<T> {
 }
 
 #[inline(always)]
-fn chunk<T: Float>(
+fn chunk<T: Float, K: KvElem<T>>(
     qs: &[&[T]],
-    k: &[T],
-    v: &[T],
+    k: &[K],
+    v: &[K],
     keys: (usize, usize),
     d: usize,
     dv: usize,
@@ -66,13 +106,17 @@ fn chunk<T: Float>(
     let mut parts: Vec<Partial<T>> =
         qs.iter().map(|_| Partial { m: neg_inf, l: T::ZERO, acc: vec![T::ZERO; dv] }).collect();
     let mut s = [T::ZERO; BLOCK];
+    let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
     let mut b0 = j0;
     while b0 < j1 {
         let b1 = (b0 + BLOCK).min(j1);
+        // This block's keys and values as T, indexed from b0 (converted once for the group).
+        let kb = K::view(&k[b0 * d..b1 * d], &mut kbuf);
+        let vb = K::view(&v[b0 * dv..b1 * dv], &mut vbuf);
         for (qh, part) in qs.iter().zip(parts.iter_mut()) {
             let mut bm = neg_inf;
             for j in b0..b1 {
-                let x = dot(qh, &k[j * d..(j + 1) * d]) * scale;
+                let x = dot(qh, &kb[(j - b0) * d..(j - b0 + 1) * d]) * scale;
                 s[j - b0] = x;
                 if x > bm {
                     bm = x;
@@ -92,7 +136,7 @@ fn chunk<T: Float>(
             part.l += T::exp_sub_sum(&mut s[..b1 - b0], m_new);
             for j in b0..b1 {
                 let p = s[j - b0];
-                for (a, &x) in part.acc.iter_mut().zip(&v[j * dv..(j + 1) * dv]) {
+                for (a, &x) in part.acc.iter_mut().zip(&vb[(j - b0) * dv..(j - b0 + 1) * dv]) {
                     *a += p * x;
                 }
             }
@@ -102,12 +146,16 @@ fn chunk<T: Float>(
     parts
 }
 
+/// [`chunk`] compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA (`simd::has_avx2_fma`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn chunk_avx2<T: Float>(
+unsafe fn chunk_avx2<T: Float, K: KvElem<T>>(
     qs: &[&[T]],
-    k: &[T],
-    v: &[T],
+    k: &[K],
+    v: &[K],
     keys: (usize, usize),
     d: usize,
     dv: usize,
@@ -121,6 +169,19 @@ pub fn decode<T: Float>(
     q: &[T],
     k: &[T],
     v: &[T],
+    lengths: &[usize],
+    sh: Shape,
+    scale: T,
+    threads: usize,
+) -> Result<Vec<T>> {
+    decode_kv(q, k, v, lengths, sh, scale, threads)
+}
+
+/// [`decode`] over caches of element type `K` (`T` itself, or float16 for f32 queries).
+pub fn decode_kv<T: Float, K: KvElem<T>>(
+    q: &[T],
+    k: &[K],
+    v: &[K],
     lengths: &[usize],
     sh: Shape,
     scale: T,
@@ -256,5 +317,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn float16_caches_equal_f32_caches_holding_the_same_values() {
+        // Values rounded to f16 first: the f16 cache and an f32 cache of the rounded values hold
+        // the same numbers, so the two results differ only by summation order (none here).
+        use half::f16;
+        let sh = Shape { b: 2, hq: 4, hk: 2, l: 300, d: 16, dv: 16 };
+        let mut rng = crate::testutil::Lcg(9);
+        let q: Vec<f32> = rng.uniform(2 * 4 * 16).iter().map(|&x| x as f32).collect();
+        let kv = |rng: &mut crate::testutil::Lcg| -> (Vec<f16>, Vec<f32>) {
+            let h: Vec<f16> =
+                rng.uniform(2 * 2 * 300 * 16).iter().map(|&x| f16::from_f64(x * 3.0)).collect();
+            let f = h.iter().map(|x| x.to_f32()).collect();
+            (h, f)
+        };
+        let ((kh, kf), (vh, vf)) = (kv(&mut rng), kv(&mut rng));
+        let lengths = [300usize, 33];
+        let a = crate::parallel::install(2, || {
+            decode_kv::<f32, f16>(&q, &kh, &vh, &lengths, sh, 0.25, 2)
+        })
+        .unwrap();
+        let b =
+            crate::parallel::install(2, || decode(&q, &kf, &vf, &lengths, sh, 0.25, 2)).unwrap();
+        assert_eq!(a, b);
+        let mut out = vec![f16::ZERO; 3];
+        <f16 as KvElem<f32>>::store(&[1.0, 65504.0, 1e-8], &mut out);
+        assert_eq!(out, [f16::ONE, f16::MAX, f16::ZERO]);
     }
 }

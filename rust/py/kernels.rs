@@ -82,6 +82,14 @@ pub(super) fn array<'py, T: Element>(
     if !a.is_c_contiguous() {
         return Err(layout_error(name));
     }
+    // A slice of T must be aligned to T (numpy allows unaligned views: frombuffer at an offset).
+    if !(a.data() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        return Err(PyTypeError::new_err(format!(
+            "{name} is not aligned to its {}-byte elements (a view at an odd byte offset); pass a copy: \
+             numpy.require({name}, requirements='CA')",
+            std::mem::align_of::<T>()
+        )));
+    }
     Ok(a)
 }
 
@@ -584,7 +592,36 @@ impl<'py> FloatCall<'py> for DecodeCall<'_, 'py> {
     }
 }
 
-/// Single-token attention over KV caches: returns (B, Hq, Dv).
+impl<'py> DecodeCall<'_, 'py> {
+    /// float32 queries over float16 caches (converted to f32 block by block in the kernel).
+    fn run_f16(self, py: Python<'py>) -> PyResult<Array<'py>> {
+        let q = array::<f32>("q", self.q).map_err(|_| {
+            PyTypeError::new_err(format!(
+                "float16 KV caches need float32 queries, got q as {}",
+                describe(self.q)
+            ))
+        })?;
+        let (k, v) = (
+            array::<half::f16>("k_cache", self.k_cache)?,
+            array::<half::f16>("v_cache", self.v_cache)?,
+        );
+        let [b, hq, d] = dims(&q, "q", "(batch, heads, head_dim)")?;
+        let [_, hk, l, _] = dims(&k, "k_cache", "(batch, kv_heads, capacity, head_dim)")?;
+        let [_, _, _, dv] = dims(&v, "v_cache", "(batch, kv_heads, capacity, v_head_dim)")?;
+        expect_shape("k_cache", k.shape(), &[b, hk, l, d])?;
+        expect_shape("v_cache", v.shape(), &[b, hk, l, dv])?;
+        let sh = decode::Shape { b, hq, hk, l, d, dv };
+        let (qd, kd, vd) = (sl(&q), sl(&k), sl(&v));
+        let (lengths, scale, threads) = (&self.cache_lengths, self.scale as f32, self.threads);
+        let o = compute::<f32, _>(py, threads, || {
+            decode::decode_kv(qd, kd, vd, lengths, sh, scale, threads)
+        })?;
+        out(py, o, &[b, hq, dv])
+    }
+}
+
+/// Single-token attention over KV caches: returns (B, Hq, Dv). The caches share q's dtype
+/// (float32 or float64), or are float16 with float32 queries.
 #[pyfunction]
 #[pyo3(signature = (q, k_cache, v_cache, cache_lengths, scale, threads))]
 pub fn decode_attention<'py>(
@@ -598,6 +635,12 @@ pub fn decode_attention<'py>(
 ) -> PyResult<Array<'py>> {
     let threads = parallel::resolve_threads(Some(threads));
     let call = DecodeCall { q, k_cache, v_cache, cache_lengths, scale, threads };
+    let f16 = k_cache
+        .cast::<PyUntypedArray>()
+        .is_ok_and(|a| a.dtype().is_equiv_to(&numpy::dtype::<half::f16>(py)));
+    if f16 {
+        return call.run_f16(py);
+    }
     dispatch(py, "q", q, call)
 }
 

@@ -4,12 +4,16 @@
 //! logical shape (n, k) given apart; every length is checked against the type before the
 //! kernel runs with the GIL released.
 
-use numpy::{PyArray2, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{
+    Element, PyArray2, PyArrayDescrMethods, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyUntypedArray, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 use super::data::to2;
 use super::kernels::array;
+use crate::kernels::decode::KvElem;
 use crate::kernels::quant::packed::Packed;
 use crate::kernels::quant::{self, engine, Isa, QType};
 use crate::kernels::team;
@@ -310,11 +314,51 @@ pub struct LlamaStepper {
     head_dim: usize,
     eps: f32,
     inv_freq: Vec<f32>,
-    k: Vec<*mut f32>,
-    v: Vec<*mut f32>,
+    kv: KvPtrs,
     batch: usize,
     capacity: usize,
     vocab: usize,
+}
+
+/// The KV caches' data pointers (keys, values), float32 or float16.
+enum KvPtrs {
+    F32(Vec<*mut f32>, Vec<*mut f32>),
+    F16(Vec<*mut half::f16>, Vec<*mut half::f16>),
+}
+
+/// The data pointer of one layer's key or value cache, checked: an `E` array, C-contiguous,
+/// writable, (B, n_kv_head, capacity, head_dim) with the (B, capacity) of the others.
+fn cache_ptr<E: Element>(
+    c: &Bound<'_, PyAny>,
+    what: &str,
+    kv_shape: (usize, usize),
+    dims: &mut Option<(usize, usize)>,
+) -> PyResult<*mut E> {
+    let (n_kv_head, head_dim) = kv_shape;
+    let a = c.cast::<PyArrayDyn<E>>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{what} cache must be a float32 or float16 numpy array, every cache the same dtype"
+        ))
+    })?;
+    // Fails for a read-only array; the borrow is released at once (the stepper writes through
+    // the raw pointer, during its own calls only).
+    let writable = a.try_readwrite().is_ok();
+    let aligned = (a.data() as usize).is_multiple_of(std::mem::align_of::<E>());
+    if !a.is_c_contiguous() || !writable || !aligned {
+        return Err(PyTypeError::new_err(format!(
+            "{what} cache must be C-contiguous, aligned and writable"
+        )));
+    }
+    let shape = a.shape().to_vec();
+    if shape.len() != 4 || shape[1] != n_kv_head || shape[3] != head_dim {
+        return Err(PyValueError::new_err(format!(
+            "{what} cache has shape {shape:?}, expected (B, {n_kv_head}, capacity, {head_dim})"
+        )));
+    }
+    if *dims.get_or_insert((shape[0], shape[2])) != (shape[0], shape[2]) {
+        return Err(PyValueError::new_err("the caches differ in batch or capacity"));
+    }
+    Ok(a.data())
 }
 
 fn f32_array(
@@ -434,9 +478,10 @@ impl LlamaStepper {
     /// Args: attention shape and RMSNorm eps; `inv_freq` (head_dim / 2,) float32; `embed` and
     /// `head` linear tuples `(array, qtype or None, n, k, bias or None)` (float arrays are
     /// float32 (n, k)); `norm` the final norm; `layers` a list of `(attn_norm, q, k, v, o,
-    /// ffn_norm, gate, up, down)`; `k_caches`/`v_caches` one float32 (B, Hk, capacity, D)
-    /// array per layer, written in place. With `pack` (the default) the stepper keeps its own
-    /// copy of the Q8_0/Q4_0/Q4_1 products' blocks interleaved by 16 rows ([`Packed`]).
+    /// ffn_norm, gate, up, down)`; `k_caches`/`v_caches` one (B, Hk, capacity, D) array per
+    /// layer, float32 or float16 (all alike), written in place. With `pack` (the default) the
+    /// stepper keeps its own copy of the Q8_0/Q4_0/Q4_1 products' blocks interleaved by 16 rows
+    /// ([`Packed`]).
     #[new]
     #[pyo3(signature = (n_head, n_kv_head, head_dim, eps, inv_freq, embed, norm, head, layers, k_caches, v_caches, pack=true))]
     #[allow(clippy::too_many_arguments)]
@@ -498,35 +543,34 @@ impl LlamaStepper {
             )));
         }
         let mut dims = None;
-        let (mut kp, mut vp) = (Vec::new(), Vec::new());
+        let f16 = k_caches.first().is_some_and(|c| {
+            c.cast::<PyUntypedArray>()
+                .is_ok_and(|a| a.dtype().is_equiv_to(&numpy::dtype::<half::f16>(c.py())))
+        });
+        let (mut k32, mut v32, mut k16, mut v16) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let kv_shape = (n_kv_head, head_dim);
         for (i, (kc, vc)) in k_caches.iter().zip(&v_caches).enumerate() {
-            for (name, c, out) in [("key", kc, &mut kp), ("value", vc, &mut vp)] {
-                let a = c.cast::<PyArrayDyn<f32>>().map_err(|_| {
-                    PyTypeError::new_err(format!(
-                        "layer {i} {name} cache must be a float32 numpy array"
-                    ))
-                })?;
-                // Fails for a read-only array; the borrow is released at once (the stepper
-                // writes through the raw pointer, during its own calls only).
-                let writable = a.try_readwrite().is_ok();
-                if !a.is_c_contiguous() || !writable {
-                    return Err(PyTypeError::new_err(format!(
-                        "layer {i} {name} cache must be C-contiguous and writable"
-                    )));
+            for (name, c, keys) in [("key", kc, true), ("value", vc, false)] {
+                let what = format!("layer {i} {name}");
+                if f16 {
+                    let p = cache_ptr::<half::f16>(c, &what, kv_shape, &mut dims)?;
+                    if keys {
+                        k16.push(p)
+                    } else {
+                        v16.push(p)
+                    }
+                } else {
+                    let p = cache_ptr::<f32>(c, &what, kv_shape, &mut dims)?;
+                    if keys {
+                        k32.push(p)
+                    } else {
+                        v32.push(p)
+                    }
                 }
-                let shape = a.shape().to_vec();
-                if shape.len() != 4 || shape[1] != n_kv_head || shape[3] != head_dim {
-                    return Err(PyValueError::new_err(format!(
-                        "layer {i} {name} cache has shape {shape:?}, expected (B, {n_kv_head}, capacity, {head_dim})"
-                    )));
-                }
-                if *dims.get_or_insert((shape[0], shape[2])) != (shape[0], shape[2]) {
-                    return Err(PyValueError::new_err("the caches differ in batch or capacity"));
-                }
-                out.push(a.data());
                 keep.push(c.clone().unbind());
             }
         }
+        let kv = if f16 { KvPtrs::F16(k16, v16) } else { KvPtrs::F32(k32, v32) };
         let (batch, capacity) = dims.unwrap_or((0, 0));
         let mut s = LlamaStepper {
             keep,
@@ -540,8 +584,7 @@ impl LlamaStepper {
             head_dim,
             eps,
             inv_freq,
-            k: kp,
-            v: vp,
+            kv,
             batch,
             capacity,
         };
@@ -605,30 +648,50 @@ impl LlamaStepper {
             }
             pos.push(p as usize);
         }
+        let threads = parallel::resolve_threads(Some(threads));
+        let out = match &self.kv {
+            KvPtrs::F32(k, v) => self.run(py, k, v, &toks, &pos, path, threads),
+            KvPtrs::F16(k, v) => self.run(py, k, v, &toks, &pos, path, threads),
+        };
+        to2(py, out, b, self.vocab)
+    }
+}
+
+impl LlamaStepper {
+    /// [`engine::step`] over caches of element type `E`, with the GIL released.
+    #[allow(clippy::too_many_arguments)]
+    fn run<E: KvElem<f32>>(
+        &self,
+        py: Python<'_>,
+        k: &[*mut E],
+        v: &[*mut E],
+        toks: &[usize],
+        pos: &[usize],
+        path: Isa,
+        threads: usize,
+    ) -> Vec<f32> {
         let cache = engine::Cache {
-            k: self.k.iter().map(|&p| team::Shared(p)).collect(),
-            v: self.v.iter().map(|&p| team::Shared(p)).collect(),
+            k: k.iter().map(|&p| team::Shared(p)).collect(),
+            v: v.iter().map(|&p| team::Shared(p)).collect(),
             batch: self.batch,
             capacity: self.capacity,
         };
         let model = self.model();
-        let threads = parallel::resolve_threads(Some(threads));
-        let vocab = self.vocab;
+        let (b, vocab) = (toks.len(), self.vocab);
         let _alive = &self.keep;
-        let logits = SendPtr(&model, &cache);
-        let out = py.detach(move || {
-            let SendPtr(model, cache) = logits;
+        let views = SendPtr(&model, &cache);
+        py.detach(move || {
+            let SendPtr(model, cache) = views;
             let mut out = vec![0f32; b * vocab];
-            engine::step(model, cache, &toks, &pos, path, threads, &mut out);
+            engine::step(model, cache, toks, pos, path, threads, &mut out);
             out
-        });
-        to2(py, out, b, vocab)
+        })
     }
 }
 
 /// The model and cache views cross into the GIL-free closure: they point into arrays that
 /// `self.keep` holds, and nothing else runs on this (unsendable) stepper meanwhile.
-struct SendPtr<'a>(&'a engine::Model<'a>, &'a engine::Cache);
+struct SendPtr<'a, E>(&'a engine::Model<'a>, &'a engine::Cache<E>);
 // SAFETY: see the type's comment; the views are only read (weights) or written through the
 // cache pointers, by this call alone.
-unsafe impl Send for SendPtr<'_> {}
+unsafe impl<E> Send for SendPtr<'_, E> {}

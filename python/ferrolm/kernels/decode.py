@@ -47,6 +47,9 @@ def decode_attention(q, k_cache, v_cache, cache_lengths, scale: Optional[float] 
             ``cache_lengths[b]`` cached keys (0 gives zeros).
         scale: default ``1/sqrt(D)``.
 
+    The caches share ``q``'s dtype, or are float16 under a float32 ``q`` (the kernel converts
+    them block by block; other devices convert them first).
+
     Returns:
         (B, Hq, Dv) or (B, Hq, 1, Dv), like ``q``; equal to :func:`attention` on the last
         position with the keys past each length masked.
@@ -80,8 +83,12 @@ def decode_attention(q, k_cache, v_cache, cache_lengths, scale: Optional[float] 
         raise ValueError(f"kv heads ({hk}) must divide query heads ({hq})")
     if d == 0 or v_cache.shape[3] == 0:
         raise ValueError(f"head_dim must be positive: q/k_cache have {d}, v_cache {v_cache.shape[3]}")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise TypeError(f"q and the caches must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    half_cache = q.dtype == torch.float32 and k_cache.dtype == v_cache.dtype == torch.float16
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) and not half_cache:
+        raise TypeError(
+            f"q and the caches must share a dtype (or be float32 q over float16 caches), got {q.dtype}, "
+            f"{k_cache.dtype}, {v_cache.dtype}"
+        )
     lengths = _lengths(cache_lengths)
     if len(lengths) != b or any(x < 0 or x > cap for x in lengths):
         raise ValueError(f"cache_lengths must hold {b} ints in [0, {cap}], got {lengths}")
@@ -95,6 +102,8 @@ def decode_attention(q, k_cache, v_cache, cache_lengths, scale: Optional[float] 
             _core.decode_attention(to_numpy(q), to_numpy(k_cache), to_numpy(v_cache), lengths, scale, num_threads())
         )
     else:
+        if half_cache:
+            k_cache, v_cache = k_cache.to(q.dtype), v_cache.to(q.dtype)
         pad = torch.arange(cap, device=q.device)[None, :] >= torch.tensor(lengths, device=q.device)[:, None]
         out = attention(q[:, :, None], k_cache, v_cache, key_padding_mask=pad, scale=scale)[:, :, 0]
     return out[:, :, None] if squeeze else out

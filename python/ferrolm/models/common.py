@@ -15,6 +15,7 @@ from ..decoding import generate
 from ..nn import KVCache
 
 __all__ = [
+    "KV_DTYPES",
     "check_ids",
     "lm_loss",
     "input_shape",
@@ -24,6 +25,10 @@ __all__ = [
     "Checkpointable",
     "RecurrentState",
 ]
+
+
+#: The dtypes a KV cache may be asked for (``generate(..., kv_dtype=)``).
+KV_DTYPES = (torch.float16, torch.float32)
 
 
 def check_ids(idx: torch.Tensor, vocab_size: int, what: str = "idx") -> None:
@@ -179,24 +184,31 @@ class CachedDecoder:
     def _attention_layers(self) -> List[Any]:
         raise NotImplementedError
 
-    def new_cache(self, batch: int, capacity: int) -> List[KVCache]:
-        """One empty KV cache per layer, ``capacity`` positions long (at most block_size)."""
+    def new_cache(self, batch: int, capacity: int, kv_dtype: Optional[torch.dtype] = None) -> List[KVCache]:
+        """One empty KV cache per layer, ``capacity`` positions long (at most block_size), in
+        ``kv_dtype`` (torch.float16 or torch.float32; None: the model's dtype)."""
         if capacity > self.config.block_size:
             raise ValueError(f"cache capacity {capacity} exceeds block_size={self.config.block_size}")
         # A float parameter gives the cache's dtype and device (a quantized head has none).
         p = next(t for t in self.parameters() if t.is_floating_point())
-        return [attn.new_cache(batch, capacity, p.dtype, p.device) for attn in self._attention_layers()]
+        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+            raise TypeError(
+                f"kv_dtype must be torch.float16 or torch.float32 (or None for the model's dtype), got {kv_dtype!r}"
+            )
+        dtype = p.dtype if kv_dtype is None else kv_dtype
+        return [attn.new_cache(batch, capacity, dtype, p.device) for attn in self._attention_layers()]
 
     @property
     def context_window(self) -> int:
         """The longest sequence (``config.block_size``)."""
         return self.config.block_size
 
-    def start(self, batch: int, capacity: int, memory=None) -> List[KVCache]:
-        """Empty KV caches (one per layer) for ``batch`` rows and ``capacity`` positions."""
+    def start(self, batch: int, capacity: int, memory=None, kv_dtype: Optional[torch.dtype] = None) -> List[KVCache]:
+        """Empty KV caches (one per layer) for ``batch`` rows and ``capacity`` positions, in
+        ``kv_dtype`` (see :meth:`new_cache`)."""
         if memory is not None:
             raise TypeError(f"{type(self).__name__} is a decoder-only model: it takes no encoder memory")
-        return self.new_cache(batch, capacity)
+        return self.new_cache(batch, capacity, kv_dtype)
 
     def advance(self, state: List[KVCache], idx: torch.Tensor, lengths=None) -> torch.Tensor:
         """Hidden states (B, T, C) of ``idx`` (B, T) after the cached positions, appended to the

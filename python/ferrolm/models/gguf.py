@@ -22,7 +22,7 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -186,7 +186,9 @@ def _value(cur: _Cursor, vtype: int, key: str, depth: int = 0) -> Any:
 
 
 class GGUFFile:
-    """A GGUF file opened for reading: ``metadata`` (key -> value), ``tensors`` (name ->
+    """A GGUF file opened for reading: ``metadata`` (key -> value), ``metadata_types`` (key ->
+    (GGUF value type id, element type id of an array or None): what a writer needs to store the
+    value again as it was), ``tensors`` (name ->
     :class:`GGUFTensorInfo`, in file order), ``version``, ``alignment``. Tensor data is
     memory-mapped and read on demand by :meth:`tensor`. Use as a context manager or call
     :meth:`close`.
@@ -226,11 +228,17 @@ class GGUFFile:
         n_kv = cur.u64("the metadata count")
         cur.room_for(n_kv, 8 + 4 + 1, "the metadata count")
         self.metadata: Dict[str, Any] = {}
+        self.metadata_types: Dict[str, Tuple[int, Optional[int]]] = {}
         for _ in range(n_kv):
             key = cur.string("a metadata key")
             if key in self.metadata:
                 raise cur.fail(f"metadata key {key!r} appears twice")
-            self.metadata[key] = _value(cur, cur.u32(f"the type of {key!r}"), key)
+            vtype = cur.u32(f"the type of {key!r}")
+            item = None
+            if vtype == _ARRAY and cur.end - cur.pos >= 4:
+                item = struct.unpack_from("<I", self._mm, cur.pos)[0]  # the element type, read again by _value
+            self.metadata[key] = _value(cur, vtype, key)
+            self.metadata_types[key] = (vtype, item)
         align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
             raise cur.fail(f"general.alignment must be a power of two, got {align!r}")

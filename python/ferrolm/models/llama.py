@@ -384,6 +384,9 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.apply(_init_weights)
+        #: GGUF metadata carried from the file this model was read from to the files it writes
+        #: (the ``tokenizer.*`` entries): key -> (value, GGUF value type, array element type or None).
+        self.gguf_metadata: Dict[str, Tuple[Any, int, Optional[int]]] = {}
 
     # ---- forward
 
@@ -466,8 +469,8 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
 
         A model whose seven projections per layer are :class:`~ferrolm.quant.QuantLinear`
         (a GGUF model kept quantized, or :func:`ferrolm.quant.quantize`) or plain float32
-        ``nn.Linear`` layers, in eval mode on CPU float32 caches, runs the whole step in one
-        Rust call (``_core.LlamaStepper``: every
+        ``nn.Linear`` layers, in eval mode on CPU float32 or float16 caches, runs the whole step in
+        one Rust call (``_core.LlamaStepper``: every
         layer, attention over each row's cache, the head); any other model the layer-by-layer
         path (``logits(advance(...))``), with the same result up to float rounding.
         """
@@ -498,7 +501,9 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
 
         if self.training or len(state) != len(self.model.layers):
             return False
-        if any(c.k.dtype != torch.float32 or c.k.device.type != "cpu" for c in state):
+        if any(c.k.dtype != state[0].k.dtype or c.k.device.type != "cpu" for c in state):
+            return False
+        if state[0].k.dtype not in (torch.float32, torch.float16):
             return False
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
@@ -738,6 +743,9 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
             config = _with_layers(config, len(keep))
             renumber = {old: new for new, old in enumerate(keep)}
             arch = f.metadata["general.architecture"]
+            carried = {
+                k: (v, *f.metadata_types[k]) for k, v in f.metadata.items() if k.startswith(_GGUF_CARRIED_PREFIXES)
+            }
             tensors: Dict[str, torch.Tensor] = {}
             for gname in f.tensors:
                 hf = names.get(gname)
@@ -763,8 +771,39 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
         if not quantized:
             model = cls(config).to(dtype)
             model._load_hf_tensors(tensors, str(path))
-            return model
-        return cls._from_quantized(config, tensors, quantized, dtype, str(path))
+        else:
+            model = cls._from_quantized(config, tensors, quantized, dtype, str(path))
+        model.gguf_metadata = carried
+        return model
+
+    def save_gguf(self, path: PathLike) -> None:
+        """Writes this model as a llama.cpp GGUF file that :meth:`from_gguf` (and llama.cpp)
+        reads back, atomically (a temporary name, then a rename).
+
+        Quantized layers (:class:`~ferrolm.quant.QuantLinear`, :class:`~ferrolm.quant.QuantEmbedding`)
+        are written as their blocks, byte for byte; float tensors as F32. Q and K rows are
+        permuted to llama.cpp's interleaved rotary layout (the inverse of what :meth:`from_gguf`
+        undoes), so a file read from GGUF and saved again holds the same bytes. A model with
+        q/k/v-only biases is written as ``qwen2`` (no permutation), any other as ``llama``. The
+        tokenizer a model loaded by :meth:`from_gguf` carries (the file's ``tokenizer.*``
+        metadata, kept in :attr:`gguf_metadata`) is written too, so ``Tokenizer.from_gguf``
+        reads it from the new file.
+
+        Args:
+            path: the ``.gguf`` file to write (replaced if it exists).
+
+        Raises:
+            ImportError: the ``gguf`` package is not installed.
+            ValueError: LoRA layers (merge them or save the adapter), or rope scaling GGUF cannot
+                express (llama3 scaling other than Llama 3.1's low/high factors 1/4 and 8192).
+
+        Example:
+            >>> from ferrolm.quant import quantize
+            >>> m = quantize(Llama(LlamaConfig(vocab_size=64, n_layer=1, n_head=2, n_embd=64, ff_size=64)), "q8_0")
+            >>> m.save_gguf("tiny.gguf")  # doctest: +SKIP
+            >>> Llama.from_gguf("tiny.gguf")  # doctest: +SKIP
+        """
+        _write_gguf(self, path)
 
     @classmethod
     def _from_quantized(cls, config, tensors, quantized, dtype, source: str) -> "Llama":
@@ -976,6 +1015,147 @@ def _unpermute(w: torch.Tensor, n_head: int, path: str, name: str) -> torch.Tens
         raise FormatError(f"{path}: tensor {name!r} has {rows} rows, not a multiple of 2 x {n_head} heads")
     half = rows // n_head // 2
     return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def _permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's Q/K row permutation (``convert_hf_to_gguf``'s ``permute``), the inverse of
+    :func:`_unpermute`: within each head, rows go from halves to interleaved pairs."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+#: Metadata a model read from GGUF carries to the files it writes (its tokenizer).
+_GGUF_CARRIED_PREFIXES = ("tokenizer.",)
+
+
+def _llama3_divisors(config: LlamaConfig) -> torch.Tensor:
+    """``rope_freqs.weight`` for llama3 rope scaling: per frequency the divisor of its inverse
+    frequency, computed as llama.cpp's converter does (float64, stored as float32)."""
+    s = config.rope_scaling
+    assert s is not None and config.head_dim is not None
+    if (float(s["low_freq_factor"]), float(s["high_freq_factor"]), int(s["original_max_position_embeddings"])) != (
+        1.0,
+        4.0,
+        8192,
+    ):
+        raise ValueError(
+            "GGUF stores llama3 rope scaling only as Llama 3.1's (low_freq_factor 1, high_freq_factor 4, "
+            f"original_max_position_embeddings 8192); this model has {s}"
+        )
+    factor, low, high, old = float(s["factor"]), 1.0, 4.0, 8192.0
+    D = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - low) / (high - low)
+    div = torch.where(
+        wavelen < old / high,
+        torch.ones_like(inv),
+        torch.where(wavelen > old / low, torch.full_like(inv, factor), 1 / ((1 - smooth) / factor + smooth)),
+    )
+    return div.float()
+
+
+def _same_weight(head: nn.Module, emb: nn.Module) -> bool:
+    """Whether the output layer holds the token embedding's values (blocks or floats)."""
+    a = getattr(head, "qweight", None)
+    b = getattr(emb, "qweight", None)
+    if (a is None) != (b is None):
+        return False
+    if a is None:
+        a, b = head.weight, emb.weight
+    elif getattr(head, "qtype", None) != getattr(emb, "qtype", None):
+        return False
+    return a is b or (a.shape == b.shape and (a.data_ptr() == b.data_ptr() or torch.equal(a, b)))
+
+
+def _write_gguf(model: "Llama", path: PathLike) -> None:
+    """:meth:`Llama.save_gguf`."""
+    try:
+        import gguf
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("Llama.save_gguf needs the gguf package: pip install gguf") from e
+    from ..quant import QuantEmbedding, QuantLinear
+
+    for name, mod in model.named_modules():
+        if hasattr(mod, "base") and hasattr(mod, "merged"):  # LoRA or (IA)3 (models never import finetune)
+            raise ValueError(
+                f"{name} has an adapter ({type(mod).__name__}); merge it (a float base) or save the adapter with "
+                "ferrolm.finetune.save_lora / save_ia3 before save_gguf"
+            )
+    c = model.config
+    assert c.head_dim is not None and c.n_kv_head is not None
+    if c.tie_weights and not _same_weight(model.lm_head, model.model.embed_tokens):
+        raise ValueError(
+            "config.tie_weights is set but lm_head differs from the token embedding; GGUF stores one tensor for "
+            "both: tie them again or set tie_weights=False"
+        )
+    arch = "qwen2" if c.qkv_bias else "llama"
+    tensors: List[Tuple[str, Any, Optional[int]]] = []  # (gguf name, numpy array, ggml type or None)
+
+    def add(gname: str, hf: str) -> None:
+        path_, _, leaf = hf.rpartition(".")
+        mod = model.get_submodule(path_)
+        heads = None
+        if arch == "llama" and path_.endswith(("self_attn.q_proj", "self_attn.k_proj")):
+            heads = c.n_head if path_.endswith("q_proj") else c.n_kv_head
+        if leaf == "weight" and isinstance(mod, (QuantLinear, QuantEmbedding)):
+            blocks = mod.qweight.detach().cpu()
+            if heads is not None:
+                blocks = _permute(blocks, heads)
+            qtype = gguf.GGMLQuantizationType[mod.qtype]
+            tensors.append((gname, blocks.contiguous().numpy(), int(qtype)))
+            return
+        t = getattr(mod, leaf)
+        if t is None:
+            return
+        t = t.detach().to("cpu", torch.float32)
+        if heads is not None:
+            t = _permute(t, heads)
+        tensors.append((gname, t.contiguous().numpy(), None))
+
+    inverse_block = {v: k for k, v in _GGUF_BLOCK.items()}
+    add("token_embd.weight", "model.embed_tokens.weight")
+    for i in range(c.n_layer):
+        for hf_part, gpart in inverse_block.items():
+            for leaf in ("weight", "bias"):
+                mod = model.get_submodule(f"model.layers.{i}.{hf_part}")
+                if leaf == "bias" and getattr(mod, "bias", None) is None:
+                    continue
+                add(f"blk.{i}.{gpart}.{leaf}", f"model.layers.{i}.{hf_part}.{leaf}")
+    add("output_norm.weight", "model.norm.weight")
+    if not c.tie_weights:
+        add("output.weight", "lm_head.weight")
+    if c.rope_scaling is not None and c.rope_scaling["rope_type"] == "llama3":
+        tensors.append(("rope_freqs.weight", _llama3_divisors(c).numpy(), None))
+
+    w = gguf.GGUFWriter(None, arch)
+    w.add_vocab_size(c.vocab_size)
+    w.add_context_length(c.block_size)
+    w.add_embedding_length(c.n_embd)
+    w.add_block_count(c.n_layer)
+    w.add_feed_forward_length(c.ff_size)
+    w.add_head_count(c.n_head)
+    w.add_head_count_kv(c.n_kv_head)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if any(qtype is not None for _, _, qtype in tensors):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if c.rope_scaling is not None and c.rope_scaling["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(c.rope_scaling["factor"]))
+    for key, (value, vtype, item) in getattr(model, "gguf_metadata", {}).items():
+        sub = None if item is None else gguf.GGUFValueType(item)
+        w.add_key_value(key, value, gguf.GGUFValueType(vtype), sub_type=sub)
+    for gname, arr, qtype in tensors:
+        w.add_tensor(gname, arr, raw_dtype=None if qtype is None else gguf.GGMLQuantizationType(qtype))
+    with atomic_path(path) as tmp:
+        w.write_header_to_file(path=tmp)
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
 
 
 def _layer_list(layers: LayerRange, n_layer: int) -> List[int]:

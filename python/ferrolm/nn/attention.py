@@ -24,6 +24,10 @@ class KVCache:
     """Keys and values of past positions for generation: ``k``, ``v`` (B, Hk, capacity, D), and
     ``lengths``, the number of positions each sequence has filled.
 
+    The cache may hold a narrower dtype than the model (float16 under a float32 model: half the
+    memory and the bytes each decoding step reads); values are rounded when written, and read
+    back in the model's dtype.
+
     A block of T > 1 tokens (a prompt) is appended at the same position for every row
     (``append``; with ``lengths=`` only the first ``lengths[b]`` of them count as real for row b,
     for right-padded prompts). A single token per row is written at each row's own length
@@ -73,7 +77,10 @@ class KVCache:
             self.lengths += t
         else:
             self.lengths = start + torch.as_tensor(lengths, dtype=torch.int64).cpu()
-        return self.k[:, :, : start + t], self.v[:, :, : start + t]
+        ks, vs = self.k[:, :, : start + t], self.v[:, :, : start + t]
+        if ks.dtype != k.dtype:  # a float16 cache of a float32 model: attend in the model's dtype
+            ks, vs = ks.to(k.dtype), vs.to(v.dtype)
+        return ks, vs
 
     def append_step(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Writes one position per row, (B, Hk, 1, D), at each row's length; returns the new lengths."""
@@ -87,8 +94,8 @@ class KVCache:
         else:
             rows = torch.arange(b, device=self.k.device)
             at = self.lengths.to(self.k.device)
-            self.k[rows, :, at] = k[:, :, 0]
-            self.v[rows, :, at] = v[:, :, 0]
+            self.k[rows, :, at] = k[:, :, 0].to(self.k.dtype)
+            self.v[rows, :, at] = v[:, :, 0].to(self.v.dtype)
         self.lengths = self.lengths + 1
         return self.lengths
 

@@ -15,7 +15,7 @@
 use super::fgemv;
 use super::packed::{self, Packed};
 use super::{dequantize_row, dot, Isa, QType, QuantRows};
-use crate::kernels::decode::dot as dot_f32;
+use crate::kernels::decode::{dot as dot_f32, KvElem};
 use crate::kernels::team::{self, Shared};
 
 /// A weight matrix (n rows of k values): GGUF blocks, the same blocks interleaved by 16 rows
@@ -62,10 +62,11 @@ pub struct Model<'a> {
     pub inv_freq: &'a [f32],
 }
 
-/// Per-layer KV caches, each `(batch, n_kv_head, capacity, head_dim)` float32, row-major.
-pub struct Cache {
-    pub k: Vec<Shared<f32>>,
-    pub v: Vec<Shared<f32>>,
+/// Per-layer KV caches, each `(batch, n_kv_head, capacity, head_dim)` row-major, of float32 or
+/// float16 (`E`: converted on load and store, see [`KvElem`]).
+pub struct Cache<E = f32> {
+    pub k: Vec<Shared<E>>,
+    pub v: Vec<Shared<E>>,
     pub batch: usize,
     pub capacity: usize,
 }
@@ -246,9 +247,9 @@ fn rope(v: &mut [f32], table: &[(f32, f32)]) {
 ///
 /// Panics on shapes the caller did not check ([`Model::check`], cache sizes, ids < vocab,
 /// positions < capacity).
-pub fn step(
+pub fn step<E: KvElem<f32>>(
     m: &Model<'_>,
-    cache: &Cache,
+    cache: &Cache<E>,
     tokens: &[usize],
     pos: &[usize],
     isa: Isa,
@@ -301,6 +302,7 @@ pub fn step(
         let mut act = vec![0f32; b * f];
         let mut qv = vec![0f32; d];
         let mut scores = vec![0f32; cap];
+        let (mut knew, mut kbuf, mut vbuf) = (vec![0f32; d], Vec::new(), Vec::new());
         for (li, l) in m.layers.iter().enumerate() {
             rmsnorm(&x, l.attn_norm, m.eps, &mut hbuf);
             let hq = quantized(&l.q, &hbuf, b);
@@ -324,9 +326,10 @@ pub fn step(
                         std::slice::from_raw_parts_mut(vc.ptr().add(base + p * d), d),
                     )
                 };
-                kdst.copy_from_slice(&ks[(r * hk + kh) * d..(r * hk + kh + 1) * d]);
-                rope(kdst, &tables[r]);
-                vdst.copy_from_slice(&vs[(r * hk + kh) * d..(r * hk + kh + 1) * d]);
+                knew.copy_from_slice(&ks[(r * hk + kh) * d..(r * hk + kh + 1) * d]);
+                rope(&mut knew, &tables[r]);
+                E::store(&knew, kdst);
+                E::store(&vs[(r * hk + kh) * d..(r * hk + kh + 1) * d], vdst);
                 // SAFETY: positions 0..=p of this (row, kv head), written before this step or
                 // just above by this thread.
                 let (kr, vr) = unsafe {
@@ -335,6 +338,8 @@ pub fn step(
                         std::slice::from_raw_parts(vc.ptr().add(base), (p + 1) * d),
                     )
                 };
+                // As f32 (the cache itself when it is f32, a converted copy of f16).
+                let (kr, vr) = (E::view(kr, &mut kbuf), E::view(vr, &mut vbuf));
                 for qh in kh * g..(kh + 1) * g {
                     qv.copy_from_slice(&qs[(r * h + qh) * d..(r * h + qh + 1) * d]);
                     rope(&mut qv, &tables[r]);

@@ -267,3 +267,193 @@ fn quant_speed() {
         }
     }
 }
+
+// ---- fuzzing: random shapes, random block bytes (every kind of f16 scale), every path
+
+/// f16 scale bits of every kind: ordinary, the largest finite, subnormal, zero, any normal, and
+/// (with `non_finite`) infinity and NaN; either sign.
+fn scale_bits(rng: &mut Lcg, non_finite: bool) -> u16 {
+    let sign = ((rng.next_u31() & 1) as u16) << 15;
+    let kinds = if non_finite { 7 } else { 5 };
+    let mag = match rng.next_u31() % kinds {
+        0 => f16::from_f64((rng.uniform(1)[0] + 0.5) * 0.02).to_bits(),
+        1 => f16::MAX.to_bits(),
+        2 => 1 + (rng.next_u31() % 0x3ff) as u16, // subnormal
+        3 => 0,
+        4 => 0x0400 + (rng.next_u31() % 0x7800) as u16, // any normal, up to f16::MAX
+        5 => f16::INFINITY.to_bits(),
+        _ => f16::NAN.to_bits(),
+    };
+    sign | mag
+}
+
+/// Random bytes for every block, the f16 scale fields drawn by [`scale_bits`].
+fn fuzz_weights(qt: QType, n: usize, k: usize, rng: &mut Lcg, non_finite: bool) -> Vec<u8> {
+    let row = qt.row_bytes(k).unwrap();
+    let mut w: Vec<u8> = (0..n * row).map(|_| rng.next_u31() as u8).collect();
+    let fields: &[usize] = match qt {
+        QType::Q8_0 | QType::Q4_0 => &[0],
+        QType::Q4_1 | QType::Q4K => &[0, 2],
+        QType::Q6K => &[208],
+    };
+    for block in w.chunks_exact_mut(qt.block_bytes()) {
+        for &f in fields {
+            block[f..f + 2].copy_from_slice(&scale_bits(rng, non_finite).to_le_bytes());
+        }
+    }
+    w
+}
+
+/// Activation rows of very different magnitudes (1e-20 .. 1e20, zeros, one outlier per row).
+fn fuzz_x(m: usize, k: usize, rng: &mut Lcg) -> Vec<f32> {
+    let mut x = Vec::with_capacity(m * k);
+    for _ in 0..m {
+        let mag = 10f64.powi((rng.next_u31() % 41) as i32 - 20);
+        let zero = rng.next_u31().is_multiple_of(8);
+        let row: Vec<f32> =
+            rng.uniform(k).iter().map(|v| if zero { 0.0 } else { (v * mag) as f32 }).collect();
+        x.extend(row);
+        if !zero {
+            let at = x.len() - 1 - rng.next_u31() as usize % k;
+            x[at] *= 50.0;
+        }
+    }
+    x
+}
+
+/// (x · Wᵀ, Σ|x·w|) in f64 over the dequantized weights and activations (the error bound's scale).
+fn reference_with_scale(qt: QType, x: &QuantRows, w: &[u8], n: usize) -> (Vec<f64>, Vec<f64>) {
+    let k = x.k;
+    let row = qt.row_bytes(k).unwrap();
+    let mut wf = vec![0f32; k];
+    let (mut y, mut s) = (vec![0f64; x.m * n], vec![0f64; x.m * n]);
+    for j in 0..n {
+        dequantize_row(qt, &w[j * row..(j + 1) * row], &mut wf);
+        for i in 0..x.m {
+            let (mut acc, mut abs) = (0f64, 0f64);
+            for (c, &wv) in wf.iter().enumerate() {
+                let t = x.qs[i * k + c] as f64 * x.scales[i * k / 32 + c / 32] as f64 * wv as f64;
+                acc += t;
+                abs += t.abs();
+            }
+            y[i * n + j] = acc;
+            s[i * n + j] = abs;
+        }
+    }
+    (y, s)
+}
+
+#[test]
+fn fuzz_every_path_against_the_scalar_path() {
+    // Shapes: k a multiple of the block up to 3072, m 1..=20 (the 4-row tiles and the rest),
+    // n 1..=70; every fourth case has infinite or NaN scales somewhere.
+    let mut rng = Lcg(0x5eed_f00d);
+    let cases = if cfg!(debug_assertions) { 12 } else { 200 };
+    let (mut finite, mut poisoned) = (0usize, 0usize);
+    for case in 0..cases {
+        let qt = QType::ALL[case % 5];
+        let bv = qt.block_values();
+        let k = bv * (1 + rng.next_u31() as usize % (3072 / bv));
+        let m = 1 + rng.next_u31() as usize % 20;
+        let n = 1 + rng.next_u31() as usize % 70;
+        let non_finite = case % 4 == 3;
+        let w = fuzz_weights(qt, n, k, &mut rng, non_finite);
+        let xf = fuzz_x(m, k, &mut rng);
+        let acts = QuantRows::new(&xf, m, k, 1);
+        let row = qt.row_bytes(k).unwrap();
+        let what = format!("case {case}: {qt:?} m={m} n={n} k={k}");
+        // The integer part: bit for bit on every path (scales play no part in it).
+        for j in 0..n {
+            let wrow = &w[j * row..(j + 1) * row];
+            for i in 0..m {
+                let want = group_sums(Isa::Scalar, qt, wrow, acts.row(i));
+                for isa in paths() {
+                    assert_eq!(group_sums(isa, qt, wrow, acts.row(i)), want, "{what} {isa:?}");
+                }
+            }
+        }
+        // The float part: within the f32 summation bound of the f64 reference, and finite
+        // exactly where the scalar path is (a non-finite scale poisons its rows on every path).
+        let (want, scale) = reference_with_scale(qt, &acts, &w, n);
+        let mut scalar = vec![0f32; m * n];
+        matmul(&xf, m, k, &w, n, qt, Isa::Scalar, 1, &mut scalar);
+        for isa in paths() {
+            for threads in [1, 2] {
+                let mut y = vec![f32::NAN; m * n];
+                matmul(&xf, m, k, &w, n, qt, isa, threads, &mut y);
+                for (idx, (&a, &s)) in y.iter().zip(&scalar).enumerate() {
+                    let at = format!("{what} {isa:?} threads={threads} at {idx}");
+                    assert_eq!(a.is_finite(), s.is_finite(), "{at}: {a} vs scalar {s}");
+                    if s.is_finite() {
+                        finite += 1;
+                        let bound = 2e-5 * scale[idx] + 1e-35;
+                        assert!(
+                            (a as f64 - want[idx]).abs() <= bound,
+                            "{at}: {a} vs {}",
+                            want[idx]
+                        );
+                        assert!((a as f64 - s as f64).abs() <= 2.0 * bound, "{at}: {a} vs {s}");
+                    } else {
+                        poisoned += 1;
+                        assert!(!want[idx].is_finite() || scale[idx] > f32::MAX as f64, "{at}");
+                    }
+                }
+            }
+        }
+    }
+    // Both kinds of result were exercised.
+    assert!(finite > 1000 && poisoned > 100, "{finite} finite, {poisoned} non-finite results");
+}
+
+#[test]
+fn fuzz_dequantize_and_gather_never_panic_on_any_bytes() {
+    let mut rng = Lcg(77);
+    for case in 0..40 {
+        let qt = QType::ALL[case % 5];
+        let k = qt.block_values() * (1 + rng.next_u31() as usize % 4);
+        let n = 1 + rng.next_u31() as usize % 9;
+        let w = fuzz_weights(qt, n, k, &mut rng, true);
+        let row = qt.row_bytes(k).unwrap();
+        let mut out = vec![0f32; k];
+        for j in 0..n {
+            dequantize_row(qt, &w[j * row..(j + 1) * row], &mut out);
+        }
+        let ids: Vec<usize> = (0..5).map(|_| rng.next_u31() as usize % n).collect();
+        let mut rows = vec![0f32; ids.len() * k];
+        gather_rows(&w, k, qt, &ids, &mut rows);
+        for (r, &id) in ids.iter().enumerate() {
+            dequantize_row(qt, &w[id * row..(id + 1) * row], &mut out);
+            let same =
+                rows[r * k..(r + 1) * k].iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{qt:?}: gathered row {id} differs from its dequantized row");
+        }
+    }
+}
+
+#[test]
+fn fuzz_check_refuses_every_malformed_shape_without_panicking() {
+    let mut rng = Lcg(4242);
+    for qt in QType::ALL {
+        for _ in 0..2000 {
+            let k = rng.next_u31() as usize % 2000;
+            let n = rng.next_u31() as usize % 300;
+            let good = qt.row_bytes(k).map(|r| r * n);
+            let len = match (rng.next_u31() % 3, good) {
+                (0, Some(g)) => g,
+                (1, Some(g)) => g + 1 + rng.next_u31() as usize % 64,
+                (_, Some(g)) if g > 0 => g - 1 - rng.next_u31() as usize % g.min(64),
+                _ => rng.next_u31() as usize,
+            };
+            let r = check(qt, n, k, len);
+            match good {
+                Some(g) if g == len => {
+                    assert_eq!(r, Ok(qt.row_bytes(k).unwrap()), "{qt:?} {n}x{k}")
+                }
+                _ => assert!(r.is_err(), "{qt:?} {n}x{k} with {len} bytes was accepted"),
+            }
+        }
+        // Shapes whose byte count overflows usize are refused, not wrapped.
+        let e = check(qt, usize::MAX / 2, qt.block_values() * 4, 0).unwrap_err();
+        assert!(e.contains("overflow"), "{e}");
+    }
+}
