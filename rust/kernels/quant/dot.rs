@@ -123,9 +123,25 @@ fn scalar_sums(qt: QType, block: &[u8], g: usize, q: &[i8]) -> [i32; 2] {
     s
 }
 
+/// Panics unless `w` is whole blocks and the activation row covers them (the SIMD paths read
+/// by pointer: this check is what keeps them inside the row).
+#[inline(always)]
+fn fits(qt: QType, w: &[u8], x: &ActRow<'_>) {
+    let groups = w.len() / qt.block_bytes() * (qt.block_values() / 32);
+    assert!(
+        w.len().is_multiple_of(qt.block_bytes())
+            && x.qs.len() >= groups * 32
+            && x.scales.len() >= groups
+            && x.sums.len() >= groups * 2
+            && x.spread.len() >= groups * 8,
+        "weight row and activation row disagree"
+    );
+}
+
 /// `w · x` for one weight row and one activation row.
 #[inline]
 pub fn dot1(isa: Isa, qt: QType, w: &[u8], x: ActRow<'_>) -> f32 {
+    fits(qt, w, &x);
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa` came from `Isa::detect` or was checked `available`; the row lengths
@@ -141,6 +157,7 @@ pub fn dot1(isa: Isa, qt: QType, w: &[u8], x: ActRow<'_>) -> f32 {
 /// `w · x_r` for one weight row and four activation rows (each weight group unpacked once).
 #[inline]
 pub fn dot4(isa: Isa, qt: QType, w: &[u8], x: &[ActRow<'_>; 4]) -> [f32; 4] {
+    x.iter().for_each(|r| fits(qt, w, r));
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `dot1`.

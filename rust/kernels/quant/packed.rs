@@ -99,7 +99,13 @@ impl Packed {
 /// `out[j] = w_j · x` for the rows of groups `g0..g1` (`out` holds `16 · (g1 - g0)` values).
 pub fn gemv(isa: Isa, p: &Packed, x: ActRow<'_>, groups: (usize, usize), out: &mut [f32]) {
     assert!(
-        x.qs.len() == p.k && groups.1 * ROWS <= p.n && out.len() == (groups.1 - groups.0) * ROWS,
+        x.qs.len() == p.k
+            && x.scales.len() * 32 >= p.k
+            && x.sums.len() * 16 >= p.k
+            && x.gsum.len() * 32 >= p.k
+            && groups.0 <= groups.1
+            && groups.1 * ROWS <= p.n
+            && out.len() == (groups.1 - groups.0) * ROWS,
         "packed product shapes"
     );
     let gb = p.group_bytes();
@@ -227,11 +233,17 @@ mod vnni {
     use std::arch::x86_64::*;
 
     /// Four activation bytes at `p` in every 32-bit lane.
+    ///
+    /// # Safety
+    /// `p..p + 4` is readable.
     #[inline(always)]
     unsafe fn bcast(p: *const i8) -> __m512i {
         _mm512_set1_epi32((p as *const i32).read_unaligned())
     }
 
+    /// # Safety
+    /// As `super::group`: `w` whole block columns of one group, `x[r]` covering them, 16
+    /// writable floats at each `out[r]`, and the CPU has AVX-512 (F, BW, VL, VNNI).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,avx2")]
     pub unsafe fn group<const R: usize>(
         qt: QType,
@@ -248,6 +260,9 @@ mod vnni {
 
     /// `T`: 0 Q8_0, 1 Q4_0, 2 Q4_1. The codes of a block column are unpacked once for the
     /// `R` activation rows; each row's float updates are those of the one-row case.
+    ///
+    /// # Safety
+    /// As `group`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma,avx2")]
     unsafe fn group_t<const T: u8, const R: usize>(
@@ -322,11 +337,15 @@ mod avx2 {
     use super::ROWS;
     use std::arch::x86_64::*;
 
+    /// # Safety
+    /// `p..p + 4` is readable.
     #[inline(always)]
     unsafe fn bcast(p: *const i8) -> __m256i {
         _mm256_set1_epi32((p as *const i32).read_unaligned())
     }
 
+    /// # Safety
+    /// As `super::group` for one row, and the CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn group(qt: QType, w: &[u8], x: ActRow<'_>, out: &mut [f32; ROWS]) {
         match qt {
@@ -337,6 +356,9 @@ mod avx2 {
     }
 
     /// As the VNNI path, 8 rows per register (the two halves of each 64-byte chunk).
+    ///
+    /// # Safety
+    /// As `group`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn group_t<const T: u8>(w: &[u8], x: ActRow<'_>, out: &mut [f32; ROWS]) {
