@@ -24,6 +24,26 @@ use half::f16;
 use super::{ActRow, Isa, QType, QuantRows};
 use crate::kernels::team::{self, Shared};
 
+/// How far ahead of the block column being multiplied the kernels ask for the weights
+/// (into L2). A decode step streams each weight once from DRAM; the hardware prefetchers
+/// alone left one core at ~9 GB/s. Measured on SmolLM2's decode step (AVX-512, quiet):
+/// 13.2 -> 11.2 ms on one thread, 11.2 -> 7.1 ms on two, flat from 8 to 32 KiB.
+pub const PREFETCH: usize = 16 << 10;
+
+/// Asks for the `bytes` of weights `PREFETCH` bytes ahead of `p` (a hint: never faults, so
+/// reaching past the end of the weights is harmless).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch(p: *const u8, bytes: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+    let mut o = 0;
+    while o < bytes {
+        // SAFETY: prefetch is a hint on any address; `wrapping_add` computes it without UB.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(PREFETCH + o) as *const i8) };
+        o += 64;
+    }
+}
+
 /// Rows per interleaved group.
 pub const ROWS: usize = 16;
 
@@ -279,6 +299,7 @@ mod vnni {
         let mut acc2 = [_mm512_setzero_ps(); R];
         for b in 0..nb {
             let c = w.as_ptr().add(b * col);
+            super::prefetch(c, col);
             // Codes: Q4 the 4 chunks' low and high nibbles; Q8_0 its 8 chunks + 128 (unsigned;
             // 128·Σq comes back out below, exactly, in i32).
             let mut u = [_mm512_setzero_si512(); 8];
@@ -371,6 +392,7 @@ mod avx2 {
         let mut acc2 = [_mm256_setzero_ps(); 2];
         for b in 0..nb {
             let c = w.as_ptr().add(b * col);
+            super::prefetch(c, col);
             let q = x.qs.as_ptr().add(32 * b);
             let (dx, sx) = (*x.scales.get_unchecked(b), *x.gsum.get_unchecked(b));
             for h in 0..2 {
