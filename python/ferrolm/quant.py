@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,9 +34,6 @@ from torch import nn
 from . import _core
 from ._io import PathLike
 from .kernels._common import num_threads
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .models.llama import Llama
 
 __all__ = [
     "QTYPES",
@@ -378,7 +375,7 @@ def quantize(
     return model
 
 
-def save_gguf(model: "Llama", path: PathLike) -> None:
+def save_gguf(model: nn.Module, path: PathLike) -> None:
     """Writes a (quantized) Llama-family model as a GGUF file, its blocks byte for byte; see
     :meth:`ferrolm.models.Llama.save_gguf`.
 
@@ -386,11 +383,11 @@ def save_gguf(model: "Llama", path: PathLike) -> None:
         TypeError: ``model`` is not a :class:`ferrolm.models.Llama` (GGUF's ``llama``/``qwen2``
             architectures are the ones ferrolm writes).
     """
-    from .models.llama import Llama
-
-    if not isinstance(model, Llama):
+    # Duck-typed: importing models.llama here would close an import circle (llama -> common -> checkpoint -> quant).
+    save = getattr(model, "save_gguf", None)
+    if not callable(save):
         raise TypeError(
             f"save_gguf writes Llama-family models (ferrolm.models.Llama), got {type(model).__name__}; "
             "save other models with model.save(path) (safetensors, blocks kept)"
         )
-    model.save_gguf(path)
+    save(path)
