@@ -165,11 +165,7 @@ fn linear_rows(
             };
             let groups = (rows.0 / packed::ROWS, rows.1 / packed::ROWS);
             packed::gemv(isa, p, acts.row(i), groups, o);
-            if let Some(bias) = l.bias {
-                for (v, b) in o.iter_mut().zip(&bias[rows.0..rows.1]) {
-                    *v += b;
-                }
-            }
+            add_bias(o, l.bias, rows.0);
         }
         return;
     }
@@ -184,11 +180,7 @@ fn linear_rows(
                 let o =
                     unsafe { std::slice::from_raw_parts_mut(out.ptr().add(i * n + j0), j1 - j0) };
                 fgemv::rows(isa, w, &x[i * k..(i + 1) * k], (j0, j1), o);
-                if let Some(bias) = l.bias {
-                    for (v, b) in o.iter_mut().zip(&bias[j0..j1]) {
-                        *v += b;
-                    }
-                }
+                add_bias(o, l.bias, j0);
             }
             j0 = j1;
         }
@@ -219,6 +211,15 @@ fn linear_rows(
                 }
             }
             Weight::F(_) | Weight::P(_) => unreachable!("handled above"),
+        }
+    }
+}
+
+/// `o[t] += bias[j0 + t]`, when the layer has a bias.
+fn add_bias(o: &mut [f32], bias: Option<&[f32]>, j0: usize) {
+    if let Some(bias) = bias {
+        for (v, b) in o.iter_mut().zip(&bias[j0..]) {
+            *v += b;
         }
     }
 }

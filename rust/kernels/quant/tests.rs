@@ -6,18 +6,22 @@ fn paths() -> Vec<Isa> {
     [Isa::Scalar, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.available()).collect()
 }
 
+/// Byte offsets of a block's f16 scale fields.
+fn scale_fields(qt: QType) -> &'static [usize] {
+    match qt {
+        QType::Q8_0 | QType::Q4_0 => &[0],
+        QType::Q4_1 | QType::Q4K => &[0, 2],
+        QType::Q6K => &[208],
+    }
+}
+
 /// Random but valid blocks: every byte random, the f16 scale fields set to finite values.
 fn random_weights(qt: QType, n: usize, k: usize, seed: u64) -> Vec<u8> {
     let mut rng = Lcg(seed);
     let row = qt.row_bytes(k).unwrap();
     let mut w: Vec<u8> = (0..n * row).map(|_| rng.next_u31() as u8).collect();
-    let fields: &[usize] = match qt {
-        QType::Q8_0 | QType::Q4_0 => &[0],
-        QType::Q4_1 | QType::Q4K => &[0, 2],
-        QType::Q6K => &[208],
-    };
     for block in w.chunks_exact_mut(qt.block_bytes()) {
-        for &f in fields {
+        for &f in scale_fields(qt) {
             let v = (rng.uniform(1)[0] * 0.02) as f32;
             block[f..f + 2].copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
         }
@@ -291,13 +295,8 @@ fn scale_bits(rng: &mut Lcg, non_finite: bool) -> u16 {
 fn fuzz_weights(qt: QType, n: usize, k: usize, rng: &mut Lcg, non_finite: bool) -> Vec<u8> {
     let row = qt.row_bytes(k).unwrap();
     let mut w: Vec<u8> = (0..n * row).map(|_| rng.next_u31() as u8).collect();
-    let fields: &[usize] = match qt {
-        QType::Q8_0 | QType::Q4_0 => &[0],
-        QType::Q4_1 | QType::Q4K => &[0, 2],
-        QType::Q6K => &[208],
-    };
     for block in w.chunks_exact_mut(qt.block_bytes()) {
-        for &f in fields {
+        for &f in scale_fields(qt) {
             block[f..f + 2].copy_from_slice(&scale_bits(rng, non_finite).to_le_bytes());
         }
     }
