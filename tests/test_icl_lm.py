@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from ferrolm.decoding import generate  # noqa: E402
 from ferrolm.icl import LM  # noqa: E402
-from ferrolm.models import GPT, GPTConfig, LSTMConfig, LSTMLanguageModel  # noqa: E402
+from ferrolm.models import GPT, GPTConfig, Llama, LlamaConfig, LSTMConfig, LSTMLanguageModel  # noqa: E402
 
 
 def _requests(seed=0, vocab=90, n_ctx=4, choices=4):
@@ -61,6 +61,12 @@ MODELS = [
             GPTConfig(vocab_size=90, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, positions="rotary")
         ),
         id="gpt-rope-gqa",
+    ),
+    pytest.param(
+        lambda: Llama(
+            LlamaConfig(vocab_size=90, block_size=40, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, ff_size=48)
+        ),
+        id="llama",
     ),
     pytest.param(
         lambda: LSTMLanguageModel(LSTMConfig(vocab_size=90, n_embd=16, hidden_size=24, num_layers=2)), id="lstm"

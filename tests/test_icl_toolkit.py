@@ -405,3 +405,30 @@ def test_cli_icl_eval_on_a_hugging_face_folder(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert [r["k"] for r in json.loads((out / "icl.json").read_text())["table"]] == [0, 2]
+
+
+def test_sweep_table_intervals_clipped_and_wilson_over_pooled_answers():
+    from ferrolm.icl.evaluate import ClassificationResult, SweepResult
+
+    runs = [
+        ClassificationResult(0, 0, 0.9, None, predictions=list(range(10))),
+        ClassificationResult(4, 0, 1.0, None, predictions=list(range(10))),
+        ClassificationResult(4, 1, 0.6, None, predictions=list(range(10))),
+    ]
+    t = {r["k"]: r for r in SweepResult(runs).table()}
+    z = 1.959963984540054  # the normal 97.5% quantile
+
+    def wilson(x, n):  # Wilson's score interval, written out
+        p = x / n
+        mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        return mid - half, mid + half
+
+    assert t[0]["answers"] == 10 and t[4]["answers"] == 20
+    for k, (x, n) in ((0, (9, 10)), (4, (16, 20))):
+        lo, hi = wilson(x, n)
+        assert t[k]["wilson_low"] == pytest.approx(lo, abs=1e-12)
+        assert t[k]["wilson_high"] == pytest.approx(hi, abs=1e-12)
+    # two seeds 0.6 and 1.0: the t interval (12.71 * 0.2) runs past both ends and is clipped
+    assert t[4]["ci_low"] == 0.0 and t[4]["ci_high"] == 1.0 and t[4]["accuracy"] == pytest.approx(0.8)
+    assert t[0]["ci_low"] == t[0]["ci_high"] == pytest.approx(0.9)

@@ -247,18 +247,34 @@ class SweepResult:
     runs: List[ClassificationResult]
 
     def table(self) -> List[Dict[str, float]]:
+        """Per k: the mean accuracy over seeds, its Student-t 95% interval over seeds (``ci_*``,
+        clipped to [0, 1]; the mean itself for one seed), and the Wilson 95% interval of all the
+        answers pooled (``wilson_*``: the test questions' sampling error, meaningful for one seed
+        too)."""
+        from scipy.stats import binomtest
+
         rows = []
         for k in sorted({r.k for r in self.runs}):
-            acc = [r.accuracy for r in self.runs if r.k == k]
-            f1 = [r.macro_f1 for r in self.runs if r.k == k and r.macro_f1 is not None]
+            runs = [r for r in self.runs if r.k == k]
+            acc = [r.accuracy for r in runs]
+            f1 = [r.macro_f1 for r in runs if r.macro_f1 is not None]
             m, lo, hi = mean_ci(acc)
+            answers = sum(len(r.predictions) for r in runs)
+            right = round(sum(r.accuracy * len(r.predictions) for r in runs))
+            wl, wh = (m, m)
+            if answers:
+                ci = binomtest(right, answers).proportion_ci(0.95, method="wilson")
+                wl, wh = float(ci.low), float(ci.high)
             rows.append(
                 {
                     "k": k,
                     "seeds": len(acc),
                     "accuracy": m,
-                    "ci_low": lo,
-                    "ci_high": hi,
+                    "ci_low": max(0.0, lo),
+                    "ci_high": min(1.0, hi),
+                    "answers": answers,
+                    "wilson_low": wl,
+                    "wilson_high": wh,
                     "macro_f1": sum(f1) / len(f1) if f1 else None,
                 }
             )

@@ -452,46 +452,41 @@ class LM:
     ) -> List[List[Tuple[int, int]]]:
         """Groups ``(context row, request)`` jobs of multi-token continuations into passes.
 
-        A pass either steps the continuations of several contexts together one token at a time
-        (the KV cache appends one token per row at each row's own length, so rows of contexts
-        of different lengths batch without padding), or runs the continuations of one context
-        as one block (a block is appended at a common length). Stepping costs one forward per
-        token of the longest continuation, blocks one per context: the cheaper is chosen. A pass
-        takes up to ``max(batch_size, CONTINUE_ROWS)`` rows, fewer when their cache copies
-        (``span`` positions each) would exceed ``CONTINUE_POSITIONS``: a single-token step costs
-        about as much for 64 rows as for 8 (the weights are read once either way).
+        A pass runs its continuations as one block (each row a copy of its context's cache, the
+        block appended after the longest of them: :meth:`ferrolm.nn.KVCache.append_block`), one
+        forward for all their tokens. Continuations of several contexts share a pass when
+        ``mix`` (the longest context plus the longest continuation fits the window), otherwise
+        each context has its own. A pass takes up to ``max(batch_size, CONTINUE_ROWS)`` rows,
+        fewer when their cache copies (``span`` positions each) would exceed
+        ``CONTINUE_POSITIONS``.
         """
         if not jobs:
             return []
         size = max(1, min(max(self.batch_size, self.CONTINUE_ROWS), self.CONTINUE_POSITIONS // max(1, span)))
-        steps = max(len(reqs[i][1]) for _, i in jobs) - 1
-        contexts = sorted({b for b, _ in jobs})
-        if mix and steps * -(-len(jobs) // size) < len(contexts):
+        if mix:
             return [jobs[s : s + size] for s in range(0, len(jobs), size)]
         out = []
-        for b in contexts:
+        for b in sorted({b for b, _ in jobs}):
             mine = [j for j in jobs if j[0] == b]
             out += [mine[s : s + size] for s in range(0, len(mine), size)]
         return out
 
     def _continue_rows(self, state, rows: torch.Tensor, conts: List[List[int]]) -> List[torch.Tensor]:
         """Log-probs (len - 1, V) after each continuation's tokens but its last, each
-        continuing row ``rows[i]`` of a ferrolm model's batch ``state`` (a copy: ``select``).
-        Rows of one context run as one block; rows of several step one token at a time."""
+        continuing row ``rows[i]`` of a ferrolm model's batch ``state`` (a copy: ``select``),
+        all in one right-padded block (its pads' positions are never read)."""
         n, m = len(conts), max(len(c) for c in conts) - 1
         idx = torch.zeros(n, m, dtype=torch.int64)
         for i, c in enumerate(conts):
             idx[i, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.int64)
         idx = idx.to(self.device)
         st = self.model.select(state, rows)
-        if bool((rows == rows[0]).all()):
-            lengths = torch.tensor([len(c) - 1 for c in conts])
-            logits = self.model.logits(self.model.advance(st, idx, lengths))  # (n, m, V)
-        else:
-            # Finished rows step on with a filler token; their extra positions are never read.
-            logits = torch.cat([self.model.logits(self.model.advance(st, idx[:, t : t + 1])) for t in range(m)], 1)
-        logp = F.log_softmax(logits.float(), -1)
-        return [logp[i, : len(c) - 1] for i, c in enumerate(conts)]
+        lengths = torch.tensor([len(c) - 1 for c in conts])
+        h = self.model.advance(st, idx, lengths)  # (n, m, C)
+        real = (torch.arange(m).view(1, m) < lengths.view(n, 1)).to(h.device)
+        # the output layer and softmax on the real positions only (the pads' are never read)
+        logp = F.log_softmax(self.model.logits(h[real]).float(), -1)
+        return list(logp.split(lengths.tolist()))
 
     #: Padded context tokens per prefill batch (with ``batch_size`` contexts at most).
     PREFILL_TOKENS = 8192

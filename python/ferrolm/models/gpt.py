@@ -165,10 +165,8 @@ class GPT(CachedDecoder, Checkpointable, nn.Module):
     ) -> Optional[torch.Tensor]:
         """(B, T) position ids, or None for the plain 0..T-1 of every row."""
         if cache is not None:
-            if T == 1 and padding_mask is None:
-                pos = cache[0].lengths.view(B, 1).to(device)
-            else:
-                pos = cache[0].length + torch.arange(T, device=device).view(1, T).expand(B, T)
+            # each row from its own length (rows of different lengths take a block as one: KVCache.append_block)
+            pos = cache[0].lengths.view(B, 1).to(device) + torch.arange(T, device=device).view(1, T)
         elif padding_mask is not None:
             pos = ((~padding_mask).long().cumsum(1) - 1).clamp_min(0)
         else:

@@ -281,7 +281,8 @@ class LlamaAttention(nn.Module):
     ``forward(x, cos, sin, padding_mask=None, cache=None, lengths=None)``: x (B, T, C),
     cos/sin (B or 1, 1, T, D). With a :class:`KVCache`, a single token per row is written at
     the row's own length and attends through the decode kernel; a block of T > 1 tokens is
-    appended and attends causally to the whole cache.
+    appended (:meth:`KVCache.append_block`, rows of different lengths included) and attends
+    causally to each row's cache.
     """
 
     def __init__(self, config: LlamaConfig) -> None:
@@ -310,8 +311,8 @@ class LlamaAttention(nn.Module):
             lens = cache.append_step(k, v)
             y = decode_attention(q, cache.k, cache.v, lens)  # (B, H, 1, D)
         else:
-            if cache is not None:
-                k, v = cache.append(k, v, lengths)
+            if cache is not None:  # padding_mask is None with a cache (hidden_states refuses both)
+                k, v, padding_mask = cache.append_block(k, v, lengths)
             y = attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, key_padding_mask=padding_mask)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return self.dropout(self.o_proj(y))
@@ -424,10 +425,8 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
                 )
             if len(cache) != self.config.n_layer:
                 raise ValueError(f"cache has {len(cache)} layers, the model {self.config.n_layer}")
-            if T == 1:
-                pos = cache[0].lengths.view(B, 1).to(device)
-            else:
-                pos = cache[0].length + torch.arange(T, device=device).view(1, T).expand(B, T)
+            # each row from its own length (rows of different lengths take a block as one: KVCache.append_block)
+            pos = cache[0].lengths.view(B, 1).to(device) + torch.arange(T, device=device).view(1, T)
         elif padding_mask is not None:
             if padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != (B, T):
                 raise ValueError(
@@ -474,7 +473,8 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
         layer, attention over each row's cache, the head); any other model the layer-by-layer
         path (``logits(advance(...))``), with the same result up to float rounding.
         """
-        stepper = self._stepper(state)
+        # a cache with a ragged block's gap cannot grow: the layer path says so
+        stepper = self._stepper(state) if state and state[0].gap is None else None
         if stepper is None or idx.dim() != 2 or idx.shape[1] != 1:
             return self.logits(self.advance(state, idx)[:, -1])
         from ..kernels._common import num_threads

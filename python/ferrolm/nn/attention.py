@@ -32,6 +32,12 @@ class KVCache:
     (``append``; with ``lengths=`` only the first ``lengths[b]`` of them count as real for row b,
     for right-padded prompts). A single token per row is written at each row's own length
     (``append_step``), so sequences of different lengths decode together without padding.
+
+    Rows of different lengths take a block together with :meth:`append_block`: it is written
+    after the longest row, and the positions between each shorter row's length and that point
+    (a gap) are masked from the block's queries. A cache with such a gap can be read (the block's
+    attention) but not appended to again: scoring several continuations of several contexts in
+    one forward uses it on copies (:meth:`select`) that are then dropped.
     """
 
     def __init__(
@@ -40,6 +46,8 @@ class KVCache:
         self.k = torch.zeros(batch, n_kv_head, capacity, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.lengths = torch.zeros(batch, dtype=torch.int64)
+        #: (each row's length before a ragged block (B,), where the block starts), or None.
+        self.gap: Optional[Tuple[torch.Tensor, int]] = None
 
     @property
     def capacity(self) -> int:
@@ -62,12 +70,21 @@ class KVCache:
         rows_dev = rows.to(self.k.device)
         out.k, out.v = self.k.index_select(0, rows_dev), self.v.index_select(0, rows_dev)
         out.lengths = self.lengths.index_select(0, rows.cpu())
+        out.gap = None if self.gap is None else (self.gap[0].index_select(0, rows.cpu()), self.gap[1])
         return out
+
+    def _extendable(self) -> None:
+        if self.gap is not None:
+            raise ValueError(
+                "this KV cache holds a ragged block (rows of different lengths took a block after their longest "
+                "row, leaving gaps): it can be read but not appended to; select() the rows from the cache before it"
+            )
 
     def append(
         self, k: torch.Tensor, v: torch.Tensor, lengths: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Appends (B, Hk, T, D) at the common length; returns the filled (B, Hk, L+T, D) views."""
+        self._extendable()
         start, t = self.length, k.size(2)
         if start + t > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions; appending {t} to {start} overflows it")
@@ -82,8 +99,39 @@ class KVCache:
             ks, vs = ks.to(k.dtype), vs.to(v.dtype)
         return ks, vs
 
+    def append_block(
+        self, k: torch.Tensor, v: torch.Tensor, lengths: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Appends a block (B, Hk, T, D) to rows of the same or of different lengths; returns the
+        filled views (B, Hk, S, D) and the key padding mask (B, S) the block's queries need (True
+        at the gap between a row's length and the block; None when the rows were equal, as
+        :meth:`append`). With causal attention aligned to the end, query t of row b then sees
+        exactly its row's positions before the block and the block's first t + 1 tokens.
+
+        ``lengths`` (B,): the real tokens of each right-padded row of the block."""
+        lo, hi = int(self.lengths.min()), int(self.lengths.max())
+        if lo == hi:
+            ks, vs = self.append(k, v, lengths)
+            return ks, vs, None
+        self._extendable()
+        t = k.size(2)
+        if hi + t > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; appending {t} after {hi} overflows it")
+        self.k[:, :, hi : hi + t] = k
+        self.v[:, :, hi : hi + t] = v
+        before = self.lengths
+        at = torch.arange(hi + t).view(1, -1)
+        mask = (at >= before.view(-1, 1)) & (at < hi)
+        self.gap = (before, hi)
+        self.lengths = hi + (torch.full_like(before, t) if lengths is None else torch.as_tensor(lengths).cpu().long())
+        ks, vs = self.k[:, :, : hi + t], self.v[:, :, : hi + t]
+        if ks.dtype != k.dtype:
+            ks, vs = ks.to(k.dtype), vs.to(v.dtype)
+        return ks, vs, mask.to(self.k.device)
+
     def append_step(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Writes one position per row, (B, Hk, 1, D), at each row's length; returns the new lengths."""
+        self._extendable()
         if int(self.lengths.max()) >= self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions and a row is full")
         b = k.size(0)
@@ -185,10 +233,8 @@ class MultiheadSelfAttention(torch.nn.Module):
         step = cache is not None and T == 1 and key_padding_mask is None
         if self.rotary is not None:
             if positions is None and cache is not None:
-                positions = cache.lengths.view(B, 1) + torch.arange(T).view(1, T) if step else None
-                offset = 0 if step else cache.length
-            else:
-                offset = 0
+                positions = cache.lengths.view(B, 1) + torch.arange(T).view(1, T)
+            offset = 0
             q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
         if step:
             assert cache is not None
@@ -196,7 +242,13 @@ class MultiheadSelfAttention(torch.nn.Module):
             y = decode_attention(q, cache.k, cache.v, lens)  # (B, H, 1, D)
         else:
             if cache is not None:
-                k, v = cache.append(k, v, lengths)
+                k, v, gap = cache.append_block(k, v, lengths)
+                if gap is not None:
+                    if key_padding_mask is not None:
+                        raise ValueError(
+                            "key_padding_mask cannot be combined with a cache of rows of different lengths"
+                        )
+                    key_padding_mask = gap
             y = attention(
                 q.contiguous(), k.contiguous(), v.contiguous(), causal=self.causal, key_padding_mask=key_padding_mask
             )

@@ -103,7 +103,8 @@ def run_suite(
 
 
 def suite_markdown(result: Dict[str, Any]) -> str:
-    """One row per task: its scoring, then the mean accuracy [95% interval] at each k."""
+    """One row per task: its scoring, then the mean accuracy over seeds at each k with the
+    Wilson 95% interval of all its answers pooled (seeds x test questions)."""
     ks = result["settings"]["ks"]
     lines = [
         "| task | scoring | " + " | ".join(f"k={k}" for k in ks) + " |",
@@ -114,7 +115,11 @@ def suite_markdown(result: Dict[str, Any]) -> str:
         cells = []
         for k in ks:
             r = by_k.get(k)
-            cells.append("" if r is None else f"{r['accuracy']:.3f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]")
+            if r is None:
+                cells.append("")
+                continue
+            lo, hi = r.get("wilson_low", r["ci_low"]), r.get("wilson_high", r["ci_high"])
+            cells.append(f"{r['accuracy']:.3f} [{lo:.2f}, {hi:.2f}]")
         kind = "classes" if t["scoring"] == "classification" else "exact match"
         lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -129,7 +134,8 @@ def plot_suite(result: Dict[str, Any], path: PathLike) -> None:
         rows = t["table"]
         x = [r["k"] for r in rows]
         ax.plot(x, [r["accuracy"] for r in rows], marker="o", label=name)
-        ax.fill_between(x, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], alpha=0.12)
+        lo = [r.get("wilson_low", r["ci_low"]) for r in rows]
+        ax.fill_between(x, lo, [r.get("wilson_high", r["ci_high"]) for r in rows], alpha=0.12)
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xticks(ks)
     ax.set_xticklabels([str(k) for k in ks])
