@@ -27,8 +27,8 @@ def _missing() -> List[str]:
 
 
 def build(questions: int, layers=None, shots: int = 8, batch_size: int = 8):
-    """``(ferrolm backend, hf backend, instances, gold indices)``: both backends on the same weights (lm-eval's hf
-    backend runs the transformers twin of ferrolm's Llama, with transformers' tokenizer read from the same GGUF)."""
+    """``(ferrolm backend, hf backend, instances, gold indices)``: both backends on the same GGUF file (lm-eval's hf
+    backend on transformers' own GGUF loading; with ``layers``, on transformers' twin of ferrolm's cut model)."""
     import numpy as np
     import transformers
     from lm_eval.api.instance import Instance
@@ -41,8 +41,13 @@ def build(questions: int, layers=None, shots: int = 8, batch_size: int = 8):
     # float32 on both sides (the issue's comparison): the GGUF's blocks dequantized
     ours = FerroLMEval(pretrained="smollm2", batch_size=batch_size, layers=layers, dequantize=True)
     gguf = embedded_path("smollm2")
-    tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    hf = HFLM(pretrained=ours.lm.model.to_hf().float().eval(), tokenizer=tok, batch_size=batch_size, device="cpu")
+    if layers is None:  # the whole model: transformers reads the GGUF file itself
+        hf = HFLM(
+            pretrained=str(gguf.parent), gguf_file=gguf.name, dtype="float32", batch_size=batch_size, device="cpu"
+        )
+    else:  # the first layers only (the smoke): transformers' twin of ferrolm's cut model
+        tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        hf = HFLM(pretrained=ours.lm.model.to_hf().float().eval(), tokenizer=tok, batch_size=batch_size, device="cpu")
     task = load_task("number_english", n_test=questions)
     rng = np.random.default_rng(0)
     outputs = sorted({e.output for e in task.pool + task.test})

