@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -212,16 +213,51 @@ def test_a_prefix_shared_by_all_contexts_runs_once_and_scores_the_same(make, mon
         assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-5) and a.is_greedy == b.is_greedy
 
 
-def test_transformers_models_reuse_the_context_cache_too(hf_pair):
-    hf, _ = hf_pair
-    reqs = _requests(seed=2)
+def _hf_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(7)
+    cfg = transformers.LlamaConfig(
+        vocab_size=90,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_transformers_models_reuse_the_context_cache_too(hf_pair, which, monkeypatch):
+    """Contexts of different lengths batched with right padding, then their continuations as one
+    block at their own positions: the same scores as one full forward per request, at every
+    batch size, in fewer forwards than one per context."""
+    hf = hf_pair[0] if which == "gpt2" else _hf_llama()
+    reqs = _requests(seed=2, n_ctx=6)
     lm = LM(hf, batch_size=3)
     assert lm._hf_cache_ok(), "this transformers version should offer a copyable KV cache"
-    want = LM(hf, batch_size=1).loglikelihood(reqs, reuse_prefix=False)
+    want = [_direct(hf, ctx, cont) for ctx, cont in reqs]
+    calls = []
+    real = type(hf).forward
+
+    @functools.wraps(real)  # keeps the signature (position_ids) the LM looks for
+    def counted(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(hf), "forward", counted)
     for bs in (1, 3, 16):
-        got = LM(hf, batch_size=bs).loglikelihood(reqs)
+        lm = LM(hf, batch_size=bs)
+        lm._hf_cache_ok()  # its one-token probe forward, before counting
+        calls.clear()
+        got = lm.loglikelihood(reqs)
         for a, b in zip(got, want):
-            assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-5) and a.is_greedy == b.is_greedy
+            assert a.logprob == pytest.approx(b, rel=1e-5, abs=1e-5)
+        if bs == 16:  # one batch of the 6 contexts, one block of their continuations
+            assert len(calls) == 2
+    plain = LM(hf, batch_size=1).loglikelihood(reqs, reuse_prefix=False)
+    assert [a.is_greedy for a in got] == [b.is_greedy for b in plain]
 
 
 def test_multiple_choice_picks_the_choice_transformers_scores_highest(hf_pair):

@@ -10,15 +10,18 @@ scored against each choice) run the context once. The distinct contexts of a cal
 batches, grouped by length with :class:`ferrolm.data.BucketBatchSampler` and right-padded with
 :func:`ferrolm.data.pad` (each row's cache keeps its own length, so the pads are never attended
 to); the multi-token continuations of all contexts of a batch then continue copies of their
-context's cache row (the protocol's ``select``) together, one token per row per step, or one
-block per context when that takes fewer forwards. A prefix common to all contexts of a call (an
-instruction and fixed demonstrations) runs once too, each context running only its own remainder
-after it. Transformers models reuse each context's KV cache the same way (copied per
-continuation with ``DynamicCache.batch_repeat_interleave``; full forwards where a model offers no
-such cache). A continuation of one token needs no second pass at all (its log-probability is
-read from the context's last position). Padding never enters a score: continuations are
-right-padded, the causal mask keeps real tokens from seeing the pads after them, and each row's
-log-probs are gathered at its own positions only, so scores do not depend on the batch size.
+context's cache row (the protocol's ``select``) as one block, one forward for all their tokens
+(:meth:`ferrolm.nn.KVCache.append_block` places it after the longest context and masks each
+shorter row's gap). A prefix common to all contexts of a call (an instruction and fixed
+demonstrations) runs once too, each context running only its own remainder after it.
+Transformers models reuse their KV caches the same way: contexts as right-padded batches with an
+attention mask, then the continuations as one block on copies of their rows
+(``DynamicCache.batch_select_indices``) at their own ``position_ids``, the context pads masked
+(full forwards where a model offers no such cache). A continuation of one token needs no second
+pass at all (its log-probability is read from the context's last position). Padding never
+enters a score: continuations are right-padded, the causal mask keeps real tokens from seeing
+the pads after them, and each row's log-probs are gathered at its own positions only, so scores
+do not depend on the batch size.
 
 Contexts longer than the model's window are cut from the left (the oldest tokens go; the input
 is the context and every continuation token but the last, as lm-eval cuts it), and
@@ -404,15 +407,7 @@ class LM:
             plans.append((list(ctx_t), longest, members))
         out: List[Optional[LogLikelihood]] = [None] * len(reqs)
         if not self.native:
-            for ctx, _, members in plans:
-                first, state = self._hf_prefix(ctx)
-                for s in range(0, len(members), self.batch_size):
-                    chunk = members[s : s + self.batch_size]
-                    conts = [reqs[i][1] for i in chunk]
-                    rest = self._continue(state, conts, len(ctx))
-                    for j, i in enumerate(chunk):
-                        out[i] = self._result(first, rest[j], reqs[i][1], cuts[i])
-            return out  # type: ignore[return-value]
+            return self._loglikelihood_hf(reqs, plans, cuts)
         base = self._shared_base([p[0] for p in plans], max(len(p[0]) + p[1] - 1 for p in plans))
         done = base[0] if base is not None else 0
         for batch in self._context_batches([len(p[0]) - done for p in plans]):
@@ -540,45 +535,93 @@ class LM:
         logp = F.log_softmax(self.model.logits(h[rows, lengths - 1]).float(), -1)
         return [(logp[i : i + 1], (state, i)) for i in range(B)]
 
-    def _hf_prefix(self, ctx: List[int]):
-        """A transformers model's log-probs after the context (1, V) and its ``past_key_values``."""
-        out = self.model(input_ids=torch.tensor([ctx], dtype=torch.int64, device=self.device), use_cache=True)
-        return F.log_softmax(out.logits[:, -1].float(), -1), _hf_cache_of(out)
+    def _loglikelihood_hf(self, reqs, plans, cuts) -> List[LogLikelihood]:
+        """The cached path for a transformers model: contexts run as right-padded batches (one
+        forward each, with an attention mask), then the multi-token continuations of a batch's
+        contexts as one block on copies of their rows of the cache (their positions given, the
+        context pads masked)."""
+        out: List[Optional[LogLikelihood]] = [None] * len(reqs)
+        # Without position_ids the model counts positions from the cache length: contexts then
+        # run one at a time (no pads, so the count is right).
+        one = not self._hf_takes_positions()
+        batches = [[b] for b in range(len(plans))] if one else self._context_batches([len(p[0]) for p in plans])
+        for batch in batches:
+            ctxs = [plans[b][0] for b in batch]
+            firsts, state, mask = self._hf_prefix(ctxs)
+            jobs = [(j, i) for j, b in enumerate(batch) for i in plans[b][2]]
+            longer = []
+            for j, i in jobs:
+                if len(reqs[i][1]) == 1:
+                    out[i] = self._result(firsts[j], None, reqs[i][1], cuts[i])
+                else:
+                    longer.append((j, i))
+            span = max((mask.size(1) + len(reqs[i][1]) for _, i in longer), default=1)
+            for chunk in self._continuation_chunks(longer, reqs, span):
+                rests = self._continue(state, mask, [j for j, _ in chunk], [reqs[i][1] for _, i in chunk], ctxs)
+                for (j, i), rest in zip(chunk, rests):
+                    out[i] = self._result(firsts[j], rest, reqs[i][1], cuts[i])
+        return out  # type: ignore[return-value]
+
+    def _hf_takes_positions(self) -> bool:
+        import inspect
+
+        try:
+            return "position_ids" in inspect.signature(self.model.forward).parameters
+        except (TypeError, ValueError):
+            return False
+
+    def _hf_prefix(self, ctxs: List[List[int]]):
+        """A transformers model run on right-padded contexts: each one's log-probs after its
+        last token (1, V), the ``past_key_values`` (pads included) and the attention mask (B, T)."""
+        T = max(len(c) for c in ctxs)
+        ids = torch.zeros(len(ctxs), T, dtype=torch.int64)
+        mask = torch.zeros(len(ctxs), T, dtype=torch.int64)
+        for i, c in enumerate(ctxs):
+            ids[i, : len(c)] = torch.tensor(c, dtype=torch.int64)
+            mask[i, : len(c)] = 1
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=True)
+        last = torch.tensor([len(c) - 1 for c in ctxs], device=out.logits.device)
+        logp = F.log_softmax(out.logits[torch.arange(len(ctxs), device=last.device), last].float(), -1)
+        return [logp[i : i + 1] for i in range(len(ctxs))], _hf_cache_of(out), mask
 
     def _hf_cache_ok(self) -> bool:
         """Whether the transformers model returns a KV cache that can be copied per row
-        (``DynamicCache.batch_repeat_interleave``); otherwise requests run as full forwards."""
+        (``DynamicCache.batch_select_indices``); otherwise requests run as full forwards."""
         if getattr(self, "_hf_cache", None) is None:
             try:
                 with torch.no_grad():
                     out = self.model(input_ids=torch.zeros(1, 1, dtype=torch.int64, device=self.device), use_cache=True)
-                self._hf_cache = hasattr(_hf_cache_of(out), "batch_repeat_interleave")
+                self._hf_cache = hasattr(_hf_cache_of(out), "batch_select_indices")
             except (TypeError, ValueError, RuntimeError):
                 self._hf_cache = False
         return bool(self._hf_cache)
 
-    def _continue(self, state, conts: List[List[int]], n_ctx: int) -> List[torch.Tensor]:
-        """Log-probs (len-1, V) after each continuation's tokens but its last, from a transformers
-        model's ``past_key_values`` after the context."""
-        n = len(conts)
-        m = max(len(c) for c in conts) - 1
-        if m == 0:
-            return [torch.empty(0)] * n
-        idx = torch.zeros(n, m, dtype=torch.int64)
-        for i, c in enumerate(conts):
-            idx[i, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.int64)
-        idx = idx.to(self.device)
+    def _continue(
+        self, state, ctx_mask: torch.Tensor, rows: List[int], conts: List[List[int]], ctxs
+    ) -> List[torch.Tensor]:
+        """Log-probs (len - 1, V) after each continuation's tokens but its last: continuation i
+        follows context row ``rows[i]`` of a transformers model's ``past_key_values`` ``state``
+        (right-padded contexts, ``ctx_mask`` (B, T)); all run as one right-padded block on a
+        copy of those rows, at their own positions."""
         import copy
 
-        cache = copy.deepcopy(state)  # the forward below appends to it
-        cache.batch_repeat_interleave(n)
-        mask = torch.ones(n, n_ctx + m, dtype=torch.int64)
+        n, m = len(conts), max(len(c) for c in conts) - 1
+        idx = torch.zeros(n, m, dtype=torch.int64)
+        cont_mask = torch.zeros(n, m, dtype=torch.int64)
         for i, c in enumerate(conts):
-            mask[i, n_ctx + len(c) - 1 :] = 0  # right padding after each continuation
-        kw = {_hf_cache_arg(self.model): cache}
-        logits = self.model(input_ids=idx, attention_mask=mask.to(self.device), **kw).logits
+            idx[i, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.int64)
+            cont_mask[i, : len(c) - 1] = 1
+        sel = torch.tensor(rows, dtype=torch.int64)
+        cache = copy.deepcopy(state)  # the forward below appends to it
+        cache.batch_select_indices(sel.to(self.device))
+        mask = torch.cat([ctx_mask.index_select(0, sel), cont_mask], 1)
+        kw = {_hf_cache_arg(self.model): cache, "attention_mask": mask.to(self.device)}
+        if self._hf_takes_positions():
+            start = torch.tensor([len(ctxs[r]) for r in rows], dtype=torch.int64)
+            kw["position_ids"] = (start.view(n, 1) + torch.arange(m).view(1, m)).to(self.device)
+        logits = self.model(input_ids=idx.to(self.device), **kw).logits
         logp = F.log_softmax(logits.float(), -1)
-        return [logp[i] for i in range(n)]
+        return [logp[i, : len(c) - 1] for i, c in enumerate(conts)]
 
     @torch.no_grad()
     def generate_until(self, requests: Sequence[Tuple[Any, Sequence[str], int]], tokenizer=None) -> List[str]:
