@@ -174,3 +174,14 @@ def test_smollm2_equals_the_hf_backend_reading_the_gguf_itself():
         assert la == pytest.approx(lb, abs=1e-4) and ga == gb
     for i in range(len(questions)):
         assert max(range(3), key=lambda j: a[3 * i + j][0]) == max(range(3), key=lambda j: b[3 * i + j][0])
+
+
+def test_a_folder_without_a_tokenizer_says_which_file_is_missing(folder, tmp_path):
+    import shutil
+
+    import ferrolm.icl.lm_eval_backend as backend
+
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        backend.FerroLMEval(pretrained=str(bare))
