@@ -228,3 +228,16 @@ def test_cli_icl_eval_runs_the_suite(tmp_path, capsys):
     assert (out / "icl_tasks.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["icl", "eval", "--model", str(d), "--task", "antonymz"]) == 2
     assert "unknown ICL task 'antonymz'; the tasks are: all, addition" in capsys.readouterr().err
+
+
+def test_merge_suites_joins_tasks_of_equal_settings_and_refuses_the_rest():
+    from ferrolm.recipes.icl_tasks import merge_suites
+
+    a = {"settings": {"ks": [0, 1], "seeds": [0]}, "tasks": {"plural": {"table": [1]}}}
+    b = {"settings": {"ks": [0, 1], "seeds": [0]}, "tasks": {"parity": {"table": [2]}}}
+    m = merge_suites([a, b])
+    assert list(m["tasks"]) == ["plural", "parity"] and m["settings"] == a["settings"]
+    with pytest.raises(ValueError, match="more than one"):
+        merge_suites([a, a])
+    with pytest.raises(ValueError, match=r"\['seeds'\]"):
+        merge_suites([a, {"settings": {"ks": [0, 1], "seeds": [0, 1]}, "tasks": {}}])

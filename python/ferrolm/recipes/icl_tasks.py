@@ -17,7 +17,7 @@ from .._plot import pyplot, save_figure
 from ..icl.evaluate import SweepResult, task_sweep
 from ..icl.tasks import load_task, task_names
 
-__all__ = ["resolve_tasks", "run_suite", "suite_markdown", "plot_suite"]
+__all__ = ["resolve_tasks", "run_suite", "merge_suites", "write_suite", "suite_markdown", "plot_suite"]
 
 
 def resolve_tasks(spec: str) -> List[str]:
@@ -91,14 +91,42 @@ def run_suite(
             "seconds": time.perf_counter() - t0,
         }
     if out_dir is not None:
-        d = Path(out_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        atomic_write(d / "icl_tasks.json", json.dumps(out, indent=2, default=str).encode())
-        atomic_write(d / "icl_tasks.md", suite_markdown(out).encode())
-        try:
-            plot_suite(out, d / "icl_tasks.png")
-        except ImportError:
-            pass
+        write_suite(out, out_dir)
+    return out
+
+
+def write_suite(result: Dict[str, Any], out_dir: PathLike, stem: str = "icl_tasks") -> None:
+    """Writes ``stem.json``, ``stem.md`` and ``stem.png`` (the plot skipped without matplotlib)."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    atomic_write(d / f"{stem}.json", json.dumps(result, indent=2, default=str).encode())
+    atomic_write(d / f"{stem}.md", suite_markdown(result).encode())
+    try:
+        plot_suite(result, d / f"{stem}.png")
+    except ImportError:
+        pass
+
+
+def merge_suites(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """One suite result from several runs of :func:`run_suite` (say one process per task) with
+    the same settings but different tasks, in the order given.
+
+    Raises:
+        ValueError: settings that differ (the keys named) or a task in two of them.
+    """
+    if not results:
+        raise ValueError("merge_suites needs at least one result")
+    first = results[0]["settings"]
+    out: Dict[str, Any] = {"settings": dict(first), "tasks": {}}
+    for r in results[1:]:
+        diff = sorted(k for k in set(first) | set(r["settings"]) if first.get(k) != r["settings"].get(k))
+        if diff:
+            raise ValueError(f"suite results differ in settings {diff}; merge runs of the same settings only")
+    for r in results:
+        for name, t in r["tasks"].items():
+            if name in out["tasks"]:
+                raise ValueError(f"task {name!r} is in more than one of the results")
+            out["tasks"][name] = t
     return out
 
 
