@@ -54,7 +54,14 @@ def test_ragged_block_equals_each_row_alone(pair):
         blk = torch.zeros(len(blocks), max(block_lens), dtype=torch.int64)
         for i, b in enumerate(blocks):
             blk[i, : len(b)] = torch.tensor(b)
+        rows = []
+        if isinstance(ours, Llama):  # its per-token layers see the real tokens only
+            proj = ours.model.layers[0].self_attn.q_proj
+            hook = proj.register_forward_hook(lambda m, a, out: rows.append(a[0].reshape(-1, a[0].size(-1)).size(0)))
         got = ours.logits(ours.advance(state, blk, torch.tensor(block_lens)))
+        if isinstance(ours, Llama):
+            hook.remove()
+            assert rows == [sum(block_lens)]
         assert state[0].lengths.tolist() == [max(ctx_lens) + n for n in block_lens]
         for i, (c, b) in enumerate(zip(ctxs, blocks)):
             want = hf(torch.tensor([c + b])).logits[0, len(c) :]

@@ -41,8 +41,8 @@ from .._config import Config
 from .._io import PathLike, atomic_path
 from ..errors import FormatError
 from ..kernels import attention, decode_attention
-from ..nn import Dropout, KVCache
-from .common import CachedDecoder, Checkpointable, check_lengths, input_shape, lm_loss
+from ..nn import Dropout, KVCache, Packed
+from .common import CachedDecoder, Checkpointable, check_lengths, input_shape, lengths_to_padding_mask, lm_loss
 
 __all__ = ["LlamaConfig", "Llama", "load", "EMBEDDED_MODELS"]
 
@@ -299,12 +299,19 @@ class LlamaAttention(nn.Module):
     def new_cache(self, batch: int, capacity: int, dtype=torch.float32, device="cpu") -> KVCache:
         return KVCache(batch, self.n_kv_head, capacity, self.head_dim, dtype, device)
 
-    def forward(self, x, cos, sin, padding_mask=None, cache: Optional[KVCache] = None, lengths=None):
-        B, T, _ = x.shape
+    def forward(self, x, cos, sin, padding_mask=None, cache: Optional[KVCache] = None, lengths=None, packed=None):
+        """``packed``: a :class:`~ferrolm.nn.Packed` when x holds only the real tokens (N, C) of
+        a right-padded (B, T) batch; the projections run on those, attention on (B, T)."""
         H, Hk, D = self.n_head, self.n_kv_head, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, Hk, D).transpose(1, 2)  # (B, Hk, T, D)
-        v = self.v_proj(x).view(B, T, Hk, D).transpose(1, 2)
+        if packed is None:
+            B, T, _ = x.shape
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            B, T = packed.B, packed.T
+            q, k, v = (packed.unpack(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, Hk, D).transpose(1, 2)  # (B, Hk, T, D)
+        v = v.view(B, T, Hk, D).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None and T == 1:
@@ -315,7 +322,7 @@ class LlamaAttention(nn.Module):
                 k, v, padding_mask = cache.append_block(k, v, lengths)
             y = attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, key_padding_mask=padding_mask)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
-        return self.dropout(self.o_proj(y))
+        return self.dropout(self.o_proj(y if packed is None else packed.pack(y)))
 
 
 class LlamaMLP(nn.Module):
@@ -343,8 +350,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x, cos, sin, padding_mask=None, cache=None, lengths=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, padding_mask, cache, lengths)
+    def forward(self, x, cos, sin, padding_mask=None, cache=None, lengths=None, packed=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, padding_mask, cache, lengths, packed)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -445,9 +452,16 @@ class Llama(CachedDecoder, Checkpointable, nn.Module):
         x = self.model.embed_tokens(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         x = self.drop(x)
         cos, sin = self._rope(pos, x.dtype)
+        # Right-padded rows: the per-token layers run on the real tokens only (a batch costs in
+        # proportion to its real tokens); attention sees the (B, T) layout, pads at zero.
+        packed = None
+        if lengths is not None and T > 1 and int(lengths.min()) < T:
+            packed = Packed(lengths_to_padding_mask(lengths, T).to(x.device), B, T)
+            x = packed.pack(x)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, padding_mask, None if cache is None else cache[i], lengths)
-        return self.model.norm(x)
+            x = layer(x, cos, sin, padding_mask, None if cache is None else cache[i], lengths, packed)
+        x = self.model.norm(x)
+        return x if packed is None else packed.unpack(x)
 
     def forward(
         self,
