@@ -114,3 +114,27 @@ def trained(corpus_docs):
     """A 2,048-token vocabulary trained by ferrolm on 1 MB of the corpus (no shared data needed)."""
     docs = [chinese_text()] + stdlib_texts(max_bytes=1_000_000)
     return Tokenizer.train(docs, vocab_size=2048, special_tokens=["<|endoftext|>", "<|pad|>"])
+
+
+@pytest.fixture
+def hf_llama():
+    """A factory of small random transformers ``LlamaForCausalLM`` models in eval mode: 2 layers,
+    width 32, 4 query and 2 KV heads, window 64; ``make(vocab_size=64, seed=0, **config)``."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    def make(vocab_size: int = 64, seed: int = 0, **config):
+        torch.manual_seed(seed)
+        kw = dict(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+        kw.update(config)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
+
+    return make

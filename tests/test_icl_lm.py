@@ -213,27 +213,12 @@ def test_a_prefix_shared_by_all_contexts_runs_once_and_scores_the_same(make, mon
         assert a.logprob == pytest.approx(b.logprob, rel=1e-5, abs=1e-5) and a.is_greedy == b.is_greedy
 
 
-def _hf_llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(7)
-    cfg = transformers.LlamaConfig(
-        vocab_size=90,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
-def test_transformers_models_reuse_the_context_cache_too(hf_pair, which, monkeypatch):
+def test_transformers_models_reuse_the_context_cache_too(hf_pair, which, monkeypatch, hf_llama):
     """Contexts of different lengths batched with right padding, then their continuations as one
     block at their own positions: the same scores as one full forward per request, at every
     batch size, in fewer forwards than one per context."""
-    hf = hf_pair[0] if which == "gpt2" else _hf_llama()
+    hf = hf_pair[0] if which == "gpt2" else hf_llama(vocab_size=90, seed=7)
     reqs = _requests(seed=2, n_ctx=6)
     lm = LM(hf, batch_size=3)
     assert lm._hf_cache_ok(), "this transformers version should offer a copyable KV cache"
