@@ -155,3 +155,16 @@ def test_generate_errors():
     with pytest.raises(TypeError, match="GPT or LSTMLanguageModel"):
         generate(torch.nn.Linear(2, 2), [[1]], 2)
     assert generate(model, [[1]], 0) == [[]]
+
+
+def test_truncate_drops_the_oldest_prompt_tokens():
+    model = _gpt()  # block_size 40
+    long = [int(t) % 50 for t in range(3, 3 + 45)]
+    with pytest.raises(ValueError, match="truncate=True"):
+        generate(model, [long], 5, temperature=0)
+    got = generate(model, [long, [4, 5]], 5, temperature=0, truncate=True)
+    # the same as the prompt's last 35 tokens given by hand; the short prompt is untouched
+    assert got[0] == generate(model, [long[-35:]], 5, temperature=0)[0] == _greedy_by_full_forward(model, long[-35:], 5)
+    assert got[1] == generate(model, [[4, 5]], 5, temperature=0)[0]
+    with pytest.raises(ValueError, match="no room"):
+        generate(model, [long], 40, temperature=0, truncate=True)

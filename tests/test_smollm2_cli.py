@@ -230,3 +230,19 @@ def test_finetune_prompt_tuning_smollm2(tmp_path, capsys):
     argv = ["finetune", "--model", "smollm2", "--layers", "1", "--method", "prompt", "--steps", "1", "--batch-size"]
     assert cli.main(argv + ["2", "--seq-len", "16", "--virtual-tokens", "4", "--out", str(out)]) == 0
     assert tuple(load_file(str(out / "prompt.safetensors"))["prompt"].shape) == (4, 576)
+
+
+def test_generate_truncate_cuts_a_prompt_longer_than_the_window(smol, capsys):
+    model, tok = smol
+    prompt = "one two three four " * 2100  # more than the 8192-token window
+    ids = tok.encode(prompt)
+    window = model.context_window
+    assert len(ids) > window
+    argv = ["generate", "--model", "smollm2", "--layers", "2", "--prompt", prompt, "--temperature", "0"]
+    assert cli.main(argv + ["--max-new-tokens", "3"]) == 2  # too long: one line naming the fix
+    assert "truncate" in capsys.readouterr().err
+    assert cli.main(argv + ["--max-new-tokens", "3", "--truncate"]) == 0
+    out = capsys.readouterr()
+    row = generate(model, [ids[-(window - 3) :]], 3, temperature=0, stop_ids=stop_ids_of(tok))[0]
+    assert out.out == prompt + tok.decode(row) + "\n"
+    assert f"lost its first {len(ids) + 3 - window} tokens" in out.err

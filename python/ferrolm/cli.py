@@ -303,7 +303,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         stop_ids=stops or None,
         seed=args.seed,
+        truncate=args.truncate,
     )
+    window = model.context_window
+    if args.truncate and window is not None and len(ids) + args.max_new_tokens > window:
+        cut = len(ids) + args.max_new_tokens - window
+        print(f"note: the prompt lost its first {cut} tokens to fit the window of {window}", file=sys.stderr)
     for i, row in enumerate(new):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
@@ -655,6 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=None, help="cut the text at this string (repeatable)")
     g.add_argument("--num-samples", type=_positive, default=1)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument(
+        "--truncate", action="store_true", help="cut a prompt too long for the window from the left instead of failing"
+    )
     g.add_argument("--layers", type=_positive, default=None, help=argparse.SUPPRESS)  # tests: the first N layers
     g.set_defaults(func=_cmd_generate)
 

@@ -150,6 +150,7 @@ def generate(
     seed: Optional[int] = None,
     attention_mask: Optional[torch.Tensor] = None,
     kv_dtype: Optional[torch.dtype] = None,
+    truncate: bool = False,
 ) -> List[List[int]]:
     """Continues each prompt by up to ``max_new_tokens`` tokens.
 
@@ -169,6 +170,8 @@ def generate(
         kv_dtype: the KV cache's dtype for models with one (GPT, Llama): torch.float16 (half
             the cache memory and the bytes each step reads; keys and values rounded to float16)
             or torch.float32; None: the model's dtype.
+        truncate: a prompt that leaves less than ``max_new_tokens`` of the model's window is
+            cut from the left (its oldest tokens dropped) instead of raising.
 
     Returns:
         The new tokens of each prompt (a list per prompt, without the prompt).
@@ -221,14 +224,18 @@ def generate(
             raise ValueError(f"prompt {i} holds token id {lo if lo < 0 else hi}, outside the vocabulary [0, {V})")
     B = len(prompts)
     device = _device(model)
+    window = model.context_window
+    if truncate and window is not None:
+        if max_new_tokens >= window:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the window of {window}")
+        prompts = [p[-(window - max_new_tokens) :] for p in prompts]
     padded, lens = right_padded(prompts, 0, device)
     T = padded.size(1)
-    window = model.context_window
     if window is not None and T + max_new_tokens > window:
         raise ValueError(
             f"prompt of {T} tokens + max_new_tokens={max_new_tokens} exceeds "
             f"{getattr(model, 'window_name', 'context_window')}={window}; "
-            "shorten the prompt or generate fewer tokens"
+            "shorten the prompt, generate fewer tokens or pass truncate=True (drops the oldest tokens)"
         )
     out: List[List[int]] = [[] for _ in range(B)]
     if max_new_tokens == 0:
