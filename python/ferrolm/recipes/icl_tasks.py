@@ -158,10 +158,11 @@ def plot_suite(result: Dict[str, Any], path: PathLike) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     ks = result["settings"]["ks"]
-    for name, t in result["tasks"].items():
+    for i, (name, t) in enumerate(result["tasks"].items()):
         rows = t["table"]
         x = [r["k"] for r in rows]
-        ax.plot(x, [r["accuracy"] for r in rows], marker="o", label=name)
+        # past the 10 colours of the cycle, dashed lines keep the tasks apart
+        ax.plot(x, [r["accuracy"] for r in rows], marker="o", label=name, linestyle="-" if i < 10 else "--")
         lo = [r.get("wilson_low", r["ci_low"]) for r in rows]
         ax.fill_between(x, lo, [r.get("wilson_high", r["ci_high"]) for r in rows], alpha=0.12)
     ax.set_xscale("symlog", linthresh=1)
@@ -170,7 +171,7 @@ def plot_suite(result: Dict[str, Any], path: PathLike) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("demonstrations k")
     ax.set_ylabel("accuracy")
-    model = result["settings"].get("model") or "model"
+    model = (result["settings"].get("model") or "model").split(" (")[0]  # the name, not its notes
     ax.set_title(f"{model}: in-context learning on ferrolm's task suite")
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.tight_layout()
