@@ -474,6 +474,7 @@ def _train_one(
         eval_interval=0,
         seed=seed,
         progress=progress,
+        fused_adam=True,  # full fine-tuning: 0.30 s per AdamW step instead of 1.55 s on one core
     )
     target.train()
     t0 = time.perf_counter()
