@@ -205,3 +205,23 @@ def test_adapted_copies_share_frozen_storage_and_own_trained_tensors(tiny):
         assert all(p.data_ptr() in base for p in frozen), spec.label
         assert {id(p) for p in target.parameters()}.isdisjoint(id(p) for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())  # the base's own flags are untouched
+
+
+def test_load_quantized_reads_the_blocks_of_a_gguf_only(tiny, tmp_path):
+    import copy
+
+    from ferrolm.quant import QuantLinear, quantize
+    from ferrolm.recipes.language_model import load_quantized
+
+    model, _ = tiny
+    quantize(copy.deepcopy(model), "q8_0", head=None).save_gguf(tmp_path / "q.gguf")
+    model.save_gguf(tmp_path / "f.gguf")
+    q = load_quantized(tmp_path / "q.gguf")
+    assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 7 * model.config.n_layer
+    x = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():  # q8_0 blocks: within 0.01 of the float model's logits (their spread: ~0.1)
+        torch.testing.assert_close(q(x)[0], model(x)[0], rtol=0, atol=0.01)
+    assert load_quantized(tmp_path / "f.gguf") is None  # float matrices: the recipe quantizes itself
+    assert load_quantized(tmp_path) is None  # not a GGUF
+    with pytest.raises(FileNotFoundError, match="no GGUF file at"):
+        load_quantized(tmp_path / "missing.gguf")
