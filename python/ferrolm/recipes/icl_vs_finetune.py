@@ -117,10 +117,14 @@ class ExperimentConfig:
       ~550 s per unit of ``steps`` over the grid (article has no n = 256: its pool holds 166).
     - Evaluating the tuned models (validation and test) and per-run overhead: ~28 min.
 
-    Total on one core: 59 + 28 + 9.1 x ``steps`` minutes, ~6 h at ``steps=30`` (two cores: not
-    measured; shorter by torch's two-thread speedup on these small matrices). Fewer steps stop
-    fine-tuning from learning at n = 256: LoRA r=16 on parity (n = 256, seed 0, 50 test questions,
-    zero-shot 0.64) reached 0.90 after 30 steps at its best rate but at most 0.74 after 20.
+    Total on one core: 59 + 28 + 9.1 x ``steps`` minutes, ~6 h at ``steps=30``. On a quiet core
+    these costs run high: a slice of the grid through :func:`run_experiment` (parity, n = 256,
+    LoRA r=16: its 13 ICL runs and 5 trainings) took 300 s where they predict 392 s (ICL 181 s for
+    245, training 111 s for 136), which puts the whole grid near 4.6 h on one quiet core. Two
+    cores were not measured (the second core was another process's). Fewer steps stop
+    fine-tuning from learning at n = 256: LoRA r=16 (n = 256, seed 0, 50 test questions, best of
+    its three rates) reached 0.90 on parity (zero-shot 0.64) and 0.80 on addition (zero-shot
+    0.02) after 30 steps, but 0.74 and 0.74 after 20.
     ``n_test=50`` (was 100) halves ICL's share; the interval comes from the 3 seeds either way.
     Kept: the four tasks, n ∈ {16, 64, 256}, 3 seeds, k ∈ {0, 4, 16} with random and BM25
     demonstrations, every method with a 3-point learning-rate sweep per (task, n) on a validation
@@ -162,7 +166,8 @@ class ExperimentConfig:
     @classmethod
     def quick(cls, tasks: Optional[Sequence[str]] = None) -> "ExperimentConfig":
         """One classification and one generation task, n = 16, one seed, k ∈ {0, 4}, every method
-        at one learning rate for 5 steps, 10 test questions: minutes on two cores."""
+        at one learning rate for 5 steps, 10 test questions: 85 s on one core with SmolLM2, the
+        model loaded (97 s before the answer-only loss, the shared copies and fused AdamW)."""
         methods = tuple(replace(m, lrs=(m.lrs[len(m.lrs) // 2],)) for m in METHODS)
         return cls(
             tasks=tuple(tasks) if tasks else ("parity", "addition"),
