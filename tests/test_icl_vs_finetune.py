@@ -76,9 +76,21 @@ def test_quick_experiment_rows_parameters_and_resume(tiny, tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, base_state[k]), k  # the base model is never changed
 
-    # every training run was checked: per task, 8 methods x 2 seeds, plus IA3's 2-point sweep
-    assert len(seen) == 2 * (8 * 2 + 2)
+    # every training run was checked: per task, 8 methods x 2 seeds, plus IA3's 2-point sweep, less
+    # IA3's seed-0 test run: the sweep's run at the chosen rate is that run (scored, not retrained)
+    assert len(seen) == 2 * (8 * 2 + 2 - 1)
     assert sum(1 for s in seen if s[3] == "val") == 2 * 2
+    for task in cfg.tasks:
+        ia3 = [r for r in data["runs"].values() if r.get("method") == "(IA)³" and r["task"] == task and r["n"] == 16]
+        best = next(r["lr"] for r in ia3 if r["split"] == "test" and r["seed"] == 1)
+        test0, val0, test1 = (
+            next(r for r in ia3 if (r["split"], r["seed"], r["lr"]) == want)
+            for want in (("test", 0, best), ("val", 0, best), ("test", 1, best))
+        )
+        assert test0["from_sweep"] and "from_sweep" not in test1
+        for f in ("trainable", "train_seconds", "peak_rss_added_bytes", "final_loss"):
+            assert test0[f] == val0[f]
+        assert (task, "(IA)³", 0, "test") not in seen and (task, "(IA)³", 1, "test") in seen
 
     big = [r for r in data["rows"] if r["n"] == 1000 and r["method"] != "ICL k=0"]
     assert len(big) == 2 * (2 + 8) and all("accuracy" not in r for r in big)
@@ -151,3 +163,65 @@ def test_bad_settings_are_refused_by_name(tmp_path, capsys):
     # the CLI names an unknown task before loading any model
     assert cli.main(["finetune", "experiment", "--model", "smollm2", "--tasks", "parity,nope"]) == 2
     assert "unknown ICL task 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompt", [False, True])
+def test_answer_only_loss_equals_the_full_forward(tiny, prompt):
+    """The recipe's training loss runs the head at the answer positions only: the same value and
+    the same gradients as the model's own loss over all positions (answer tokens counted)."""
+    from ferrolm import finetune as ft
+
+    model, tok = tiny
+    pairs = [(tok.encode_ordinary("Question: 12 + 30 ="), tok.encode_ordinary(" 42\n")), ([5, 6], [7])]
+    x, y = ft_batches(pairs)
+    net = ft.PromptTuning(model, 3, seed=0) if prompt else model
+    ref_loss = net(x, targets=y)[1]
+    ref_grads = torch.autograd.grad(ref_loss, [p for p in net.parameters() if p.requires_grad])
+    logits, loss = exp._AnswerLoss(net)(x, y)
+    assert logits.shape == (int((y != -100).sum()), model.config.vocab_size)
+    grads = torch.autograd.grad(loss, [p for p in net.parameters() if p.requires_grad])
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def ft_batches(pairs):
+    from ferrolm.training import ExampleBatches
+
+    return ExampleBatches(pairs, batch_size=len(pairs), seq_len=32, shuffle=False).next()
+
+
+def test_adapted_copies_share_frozen_storage_and_own_trained_tensors(tiny):
+    model, _ = tiny
+    base = {p.data_ptr() for p in model.parameters()}
+    for spec in exp.METHODS:
+        target, why = exp._adapt(model, None, spec, 0)
+        if spec.method == "qlora":
+            assert target is None and "no quantized base" in why
+            continue
+        trained = [p for p in target.parameters() if p.requires_grad]
+        frozen = [p for p in target.parameters() if not p.requires_grad]
+        assert trained and all(p.data_ptr() not in base for p in trained), spec.label
+        assert all(p.data_ptr() in base for p in frozen), spec.label
+        assert {id(p) for p in target.parameters()}.isdisjoint(id(p) for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # the base's own flags are untouched
+
+
+def test_load_quantized_reads_the_blocks_of_a_gguf_only(tiny, tmp_path):
+    import copy
+
+    from ferrolm.quant import QuantLinear, quantize
+    from ferrolm.recipes.language_model import load_quantized
+
+    model, _ = tiny
+    quantize(copy.deepcopy(model), "q8_0", head=None).save_gguf(tmp_path / "q.gguf")
+    model.save_gguf(tmp_path / "f.gguf")
+    q = load_quantized(tmp_path / "q.gguf")
+    assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 7 * model.config.n_layer
+    x = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():  # q8_0 blocks: within 0.01 of the float model's logits (their spread: ~0.1)
+        torch.testing.assert_close(q(x)[0], model(x)[0], rtol=0, atol=0.01)
+    assert load_quantized(tmp_path / "f.gguf") is None  # float matrices: the recipe quantizes itself
+    assert load_quantized(tmp_path) is None  # not a GGUF
+    with pytest.raises(FileNotFoundError, match="no GGUF file at"):
+        load_quantized(tmp_path / "missing.gguf")

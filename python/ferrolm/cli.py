@@ -473,7 +473,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if args.action == "experiment" and args.model:
         from .recipes import icl_vs_finetune as exp
         from .recipes.icl_tasks import resolve_tasks
-        from .recipes.language_model import load_lm
+        from .recipes.language_model import load_lm, load_quantized
 
         tasks = resolve_tasks(args.tasks) if args.tasks else None
         cfg = exp.ExperimentConfig.quick(tasks) if args.quick else exp.ExperimentConfig()
@@ -481,8 +481,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             cfg = dataclasses.replace(cfg, tasks=tuple(tasks))
         model, tok = load_lm(args.model, args.tokenizer, layers=args.layers, dequantize=True)
         # LoRA on the quantized base uses the file's own blocks when it has them (else q8_0 of the float model)
-        stored, _ = load_lm(args.model, args.tokenizer, layers=args.layers, dequantize=False)
-        quantized = stored if any(type(m).__name__ == "QuantLinear" for m in stored.modules()) else None
+        quantized = load_quantized(args.model, layers=args.layers)
         out = Path(args.out or args.results)
         data = exp.run_experiment(model, tok, cfg, out, quantized=quantized, model_name=args.model)
         print(exp.markdown(data), end="")

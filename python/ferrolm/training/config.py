@@ -20,7 +20,9 @@ class TrainConfig(Config):
             DDP). seq_len: tokens per sequence (T). grad_accum: micro-batches per step.
         lr, min_lr, warmup_steps: linear warmup to ``lr``, then cosine decay to ``min_lr`` at
             ``max_steps``. weight_decay (on matrices and embeddings only), beta1, beta2, eps:
-            AdamW. grad_clip: max global gradient norm (0 = off).
+            AdamW. grad_clip: max global gradient norm (0 = off). fused_adam: AdamW's fused
+            kernel (one pass over each tensor; on one CPU core a step over SmolLM2-135M's
+            parameters took 0.30 s instead of 1.55 s), rounding slightly differently.
         eval_interval, eval_batches: evaluate every this many steps (and at the end) on this
             many validation batches. checkpoint_interval: steps between checkpoints (0 = only
             at the end and on Ctrl-C; needs ``out_dir``).
@@ -39,6 +41,7 @@ class TrainConfig(Config):
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    fused_adam: bool = False
     eval_interval: int = 250
     eval_batches: int = 20
     checkpoint_interval: int = 0
