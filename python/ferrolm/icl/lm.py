@@ -423,7 +423,7 @@ class LM:
             widest = max((len(plans[batch[b]][0]) for b, _ in longer), default=0)
             steps = max((len(reqs[i][1]) - 1 for _, i in longer), default=0)
             mix = self.max_length is None or widest + steps <= self.max_length
-            for chunk in self._continuation_chunks(longer, reqs, span, mix):
+            for chunk in self._continuation_chunks(longer, span, mix):
                 rows = torch.tensor([prefilled[b][1][1] for b, _ in chunk], dtype=torch.int64)
                 rests = self._continue_rows(state, rows, [reqs[i][1] for _, i in chunk])
                 for (b, i), rest in zip(chunk, rests):
@@ -443,7 +443,7 @@ class LM:
     CONTINUE_POSITIONS = 16384
 
     def _continuation_chunks(
-        self, jobs: List[Tuple[int, int]], reqs, span: int, mix: bool = True
+        self, jobs: List[Tuple[int, int]], span: int, mix: bool = True
     ) -> List[List[Tuple[int, int]]]:
         """Groups ``(context row, request)`` jobs of multi-token continuations into passes.
 
@@ -470,15 +470,11 @@ class LM:
         """Log-probs (len - 1, V) after each continuation's tokens but its last, each
         continuing row ``rows[i]`` of a ferrolm model's batch ``state`` (a copy: ``select``),
         all in one right-padded block (its pads' positions are never read)."""
-        n, m = len(conts), max(len(c) for c in conts) - 1
-        idx = torch.zeros(n, m, dtype=torch.int64)
-        for i, c in enumerate(conts):
-            idx[i, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.int64)
-        idx = idx.to(self.device)
+        idx, real = pad([c[:-1] for c in conts], return_tensors="pt")
         st = self.model.select(state, rows)
-        lengths = torch.tensor([len(c) - 1 for c in conts])
-        h = self.model.advance(st, idx, lengths)  # (n, m, C)
-        real = (torch.arange(m).view(1, m) < lengths.view(n, 1)).to(h.device)
+        lengths = real.sum(1)
+        h = self.model.advance(st, idx.to(self.device), lengths)  # (n, m, C)
+        real = real.bool().to(h.device)
         # the output layer and softmax on the real positions only (the pads' are never read)
         logp = F.log_softmax(self.model.logits(h[real]).float(), -1)
         return list(logp.split(lengths.tolist()))
@@ -543,8 +539,8 @@ class LM:
         out: List[Optional[LogLikelihood]] = [None] * len(reqs)
         # Without position_ids the model counts positions from the cache length: contexts then
         # run one at a time (no pads, so the count is right).
-        one = not self._hf_takes_positions()
-        batches = [[b] for b in range(len(plans))] if one else self._context_batches([len(p[0]) for p in plans])
+        positions = self._hf_takes_positions()
+        batches = self._context_batches([len(p[0]) for p in plans]) if positions else [[b] for b in range(len(plans))]
         for batch in batches:
             ctxs = [plans[b][0] for b in batch]
             firsts, state, mask = self._hf_prefix(ctxs)
@@ -556,8 +552,10 @@ class LM:
                 else:
                     longer.append((j, i))
             span = max((mask.size(1) + len(reqs[i][1]) for _, i in longer), default=1)
-            for chunk in self._continuation_chunks(longer, reqs, span):
-                rests = self._continue(state, mask, [j for j, _ in chunk], [reqs[i][1] for _, i in chunk], ctxs)
+            for chunk in self._continuation_chunks(longer, span):
+                rows = [j for j, _ in chunk]
+                starts = [len(ctxs[j]) for j in rows] if positions else None
+                rests = self._continue(state, mask, rows, [reqs[i][1] for _, i in chunk], starts)
                 for (j, i), rest in zip(chunk, rests):
                     out[i] = self._result(firsts[j], rest, reqs[i][1], cuts[i])
         return out  # type: ignore[return-value]
@@ -573,12 +571,7 @@ class LM:
     def _hf_prefix(self, ctxs: List[List[int]]):
         """A transformers model run on right-padded contexts: each one's log-probs after its
         last token (1, V), the ``past_key_values`` (pads included) and the attention mask (B, T)."""
-        T = max(len(c) for c in ctxs)
-        ids = torch.zeros(len(ctxs), T, dtype=torch.int64)
-        mask = torch.zeros(len(ctxs), T, dtype=torch.int64)
-        for i, c in enumerate(ctxs):
-            ids[i, : len(c)] = torch.tensor(c, dtype=torch.int64)
-            mask[i, : len(c)] = 1
+        ids, mask = pad(ctxs, return_tensors="pt")
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=True)
         last = torch.tensor([len(c) - 1 for c in ctxs], device=out.logits.device)
         logp = F.log_softmax(out.logits[torch.arange(len(ctxs), device=last.device), last].float(), -1)
@@ -597,27 +590,24 @@ class LM:
         return bool(self._hf_cache)
 
     def _continue(
-        self, state, ctx_mask: torch.Tensor, rows: List[int], conts: List[List[int]], ctxs
+        self, state, ctx_mask: torch.Tensor, rows: List[int], conts: List[List[int]], starts: Optional[List[int]]
     ) -> List[torch.Tensor]:
         """Log-probs (len - 1, V) after each continuation's tokens but its last: continuation i
         follows context row ``rows[i]`` of a transformers model's ``past_key_values`` ``state``
         (right-padded contexts, ``ctx_mask`` (B, T)); all run as one right-padded block on a
-        copy of those rows, at their own positions."""
+        copy of those rows, at positions ``starts[i]`` on (None: the model counts them from the
+        cache length, right for unpadded single contexts)."""
         import copy
 
-        n, m = len(conts), max(len(c) for c in conts) - 1
-        idx = torch.zeros(n, m, dtype=torch.int64)
-        cont_mask = torch.zeros(n, m, dtype=torch.int64)
-        for i, c in enumerate(conts):
-            idx[i, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.int64)
-            cont_mask[i, : len(c) - 1] = 1
+        idx, cont_mask = pad([c[:-1] for c in conts], return_tensors="pt")
+        n, m = idx.shape
         sel = torch.tensor(rows, dtype=torch.int64)
         cache = copy.deepcopy(state)  # the forward below appends to it
         cache.batch_select_indices(sel.to(self.device))
         mask = torch.cat([ctx_mask.index_select(0, sel), cont_mask], 1)
         kw = {_hf_cache_arg(self.model): cache, "attention_mask": mask.to(self.device)}
-        if self._hf_takes_positions():
-            start = torch.tensor([len(ctxs[r]) for r in rows], dtype=torch.int64)
+        if starts is not None:
+            start = torch.tensor(starts, dtype=torch.int64)
             kw["position_ids"] = (start.view(n, 1) + torch.arange(m).view(1, m)).to(self.device)
         logits = self.model(input_ids=idx.to(self.device), **kw).logits
         logp = F.log_softmax(logits.float(), -1)

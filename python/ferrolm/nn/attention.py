@@ -84,16 +84,22 @@ class KVCache:
         self, k: torch.Tensor, v: torch.Tensor, lengths: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Appends (B, Hk, T, D) at the common length; returns the filled (B, Hk, L+T, D) views."""
+        self._extendable()  # before self.length, which a ragged block's rows would fail first
+        return self._write(self.length, k, v, lengths)
+
+    def _write(
+        self, start: int, k: torch.Tensor, v: torch.Tensor, lengths: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Writes the block (B, Hk, T, D) at ``start`` for every row, sets each row's length to
+        ``start`` + its real tokens, and returns the filled (B, Hk, start + T, D) views."""
         self._extendable()
-        start, t = self.length, k.size(2)
+        t = k.size(2)
         if start + t > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions; appending {t} to {start} overflows it")
         self.k[:, :, start : start + t] = k
         self.v[:, :, start : start + t] = v
-        if lengths is None:
-            self.lengths += t
-        else:
-            self.lengths = start + torch.as_tensor(lengths, dtype=torch.int64).cpu()
+        real = torch.full_like(self.lengths, t) if lengths is None else torch.as_tensor(lengths, dtype=torch.int64)
+        self.lengths = start + real.cpu()
         ks, vs = self.k[:, :, : start + t], self.v[:, :, : start + t]
         if ks.dtype != k.dtype:  # a float16 cache of a float32 model: attend in the model's dtype
             ks, vs = ks.to(k.dtype), vs.to(v.dtype)
@@ -109,25 +115,14 @@ class KVCache:
         exactly its row's positions before the block and the block's first t + 1 tokens.
 
         ``lengths`` (B,): the real tokens of each right-padded row of the block."""
-        lo, hi = int(self.lengths.min()), int(self.lengths.max())
-        if lo == hi:
-            ks, vs = self.append(k, v, lengths)
-            return ks, vs, None
-        self._extendable()
-        t = k.size(2)
-        if hi + t > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} positions; appending {t} after {hi} overflows it")
-        self.k[:, :, hi : hi + t] = k
-        self.v[:, :, hi : hi + t] = v
         before = self.lengths
-        at = torch.arange(hi + t).view(1, -1)
-        mask = (at >= before.view(-1, 1)) & (at < hi)
+        lo, hi = int(before.min()), int(before.max())
+        ks, vs = self._write(hi, k, v, lengths)
+        if lo == hi:
+            return ks, vs, None
+        at = torch.arange(ks.size(2)).view(1, -1)
         self.gap = (before, hi)
-        self.lengths = hi + (torch.full_like(before, t) if lengths is None else torch.as_tensor(lengths).cpu().long())
-        ks, vs = self.k[:, :, : hi + t], self.v[:, :, : hi + t]
-        if ks.dtype != k.dtype:
-            ks, vs = ks.to(k.dtype), vs.to(v.dtype)
-        return ks, vs, mask.to(self.k.device)
+        return ks, vs, ((at >= before.view(-1, 1)) & (at < hi)).to(self.k.device)
 
     def append_step(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Writes one position per row, (B, Hk, 1, D), at each row's length; returns the new lengths."""
@@ -234,8 +229,7 @@ class MultiheadSelfAttention(torch.nn.Module):
         if self.rotary is not None:
             if positions is None and cache is not None:
                 positions = cache.lengths.view(B, 1) + torch.arange(T).view(1, T)
-            offset = 0
-            q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
+            q, k = self.rotary(q, 0, positions), self.rotary(k, 0, positions)
         if step:
             assert cache is not None
             lens = cache.append_step(k, v)
