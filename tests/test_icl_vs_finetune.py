@@ -147,6 +147,41 @@ def test_quick_experiment_rows_parameters_and_resume(tiny, tmp_path):
     with pytest.raises(ValueError, match="differing in \\['steps'\\]"):
         exp.run_experiment(model, tok, replace(cfg, steps=4), tmp_path, model_name="tiny", progress=False)
 
+    # one process per task (per core): per-task files join into the same table
+    from ferrolm import cli
+
+    full = json.loads((tmp_path / exp.RESULTS_FILE).read_text())
+    for task in cfg.tasks:
+        part = {
+            "settings": {**full["settings"], "tasks": [task]},
+            "runs": {k: r for k, r in full["runs"].items() if r["task"] == task},
+        }
+        (tmp_path / task).mkdir()
+        (tmp_path / task / exp.RESULTS_FILE).write_text(json.dumps(part))
+    parts = [str(tmp_path / t) for t in reversed(cfg.tasks)]
+    assert cli.main(["finetune", "experiment", "--merge", *parts, "--out", str(tmp_path / "joined")]) == 0
+    joined = json.loads((tmp_path / "joined" / exp.RESULTS_FILE).read_text())
+    assert joined["runs"] == full["runs"] and joined["settings"]["tasks"] == list(reversed(cfg.tasks))
+    by_key = {(r["task"], r["n"], r["method"]): r for r in full["rows"]}
+    assert sorted(by_key) == sorted((r["task"], r["n"], r["method"]) for r in joined["rows"])
+    assert all(r == by_key[(r["task"], r["n"], r["method"])] for r in joined["rows"])
+    assert (tmp_path / "joined" / "icl_vs_finetune.md").read_text().count("| parity |") == sum(
+        r["task"] == "parity" for r in full["rows"]
+    )
+    # a later run of another task into a folder adds it: resumes ignore the tasks setting
+    one = replace(cfg, tasks=(cfg.tasks[0],))
+    data3 = exp.run_experiment(model, tok, one, tmp_path / cfg.tasks[1], model_name="tiny", progress=False)
+    assert data3["settings"]["tasks"] == [cfg.tasks[1], cfg.tasks[0]]
+    assert {r["task"] for r in data3["rows"]} == set(cfg.tasks)
+    # runs that disagree, or settings that do, are refused
+    bad = json.loads(json.dumps(joined))
+    key = next(iter(bad["runs"]))
+    bad["runs"][key]["accuracy"] = -1.0
+    with pytest.raises(ValueError, match="differs between the results"):
+        exp.merge_results([joined, bad])
+    with pytest.raises(ValueError, match="settings \\['steps'\\]"):
+        exp.merge_results([joined, {**joined, "settings": {**joined["settings"], "steps": 99}}])
+
 
 def test_bad_settings_are_refused_by_name(tmp_path, capsys):
     from ferrolm import cli

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -470,6 +471,25 @@ def _cmd_icl_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    if args.action == "experiment" and args.merge:
+        from .recipes import icl_vs_finetune as exp
+
+        if not args.out:
+            raise ValueError("--merge needs --out, the folder the joined results go to")
+        parts = []
+        for d in args.merge:
+            path = Path(d) / exp.RESULTS_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"--merge: {path} does not exist (give folders holding {exp.RESULTS_FILE})")
+            try:
+                parts.append(json.loads(path.read_text(encoding="utf-8")))
+            except ValueError as e:
+                raise ValueError(f"--merge: {path} is not valid JSON ({e})") from None
+        data = exp.merge_results(parts)
+        exp.write_results(data, args.out)
+        print(exp.markdown(data), end="")
+        print(f"wrote {Path(args.out) / exp.RESULTS_FILE}, icl_vs_finetune.md, icl_vs_finetune.png")
+        return 0
     if args.action == "experiment" and args.model:
         from .recipes import icl_vs_finetune as exp
         from .recipes.icl_tasks import resolve_tasks
@@ -782,6 +802,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--layers", type=_positive, default=None, help=argparse.SUPPRESS)
     f.add_argument("--results", default="docs/results", help="experiment: output folder (when --out is not given)")
     f.add_argument("--quick", action="store_true", help="experiment: tiny sizes (a smoke run)")
+    f.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="experiment: join the icl_vs_finetune.json of runs on different --tasks (one process per core) "
+        "into --out, without running anything",
+    )
     f.add_argument(
         "--tasks",
         default=None,
