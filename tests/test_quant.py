@@ -327,30 +327,31 @@ def test_fused_step_equals_the_layer_by_layer_step(isa):
     from ferrolm.models.llama import _build_stepper
 
     f = load("smollm2", layers=3, dequantize=True).eval()
-    prompts = [[7, 8, 9, 10], [3, 4], [11, 12, 13]]
-    ids = torch.zeros(3, 4, dtype=torch.long)
+    # 5 rows: AVX-512 takes input rows 4 at a time and AVX2 2 at a time, then one by one
+    prompts = [[7, 8, 9, 10], [3, 4], [11, 12, 13], [40, 41, 42, 43], [9]]
+    ids = torch.zeros(5, 4, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p)
     lens = torch.tensor([len(p) for p in prompts])
-    fused, ref = f.start(3, 12), f.start(3, 12)
+    fused, ref = f.start(5, 12), f.start(5, 12)
     with torch.no_grad():
         f.advance(fused, ids, lens)
         f.advance(ref, ids, lens)
         stepper = _build_stepper(f, fused)
         for step in range(3):
-            nxt = [5 + step, 100 + step, 2000 + step]
+            nxt = [5 + step, 100 + step, 2000 + step, 30000 + step, 77 + step]
             got = torch.from_numpy(stepper.step(nxt, fused[0].lengths.tolist(), 2, isa))
             for c in fused:
                 c.lengths = c.lengths + 1
-            want = f.logits(f.advance(ref, torch.tensor(nxt).view(3, 1))[:, -1])
+            want = f.logits(f.advance(ref, torch.tensor(nxt).view(5, 1))[:, -1])
             torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-4)
     for a, b in zip(fused, ref):
         torch.testing.assert_close(a.k, b.k, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a.v, b.v, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="position 12 is outside the KV cache of 12 positions"):
-        stepper.step([1, 1, 1], [12, 0, 0], 1)
+        stepper.step([1] * 5, [12, 0, 0, 0, 0], 1)
     with pytest.raises(ValueError, match="token id 49152 is out of range"):
-        stepper.step([49152, 1, 1], [0, 0, 0], 1)
+        stepper.step([49152, 1, 1, 1, 1], [0] * 5, 1)
 
 
 @needs_smollm2

@@ -170,20 +170,11 @@ fn linear_rows(
         return;
     }
     if let Weight::F(w) = l.w {
-        // Runs of 32 weight rows stay in cache while every input row passes over them.
-        let mut j0 = rows.0;
-        while j0 < rows.1 {
-            let j1 = (j0 + 32).min(rows.1);
-            for i in 0..m {
-                // SAFETY: columns j0..j1 of output row i are inside out (m × n) and this
-                // thread's alone.
-                let o =
-                    unsafe { std::slice::from_raw_parts_mut(out.ptr().add(i * n + j0), j1 - j0) };
-                fgemv::rows(isa, w, &x[i * k..(i + 1) * k], (j0, j1), o);
-                add_bias(o, l.bias, j0);
-            }
-            j0 = j1;
-        }
+        // Four weight rows meet every input row while they sit in L1 (fgemv::block).
+        fgemv::block(isa, w, &x[..m * k], m, rows, |i, j, v| {
+            // SAFETY: (i, j) is inside out (m × n), and column j (in rows) is this thread's.
+            unsafe { *out.ptr().add(i * n + j) = v + l.bias.map_or(0.0, |b| b[j]) };
+        });
         return;
     }
     for j in rows.0..rows.1 {
