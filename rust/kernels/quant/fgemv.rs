@@ -23,7 +23,7 @@ pub fn block<F: FnMut(usize, usize, f32)>(
     rows: (usize, usize),
     mut put: F,
 ) {
-    assert!(m > 0 && x.len() % m == 0, "float rows: x holds m rows");
+    assert!(m > 0 && x.len().is_multiple_of(m), "float rows: x holds m rows");
     let k = x.len() / m;
     assert!(rows.0 <= rows.1 && rows.1 * k <= w.len(), "float rows shapes");
     let xr = |i: usize| &x[i * k..(i + 1) * k];
