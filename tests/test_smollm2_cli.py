@@ -63,6 +63,40 @@ def test_chat_streams_the_greedy_reply_and_keeps_the_history(smol):
     assert proc.stdout == expected
 
 
+def test_chat_keeps_its_kv_cache_between_turns():
+    """Each turn prefills only what the cache does not hold yet; the replies equal those of a
+    chat that prefills the whole conversation every turn (the cache grows past its first size).
+    On the float model: on the quantized one the reused keys of the reply tokens come from the
+    integer decode step rather than the prefill's product, which moves the last bits."""
+    from ferrolm.recipes import language_model as lm
+
+    model, tok = load_lm("smollm2", layers=2, dequantize=True)
+    turns = ["Hi there", "What is 2+2?", "And 3+3?", "Thanks"]
+    caches = []
+    real = lm.ChatCache
+
+    class Spy(real):
+        def __init__(self):
+            super().__init__()
+            caches.append(self)
+
+    out_kept, out_fresh = [], []
+    try:
+        lm.ChatCache = Spy
+        kept = lm.chat(model, tok, turns, out_kept.append, max_new_tokens=10)
+    finally:
+        lm.ChatCache = real
+    fresh = lm.chat(model, tok, turns, out_fresh.append, max_new_tokens=10, keep_cache=False)
+    assert kept == fresh and "".join(out_kept) == "".join(out_fresh)
+    (cache,) = caches
+    full = [len(tok.apply_chat_template(kept[: 2 * i + 1], add_generation_prompt=True)) for i in range(len(turns))]
+    assert cache.prefilled[0] == full[0]
+    for i in range(1, len(turns)):
+        # the new user message and the template's markers around it, not the conversation
+        assert 0 < cache.prefilled[i] < full[i] - full[i - 1] + 12, (cache.prefilled, full)
+    assert cache.state[0].capacity >= full[-1] + 10
+
+
 def test_chat_leaves_cleanly_on_end_of_input():
     proc = subprocess.run(
         [sys.executable, "-m", "ferrolm", "chat", "--model", "smollm2", "--layers", "2"],

@@ -31,6 +31,7 @@ __all__ = [
     "cut_at_stop_strings",
     "stream_tokens",
     "TextStream",
+    "ChatCache",
     "chat",
     "finetune_data",
     "finetune_model",
@@ -366,6 +367,7 @@ def stream_tokens(
     top_p: Optional[float] = None,
     stop_ids: Sequence[int] = (),
     seed: Optional[int] = None,
+    cache: Optional["ChatCache"] = None,
 ) -> Iterator[int]:
     """Yields the new tokens of one prompt as they are chosen, through the decoding protocol
     (:class:`ferrolm.decoding.Decoder`: one prefill, then one cached step per token); the same
@@ -375,6 +377,9 @@ def stream_tokens(
     Args:
         ids: the prompt, a non-empty list of ids in [0, V).
         max_new_tokens: at most this many tokens (the prompt plus them must fit the window).
+        cache: a :class:`ChatCache` kept across calls: the keys and values of the longest
+            prefix this prompt shares with what the cache holds are reused, and only the rest
+            of the prompt is prefilled (a chat's next turn starts with the whole conversation).
     """
     import torch
 
@@ -393,9 +398,15 @@ def stream_tokens(
     model.eval()
     try:
         with torch.no_grad():
-            state = model.start(1, len(ids) + max_new_tokens)
-            idx = torch.tensor([list(ids)], dtype=torch.long)
-            logits = model.logits(model.advance(state, idx, torch.tensor([len(ids)]))[:, -1])
+            if cache is None:
+                state, kept = model.start(1, len(ids) + max_new_tokens), 0
+            else:
+                state, kept = cache._prepare(model, list(ids), len(ids) + max_new_tokens)
+            rest = list(ids[kept:])
+            idx = torch.tensor([rest], dtype=torch.long)
+            logits = model.logits(model.advance(state, idx, torch.tensor([len(rest)]))[:, -1])
+            if cache is not None:
+                cache.ids = list(ids)
             for step in range(max_new_tokens):
                 nxt = sample_next(logits, temperature, top_k, top_p, gen)  # (1,)
                 t = int(nxt[0])
@@ -403,8 +414,52 @@ def stream_tokens(
                 if t in stops or step == max_new_tokens - 1:
                     return
                 logits = _step_logits(model, state, nxt.view(1, 1))  # generate's step (fused when quantized)
+                if cache is not None:
+                    cache.ids.append(t)
     finally:
         model.train(was_training)
+
+
+class ChatCache:
+    """The KV cache a chat keeps between its turns, and the ids whose keys and values it holds.
+
+    Each turn renders the whole conversation again; :func:`stream_tokens` reuses the longest
+    prefix the new prompt shares with :attr:`ids` and prefills only the rest (the new user
+    message and whatever the template re-renders differently, such as a reply's re-encoded
+    text). ``prefilled`` counts the prompt tokens actually run, turn by turn."""
+
+    def __init__(self) -> None:
+        self.ids: List[int] = []
+        self.state: Any = None
+        self.prefilled: List[int] = []
+
+    def _prepare(self, model, ids: List[int], need: int):
+        """(a state holding the reused prefix, its length); grows the caches when ``need``
+        positions exceed their capacity (the prefix copied over)."""
+        import torch
+
+        kept = 0
+        for a, b in zip(self.ids, ids):
+            if a != b:
+                break
+            kept += 1
+        kept = min(kept, len(ids) - 1)  # at least one prompt token runs: it gives the logits
+        old = self.state
+        if old is None or old[0].capacity < need:
+            window = model.context_window
+            capacity = need if window is None else min(window, max(need, 2 * need))
+            new = model.start(1, capacity)
+            if old is not None and kept > 0:
+                for a, b in zip(new, old):
+                    a.k[:, :, :kept] = b.k[:, :, :kept]
+                    a.v[:, :, :kept] = b.v[:, :, :kept]
+            else:
+                kept = 0
+            self.state = new
+        for c in self.state:
+            c.lengths = torch.full_like(c.lengths, kept)
+        self.prefilled.append(len(ids) - kept)
+        return self.state, kept
 
 
 class TextStream:
@@ -435,11 +490,14 @@ def chat(
     top_p: Optional[float] = None,
     seed: Optional[int] = None,
     system: Optional[str] = None,
+    keep_cache: bool = True,
 ) -> List[Dict[str, str]]:
     """An interactive chat: each line of ``lines`` is a user turn; the conversation so far is
     rendered with the tokenizer's chat template, the reply streams to ``write`` token by token
     and ends at the end-of-turn token (eos) or after ``max_new_tokens``; the oldest exchanges
-    are dropped when the conversation outgrows the model's window. Returns the messages.
+    are dropped when the conversation outgrows the model's window. With ``keep_cache`` the
+    keys and values of the conversation so far are kept between turns (:class:`ChatCache`), so a
+    turn prefills only its new tokens. Returns the messages.
 
     Raises:
         ValueError: the tokenizer has no chat template.
@@ -449,6 +507,7 @@ def chat(
     messages: List[Dict[str, str]] = [{"role": "system", "content": system}] if system else []
     stops = stop_ids_of(tok)
     first, window = len(messages), model.context_window
+    cache = ChatCache() if keep_cache else None
     for line in lines:
         text = line.rstrip("\n")
         if not text.strip():
@@ -459,7 +518,7 @@ def chat(
             del messages[first : first + 2]  # the oldest exchange leaves when the window is full
             ids = tok.apply_chat_template(messages, add_generation_prompt=True)
         stream, reply = TextStream(tok), []
-        for t in stream_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, stops, seed):
+        for t in stream_tokens(model, ids, max_new_tokens, temperature, top_k, top_p, stops, seed, cache):
             if t in stops:
                 break
             piece = stream.push(t)
