@@ -78,7 +78,13 @@ def test_chat_keeps_its_kv_cache_between_turns():
     class Spy(real):
         def __init__(self):
             super().__init__()
+            self.capacities = []
             caches.append(self)
+
+        def _prepare(self, model, ids, need):
+            out = super()._prepare(model, ids, need)
+            self.capacities.append(out[0][0].capacity)
+            return out
 
     out_kept, out_fresh = [], []
     try:
@@ -92,9 +98,13 @@ def test_chat_keeps_its_kv_cache_between_turns():
     full = [len(tok.apply_chat_template(kept[: 2 * i + 1], add_generation_prompt=True)) for i in range(len(turns))]
     assert cache.prefilled[0] == full[0]
     for i in range(1, len(turns)):
-        # the new user message and the template's markers around it, not the conversation
-        assert 0 < cache.prefilled[i] < full[i] - full[i - 1] + 12, (cache.prefilled, full)
-    assert cache.state[0].capacity >= full[-1] + 10
+        # the new user message and the template's markers around it: not the conversation, nor the
+        # previous reply (its last token, never run, and a re-encoding's difference at most)
+        reply = len(tok.encode_ordinary(kept[2 * i - 1]["content"]))
+        assert 0 < cache.prefilled[i] <= full[i] - full[i - 1] - reply + 3, (cache.prefilled, full, reply)
+    caps = cache.capacities
+    assert caps[0] == 2 * (full[0] + 10) and caps[-1] > caps[0]  # grown, the prefix copied over
+    assert caps == sorted(caps) and cache.state[0].capacity >= full[-1] + 10
 
 
 def test_chat_leaves_cleanly_on_end_of_input():

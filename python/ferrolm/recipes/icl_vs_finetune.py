@@ -435,10 +435,10 @@ def merge_results(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 def write_results(data: Dict[str, Any], out_dir: PathLike) -> None:
     """Writes ``icl_vs_finetune.json``, ``.md`` and ``.png`` into ``out_dir`` (atomically)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / RESULTS_FILE, json.dumps(data, indent=1).encode())
-    atomic_write(out / "icl_vs_finetune.md", markdown(data).encode())
-    _plot(data, out / "icl_vs_finetune.png")
+    with folder_lock(out):  # not while a run writes there
+        atomic_write(out / RESULTS_FILE, json.dumps(data, indent=1).encode())
+        atomic_write(out / "icl_vs_finetune.md", markdown(data).encode())
+        _plot(data, out / "icl_vs_finetune.png")
 
 
 def _plan(cfg: ExperimentConfig) -> int:

@@ -438,7 +438,11 @@ class ChatCache:
         positions exceed their capacity (the prefix copied over)."""
         import torch
 
+        from ..nn.attention import KVCache
+
         kept = 0
+        if self.state is not None and not all(isinstance(c, KVCache) for c in self.state):
+            self.state, self.ids = None, []  # a recurrent state cannot be cut back: prefill it all
         for a, b in zip(self.ids, ids):
             if a != b:
                 break
@@ -447,7 +451,7 @@ class ChatCache:
         old = self.state
         if old is None or old[0].capacity < need:
             window = model.context_window
-            capacity = need if window is None else min(window, max(need, 2 * need))
+            capacity = 2 * need if window is None else min(window, 2 * need)  # room for the next turns
             new = model.start(1, capacity)
             if old is not None and kept > 0:
                 for a, b in zip(new, old):
@@ -456,8 +460,12 @@ class ChatCache:
             else:
                 kept = 0
             self.state = new
-        for c in self.state:
-            c.lengths = torch.full_like(c.lengths, kept)
+        if not all(isinstance(c, KVCache) for c in self.state):
+            self.state, kept = model.start(1, need), 0  # not a KV cache: nothing to reuse
+        else:
+            for c in self.state:
+                c.lengths = torch.full_like(c.lengths, kept)
+        self.ids = ids[:kept]  # what the state holds now, even if the prefill that follows fails
         self.prefilled.append(len(ids) - kept)
         return self.state, kept
 
