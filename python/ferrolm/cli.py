@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 from pathlib import Path
@@ -476,16 +475,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
         if not args.out:
             raise ValueError("--merge needs --out, the folder the joined results go to")
-        parts = []
-        for d in args.merge:
-            path = Path(d) / exp.RESULTS_FILE
-            if not path.is_file():
-                raise FileNotFoundError(f"--merge: {path} does not exist (give folders holding {exp.RESULTS_FILE})")
-            try:
-                parts.append(json.loads(path.read_text(encoding="utf-8")))
-            except ValueError as e:
-                raise ValueError(f"--merge: {path} is not valid JSON ({e})") from None
-        data = exp.merge_results(parts)
+        paths = [Path(d) / exp.RESULTS_FILE for d in args.merge]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"--merge: {', '.join(missing)} missing (give folders holding {exp.RESULTS_FILE})")
+        data = exp.merge_results([exp.read_results(p) for p in paths])
         exp.write_results(data, args.out)
         print(exp.markdown(data), end="")
         print(f"wrote {Path(args.out) / exp.RESULTS_FILE}, icl_vs_finetune.md, icl_vs_finetune.png")

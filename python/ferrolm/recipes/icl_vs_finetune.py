@@ -59,6 +59,7 @@ __all__ = [
     "ExperimentConfig",
     "run_experiment",
     "merge_results",
+    "read_results",
     "write_results",
     "markdown",
     "RESULTS_FILE",
@@ -361,11 +362,7 @@ class _Store:
         settings = json.loads(json.dumps(settings))  # as the file holds them (tuples read back as lists)
         self.data: Dict[str, Any] = {"settings": settings, "runs": {}, "rows": []}
         if path.is_file():
-            try:
-                old = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError as e:
-                raise ValueError(f"{path} is not valid JSON ({e}); delete it to start over") from None
-            _check_results(old, str(path))
+            old = read_results(path)
             diff = _settings_diff(old["settings"], settings)
             if diff:
                 raise ValueError(
@@ -384,6 +381,17 @@ class _Store:
 
     def write(self) -> None:
         atomic_write(self.path, json.dumps(self.data, indent=1).encode())
+
+
+def read_results(path: PathLike) -> Dict[str, Any]:
+    """A results file (``icl_vs_finetune.json``) read and checked; errors name the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it to start over") from None
+    _check_results(data, str(path))
+    return data
 
 
 def _check_results(data: Any, where: str) -> None:
@@ -500,9 +508,7 @@ def run_experiment(
             bar.close()
         store.data["rows"] = rows(store.data)
         store.data["wall_seconds_this_session"] = time.perf_counter() - t_start
-        store.write()
-        atomic_write(out / "icl_vs_finetune.md", markdown(store.data).encode())
-        _plot(store.data, out / "icl_vs_finetune.png")
+        write_results(store.data, out)
     return store.data
 
 

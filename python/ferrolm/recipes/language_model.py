@@ -438,36 +438,36 @@ class ChatCache:
         positions exceed their capacity (the prefix copied over)."""
         import torch
 
-        from ..nn.attention import KVCache
-
         kept = 0
-        if self.state is not None and not all(isinstance(c, KVCache) for c in self.state):
-            self.state, self.ids = None, []  # a recurrent state cannot be cut back: prefill it all
         for a, b in zip(self.ids, ids):
             if a != b:
                 break
             kept += 1
         kept = min(kept, len(ids) - 1)  # at least one prompt token runs: it gives the logits
-        old = self.state
+        # only a KV cache can be cut back to the shared prefix; a recurrent state is made anew
+        old = self.state if _is_kv(self.state) else None
         if old is None or old[0].capacity < need:
             window = model.context_window
             capacity = 2 * need if window is None else min(window, 2 * need)  # room for the next turns
-            new = model.start(1, capacity)
+            self.state = model.start(1, capacity)
             if old is not None and kept > 0:
-                for a, b in zip(new, old):
+                for a, b in zip(self.state, old):
                     a.k[:, :, :kept] = b.k[:, :, :kept]
                     a.v[:, :, :kept] = b.v[:, :, :kept]
             else:
                 kept = 0
-            self.state = new
-        if not all(isinstance(c, KVCache) for c in self.state):
-            self.state, kept = model.start(1, need), 0  # not a KV cache: nothing to reuse
-        else:
+        if _is_kv(self.state):
             for c in self.state:
                 c.lengths = torch.full_like(c.lengths, kept)
         self.ids = ids[:kept]  # what the state holds now, even if the prefill that follows fails
         self.prefilled.append(len(ids) - kept)
         return self.state, kept
+
+
+def _is_kv(state) -> bool:
+    from ..nn.attention import KVCache
+
+    return isinstance(state, list) and bool(state) and all(isinstance(c, KVCache) for c in state)
 
 
 class TextStream:
