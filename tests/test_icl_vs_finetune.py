@@ -6,6 +6,7 @@ before and after training, counts recomputed from the names), and a restart skip
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -53,7 +54,7 @@ def _owned(method: str, key: str) -> bool:
     return not key.endswith("qweight")  # full: every parameter
 
 
-def test_quick_experiment_rows_parameters_and_resume(tiny, tmp_path):
+def test_quick_experiment_rows_parameters_and_resume(tiny, tmp_path, capsys):
     model, tok = tiny
     cfg = _config()
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -177,9 +178,18 @@ def test_quick_experiment_rows_parameters_and_resume(tiny, tmp_path):
     bad = json.loads(json.dumps(joined))
     key = next(iter(bad["runs"]))
     bad["runs"][key]["accuracy"] = -1.0
-    with pytest.raises(ValueError, match="differs between the results"):
+    with pytest.raises(ValueError, match="differs between result 0 and result 1"):
         exp.merge_results([joined, bad])
-    with pytest.raises(ValueError, match="settings \\['steps'\\]"):
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    (bad_dir / exp.RESULTS_FILE).write_text(json.dumps(bad))
+    first_file = re.escape(str(tmp_path / "joined" / exp.RESULTS_FILE))
+    second_file = re.escape(str(bad_dir / exp.RESULTS_FILE))
+    args = ["finetune", "experiment", "--merge", str(tmp_path / "joined"), str(bad_dir), "--out", str(tmp_path / "j2")]
+    capsys.readouterr()
+    assert cli.main(args) != 0
+    assert re.search(f"error: run .* differs between {first_file} and {second_file}", capsys.readouterr().err)
+    with pytest.raises(ValueError, match="result 1 differs from result 0 in settings \\['steps'\\]"):
         exp.merge_results([joined, {**joined, "settings": {**joined["settings"], "steps": 99}}])
 
 

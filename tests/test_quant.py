@@ -366,6 +366,8 @@ def test_fused_step_equals_the_layer_by_layer_step(isa):
         stepper.step([1] * 5, [12, 0, 0, 0, 0], 1)
     with pytest.raises(ValueError, match="token id 49152 is out of range"):
         stepper.step([49152, 1, 1, 1, 1], [0] * 5, 1)
+    with pytest.raises(ValueError, match="step needs at least one row: got 0 tokens"):
+        stepper.step([], [], 1)
 
 
 @needs_smollm2

@@ -479,7 +479,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"--merge: {', '.join(missing)} missing (give folders holding {exp.RESULTS_FILE})")
-        data = exp.merge_results([exp.read_results(p) for p in paths])
+        data = exp.merge_results([exp.read_results(p) for p in paths], names=[str(p) for p in paths])
         exp.write_results(data, args.out)
         print(exp.markdown(data), end="")
         print(f"wrote {Path(args.out) / exp.RESULTS_FILE}, icl_vs_finetune.md, icl_vs_finetune.png")

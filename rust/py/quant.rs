@@ -621,6 +621,11 @@ impl LlamaStepper {
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let path = self::isa(isa)?;
         let b = tokens.len();
+        if b == 0 {
+            return Err(PyValueError::new_err(
+                "step needs at least one row: got 0 tokens (expected 1 to the cache's rows)",
+            ));
+        }
         if positions.len() != b || b > self.batch {
             return Err(PyValueError::new_err(format!(
                 "{b} tokens and {} positions for a cache of {} rows",

@@ -409,27 +409,34 @@ def _union(*lists: Sequence[Any]) -> List[Any]:
     return list(dict.fromkeys(x for xs in lists for x in xs))
 
 
-def merge_results(results: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+def merge_results(results: Sequence[Dict[str, Any]], names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """One result from several runs of the same settings on different tasks (for example one
     process per core, each with its own ``--tasks`` and output folder): the union of their runs,
-    the table recomputed. A run key present in two inputs with different records is an error."""
+    the table recomputed. A run key present in two inputs with different records is an error.
+    ``names`` (for example the files read) name the inputs in errors; default ``result i``."""
     if not results:
         raise ValueError("merge_results needs at least one result")
-    for i, r in enumerate(results):
-        _check_results(r, f"result {i}")
+    if names is None:
+        names = [f"result {i}" for i in range(len(results))]
+    if len(names) != len(results):
+        raise ValueError(f"merge_results got {len(names)} names for {len(results)} results")
+    for name, r in zip(names, results):
+        _check_results(r, name)
     first = results[0]["settings"]
     runs: Dict[str, Any] = {}
-    for i, r in enumerate(results[1:], 1):
+    owner: Dict[str, str] = {}
+    for name, r in zip(names[1:], results[1:]):
         diff = _settings_diff(first, r["settings"])
         if diff:
-            raise ValueError(
-                f"result {i} differs from result 0 in settings {diff}; merge runs of the same settings only"
-            )
-    for i, r in enumerate(results):
+            raise ValueError(f"{name} differs from {names[0]} in settings {diff}; merge runs of the same settings only")
+    for name, r in zip(names, results):
         for key, run in r["runs"].items():
             if key in runs and runs[key] != run:
-                raise ValueError(f"run {key!r} differs between the results; merge disjoint or equal runs only")
+                raise ValueError(
+                    f"run {key!r} differs between {owner[key]} and {name}; merge disjoint or equal runs only"
+                )
             runs[key] = run
+            owner.setdefault(key, name)
     settings = {**first, "tasks": _union(*(r["settings"].get("tasks", []) for r in results))}
     data: Dict[str, Any] = {"settings": settings, "runs": runs}
     walls = [r.get("wall_seconds_this_session") for r in results]

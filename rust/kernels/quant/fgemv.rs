@@ -39,21 +39,13 @@ pub fn block<F: FnMut(usize, usize, f32)>(
             while i + 4 <= m {
                 let v =
                     unsafe { avx512::dot4xm::<4>(four, [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)]) };
-                for (a, va) in v.iter().enumerate() {
-                    for (t, &s) in va.iter().enumerate() {
-                        put(i + a, j + t, s);
-                    }
-                }
+                put_tile(&mut put, &v, i, j);
                 i += 4;
             }
         } else {
             while i + 2 <= m {
                 let v = unsafe { avx2::dot4xm::<2>(four, [xr(i), xr(i + 1)]) };
-                for (a, va) in v.iter().enumerate() {
-                    for (t, &s) in va.iter().enumerate() {
-                        put(i + a, j + t, s);
-                    }
-                }
+                put_tile(&mut put, &v, i, j);
                 i += 2;
             }
         }
@@ -65,9 +57,7 @@ pub fn block<F: FnMut(usize, usize, f32)>(
                     avx2::dot4xm::<1>(four, [xr(i)])
                 }
             };
-            for (t, &s) in v[0].iter().enumerate() {
-                put(i, j + t, s);
-            }
+            put_tile(&mut put, &v, i, j);
             i += 1;
         }
         j += 4;
@@ -78,6 +68,22 @@ pub fn block<F: FnMut(usize, usize, f32)>(
             put(i, j, dot(wj, xr(i)));
         }
         j += 1;
+    }
+}
+
+/// Hands a tile of `M` input rows × 4 weight rows (`v[a][t]` = input row `i + a` · weight row
+/// `j + t`) to `put`.
+#[cfg(target_arch = "x86_64")]
+fn put_tile<F: FnMut(usize, usize, f32), const M: usize>(
+    put: &mut F,
+    v: &[[f32; 4]; M],
+    i: usize,
+    j: usize,
+) {
+    for (a, va) in v.iter().enumerate() {
+        for (t, &s) in va.iter().enumerate() {
+            put(i + a, j + t, s);
+        }
     }
 }
 
