@@ -97,6 +97,21 @@ def test_quick_experiment_rows_parameters_and_resume(tiny, tmp_path, capsys):
     assert len(big) == 2 * (2 + 8) and all("accuracy" not in r for r in big)
     assert all("fewer than n=1000 plus 6 for validation" in r["skipped"] for r in big)
     assert "n/a: task 'parity' has 400 pool examples, fewer than n=1000" in exp.markdown(data)
+    # the summary: per task x n, each method's mean, the best ICL (k > 0) and the best fine-tuning
+    for g in exp.glance(data):
+        mine = [r for r in data["rows"] if (r["task"], r["n"]) == (g["task"], g["n"]) and "accuracy" in r]
+        acc = {r["method"]: r["accuracy"] for r in mine}
+        assert g["icl_k0"] == acc["ICL k=0"]
+        for label, v in g["methods"].items():
+            assert v == acc.get(label)
+        icl = {m: a for m, a in acc.items() if m.startswith("ICL k=") and m != "ICL k=0"}
+        ft = {m: a for m, a in acc.items() if not m.startswith("ICL")}
+        assert g["best_icl"] == (None if not icl else max(icl.items(), key=lambda x: x[1]))
+        assert g["best_finetune"] == (None if not ft else max(ft.items(), key=lambda x: x[1]))
+        assert (g["n"] == 1000) == (g["best_icl"] is None is g["best_finetune"])
+    md = exp.markdown(data)
+    # one summary line per task x n, then the full table's rows
+    assert md.count("| parity | 16 | ") == 1 + sum((r["task"], r["n"]) == ("parity", 16) for r in data["rows"])
     rows = [r for r in data["rows"] if r["n"] == 16]
     icl_labels = ["ICL k=0", "ICL k=4 (bm25)", "ICL k=4 (random)"]
     ft_labels = [m.label for m in cfg.methods]
@@ -166,7 +181,8 @@ def test_quick_experiment_rows_parameters_and_resume(tiny, tmp_path, capsys):
     by_key = {(r["task"], r["n"], r["method"]): r for r in full["rows"]}
     assert sorted(by_key) == sorted((r["task"], r["n"], r["method"]) for r in joined["rows"])
     assert all(r == by_key[(r["task"], r["n"], r["method"])] for r in joined["rows"])
-    assert (tmp_path / "joined" / "icl_vs_finetune.md").read_text().count("| parity |") == sum(
+    # its summary line per n, then its rows
+    assert (tmp_path / "joined" / "icl_vs_finetune.md").read_text().count("| parity |") == len(cfg.ns) + sum(
         r["task"] == "parity" for r in full["rows"]
     )
     # a later run of another task into a folder adds it: resumes ignore the tasks setting

@@ -62,6 +62,7 @@ __all__ = [
     "read_results",
     "write_results",
     "markdown",
+    "glance",
     "RESULTS_FILE",
 ]
 
@@ -740,9 +741,66 @@ def rows(data: Dict[str, Any]) -> List[Dict[str, Any]]:
     return out
 
 
-def markdown(data: Dict[str, Any]) -> str:
-    """The comparison table (task × n × method)."""
+def glance(data: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """One row per task × n: ICL at k = 0, the best ICL setting with k > 0 (by mean accuracy), the
+    best fine-tuning method, and every method's mean accuracy (``None`` where it has none)."""
+    table = data.get("rows") or rows(data)
+    labels = [m["label"] for m in data["settings"]["methods"]]
+    out: List[Dict[str, Any]] = []
+    for task, n in dict.fromkeys((r["task"], r["n"]) for r in table):
+        mine = [r for r in table if (r["task"], r["n"]) == (task, n) and "accuracy" in r]
+        icl = [r for r in mine if r["kind"] == "icl" and r["method"] != "ICL k=0"]
+        ft = [r for r in mine if r["kind"] == "finetune"]
+        zero = next((r["accuracy"] for r in mine if r["method"] == "ICL k=0"), None)
+        best_icl = max(icl, key=lambda r: r["accuracy"], default=None)
+        best_ft = max(ft, key=lambda r: r["accuracy"], default=None)
+        out.append(
+            {
+                "task": task,
+                "n": n,
+                "icl_k0": zero,
+                "best_icl": None if best_icl is None else (best_icl["method"], best_icl["accuracy"]),
+                "best_finetune": None if best_ft is None else (best_ft["method"], best_ft["accuracy"]),
+                "methods": {lab: next((r["accuracy"] for r in ft if r["method"] == lab), None) for lab in labels},
+            }
+        )
+    return out
+
+
+def _glance_markdown(data: Dict[str, Any]) -> List[str]:
+    labels = [m["label"] for m in data["settings"]["methods"]]
     lines = [
+        "| task | n | ICL k=0 | best ICL, k > 0 | " + " | ".join(labels) + " |",
+        "|---|---|---|---|" + "---|" * len(labels),
+    ]
+
+    def cell(v: Optional[float]) -> str:
+        return "–" if v is None else f"{v:.2f}"
+
+    for g in glance(data):
+        icl = "–"
+        if g["best_icl"] is not None:  # "ICL k=4 (bm25)" -> "k=4, bm25"
+            label, acc = g["best_icl"]
+            icl = f"{acc:.2f} ({label[4:].replace(' (', ', ').rstrip(')')})"
+        best = g["best_finetune"]
+        ms = [
+            f"**{cell(v)}**" if best is not None and v == best[1] else cell(v)
+            for v in (g["methods"][lab] for lab in labels)
+        ]
+        lines.append(f"| {g['task']} | {g['n']} | {cell(g['icl_k0'])} | {icl} | " + " | ".join(ms) + " |")
+    return lines
+
+
+def markdown(data: Dict[str, Any]) -> str:
+    """The comparison: a task × n summary (mean accuracy per method; the best fine-tuning
+    method in bold), then the full table (task × n × method)."""
+    lines = [
+        "Mean accuracy / exact match over the seeds (– : no run, such as BitFit on a model without biases).",
+        "",
+        *_glance_markdown(data),
+        "",
+        "Every row, with its interval and costs:",
+        "",
         "| task | n | method | accuracy / EM | 95% CI | seeds | trainable params | lr | train time (s) | "
         "peak RSS added (MB) | tokens / question |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
