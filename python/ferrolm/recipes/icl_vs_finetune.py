@@ -836,20 +836,41 @@ def _plot(data: Dict[str, Any], path: Path) -> None:
     if not tasks:
         return
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    # one colour per label across the panels (tab20 holds 20; the grid has 12 labels): ICL dashed
+    # with squares, fine-tuning solid with circles
+    labels = sorted(dict.fromkeys(r["method"] for r in table), key=lambda s: (not s.startswith("ICL"), s))
+    colours = plt.get_cmap("tab20")
+    colour = {label: colours(i % 20) for i, label in enumerate(labels)}
     for ax, task in zip(axes[0], tasks):
         by: Dict[str, List[Tuple[int, float]]] = {}
         for r in table:
             if r["task"] == task:
                 by.setdefault(r["method"], []).append((r["n"], r["accuracy"]))
-        for label, pts in sorted(by.items()):
-            pts.sort()
-            style = "--" if label.startswith("ICL") else "-"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
+        for label in labels:
+            pts = sorted(by.get(label, []))
+            if not pts:
+                continue
+            icl = label.startswith("ICL")
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                "--" if icl else "-",
+                marker="s" if icl else "o",
+                color=colour[label],
+                label=label,
+            )
         ax.set_xscale("log", base=2)
         ax.set_title(task)
         ax.set_xlabel("training examples n")
         ax.set_ylim(-0.02, 1.02)
     axes[0][0].set_ylabel("accuracy / exact match")
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    handles = {}  # every label once, whichever panel drew it
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    ordered = [label for label in labels if label in handles]
+    axes[0][-1].legend(
+        [handles[label] for label in ordered], ordered, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5)
+    )
     fig.tight_layout()
     save_figure(fig, path)
