@@ -127,7 +127,7 @@ class ExperimentConfig:
       full fine-tuning: 8.4 s on parity and 11.3 s on addition for one step of all seven methods
       (article and number_english counted as these two). Each (task, n, method) trains 5 times (3
       rates on the first seed, whose run at the chosen rate is also its test run, plus 2 seeds):
-      ~550 s per unit of ``steps`` over the grid (article has no n = 256: its pool holds 166).
+      ~550 s per unit of ``steps`` over the grid (article has no n = 256: its pool holds 198, 166 after validation).
     - Evaluating the tuned models (validation and test) and per-run overhead: ~28 min.
 
     Total on one core: 59 + 28 + 9.1 x ``steps`` minutes, ~6 h at ``steps=30``. On a quiet core
