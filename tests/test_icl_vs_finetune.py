@@ -108,7 +108,7 @@ def test_quick_experiment_rows_parameters_and_resume(tiny, tmp_path, capsys):
         ft = {m: a for m, a in acc.items() if not m.startswith("ICL")}
         assert g["best_icl"] == (None if not icl else max(icl.items(), key=lambda x: x[1]))
         assert g["best_finetune"] == (None if not ft else max(ft.items(), key=lambda x: x[1]))
-        assert (g["n"] == 1000) == (g["best_icl"] is None is g["best_finetune"])
+        assert (g["n"] == 1000) == (g["best_icl"] is None and g["best_finetune"] is None)
     md = exp.markdown(data)
     # one summary line per task x n, then the full table's rows
     assert md.count("| parity | 16 | ") == 1 + sum((r["task"], r["n"]) == ("parity", 16) for r in data["rows"])
